@@ -1,0 +1,31 @@
+"""The hook through which higher layers (catalog, policy) ride the gossip layer.
+
+A delegate owns a channel name. Its broadcasts are piggybacked on gossip packets
+(or sent over streams when too large), its state travels in every push-pull, and it
+hears about member changes, all without the membership core knowing what it carries.
+Delegates are sans-IO like the core: they are called synchronously with ``now``.
+"""
+
+from __future__ import annotations
+
+from .effects import MemberEvent
+
+
+class Delegate:
+    """Base class with no-op defaults; override what the layer needs."""
+
+    #: Unique channel name (e.g. ``"catalog"``), carried in every user message.
+    channel: str = ""
+
+    def local_state(self, join: bool) -> bytes:
+        """State sent in a push-pull exchange (``b""`` for none)."""
+        return b""
+
+    def merge_remote_state(self, now: float, data: bytes, join: bool) -> None:
+        """A peer's ``local_state`` arrived in a push-pull exchange."""
+
+    def notify_message(self, now: float, payload: bytes) -> None:
+        """A broadcast of this channel arrived (by datagram or stream)."""
+
+    def notify_member(self, now: float, event: MemberEvent) -> None:
+        """A member joined, changed, failed or left."""

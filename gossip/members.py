@@ -1,0 +1,35 @@
+"""What one node knows about one member."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .wire import Address, MemberState, Meta, Status
+
+
+@dataclass(slots=True)
+class Member:
+    name: str
+    addr: Address
+    incarnation: int
+    status: int
+    #: Time of the last status change (the core's clock).
+    since: float
+    meta: Meta = field(default_factory=dict)
+    #: Smoothed round-trip time of direct probes (seconds), like TCP's SRTT.
+    rtt: float | None = None
+    rtt_last: float | None = None
+
+    RTT_ALPHA = 0.2
+
+    def observe_rtt(self, sample: float) -> None:
+        self.rtt_last = sample
+        self.rtt = sample if self.rtt is None else self.rtt + self.RTT_ALPHA * (sample - self.rtt)
+
+    @property
+    def live(self) -> bool:
+        """Alive or suspect: still probed, still a gossip target."""
+        return self.status in (Status.ALIVE, Status.SUSPECT)
+
+    def state(self) -> MemberState:
+        return MemberState(self.name, self.addr, self.incarnation, self.status, self.meta)

@@ -1,0 +1,337 @@
+"""Wire format: msgpack messages behind a version byte.
+
+A *packet* (one UDP datagram, before the optional encryption envelope) is the version
+byte followed by a msgpack array of messages, so every datagram is a compound packet:
+probes carry piggybacked broadcasts without a second framing layer. A *frame* on a TCP
+stream is a 4-byte big-endian length and a packet holding exactly one message.
+
+Each message is a msgpack array whose first element is its type code. Decoding untrusted
+bytes raises :class:`DecodeError` and nothing else: msgpack's own exceptions and every
+shape or type mismatch are translated, so callers need exactly one ``except``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+#: Largest frame accepted on a stream (push-pull of a big cluster plus app state).
+MAX_FRAME = 16 * 1024 * 1024
+#: Largest datagram accepted; anything bigger is not ours.
+MAX_PACKET = 65_535
+FRAME_HEADER = struct.Struct(">I")
+
+Address = tuple[str, int]
+Meta = dict[str, str]
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a well-formed rumor packet, frame or message."""
+
+
+class Status:
+    """Member status codes on the wire (and their names in the API)."""
+
+    ALIVE = 0
+    SUSPECT = 1
+    DEAD = 2
+    LEFT = 3
+    NAMES: ClassVar[dict[int, str]] = {0: "alive", 1: "suspect", 2: "failed", 3: "left"}
+
+
+# ---- messages -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Direct probe. ``target`` names the member we mean to reach, so a process that
+    took over the address under another name does not answer for it."""
+
+    TYPE: ClassVar[int] = 1
+    seq: int
+    target: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class IndirectPing:
+    """Ask a member to probe ``target`` for us and relay the ack (SWIM ping-req)."""
+
+    TYPE: ClassVar[int] = 2
+    seq: int
+    target: str
+    target_addr: Address
+    requester: str
+    #: Lifeguard: the relay answers with a nack if the target stays silent.
+    want_nack: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    TYPE: ClassVar[int] = 3
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    """Lifeguard: "I tried and the target did not answer" — proves the relay is alive
+    and that our own probe path works, which feeds our local-health score."""
+
+    TYPE: ClassVar[int] = 4
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Alive:
+    TYPE: ClassVar[int] = 5
+    incarnation: int
+    node: str
+    addr: Address
+    meta: Meta = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Suspect:
+    TYPE: ClassVar[int] = 6
+    incarnation: int
+    node: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    """A failure (``source`` is the accuser) or, when ``source == node``, a leave."""
+
+    TYPE: ClassVar[int] = 7
+    incarnation: int
+    node: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserMessage:
+    """An opaque broadcast of a higher layer (catalog, policy), tagged by channel."""
+
+    TYPE: ClassVar[int] = 8
+    channel: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MemberState:
+    """One row of a push-pull exchange."""
+
+    name: str
+    addr: Address
+    incarnation: int
+    status: int
+    meta: Meta = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PushPull:
+    """Full-state exchange (anti-entropy) over a stream; also the join handshake."""
+
+    TYPE: ClassVar[int] = 9
+    join: bool
+    source: str
+    states: tuple[MemberState, ...]
+    #: Each delegate channel's opaque state.
+    user: dict[str, bytes] = field(default_factory=dict)
+
+
+Message = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | UserMessage | PushPull
+
+
+# ---- encoding -------------------------------------------------------------------------
+
+
+def _addr(a: Address) -> list[Any]:
+    return [a[0], a[1]]
+
+
+def message_to_list(m: Message) -> list[Any]:
+    """The msgpack-ready array form of a message."""
+    if isinstance(m, Ping):
+        return [Ping.TYPE, m.seq, m.target, m.source]
+    if isinstance(m, IndirectPing):
+        return [IndirectPing.TYPE, m.seq, m.target, _addr(m.target_addr), m.requester,
+                m.want_nack]
+    if isinstance(m, Ack):
+        return [Ack.TYPE, m.seq]
+    if isinstance(m, Nack):
+        return [Nack.TYPE, m.seq]
+    if isinstance(m, Alive):
+        return [Alive.TYPE, m.incarnation, m.node, _addr(m.addr), m.meta]
+    if isinstance(m, Suspect):
+        return [Suspect.TYPE, m.incarnation, m.node, m.source]
+    if isinstance(m, Dead):
+        return [Dead.TYPE, m.incarnation, m.node, m.source]
+    if isinstance(m, UserMessage):
+        return [UserMessage.TYPE, m.channel, m.payload]
+    if isinstance(m, PushPull):
+        return [PushPull.TYPE, m.join, m.source,
+                [[s.name, _addr(s.addr), s.incarnation, s.status, s.meta] for s in m.states],
+                m.user]
+    raise TypeError(f"not a message: {m!r}")
+
+
+def encode_packet(messages: Sequence[Message]) -> bytes:
+    body: bytes = msgpack.packb([message_to_list(m) for m in messages])
+    return bytes([PROTOCOL_VERSION]) + body
+
+
+def encode_packet_raw(items: Sequence[bytes]) -> bytes:
+    """Assemble a packet from messages already packed with ``pack_message``.
+
+    Broadcasts are packed once when queued and reused for every retransmission."""
+    n = len(items)
+    if n < 16:
+        head = bytes([0x90 | n])
+    elif n < 65536:
+        head = b"\xdc" + n.to_bytes(2, "big")
+    else:  # pragma: no cover - never this many messages in a datagram
+        raise ValueError("too many messages")
+    return bytes([PROTOCOL_VERSION]) + head + b"".join(items)
+
+
+def pack_message(m: Message) -> bytes:
+    data: bytes = msgpack.packb(message_to_list(m))
+    return data
+
+
+#: Bytes a packet spends besides its messages (version byte + array header).
+PACKET_OVERHEAD = 4
+
+
+def encode_frame(m: Message) -> bytes:
+    body = encode_packet([m])
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+# ---- decoding -------------------------------------------------------------------------
+
+
+def _int(v: Any) -> int:
+    if type(v) is not int or v < 0 or v >= 1 << 64:
+        raise DecodeError("expected a non-negative integer")
+    return v
+
+
+def _str(v: Any) -> str:
+    if type(v) is not str or len(v) > 512:
+        raise DecodeError("expected a short string")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise DecodeError("expected a boolean")
+    return v
+
+
+def _address(v: Any) -> Address:
+    if type(v) is not list or len(v) != 2:
+        raise DecodeError("expected an address [host, port]")
+    host, port = _str(v[0]), _int(v[1])
+    if port > 65535:
+        raise DecodeError("port out of range")
+    return (host, port)
+
+
+def _meta(v: Any) -> Meta:
+    if type(v) is not dict:
+        raise DecodeError("expected a metadata map")
+    return {_str(k): _str(x) for k, x in v.items()}
+
+
+def _fields(v: list[Any], n: int) -> list[Any]:
+    if len(v) != n:
+        raise DecodeError(f"message type {v[0]} expects {n - 1} fields, got {len(v) - 1}")
+    return v
+
+
+def message_from_list(v: Any) -> Message:
+    if type(v) is not list or not v:
+        raise DecodeError("a message is a non-empty array")
+    t = v[0]
+    if t == Ping.TYPE:
+        _, seq, target, source = _fields(v, 4)
+        return Ping(_int(seq), _str(target), _str(source))
+    if t == IndirectPing.TYPE:
+        _, seq, target, addr, requester, nack = _fields(v, 6)
+        return IndirectPing(_int(seq), _str(target), _address(addr), _str(requester),
+                            _bool(nack))
+    if t == Ack.TYPE:
+        return Ack(_int(_fields(v, 2)[1]))
+    if t == Nack.TYPE:
+        return Nack(_int(_fields(v, 2)[1]))
+    if t == Alive.TYPE:
+        _, inc, node, addr, meta = _fields(v, 5)
+        return Alive(_int(inc), _str(node), _address(addr), _meta(meta))
+    if t == Suspect.TYPE:
+        _, inc, node, source = _fields(v, 4)
+        return Suspect(_int(inc), _str(node), _str(source))
+    if t == Dead.TYPE:
+        _, inc, node, source = _fields(v, 4)
+        return Dead(_int(inc), _str(node), _str(source))
+    if t == UserMessage.TYPE:
+        _, channel, payload = _fields(v, 3)
+        if type(payload) is not bytes:
+            raise DecodeError("user payload must be bytes")
+        return UserMessage(_str(channel), payload)
+    if t == PushPull.TYPE:
+        _, join, source, states, user = _fields(v, 5)
+        if type(states) is not list or type(user) is not dict:
+            raise DecodeError("push-pull expects a state list and a user map")
+        rows = []
+        for s in states:
+            if type(s) is not list or len(s) != 5:
+                raise DecodeError("push-pull state rows have 5 fields")
+            status = _int(s[3])
+            if status not in Status.NAMES:
+                raise DecodeError(f"unknown member status {status}")
+            rows.append(MemberState(_str(s[0]), _address(s[1]), _int(s[2]), status,
+                                    _meta(s[4])))
+        udata: dict[str, bytes] = {}
+        for k, x in user.items():
+            if type(x) is not bytes:
+                raise DecodeError("push-pull user state must be bytes")
+            udata[_str(k)] = x
+        return PushPull(_bool(join), _str(source), tuple(rows), udata)
+    raise DecodeError(f"unknown message type {t!r}")
+
+
+def _unpack(data: bytes, limit: int) -> Any:
+    if len(data) > limit:
+        raise DecodeError(f"packet of {len(data)} bytes exceeds the {limit}-byte limit")
+    if not data:
+        raise DecodeError("empty packet")
+    if data[0] != PROTOCOL_VERSION:
+        raise DecodeError(f"unsupported protocol version {data[0]}")
+    try:
+        # unpackb bounds every string/array/map length by the input size itself.
+        return msgpack.unpackb(data[1:], raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # msgpack raises many types; callers want exactly one
+        raise DecodeError(f"malformed msgpack: {type(e).__name__}") from None
+
+
+def decode_packet(data: bytes) -> list[Message]:
+    """Decode one datagram into its messages."""
+    body = _unpack(data, MAX_PACKET)
+    if type(body) is not list:
+        raise DecodeError("a packet is an array of messages")
+    return [message_from_list(m) for m in body]
+
+
+def decode_frame_body(data: bytes) -> Message:
+    """Decode a stream frame's body (after the length header): exactly one message."""
+    body = _unpack(data, MAX_FRAME)
+    if type(body) is not list or len(body) != 1:
+        raise DecodeError("a frame holds exactly one message")
+    return message_from_list(body[0])
