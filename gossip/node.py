@@ -1,0 +1,386 @@
+"""The trio runtime of a gossip member: sockets, timers, and nothing else.
+
+``Node`` binds one UDP socket and one TCP listener on the same port, feeds what
+arrives into the sans-IO ``Membership`` core, and carries out the effects the core
+returns. It holds no protocol logic: a disagreement between a simulation and a real
+cluster is a bug here.
+
+Embedding::
+
+    async with Node(NodeConfig(name="a", bind=("127.0.0.1", 7946))) as node:
+        await node.join(["10.0.0.2:7946"])
+        async for event in node.subscribe():
+            print(event.to_json())
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import random
+import socket as pysocket
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from .address import format_address, parse_address
+from .config import LAN, GossipConfig
+from .delegate import Delegate
+from .effects import (
+    Effect,
+    JoinFinished,
+    LeaveFinished,
+    MemberEvent,
+    Notice,
+    SendPacket,
+    StreamRequest,
+)
+from .membership import Membership
+from .security import Seal
+from .wire import FRAME_HEADER, MAX_FRAME, MAX_PACKET, Address, Meta, Status
+
+log = logging.getLogger("rumor.gossip")
+
+EVENT_BUFFER = 1024
+
+
+class JoinError(Exception):
+    """No seed answered a join."""
+
+
+class BindError(OSError):
+    """The gossip address could not be bound (in use, not local, wildcard without
+    an advertise address)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+@dataclass
+class NodeConfig:
+    name: str
+    bind: Address = ("127.0.0.1", 7946)
+    #: Address others use to reach us (defaults to ``bind``; needed behind NAT or when
+    #: binding 0.0.0.0).
+    advertise: Address | None = None
+    gossip: GossipConfig = LAN
+    profile: str = "lan"
+    tags: Meta = field(default_factory=dict)
+    seal: Seal | None = None
+    #: Seed of the protocol's random choices; None draws one from the OS.
+    seed: int | None = None
+
+
+async def read_frame(stream: trio.abc.ReceiveStream, limit: int = MAX_FRAME) -> bytes | None:
+    """One length-prefixed frame, or None if the peer closed before sending one.
+
+    The length is checked against ``limit`` before anything is buffered."""
+    header = await _read_exactly(stream, FRAME_HEADER.size)
+    if header is None:
+        return None
+    (n,) = FRAME_HEADER.unpack(header)
+    if n > limit:
+        raise ValueError(f"frame of {n} bytes exceeds the {limit}-byte limit")
+    return await _read_exactly(stream, n)
+
+
+async def _read_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(min(n - len(buf), 65536))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+class Node:
+    """A running gossip member (async context manager). See the module docstring."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self._core: Membership | None = None
+        self._stack = AsyncExitStack()
+        self._nursery: trio.Nursery | None = None
+        self._udp: trio.socket.SocketType | None = None
+        self._timer_scope: trio.CancelScope | None = None
+        self._subscribers: list[trio.MemorySendChannel[MemberEvent]] = []
+        self._join_done: trio.Event | None = None
+        self._join_result: JoinFinished | None = None
+        self._left = trio.Event()
+        self._started_wall = time.time()
+        self._pending_delegates: list[Delegate] = []
+        self.stats_dropped_events = 0
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> Node:
+        try:
+            try:
+                udp, listeners = await self._bind()
+            except OSError as e:
+                raise BindError(e.errno, f"cannot bind gossip address "
+                                f"{format_address(self.config.bind)}: {e.strerror or e}") from e
+            self._udp = udp
+            bound = udp.getsockname()
+            advertise = self.config.advertise or (self.config.bind[0], bound[1])
+            if advertise[0] in ("0.0.0.0", "::"):
+                raise BindError(errno.EADDRNOTAVAIL, "binding a wildcard address needs "
+                                "an advertise address (--advertise HOST:PORT)")
+            rng = random.Random(self.config.seed if self.config.seed is not None
+                                else int.from_bytes(os.urandom(8), "big"))
+            self._core = Membership(self.name, advertise, self.config.gossip, rng,
+                                    meta=dict(self.config.tags), seal=self.config.seal,
+                                    now=trio.current_time())
+            for d in self._pending_delegates:
+                self._core.register(d)
+            self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+            self._nursery.start_soon(self._udp_loop)
+            self._nursery.start_soon(self._timer_loop)
+            self._nursery.start_soon(self._serve_streams, listeners)
+        except BaseException:
+            await self._stack.aclose()
+            if self._udp is not None:
+                self._udp.close()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+        """Stop without a leave (to others it looks like a crash); call ``leave()`` first
+        for a graceful departure."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        try:
+            return await self._stack.__aexit__(exc_type, exc, tb)
+        finally:
+            for ch in self._subscribers:
+                ch.close()
+            if self._udp is not None:
+                self._udp.close()
+
+    async def _bind(self) -> tuple[trio.socket.SocketType, list[trio.SocketListener]]:
+        """UDP and TCP on the same port; with port 0, find one free for both."""
+        host, port = self.config.bind
+        for _attempt in range(20):
+            udp = trio.socket.socket(pysocket.AF_INET6 if ":" in host else pysocket.AF_INET,
+                                     pysocket.SOCK_DGRAM)
+            try:
+                await udp.bind((host, port))
+                actual = udp.getsockname()[1]
+                listeners = await trio.open_tcp_listeners(actual, host=host)
+                return udp, listeners
+            except OSError as e:
+                udp.close()
+                if port != 0 or e.errno != errno.EADDRINUSE:
+                    raise
+        raise OSError(errno.EADDRINUSE, "no free port for both UDP and TCP")
+
+    # ---- public API ----------------------------------------------------------------------
+
+    @property
+    def core(self) -> Membership:
+        if self._core is None:
+            raise RuntimeError("the node is not running (use `async with Node(...)`)")
+        return self._core
+
+    @property
+    def address(self) -> Address:
+        return self.core.addr
+
+    def register(self, delegate: Delegate) -> None:
+        if self._core is None:
+            self._pending_delegates.append(delegate)
+        else:
+            self._core.register(delegate)
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[MemberEvent]:
+        """A channel of membership events from now on. A subscriber that falls more than
+        EVENT_BUFFER events behind loses events (counted), never stalls the protocol."""
+        send, recv = trio.open_memory_channel[MemberEvent](EVENT_BUFFER)
+        self._subscribers.append(send)
+        return recv
+
+    async def join(self, seeds: list[str] | list[Address]) -> int:
+        """Join through ``seeds``; returns how many answered, raises JoinError if none."""
+        addrs = [parse_address(s) if isinstance(s, str) else s for s in seeds]
+        self._join_done = trio.Event()
+        self._join_result = None
+        self.core.join(trio.current_time(), addrs)
+        await self._flush()
+        await self._join_done.wait()
+        res = self._join_result
+        assert res is not None
+        if not res.contacted:
+            raise JoinError("could not join: " + ("; ".join(res.errors) or "no seed answered"))
+        return res.contacted
+
+    async def leave(self) -> None:
+        """Announce a graceful leave and wait (bounded) until it has been gossiped."""
+        self.core.leave(trio.current_time())
+        await self._flush()
+        with trio.move_on_after(self.config.gossip.leave_propagate + 1.0):
+            await self._left.wait()
+
+    def set_tags(self, tags: Meta) -> None:
+        self.core.set_meta(trio.current_time(), tags)
+        self._kick()
+
+    def broadcast(self, channel: str, payload: bytes, key: str | None = None) -> None:
+        self.core.broadcast(trio.current_time(), channel, payload, key)
+        self._kick()
+
+    def members(self) -> list[dict[str, Any]]:
+        now = trio.current_time()
+        return [self._member_json(m.name, now) for m in
+                sorted(self.core.members.values(), key=lambda m: m.name)]
+
+    def self_info(self) -> dict[str, Any]:
+        info = self._member_json(self.name, trio.current_time())
+        info.update({"profile": self.config.profile, "version": _version(),
+                     "uptime_s": round(time.time() - self._started_wall, 1)})
+        return info
+
+    def health(self) -> dict[str, Any]:
+        core = self.core
+        counts = {name: 0 for name in Status.NAMES.values()}
+        for m in core.members.values():
+            counts[Status.NAMES[m.status]] += 1
+        degraded = core.awareness.score > 0 or core.leaving
+        return {"status": "degraded" if degraded else "ok",
+                "awareness": core.awareness.score,
+                "members": counts,
+                "incarnation": core.incarnation,
+                "stats": dict(core.stats)}
+
+    def _member_json(self, name: str, now: float) -> dict[str, Any]:
+        m = self.core.members[name]
+        return {"name": m.name, "addr": format_address(m.addr),
+                "status": Status.NAMES[m.status], "incarnation": m.incarnation,
+                "tags": dict(m.meta),
+                "rtt_ms": None if m.rtt is None else round(m.rtt * 1000, 3),
+                "since": round(max(0.0, now - m.since), 3)}
+
+    # ---- effect execution ------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        """Inputs arrived outside a task that flushes: let the timer task do it now."""
+        if self._timer_scope is not None:
+            self._timer_scope.deadline = -math.inf
+
+    async def _flush(self) -> None:
+        core = self.core
+        effects: list[Effect] = core.take_effects()
+        for e in effects:
+            if isinstance(e, SendPacket):
+                await self._send_packet(e)
+            elif isinstance(e, StreamRequest):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._exchange, e)
+            elif isinstance(e, MemberEvent):
+                self._publish(e)
+            elif isinstance(e, JoinFinished):
+                self._join_result = e
+                if self._join_done is not None:
+                    self._join_done.set()
+            elif isinstance(e, LeaveFinished):
+                self._left.set()
+            elif isinstance(e, Notice):
+                log.warning(e.message, extra={"event": "notice", "code": e.code,
+                                              "member": e.member})
+        if self._timer_scope is not None:
+            self._timer_scope.deadline = core.next_deadline()
+
+    async def _send_packet(self, e: SendPacket) -> None:
+        assert self._udp is not None
+        try:
+            await self._udp.sendto(e.data, e.addr)
+        except OSError as err:
+            # A full buffer or unreachable host loses one datagram; SWIM tolerates it.
+            self.core.stats["send_errors"] += 1
+            log.debug("send to %s failed: %s", format_address(e.addr), err)
+
+    def _publish(self, e: MemberEvent) -> None:
+        for ch in list(self._subscribers):
+            try:
+                ch.send_nowait(e)
+            except trio.WouldBlock:
+                self.stats_dropped_events += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(ch)
+
+    # ---- tasks -------------------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        core = self.core
+        while True:
+            with trio.CancelScope(deadline=core.next_deadline()) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            core.tick(trio.current_time())
+            await self._flush()
+
+    async def _udp_loop(self) -> None:
+        assert self._udp is not None
+        core = self.core
+        while True:
+            data, src = await self._udp.recvfrom(MAX_PACKET)
+            core.receive(trio.current_time(), (src[0], src[1]), data)
+            await self._flush()
+
+    async def _serve_streams(self, listeners: list[trio.SocketListener]) -> None:
+        await trio.serve_listeners(self._handle_stream, listeners)
+
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        timeout = self.config.gossip.stream_timeout
+        try:
+            with trio.move_on_after(timeout):
+                body = await read_frame(stream)
+                if body is None:
+                    return
+                peer = stream.socket.getpeername()
+                reply = self.core.handle_stream(trio.current_time(), (peer[0], peer[1]), body)
+                await self._flush()
+                if reply is not None:
+                    await stream.send_all(FRAME_HEADER.pack(len(reply)) + reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError) as e:
+            # A peer that resets or sends an oversized frame costs only its own stream.
+            self.core.stats["streams_failed"] += 1
+            log.debug("inbound stream failed: %s", e)
+        finally:
+            await stream.aclose()
+
+    async def _exchange(self, e: StreamRequest) -> None:
+        reply: bytes | None = None
+        try:
+            with trio.fail_after(max(e.timeout, 0.001)):
+                host, port = e.addr
+                stream = await trio.open_tcp_stream(host, port)
+                async with stream:
+                    await stream.send_all(FRAME_HEADER.pack(len(e.data)) + e.data)
+                    reply = await read_frame(stream) if e.expect_reply else b""
+        except (trio.TooSlowError, OSError, trio.BrokenResourceError, ValueError) as err:
+            log.debug("stream to %s failed: %r", format_address(e.addr), err)
+            reply = None
+        if self._core is not None:
+            self._core.stream_reply(trio.current_time(), e.exchange, reply)
+            await self._flush()
+
+
+def _version() -> str:
+    try:
+        return version("rumor")
+    except PackageNotFoundError:  # running from a checkout without installing
+        return "0+unknown"
+
+
+__all__ = ["BindError", "JoinError", "Node", "NodeConfig", "read_frame"]
