@@ -1,0 +1,88 @@
+"""``rumor agent``: run one gossip member with its local API in the foreground.
+
+Exits 0 after a graceful leave (SIGINT, SIGTERM or ``rumor leave``), 1 when it could
+not start (port taken, no seed answered) with one clear line on stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import trio
+
+from ..gossip.address import format_address
+from ..gossip.config import GossipConfig
+from ..gossip.node import BindError, JoinError, Node, NodeConfig
+from ..gossip.wire import Address
+from ..proxy.api import make_api
+from ..proxy.http import serve_http
+from .logs import log_event
+
+log = logging.getLogger("rumor.agent")
+
+
+@dataclass
+class AgentOptions:
+    name: str
+    bind: Address
+    api: Address
+    gossip: GossipConfig
+    profile: str
+    advertise: Address | None = None
+    join: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class StartupError(Exception):
+    """The agent could not start; the message is meant for the operator."""
+
+
+async def run_agent(opts: AgentOptions) -> None:
+    cfg = NodeConfig(name=opts.name, bind=opts.bind, advertise=opts.advertise,
+                     gossip=opts.gossip, profile=opts.profile, tags=opts.tags)
+    stop = trio.Event()
+    try:
+        async with Node(cfg) as node, trio.open_nursery() as nursery:
+            nursery.start_soon(_log_events, node)
+            try:
+                await nursery.start(serve_http, make_api(node, on_leave=stop.set),
+                                    opts.api[0], opts.api[1])
+            except OSError as e:
+                raise StartupError(f"cannot bind API address {format_address(opts.api)}: "
+                                   f"{e.strerror or e}") from None
+            log.info("agent %s gossiping on %s, API on http://%s (profile %s)",
+                     opts.name, format_address(node.address), format_address(opts.api),
+                     opts.profile, extra={"event": "start", "node": opts.name,
+                                          "gossip": format_address(node.address),
+                                          "api": format_address(opts.api)})
+            if opts.join:
+                try:
+                    n = await node.join(opts.join)
+                except JoinError as e:
+                    raise StartupError(str(e)) from None
+                log.info("joined through %d of %d seed(s)", n, len(opts.join),
+                         extra={"event": "joined", "seeds": opts.join, "contacted": n})
+            nursery.start_soon(_wait_for_signal, stop)
+            await stop.wait()
+            if not node.core.leaving:  # `rumor leave` has already left through the API
+                log.info("leaving the cluster", extra={"event": "leaving"})
+                await node.leave()
+            nursery.cancel_scope.cancel()
+    except BindError as e:
+        raise StartupError(str(e)) from None
+    log.info("agent stopped", extra={"event": "stop"})
+
+
+async def _wait_for_signal(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            stop.set()
+            return
+
+
+async def _log_events(node: Node) -> None:
+    events = node.subscribe()
+    async for ev in events:
+        log_event(log, ev.to_json())

@@ -1,0 +1,193 @@
+"""The ``rumor`` command.
+
+Every subcommand either does its job or prints one line saying what went wrong and
+exits non-zero; a traceback means a bug in rumor, never an operator mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from ..gossip.address import format_address, parse_address
+from ..gossip.config import PROFILES, profile
+from ..gossip.wire import Address
+
+DEFAULT_BIND = "127.0.0.1:7946"
+DEFAULT_API = "127.0.0.1:7947"
+
+
+class UsageError(Exception):
+    """Bad arguments; printed as one line with exit status 2."""
+
+
+def _version() -> str:
+    try:
+        return version("rumor")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _address(default_port: int | None = None) -> type:
+    """An argparse ``type`` that parses HOST:PORT with a readable error."""
+    def parse(text: str) -> Address:
+        try:
+            return parse_address(text, default_port=default_port)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = "address"
+    return parse  # type: ignore[return-value]
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rumor", description="rumor: a decentralized service mesh (gossip membership, "
+        "signed policies, latency-aware sidecar).")
+    p.add_argument("--version", action="version", version=f"rumor {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    a = sub.add_parser("agent", help="run an agent in the foreground")
+    a.add_argument("--name", default=socket.gethostname(),
+                   help="unique member name (default: the host name)")
+    a.add_argument("--bind", type=_address(7946), default=DEFAULT_BIND,
+                   help=f"gossip address, UDP and TCP (default {DEFAULT_BIND})")
+    a.add_argument("--advertise", type=_address(7946), default=None,
+                   help="address other members use to reach this one (default: --bind)")
+    a.add_argument("--api", type=_address(7947), default=DEFAULT_API,
+                   help=f"local HTTP API address (default {DEFAULT_API})")
+    a.add_argument("--join", action="append", default=[], metavar="HOST:PORT",
+                   help="seed to join through (repeatable; host names allowed)")
+    a.add_argument("--profile", choices=sorted(PROFILES), default="lan",
+                   help="timing profile: lan (default, memberlist LAN), wan, local (loopback)")
+    a.add_argument("--tag", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                   help="metadata tag gossiped with this member (repeatable)")
+    a.add_argument("--log-format", choices=["text", "json"], default="text")
+    a.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   default="info")
+
+    m = sub.add_parser("members", help="list the members an agent knows")
+    _api_arg(m)
+    m.add_argument("--json", action="store_true", help="print the JSON list")
+    m.add_argument("--status", choices=["alive", "suspect", "failed", "left"],
+                   help="only members with this status")
+
+    j = sub.add_parser("join", help="ask a running agent to join more seeds")
+    _api_arg(j)
+    j.add_argument("addrs", nargs="+", metavar="HOST:PORT")
+
+    lv = sub.add_parser("leave", help="ask a running agent to leave gracefully and exit")
+    _api_arg(lv)
+
+    d = sub.add_parser("demo", help="run a 5-agent cluster on loopback and show "
+                       "failure detection and rejoin")
+    d.add_argument("--agents", type=int, default=5)
+    return p
+
+
+def _api_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", type=_address(7947), default=DEFAULT_API,
+                   help=f"agent API address (default {DEFAULT_API})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(_dispatch(args))
+    except KeyboardInterrupt:
+        return 130
+    except UsageError as e:
+        print(f"rumor: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "agent":
+        return _agent(args)
+    if args.command == "demo":
+        from .demo import run_demo
+        return run_demo(agents=args.agents)
+    from .client import ApiError, get_json, put_json
+    api = format_address(args.api)
+    try:
+        if args.command == "members":
+            members = get_json(api, "/v1/members")
+            if args.status:
+                members = [m for m in members if m["status"] == args.status]
+            if args.json:
+                print(json.dumps(members, indent=2))
+            else:
+                from .table import render_table
+                rows = [{"name": m["name"], "addr": m["addr"], "status": m["status"],
+                         "incarnation": m["incarnation"],
+                         "rtt_ms": "" if m.get("rtt_ms") is None else f"{m['rtt_ms']:.2f}",
+                         "tags": ",".join(f"{k}={v}" for k, v in sorted(m["tags"].items()))}
+                        for m in members]
+                print(render_table(rows, ["name", "addr", "status", "incarnation", "rtt_ms",
+                                          "tags"]))
+            return 0
+        if args.command == "join":
+            for a in args.addrs:
+                try:
+                    parse_address(a)
+                except ValueError as e:
+                    raise UsageError(str(e)) from None
+            res = put_json(api, "/v1/join", {"addrs": args.addrs})
+            print(f"joined through {res['joined']} of {len(args.addrs)} address(es)")
+            return 0
+        if args.command == "leave":
+            put_json(api, "/v1/leave", {})
+            print("the agent is leaving the cluster")
+            return 0
+    except ApiError as e:
+        print(f"rumor: {e}", file=sys.stderr)
+        return 1
+    raise UsageError(f"unknown command {args.command!r}")
+
+
+def _agent(args: argparse.Namespace) -> int:
+    import trio
+
+    from .agent import AgentOptions, StartupError, run_agent
+    from .logs import configure_logging
+
+    configure_logging(args.log_format, args.log_level)
+    if not args.name or len(args.name) > 128:
+        raise UsageError("--name must be 1 to 128 characters")
+    opts = AgentOptions(name=args.name, bind=args.bind, api=args.api,
+                        gossip=profile(args.profile), profile=args.profile,
+                        advertise=args.advertise, join=args.join, tags=dict(args.tag))
+    failures: list[BaseException] = []
+    try:
+        trio.run(run_agent, opts)
+    except* StartupError as eg:
+        failures.extend(_leaves(eg))
+    if failures:
+        print(f"rumor: {failures[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _leaves(e: BaseException) -> list[BaseException]:
+    """The individual exceptions inside (possibly nested) exception groups."""
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for sub in e.exceptions for leaf in _leaves(sub)]
+    return [e]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The agent's local HTTP API (JSON on loopback): what operators and `rumor` CLI call.
+
+Routes (all bodies JSON, all errors `{"error": "..."}`):
+
+- `GET /v1/members[?status=alive]` -> the list from `Node.members()`, optionally
+  filtered by status. Same shape as `rumor members --json` (a benchmark contract).
+- `GET /v1/self` -> `Node.self_info()`.
+- `GET /v1/health` -> `Node.health()`; HTTP 200 when its status is "ok" and 503
+  otherwise ("degraded": Lifeguard awareness is raised or the agent is leaving). The
+  status code mirrors the body so `curl -f` and load-balancer checks work unchanged;
+  the body is always the full document.
+- `PUT|POST /v1/join` with `{"addrs": ["host:port", ...]}` -> `{"joined": n}`;
+  400 for malformed addresses, 502 when no seed answered (the gossip `JoinError`).
+- `PUT|POST /v1/leave` -> waits for `Node.leave()` (the leave is gossiped), answers
+  `{"left": true}`, and only after that answer is written calls `on_leave` so the
+  agent can exit. If the leave itself fails the answer is a 500 and `on_leave` is
+  not called: the agent keeps running and the operator can retry or send SIGTERM.
+
+Other features add routes to the `Router` returned by `make_api` (or use
+`add_node_routes` on their own router).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..gossip.address import parse_address
+from ..gossip.node import JoinError
+from .http import HttpError, Request, Response, json_response, read_json
+from .router import Router
+
+MEMBER_STATUSES = ("alive", "suspect", "failed", "left")
+
+
+class NodeApi(Protocol):
+    """The part of `rumor.gossip.node.Node` the API uses (tests pass a fake)."""
+
+    def members(self) -> list[dict[str, Any]]: ...
+
+    def self_info(self) -> dict[str, Any]: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    async def join(self, seeds: list[str]) -> int: ...
+
+    async def leave(self) -> None: ...
+
+
+def make_api(node: NodeApi, *, on_leave: Callable[[], None]) -> Router:
+    """A router serving the node routes; pass it to `serve_http` as the handler."""
+    router = Router()
+    add_node_routes(router, node, on_leave)
+    return router
+
+
+def add_node_routes(router: Router, node: NodeApi, on_leave: Callable[[], None]) -> None:
+    """Register the membership routes on `router`."""
+
+    async def members(request: Request) -> Response:
+        wanted = request.query.get("status")
+        if wanted is not None and wanted not in MEMBER_STATUSES:
+            choices = ", ".join(MEMBER_STATUSES)
+            raise HttpError(400, f"unknown status {wanted!r}: expected one of {choices}")
+        rows = node.members()
+        if wanted is not None:
+            rows = [row for row in rows if row.get("status") == wanted]
+        return json_response(rows)
+
+    async def self_info(request: Request) -> Response:
+        return json_response(node.self_info())
+
+    async def health(request: Request) -> Response:
+        doc = node.health()
+        return json_response(doc, status=200 if doc.get("status") == "ok" else 503)
+
+    async def join(request: Request) -> Response:
+        addrs = _join_addrs(read_json(request))
+        try:
+            joined = await node.join(addrs)
+        except JoinError as exc:
+            raise HttpError(502, str(exc)) from exc
+        return json_response({"joined": joined})
+
+    async def leave(request: Request) -> Response:
+        await node.leave()
+        response = json_response({"left": True})
+        response.on_sent = on_leave
+        return response
+
+    router.add("GET", "/v1/members", members)
+    router.add("GET", "/v1/self", self_info)
+    router.add("GET", "/v1/health", health)
+    router.add(("PUT", "POST"), "/v1/join", join)
+    router.add(("PUT", "POST"), "/v1/leave", leave)
+
+
+def _join_addrs(doc: Any) -> list[str]:
+    """Validate `{"addrs": [...]}` up front so a typo is a 400, not a failed join."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("addrs"), list):
+        raise HttpError(400, 'expected {"addrs": ["host:port", ...]}')
+    addrs: list[str] = doc["addrs"]
+    if not addrs:
+        raise HttpError(400, "addrs is empty: give at least one host:port")
+    for addr in addrs:
+        if not isinstance(addr, str):
+            raise HttpError(400, f"addrs must be strings, got {addr!r}")
+        try:
+            parse_address(addr)
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from exc
+    return addrs
