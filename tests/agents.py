@@ -1,0 +1,144 @@
+"""Real ``rumor agent`` processes on 127.0.0.1 for integration tests.
+
+Ports are picked here (free for both UDP and TCP), every process is started with the
+fast ``local`` profile, and ``AgentCluster.close()`` kills whatever is still running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP, never handed out twice in this process (the
+    OS may offer a just-released port again before an agent binds it)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            t.bind((HOST, 0))
+            port = int(t.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind((HOST, port))
+                except OSError:
+                    continue
+            if port in _handed_out:
+                continue
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port")
+
+
+def rumor_cmd() -> list[str]:
+    return [sys.executable, "-m", "rumor.cli"]
+
+
+class Agent:
+    def __init__(self, name: str, workdir: Path, extra: list[str] | None = None) -> None:
+        self.name = name
+        self.port = free_port()
+        self.api_port = free_port()
+        self.log = workdir / f"{name}.log"
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def api(self) -> str:
+        return f"{HOST}:{self.api_port}"
+
+    def start(self, join: Agent | None = None) -> None:
+        argv = [*rumor_cmd(), "agent", "--name", self.name, "--bind", self.addr,
+                "--api", self.api, "--profile", "local", "--log-format", "json", *self.extra]
+        if join is not None:
+            argv += ["--join", join.addr]
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://{self.api}{path}", timeout=2) as r:
+            return json.loads(r.read())
+
+    def members(self) -> dict[str, dict[str, Any]]:
+        try:
+            return {m["name"]: m for m in self.get("/v1/members")}
+        except (OSError, ValueError, urllib.error.URLError):
+            return {}
+
+    def status_of(self, name: str) -> str | None:
+        m = self.members().get(name)
+        return None if m is None else str(m["status"])
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 10) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{"):
+                ev = json.loads(line)
+                if ev.get("event") == "member":
+                    out.append(ev)
+        return out
+
+
+class AgentCluster:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.agents: list[Agent] = []
+
+    def start(self, n: int) -> list[Agent]:
+        for i in range(n):
+            a = Agent(f"a{i}", self.workdir)
+            a.start(self.agents[0] if self.agents else None)
+            self.agents.append(a)
+            if i == 0:
+                wait_for(a.members, 20, "the seed's API")
+        wait_for(lambda: self.converged(n), 30, f"{n} agents to converge")
+        return self.agents
+
+    def converged(self, n: int, among: list[Agent] | None = None) -> bool:
+        return all(sum(1 for m in a.members().values() if m["status"] == "alive") == n
+                   for a in (among or self.agents))
+
+    def close(self) -> None:
+        for a in self.agents:
+            if a.proc is not None and a.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(a.proc.pid, signal.SIGCONT)
+                a.proc.kill()
+                a.proc.wait(timeout=10)
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - t0

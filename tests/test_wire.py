@@ -1,0 +1,127 @@
+"""Property tests of the wire format: round trips, and hostile bytes only ever raise
+the codec's own error."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rumor.gossip import wire
+from rumor.gossip.address import format_address, parse_address
+from rumor.gossip.wire import (
+    Ack,
+    Alive,
+    Dead,
+    DecodeError,
+    IndirectPing,
+    MemberState,
+    Nack,
+    Ping,
+    PushPull,
+    Suspect,
+    UserMessage,
+)
+
+names = st.text(min_size=1, max_size=40)
+u32 = st.integers(min_value=0, max_value=2**32 - 1)
+u64 = st.integers(min_value=0, max_value=2**64 - 1)
+addrs = st.tuples(st.text(min_size=1, max_size=40), st.integers(0, 65535))
+metas = st.dictionaries(st.text(max_size=20), st.text(max_size=40), max_size=5)
+states = st.builds(MemberState, names, addrs, u64, st.sampled_from([0, 1, 2, 3]), metas)
+
+messages = st.one_of(
+    st.builds(Ping, u32, names, names),
+    st.builds(IndirectPing, u32, names, addrs, names, st.booleans()),
+    st.builds(Ack, u32),
+    st.builds(Nack, u32),
+    st.builds(Alive, u64, names, addrs, metas),
+    st.builds(Suspect, u64, names, names),
+    st.builds(Dead, u64, names, names),
+    st.builds(UserMessage, names, st.binary(max_size=200)),
+    st.builds(PushPull, st.booleans(), names, st.lists(states, max_size=5).map(tuple),
+              st.dictionaries(names, st.binary(max_size=50), max_size=3)),
+)
+
+
+@given(st.lists(messages, min_size=1, max_size=8))
+def test_packet_round_trip(msgs: list[wire.Message]) -> None:
+    assert wire.decode_packet(wire.encode_packet(msgs)) == msgs
+    raw = wire.encode_packet_raw([wire.pack_message(m) for m in msgs])
+    assert wire.decode_packet(raw) == msgs
+
+
+@given(messages)
+def test_frame_round_trip(m: wire.Message) -> None:
+    frame = wire.encode_frame(m)
+    (n,) = wire.FRAME_HEADER.unpack(frame[:4])
+    assert n == len(frame) - 4
+    assert wire.decode_frame_body(frame[4:]) == m
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_raise_only_decode_error(data: bytes) -> None:
+    for decode in (wire.decode_packet, wire.decode_frame_body):
+        with contextlib.suppress(DecodeError):
+            decode(data)
+        with contextlib.suppress(DecodeError):
+            decode(bytes([wire.PROTOCOL_VERSION]) + data)
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=10) | st.binary(max_size=10),
+    lambda kids: st.lists(kids, max_size=6) | st.dictionaries(st.text(max_size=5), kids,
+                                                               max_size=4),
+    max_leaves=30)
+
+
+# Arrays that start with a real type code, so the per-type validation is exercised.
+typed = st.tuples(st.integers(0, 10), st.lists(json_like, max_size=6)).map(
+    lambda t: [t[0], *t[1]])
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(json_like, typed), max_size=4))
+def test_well_formed_msgpack_of_wrong_shape_raises_only_decode_error(body: list[object]) -> None:
+    data = bytes([wire.PROTOCOL_VERSION]) + msgpack.packb(body)
+    with contextlib.suppress(DecodeError):
+        wire.decode_packet(data)
+
+
+def test_limits_and_versions() -> None:
+    with pytest.raises(DecodeError, match="version"):
+        wire.decode_packet(b"\x07" + msgpack.packb([]))
+    with pytest.raises(DecodeError, match="empty"):
+        wire.decode_packet(b"")
+    with pytest.raises(DecodeError, match="limit"):
+        wire.decode_packet(b"\x01" + b"\x00" * (wire.MAX_PACKET + 1))
+    with pytest.raises(DecodeError, match="unknown message type"):
+        wire.decode_packet(wire.encode_packet([]) [:1] + msgpack.packb([[99, 1]]))
+
+
+def test_typical_probe_is_small() -> None:
+    """Byte budgets (about 300 B/s per agent) depend on compact probes."""
+    assert len(wire.encode_packet([Ping(2**31, "node-17", "node-03")])) < 30
+    assert len(wire.encode_packet([Ack(2**31)])) < 12
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("10.0.0.5:7946", ("10.0.0.5", 7946)),
+    ("node1", ("node1", 7946)),
+    ("[::1]:8000", ("::1", 8000)),
+    ("localhost:0", ("localhost", 0)),
+])
+def test_parse_address(text: str, expected: tuple[str, int]) -> None:
+    assert parse_address(text) == expected
+    assert parse_address(format_address(expected)) == expected
+
+
+@pytest.mark.parametrize("text", ["", ":80", "host:", "host:99999", "host:x", "a:b:c", "[::1"])
+def test_parse_address_rejects_garbage(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_address(text, default_port=None if text == "host:" else 7946)
