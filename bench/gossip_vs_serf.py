@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Membership benchmark: rumor and Serf side by side through the shared harness.
+
+Runs ``../shared/anchors/gossip/harness.py`` for each scenario, first with Serf and
+then with rumor (same machine, same node count, back to back), keeps every raw JSON
+result under ``--results-dir``, and prints a Markdown table with the ratios.
+
+    sudo python3 bench/gossip_vs_serf.py --nodes 30            # all scenarios
+    python3 bench/gossip_vs_serf.py --scenarios converge detect  # no root needed
+
+``falsepos`` and ``footprint`` need root (nftables loss and byte counters). Needs
+Debian's ``serf`` and ``nftables``; rumor is taken from the ``rumor`` on PATH unless
+``--rumor-bin`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_HARNESS = HERE.parent.parent / "shared" / "anchors" / "gossip" / "harness.py"
+SCENARIOS = ["converge", "detect", "falsepos", "footprint"]
+
+
+def run_harness(harness: Path, scenario: str, driver: str, args: argparse.Namespace,
+                out: Path, extra_env: dict[str, str]) -> dict[str, Any]:
+    argv = [sys.executable, str(harness), scenario, "--driver", driver,
+            "--nodes", str(args.nodes), "--workdir", str(args.results_dir / "work" / driver),
+            "--base-port", str(args.base_port), "--out", str(out)]
+    if scenario == "falsepos":
+        argv += ["--loss", str(args.loss), "--duration", str(args.duration)]
+    if scenario == "detect":
+        argv += ["--trials", str(args.trials)]
+    if scenario == "converge":
+        argv += ["--repeat", str(args.repeat)]
+    if scenario == "footprint":
+        argv += ["--window", str(args.window)]
+    env = dict(os.environ, **extra_env)
+    print(f"== {scenario} / {driver}: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    r = subprocess.run(argv, env=env, capture_output=True, text=True)
+    (args.results_dir / f"{scenario}-{driver}.stderr").write_text(r.stderr)
+    if r.returncode != 0:
+        print(r.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"harness failed for {scenario}/{driver} (exit {r.returncode})")
+    res: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"   done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    return res
+
+
+def _get(d: Any, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(p)
+    return d
+
+
+def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, Any, Any, str]]:
+    s, r = results.get("serf", {}), results.get("rumor", {})
+    spec = [
+        ("converge after all APIs up, median s", ("converge", "converge_from_all_api_up_s",
+                                                  "median")),
+        ("kill -9 → first suspect/failed, median s", ("detect", "summary",
+                                                       "poll_first_suspect_or_failed_s",
+                                                       "median")),
+        ("kill -9 → every agent lists failed, median s", ("detect", "summary",
+                                                           "poll_all_failed_s", "median")),
+        ("false failures (log events) under UDP loss", ("falsepos", "log_failed_events")),
+        ("false failures (poll transitions)", ("falsepos", "poll_failed_transitions")),
+        ("RSS per agent, MiB", ("footprint", "rss_mib_per_agent", "mean")),
+        ("CPU per agent idle, s/min", ("footprint", "cpu_s_per_agent_per_min", "mean")),
+        ("gossip bytes per agent per s", ("footprint", "gossip_bytes_per_agent_per_s")),
+    ]
+    out = []
+    for label, path in spec:
+        a, b = _get(s, *path), _get(r, *path)
+        ratio = ""
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a:
+            ratio = f"{b / a:.2f}×"
+        out.append((label, a, b, ratio))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=30)
+    p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=SCENARIOS)
+    p.add_argument("--drivers", nargs="+", default=["serf-rpc", "rumor"])
+    p.add_argument("--harness", type=Path, default=DEFAULT_HARNESS)
+    p.add_argument("--results-dir", type=Path, default=HERE / "results" / "gossip")
+    p.add_argument("--rumor-bin", default=shutil.which("rumor") or "rumor")
+    p.add_argument("--profile", default=None, help="rumor --profile (default: lan)")
+    p.add_argument("--base-port", type=int, default=23100)
+    p.add_argument("--loss", type=int, default=10)
+    p.add_argument("--duration", type=float, default=120)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--window", type=float, default=30)
+    args = p.parse_args()
+    if not args.harness.exists():
+        raise SystemExit(f"harness not found at {args.harness} (use --harness)")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    env = {"RUMOR_BIN": args.rumor_bin}
+    if args.profile:
+        env["RUMOR_PROFILE"] = args.profile
+    results: dict[str, dict[str, Any]] = {}
+    for scenario in args.scenarios:
+        for driver in args.drivers:
+            key = "serf" if driver.startswith("serf") else driver
+            out = args.results_dir / f"{key}.json"
+            results.setdefault(key, {})[scenario] = run_harness(
+                args.harness, scenario, driver, args, out, env)
+            time.sleep(2)
+    (args.results_dir / "summary.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{args.nodes} agents on loopback, LAN profile, {time.strftime('%Y-%m-%d')}:\n")
+    print("| figure | serf | rumor | rumor/serf |\n|---|---|---|---|")
+    for label, a, b, ratio in rows(results):
+        print(f"| {label} | {a if a is not None else '–'} | {b if b is not None else '–'} "
+              f"| {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
