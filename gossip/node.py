@@ -113,6 +113,7 @@ class Node:
         self._udp: trio.socket.SocketType | None = None
         self._timer_scope: trio.CancelScope | None = None
         self._subscribers: list[trio.MemorySendChannel[MemberEvent]] = []
+        self._join_lock = trio.Lock()  # one join at a time: the core tracks one
         self._join_done: trio.Event | None = None
         self._join_result: JoinFinished | None = None
         self._left = trio.Event()
@@ -212,12 +213,13 @@ class Node:
     async def join(self, seeds: list[str] | list[Address]) -> int:
         """Join through ``seeds``; returns how many answered, raises JoinError if none."""
         addrs = [parse_address(s) if isinstance(s, str) else s for s in seeds]
-        self._join_done = trio.Event()
-        self._join_result = None
-        self.core.join(trio.current_time(), addrs)
-        await self._flush()
-        await self._join_done.wait()
-        res = self._join_result
+        async with self._join_lock:
+            self._join_done = trio.Event()
+            self._join_result = None
+            self.core.join(trio.current_time(), addrs)
+            await self._flush()
+            await self._join_done.wait()
+            res = self._join_result
         assert res is not None
         if not res.contacted:
             raise JoinError("could not join: " + ("; ".join(res.errors) or "no seed answered"))
