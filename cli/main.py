@@ -11,7 +11,7 @@ import json
 import socket
 import sys
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
+from typing import Any, NoReturn
 
 from ..gossip.address import format_address, parse_address
 from ..gossip.config import PROFILES, profile
@@ -25,7 +25,28 @@ class UsageError(Exception):
     """Bad arguments; printed as one line with exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what was wrong and where to look),
+    not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed only when asked (reading package metadata costs start-up)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"rumor {_version()}")
+        parser.exit()
+
+
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
     try:
         return version("rumor")
     except PackageNotFoundError:
@@ -51,11 +72,11 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="rumor", description="rumor: a decentralized service mesh (gossip membership, "
         "signed policies, latency-aware sidecar).")
-    p.add_argument("--version", action="version", version=f"rumor {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p.add_argument("--version", action=_VersionAction)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     a = sub.add_parser("agent", help="run an agent in the foreground")
     a.add_argument("--name", default=socket.gethostname(),
