@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,30 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from .client import ApiError, get_json
+from .ports import free_port
 
 HOST = "127.0.0.1"
-
-
-def _free_port() -> int:
-    """A port free for both UDP and TCP on loopback."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((HOST, 0))
-            port = int(t.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind((HOST, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free loopback port")
 
 
 class DemoAgent:
     def __init__(self, name: str, logdir: Path) -> None:
         self.name = name
-        self.port = _free_port()
-        self.api = f"{HOST}:{_free_port()}"
+        self.port = free_port()
+        self.api = f"{HOST}:{free_port()}"
         self.log_path = logdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,29 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rumor.cli.ports import free_port
+
 HOST = "127.0.0.1"
-
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP, never handed out twice in this process (the
-    OS may offer a just-released port again before an agent binds it)."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((HOST, 0))
-            port = int(t.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind((HOST, port))
-                except OSError:
-                    continue
-            if port in _handed_out:
-                continue
-            _handed_out.add(port)
-            return port
-    raise RuntimeError("no free port")
 
 
 def rumor_cmd() -> list[str]:
