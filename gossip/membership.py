@@ -646,8 +646,9 @@ class Membership:
         parts = [pack_message(m) for m in msgs]
         budget = self._datagram_budget() - sum(len(p) for p in parts)
         limit = self.config.retransmit_limit(self.num_members())
+        user_seen: set[int] = set()  # never the same application message twice per packet
         if self._user_q:
-            got = self._user_q.take(budget // 2, limit)
+            got = self._user_q.take(budget // 2, limit, user_seen)
             parts += got
             budget -= sum(len(p) for p in got)
         if self._member_q:
@@ -655,7 +656,7 @@ class Membership:
             parts += got
             budget -= sum(len(p) for p in got)
         if self._user_q:
-            parts += self._user_q.take(budget, limit)
+            parts += self._user_q.take(budget, limit, user_seen)
         if not parts:
             return
         data = self.seal.seal(encode_packet_raw(parts))

@@ -50,16 +50,20 @@ class BroadcastQueue:
         if self._len > self.max_items:
             self._drop_most_sent()
 
-    def take(self, budget: int, limit: int) -> list[bytes]:
+    def take(self, budget: int, limit: int, seen: set[int] | None = None) -> list[bytes]:
         """Pop up to ``budget`` bytes of items, least transmitted (then newest) first.
 
-        Each taken item counts one transmit; items reaching ``limit`` leave the queue."""
+        Each taken item counts one transmit; items reaching ``limit`` leave the queue.
+        ``seen`` (filled with the serials taken) lets several takes fill one packet
+        without putting an item in it twice, which would burn a transmit for nothing."""
         out: list[bytes] = []
         taken: list[_Item] = []
         for t in sorted(self._buckets):
             if budget < self.MIN_MESSAGE:
                 break
             for item in reversed(self._buckets[t].values()):
+                if seen is not None and item.serial in seen:
+                    continue
                 if len(item.data) <= budget:
                     out.append(item.data)
                     taken.append(item)
@@ -68,6 +72,8 @@ class BroadcastQueue:
                         break
         for item in taken:
             self._remove(item)
+            if seen is not None:
+                seen.add(item.serial)
         # Re-file oldest first so that, within a bucket, newer items stay in front.
         for item in reversed(taken):
             item.transmits += 1
