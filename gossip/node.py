@@ -31,8 +31,10 @@ from typing import Any
 import trio
 
 from .address import format_address, parse_address
+from .catalog import Catalog
 from .config import LAN, GossipConfig
 from .delegate import Delegate
+from .discovery import Discovery
 from .effects import (
     Effect,
     JoinFinished,
@@ -119,6 +121,7 @@ class Node:
         self._left = trio.Event()
         self._started_wall = time.time()
         self._pending_delegates: list[Delegate] = []
+        self._catalog: Discovery | None = None
         self.stats_dropped_events = 0
 
     # ---- lifecycle -----------------------------------------------------------------
@@ -143,7 +146,13 @@ class Node:
                                     now=trio.current_time())
             for d in self._pending_delegates:
                 self._core.register(d)
+            # The epoch tells a restarted agent's records from its previous life's.
+            catalog = Catalog(self._core, epoch=time.time_ns() // 1000,
+                              now=trio.current_time())
+            self._core.register(catalog)
+            self._catalog = Discovery(catalog, self._kick)
             self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+            self._nursery.start_soon(self._catalog.run)
             self._nursery.start_soon(self._udp_loop)
             self._nursery.start_soon(self._timer_loop)
             self._nursery.start_soon(self._serve_streams, listeners)
@@ -192,6 +201,13 @@ class Node:
         if self._core is None:
             raise RuntimeError("the node is not running (use `async with Node(...)`)")
         return self._core
+
+    @property
+    def catalog(self) -> Discovery:
+        """Service registration and discovery (``rumor.gossip.discovery.Discovery``)."""
+        if self._catalog is None:
+            raise RuntimeError("the node is not running (use `async with Node(...)`)")
+        return self._catalog
 
     @property
     def address(self) -> Address:

@@ -1,0 +1,526 @@
+"""The service catalog: every agent's view of every member's services (sans-IO).
+
+The catalog rides the gossip layer as a delegate on channel ``"catalog"``; the
+membership core carries its bytes without knowing what they mean.
+
+*Ownership.* Each agent owns the records of its local services. Every local change
+(register, deregister, a check changing status) raises the agent's version counter and
+stamps the changed record with it, so records merge last-writer-wins per
+``(node, service id)`` and arrive in any order, any number of times. A deregistration
+is a tombstone record, kept ``tombstone_ttl`` so late copies cannot resurrect it. Each
+process run has an ``epoch`` (the shell passes the wall clock at start): a restarted
+agent's records replace all of its previous life's at once.
+
+*Replication.* A change is broadcast as the changed records of one node (the core
+piggybacks small messages and sends larger ones, e.g. fifty services registered at
+start, over streams); whoever learns something new re-broadcasts it, so it spreads
+epidemically. Every push-pull carries the whole catalog, so a joining agent learns all
+services in its first exchange and anything lost is repaired.
+
+*Visibility.* Records of members that are failed, left or unknown are kept but not
+shown: a member that refutes a false failure is back with its services at once, and a
+reaped member's records are dropped. Critical instances are hidden unless asked for.
+Each instance carries the probe RTT this agent measured to its host, so ``near=True``
+sorts by nearness.
+
+*Encoding.* One version byte, then msgpack; decoding untrusted bytes raises only
+``CatalogDecodeError`` and every field is checked for type, size and range.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .checks import CRITICAL, PASSING, SEVERITY, STATUSES, CheckSpec, CheckState, aggregate
+from .delegate import Delegate
+from .effects import MemberEvent
+from .membership import Membership
+from .service_spec import Registration, ServiceDef
+
+CHANNEL = "catalog"
+CATALOG_VERSION = 1
+MSG_RECORDS = 1
+MSG_STATE = 2
+
+MAX_RECORDS = 4096  # per message; a catalog state is bounded by the frame size anyway
+MAX_NODES = 65536
+MAX_STR = 253
+MAX_TAGS = 64
+MAX_CHECKS = 16
+
+
+class CatalogDecodeError(ValueError):
+    """Bytes that are not a well-formed catalog message."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSummary:
+    """What other agents learn about a check: its id, kind and status (not its output)."""
+
+    id: str
+    kind: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One service instance as announced by its node, at revision ``rev``."""
+
+    id: str
+    name: str
+    address: str
+    port: int
+    tags: tuple[str, ...]
+    version: str
+    weight: int
+    status: str
+    checks: tuple[CheckSummary, ...]
+    rev: int
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """A visible service instance, as queries return it."""
+
+    id: str
+    service: str
+    node: str
+    address: str
+    port: int
+    tags: tuple[str, ...]
+    version: str
+    weight: int
+    status: str
+    checks: tuple[CheckSummary, ...]
+    #: Smoothed probe RTT from this agent to the instance's agent (0 for local ones,
+    #: None when not measured yet).
+    rtt: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "service": self.service, "node": self.node,
+                "address": self.address, "port": self.port, "tags": list(self.tags),
+                "version": self.version, "weight": self.weight, "status": self.status,
+                "checks": [{"id": c.id, "kind": c.kind, "status": c.status}
+                           for c in self.checks],
+                "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3)}
+
+
+@dataclass(slots=True)
+class _NodeEntry:
+    epoch: int
+    records: dict[str, Record] = field(default_factory=dict)
+    #: When each tombstone was learned (our clock), for garbage collection.
+    buried: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class LocalService:
+    service: ServiceDef
+    checks: dict[str, CheckState]
+
+
+ChangeListener = Callable[[frozenset[str]], None]
+
+
+class Catalog(Delegate):
+    """The catalog delegate. See the module docstring."""
+
+    channel = CHANNEL
+
+    def __init__(self, core: Membership, *, epoch: int, now: float = 0.0,
+                 tombstone_ttl: float = 3600.0) -> None:
+        self.core = core
+        self.name = core.name
+        self.epoch = epoch
+        self.tombstone_ttl = tombstone_ttl
+        self.version = 0
+        #: Raised on every visible change; blocking queries wait for it to pass a value.
+        self.index = 1
+        self.stats: dict[str, int] = {"decode_errors": 0, "records_applied": 0,
+                                      "records_stale": 0}
+        self.local: dict[str, LocalService] = {}
+        self._nodes: dict[str, _NodeEntry] = {self.name: _NodeEntry(epoch)}
+        self._service_index: dict[str, int] = {}
+        self._listeners: list[ChangeListener] = []
+
+    # ---- local services (commands) -------------------------------------------------------
+
+    def register(self, now: float, reg: Registration) -> list[str]:
+        """Add or replace a local service; returns the ids of its checks.
+
+        Check ids are ``SERVICE_ID`` for a single check and ``SERVICE_ID:N`` beyond."""
+        self.register_many(now, [reg])
+        return list(self.local[reg.service.id].checks)
+
+    def register_many(self, now: float, regs: Iterable[Registration]) -> None:
+        """Register several services in one broadcast (e.g. all of a config file), so
+        they travel together, over a stream when they do not fit a datagram."""
+        changed: list[Record] = []
+        for reg in regs:
+            for spec in reg.checks:
+                spec.validate()
+            svc = reg.service
+            ids = [svc.id] if len(reg.checks) == 1 else [
+                f"{svc.id}:{i + 1}" for i in range(len(reg.checks))]
+            old = self.local.get(svc.id)
+            checks: dict[str, CheckState] = {}
+            for cid, spec in zip(ids, reg.checks, strict=True):
+                prev = old.checks.get(cid) if old is not None else None
+                # Re-registering with the same check keeps its state (no flap to critical).
+                checks[cid] = prev if prev is not None and prev.spec == spec else \
+                    CheckState(cid, spec, now)
+            self.local[svc.id] = LocalService(svc, checks)
+            changed.append(self._local_record(svc.id))
+        self._publish_local(now, changed)
+
+    def deregister(self, now: float, service_id: str) -> bool:
+        ls = self.local.pop(service_id, None)
+        if ls is None:
+            return False
+        self.version += 1
+        svc = ls.service
+        tomb = Record(svc.id, svc.name, svc.address, svc.port, (), "", 1, CRITICAL, (),
+                      self.version, deleted=True)
+        self._publish_local(now, [tomb], bump=False)
+        return True
+
+    def check_result(self, now: float, check_id: str, result: str, output: str = "") -> bool:
+        """A probe of a local check finished; True if the check's status changed."""
+        ls, st = self._find_check(check_id)
+        if not st.record(now, result, output):
+            return False
+        self._publish_local(now, [self._local_record(ls.service.id)])
+        return True
+
+    def heartbeat(self, now: float, check_id: str, status: str = PASSING,
+                  output: str = "") -> bool:
+        """A TTL check heartbeat from the service (through the API)."""
+        ls, st = self._find_check(check_id)
+        if not st.heartbeat(now, status, output):
+            return False
+        self._publish_local(now, [self._local_record(ls.service.id)])
+        return True
+
+    def tick(self, now: float) -> None:
+        """Expire TTL checks and old tombstones; call at ``next_deadline()``."""
+        changed = [sid for sid, ls in self.local.items()
+                   if any([st.tick(now) for st in ls.checks.values()])]
+        if changed:
+            self._publish_local(now, [self._local_record(sid) for sid in changed])
+        self._collect_tombstones(now)
+
+    def next_deadline(self) -> float:
+        d = math.inf
+        for ls in self.local.values():
+            for st in ls.checks.values():
+                d = min(d, st.next_deadline())
+        return d
+
+    def local_checks(self) -> list[tuple[str, CheckState]]:
+        """(service id, check state) of every local check."""
+        return [(sid, st) for sid, ls in self.local.items() for st in ls.checks.values()]
+
+    # ---- queries ---------------------------------------------------------------------------
+
+    def on_change(self, listener: ChangeListener) -> None:
+        """Call ``listener(service_names)`` after every visible change (synchronously)."""
+        self._listeners.append(listener)
+
+    def service_index(self, name: str) -> int:
+        """Index of the last change to ``name`` (1 if never seen)."""
+        return self._service_index.get(name, 1)
+
+    def instances(self, name: str, *, tag: str | None = None, version: str | None = None,
+                  passing: bool = False, include_critical: bool = False,
+                  near: bool = False) -> list[Instance]:
+        """Visible instances of ``name``. By default critical ones are left out;
+        ``passing`` leaves out warning ones too, ``include_critical`` keeps all.
+        Sorted by node and id, or by RTT (nearest first) with ``near``."""
+        out = [i for i in self._visible() if i.service == name
+               and (tag is None or tag in i.tags)
+               and (version is None or i.version == version)
+               and (include_critical or i.status != CRITICAL)
+               and (not passing or i.status == PASSING)]
+        if near:
+            out.sort(key=lambda i: (math.inf if i.rtt is None else i.rtt, i.node, i.id))
+        return out
+
+    def services(self) -> dict[str, dict[str, Any]]:
+        """Every visible service: its tags, versions and instance counts by status."""
+        out: dict[str, dict[str, Any]] = {}
+        for i in self._visible():
+            s = out.setdefault(i.service, {"tags": set(), "versions": set(), "instances": 0,
+                                           **{st: 0 for st in STATUSES}})
+            s["tags"].update(i.tags)
+            if i.version:
+                s["versions"].add(i.version)
+            s["instances"] += 1
+            s[i.status] += 1
+        return {n: {**s, "tags": sorted(s["tags"]), "versions": sorted(s["versions"])}
+                for n, s in sorted(out.items())}
+
+    def _visible(self) -> list[Instance]:
+        out: list[Instance] = []
+        for node, entry in sorted(self._nodes.items()):
+            if node == self.name:
+                rtt: float | None = 0.0
+                host = self.core.addr[0]
+            else:
+                m = self.core.members.get(node)
+                if m is None or not m.live:
+                    continue
+                rtt, host = m.rtt, m.addr[0]
+            for r in sorted(entry.records.values(), key=lambda r: r.id):
+                if not r.deleted:
+                    out.append(Instance(r.id, r.name, node, r.address or host, r.port, r.tags,
+                                        r.version, r.weight, r.status, r.checks, rtt))
+        return out
+
+    # ---- delegate hooks ---------------------------------------------------------------------
+
+    def local_state(self, join: bool) -> bytes:
+        nodes = [[node, e.epoch, [_record_to_list(r) for r in e.records.values()]]
+                 for node, e in self._nodes.items() if e.records]
+        return encode([MSG_STATE, nodes])
+
+    def merge_remote_state(self, now: float, data: bytes, join: bool) -> None:
+        try:
+            msg = decode(data)
+        except CatalogDecodeError:
+            self.stats["decode_errors"] += 1
+            return
+        if msg[0] != MSG_STATE:
+            self.stats["decode_errors"] += 1
+            return
+        for node, epoch, records in msg[1]:
+            self._apply(now, node, epoch, records)
+        self._collect_tombstones(now)
+
+    def notify_message(self, now: float, payload: bytes) -> None:
+        try:
+            msg = decode(payload)
+        except CatalogDecodeError:
+            self.stats["decode_errors"] += 1
+            return
+        if msg[0] != MSG_RECORDS:
+            self.stats["decode_errors"] += 1
+            return
+        _, node, epoch, records = msg
+        news = self._apply(now, node, epoch, records)
+        if news:  # new to us: pass it on, so it spreads epidemically
+            self._broadcast(now, node, epoch, news)
+
+    def notify_member(self, now: float, event: MemberEvent) -> None:
+        if event.name == self.name:
+            return
+        entry = self._nodes.get(event.name)
+        if entry is None:
+            return
+        names = frozenset(r.name for r in entry.records.values())
+        if event.kind == "reap":
+            del self._nodes[event.name]
+        if event.kind in ("join", "alive", "failed", "left", "reap") and names:
+            self._changed(names)
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _find_check(self, check_id: str) -> tuple[LocalService, CheckState]:
+        for ls in self.local.values():
+            st = ls.checks.get(check_id)
+            if st is not None:
+                return ls, st
+        raise KeyError(check_id)
+
+    def _local_record(self, sid: str) -> Record:
+        ls = self.local[sid]
+        s = ls.service
+        checks = tuple(CheckSummary(c.id, c.spec.kind, c.status) for c in ls.checks.values())
+        return Record(s.id, s.name, s.address, s.port, s.tags, s.version, s.weight,
+                      aggregate([c.status for c in checks]), checks, 0)
+
+    def _publish_local(self, now: float, records: list[Record], bump: bool = True) -> None:
+        if not records:
+            return
+        entry = self._nodes[self.name]
+        stamped: list[Record] = []
+        names: set[str] = set()
+        for r in records:
+            if bump:
+                self.version += 1
+                r = _with_rev(r, self.version)
+            old = entry.records.get(r.id)
+            if old is not None:
+                names.add(old.name)
+            names.add(r.name)
+            entry.records[r.id] = r
+            if r.deleted:
+                entry.buried[r.id] = now
+            else:
+                entry.buried.pop(r.id, None)
+            stamped.append(r)
+        self._changed(frozenset(names))
+        self._broadcast(now, self.name, self.epoch, stamped)
+
+    def _broadcast(self, now: float, node: str, epoch: int, records: list[Record]) -> None:
+        payload = encode([MSG_RECORDS, node, epoch, [_record_to_list(r) for r in records]])
+        key = f"{node}/{records[0].id}" if len(records) == 1 else None
+        self.core.broadcast(now, CHANNEL, payload, key=key)
+
+    def _apply(self, now: float, node: str, epoch: int, records: list[Record]) -> list[Record]:
+        """Merge a node's records; returns those that were news."""
+        if node == self.name:
+            return []  # we are the authority on our own services
+        entry = self._nodes.get(node)
+        names: set[str] = set()
+        if entry is None or epoch > entry.epoch:
+            if entry is not None:  # the node restarted: its previous life is over
+                names.update(r.name for r in entry.records.values())
+            elif len(self._nodes) >= MAX_NODES:
+                self.stats["records_stale"] += len(records)
+                return []
+            entry = self._nodes[node] = _NodeEntry(epoch)
+        elif epoch < entry.epoch:
+            self.stats["records_stale"] += len(records)
+            return []
+        news: list[Record] = []
+        for r in records:
+            cur = entry.records.get(r.id)
+            if cur is not None and cur.rev >= r.rev:
+                self.stats["records_stale"] += 1
+                continue
+            if cur is not None:
+                names.add(cur.name)
+            names.add(r.name)
+            entry.records[r.id] = r
+            if r.deleted:
+                entry.buried[r.id] = now
+            else:
+                entry.buried.pop(r.id, None)
+            news.append(r)
+        self.stats["records_applied"] += len(news)
+        if names:
+            self._changed(frozenset(names))
+        return news
+
+    def _collect_tombstones(self, now: float) -> None:
+        for entry in self._nodes.values():
+            for sid, t in list(entry.buried.items()):
+                if now - t >= self.tombstone_ttl:
+                    del entry.buried[sid]
+                    entry.records.pop(sid, None)
+
+    def _changed(self, names: frozenset[str]) -> None:
+        self.index += 1
+        for n in names:
+            self._service_index[n] = self.index
+        for listener in list(self._listeners):
+            listener(names)
+
+
+# ---- encoding -----------------------------------------------------------------------------
+
+
+def _with_rev(r: Record, rev: int) -> Record:
+    return Record(r.id, r.name, r.address, r.port, r.tags, r.version, r.weight, r.status,
+                  r.checks, rev, r.deleted)
+
+
+def _record_to_list(r: Record) -> list[Any]:
+    return [r.id, r.name, r.address, r.port, list(r.tags), r.version, r.weight,
+            STATUSES.index(r.status), [[c.id, c.kind, STATUSES.index(c.status)]
+                                       for c in r.checks], r.rev, r.deleted]
+
+
+def encode(msg: list[Any]) -> bytes:
+    packed: bytes = msgpack.packb(msg, use_bin_type=True)
+    return bytes([CATALOG_VERSION]) + packed
+
+
+def decode(data: bytes) -> tuple[Any, ...]:
+    """``(MSG_RECORDS, node, epoch, [Record])`` or ``(MSG_STATE, [(node, epoch,
+    [Record])])``; raises only ``CatalogDecodeError``."""
+    if not data:
+        raise CatalogDecodeError("empty message")
+    if data[0] != CATALOG_VERSION:
+        raise CatalogDecodeError(f"unsupported catalog version {data[0]}")
+    try:
+        body = msgpack.unpackb(data[1:], raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # msgpack raises many types; callers want exactly one
+        raise CatalogDecodeError(f"malformed msgpack: {type(e).__name__}") from None
+    if type(body) is not list or not body:
+        raise CatalogDecodeError("a catalog message is a non-empty array")
+    kind = body[0]
+    if kind == MSG_RECORDS and len(body) == 4:
+        return (MSG_RECORDS, _str(body[1]), _uint(body[2]), _records(body[3]))
+    if kind == MSG_STATE and len(body) == 2:
+        nodes = body[1]
+        if type(nodes) is not list or len(nodes) > MAX_NODES:
+            raise CatalogDecodeError("catalog state: expected a list of nodes")
+        out = []
+        for n in nodes:
+            if type(n) is not list or len(n) != 3:
+                raise CatalogDecodeError("catalog state: a node is [name, epoch, records]")
+            out.append((_str(n[0]), _uint(n[1]), _records(n[2])))
+        return (MSG_STATE, out)
+    raise CatalogDecodeError(f"unknown catalog message {kind!r} of {len(body)} fields")
+
+
+def _records(v: Any) -> list[Record]:
+    if type(v) is not list or len(v) > MAX_RECORDS:
+        raise CatalogDecodeError("expected a list of records")
+    return [_record(r) for r in v]
+
+
+def _record(v: Any) -> Record:
+    if type(v) is not list or len(v) != 11:
+        raise CatalogDecodeError("a record has 11 fields")
+    tags = v[4]
+    if type(tags) is not list or len(tags) > MAX_TAGS:
+        raise CatalogDecodeError("record tags: expected a short list")
+    checks = v[8]
+    if type(checks) is not list or len(checks) > MAX_CHECKS:
+        raise CatalogDecodeError("record checks: expected a short list")
+    summaries = []
+    for c in checks:
+        if type(c) is not list or len(c) != 3:
+            raise CatalogDecodeError("a check summary is [id, kind, status]")
+        summaries.append(CheckSummary(_str(c[0]), _str(c[1]), _status(c[2])))
+    port = _uint(v[3])
+    weight = _uint(v[6])
+    if port > 65535 or weight > 65535:
+        raise CatalogDecodeError("port or weight out of range")
+    if type(v[10]) is not bool:
+        raise CatalogDecodeError("record deleted flag: expected a boolean")
+    name = _str(v[1])
+    if not name:
+        raise CatalogDecodeError("record without a service name")
+    return Record(_str(v[0]), name, _str(v[2]), port, tuple(_str(t) for t in tags),
+                  _str(v[5]), weight, _status(v[7]), tuple(summaries), _uint(v[9]), v[10])
+
+
+def _str(v: Any) -> str:
+    if type(v) is not str or len(v) > MAX_STR:
+        raise CatalogDecodeError("expected a short string")
+    return v
+
+
+def _uint(v: Any) -> int:
+    if type(v) is not int or v < 0 or v >= 1 << 64:
+        raise CatalogDecodeError("expected a non-negative integer")
+    return v
+
+
+def _status(v: Any) -> str:
+    if type(v) is not int or not 0 <= v < len(STATUSES):
+        raise CatalogDecodeError("unknown status code")
+    return STATUSES[v]
+
+
+__all__ = ["CHANNEL", "SEVERITY", "Catalog", "CatalogDecodeError", "CheckSpec",
+           "CheckSummary", "Instance", "Record", "decode", "encode"]
