@@ -17,7 +17,8 @@ Routes (all bodies JSON, all errors `{"error": "..."}`):
   not called: the agent keeps running and the operator can retry or send SIGTERM.
 
 Other features add routes to the `Router` returned by `make_api` (or use
-`add_node_routes` on their own router).
+`add_node_routes` on their own router). With a `catalog`, `make_api` also serves the
+catalog routes of `proxy/catalog_api.py` (`/v1/catalog/...`, `/v1/agent/...`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 
 from ..gossip.address import parse_address
 from ..gossip.node import JoinError
+from .catalog_api import CatalogApi, add_catalog_routes
 from .http import HttpError, Request, Response, json_response, read_json
 from .router import Router
 
@@ -47,10 +49,13 @@ class NodeApi(Protocol):
     async def leave(self) -> None: ...
 
 
-def make_api(node: NodeApi, *, on_leave: Callable[[], None]) -> Router:
-    """A router serving the node routes; pass it to `serve_http` as the handler."""
+def make_api(node: NodeApi, *, on_leave: Callable[[], None],
+             catalog: CatalogApi | None = None) -> Router:
+    """A router serving the node (and catalog) routes; pass it to `serve_http`."""
     router = Router()
     add_node_routes(router, node, on_leave)
+    if catalog is not None:
+        add_catalog_routes(router, catalog)
     return router
 
 
