@@ -15,8 +15,10 @@ import trio
 from ..gossip.address import format_address
 from ..gossip.config import GossipConfig
 from ..gossip.node import BindError, JoinError, Node, NodeConfig
+from ..gossip.service_spec import Registration
 from ..gossip.wire import Address
 from ..proxy.api import make_api
+from ..proxy.dns import CatalogSource, DnsResponder, serve_dns
 from ..proxy.http import serve_http
 from .logs import log_event
 
@@ -33,6 +35,9 @@ class AgentOptions:
     advertise: Address | None = None
     join: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
+    services: list[Registration] = field(default_factory=list)
+    #: Where to answer DNS (UDP); None: no DNS server.
+    dns: Address | None = None
 
 
 class StartupError(Exception):
@@ -47,11 +52,21 @@ async def run_agent(opts: AgentOptions) -> None:
         async with Node(cfg) as node, trio.open_nursery() as nursery:
             nursery.start_soon(_log_events, node)
             try:
-                await nursery.start(serve_http, make_api(node, on_leave=stop.set),
+                await nursery.start(serve_http, make_api(node, on_leave=stop.set,
+                                                         catalog=node.catalog),
                                     opts.api[0], opts.api[1])
             except OSError as e:
                 raise StartupError(f"cannot bind API address {format_address(opts.api)}: "
                                    f"{e.strerror or e}") from None
+            if opts.dns is not None:
+                await _start_dns(nursery, node, opts.dns)
+            if opts.services:
+                # One batch: the records travel together (by stream when large).
+                node.catalog.register_many(opts.services)
+                log.info("registered %d service(s): %s", len(opts.services),
+                         ", ".join(r.service.id for r in opts.services),
+                         extra={"event": "services",
+                                "services": [r.service.id for r in opts.services]})
             log.info("agent %s gossiping on %s, API on http://%s (profile %s)",
                      opts.name, format_address(node.address), format_address(opts.api),
                      opts.profile, extra={"event": "start", "node": opts.name,
@@ -73,6 +88,23 @@ async def run_agent(opts: AgentOptions) -> None:
     except BindError as e:
         raise StartupError(str(e)) from None
     log.info("agent stopped", extra={"event": "stop"})
+
+
+async def _start_dns(nursery: trio.Nursery, node: Node, addr: Address) -> None:
+    def member_address(name: str) -> str | None:
+        # DNS names arrive lower-cased; member names keep their case.
+        m = node.core.members.get(name) or next(
+            (m for m in node.core.members.values() if m.name.lower() == name), None)
+        return m.addr[0] if m is not None and m.live else None
+
+    responder = DnsResponder(CatalogSource(node.catalog, member_address))
+    try:
+        port = await nursery.start(serve_dns, responder, addr[0], addr[1])
+    except OSError as e:
+        raise StartupError(f"cannot bind DNS address {format_address(addr)}: "
+                           f"{e.strerror or e}") from None
+    log.info("DNS on udp://%s:%d for *.service.rumor", addr[0], port,
+             extra={"event": "dns", "dns": f"{addr[0]}:{port}"})
 
 
 async def _wait_for_signal(stop: trio.Event) -> None:

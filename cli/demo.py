@@ -3,7 +3,10 @@
 It starts real ``rumor agent`` processes (the fast ``local`` profile), waits for them
 to converge, kills one with SIGKILL and shows the others suspect it and then declare it
 failed, restarts it under the same name and shows it rejoin with a higher incarnation,
-then stops every agent gracefully. Everything it starts, it stops, even on Ctrl-C.
+then stops every agent gracefully. Before the failure it registers a service with an
+HTTP health check on one agent, shows every agent discover it, and shows a failing
+check drop the instance everywhere (and a passing one bring it back). Everything it
+starts, it stops, even on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from .client import ApiError, get_json
+from .client import ApiError, get_json, put_json
 from .ports import free_port
 
 HOST = "127.0.0.1"
@@ -52,6 +57,70 @@ class DemoAgent:
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+class _HealthEndpoint:
+    """The demo's "service": /healthz answers 200 or 500 as the demo says."""
+
+    def __init__(self) -> None:
+        self.ok = True
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200 if outer.ok else 500)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass  # the demo narrates; request lines would drown it
+
+        self.server = ThreadingHTTPServer((HOST, 0), Handler)
+        self.port = int(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _instances(agent: DemoAgent, service: str) -> list[dict[str, Any]]:
+    try:
+        rows: list[dict[str, Any]] = get_json(agent.api, f"/v1/catalog/service/{service}",
+                                              timeout=1.0)
+    except ApiError:
+        return []
+    return rows
+
+
+def _discovery(cluster: list[DemoAgent]) -> None:
+    """Step 2: register a checked service on one agent, find it on all, fail its check."""
+    owner, reader = cluster[1], cluster[0]
+    health = _HealthEndpoint()
+    try:
+        spec = {"name": "web", "port": health.port, "version": "v2", "tags": ["canary"],
+                "check": f"http://{HOST}:{health.port}/healthz", "interval": "200ms",
+                "timeout": "150ms", "fall": 2}
+        _say(f"\n2. Service discovery: {owner.name} registers `web` (HTTP check every "
+             f"200 ms, critical after 2 failures) through its API")
+        put_json(owner.api, "/v1/agent/service/register", spec, timeout=2.0)
+        took = _wait("web on every agent", lambda: all(
+            _instances(a, "web") for a in cluster), 10)
+        _say(f"   every agent resolves web after {took:.2f} s; from {reader.name}:")
+        for r in _instances(reader, "web"):
+            _say(f"    web  {r['node']:<8} {r['address']}:{r['port']}  {r['status']}  "
+                 f"version={r['version']} tags={','.join(r['tags'])}")
+        health.ok = False
+        took = _wait("the failing instance to be dropped", lambda: all(
+            not _instances(a, "web") for a in cluster), 10)
+        _say(f"   /healthz now answers 500: web dropped from every agent after {took:.2f} s")
+        health.ok = True
+        took = _wait("the instance to return", lambda: all(
+            _instances(a, "web") for a in cluster), 10)
+        _say(f"   /healthz answers 200 again: web back everywhere after {took:.2f} s")
+        put_json(owner.api, "/v1/agent/service/deregister/web", {}, timeout=2.0)
+    finally:
+        health.close()
 
 
 def _wait(what: str, cond: Callable[[], bool], timeout: float) -> float:
@@ -98,10 +167,12 @@ def run_demo(agents: int = 5) -> int:
              f"({took:.2f} s after the last start).")
         _say(_table(cluster[0]))
 
+        _discovery(cluster)
+
         victim, watcher = cluster[-1], cluster[0]
         others = [a for a in cluster if a is not victim]
         inc_before = watcher.members()[victim.name]["incarnation"]
-        _say(f"\n2. kill -9 {victim.name} (pid {victim.proc.pid if victim.proc else '?'})")
+        _say(f"\n3. kill -9 {victim.name} (pid {victim.proc.pid if victim.proc else '?'})")
         assert victim.proc is not None
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait()
@@ -122,7 +193,7 @@ def run_demo(agents: int = 5) -> int:
         _say(f"   every other agent lists {victim.name} failed after {all_failed:.2f} s")
         _say(_table(watcher))
 
-        _say(f"\n3. Restarting {victim.name} with the same name; it joins through "
+        _say(f"\n4. Restarting {victim.name} with the same name; it joins through "
              f"{cluster[0].name}")
         victim.start(cluster[0])
         took = _wait("rejoin", lambda: all(
@@ -133,7 +204,7 @@ def run_demo(agents: int = 5) -> int:
              f"{inc_before} -> {inc_after} (it refuted its own failure)")
         _say(_table(watcher))
 
-        _say("\n4. Stopping every agent with SIGTERM (graceful leave)")
+        _say("\n5. Stopping every agent with SIGTERM (graceful leave)")
         for a in reversed(cluster[1:]):
             if a.proc is not None:
                 a.proc.send_signal(signal.SIGTERM)

@@ -19,6 +19,7 @@ from ..gossip.wire import Address
 
 DEFAULT_BIND = "127.0.0.1:7946"
 DEFAULT_API = "127.0.0.1:7947"
+DEFAULT_DNS = "127.0.0.1:8600"
 
 
 class UsageError(Exception):
@@ -71,6 +72,16 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _service_spec(text: str) -> Any:
+    """An argparse ``type`` for ``--service``: the parsed registration, or one line
+    naming the bad field."""
+    from ..gossip.service_spec import SpecError, parse_spec
+    try:
+        return parse_spec(text)
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="rumor", description="rumor: a decentralized service mesh (gossip membership, "
@@ -93,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timing profile: lan (default, memberlist LAN), wan, local (loopback)")
     a.add_argument("--tag", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="metadata tag gossiped with this member (repeatable)")
+    a.add_argument("--service", action="append", type=_service_spec, default=[],
+                   metavar="SPEC", help="announce a local service, e.g. name=web,port=8080,"
+                   "version=v2,tags=blue|canary,check=http://127.0.0.1:8080/healthz,"
+                   "interval=5s (repeatable; see docs/catalog.md)")
+    a.add_argument("--config", metavar="FILE",
+                   help="TOML file with [[service]] tables (same fields as --service)")
+    a.add_argument("--dns", nargs="?", const=DEFAULT_DNS, type=_address(8600), default=None,
+                   metavar="HOST:PORT", help="answer DNS for *.service.rumor over UDP "
+                   f"(default address {DEFAULT_DNS} when given without one)")
     a.add_argument("--log-format", choices=["text", "json"], default="text")
     a.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    default="info")
@@ -103,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--status", choices=["alive", "suspect", "failed", "left"],
                    help="only members with this status")
 
+    sv = sub.add_parser("services", help="list the services in an agent's catalog")
+    _api_arg(sv)
+    sv.add_argument("--json", action="store_true", help="print the JSON document")
+
+    rs = sub.add_parser("resolve", help="list the instances of a service, nearest first")
+    _api_arg(rs)
+    rs.add_argument("service", metavar="NAME")
+    rs.add_argument("--tag", help="only instances with this tag")
+    rs.add_argument("--version", dest="svc_version", metavar="VERSION",
+                    help="only instances of this version")
+    rs.add_argument("--passing", action="store_true", help="only passing instances")
+    rs.add_argument("--critical", action="store_true", help="include critical instances")
+    rs.add_argument("--json", action="store_true", help="print the JSON list")
+
     j = sub.add_parser("join", help="ask a running agent to join more seeds")
     _api_arg(j)
     j.add_argument("addrs", nargs="+", metavar="HOST:PORT")
@@ -111,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _api_arg(lv)
 
     d = sub.add_parser("demo", help="run a 5-agent cluster on loopback and show "
-                       "failure detection and rejoin")
+                       "service discovery, failure detection and rejoin")
     d.add_argument("--agents", type=int, default=5)
     return p
 
@@ -161,6 +195,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(render_table(rows, ["name", "addr", "status", "incarnation", "rtt_ms",
                                           "tags"]))
             return 0
+        if args.command == "services":
+            return _services(api, args.json)
+        if args.command == "resolve":
+            return _resolve(api, args)
         if args.command == "join":
             for a in args.addrs:
                 try:
@@ -180,6 +218,66 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {args.command!r}")
 
 
+def _services(api: str, as_json: bool) -> int:
+    from .client import get_json
+    from .table import render_table
+    doc = get_json(api, "/v1/catalog/services")
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    rows = [{"name": n, "instances": s["instances"], "passing": s["passing"],
+             "warning": s["warning"], "critical": s["critical"],
+             "versions": s["versions"], "tags": s["tags"]} for n, s in doc.items()]
+    print(render_table(rows, ["name", "instances", "passing", "warning", "critical",
+                              "versions", "tags"]))
+    return 0
+
+
+def _resolve(api: str, args: argparse.Namespace) -> int:
+    from urllib.parse import quote, urlencode
+
+    from .client import get_json
+    from .table import render_table
+    query: dict[str, str] = {"near": "_agent"}
+    if args.tag:
+        query["tag"] = args.tag
+    if args.svc_version:
+        query["version"] = args.svc_version
+    if args.passing:
+        query["passing"] = "1"
+    if args.critical:
+        query["critical"] = "1"
+    rows = get_json(api, f"/v1/catalog/service/{quote(args.service, safe='')}?"
+                    + urlencode(query))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"rumor: no instances of {args.service!r}", file=sys.stderr)
+        return 1
+    print(render_table(
+        [{**r, "address": f"{r['address']}:{r['port']}"} for r in rows],
+        ["id", "node", "address", "status", "version", "weight", "rtt_ms", "tags"]))
+    return 0
+
+
+def _load_config(path: str) -> list[Any]:
+    import tomllib
+
+    from ..gossip.service_spec import SpecError, registrations_from_toml
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise UsageError(f"--config {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"--config {path}: not valid TOML: {e}") from None
+    try:
+        return registrations_from_toml(doc, path)
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+
+
 def _agent(args: argparse.Namespace) -> int:
     import trio
 
@@ -189,9 +287,16 @@ def _agent(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, args.log_level)
     if not args.name or len(args.name) > 128:
         raise UsageError("--name must be 1 to 128 characters")
+    services = list(args.service) + (_load_config(args.config) if args.config else [])
+    ids = [r.service.id for r in services]
+    dup = next((i for i in ids if ids.count(i) > 1), None)
+    if dup is not None:
+        raise UsageError(f"service id {dup!r} is registered twice (give id=... to tell "
+                         "instances of one service apart)")
     opts = AgentOptions(name=args.name, bind=args.bind, api=args.api,
                         gossip=profile(args.profile), profile=args.profile,
-                        advertise=args.advertise, join=args.join, tags=dict(args.tag))
+                        advertise=args.advertise, join=args.join, tags=dict(args.tag),
+                        services=services, dns=args.dns)
     failures: list[BaseException] = []
     try:
         trio.run(run_agent, opts)
