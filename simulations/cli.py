@@ -1,0 +1,146 @@
+"""``rumor sim SCENARIO``: run a chaos scenario and print its report.
+
+Wire it into the main parser with ``add_sim_parser(subparsers)`` and dispatch
+``args.command == "sim"`` to ``run_sim_command(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..gossip.config import PROFILES
+from .scenarios import SCENARIOS, Params
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") \
+            from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _sweep(text: str) -> tuple[float, ...]:
+    return tuple(_fraction(x) for x in text.split(",") if x)
+
+
+def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
+    s = subparsers.add_parser(
+        "sim", help="run a deterministic chaos simulation over the real gossip code",
+        description="Simulate a cluster of real gossip cores on a virtual clock. "
+        "Scenarios: converge (join through seeds), crash (k nodes die), loss "
+        "(false positives over a sweep of loss rates), slow (intermittently paused "
+        "nodes, Lifeguard vs plain SWIM), partition (split, heal, merge back), "
+        "churn (steady failures and restarts).")
+    s.add_argument("scenario", choices=sorted(SCENARIOS), metavar="SCENARIO",
+                   help="one of: " + ", ".join(sorted(SCENARIOS)))
+    s.add_argument("--nodes", type=_positive_int, default=100)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--loss", type=_fraction, default=None,
+                   help="datagram loss rate (loss scenario: run just this rate)")
+    s.add_argument("--duration", type=float, default=None,
+                   help="simulated seconds of the measured phase (scenario default)")
+    s.add_argument("--profile", choices=sorted(PROFILES), default="lan")
+    s.add_argument("--no-lifeguard", action="store_true",
+                   help="plain SWIM (the slow scenario always runs both)")
+    s.add_argument("--latency", default=None, metavar="SPEC",
+                   help="fixed:D, uniform:LO:HI or lognormal:MEDIAN:SIGMA, in seconds")
+    s.add_argument("--cold", action="store_true",
+                   help="join every node through the seeds first instead of starting "
+                   "from a converged cluster")
+    s.add_argument("--crashes", type=_positive_int, default=1,
+                   help="crash: nodes that die at once; churn: crashes per minute")
+    s.add_argument("--slow-fraction", type=_fraction, default=0.02,
+                   help="slow: fraction of nodes that stall (default 0.02)")
+    s.add_argument("--mean-pause", type=float, default=8.0,
+                   help="slow: mean stall of a slow node's message handling (s)")
+    s.add_argument("--mean-run", type=float, default=8.0,
+                   help="slow: mean time between stalls (s)")
+    s.add_argument("--sweep", type=_sweep, default=None, metavar="L1,L2,...",
+                   help="loss: loss rates to sweep (default 0,0.05,0.1,0.2,0.3)")
+    s.add_argument("--split-fraction", type=_fraction, default=0.5)
+    s.add_argument("--asymmetric", action="store_true",
+                   help="partition: only traffic from side A to side B is lost")
+    s.add_argument("--json", action="store_true",
+                   help="print the report as one JSON object on stdout")
+    s.add_argument("--plots", type=Path, default=None, metavar="DIR",
+                   help="write PNG plots there (needs matplotlib)")
+    s.add_argument("--progress", action="store_true",
+                   help="show a progress bar even when stderr is not a terminal")
+
+
+def params_from_args(args: argparse.Namespace) -> Params:
+    p = Params(nodes=args.nodes, seed=args.seed, loss=args.loss or 0.0,
+               duration=args.duration, profile=args.profile,
+               lifeguard=not args.no_lifeguard, latency=args.latency, warm=not args.cold,
+               crashes=args.crashes, slow_fraction=args.slow_fraction,
+               mean_pause=args.mean_pause, mean_run=args.mean_run,
+               split_fraction=args.split_fraction, asymmetric=args.asymmetric)
+    if args.sweep is not None:
+        p.sweep = args.sweep
+    elif args.loss is not None:
+        p.sweep = (args.loss,)
+    return p
+
+
+def run_sim_command(args: argparse.Namespace) -> int:
+    try:
+        p = params_from_args(args)
+        from .network import parse_latency
+        if p.latency:
+            parse_latency(p.latency)
+    except ValueError as e:
+        print(f"rumor: {e}", file=sys.stderr)
+        return 2
+    bar = None
+    if args.progress or sys.stderr.isatty():
+        from .report import ProgressBar
+        bar = ProgressBar(args.scenario)
+    try:
+        report = SCENARIOS[args.scenario](p, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.plots is not None:
+        from .plots import available, write_plots
+        if available():
+            files = write_plots(report, args.plots)
+            report["plots"] = [str(f) for f in files]
+        else:
+            report["plots"] = []
+            print("rumor: plots skipped: matplotlib is not installed "
+                  "(pip install matplotlib)", file=sys.stderr)
+    from .report import summary
+    if args.json:
+        json.dump(report, sys.stdout, sort_keys=False)
+        sys.stdout.write("\n")
+        print(summary(report), file=sys.stderr)
+    else:
+        print(summary(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rumor.simulations.cli SCENARIO ...`` until ``rumor sim`` is wired."""
+    parser = argparse.ArgumentParser(prog="rumor")
+    sub = parser.add_subparsers(dest="command")
+    add_sim_parser(sub)
+    args = parser.parse_args(["sim", *(sys.argv[1:] if argv is None else argv)])
+    return run_sim_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
