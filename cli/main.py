@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run a 5-agent cluster on loopback and show "
                        "service discovery, failure detection and rejoin")
     d.add_argument("--agents", type=int, default=5)
+
+    from ..simulations.cli import add_sim_parser
+    add_sim_parser(sub)
     return p
 
 
@@ -176,6 +179,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run_demo
         return run_demo(agents=args.agents)
+    if args.command == "sim":
+        from ..simulations.cli import run_sim_command
+        return run_sim_command(args)
     from .client import ApiError, get_json, put_json
     api = format_address(args.api)
     try:
