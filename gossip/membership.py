@@ -129,6 +129,8 @@ class Membership:
         self._check_meta(meta or {})
         self.members[name] = Member(name, addr, self.incarnation, Status.ALIVE, now,
                                     dict(meta or {}))
+        #: Member names in an indexable list, for O(k) random sampling.
+        self._roster: list[str] = [name]
 
         self._effects: list[Effect] = []
         self._member_q = BroadcastQueue()
@@ -427,6 +429,7 @@ class Membership:
         if m is None:
             m = Member(a.node, a.addr, a.incarnation, Status.ALIVE, now, dict(a.meta))
             self.members[a.node] = m
+            self._roster.append(a.node)
             self._add_to_probe_order(a.node)
             self._queue_member(a)
             self._emit(now, m, "join")
@@ -627,12 +630,34 @@ class Membership:
 
     def _random_members(self, k: int, now: float = 0.0,
                         include_recent_dead: bool = False) -> list[Member]:
-        cands = [m for m in self.members.values() if m.name != self.name and (
-            m.live or (include_recent_dead and m.status == Status.DEAD
-                       and now - m.since < self.config.gossip_to_the_dead))]
-        if len(cands) <= k:
-            return cands
-        return self.rng.sample(cands, k)
+        """Up to ``k`` distinct random live members (and recently dead ones if asked).
+
+        Called on every gossip tick, so it samples the roster by rejection (O(k) when
+        most members qualify) and scans all members only in small clusters or when
+        few qualify (after a mass failure)."""
+        ttd = self.config.gossip_to_the_dead
+
+        def eligible(m: Member) -> bool:
+            return m.name != self.name and (
+                m.status <= Status.SUSPECT or (include_recent_dead and m.status == Status.DEAD
+                                               and now - m.since < ttd))
+        roster = self._roster
+        chosen: list[Member] = []
+        if len(roster) > 4 * k + 8:
+            tried: set[int] = set()
+            for _ in range(8 * k):
+                i = self.rng.randrange(len(roster))
+                if i in tried:
+                    continue
+                tried.add(i)
+                m = self.members[roster[i]]
+                if eligible(m):
+                    chosen.append(m)
+                    if len(chosen) == k:
+                        return chosen
+        cands = [m for m in self.members.values() if eligible(m) and m not in chosen]
+        need = k - len(chosen)
+        return chosen + (cands if len(cands) <= need else self.rng.sample(cands, need))
 
     def _datagram_budget(self) -> int:
         return self.config.max_datagram - self.seal.overhead - PACKET_OVERHEAD
@@ -753,6 +778,7 @@ class Membership:
                 cfg.reap_left_after if m.status == Status.LEFT else INF)
             if now - m.since >= limit:
                 del self.members[name]
+                self._roster.remove(name)
                 self._emit(now, m, "reap")
 
     # ---- helpers -----------------------------------------------------------------------------

@@ -21,6 +21,9 @@ class Suspicion:
         self.max = max_timeout if k > 0 else min_timeout
         # The accuser is not an independent confirmation of its own accusation.
         self._seen = {accuser}
+        # next_deadline() asks for every suspicion on every call; the deadline only
+        # changes when a confirmation arrives, so it is computed then.
+        self._deadline = self.start + self.timeout()
 
     @property
     def confirmations(self) -> int:
@@ -31,6 +34,7 @@ class Suspicion:
         if self.confirmations >= self.k or source in self._seen:
             return False
         self._seen.add(source)
+        self._deadline = self.start + self.timeout()
         return True
 
     def timeout(self) -> float:
@@ -40,4 +44,4 @@ class Suspicion:
         return max(self.min, self.max - (self.max - self.min) * frac)
 
     def deadline(self) -> float:
-        return self.start + self.timeout()
+        return self._deadline
