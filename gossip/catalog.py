@@ -354,15 +354,7 @@ class Catalog(Delegate):
             if bump:
                 self.version += 1
                 r = _with_rev(r, self.version)
-            old = entry.records.get(r.id)
-            if old is not None:
-                names.add(old.name)
-            names.add(r.name)
-            entry.records[r.id] = r
-            if r.deleted:
-                entry.buried[r.id] = now
-            else:
-                entry.buried.pop(r.id, None)
+            _store(entry, r, now, names)
             stamped.append(r)
         self._changed(frozenset(names))
         self._broadcast(now, self.name, self.epoch, stamped)
@@ -394,14 +386,7 @@ class Catalog(Delegate):
             if cur is not None and cur.rev >= r.rev:
                 self.stats["records_stale"] += 1
                 continue
-            if cur is not None:
-                names.add(cur.name)
-            names.add(r.name)
-            entry.records[r.id] = r
-            if r.deleted:
-                entry.buried[r.id] = now
-            else:
-                entry.buried.pop(r.id, None)
+            _store(entry, r, now, names)
             news.append(r)
         self.stats["records_applied"] += len(news)
         if names:
@@ -424,6 +409,20 @@ class Catalog(Delegate):
 
 
 # ---- encoding -----------------------------------------------------------------------------
+
+
+def _store(entry: _NodeEntry, r: Record, now: float, names: set[str]) -> None:
+    """Keep ``r`` as the node's record of its id (a deletion becomes a tombstone) and
+    note the service names whose instances changed."""
+    old = entry.records.get(r.id)
+    if old is not None:
+        names.add(old.name)
+    names.add(r.name)
+    entry.records[r.id] = r
+    if r.deleted:
+        entry.buried[r.id] = now
+    else:
+        entry.buried.pop(r.id, None)
 
 
 def _with_rev(r: Record, rev: int) -> Record:

@@ -11,7 +11,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -49,15 +48,6 @@ class _Health:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[AgentCluster]:
-    c = AgentCluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def _start(cluster: AgentCluster, extras: list[list[str]]) -> list[Agent]:

@@ -5,21 +5,11 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .agents import Agent, AgentCluster, free_port, rumor_cmd, wait_for
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[AgentCluster]:
-    c = AgentCluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def test_five_agents_converge_and_detect_kill9(cluster: AgentCluster) -> None:

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from rumor.gossip.config import LOCAL
 from rumor.gossip.wire import Status
@@ -51,15 +47,6 @@ def simulate() -> tuple[dict[str, dict[str, str]], float]:
     views = {nd.name: {n: Status.NAMES[m.status] for n, m in nd.core.members.items()}
              for nd in survivors}
     return views, took
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[AgentCluster]:
-    c = AgentCluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def test_simulator_and_real_cluster_agree_on_a_crash(cluster: AgentCluster) -> None:
