@@ -126,6 +126,7 @@ class Membership:
         self.members: dict[str, Member] = {}
         self.incarnation = 1
         self.leaving = False
+        self._quiet = False  # merge_state(quiet=True) in progress: queue nothing
         self._check_meta(meta or {})
         self.members[name] = Member(name, addr, self.incarnation, Status.ALIVE, now,
                                     dict(meta or {}))
@@ -318,6 +319,25 @@ class Membership:
         self.incarnation += 1
         me.incarnation = self.incarnation
         self._queue_member(self._self_alive())
+
+    def merge_state(self, now: float, states: PushPull, *, quiet: bool = False) -> None:
+        """Merge a full member list exactly as a push-pull exchange would.
+
+        ``quiet`` skips the broadcasts the merge would queue (one alive per new member):
+        for drivers that build a cluster which has long known these facts, such as the
+        simulator's warm start. Without it this is the push-pull merge itself."""
+        self._quiet = quiet
+        try:
+            self._merge(now, states)
+        finally:
+            self._quiet = False
+
+    def spread_push_pull(self, now: float) -> None:
+        """Schedule the next push-pull at a random point of the period the current
+        cluster size implies, as in a cluster that has been running for a while (a node
+        created just now would schedule it within 0.5–1.5 base intervals)."""
+        period = self.config.push_pull_period(self.num_members())
+        self._push_pull_at = now + self.rng.uniform(0.0, period)
 
     def register(self, delegate: Delegate) -> None:
         if not delegate.channel or delegate.channel in self._delegates:
@@ -690,6 +710,8 @@ class Membership:
         self._effects.append(SendPacket(addr, data))
 
     def _queue_member(self, msg: Alive | Suspect | Dead) -> None:
+        if self._quiet:
+            return
         self._member_q.push(pack_message(msg), msg.node)
 
     def _self_alive(self) -> Alive:

@@ -15,7 +15,6 @@ from typing import Any
 
 from ..gossip.config import GossipConfig, profile
 from ..gossip.wire import MemberState, PushPull, Status
-from . import hooks
 from .engine import Simulator, gc_paused
 from .faults import Crash, Fault, Restart, Slow, Split, install
 from .metrics import Recorder, Traffic, summarize
@@ -76,21 +75,18 @@ def warm_cluster(sim: Simulator, n: int) -> None:
     Each core merges the full member list through the same code as a push-pull
     exchange, so its tables, probe order and timers are the protocol's own. What the
     merge queues (an alive broadcast per member: the join storm) is discarded, and
-    push-pull timers are spread over their period as in a long-running cluster
-    (see ``hooks``)."""
+    push-pull timers are spread over their period as in a long-running cluster."""
     for _ in range(n):
         sim.add_node()
     states = tuple(MemberState(node.name, node.addr, 1, Status.ALIVE, {})
                    for node in sim.nodes)
     pp = PushPull(False, sim.nodes[0].name, states, {})
-    rng = random.Random(f"warm:{sim.seed}")
     with gc_paused():
         for node in sim.nodes:
             core = node.core
-            hooks.install_state(core, sim.now, pp)
+            core.merge_state(sim.now, pp, quiet=True)
             core.take_effects()
-            hooks.forget_join_storm(core)
-            hooks.steady_push_pull(core, sim.now, rng)
+            core.spread_push_pull(sim.now)
             node.timer_at = math.nan
             sim._reschedule(node)
 

@@ -350,3 +350,17 @@ def test_lifeguard_off_uses_fixed_suspicion_and_no_awareness() -> None:
     s = c.suspicion("n5")
     assert s is not None and s.timeout() == cfg.suspicion_min(6)
     assert all(net.nodes[o].awareness.score == 0 for o in net.live_names())
+
+
+def test_quiet_merge_learns_members_without_queueing_broadcasts() -> None:
+    from rumor.gossip.wire import MemberState, PushPull
+    c = Membership("me", ("10.0.0.1", 1), CFG, random.Random(1))
+    states = tuple(MemberState(f"p{i}", ("10.0.0.9", i + 10), 1, Status.ALIVE, {})
+                   for i in range(40))
+    c.merge_state(0.0, PushPull(False, "p0", states, {}), quiet=True)
+    assert c.num_live() == 41 and len(c._member_q) == 0
+    c.merge_state(0.0, PushPull(False, "p0", (MemberState("q", ("10.0.0.8", 1), 1,
+                                                        Status.ALIVE, {}),), {}))
+    assert len(c._member_q) == 1, "a normal merge spreads what it learnt"
+    c.spread_push_pull(0.0)
+    assert 0.0 <= c._push_pull_at <= CFG.push_pull_period(42)
