@@ -290,26 +290,16 @@ class Catalog(Delegate):
         return encode([MSG_STATE, nodes])
 
     def merge_remote_state(self, now: float, data: bytes, join: bool) -> None:
-        try:
-            msg = decode(data)
-        except CatalogDecodeError:
-            self.stats["decode_errors"] += 1
-            return
-        if msg[0] != MSG_STATE:
-            self.stats["decode_errors"] += 1
+        msg = self._decode(data, MSG_STATE)
+        if msg is None:
             return
         for node, epoch, records in msg[1]:
             self._apply(now, node, epoch, records)
         self._collect_tombstones(now)
 
     def notify_message(self, now: float, payload: bytes) -> None:
-        try:
-            msg = decode(payload)
-        except CatalogDecodeError:
-            self.stats["decode_errors"] += 1
-            return
-        if msg[0] != MSG_RECORDS:
-            self.stats["decode_errors"] += 1
+        msg = self._decode(payload, MSG_RECORDS)
+        if msg is None:
             return
         _, node, epoch, records = msg
         news = self._apply(now, node, epoch, records)
@@ -329,6 +319,17 @@ class Catalog(Delegate):
             self._changed(names)
 
     # ---- internals ----------------------------------------------------------------------------
+
+    def _decode(self, data: bytes, kind: int) -> tuple[Any, ...] | None:
+        """A peer's message of the expected kind, or None (counted) for anything else."""
+        try:
+            msg = decode(data)
+        except CatalogDecodeError:
+            msg = None
+        if msg is None or msg[0] != kind:
+            self.stats["decode_errors"] += 1
+            return None
+        return msg
 
     def _find_check(self, check_id: str) -> tuple[LocalService, CheckState]:
         for ls in self.local.values():
