@@ -426,6 +426,7 @@ class Membership:
         self._send(m.target_addr, [Ping(seq, m.target, self.name)])
 
     def _deliver_user(self, now: float, m: UserMessage) -> None:
+        self.stats["user_messages_in"] += 1
         d = self._delegates.get(m.channel)
         if d is None:
             self.stats["user_unknown_channel"] += 1
@@ -702,6 +703,7 @@ class Membership:
             budget -= sum(len(p) for p in got)
         if self._user_q:
             parts += self._user_q.take(budget, limit, user_seen)
+        self.stats["user_messages_out"] += len(user_seen)
         if not parts:
             return
         data = self.seal.seal(encode_packet_raw(parts))
