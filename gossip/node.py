@@ -272,7 +272,10 @@ class Node:
         counts = {name: 0 for name in Status.NAMES.values()}
         for m in core.members.values():
             counts[Status.NAMES[m.status]] += 1
-        degraded = core.awareness.score > 0 or core.leaving
+        # One missed nack raises the Lifeguard score for a probe or two; a load balancer
+        # polling /v1/health should see "degraded" only when the agent is really
+        # struggling (half the maximum multiplier) or leaving.
+        degraded = core.awareness.score >= core.awareness.max // 2 or core.leaving
         return {"status": "degraded" if degraded else "ok",
                 "awareness": core.awareness.score,
                 "members": counts,
