@@ -6,9 +6,9 @@ Routes (all bodies JSON, all errors `{"error": "..."}`):
   filtered by status. Same shape as `rumor members --json` (a benchmark contract).
 - `GET /v1/self` -> `Node.self_info()`.
 - `GET /v1/health` -> `Node.health()`; HTTP 200 when its status is "ok" and 503
-  otherwise ("degraded": Lifeguard awareness is at least half its maximum, or the agent is leaving). The
-  status code mirrors the body so `curl -f` and load-balancer checks work unchanged;
-  the body is always the full document.
+  otherwise ("degraded": Lifeguard awareness is at least half its maximum, or the
+  agent is leaving). The status code mirrors the body so `curl -f` and load-balancer
+  checks work unchanged; the body is always the full document.
 - `PUT|POST /v1/join` with `{"addrs": ["host:port", ...]}` -> `{"joined": n}`;
   400 for malformed addresses, 502 when no seed answered (the gossip `JoinError`).
 - `PUT|POST /v1/leave` -> waits for `Node.leave()` (the leave is gossiped), answers
