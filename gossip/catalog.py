@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -354,7 +354,7 @@ class Catalog(Delegate):
         for r in records:
             if bump:
                 self.version += 1
-                r = _with_rev(r, self.version)
+                r = replace(r, rev=self.version)
             _store(entry, r, now, names)
             stamped.append(r)
         self._changed(frozenset(names))
@@ -424,11 +424,6 @@ def _store(entry: _NodeEntry, r: Record, now: float, names: set[str]) -> None:
         entry.buried[r.id] = now
     else:
         entry.buried.pop(r.id, None)
-
-
-def _with_rev(r: Record, rev: int) -> Record:
-    return Record(r.id, r.name, r.address, r.port, r.tags, r.version, r.weight, r.status,
-                  r.checks, rev, r.deleted)
 
 
 def _record_to_list(r: Record) -> list[Any]:
