@@ -289,7 +289,7 @@ class Catalog(Delegate):
                  for node, e in self._nodes.items() if e.records]
         return encode([MSG_STATE, nodes])
 
-    def merge_remote_state(self, now: float, data: bytes, join: bool) -> None:
+    def merge_remote_state(self, now: float, data: bytes, join: bool, peer: str) -> None:
         msg = self._decode(data, MSG_STATE)
         if msg is None:
             return

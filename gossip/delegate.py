@@ -21,8 +21,9 @@ class Delegate:
         """State sent in a push-pull exchange (``b""`` for none)."""
         return b""
 
-    def merge_remote_state(self, now: float, data: bytes, join: bool) -> None:
-        """A peer's ``local_state`` arrived in a push-pull exchange."""
+    def merge_remote_state(self, now: float, data: bytes, join: bool, peer: str) -> None:
+        """Member ``peer``'s ``local_state`` arrived in a push-pull exchange. A delegate
+        that exchanges digests answers with ``Membership.send_to(now, peer, ...)``."""
 
     def notify_message(self, now: float, payload: bytes) -> None:
         """A broadcast of this channel arrived (by datagram or stream)."""

@@ -361,6 +361,17 @@ class Membership:
         for m in self._random_members(self.config.gossip_nodes):
             self._stream(m, "user", body, expect_reply=False)
 
+    def send_to(self, now: float, member: str, channel: str, payload: bytes) -> bool:
+        """Send a delegate's message to one member only, over a stream (reliable, any
+        size): how a delegate answers a digest with what the peer is missing. False if
+        ``member`` is unknown or not alive."""
+        m = self.members.get(member)
+        if m is None or member == self.name or m.status > Status.SUSPECT:
+            return False
+        body = self.seal.seal(encode_packet([UserMessage(channel, payload)]))
+        self._stream(m, "user", body, expect_reply=False)
+        return True
+
     # ---- queries ----------------------------------------------------------------------
 
     def num_members(self) -> int:
@@ -739,7 +750,7 @@ class Membership:
         for channel, data in pp.user.items():
             d = self._delegates.get(channel)
             if d is not None:
-                d.merge_remote_state(now, data, pp.join)
+                d.merge_remote_state(now, data, pp.join, pp.source)
 
     def _push_pull_body(self, join: bool) -> bytes:
         return self.seal.seal(encode_packet([self._local_push_pull(join)]))

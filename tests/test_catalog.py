@@ -206,7 +206,7 @@ def test_decode_of_random_msgpack_raises_only_its_error(obj: object) -> None:
 def test_malformed_broadcasts_and_state_are_counted_not_raised() -> None:
     net, cats = _cluster(2)
     cats["n0"].notify_message(net.now, b"\x01garbage")
-    cats["n0"].merge_remote_state(net.now, b"\x07", False)
+    cats["n0"].merge_remote_state(net.now, b"\x07", False, "n1")
     assert cats["n0"].stats["decode_errors"] == 2
 
 

@@ -259,7 +259,7 @@ class _Echo(Delegate):
     def local_state(self, join: bool) -> bytes:
         return self.state
 
-    def merge_remote_state(self, now: float, data: bytes, join: bool) -> None:
+    def merge_remote_state(self, now: float, data: bytes, join: bool, peer: str) -> None:
         self.merged.append(data)
 
 
