@@ -1,0 +1,193 @@
+"""What the held policy documents mean for one request: route, resilience, access.
+
+The proxy asks three questions per request (which subset, which timeouts and retries,
+may this caller come in), and the local API asks the same ones to explain a decision
+(``GET /v1/evaluate/SERVICE``). Both go through ``Evaluator`` so the explanation is
+what the data plane does. An ``Evaluator`` is immutable: the policy service builds a
+new one whenever the set of held documents changes, and a request keeps the one it
+started with.
+
+Several documents of one kind can name the same service (two operators, or a rename
+in progress). Picking "the newest" would depend on arrival order, which differs
+between agents; the lowest document name wins instead, so every agent holding the
+same documents decides the same way, and the clash is reported in ``conflicts``.
+Expiry is the store's business: documents given here are in force.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .documents import (
+    ALL_INSTANCES,
+    AccessSpec,
+    Document,
+    ResilienceSpec,
+    RouteSpec,
+    Subset,
+    WeightedSubset,
+)
+
+
+def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Header names lower-cased (they are case-insensitive); when two spellings of one
+    name are both present, the first one wins."""
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        out.setdefault(name.lower(), value)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """Where requests for ``service`` with these headers go."""
+
+    service: str
+    policy: str | None  # the route document's name; None: no route document
+    rule: str | None  # the rule that matched; None: the document's default split
+    split: tuple[WeightedSubset, ...]
+
+    def choose(self, u: float) -> Subset:
+        """The subset for a uniform draw ``u`` in [0, 1): subset i gets the share
+        weight_i / total, in the split's order. Subsets of weight 0 are never chosen."""
+        if not (0.0 <= u < 1.0):
+            raise ValueError(f"u must be in [0, 1), got {u!r}")
+        total = sum(w.weight for w in self.split)
+        target = u * total
+        cumulative = 0
+        for w in self.split:
+            cumulative += w.weight
+            if target < cumulative:
+                return w.subset
+        # Only reachable through float rounding at the very top of the range.
+        return next(w.subset for w in reversed(self.split) if w.weight)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "policy": self.policy, "rule": self.rule,
+                "split": [{**w.subset.to_json(), "weight": w.weight} for w in self.split]}
+
+
+@dataclass(frozen=True, slots=True)
+class AccessDecision:
+    """Whether ``source`` may call ``destination``, and why, in words for logs."""
+
+    allowed: bool
+    reason: str
+    policy: str | None  # the access document's name; None: no access document
+    source: str | None  # None: the caller's identity is unknown
+    destination: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"allowed": self.allowed, "reason": self.reason, "policy": self.policy,
+                "source": self.source, "destination": self.destination}
+
+
+def _order(doc: Document) -> tuple[str, int, str]:
+    # Lowest name first; the same name twice (a store bug) prefers the higher version,
+    # and the repr settles even identical name and version the same way everywhere.
+    return (doc.name, -doc.version, repr(doc))
+
+
+class Evaluator:
+    """Answers route, resilience and access questions from a set of documents."""
+
+    def __init__(self, documents: Iterable[Document]) -> None:
+        docs = sorted(documents, key=_order)
+        self.documents: tuple[Document, ...] = tuple(docs)
+        #: Human-readable descriptions of documents that clash, sorted.
+        self.conflicts: list[str] = []
+        self._conflicts_by_service: dict[str, list[str]] = {}
+        by_kind: dict[tuple[str, str], list[Document]] = {}
+        for doc in docs:
+            service = doc.service
+            if service is None:  # the trust document applies to no service
+                continue
+            by_kind.setdefault((doc.kind, service), []).append(doc)
+        self._route: dict[str, tuple[str, RouteSpec]] = {}
+        self._resilience: dict[str, tuple[str, ResilienceSpec]] = {}
+        self._access: dict[str, tuple[str, AccessSpec]] = {}
+        for (kind, service), group in sorted(by_kind.items()):
+            chosen = group[0]
+            if len(group) > 1:
+                names = ", ".join(f'"{d.name}" v{d.version}' for d in group)
+                text = (f'{kind}: {len(group)} documents apply to service "{service}" '
+                        f'({names}); using "{chosen.name}" v{chosen.version}, the lowest name')
+                self.conflicts.append(text)
+                self._conflicts_by_service.setdefault(service, []).append(text)
+            spec = chosen.spec
+            if isinstance(spec, RouteSpec):
+                self._route[service] = (chosen.name, spec)
+            elif isinstance(spec, ResilienceSpec):
+                self._resilience[service] = (chosen.name, spec)
+            elif isinstance(spec, AccessSpec):
+                self._access[service] = (chosen.name, spec)
+
+    def route(self, service: str, headers: Mapping[str, str]) -> RouteDecision:
+        """The first rule (in document order) whose header conditions all hold, else the
+        default split; every instance when the service has no route document."""
+        found = self._route.get(service)
+        if found is None:
+            return RouteDecision(service, None, None, (WeightedSubset(ALL_INSTANCES, 1),))
+        name, spec = found
+        if spec.rules:
+            lowered = lower_headers(headers)
+            for rule in spec.rules:
+                if rule.matches(lowered):
+                    return RouteDecision(service, name, rule.name, rule.split)
+        return RouteDecision(service, name, None, spec.split)
+
+    def resilience(self, service: str) -> ResilienceSpec:
+        """The service's resilience settings (the defaults without a document)."""
+        found = self._resilience.get(service)
+        return found[1] if found is not None else ResilienceSpec.default(service)
+
+    def policy_name(self, kind: str, service: str) -> str | None:
+        """The name of the document of ``kind`` in force for ``service``, if any."""
+        tables: dict[str, Mapping[str, tuple[str, object]]] = {
+            "route": self._route, "resilience": self._resilience, "access": self._access}
+        found = tables.get(kind, {}).get(service)
+        return found[0] if found is not None else None
+
+    def access(self, source: str | None, destination: str) -> AccessDecision:
+        """Deny beats allow; ``*`` matches any caller, an unknown one included; a caller
+        listed nowhere gets the document's default. Without a document: allowed."""
+        found = self._access.get(destination)
+        if found is None:
+            return AccessDecision(True, f'no access policy for "{destination}": allowed',
+                                  None, source, destination)
+        name, spec = found
+        who = f'source "{source}"' if source is not None else "caller of unknown identity"
+
+        def decide(allowed: bool, why: str) -> AccessDecision:
+            verdict = "allowed" if allowed else "denied"
+            return AccessDecision(allowed, f'{verdict} by access policy "{name}": {why}',
+                                  name, source, destination)
+
+        if source is not None and source in spec.deny:
+            return decide(False, f"{who} is denied")
+        if "*" in spec.deny:
+            return decide(False, f'{who}: every source is denied ("*")')
+        if source is not None and source in spec.allow:
+            return decide(True, f"{who} is allowed")
+        if "*" in spec.allow:
+            return decide(True, f'{who}: any source is allowed ("*")')
+        if spec.default == "allow":
+            return decide(True, f"{who} not listed, default allow")
+        return decide(False, f"{who} not allowed")
+
+    def evaluate(self, service: str, *, source: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """A JSON-ready account of all three decisions for one request to ``service``."""
+        return {
+            "service": service,
+            "route": self.route(service, headers or {}).to_json(),
+            "resilience": {"policy": self.policy_name("resilience", service),
+                           **self.resilience(service).to_json()},
+            "access": self.access(source, service).to_json(),
+            "conflicts": list(self._conflicts_by_service.get(service, [])),
+        }
+
+
+__all__ = ["AccessDecision", "Evaluator", "RouteDecision", "lower_headers"]

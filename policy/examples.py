@@ -1,0 +1,184 @@
+'''One commented, valid document of each kind, for ``rumor policy example KIND``.
+
+Operators start from these rather than from the reference, so every field is present
+(optional ones at least as a commented-out line) with its meaning, range and default
+next to it. The tests parse each one and check that no field of the schema is missing
+from it, so the examples cannot drift from ``documents.py``.
+'''
+
+from __future__ import annotations
+
+ROUTE = """\
+# A route document: how the requests for one service are shared among its instances.
+
+kind = "route"            # route | resilience | access | trust
+name = "web-canary"       # the document's identity in the mesh: [a-z0-9][a-z0-9._-]{0,62}
+version = 1               # integer >= 1; publish every change with a higher version
+                          # (agents keep the highest version of a name and refuse older ones)
+description = "10% of web traffic to v2; testers always to v2"   # optional, free text
+# expires = 2030-01-01T00:00:00Z
+                          # optional: an offset date-time, without quotes ("Z" or "+02:00"
+                          # required). When it passes, agents drop the document and the
+                          # service is routed to all its instances again.
+
+service = "web"           # the destination service, as instances register it in the catalog
+
+# Subsets: named groups of the service's instances. An instance belongs to a subset when its
+# version equals `version` (when given) and it carries every tag in `tags` (when given); a
+# subset needs at least one of the two. The subset "all" is built in: every instance.
+[[subset]]
+name = "stable"           # [a-z0-9][a-z0-9._-]{0,62}, unique in the document, not "all"
+version = "v1"            # the instance's registered version (--service ...,version=v1)
+
+[[subset]]
+name = "canary"
+version = "v2"
+tags = ["canary"]         # the instance must carry all of these tags (default: none)
+
+# The default split, for requests that no rule below matches. Each request goes to one
+# subset, with the probability weight / sum of weights (here 90 and 10 out of 100).
+# Weights are integers from 0 to 1000000, not all 0; a subset appears at most once.
+# Without any [[split]], requests go to all instances.
+[[split]]
+subset = "stable"         # a subset defined above, or "all"
+weight = 90
+
+[[split]]
+subset = "canary"
+weight = 10
+
+# Rules, tried in order: the first rule whose header conditions all hold decides, and a
+# request no rule matches takes the split above. Header names are case-insensitive;
+# values are compared case-sensitively. Each condition has `name` and exactly one of
+# `exact` (the value equals), `prefix` (the value starts with) or `present`.
+[[rule]]
+name = "testers"          # optional (default "rule[0]", "rule[1]", ...); shown in decisions
+headers = [
+  { name = "X-Canary", exact = "1" },
+]
+subset = "canary"         # every matching request goes to this one subset, ...
+
+[[rule]]
+name = "beta-users"
+headers = [
+  { name = "x-user-group", prefix = "beta-" },
+  { name = "x-debug", present = false },   # true: the header is there (any value);
+                                           # false: the header is not there
+]
+split = [                 # ... or a weighted split of their own (same form as [[split]])
+  { subset = "canary", weight = 50 },
+  { subset = "stable", weight = 50 },
+]
+"""
+
+RESILIENCE = """\
+# A resilience document: timeouts, retries, circuit breaking and outlier ejection applied
+# by every agent's proxy to the requests it sends to one service. Every table and field
+# is optional; an omitted one takes the default shown. Durations are strings: "250ms",
+# "5s", "1.5m", "1h".
+
+kind = "resilience"       # route | resilience | access | trust
+name = "web-resilience"   # the document's identity in the mesh: [a-z0-9][a-z0-9._-]{0,62}
+version = 1               # integer >= 1; publish every change with a higher version
+description = "web answers within 10s; retry gateway errors"   # optional, free text
+# expires = 2030-01-01T00:00:00Z   # optional, an offset date-time; after it: the defaults
+
+service = "web"           # the destination service
+
+[timeouts]
+connect = "1s"            # to open a connection to an instance (default 2s, or per_try
+                          # when shorter); at most per_try
+per_try = "3s"            # one try, from sending it to its response headers (default:
+                          # overall); at most overall
+overall = "10s"           # the whole request, every try and backoff included, until the
+                          # response headers (default 15s, at most 1h). Bodies then stream
+                          # with no deadline from this document.
+
+[retries]
+attempts = 3              # tries in all, the first included: 1-10, and 1 turns retries
+                          # off (default 3)
+on = ["connect-failure", "502", "503", "504"]
+                          # the failures retried (default connect-failure, 502, 503).
+                          # "504" includes a try that ran out of per_try.
+non_idempotent = false    # false: only GET, HEAD, OPTIONS, TRACE, PUT and DELETE are
+                          # retried on 502/503/504; true: POST and PATCH too. A connect
+                          # failure is retried for every method: the request never left.
+backoff = "25ms"          # the wait before retry n is random, up to backoff × 2^(n-1)
+max_backoff = "250ms"     # ... capped here (defaults 25ms and 250ms; backoff <= 10s,
+                          # max_backoff from backoff to 1m)
+
+[retries.budget]          # retries are taken only within this budget, so that retrying
+                          # cannot multiply the load on a service that is already failing
+ratio = 0.2               # retries may add this share of the requests (0-1, default 0.2) ...
+min_per_second = 10       # ... plus this many per second, so that a service with little
+                          # traffic can still retry (0-100000, default 10)
+window = "10s"            # the period over which requests and retries are counted
+                          # (1s-1m, default 10s)
+
+[circuit_breaker]         # limits per agent (each agent counts its own requests)
+max_requests = 1024       # requests in flight to the service at once (1-1000000,
+                          # default 1024); more wait in a queue ...
+max_pending = 1024        # ... of at most this many (0-1000000, default 1024); beyond
+                          # it a request fails at once with 503
+
+[outlier_ejection]        # stop sending to an instance that keeps failing, for a while
+enabled = true            # default true
+consecutive_failures = 5  # failures in a row that eject an instance: connect failures,
+                          # resets, per-try timeouts and 5xx responses (1-1000, default 5)
+base_ejection_time = "30s"   # the first ejection lasts this long; the n-th ejection in a
+                             # row lasts n times as long (default 30s, at most 1h) ...
+max_ejection_time = "5m"     # ... but never longer than this (default 5m, at most 24h)
+max_ejected_percent = 50  # at most this share of the instances out at once (0-100,
+                          # default 50); still one when the service has two or more
+"""
+
+ACCESS = """\
+# An access document: which services may call one service. The agents in front of the
+# destination's instances enforce it on inbound requests.
+
+kind = "access"           # route | resilience | access | trust
+name = "db-access"        # the document's identity in the mesh: [a-z0-9][a-z0-9._-]{0,62}
+version = 1               # integer >= 1; publish every change with a higher version
+description = "only the api and the workers reach the database"   # optional, free text
+# expires = 2030-01-01T00:00:00Z   # optional, an offset date-time; after it the document is
+                                   # dropped and every caller is allowed again
+
+destination = "db"        # the service being called
+
+default = "deny"          # required: "allow" or "deny", for callers no list below names
+allow = ["api", "worker"] # source services let in; "*" lets in any caller, including one
+                          # whose identity is unknown (default: none)
+deny = []                 # source services kept out; deny beats allow, and "*" keeps out
+                          # every caller (default: none). For example default = "allow"
+                          # with deny = ["batch"] lets in everyone but batch.
+# A caller whose identity is unknown is let in only by default = "allow" or by "*" in allow.
+"""
+
+TRUST = """\
+# The trust document: the publisher keys every agent trusts for policy documents, and
+# how many of them must sign. There is one per mesh; publishing a new version (signed as
+# the current version requires) rotates the keys.
+
+kind = "trust"            # route | resilience | access | trust
+name = "trust"            # always "trust"
+version = 1               # integer >= 1; each rotation gets a higher version
+description = "ops keys, 2025 rotation"   # optional, free text
+# (no expires: a key set that expired would leave the mesh unable to accept anything)
+
+keys = [                  # 1-32 public keys, no duplicates: a line of a .pub file written
+                          # by `rumor keygen`, or the bare base64 key
+  "rumor-ed25519 w858oo7II2G5/PujEmqBs2m/SPhaMnXSUVdvB2XA9YM= a8ebc03450363429",   # alice
+  "rumor-ed25519 7UfbY1FqBIwAx9+D6ZGSVELX+57sKKyKpOVXm/cPhbE= 59692f7750765014",   # bob
+]
+threshold = 1             # signatures from distinct keys above that a document needs
+                          # (1 to the number of keys)
+"""
+
+EXAMPLES: dict[str, str] = {
+    "route": ROUTE,
+    "resilience": RESILIENCE,
+    "access": ACCESS,
+    "trust": TRUST,
+}
+
+__all__ = ["EXAMPLES"]

@@ -1,0 +1,333 @@
+"""Evaluation: weighted choice, header rules, access decisions, defaults, and conflicts
+that resolve the same way whatever order the documents arrive in."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rumor.policy.documents import (
+    ALL_INSTANCES,
+    Document,
+    ResilienceSpec,
+    Subset,
+    WeightedSubset,
+    parse_document,
+)
+from rumor.policy.evaluate import AccessDecision, Evaluator, RouteDecision, lower_headers
+from rumor.policy.examples import EXAMPLES
+
+
+def doc(text: str) -> Document:
+    return parse_document(textwrap.dedent(text), source="test")
+
+
+ROUTE = doc("""\
+    kind = "route"
+    name = "web-route"
+    version = 1
+    service = "web"
+
+    [[subset]]
+    name = "stable"
+    version = "v1"
+    [[subset]]
+    name = "canary"
+    version = "v2"
+    tags = ["canary"]
+    [[subset]]
+    name = "beta"
+    tags = ["beta"]
+
+    [[split]]
+    subset = "stable"
+    weight = 9
+    [[split]]
+    subset = "canary"
+    weight = 1
+
+    [[rule]]
+    name = "forced"
+    headers = [{ name = "X-Canary", exact = "1" }, { name = "x-debug", present = false }]
+    subset = "canary"
+
+    [[rule]]
+    name = "beta-users"
+    headers = [{ name = "x-group", prefix = "beta-" }]
+    split = [{ subset = "beta", weight = 1 }, { subset = "stable", weight = 1 }]
+
+    [[rule]]
+    name = "debug"
+    headers = [{ name = "x-debug", present = true }]
+    subset = "all"
+""")
+
+
+def access_doc(name: str, default: str, allow: list[str], deny: list[str],
+               destination: str = "db") -> Document:
+    return doc(f"""\
+        kind = "access"
+        name = "{name}"
+        version = 1
+        destination = "{destination}"
+        default = "{default}"
+        allow = {json.dumps(allow)}
+        deny = {json.dumps(deny)}
+    """)
+
+
+# --- weighted choice ---------------------------------------------------------------
+
+
+def decision(weights: list[int]) -> RouteDecision:
+    split = tuple(WeightedSubset(Subset(f"s{i}", f"v{i}"), w) for i, w in enumerate(weights))
+    return RouteDecision("web", "p", None, split)
+
+
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=8).filter(any))
+def test_choose_matches_weights_exactly_on_a_grid(weights: list[int]) -> None:
+    d = decision(weights)
+    total = sum(weights)
+    # The midpoints of `total` equal cells: each cell belongs to one unit of weight.
+    counts = Counter(d.choose((i + 0.5) / total).name for i in range(total))
+    assert counts == Counter({f"s{i}": w for i, w in enumerate(weights) if w})
+
+
+def test_choose_order_and_edges() -> None:
+    d = decision([3, 0, 1])
+    assert [d.choose(u).name for u in (0.0, 0.5, 0.74, 0.75, 0.999999)] == [
+        "s0", "s0", "s0", "s2", "s2"]
+    assert d.choose(1.0 - 2**-53).name == "s2"
+    for bad in (-0.1, 1.0, 2.0, float("nan")):
+        with pytest.raises(ValueError, match=r"u must be in \[0, 1\)"):
+            d.choose(bad)
+
+
+# --- routes ------------------------------------------------------------------------
+
+
+def test_no_route_document_means_all_instances() -> None:
+    d = Evaluator([]).route("web", {"x-canary": "1"})
+    assert (d.policy, d.rule) == (None, None)
+    assert d.split == (WeightedSubset(ALL_INSTANCES, 1),)
+    assert d.choose(0.7) is ALL_INSTANCES
+    assert ALL_INSTANCES.matches("anything", [])
+
+
+def test_default_split_when_no_rule_matches() -> None:
+    d = Evaluator([ROUTE]).route("web", {"x-other": "1", "x-canary": "2"})
+    assert (d.policy, d.rule) == ("web-route", None)
+    assert [(w.subset.name, w.weight) for w in d.split] == [("stable", 9), ("canary", 1)]
+    assert Counter(d.choose((i + 0.5) / 10).name for i in range(10)) == {"stable": 9, "canary": 1}
+
+
+@pytest.mark.parametrize(("headers", "rule", "subsets"), [
+    ({"X-CANARY": "1"}, "forced", ["canary"]),
+    ({"x-canary": "1"}, "forced", ["canary"]),
+    ({"X-Canary": "1", "X-Group": "beta-1"}, "forced", ["canary"]),  # the first rule wins
+    ({"X-Canary": "1", "X-Debug": ""}, "debug", ["all"]),  # x-debug must be absent for rule 0
+    ({"x-canary": "1 "}, None, ["stable", "canary"]),  # exact means exact
+    ({"x-canary": "TRUE"}, None, ["stable", "canary"]),
+    ({"X-Group": "beta-eu"}, "beta-users", ["beta", "stable"]),
+    ({"x-group": "beta-"}, "beta-users", ["beta", "stable"]),
+    ({"x-group": "Beta-eu"}, None, ["stable", "canary"]),  # values are case-sensitive
+    ({"x-group": "beta-eu", "x-debug": "1"}, "beta-users", ["beta", "stable"]),
+    ({"x-debug": "0"}, "debug", ["all"]),
+    ({}, None, ["stable", "canary"]),
+])
+def test_header_rules(headers: dict[str, str], rule: str | None, subsets: list[str]) -> None:
+    d = Evaluator([ROUTE]).route("web", headers)
+    assert d.rule == rule
+    assert [w.subset.name for w in d.split] == subsets
+
+
+def test_first_spelling_of_a_header_wins() -> None:
+    assert lower_headers({"X-Canary": "1", "x-canary": "0"}) == {"x-canary": "1"}
+    assert Evaluator([ROUTE]).route("web", {"X-Canary": "1", "x-canary": "0"}).rule == "forced"
+
+
+def test_other_services_are_not_routed_by_the_document() -> None:
+    assert Evaluator([ROUTE]).route("api", {"x-canary": "1"}).policy is None
+
+
+def test_subset_matches() -> None:
+    canary = Subset("canary", "v2", ("canary", "eu"))
+    assert canary.matches("v2", ["eu", "canary", "x"])
+    assert canary.matches("v2", iter(["eu", "canary"]))
+    assert not canary.matches("v2", ["canary"])
+    assert not canary.matches("v1", ["eu", "canary"])
+    assert Subset("t", None, ("a",)).matches("", ["a"])
+    assert Subset("v", "v1").matches("v1", [])
+
+
+def test_route_json() -> None:
+    d = Evaluator([ROUTE]).route("web", {"x-group": "beta-1"})
+    assert d.to_json() == {
+        "service": "web", "policy": "web-route", "rule": "beta-users",
+        "split": [{"name": "beta", "version": None, "tags": ["beta"], "weight": 1},
+                  {"name": "stable", "version": "v1", "tags": [], "weight": 1}]}
+
+
+# --- resilience --------------------------------------------------------------------
+
+
+def test_resilience_default_and_document() -> None:
+    res = doc(EXAMPLES["resilience"])
+    ev = Evaluator([res])
+    assert ev.resilience("web") == res.spec
+    assert ev.resilience("api") == ResilienceSpec.default("api")
+    assert ev.policy_name("resilience", "web") == "web-resilience"
+    assert ev.policy_name("resilience", "api") is None
+    assert ev.policy_name("nonsense", "web") is None
+
+
+# --- access ------------------------------------------------------------------------
+
+
+def test_no_access_document_allows() -> None:
+    d = Evaluator([]).access("api", "db")
+    assert d == AccessDecision(True, 'no access policy for "db": allowed', None, "api", "db")
+    assert Evaluator([]).access(None, "db").allowed
+
+
+def test_default_deny() -> None:
+    ev = Evaluator([access_doc("db-access", "deny", ["api"], [])])
+    assert ev.access("api", "db").allowed
+    d = ev.access("web", "db")
+    assert not d.allowed
+    assert d.reason == 'denied by access policy "db-access": source "web" not allowed'
+    assert d.policy == "db-access"
+
+
+def test_deny_beats_allow() -> None:
+    ev = Evaluator([access_doc("db-access", "allow", ["*"], ["batch"])])
+    d = ev.access("batch", "db")
+    assert not d.allowed
+    assert d.reason == 'denied by access policy "db-access": source "batch" is denied'
+    assert ev.access("api", "db").allowed
+    ev = Evaluator([access_doc("db-access", "allow", ["api"], ["*"])])
+    d = ev.access("api", "db")
+    assert not d.allowed and 'every source is denied ("*")' in d.reason
+
+
+def test_wildcard_allow() -> None:
+    ev = Evaluator([access_doc("db-access", "deny", ["*"], ["batch"])])
+    d = ev.access("anyone", "db")
+    assert d.allowed and 'any source is allowed ("*")' in d.reason
+    assert not ev.access("batch", "db").allowed
+
+
+def test_unknown_source() -> None:
+    # Only a default allow or a "*" allow lets a caller of unknown identity in.
+    assert not Evaluator([access_doc("a", "deny", ["api"], [])]).access(None, "db").allowed
+    assert Evaluator([access_doc("a", "deny", ["*"], [])]).access(None, "db").allowed
+    assert Evaluator([access_doc("a", "allow", [], ["batch"])]).access(None, "db").allowed
+    assert not Evaluator([access_doc("a", "allow", [], ["*"])]).access(None, "db").allowed
+    d = Evaluator([access_doc("a", "deny", ["api"], [])]).access(None, "db")
+    assert d.reason == 'denied by access policy "a": caller of unknown identity not allowed'
+    assert d.to_json() == {"allowed": False, "reason": d.reason, "policy": "a",
+                           "source": None, "destination": "db"}
+
+
+def test_default_allow_for_unlisted() -> None:
+    d = Evaluator([access_doc("a", "allow", ["api"], ["batch"])]).access("web", "db")
+    assert d.allowed
+    assert d.reason == 'allowed by access policy "a": source "web" not listed, default allow'
+
+
+def test_access_applies_to_its_destination_only() -> None:
+    ev = Evaluator([access_doc("a", "deny", [], [])])
+    assert not ev.access("api", "db").allowed
+    assert ev.access("api", "web").allowed
+
+
+# --- conflicts and determinism -----------------------------------------------------
+
+
+CONFLICTING = [
+    access_doc("z-access", "allow", [], [], destination="db"),
+    access_doc("b-access", "deny", ["api"], [], destination="db"),
+    access_doc("m-access", "deny", [], [], destination="db"),
+    access_doc("web-access", "deny", ["*"], [], destination="web"),
+    ROUTE,
+    doc(EXAMPLES["route"].replace('name = "web-canary"', 'name = "a-route"')),
+    doc(EXAMPLES["route"]),
+    doc(EXAMPLES["resilience"]),
+    doc(EXAMPLES["trust"]),
+]
+
+
+def test_conflicts_pick_the_lowest_name() -> None:
+    ev = Evaluator(CONFLICTING)
+    assert ev.conflicts == [
+        'access: 3 documents apply to service "db" ("b-access" v1, "m-access" v1, '
+        '"z-access" v1); using "b-access" v1, the lowest name',
+        'route: 3 documents apply to service "web" ("a-route" v1, "web-canary" v1, '
+        '"web-route" v1); using "a-route" v1, the lowest name',
+    ]
+    assert ev.access("api", "db").policy == "b-access"
+    assert ev.route("web", {}).policy == "a-route"
+    assert ev.evaluate("db")["conflicts"] == [ev.conflicts[0]]
+    assert ev.evaluate("web")["conflicts"] == [ev.conflicts[1]]
+    assert ev.evaluate("api")["conflicts"] == []
+
+
+def test_same_name_twice_prefers_the_higher_version() -> None:
+    v1 = access_doc("a", "deny", [], [])
+    v2 = doc(EXAMPLES["access"].replace('name = "db-access"', 'name = "a"')
+             .replace("version = 1", "version = 2"))
+    ev = Evaluator([v1, v2])
+    assert ev.access("api", "db").allowed  # v2 allows api
+    assert ev.conflicts == ['access: 2 documents apply to service "db" ("a" v2, "a" v1); '
+                            'using "a" v2, the lowest name']
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.permutations(CONFLICTING), st.sampled_from(["api", "batch", None]),
+       st.sampled_from([{}, {"x-canary": "1"}, {"X-User-Group": "beta-9"}]))
+def test_decisions_do_not_depend_on_document_order(
+        docs: list[Document], source: str | None, headers: dict[str, str]) -> None:
+    reference = Evaluator(CONFLICTING)
+    ev = Evaluator(docs)
+    assert ev.conflicts == reference.conflicts
+    assert ev.documents == reference.documents
+    for service in ("db", "web", "api"):
+        assert ev.evaluate(service, source=source, headers=headers) == reference.evaluate(
+            service, source=source, headers=headers)
+
+
+# --- the API summary ---------------------------------------------------------------
+
+
+def test_evaluate_is_json_ready() -> None:
+    ev = Evaluator([ROUTE, doc(EXAMPLES["resilience"]), access_doc("db-access", "deny", [],
+                                                                    [], destination="web")])
+    out = ev.evaluate("web", source="api", headers={"X-Canary": "1"})
+    assert json.loads(json.dumps(out)) == out
+    assert out["service"] == "web"
+    assert out["route"]["rule"] == "forced"
+    assert out["route"]["split"] == [{"name": "canary", "version": "v2", "tags": ["canary"],
+                                      "weight": 1}]
+    assert out["resilience"]["policy"] == "web-resilience"
+    assert out["resilience"]["timeouts"] == {"connect": "1s", "per_try": "3s",
+                                             "overall": "10s"}
+    assert out["access"]["allowed"] is False
+    assert out["conflicts"] == []
+    defaults = Evaluator([]).evaluate("api")
+    assert defaults["route"]["policy"] is None
+    assert defaults["resilience"]["policy"] is None
+    assert defaults["resilience"]["retries"]["on"] == ["connect-failure", "502", "503"]
+    assert defaults["access"] == {"allowed": True, "reason": 'no access policy for "api": '
+                                  "allowed", "policy": None, "source": None,
+                                  "destination": "api"}
+
+
+def test_trust_documents_are_not_service_policies() -> None:
+    ev = Evaluator([doc(EXAMPLES["trust"])])
+    assert ev.conflicts == []
+    assert ev.evaluate("trust")["route"]["policy"] is None
