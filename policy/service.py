@@ -1,0 +1,163 @@
+"""The trio face of policy: ``Policies`` runs beside a ``Node`` in the agent.
+
+The sans-IO ``PolicyStore`` and ``PolicyReplicator`` decide everything. This shell
+gives them the wall clock (expiry is a calendar time, unlike the gossip core's
+monotonic ``now``), loads and writes the data directory, logs each outcome once,
+wakes the node so a publish goes out at once, and keeps an ``Evaluator`` of the held
+documents up to date for the proxy and the API::
+
+    policies = Policies(node, TrustSet.of([load_public_key("ops.pub")]), data_dir="/var/lib/rumor")
+    policies.start()        # before joining, so the join push-pull carries our digest
+    outcome = policies.publish(envelope_bytes)
+    policies.evaluator.route("web", {"x-canary": "1"})
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..gossip.node import Node
+from .evaluate import Evaluator
+from .persist import PolicyDirectory
+from .replication import PolicyReplicator
+from .store import ACCEPTED, REJECTED, Held, Outcome, PolicyStore
+from .trust import TrustSet
+
+log = logging.getLogger("rumor.policy")
+
+
+class Policies:
+    def __init__(self, node: Node, trust: TrustSet, *,
+                 data_dir: str | Path | None = None) -> None:
+        self.node = node
+        self.store = PolicyStore(trust)
+        self.directory = PolicyDirectory(data_dir) if data_dir is not None else None
+        # The core's clock is trio's (monotonic); documents expire by the calendar.
+        self._wall_offset = time.time() - trio.current_time()
+        self.replicator = PolicyReplicator(node.core, self.store,
+                                           wall_offset=self._wall_offset)
+        self.replicator.on_outcome(self._on_outcome)
+        self.evaluator = Evaluator([])
+        self._changed = trio.Event()
+        self._timer: trio.CancelScope | None = None
+
+    def start(self) -> list[str]:
+        """Load the data directory, then join the gossip channel. Returns what was set
+        aside (file paths), so the caller can report it."""
+        set_aside = self._load() if self.directory is not None else []
+        self.node.register(self.replicator)
+        self._refresh()
+        return set_aside
+
+    async def run(self) -> None:
+        """Expire documents on time (owned by the agent's nursery)."""
+        while True:
+            with trio.CancelScope(deadline=self.replicator.next_deadline()) as scope:
+                self._timer = scope
+                await trio.sleep_forever()
+            self._timer = None
+            if self.replicator.tick(trio.current_time()):
+                self._refresh()
+
+    # ---- commands and queries ------------------------------------------------------------
+
+    def publish(self, data: bytes, origin: str = "api") -> Outcome:
+        out = self.replicator.publish(trio.current_time(), data, origin)
+        self.node.wake()
+        return out
+
+    def held(self) -> list[Held]:
+        return sorted(self.store.held.values(), key=lambda h: h.envelope.name)
+
+    def get(self, name: str) -> Held | None:
+        return self.store.get(name)
+
+    def status(self) -> dict[str, Any]:
+        return {"trust": self.store.trust.to_json(),
+                "stats": {**self.store.stats(), **self.replicator.stats},
+                "conflicts": list(self.store.conflicts),
+                "evaluator_conflicts": list(self.evaluator.conflicts)}
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _load(self) -> list[str]:
+        assert self.directory is not None
+        for tmp in self.directory.leftovers():
+            tmp.unlink(missing_ok=True)
+        set_aside: list[str] = []
+        now = trio.current_time()
+        for path, data in self.directory.load():
+            if data is None:
+                out = Outcome(REJECTED, reason="malformed", detail="unreadable or too large")
+            else:
+                out = self.store.offer(now + self._wall_offset, data, origin="disk")
+            if out.status in (ACCEPTED, "duplicate"):
+                continue
+            if out.reason == "expired":
+                path.unlink(missing_ok=True)
+                log.info("policy file %s has expired; removed", path,
+                         extra={"event": "policy_expired", "file": str(path)})
+                continue
+            dest = self.directory.set_aside(path)
+            set_aside.append(str(path))
+            log.warning("policy file %s failed verification (%s: %s); moved to %s and not "
+                        "loaded", path, out.reason, out.detail, dest,
+                        extra={"event": "policy_set_aside", "file": str(path),
+                               "reason": out.reason, "moved_to": str(dest)})
+        held = len(self.store.held)
+        if held:
+            log.info("loaded %d policy document(s) from %s", held, self.directory.root,
+                     extra={"event": "policy_loaded", "count": held})
+        return set_aside
+
+    def _on_outcome(self, now: float, out: Outcome) -> None:
+        env = out.envelope
+        if out.status == ACCEPTED and env is not None:
+            if self.directory is not None:
+                # A small synchronous write: publishes are rare and the fsync is what
+                # makes "accepted" mean "survives a crash".
+                try:
+                    self.directory.save(env)
+                except OSError as e:
+                    log.error("cannot persist policy %s v%d: %s", env.name, env.version, e,
+                              extra={"event": "policy_persist_error", "policy": env.name})
+            log.info("policy %s v%d (%s) accepted", env.name, env.version, env.kind,
+                     extra={"event": "policy_accepted", "policy": env.name,
+                            "version": env.version, "kind": env.kind})
+        elif out.status == REJECTED and out.first:
+            log.warning("policy %s v%d rejected (%s): %s", out.name or "?", out.version,
+                        out.reason, out.detail,
+                        extra={"event": "policy_rejected", "policy": out.name,
+                               "version": out.version, "reason": out.reason})
+        elif out.status == "expired" and env is not None:
+            if self.directory is not None:
+                self.directory.remove(env)
+            log.info("policy %s v%d expired", env.name, env.version,
+                     extra={"event": "policy_expired", "policy": env.name})
+        if out.conflict and out.first:
+            log.warning("policy equivocation: %s", out.conflict,
+                        extra={"event": "policy_conflict", "policy": out.name})
+        for h in out.revoked:
+            if self.directory is not None:
+                self.directory.remove(h.envelope)
+            log.warning("policy %s v%d dropped: its signers are no longer trusted",
+                        h.envelope.name, h.envelope.version,
+                        extra={"event": "policy_revoked", "policy": h.envelope.name})
+        if out.status in (ACCEPTED, "expired") or out.revoked:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        self.evaluator = Evaluator(self.store.documents())
+        self._changed.set()
+        self._changed = trio.Event()
+        if self._timer is not None:
+            self._timer.deadline = -math.inf  # the next expiry may be sooner now

@@ -1,0 +1,354 @@
+"""The policy store: which documents this agent holds, and the acceptance rules (sans-IO).
+
+Every document, from the CLI, a peer's broadcast, a push-pull repair or the agent's
+own data directory, enters through ``offer(now, data, origin)`` and meets the same
+rules, in an order that rejects cheaply first:
+
+1. size, then envelope syntax (``oversized``, ``malformed``);
+2. the same payload already held: a ``duplicate`` (normal under gossip, not an error);
+3. older than what is held for that name (``stale``: no rollback, no replay);
+4. expired (``expired``);
+5. fewer than ``threshold`` distinct trusted signatures (``untrusted``);
+6. the TOML document itself (``invalid``); its kind and name must match the header;
+7. same name and version as the held one but different bytes (``equivocation``): the
+   payload with the lower SHA-256 wins everywhere, so the cluster cannot split, and
+   the conflict is recorded whichever side this agent saw first.
+
+The final store therefore depends only on the set of documents offered, not on their
+order: per name it is the highest version, ties broken by the lowest digest. Trust
+documents (kind ``trust``, name ``trust``) are kept as a chain so the key set can be
+rebuilt from the operator's bootstrap keys; one that cannot be verified *yet* (a later
+link arrived first) waits in a small buffer. When the key set changes, held documents
+no longer signed by enough trusted keys are dropped (``revoked``): rotating out a
+stolen key must also cancel what it signed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .documents import Document, PolicyError, TrustSpec, parse_document
+from .envelope import MAX_ENVELOPE, Envelope, EnvelopeError, decode_envelope
+from .trust import TrustSet
+
+TRUST = "trust"
+MAX_DOCUMENTS = 4096
+MAX_PENDING_TRUST = 16
+MAX_LOGGED = 4096
+INF = float("inf")
+
+# Outcome statuses
+ACCEPTED = "accepted"
+DUPLICATE = "duplicate"
+REJECTED = "rejected"
+
+REASONS = ("oversized", "malformed", "stale", "expired", "untrusted", "invalid",
+           "equivocation", "full")
+
+
+@dataclass(frozen=True)
+class Held:
+    """An accepted document with where and when it came from."""
+
+    envelope: Envelope
+    document: Document
+    accepted_at: float
+    origin: str
+
+    def to_json(self) -> dict[str, object]:
+        return {**self.envelope.summary(), "accepted_at": self.accepted_at,
+                "origin": self.origin, "description": self.document.description}
+
+
+@dataclass
+class Outcome:
+    status: str
+    name: str = ""
+    version: int = 0
+    reason: str = ""  # one of REASONS when rejected
+    detail: str = ""  # for people
+    envelope: Envelope | None = None
+    #: Documents dropped as a consequence (a trust change revoked their signers).
+    revoked: list[Held] = field(default_factory=list)
+    #: Set when this offer met an equivocation (whether or not it won).
+    conflict: str = ""
+    #: True the first time this (document, reason) is seen: log it once.
+    first: bool = True
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == ACCEPTED
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"status": self.status, "name": self.name,
+                                  "version": self.version}
+        if self.reason:
+            out["reason"] = self.reason
+            out["detail"] = self.detail
+        if self.conflict:
+            out["conflict"] = self.conflict
+        if self.revoked:
+            out["revoked"] = [h.envelope.name for h in self.revoked]
+        return out
+
+
+Parser = Callable[..., Document]
+
+
+class PolicyStore:
+    def __init__(self, bootstrap: TrustSet, *, parse: Parser = parse_document) -> None:
+        self.bootstrap = bootstrap
+        self.trust = bootstrap
+        self._parse = parse
+        self.held: dict[str, Held] = {}
+        #: Accepted trust documents by version (the chain from the bootstrap keys).
+        self.trust_chain: dict[int, Held] = {}
+        self._pending_trust: dict[bytes, Envelope] = {}
+        self.counts: Counter[str] = Counter()
+        self.rejections: Counter[str] = Counter()
+        self.conflicts: list[dict[str, object]] = []
+        self._logged: set[tuple[bytes, str]] = set()
+
+    # ---- the one entry point -------------------------------------------------------------
+
+    def offer(self, now: float, data: bytes, origin: str = "") -> Outcome:
+        if len(data) > MAX_ENVELOPE:
+            return self._reject(b"", "", 0, "oversized",
+                                f"{len(data)} bytes; the limit is {MAX_ENVELOPE}")
+        try:
+            env = decode_envelope(data)
+        except EnvelopeError as e:
+            return self._reject(data[:64], "", 0, "malformed", str(e))
+        return self.offer_envelope(now, env, origin)
+
+    def offer_envelope(self, now: float, env: Envelope, origin: str = "") -> Outcome:
+        digest = env.digest
+        held = self.held.get(env.name)
+        if held is not None and held.envelope.digest == digest:
+            self.counts["duplicates"] += 1
+            return Outcome(DUPLICATE, env.name, env.version, envelope=held.envelope)
+        if held is not None and env.version < held.envelope.version:
+            return self._reject(digest, env.name, env.version, "stale",
+                                f"version {env.version} is older than the held "
+                                f"version {held.envelope.version}")
+        if env.kind == TRUST:
+            return self._offer_trust(now, env, origin)
+        if env.expires is not None and env.expires <= now:
+            return self._reject(digest, env.name, env.version, "expired",
+                                f"expired at {env.expires:.0f}")
+        verdict = self.trust.verify(env)
+        if not verdict.ok:
+            return self._reject(digest, env.name, env.version, "untrusted", verdict.explain())
+        doc = self._document(env)
+        if isinstance(doc, Outcome):
+            return doc
+        if held is None and len(self.held) >= MAX_DOCUMENTS:
+            return self._reject(digest, env.name, env.version, "full",
+                                f"this agent already holds {MAX_DOCUMENTS} documents")
+        conflict = ""
+        if held is not None and env.version == held.envelope.version:
+            conflict = self._equivocation(env, held)
+            if held.envelope.digest < digest:
+                out = self._reject(digest, env.name, env.version, "equivocation",
+                                   f"{conflict}; the held payload wins (lower digest)")
+                out.conflict = conflict
+                return out
+        self.held[env.name] = Held(env, doc, now, origin)
+        self.counts["accepted"] += 1
+        return Outcome(ACCEPTED, env.name, env.version, envelope=env, conflict=conflict)
+
+    # ---- trust rotation ----------------------------------------------------------------
+
+    def _offer_trust(self, now: float, env: Envelope, origin: str) -> Outcome:
+        digest = env.digest
+        if env.name != TRUST:
+            return self._reject(digest, env.name, env.version, "invalid",
+                                f"a trust document must be named {TRUST!r}")
+        if env.expires is not None:
+            return self._reject(digest, env.name, env.version, "invalid",
+                                "trust documents cannot expire (an expired key set "
+                                "would leave the cluster with no publishers)")
+        known = self.trust_chain.get(env.version)
+        if known is not None and known.envelope.digest == digest:
+            self.counts["duplicates"] += 1
+            return Outcome(DUPLICATE, env.name, env.version, envelope=known.envelope)
+        if env.version <= self.trust.version and known is None:
+            return self._reject(digest, env.name, env.version, "stale",
+                                f"trust version {env.version} is not newer than the "
+                                f"current {self.trust.version}")
+        doc = self._document(env)
+        if isinstance(doc, Outcome):
+            return doc
+        spec = doc.spec
+        assert isinstance(spec, TrustSpec)
+        proposed = TrustSet.of(spec.keys, spec.threshold, env.version)
+        # The link must be checked against the key set it replaces: for an equivocating
+        # twin of an accepted link, that is the set before that link.
+        base = self._trust_before(env.version) if known is not None else self.trust
+        old_v, new_v = base.verify(env), proposed.verify(env)
+        if not (old_v.ok and new_v.ok):
+            which = (f"current keys: {old_v.explain()}" if not old_v.ok
+                     else f"new keys: {new_v.explain()}")
+            if known is None and len(self._pending_trust) < MAX_PENDING_TRUST:
+                # Maybe a link we have not seen yet comes first; retried after each change.
+                self._pending_trust[digest] = env
+            return self._reject(digest, env.name, env.version, "untrusted",
+                                f"trust rotation needs both thresholds; {which}")
+        conflict = ""
+        if known is not None:
+            conflict = self._equivocation(env, known)
+            if known.envelope.digest < digest:
+                out = self._reject(digest, env.name, env.version, "equivocation",
+                                   f"{conflict}; the held payload wins (lower digest)")
+                out.conflict = conflict
+                return out
+        self.trust_chain[env.version] = Held(env, doc, now, origin)
+        self.counts["accepted"] += 1
+        self.counts["trust_rotations"] += 1
+        out = Outcome(ACCEPTED, env.name, env.version, envelope=env, conflict=conflict)
+        out.revoked = self._rebuild_trust()
+        self._retry_pending(now, out)
+        return out
+
+    def _trust_before(self, version: int) -> TrustSet:
+        trust = self.bootstrap
+        for v in sorted(self.trust_chain):
+            if v >= version:
+                break
+            trust = self._link(trust, self.trust_chain[v]) or trust
+        return trust
+
+    def _link(self, trust: TrustSet, h: Held) -> TrustSet | None:
+        spec = h.document.spec
+        assert isinstance(spec, TrustSpec)
+        proposed = TrustSet.of(spec.keys, spec.threshold, h.envelope.version)
+        if trust.verify(h.envelope).ok and proposed.verify(h.envelope).ok:
+            return proposed
+        return None
+
+    def _rebuild_trust(self) -> list[Held]:
+        """Recompute the key set from the bootstrap along the chain, then drop the links
+        and documents it no longer supports."""
+        trust = self.bootstrap
+        for v in sorted(self.trust_chain):
+            nxt = self._link(trust, self.trust_chain[v])
+            if nxt is None:
+                del self.trust_chain[v]  # unreachable after an equivocation resolved
+                continue
+            trust = nxt
+        self.trust = trust
+        latest = max(self.trust_chain, default=None)
+        if latest is None:
+            self.held.pop(TRUST, None)
+        else:
+            self.held[TRUST] = self.trust_chain[latest]
+        revoked: list[Held] = []
+        for name, h in list(self.held.items()):
+            if h.envelope.kind != TRUST and not trust.verify(h.envelope).ok:
+                del self.held[name]
+                revoked.append(h)
+                self.counts["revoked"] += 1
+        return revoked
+
+    def _retry_pending(self, now: float, out: Outcome) -> None:
+        while self._pending_trust:
+            ready = sorted(self._pending_trust.values(), key=lambda e: e.version)
+            self._pending_trust.clear()
+            progressed = False
+            for env in ready:
+                if env.version <= self.trust.version:
+                    continue
+                res = self._offer_trust(now, env, "pending")
+                if res.accepted:
+                    out.revoked += res.revoked
+                    progressed = True
+            if not progressed:
+                return
+
+    # ---- expiry, digests, queries ---------------------------------------------------------
+
+    def expire(self, now: float) -> list[Held]:
+        gone = [h for h in self.held.values()
+                if h.envelope.expires is not None and h.envelope.expires <= now]
+        for h in gone:
+            del self.held[h.envelope.name]
+            self.counts["expired"] += 1
+        return gone
+
+    def next_expiry(self) -> float:
+        return min((h.envelope.expires for h in self.held.values()
+                    if h.envelope.expires is not None), default=INF)
+
+    def digest(self) -> dict[str, tuple[int, bytes]]:
+        """name -> (version, payload digest) of everything held."""
+        return {n: (h.envelope.version, h.envelope.digest) for n, h in self.held.items()}
+
+    def missing_for(self, remote: dict[str, tuple[int, bytes]]) -> list[Envelope]:
+        """What a peer with digest ``remote`` lacks or holds an older (or losing) copy
+        of, in the order it must apply them (trust chain first, oldest link first)."""
+        out: list[Envelope] = []
+        rv = remote.get(TRUST, (0, b""))
+        for v in sorted(self.trust_chain):
+            if v > rv[0] or (v == rv[0] and self.trust_chain[v].envelope.digest < rv[1]):
+                out.append(self.trust_chain[v].envelope)
+        for name, h in sorted(self.held.items()):
+            if name == TRUST:
+                continue
+            theirs = remote.get(name)
+            mine = (h.envelope.version, h.envelope.digest)
+            if theirs is None or (mine[0], _neg(mine[1])) > (theirs[0], _neg(theirs[1])):
+                out.append(h.envelope)
+        return out
+
+    def documents(self) -> list[Document]:
+        return [h.document for h in self.held.values() if h.envelope.kind != TRUST]
+
+    def get(self, name: str) -> Held | None:
+        return self.held.get(name)
+
+    def stats(self) -> dict[str, object]:
+        return {"held": len(self.held), **dict(self.counts),
+                "rejected": dict(self.rejections), "conflicts": len(self.conflicts),
+                "trust_version": self.trust.version}
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _document(self, env: Envelope) -> Document | Outcome:
+        try:
+            doc = self._parse(env.body, source=f"{env.name} v{env.version}")
+        except PolicyError as e:
+            return self._reject(env.digest, env.name, env.version, "invalid", str(e))
+        if doc.kind != env.kind or doc.name != env.name:
+            return self._reject(env.digest, env.name, env.version, "invalid",
+                                f"header says {env.kind} {env.name!r} but the document "
+                                f"is {doc.kind} {doc.name!r}")
+        return doc
+
+    def _equivocation(self, env: Envelope, held: Held) -> str:
+        a, b = sorted([env.digest.hex()[:16], held.envelope.digest.hex()[:16]])
+        text = f"two different documents claim {env.name!r} version {env.version} ({a}, {b})"
+        record: dict[str, object] = {"name": env.name, "version": env.version,
+                                     "digests": [a, b], "winner": a}
+        if record not in self.conflicts:
+            self.conflicts.append(record)
+            self.counts["conflicts"] += 1
+            del self.conflicts[:-64]  # the recent ones are what an operator needs
+        return text
+
+    def _reject(self, key: bytes, name: str, version: int, reason: str,
+                detail: str) -> Outcome:
+        self.rejections[reason] += 1
+        logged = (key, reason)
+        first = logged not in self._logged
+        if first:
+            if len(self._logged) >= MAX_LOGGED:
+                self._logged.clear()
+            self._logged.add(logged)
+        return Outcome(REJECTED, name, version, reason, detail, first=first)
+
+
+def _neg(digest: bytes) -> bytes:
+    """Order key under which a lower digest ranks higher (it wins equivocations)."""
+    return bytes(255 - b for b in digest)
