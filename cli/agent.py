@@ -17,6 +17,8 @@ from ..gossip.config import GossipConfig
 from ..gossip.node import BindError, JoinError, Node, NodeConfig
 from ..gossip.service_spec import Registration
 from ..gossip.wire import Address
+from ..policy.service import Policies
+from ..policy.trust import TrustSet
 from ..proxy.api import make_api
 from ..proxy.dns import CatalogSource, DnsResponder, serve_dns
 from ..proxy.http import serve_http
@@ -38,6 +40,9 @@ class AgentOptions:
     services: list[Registration] = field(default_factory=list)
     #: Where to answer DNS (UDP); None: no DNS server.
     dns: Address | None = None
+    #: Trusted policy publishers; None: accept no policy documents.
+    trust: TrustSet | None = None
+    data_dir: str | None = None
 
 
 class StartupError(Exception):
@@ -51,9 +56,13 @@ async def run_agent(opts: AgentOptions) -> None:
     try:
         async with Node(cfg) as node, trio.open_nursery() as nursery:
             nursery.start_soon(_log_events, node)
+            policies = _start_policies(node, opts)
+            if policies is not None:
+                nursery.start_soon(policies.run)
             try:
                 await nursery.start(serve_http, make_api(node, on_leave=stop.set,
-                                                         catalog=node.catalog),
+                                                         catalog=node.catalog,
+                                                         policies=policies),
                                     opts.api[0], opts.api[1])
             except OSError as e:
                 raise StartupError(f"cannot bind API address {format_address(opts.api)}: "
@@ -88,6 +97,25 @@ async def run_agent(opts: AgentOptions) -> None:
     except BindError as e:
         raise StartupError(str(e)) from None
     log.info("agent stopped", extra={"event": "stop"})
+
+
+def _start_policies(node: Node, opts: AgentOptions) -> Policies | None:
+    if opts.trust is None:
+        if opts.data_dir is not None:
+            raise StartupError("--data-dir holds policy documents: give --trust-key too")
+        log.info("no --trust-key: this agent accepts no policy documents",
+                 extra={"event": "policy_disabled"})
+        return None
+    try:
+        policies = Policies(node, opts.trust, data_dir=opts.data_dir)
+    except OSError as e:
+        raise StartupError(f"cannot use --data-dir {opts.data_dir}: {e.strerror or e}") from None
+    policies.start()
+    log.info("policy: %d trusted key(s), threshold %d, %d document(s) held",
+             len(opts.trust.keys), opts.trust.threshold, len(policies.store.held),
+             extra={"event": "policy", "keys": opts.trust.ids(),
+                    "threshold": opts.trust.threshold})
+    return policies
 
 
 async def _start_dns(nursery: trio.Nursery, node: Node, addr: Address) -> None:

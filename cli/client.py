@@ -39,13 +39,20 @@ def put_json(api: str, path: str, obj: Any, *, timeout: float = DEFAULT_TIMEOUT)
     return request_json("PUT", api, path, obj, timeout=timeout)
 
 
+def put_bytes(api: str, path: str, data: bytes, content_type: str, *,
+              timeout: float = DEFAULT_TIMEOUT) -> Any:
+    """PUT raw `data` (e.g. a signed envelope) and decode the JSON answer."""
+    return request_json("PUT", api, path, timeout=timeout, raw=(data, content_type))
+
+
 def request_json(
-    method: str, api: str, path: str, obj: Any = None, *, timeout: float = DEFAULT_TIMEOUT
+    method: str, api: str, path: str, obj: Any = None, *, timeout: float = DEFAULT_TIMEOUT,
+    raw: tuple[bytes, str] | None = None,
 ) -> Any:
     """Send one request; returns the decoded JSON body of a 2xx answer.
 
     `api` is "host:port" (an "http://" prefix is accepted too); `obj`, if not None,
-    is sent as the JSON body.
+    is sent as the JSON body, `raw` as (body, content type) instead.
     """
     base = api if api.startswith(("http://", "https://")) else f"http://{api}"
     where = base.split("://", 1)[1].rstrip("/")
@@ -54,6 +61,9 @@ def request_json(
     if obj is not None:
         content = json.dumps(obj).encode()
         headers.append((b"content-type", b"application/json"))
+    elif raw is not None:
+        content = raw[0]
+        headers.append((b"content-type", raw[1].encode()))
     try:
         response = httpcore.request(
             method,

@@ -5,8 +5,10 @@ to converge, kills one with SIGKILL and shows the others suspect it and then dec
 failed, restarts it under the same name and shows it rejoin with a higher incarnation,
 then stops every agent gracefully. Before the failure it registers a service with an
 HTTP health check on one agent, shows every agent discover it, and shows a failing
-check drop the instance everywhere (and a passing one bring it back). Everything it
-starts, it stops, even on Ctrl-C.
+check drop the instance everywhere (and a passing one bring it back), and publishes a
+signed policy document through one agent: every agent holds it, a forged one is
+refused, and the restarted agent gets it back on rejoin. Everything it starts, it
+stops, even on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,8 +35,9 @@ HOST = "127.0.0.1"
 
 
 class DemoAgent:
-    def __init__(self, name: str, logdir: Path) -> None:
+    def __init__(self, name: str, logdir: Path, trust_key: Path) -> None:
         self.name = name
+        self.trust_key = trust_key
         self.port = free_port()
         self.api = f"{HOST}:{free_port()}"
         self.log_path = logdir / f"{name}.log"
@@ -42,7 +46,8 @@ class DemoAgent:
     def start(self, seed: DemoAgent | None) -> None:
         argv = [sys.executable, "-m", "rumor.cli", "agent", "--name", self.name,
                 "--bind", f"{HOST}:{self.port}", "--api", self.api, "--profile", "local",
-                "--log-format", "json", "--tag", "role=demo"]
+                "--log-format", "json", "--tag", "role=demo",
+                "--trust-key", str(self.trust_key)]
         if seed is not None:
             argv += ["--join", f"{HOST}:{seed.port}"]
         with open(self.log_path, "ab") as logf:
@@ -123,6 +128,58 @@ def _discovery(cluster: list[DemoAgent]) -> None:
         health.close()
 
 
+DEMO_POLICY = """kind = "access"
+name = "web-access"
+version = 1
+description = "only the api service may call web"
+destination = "web"
+default = "deny"
+allow = ["api"]
+"""
+
+
+def _held(agent: DemoAgent) -> dict[str, int]:
+    try:
+        doc = get_json(agent.api, "/v1/policies", timeout=1.0)
+    except ApiError:
+        return {}
+    return {d["name"]: d["version"] for d in doc["documents"]}
+
+
+def _policy(cluster: list[DemoAgent], keydir: Path) -> None:
+    """Step 3: publish a signed document through one agent; refuse a forged one."""
+    from ..policy.envelope import make_payload, sign
+    from ..policy.keys import SecretKey, load_secret_key
+    from .client import put_bytes
+    via = cluster[2]
+    key = load_secret_key(keydir / "ops.key")
+    _say(f"\n3. Signed policy: the operator signs `web-access` (only `api` may call `web`) "
+         f"with key {key.public.id} and publishes it through {via.name}")
+    data = sign(make_payload("access", "web-access", 1, time.time(), None,
+                             DEMO_POLICY.encode()), [key]).encode()
+    put_bytes(via.api, "/v1/policies", data, "application/x-rumor-envelope", timeout=2.0)
+    took = _wait("the policy on every agent", lambda: all(
+        _held(a).get("web-access") == 1 for a in cluster), 10)
+    _say(f"   every agent holds web-access v1 after {took:.2f} s (verified against its "
+         "--trust-key, stored, re-gossiped)")
+    verdict = get_json(cluster[0].api, "/v1/evaluate/web?source=batch", timeout=2.0)
+    _say(f"   {cluster[0].name} evaluates a call batch -> web: {verdict['access']['reason']}")
+    forged = sign(make_payload("access", "web-access", 2, time.time(), None,
+                               DEMO_POLICY.replace('"api"', '"batch"')
+                               .replace("version = 1", "version = 2").encode()),
+                  [SecretKey.generate()]).encode()
+    try:
+        put_bytes(cluster[1].api, "/v1/policies", forged, "application/x-rumor-envelope",
+                  timeout=2.0)
+        _say("   (unexpected: the forged document was accepted)")
+    except ApiError as e:
+        _say(f"   a version 2 signed by an unknown key is refused by {cluster[1].name}: "
+             f"{e.message.split(': ', 2)[-1]}")
+    time.sleep(0.5)
+    _say("   and it went nowhere: every agent still holds "
+         + ", ".join(f"{a.name}=v{_held(a).get('web-access')}" for a in cluster))
+
+
 def _wait(what: str, cond: Callable[[], bool], timeout: float) -> float:
     t0 = time.monotonic()
     while not cond():
@@ -151,7 +208,10 @@ def run_demo(agents: int = 5) -> int:
         print("rumor demo: needs at least 3 agents", file=sys.stderr)
         return 2
     logdir = Path(tempfile.mkdtemp(prefix="rumor-demo-"))
-    cluster = [DemoAgent(f"agent-{i}", logdir) for i in range(agents)]
+    keydir = Path(tempfile.mkdtemp(prefix="rumor-demo-keys-"))
+    from ..policy.keys import write_keypair
+    _, public, _ = write_keypair(keydir / "ops")
+    cluster = [DemoAgent(f"agent-{i}", logdir, public) for i in range(agents)]
     names = [a.name for a in cluster]
     t_start = time.monotonic()
     try:
@@ -168,11 +228,12 @@ def run_demo(agents: int = 5) -> int:
         _say(_table(cluster[0]))
 
         _discovery(cluster)
+        _policy(cluster, keydir)
 
         victim, watcher = cluster[-1], cluster[0]
         others = [a for a in cluster if a is not victim]
         inc_before = watcher.members()[victim.name]["incarnation"]
-        _say(f"\n3. kill -9 {victim.name} (pid {victim.proc.pid if victim.proc else '?'})")
+        _say(f"\n4. kill -9 {victim.name} (pid {victim.proc.pid if victim.proc else '?'})")
         assert victim.proc is not None
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait()
@@ -193,7 +254,7 @@ def run_demo(agents: int = 5) -> int:
         _say(f"   every other agent lists {victim.name} failed after {all_failed:.2f} s")
         _say(_table(watcher))
 
-        _say(f"\n4. Restarting {victim.name} with the same name; it joins through "
+        _say(f"\n5. Restarting {victim.name} with the same name; it joins through "
              f"{cluster[0].name}")
         victim.start(cluster[0])
         took = _wait("rejoin", lambda: all(
@@ -202,9 +263,13 @@ def run_demo(agents: int = 5) -> int:
         inc_after = watcher.members()[victim.name]["incarnation"]
         _say(f"   alive everywhere again after {took:.2f} s, incarnation "
              f"{inc_before} -> {inc_after} (it refuted its own failure)")
+        took = _wait("the policy on the restarted agent",
+                     lambda: _held(victim).get("web-access") == 1, 10)
+        _say(f"   it started with no documents and holds web-access v1 again "
+             f"({took:.2f} s: fetched in the join's digest exchange)")
         _say(_table(watcher))
 
-        _say("\n5. Stopping every agent with SIGTERM (graceful leave)")
+        _say("\n6. Stopping every agent with SIGTERM (graceful leave)")
         for a in reversed(cluster[1:]):
             if a.proc is not None:
                 a.proc.send_signal(signal.SIGTERM)
@@ -222,6 +287,7 @@ def run_demo(agents: int = 5) -> int:
         return 1
     finally:
         _stop_all(cluster)
+        shutil.rmtree(keydir, ignore_errors=True)
 
 
 def _sample_event(path: Path) -> str:

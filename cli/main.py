@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dns", nargs="?", const=DEFAULT_DNS, type=_address(8600), default=None,
                    metavar="HOST:PORT", help="answer DNS for *.service.rumor over UDP "
                    f"(default address {DEFAULT_DNS} when given without one)")
+    a.add_argument("--trust-key", action="append", default=[], metavar="FILE",
+                   help="public key of a trusted policy publisher (repeatable; without one "
+                   "the agent accepts no policy documents)")
+    a.add_argument("--trust-threshold", type=int, default=1, metavar="K",
+                   help="distinct trusted signatures a policy needs (default 1)")
+    a.add_argument("--data-dir", metavar="DIR",
+                   help="where accepted policy documents are kept across restarts")
     a.add_argument("--log-format", choices=["text", "json"], default="text")
     a.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    default="info")
@@ -150,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ..simulations.cli import add_sim_parser
     add_sim_parser(sub)
+    from .policy_cmd import add_policy_parsers
+    add_policy_parsers(sub, _api_arg)
     return p
 
 
@@ -183,6 +192,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ..simulations.cli import run_sim_command
         return run_sim_command(args)
     from .client import ApiError, get_json, put_json
+    if args.command in ("keygen", "policy"):
+        from .policy_cmd import CommandError, run_keygen, run_policy
+        try:
+            if args.command == "keygen":
+                return run_keygen(args)
+            return run_policy(args, format_address(args.api) if "api" in args else "")
+        except (CommandError, ApiError) as e:
+            print(f"rumor: {e}", file=sys.stderr)
+            return 1
     api = format_address(args.api)
     try:
         if args.command == "members":
@@ -302,7 +320,8 @@ def _agent(args: argparse.Namespace) -> int:
     opts = AgentOptions(name=args.name, bind=args.bind, api=args.api,
                         gossip=profile(args.profile), profile=args.profile,
                         advertise=args.advertise, join=args.join, tags=dict(args.tag),
-                        services=services, dns=args.dns)
+                        services=services, dns=args.dns, trust=_trust(args),
+                        data_dir=args.data_dir)
     failures: list[BaseException] = []
     try:
         trio.run(run_agent, opts)
@@ -312,6 +331,22 @@ def _agent(args: argparse.Namespace) -> int:
         print(f"rumor: {failures[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _trust(args: argparse.Namespace) -> Any:
+    """The agent's bootstrap trust set from --trust-key/--trust-threshold (None: none)."""
+    from ..policy.keys import KeyFileError, load_public_key
+    from ..policy.trust import TrustError, TrustSet
+    if not args.trust_key:
+        if args.trust_threshold != 1:
+            raise UsageError("--trust-threshold needs --trust-key")
+        return None
+    try:
+        return TrustSet.of([load_public_key(k) for k in args.trust_key], args.trust_threshold)
+    except KeyFileError as e:
+        raise UsageError(f"--trust-key {e}") from None
+    except TrustError as e:
+        raise UsageError(str(e)) from None
 
 
 def _leaves(e: BaseException) -> list[BaseException]:

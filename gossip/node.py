@@ -248,6 +248,11 @@ class Node:
         with trio.move_on_after(self.config.gossip.leave_propagate + 1.0):
             await self._left.wait()
 
+    def wake(self) -> None:
+        """Flush effects now: call after driving the core (or a delegate) from outside
+        the node's own tasks, e.g. a policy published through the API."""
+        self._kick()
+
     def set_tags(self, tags: Meta) -> None:
         self.core.set_meta(trio.current_time(), tags)
         self._kick()

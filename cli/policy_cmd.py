@@ -1,0 +1,264 @@
+"""``rumor keygen`` and ``rumor policy ...``: keys, signing, publishing, inspecting.
+
+Signing happens here, on the operator's machine: secret keys never travel to an agent.
+An agent only ever receives envelopes that are already signed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from ..policy.documents import MAX_DOCUMENT_BYTES, Document, PolicyError, parse_document
+from ..policy.envelope import (
+    Envelope,
+    EnvelopeError,
+    make_payload,
+    read_envelope_file,
+    sign,
+)
+from ..policy.examples import EXAMPLES
+from ..policy.keys import KeyFileError, SecretKey, load_public_key, load_secret_key, write_keypair
+from ..policy.store import PolicyStore
+from ..policy.trust import TrustError, TrustSet
+
+
+class CommandError(Exception):
+    """A failure to report on one line with exit status 1."""
+
+
+def add_policy_parsers(sub: Any, api_arg: Any) -> None:
+    k = sub.add_parser("keygen", help="create an Ed25519 publisher key pair "
+                       "(NAME.key, mode 0600, and NAME.pub)")
+    k.add_argument("--out", required=True, metavar="NAME",
+                   help="path prefix of the key files")
+    k.add_argument("--force", action="store_true", help="overwrite an existing key")
+
+    p = sub.add_parser("policy", help="write, sign, publish and inspect policy documents")
+    ps = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND",
+                          parser_class=type(p))
+    ps.required = True
+
+    ex = ps.add_parser("example", help="print a valid, commented example document")
+    ex.add_argument("kind", choices=sorted(EXAMPLES))
+
+    sg = ps.add_parser("sign", help="sign a TOML document (or add signatures to a "
+                       ".signed file)")
+    sg.add_argument("file", metavar="FILE")
+    _sign_args(sg, required=True)
+    sg.add_argument("--out", required=True, metavar="FILE.signed")
+
+    pb = ps.add_parser("publish", help="publish a document through an agent (signing "
+                       "it first when given --key)")
+    pb.add_argument("file", metavar="FILE|FILE.signed")
+    _sign_args(pb, required=False)
+    api_arg(pb)
+
+    ls = ps.add_parser("list", help="list the documents an agent holds")
+    api_arg(ls)
+    ls.add_argument("--json", action="store_true")
+
+    sh = ps.add_parser("show", help="show one held document")
+    sh.add_argument("name")
+    api_arg(sh)
+    sh.add_argument("--json", action="store_true")
+
+    vf = ps.add_parser("verify", help="check a .signed file offline against trusted keys")
+    vf.add_argument("file", metavar="FILE.signed")
+    vf.add_argument("--trust-key", action="append", required=True, metavar="FILE",
+                    help="trusted publisher public key (repeatable)")
+    vf.add_argument("--trust-threshold", type=int, default=1, metavar="K")
+
+    ev = ps.add_parser("evaluate", help="what an agent would apply to a request for SERVICE")
+    ev.add_argument("service")
+    ev.add_argument("--source", help="calling service")
+    ev.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
+    api_arg(ev)
+    ev.add_argument("--json", action="store_true")
+
+
+def _sign_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--key", action="append", default=[], required=required,
+                   metavar="KEY", help="secret key file to sign with (repeatable)")
+    p.add_argument("--version", dest="doc_version", type=int, metavar="N",
+                   help="document version (default: the document's `version`)")
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    try:
+        secret, public, pk = write_keypair(args.out, force=args.force)
+    except KeyFileError as e:
+        raise CommandError(str(e)) from None
+    print(f"key id {pk.id}\nsecret key: {secret} (keep it offline; mode 0600)\n"
+          f"public key: {public} (give it to agents with --trust-key)")
+    return 0
+
+
+def run_policy(args: argparse.Namespace, api: str) -> int:
+    cmd = args.policy_command
+    if cmd == "example":
+        sys.stdout.write(EXAMPLES[args.kind])
+        return 0
+    if cmd == "sign":
+        env = _signed(args.file, args.key, args.doc_version)
+        try:
+            Path(args.out).write_text(env.to_file(), encoding="utf-8")
+        except OSError as e:
+            raise CommandError(f"{args.out}: {e.strerror or e}") from None
+        print(f"signed {env.kind} {env.name!r} version {env.version} by "
+              f"{', '.join(env.key_ids())} -> {args.out}")
+        return 0
+    if cmd == "verify":
+        return _verify(args)
+    from .client import get_json, put_bytes
+    if cmd == "publish":
+        env = _signed(args.file, args.key, args.doc_version)
+        res = _put(put_bytes, api, env)
+        print(f"{res['status']}: {env.kind} {env.name!r} version {env.version}"
+              + (f" ({res['conflict']})" if res.get("conflict") else ""))
+        return 0
+    if cmd == "list":
+        doc = get_json(api, "/v1/policies")
+        if args.json:
+            print(json.dumps(doc, indent=2))
+            return 0
+        from .table import render_table
+        rows = [{"name": d["name"], "kind": d["kind"], "version": d["version"],
+                 "issued": _when(d["issued"]), "expires": _when(d["expires"]),
+                 "signed_by": ",".join(d["signed_by"]), "digest": d["digest"]}
+                for d in doc["documents"]]
+        print(render_table(rows, ["name", "kind", "version", "issued", "expires",
+                                  "signed_by", "digest"]))
+        rejected = doc["stats"].get("rejected", {})
+        trust = doc["trust"]
+        print(f"trust: {len(trust['keys'])} key(s), threshold {trust['threshold']}, "
+              f"version {trust['version']}; rejected: "
+              + (", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) or "none"))
+        return 0
+    if cmd == "show":
+        doc = get_json(api, f"/v1/policies/{quote(args.name, safe='')}")
+        if args.json:
+            print(json.dumps(doc, indent=2))
+            return 0
+        print(f"# {doc['kind']} {doc['name']!r} version {doc['version']}, issued "
+              f"{_when(doc['issued'])}, expires {_when(doc['expires'])}\n"
+              f"# signed by {', '.join(doc['signed_by'])}; digest {doc['digest']}; "
+              f"from {doc['origin']}")
+        sys.stdout.write(doc["document"])
+        return 0
+    if cmd == "evaluate":
+        query: dict[str, str] = {}
+        if args.source:
+            query["source"] = args.source
+        for h in args.header:
+            name, sep, value = h.partition("=")
+            if not sep or not name:
+                raise CommandError(f"--header {h!r}: expected NAME=VALUE")
+            query[f"header.{name.lower()}"] = value
+        doc = get_json(api, f"/v1/evaluate/{quote(args.service, safe='')}?"
+                       + urlencode(query))
+        print(json.dumps(doc, indent=2))
+        return 0
+    raise CommandError(f"unknown policy command {cmd!r}")
+
+
+def _put(put_bytes: Any, api: str, env: Envelope) -> Any:
+    from .client import ApiError
+    try:
+        return put_bytes(api, "/v1/policies", env.encode(), "application/x-rumor-envelope")
+    except ApiError as e:
+        if e.status == 422:
+            raise CommandError(f"the agent rejected {env.name!r} version {env.version}: "
+                               + e.message.split(": ", 2)[-1]) from None
+        raise
+
+
+def _read(path: str) -> bytes:
+    try:
+        p = Path(path)
+        if p.stat().st_size > 4 * MAX_DOCUMENT_BYTES:
+            raise CommandError(f"{path}: {p.stat().st_size} bytes is too large for a "
+                               "policy document")
+        return p.read_bytes()
+    except OSError as e:
+        raise CommandError(f"{path}: {e.strerror or e}") from None
+
+
+def _load(path: str) -> Envelope | Document:
+    """A ``.signed`` file's envelope, or a TOML document (validated)."""
+    data = _read(path)
+    if data.lstrip()[:1] == b"{" or data[:1] == b"\x93":
+        try:
+            return read_envelope_file(data)
+        except EnvelopeError as e:
+            raise CommandError(f"{path}: {e}") from None
+    try:
+        return parse_document(data, source=path)
+    except PolicyError as e:
+        raise CommandError(str(e)) from None
+
+
+def _signed(path: str, key_files: list[str], version: int | None) -> Envelope:
+    keys: list[SecretKey] = []
+    for k in key_files:
+        try:
+            keys.append(load_secret_key(k))
+        except KeyFileError as e:
+            raise CommandError(str(e)) from None
+    loaded = _load(path)
+    if isinstance(loaded, Envelope):
+        if version is not None and version != loaded.version:
+            raise CommandError(f"{path} is already signed as version {loaded.version}; "
+                               "re-sign the TOML document to change the version")
+        if not keys:
+            return loaded
+        try:
+            return sign(loaded.payload, keys, loaded.signatures)
+        except EnvelopeError as e:
+            raise CommandError(f"{path}: {e}") from None
+    if not keys:
+        raise CommandError(f"{path} is not signed: give --key KEY to sign it "
+                           "(or publish a .signed file)")
+    doc = loaded
+    if version is not None and version < 1:
+        raise CommandError("--version must be a positive integer")
+    issued = time.time()
+    if doc.expires is not None and doc.expires <= issued:
+        raise CommandError(f"{path}: the document's `expires` is already in the past")
+    try:
+        payload = make_payload(doc.kind, doc.name, version or doc.version, issued,
+                               doc.expires, _read(path))
+        return sign(payload, keys)
+    except EnvelopeError as e:
+        raise CommandError(f"{path}: {e}") from None
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        keys = [load_public_key(k) for k in args.trust_key]
+        trust = TrustSet.of(keys, args.trust_threshold)
+    except (KeyFileError, TrustError) as e:
+        raise CommandError(str(e)) from None
+    loaded = _load(args.file)
+    if not isinstance(loaded, Envelope):
+        raise CommandError(f"{args.file} is a TOML document, not a signed envelope")
+    out = PolicyStore(trust).offer_envelope(time.time(), loaded, origin=args.file)
+    if not out.accepted:
+        print(f"{args.file}: REJECTED ({out.reason}): {out.detail}", file=sys.stderr)
+        return 1
+    verdict = trust.verify(loaded)
+    print(f"{args.file}: OK — {loaded.kind} {loaded.name!r} version {loaded.version}, "
+          f"signed by {', '.join(verdict.valid_keys)} ({len(verdict.valid_keys)} of "
+          f"{trust.threshold} required), expires {_when(loaded.expires)}")
+    return 0
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "never"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
