@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Policy benchmark: envelope verification rate, and replication latency on loopback.
+
+1. Verification cost on one core: envelopes of a realistic route document, signed by
+   ``--signers`` keys, (a) decoded and signature-checked (``TrustSet.verify``), and
+   (b) taken through the whole acceptance path (``PolicyStore.offer``: size, decode,
+   signatures, TOML validation) into a fresh store. Target: ≥ 5,000/s.
+2. Replication: ``--nodes`` real agents (``--profile``, LAN by default) trust one key;
+   each trial publishes a new version through a random agent's API and reads, from
+   every agent's JSON log, when it logged ``policy_accepted`` for that version. The
+   figure is publish → last agent, median and max over ``--trials`` (target: median
+   ≤ 1 s with 30 agents).
+
+    python bench/policy_bench.py                      # both parts, 30 agents
+    python bench/policy_bench.py --skip-cluster --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rumor.cli.ports import free_port
+from rumor.policy.envelope import decode_envelope, make_payload, sign
+from rumor.policy.examples import EXAMPLES
+from rumor.policy.keys import SecretKey, load_secret_key, write_keypair
+from rumor.policy.store import PolicyStore
+from rumor.policy.trust import TrustSet
+
+HOST = "127.0.0.1"
+
+
+def bench_verify(signers: int, seconds: float) -> dict[str, float]:
+    keys = [SecretKey.generate() for _ in range(signers)]
+    body = EXAMPLES["route"].encode()
+    data = sign(make_payload("route", "web-canary", 1, time.time(), None, body), keys).encode()
+    trust = TrustSet.of([k.public for k in keys], signers)
+    out: dict[str, float] = {"signers": signers, "envelope_bytes": len(data)}
+
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(100):
+            assert trust.verify(decode_envelope(data)).ok
+        n += 100
+    out["verify_per_s"] = round(n / (time.perf_counter() - t0))
+
+    now = time.time()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(100):
+            assert PolicyStore(trust).offer(now, data).accepted
+        n += 100
+    out["accept_per_s"] = round(n / (time.perf_counter() - t0))
+    return out
+
+
+class Agent:
+    def __init__(self, i: int, workdir: Path, profile: str, pub: Path) -> None:
+        self.name = f"n{i:02d}"
+        self.port, self.api_port = free_port(), free_port()
+        self.profile, self.pub = profile, pub
+        self.log = workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, seed: Agent | None) -> None:
+        argv = [sys.executable, "-m", "rumor.cli", "agent", "--name", self.name,
+                "--bind", f"{HOST}:{self.port}", "--api", f"{HOST}:{self.api_port}",
+                "--profile", self.profile, "--log-format", "json",
+                "--trust-key", str(self.pub)]
+        if seed is not None:
+            argv += ["--join", f"{HOST}:{seed.port}"]
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://{HOST}:{self.api_port}{path}", timeout=5) as r:
+            return json.loads(r.read())
+
+    def put(self, path: str, data: bytes) -> Any:
+        req = urllib.request.Request(f"http://{HOST}:{self.api_port}{path}", data=data,
+                                     method="PUT")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
+
+    def accepted_at(self, version: int) -> float | None:
+        for line in self.log.read_text().splitlines():
+            if '"policy_accepted"' in line:
+                ev = json.loads(line)
+                if ev.get("policy") == "bench" and ev.get("version") == version:
+                    return datetime.fromisoformat(ev["ts"].replace("Z", "+00:00")).timestamp()
+        return None
+
+
+def wait_for(cond: Any, timeout: float, what: str) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _alive(a: Agent) -> int:
+    try:
+        return sum(1 for m in a.get("/v1/members") if m["status"] == "alive")
+    except OSError:
+        return 0
+
+
+def bench_cluster(nodes: int, trials: int, profile: str, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(prefix="rumor-policy-bench-") as tmp:
+        work = Path(tmp)
+        secret, public, _ = write_keypair(work / "ops")
+        key = load_secret_key(secret)
+        agents = [Agent(i, work, profile, public) for i in range(nodes)]
+        try:
+            for i, a in enumerate(agents):
+                a.start(agents[0] if i else None)
+                if i == 0:
+                    wait_for(lambda: _alive(agents[0]) == 1, 20, "the seed")
+            wait_for(lambda: all(_alive(a) == nodes for a in agents), 60, "convergence")
+            times: list[float] = []
+            for v in range(1, trials + 1):
+                body = (f'kind = "access"\nname = "bench"\nversion = {v}\n'
+                        f'destination = "web"\ndefault = "allow"\n').encode()
+                data = sign(make_payload("access", "bench", v, time.time(), None, body),
+                            [key]).encode()
+                via = rng.choice(agents)
+                t0 = time.time()
+                via.put("/v1/policies", data)
+                wait_for(lambda v=v: all(a.accepted_at(v) is not None for a in agents),
+                         60, f"version {v} everywhere")
+                last = max(a.accepted_at(v) or 0.0 for a in agents)
+                times.append(max(0.0, last - t0))
+                time.sleep(0.5)
+        finally:
+            for a in agents:
+                if a.proc is not None and a.proc.poll() is None:
+                    a.proc.send_signal(signal.SIGTERM)
+            for a in agents:
+                if a.proc is not None:
+                    try:
+                        a.proc.wait(timeout=15)
+                    except subprocess.TimeoutExpired:
+                        a.proc.kill()
+    return {"nodes": nodes, "profile": profile, "trials": trials,
+            "median_s": round(statistics.median(times), 3),
+            "p90_s": round(sorted(times)[int(0.9 * (len(times) - 1))], 3),
+            "max_s": round(max(times), 3), "all_s": [round(t, 3) for t in times]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", type=int, default=30)
+    ap.add_argument("--trials", type=int, default=15)
+    ap.add_argument("--profile", default="lan", choices=["lan", "wan", "local"])
+    ap.add_argument("--signers", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=2.0, help="per verification figure")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--skip-cluster", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    report: dict[str, Any] = {"verify": bench_verify(args.signers, args.seconds)}
+    if not args.json:
+        v = report["verify"]
+        print(f"verification ({v['signers']} signer(s), {v['envelope_bytes']} B envelope): "
+              f"{v['verify_per_s']:,}/s signature checks, {v['accept_per_s']:,}/s full "
+              "acceptance path (target ≥ 5,000/s)", flush=True)
+    if not args.skip_cluster:
+        report["cluster"] = bench_cluster(args.nodes, args.trials, args.profile, args.seed)
+        if not args.json:
+            c = report["cluster"]
+            print(f"replication, {c['nodes']} agents ({c['profile']}): publish -> all "
+                  f"agents median {c['median_s']} s, p90 {c['p90_s']} s, max {c['max_s']} s "
+                  f"over {c['trials']} trials (target median ≤ 1 s)")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
