@@ -11,6 +11,7 @@ import signal
 from dataclasses import dataclass, field
 
 import trio
+from prometheus_client import CollectorRegistry
 
 from ..gossip.address import format_address
 from ..gossip.config import GossipConfig
@@ -22,6 +23,7 @@ from ..policy.trust import TrustSet
 from ..proxy.api import make_api
 from ..proxy.dns import CatalogSource, DnsResponder, serve_dns
 from ..proxy.http import serve_http
+from ..proxy.metrics import AgentCollector
 from .logs import log_event
 
 log = logging.getLogger("rumor.agent")
@@ -59,10 +61,14 @@ async def run_agent(opts: AgentOptions) -> None:
             policies = _start_policies(node, opts)
             if policies is not None:
                 nursery.start_soon(policies.run)
+            registry = CollectorRegistry()
+            registry.register(AgentCollector(node.health,
+                                             policies.status if policies else None))
             try:
                 await nursery.start(serve_http, make_api(node, on_leave=stop.set,
                                                          catalog=node.catalog,
-                                                         policies=policies),
+                                                         policies=policies,
+                                                         metrics=registry),
                                     opts.api[0], opts.api[1])
             except OSError as e:
                 raise StartupError(f"cannot bind API address {format_address(opts.api)}: "

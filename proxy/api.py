@@ -19,7 +19,8 @@ Routes (all bodies JSON, all errors `{"error": "..."}`):
 Other features add routes to the `Router` returned by `make_api` (or use
 `add_node_routes` on their own router). With a `catalog`, `make_api` also serves the
 catalog routes of `proxy/catalog_api.py` (`/v1/catalog/...`, `/v1/agent/...`), and with
-`policies` the routes of `proxy/policy_api.py` (`/v1/policies...`, `/v1/evaluate/...`).
+`policies` the routes of `proxy/policy_api.py` (`/v1/policies...`, `/v1/evaluate/...`),
+and with `metrics` a Prometheus `GET /metrics` (`proxy/metrics.py`).
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry
+
 from ..gossip.address import parse_address
 from ..gossip.node import JoinError
 from .catalog_api import CatalogApi, add_catalog_routes
 from .http import HttpError, Request, Response, json_response, read_json
+from .metrics import add_metrics_route
 from .policy_api import PolicyApi, add_policy_routes
 from .router import Router
 
@@ -52,10 +56,14 @@ class NodeApi(Protocol):
 
 
 def make_api(node: NodeApi, *, on_leave: Callable[[], None],
-             catalog: CatalogApi | None = None, policies: PolicyApi | None = None) -> Router:
-    """A router serving the node (catalog, policy) routes; pass it to `serve_http`."""
+             catalog: CatalogApi | None = None, policies: PolicyApi | None = None,
+             metrics: CollectorRegistry | None = None) -> Router:
+    """A router serving the node (catalog, policy, metrics) routes; pass it to
+    `serve_http`."""
     router = Router()
     add_node_routes(router, node, on_leave)
+    if metrics is not None:
+        add_metrics_route(router, metrics)
     if catalog is not None:
         add_catalog_routes(router, catalog)
     if policies is not None:
