@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -18,15 +19,22 @@ from ..gossip.config import GossipConfig
 from ..gossip.node import BindError, JoinError, Node, NodeConfig
 from ..gossip.service_spec import Registration
 from ..gossip.wire import Address
+from ..policy.evaluate import Evaluator
 from ..policy.service import Policies
 from ..policy.trust import TrustSet
+from ..proxy.access_log import AccessLog
 from ..proxy.api import make_api
 from ..proxy.dns import CatalogSource, DnsResponder, serve_dns
 from ..proxy.http import serve_http
-from ..proxy.metrics import AgentCollector
+from ..proxy.inbound import InboundProxy
+from ..proxy.metrics import AgentCollector, ProxyMetrics
+from ..proxy.outbound import INBOUND_TAG, OutboundProxy
+from ..proxy.stream_server import ProxyHandler, serve_proxy
 from .logs import log_event
 
 log = logging.getLogger("rumor.agent")
+#: What applies when the agent trusts no publisher: no documents, so defaults.
+NO_POLICY = Evaluator([])
 
 
 @dataclass
@@ -45,6 +53,11 @@ class AgentOptions:
     #: Trusted policy publishers; None: accept no policy documents.
     trust: TrustSet | None = None
     data_dir: str | None = None
+    #: The sidecar's listeners (None: not started) and who its outbound calls as.
+    outbound: Address | None = None
+    inbound: Address | None = None
+    identity: str | None = None
+    access_log: str | None = None
 
 
 class StartupError(Exception):
@@ -75,6 +88,8 @@ async def run_agent(opts: AgentOptions) -> None:
                                    f"{e.strerror or e}") from None
             if opts.dns is not None:
                 await _start_dns(nursery, node, opts.dns)
+            if opts.outbound is not None or opts.inbound is not None:
+                await _start_sidecar(nursery, node, opts, policies, registry)
             if opts.services:
                 # One batch: the records travel together (by stream when large).
                 node.catalog.register_many(opts.services)
@@ -122,6 +137,54 @@ def _start_policies(node: Node, opts: AgentOptions) -> Policies | None:
              extra={"event": "policy", "keys": opts.trust.ids(),
                     "threshold": opts.trust.threshold})
     return policies
+
+
+async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
+                         policies: Policies | None, registry: CollectorRegistry) -> None:
+    """Start the data plane's listeners; the inbound one is advertised in our tags so
+    other sidecars know where to send this host's services' traffic."""
+    def evaluator() -> Evaluator:
+        return policies.evaluator if policies is not None else NO_POLICY
+
+    metrics = ProxyMetrics(registry)
+    access_log = AccessLog(opts.access_log) if opts.access_log else None
+    if opts.inbound is not None:
+        inbound = InboundProxy(node, evaluator, metrics=metrics, access_log=access_log)
+        port = await _listen(nursery, inbound, opts.inbound, "inbound", metrics)
+        host = opts.inbound[0]
+        if host in ("0.0.0.0", "::"):
+            host = node.address[0]
+        node.set_tags({**opts.tags, INBOUND_TAG: f"{host}:{port}"})
+        log.info("inbound listener on %s:%d", opts.inbound[0], port,
+                 extra={"event": "inbound", "inbound": f"{host}:{port}"})
+    if opts.outbound is not None:
+        identity = opts.identity or _default_identity(opts)
+        outbound = OutboundProxy(node, evaluator, identity=identity, metrics=metrics,
+                                 access_log=access_log)
+        port = await _listen(nursery, outbound, opts.outbound, "outbound", metrics)
+        log.info("outbound listener on %s:%d (calling as %s)", opts.outbound[0], port,
+                 identity or "an unknown service",
+                 extra={"event": "outbound", "outbound": f"{opts.outbound[0]}:{port}",
+                        "identity": identity})
+
+
+def _default_identity(opts: AgentOptions) -> str | None:
+    names = {r.service.name for r in opts.services}
+    return names.pop() if len(names) == 1 else None
+
+
+async def _listen(nursery: trio.Nursery, handler: ProxyHandler, addr: Address, what: str,
+                  metrics: ProxyMetrics) -> int:
+    def refused(client: str, status: int, reason: str) -> None:
+        metrics.protocol_errors.labels(what, str(status)).inc()
+
+    try:
+        port: int = await nursery.start(partial(serve_proxy, handler, addr[0], addr[1],
+                                                on_error=refused))
+    except OSError as e:
+        raise StartupError(f"cannot bind {what} address {format_address(addr)}: "
+                           f"{e.strerror or e}") from None
+    return port
 
 
 async def _start_dns(nursery: trio.Nursery, node: Node, addr: Address) -> None:

@@ -20,6 +20,8 @@ from ..gossip.wire import Address
 DEFAULT_BIND = "127.0.0.1:7946"
 DEFAULT_API = "127.0.0.1:7947"
 DEFAULT_DNS = "127.0.0.1:8600"
+DEFAULT_OUTBOUND = "127.0.0.1:15001"
+DEFAULT_INBOUND_PORT = 15002
 
 
 class UsageError(Exception):
@@ -113,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dns", nargs="?", const=DEFAULT_DNS, type=_address(8600), default=None,
                    metavar="HOST:PORT", help="answer DNS for *.service.rumor over UDP "
                    f"(default address {DEFAULT_DNS} when given without one)")
+    a.add_argument("--outbound", nargs="?", const=DEFAULT_OUTBOUND, type=_address(15001),
+                   default=None, metavar="HOST:PORT",
+                   help="listen for this host's outgoing HTTP (Host: SERVICE or as "
+                   f"HTTP_PROXY); default address {DEFAULT_OUTBOUND} when given alone")
+    a.add_argument("--inbound", nargs="?", const="", type=str, default=None,
+                   metavar="HOST:PORT", help="listen for other sidecars' requests to this "
+                   "host's services (advertised to the cluster); default: the gossip "
+                   "host, port 15002, when given alone")
+    a.add_argument("--identity", metavar="SERVICE",
+                   help="the service this host calls as (x-rumor-source; default: its "
+                   "local service when it runs exactly one)")
+    a.add_argument("--access-log", metavar="FILE",
+                   help="write one JSON line per proxied request to FILE ('-': stdout)")
     a.add_argument("--trust-key", action="append", default=[], metavar="FILE",
                    help="public key of a trusted policy publisher (repeatable; without one "
                    "the agent accepts no policy documents)")
@@ -320,8 +335,11 @@ def _agent(args: argparse.Namespace) -> int:
     opts = AgentOptions(name=args.name, bind=args.bind, api=args.api,
                         gossip=profile(args.profile), profile=args.profile,
                         advertise=args.advertise, join=args.join, tags=dict(args.tag),
-                        services=services, dns=args.dns, trust=_trust(args),
-                        data_dir=args.data_dir)
+                        services=services, dns=_const_address(args.dns), trust=_trust(args),
+                        data_dir=args.data_dir,
+                        outbound=_const_address(args.outbound),
+                        inbound=_inbound(args), identity=args.identity,
+                        access_log=args.access_log)
     failures: list[BaseException] = []
     try:
         trio.run(run_agent, opts)
@@ -331,6 +349,22 @@ def _agent(args: argparse.Namespace) -> int:
         print(f"rumor: {failures[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _const_address(value: str | Address | None) -> Address | None:
+    """argparse does not run ``type`` on an option's ``const``: parse it here."""
+    return parse_address(value) if isinstance(value, str) else value
+
+
+def _inbound(args: argparse.Namespace) -> Address | None:
+    if args.inbound is None:
+        return None
+    if args.inbound == "":
+        return (args.bind[0], DEFAULT_INBOUND_PORT)
+    try:
+        return parse_address(args.inbound, default_port=DEFAULT_INBOUND_PORT)
+    except ValueError as e:
+        raise UsageError(f"--inbound: {e}") from None
 
 
 def _trust(args: argparse.Namespace) -> Any:

@@ -170,7 +170,7 @@ async def _serve_connection(
     stream: trio.SocketStream, handler: Handler, limits: ServerLimits
 ) -> None:
     """Run one connection; never lets an exception escape into the listener nursery."""
-    peer = _peer_name(stream)
+    peer = peer_name(stream)
     try:
         await _connection_loop(stream, handler, limits, peer)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -209,7 +209,7 @@ async def _connection_loop(
             if response.on_sent is not None:
                 response.on_sent()
         if conn.our_state is h11.MUST_CLOSE:
-            await _graceful_close(stream)
+            await graceful_close(stream)
             return
         try:
             conn.start_next_cycle()
@@ -332,7 +332,7 @@ async def _send_response(
     if not has_length and response.status >= 200 and response.status not in (204, 304):
         headers.append(("content-length", str(len(response.body))))
     out = bytearray()
-    reason = _reason(response.status)
+    reason = reason_phrase(response.status)
     head = h11.Response(status_code=response.status, headers=headers, reason=reason)
     out += conn.send(head) or b""
     if response.body:
@@ -349,12 +349,12 @@ async def _send_error(stream: trio.SocketStream, conn: h11.Connection, response:
     try:
         with trio.fail_after(_CLOSE_DRAIN_SECONDS):
             await _send_response(stream, conn, response)
-        await _graceful_close(stream)
+        await graceful_close(stream)
     except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         logger.debug("could not deliver error %d: %r", response.status, exc)
 
 
-async def _graceful_close(stream: trio.SocketStream) -> None:
+async def graceful_close(stream: trio.SocketStream) -> None:
     """Half-close and drain briefly so unread client bytes do not reset our response."""
     try:
         await stream.send_eof()
@@ -369,14 +369,14 @@ async def _graceful_close(stream: trio.SocketStream) -> None:
         pass  # the peer is already gone, which is all a close needs
 
 
-def _reason(status: int) -> bytes:
+def reason_phrase(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode("ascii")
     except ValueError:
         return b""
 
 
-def _peer_name(stream: trio.SocketStream) -> str | None:
+def peer_name(stream: trio.SocketStream) -> str | None:
     try:
         host, port, *_ = stream.socket.getpeername()
     except (OSError, ValueError):

@@ -12,7 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -104,3 +110,41 @@ def add_metrics_route(router: Router, registry: CollectorRegistry) -> None:
                         generate_latest(registry))
 
     router.add("GET", "/metrics", metrics)
+
+
+#: Latency buckets in seconds: sub-millisecond resolution for the mesh's own overhead,
+#: up to the default overall timeout.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 15.0)
+
+
+class ProxyMetrics:
+    """The data plane's own metrics (updated per request, so kept lean: label values
+    are service names, instance keys and status codes, all bounded by the catalog)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "rumor_proxy_requests", "requests answered, by listener, service, instance "
+            "and status", ["listener", "service", "instance", "status"], registry=registry)
+        self.latency = Histogram(
+            "rumor_proxy_request_duration_seconds", "time to response headers, by listener "
+            "and service", ["listener", "service"], buckets=LATENCY_BUCKETS,
+            registry=registry)
+        self.retries = Counter("rumor_proxy_retries", "retries sent, by service",
+                               ["service"], registry=registry)
+        self.budget_exhausted = Counter(
+            "rumor_proxy_retry_budget_exhausted", "retries not sent because the retry "
+            "budget was spent, by service", ["service"], registry=registry)
+        self.breaker_rejections = Counter(
+            "rumor_proxy_circuit_breaker_rejections", "requests failed fast by the circuit "
+            "breaker, by service", ["service"], registry=registry)
+        self.ejections = Counter(
+            "rumor_proxy_ejections", "outlier ejections, by service and instance",
+            ["service", "instance"], registry=registry)
+        self.denied = Counter(
+            "rumor_proxy_access_denied", "inbound calls refused by access policy, by "
+            "destination and source", ["service", "source"], registry=registry)
+        self.protocol_errors = Counter(
+            "rumor_proxy_client_errors", "requests refused before routing (malformed, "
+            "too slow, too large), by listener and status", ["listener", "status"],
+            registry=registry)

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""A rumor sidecar pair as a proxy target of ../shared/anchors/proxy/bench.py.
+
+The harness gives a listen address and the backends (environment ``BENCH_*``); this
+starts, in the harness's process session:
+
+- one *callee* agent per backend, each announcing the backend as an instance of
+  ``BENCH_SERVICE`` behind its inbound listener (a host running the service);
+- the *caller* agent, whose outbound listener is ``BENCH_LISTEN``, joined to them.
+
+So every request takes the path of the mesh: load generator → caller's outbound →
+a callee's inbound → backend. The caller only learns the instances through gossip
+and picks among them with its own balancer (p2c over peak EWMA); nothing tells it
+which backend is degraded. Exits (taking every agent with it) on SIGTERM.
+
+    python3 bench.py overhead --targets direct,haproxy,nginx,rumor --host-header bench \\
+        --proxy-cmd 'rumor=/path/to/venv/bin/python /path/to/bench/proxy_pair.py'
+
+Options (environment): ``RUMOR_PAIR_CALLEES=one`` puts every backend behind a single
+callee agent instead of one each; ``RUMOR_PAIR_EXTRA`` adds agent flags to all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> int:
+    listen = os.environ["BENCH_LISTEN"]
+    service = os.environ.get("BENCH_SERVICE", "bench")
+    work = Path(os.environ.get("BENCH_WORKDIR", "."))
+    backends = json.loads(Path(os.environ["BENCH_BACKENDS_FILE"]).read_text())["backends"] \
+        if os.environ.get("BENCH_BACKENDS_FILE") else [
+            {"name": f"b{i + 1}", "addr": a}
+            for i, a in enumerate(os.environ["BENCH_BACKENDS"].split(","))]
+    extra = os.environ.get("RUMOR_PAIR_EXTRA", "").split()
+    rumor = [sys.executable, "-m", "rumor.cli", "agent", "--profile", "local",
+             "--log-level", "warning", *extra]
+    groups = [backends] if os.environ.get("RUMOR_PAIR_CALLEES") == "one" \
+        else [[b] for b in backends]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    caller_port = free_port()
+    procs.append(subprocess.Popen(
+        [*rumor, "--name", "caller", "--bind", f"127.0.0.1:{caller_port}",
+         "--api", f"127.0.0.1:{free_port()}", "--outbound", listen],
+        stdout=open(work / "caller.log", "ab"), stderr=subprocess.STDOUT))  # noqa: SIM115
+    time.sleep(0.5)
+    for i, group in enumerate(groups):
+        services = []
+        for b in group:
+            host, port = b["addr"].rsplit(":", 1)
+            services += ["--service", f"name={service},id={b['name']},port={port},"
+                         f"address={host}"]
+        procs.append(subprocess.Popen(
+            [*rumor, "--name", f"callee{i}", "--bind", f"127.0.0.1:{free_port()}",
+             "--api", f"127.0.0.1:{free_port()}", "--inbound", f"127.0.0.1:{free_port()}",
+             "--join", f"127.0.0.1:{caller_port}", *services],
+            stdout=open(work / f"callee{i}.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT))
+    while True:
+        for p in procs:
+            if p.poll() is not None:
+                print(f"proxy_pair: agent {p.args[5]} exited with {p.returncode}",  # type: ignore[index]
+                      file=sys.stderr)
+                stop(signal.SIGTERM, None)
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Header rules every proxy hop applies: hop-by-hop stripping, forwarding, tracing.
+
+A proxy relays end-to-end headers and consumes hop-by-hop ones (RFC 9110 7.6.1):
+``Connection`` and every header it names, plus the classic list below. Framing
+(``Content-Length``/``Transfer-Encoding``) is re-decided per hop by whoever writes
+the bytes, so it is stripped here and set again by the sender.
+
+Tracing follows W3C Trace Context: a valid ``traceparent`` keeps its trace id and gets
+a new parent id for this hop (the sidecar is a participant); a missing or malformed
+one is replaced by a new trace, so every request leaving a sidecar is traceable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+    b"content-length",  # framing: set again by the writer of the next hop
+})
+
+#: Headers the mesh itself sets between sidecars; never trusted from an application.
+MESH_HEADERS = frozenset({b"x-rumor-source", b"x-rumor-instance", b"x-rumor-service"})
+
+_TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_ZERO_TRACE = b"0" * 32
+_ZERO_SPAN = b"0" * 16
+
+SERVICE_SUFFIX = ".service.rumor"
+
+
+def end_to_end(headers: list[tuple[bytes, bytes]], *,
+               drop: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
+    """``headers`` (names lower-case) without hop-by-hop ones, those named by
+    ``Connection``, and ``drop``."""
+    named: set[bytes] = set()
+    for k, v in headers:
+        if k == b"connection":
+            named.update(t.strip().lower() for t in v.split(b","))
+    return [(k, v) for k, v in headers
+            if k not in HOP_BY_HOP and k not in named and k not in drop]
+
+
+def forwarded_for(headers: list[tuple[bytes, bytes]], client_host: str) -> None:
+    """Append the client to ``x-forwarded-for`` (in place)."""
+    for i, (k, v) in enumerate(headers):
+        if k == b"x-forwarded-for":
+            headers[i] = (k, v + b", " + client_host.encode())
+            return
+    headers.append((b"x-forwarded-for", client_host.encode()))
+
+
+def new_id(nbytes: int) -> bytes:
+    return os.urandom(nbytes).hex().encode()
+
+
+def continue_trace(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """Set this hop's ``traceparent`` (in place) and return the trace id."""
+    for i, (k, v) in enumerate(headers):
+        if k == b"traceparent":
+            m = _TRACEPARENT.match(v.strip().lower())
+            if (m is not None and m.group(1) != b"ff" and m.group(2) != _ZERO_TRACE
+                    and m.group(3) != _ZERO_SPAN):
+                trace = m.group(2)
+                headers[i] = (k, b"00-" + trace + b"-" + new_id(8) + b"-" + m.group(4))
+                return trace
+            del headers[i]
+            # A broken traceparent invalidates tracestate too (W3C 3.3).
+            headers[:] = [(k2, v2) for k2, v2 in headers if k2 != b"tracestate"]
+            break
+    trace = new_id(16)
+    headers.append((b"traceparent", b"00-" + trace + b"-" + new_id(8) + b"-01"))
+    return trace
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where an application's request is going: a service name and the path."""
+
+    service: str
+    path: bytes  # origin-form target: /path?query
+    authority: bytes  # what the upstream should see as Host
+
+
+class TargetError(ValueError):
+    """The request does not name a service we can route to (answered 400)."""
+
+
+def parse_target(target: bytes, host: bytes | None) -> Target:
+    """The service a request is for: absolute-form (``http://web/x``, proxy style) or
+    origin-form with ``Host: web`` / ``web.service.rumor`` (port ignored)."""
+    if target.startswith((b"http://", b"HTTP://")):
+        rest = target[7:]
+        slash = rest.find(b"/")
+        authority, path = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
+        q = authority.find(b"?")
+        if q >= 0:  # http://web?x=1
+            authority, path = authority[:q], b"/" + authority[q:]
+    elif target.startswith(b"https://"):
+        raise TargetError("https:// targets are not proxied; send plain HTTP to the "
+                          "sidecar (sidecars encrypt between themselves)")
+    elif target.startswith(b"/"):
+        if not host:
+            raise TargetError("no Host header: send Host: SERVICE or use the sidecar "
+                              "as an HTTP proxy")
+        authority, path = host, target
+    else:
+        raise TargetError("unsupported request target (CONNECT and * are not proxied)")
+    if b"@" in authority:
+        raise TargetError("credentials in the request target are not allowed")
+    name = authority.rsplit(b":", 1)[0] if authority.count(b":") == 1 else authority
+    try:
+        text = name.decode("ascii").lower().rstrip(".")
+    except UnicodeDecodeError:
+        raise TargetError("service name is not ASCII") from None
+    if text.endswith(SERVICE_SUFFIX):
+        text = text[: -len(SERVICE_SUFFIX)]
+    if not text or len(text) > 253 or not all(c.isalnum() or c in "-_." for c in text):
+        raise TargetError(f"{text!r} is not a service name")
+    return Target(text, path, authority)

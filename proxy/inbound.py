@@ -1,0 +1,158 @@
+"""The inbound listener: other sidecars' requests enter the host through here.
+
+It serves the services this agent announces: the service is the ``Host`` the caller's
+sidecar set, the instance its ``x-rumor-instance`` (any local instance of the service
+when absent). Before anything is forwarded, the ``access`` policy decides whether the
+caller may call it; the caller is who its sidecar says it is (``x-rumor-source``)
+until mutual TLS ties that to a certificate. A refusal is a 403 with the reason in
+``x-rumor-error``, counted and logged, and the body is never forwarded. Accepted
+requests go to the local service over pooled connections, bodies streaming.
+
+Mesh headers are consumed here: the local service sees neither ``x-rumor-*`` headers
+nor hop-by-hop ones, and gets ``x-forwarded-for`` and the trace context.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from ..gossip.node import Node
+from ..policy.evaluate import Evaluator
+from .access_log import AccessLog
+from .headers import (
+    MESH_HEADERS,
+    TargetError,
+    continue_trace,
+    end_to_end,
+    forwarded_for,
+    parse_target,
+)
+from .metrics import ProxyMetrics
+from .stream_server import ClientGone, Incoming, Outgoing, simple_response
+from .upstream import TryFailed, Upstreams
+
+log = logging.getLogger("rumor.proxy")
+
+#: How long the local service may take to produce response headers. The caller's
+#: policy sets the real deadline; this only bounds a stuck local service.
+LOCAL_TIMEOUT = 300.0
+LOCAL_CONNECT_TIMEOUT = 2.0
+
+
+class InboundProxy:
+    def __init__(self, node: Node, evaluator: Callable[[], Evaluator], *,
+                 metrics: ProxyMetrics | None = None,
+                 access_log: AccessLog | None = None) -> None:
+        self.node = node
+        self._evaluator = evaluator
+        self.metrics = metrics
+        self.access_log = access_log
+        self.upstreams = Upstreams()
+        self._denied_logged: set[tuple[str, str]] = set()
+
+    async def __call__(self, req: Incoming) -> Outgoing:
+        started = trio.current_time()
+        source_raw = req.header(b"x-rumor-source")
+        source = source_raw.decode("ascii", "replace") if source_raw else None
+        try:
+            target = parse_target(req.target, req.header(b"host"))
+        except TargetError as e:
+            return self._answer(req, started, "", source, 400, str(e))
+        service = target.service
+        local = self._local(service, req.header(b"x-rumor-instance"))
+        if local is None:
+            return self._answer(req, started, service, source, 404,
+                                f"{service} is not served by this agent")
+        decision = self._evaluator().access(source, service)
+        if not decision.allowed:
+            if self.metrics:
+                self.metrics.denied.labels(service, source or "").inc()
+            key = (service, source or "")
+            if key not in self._denied_logged and len(self._denied_logged) < 4096:
+                self._denied_logged.add(key)
+                log.warning("denied %s -> %s: %s", source or "(unknown caller)", service,
+                            decision.reason, extra={"event": "access_denied",
+                                                    "service": service, "source": source})
+            return self._answer(req, started, service, source, 403, decision.reason)
+        host, port, instance = local
+        hs = end_to_end(req.headers, drop=MESH_HEADERS)
+        forwarded_for(hs, req.client.rsplit(":", 1)[0])
+        trace = continue_trace(hs).decode()
+        body = req.body() if req.has_body else None
+        if body is not None:
+            length = req.content_length
+            hs.append((b"content-length", str(length).encode()) if length is not None
+                      else (b"transfer-encoding", b"chunked"))
+        try:
+            resp = await self.upstreams.send(req.method, host, port, target.path, hs, body,
+                                             connect_timeout=LOCAL_CONNECT_TIMEOUT,
+                                             per_try_timeout=LOCAL_TIMEOUT)
+        except TryFailed as f:
+            return self._answer(req, started, service, source, f.status,
+                                f"local service {instance}: {f}", instance=instance,
+                                trace=trace)
+        except ClientGone:
+            raise
+        headers_at = trio.current_time()
+        out_headers = end_to_end(resp.headers)
+        for k, v in resp.headers:
+            if k == b"content-length":
+                out_headers.append((k, v))
+                break
+        if self.metrics:
+            self.metrics.latency.labels("inbound", service).observe(headers_at - started)
+        status = resp.status
+
+        def done(sent: int, complete: bool) -> None:
+            if self.metrics:
+                self.metrics.requests.labels("inbound", service, instance, str(status)).inc()
+            if self.access_log:
+                self.access_log.write(self._entry(
+                    req, service, source, status, started, sent, trace, instance=instance,
+                    upstream_ms=round((headers_at - started) * 1000, 3),
+                    error=None if complete else "response not completed"))
+        return Outgoing(status, out_headers, resp.body(), release=resp.release, on_done=done)
+
+    def _local(self, service: str, instance: bytes | None) -> tuple[str, int, str] | None:
+        """Address of the local instance to serve (the named one if given)."""
+        wanted = instance.decode("ascii", "replace") if instance else None
+        fallback = None
+        for sid, ls in self.node.catalog.catalog.local.items():
+            s = ls.service
+            if s.name != service:
+                continue
+            addr = (s.address or "127.0.0.1", s.port, sid)
+            if wanted is None or sid == wanted:
+                return addr
+            fallback = fallback or addr
+        return fallback  # the named instance is gone (deregistered): any of the service
+
+    def _answer(self, req: Incoming, started: float, service: str, source: str | None,
+                status: int, reason: str, *, instance: str = "",
+                trace: str = "") -> Outgoing:
+        out = simple_response(status, reason)
+        if self.metrics:
+            self.metrics.requests.labels("inbound", service, instance, str(status)).inc()
+
+        def done(sent: int, complete: bool) -> None:
+            if self.access_log:
+                self.access_log.write(self._entry(req, service, source, status, started, sent,
+                                                  trace, instance=instance, error=reason))
+        out.on_done = done
+        return out
+
+    def _entry(self, req: Incoming, service: str, source: str | None, status: int,
+               started: float, sent: int, trace: str, **extra: Any) -> dict[str, Any]:
+        return {"listener": "inbound", "method": req.method.decode("ascii", "replace"),
+                "path": req.target.decode("ascii", "replace")[:512], "service": service,
+                "status": status,
+                "duration_ms": round((trio.current_time() - started) * 1000, 3),
+                "bytes": sent, "client": req.client, "source": source, "trace_id": trace,
+                **extra}
+
+    async def aclose(self) -> None:
+        await self.upstreams.aclose()
