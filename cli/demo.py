@@ -14,10 +14,12 @@ stops, even on Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,11 +37,14 @@ HOST = "127.0.0.1"
 
 
 class DemoAgent:
-    def __init__(self, name: str, logdir: Path, trust_key: Path) -> None:
+    def __init__(self, name: str, logdir: Path, trust_key: Path, *,
+                 outbound: bool = False) -> None:
         self.name = name
         self.trust_key = trust_key
         self.port = free_port()
         self.api = f"{HOST}:{free_port()}"
+        self.inbound = free_port()
+        self.outbound = free_port() if outbound else None
         self.log_path = logdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -47,7 +52,9 @@ class DemoAgent:
         argv = [sys.executable, "-m", "rumor.cli", "agent", "--name", self.name,
                 "--bind", f"{HOST}:{self.port}", "--api", self.api, "--profile", "local",
                 "--log-format", "json", "--tag", "role=demo",
-                "--trust-key", str(self.trust_key)]
+                "--trust-key", str(self.trust_key), "--inbound", f"{HOST}:{self.inbound}"]
+        if self.outbound is not None:
+            argv += ["--outbound", f"{HOST}:{self.outbound}", "--identity", "frontend"]
         if seed is not None:
             argv += ["--join", f"{HOST}:{seed.port}"]
         with open(self.log_path, "ab") as logf:
@@ -180,6 +187,141 @@ def _policy(cluster: list[DemoAgent], keydir: Path) -> None:
          + ", ".join(f"{a.name}=v{_held(a).get('web-access')}" for a in cluster))
 
 
+class _ShopBackend:
+    """A demo instance of `shop`: answers with its name after ``delay`` seconds."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.delay = 0.0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def do_GET(self) -> None:
+                if outer.delay:
+                    time.sleep(outer.delay)
+                body = f"{outer.name}\n".encode()
+                self.send_response(200)
+                self.send_header("x-backend", outer.name)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((HOST, 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+SHOP_ROUTE = """kind = "route"
+name = "shop-canary"
+version = 1
+service = "shop"
+[[subset]]
+name = "stable"
+version = "v1"
+[[subset]]
+name = "canary"
+version = "v2"
+[[split]]
+subset = "stable"
+weight = 90
+[[split]]
+subset = "canary"
+weight = 10
+[[rule]]
+name = "testers"
+headers = [{ name = "x-canary", exact = "1" }]
+subset = "canary"
+"""
+
+
+def _send_through(port: int, n: int, headers: dict[str, str] | None = None,
+                  seconds: float | None = None) -> tuple[dict[str, int], list[float]]:
+    """Requests to `shop` through a sidecar's outbound listener: counts per backend and
+    latencies (n requests, or as many as fit in `seconds`)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    counts: dict[str, int] = {}
+    lat: list[float] = []
+    end = time.monotonic() + seconds if seconds else None
+    try:
+        while (len(lat) < n) if end is None else (time.monotonic() < end):
+            t0 = time.monotonic()
+            conn.request("GET", "/", headers={"host": "shop", **(headers or {})})
+            r = conn.getresponse()
+            r.read()
+            lat.append(time.monotonic() - t0)
+            who = r.getheader("x-backend") or f"HTTP {r.status}"
+            counts[who] = counts.get(who, 0) + 1
+    finally:
+        conn.close()
+    return counts, lat
+
+
+def _shares(counts: dict[str, int]) -> str:
+    total = sum(counts.values()) or 1
+    return ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in sorted(counts.items()))
+
+
+def _mesh(cluster: list[DemoAgent], keydir: Path) -> None:
+    """Step 4: traffic through sidecars, a signed canary split, a slowed instance."""
+    from ..policy.envelope import make_payload, sign
+    from ..policy.keys import load_secret_key
+    from .client import put_bytes
+    caller = cluster[0]
+    assert caller.outbound is not None
+    backends = [_ShopBackend(n) for n in ("shop-a", "shop-b", "shop-c")]
+    try:
+        _say(f"\n4. Service mesh: `shop` v1 runs on {cluster[1].name} and {cluster[2].name}, "
+             f"v2 on {cluster[3].name}, each behind its agent's inbound listener; "
+             f"{caller.name}'s outbound listener takes the application's requests")
+        for agent, b, version in zip(cluster[1:4], backends, ("v1", "v1", "v2"), strict=True):
+            put_json(agent.api, "/v1/agent/service/register",
+                     {"name": "shop", "id": b.name, "port": b.port, "version": version},
+                     timeout=2.0)
+        _wait("shop on the caller", lambda: len(_instances(caller, "shop")) == 3, 10)
+        counts, lat = _send_through(caller.outbound, 300)
+        lat.sort()
+        _say(f"   300 requests with Host: shop, no policy: {_shares(counts)}; "
+             f"p50 {lat[len(lat) // 2] * 1000:.2f} ms through two sidecars")
+        key = load_secret_key(keydir / "ops.key")
+        put_bytes(caller.api, "/v1/policies", sign(make_payload(
+            "route", "shop-canary", 1, time.time(), None, SHOP_ROUTE.encode()), [key]).encode(),
+            "application/x-rumor-envelope", timeout=2.0)
+        _wait("the route on the caller", lambda: _held(caller).get("shop-canary") == 1, 10)
+        counts, _ = _send_through(caller.outbound, 500)
+        canary = counts.get("shop-c", 0)
+        _say(f"   signed route `shop-canary` (v1 90%, v2 10%) published: 500 requests -> "
+             f"{_shares(counts)}; canary share {100 * canary / 500:.1f}%")
+        counts, _ = _send_through(caller.outbound, 20, {"x-canary": "1"})
+        _say(f"   with header x-canary: 1 -> {_shares(counts)}")
+        backends[0].delay = 0.05
+        _send_through(caller.outbound, 0, seconds=1.0)  # the balancer notices
+        counts, lat = _send_through(caller.outbound, 0, seconds=3.0)
+        lat.sort()
+        stable = {k: v for k, v in counts.items() if k != "shop-c"}
+        _say(f"   shop-a now answers 50 ms late; over the next 3 s the stable share goes "
+             f"{_shares(stable)}; p50 {lat[len(lat) // 2] * 1000:.2f} ms, p99 "
+             f"{lat[int(len(lat) * 0.99)] * 1000:.2f} ms (p2c over peak-EWMA latency)")
+        for agent, b in zip(cluster[1:4], backends, strict=True):
+            put_json(agent.api, f"/v1/agent/service/deregister/{b.name}", {}, timeout=2.0)
+    finally:
+        for b in backends:
+            b.close()
+
+
 def _wait(what: str, cond: Callable[[], bool], timeout: float) -> float:
     t0 = time.monotonic()
     while not cond():
@@ -211,7 +353,8 @@ def run_demo(agents: int = 5) -> int:
     keydir = Path(tempfile.mkdtemp(prefix="rumor-demo-keys-"))
     from ..policy.keys import write_keypair
     _, public, _ = write_keypair(keydir / "ops")
-    cluster = [DemoAgent(f"agent-{i}", logdir, public) for i in range(agents)]
+    cluster = [DemoAgent(f"agent-{i}", logdir, public, outbound=i == 0)
+               for i in range(agents)]
     names = [a.name for a in cluster]
     t_start = time.monotonic()
     try:
@@ -229,11 +372,13 @@ def run_demo(agents: int = 5) -> int:
 
         _discovery(cluster)
         _policy(cluster, keydir)
+        if agents >= 5:
+            _mesh(cluster, keydir)
 
         victim, watcher = cluster[-1], cluster[0]
         others = [a for a in cluster if a is not victim]
         inc_before = watcher.members()[victim.name]["incarnation"]
-        _say(f"\n4. kill -9 {victim.name} (pid {victim.proc.pid if victim.proc else '?'})")
+        _say(f"\n5. kill -9 {victim.name} (pid {victim.proc.pid if victim.proc else '?'})")
         assert victim.proc is not None
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait()
@@ -254,7 +399,7 @@ def run_demo(agents: int = 5) -> int:
         _say(f"   every other agent lists {victim.name} failed after {all_failed:.2f} s")
         _say(_table(watcher))
 
-        _say(f"\n5. Restarting {victim.name} with the same name; it joins through "
+        _say(f"\n6. Restarting {victim.name} with the same name; it joins through "
              f"{cluster[0].name}")
         victim.start(cluster[0])
         took = _wait("rejoin", lambda: all(
@@ -269,7 +414,7 @@ def run_demo(agents: int = 5) -> int:
              f"({took:.2f} s: fetched in the join's digest exchange)")
         _say(_table(watcher))
 
-        _say("\n6. Stopping every agent with SIGTERM (graceful leave)")
+        _say("\n7. Stopping every agent with SIGTERM (graceful leave)")
         for a in reversed(cluster[1:]):
             if a.proc is not None:
                 a.proc.send_signal(signal.SIGTERM)

@@ -104,12 +104,12 @@ class InboundProxy:
                 out_headers.append((k, v))
                 break
         if self.metrics:
-            self.metrics.latency.labels("inbound", service).observe(headers_at - started)
+            self.metrics.observe_latency("inbound", service, headers_at - started)
         status = resp.status
 
         def done(sent: int, complete: bool) -> None:
             if self.metrics:
-                self.metrics.requests.labels("inbound", service, instance, str(status)).inc()
+                self.metrics.request_done("inbound", service, instance, status)
             if self.access_log:
                 self.access_log.write(self._entry(
                     req, service, source, status, started, sent, trace, instance=instance,
@@ -136,7 +136,7 @@ class InboundProxy:
                 trace: str = "") -> Outgoing:
         out = simple_response(status, reason)
         if self.metrics:
-            self.metrics.requests.labels("inbound", service, instance, str(status)).inc()
+            self.metrics.request_done("inbound", service, instance, status)
 
         def done(sent: int, complete: bool) -> None:
             if self.access_log:

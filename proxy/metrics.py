@@ -148,3 +148,25 @@ class ProxyMetrics:
             "rumor_proxy_client_errors", "requests refused before routing (malformed, "
             "too slow, too large), by listener and status", ["listener", "status"],
             registry=registry)
+        self._req_children: dict[tuple[str, str, str, int], Any] = {}
+        self._lat_children: dict[tuple[str, str], Any] = {}
+
+    # The request path calls these; labels() validates and locks on every call, so
+    # the children are looked up once per label set.
+
+    def request_done(self, listener: str, service: str, instance: str, status: int) -> None:
+        key = (listener, service, instance, status)
+        child = self._req_children.get(key)
+        if child is None:
+            if len(self._req_children) > 65536:
+                self._req_children.clear()
+            child = self._req_children[key] = self.requests.labels(
+                listener, service, instance, str(status))
+        child.inc()
+
+    def observe_latency(self, listener: str, service: str, seconds: float) -> None:
+        key = (listener, service)
+        child = self._lat_children.get(key)
+        if child is None:
+            child = self._lat_children[key] = self.latency.labels(listener, service)
+        child.observe(seconds)

@@ -291,11 +291,11 @@ class OutboundProxy:
                 hs.append((k, v))
                 break
         if self.metrics:
-            self.metrics.latency.labels("outbound", service).observe(headers_at - started)
+            self.metrics.observe_latency("outbound", service, headers_at - started)
 
         def done(sent: int, complete: bool) -> None:
             if self.metrics:
-                self.metrics.requests.labels("outbound", service, ep.key, str(status)).inc()
+                self.metrics.request_done("outbound", service, ep.key, status)
             if self.access_log:
                 self.access_log.write(self._entry(
                     req, service, status, started, sent, attempts, trace,
@@ -307,7 +307,7 @@ class OutboundProxy:
                 *, attempts: int = 0, instance: str = "", trace: str = "") -> Outgoing:
         out = simple_response(status, reason)
         if self.metrics:
-            self.metrics.requests.labels("outbound", service, instance, str(status)).inc()
+            self.metrics.request_done("outbound", service, instance, status)
 
         def done(sent: int, complete: bool) -> None:
             if self.access_log:

@@ -305,16 +305,24 @@ async def _send(conn: h11.Connection, stream: trio.SocketStream, req: Incoming,
             with trio.fail_after(limits.body_idle_timeout):
                 await stream.send_all(data)
         else:
-            with trio.fail_after(limits.body_idle_timeout):
-                await stream.send_all(head)
-            async for chunk in out.body:
-                if not chunk:
-                    continue
-                with trio.fail_after(limits.body_idle_timeout):
-                    await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
-                sent += len(chunk)
-            with trio.fail_after(limits.body_idle_timeout):
-                await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+            # One scope whose deadline moves with progress: an idle limit on both the
+            # upstream's chunks and the client's reading, without a scope per chunk.
+            idle = limits.body_idle_timeout
+            with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
+                pending = head  # the head goes out with the first chunk: one write
+                async for chunk in out.body:
+                    if not chunk:
+                        continue
+                    await stream.send_all(pending + (conn.send(h11.Data(data=chunk)) or b""))
+                    pending = b""
+                    sent += len(chunk)
+                    scope.deadline = trio.current_time() + idle
+                pending += conn.send(h11.EndOfMessage()) or b""
+                if pending:
+                    await stream.send_all(pending)
+            if scope.cancelled_caught:
+                log.debug("response to %s stalled for %g s; closing", req.client, idle)
+                return False
         complete = True
         return True
     except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
