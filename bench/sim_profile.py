@@ -5,9 +5,10 @@
     python bench/sim_profile.py memory --nodes 2000                 # bytes per record
 
 ``memory`` builds a converged cluster, measures the bytes each (observer, member)
-record costs with tracemalloc, then shares the strings, address tuples and empty
-metadata dicts between all tables (what the interning proposed in
-docs/simulations.md would do inside the core) and measures again.
+record costs with tracemalloc, then shares the strings, address tuples and metadata
+maps between all tables and measures again (the core already shares empty metadata
+and, through the push-pull row memo, names and addresses; the second figure shows
+what is left to gain).
 """
 
 from __future__ import annotations
@@ -40,49 +41,6 @@ def cpu(nodes: int, scenario: str, duration: float, cold: bool,
     print(f"{scenario} {nodes} nodes: {rep['sim']['events']} events, wall {rep['wall']}",
           file=sys.stderr)
     pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
-
-
-def memo_decode() -> None:
-    """Proposal 2 of docs/simulations.md, patched in for measurement only: decode each
-    distinct broadcast once (the report must stay identical, only faster)."""
-    import msgpack
-
-    from rumor.gossip import membership, wire
-
-    seen: dict[bytes, wire.Message] = {}
-    plain = wire.decode_packet
-
-    def decode_packet(data: bytes) -> list[wire.Message]:
-        wire._unpack(data[:1] + b"\x90", wire.MAX_PACKET)  # same version/size checks
-        try:
-            up = msgpack.Unpacker(raw=False, strict_map_key=True)
-            up.feed(data[1:])
-            n = up.read_array_header()
-            out: list[wire.Message] = []
-            pos = up.tell()
-            for _ in range(n):
-                up.skip()
-                end = up.tell()
-                raw = data[1 + pos:1 + end]
-                pos = end
-                m = seen.get(raw)
-                if m is None:
-                    m = wire.message_from_list(
-                        msgpack.unpackb(raw, raw=False, strict_map_key=True))
-                    if isinstance(m, (wire.Alive, wire.Suspect, wire.Dead)):
-                        if len(seen) >= 65536:
-                            seen.clear()
-                        seen[raw] = m
-                out.append(m)
-            if pos != len(data) - 1:
-                raise wire.DecodeError("trailing bytes")
-            return out
-        except wire.DecodeError:
-            raise
-        except Exception:
-            return plain(data)  # let the reference decoder raise its own error
-
-    membership.decode_packet = decode_packet  # type: ignore[attr-defined]
 
 
 def memory(nodes: int) -> None:
@@ -122,12 +80,8 @@ def main() -> int:
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="crash")
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--cold", action="store_true")
-    ap.add_argument("--memo-decode", action="store_true",
-                    help="measure proposal 2 (decode each broadcast once)")
     ap.add_argument("--report", default=None, help="cpu: also write the JSON report here")
     a = ap.parse_args()
-    if a.memo_decode:
-        memo_decode()
     if a.what == "cpu":
         cpu(a.nodes, a.scenario, a.duration, a.cold, a.report)
     else:

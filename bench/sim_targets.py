@@ -2,6 +2,9 @@
 """Simulator benchmarks against the figures of issue 3.
 
     python bench/sim_targets.py crash1k        # 1,000 nodes, crash, 60 simulated s
+    python bench/sim_targets.py crash10k       # 10,000 nodes, crash, 60 simulated s
+    python bench/sim_targets.py converge10k --wall-budget 600   # how far a cold
+                                                                # converge gets
     python bench/sim_targets.py lan1k          # LAN 1,000: bound, 10% loss, Lifeguard
     python bench/sim_targets.py big --nodes 10000   # converge + crash at 10k
     python bench/sim_targets.py all
@@ -15,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import resource
 import sys
 import time
 from typing import Any
 
-from rumor.simulations.scenarios import Params, converge, crash, loss, slow
+from rumor.simulations.engine import gc_paused
+from rumor.simulations.scenarios import Params, cold_cluster, converge, crash, loss, make_sim, slow
 
 
 def _rss_mib() -> float:
@@ -43,6 +49,66 @@ def crash1k(seed: int) -> bool:
                  events=rep["sim"]["events"], events_per_s=rep["wall"]["events_per_s"],
                  all_know_s=det["all_know_100pct_s"]["max"],
                  bound_s=rep["analytic"]["detection_bound_s"], rss_mib=round(_rss_mib()))
+
+
+def crash_big(seed: int, nodes: int, duration: float = 60.0, crashes: int = 3) -> bool:
+    """Warm start of ``nodes`` nodes, then ``crashes`` die at once and the cluster runs
+    ``duration`` simulated seconds: at most 15 minutes of wall time. Run it under a
+    memory cap (``prlimit --as=...``): 10,000 nodes hold 10^8 member records."""
+    t0 = time.perf_counter()
+    rep = crash(Params(nodes=nodes, seed=seed, duration=duration, crashes=crashes))
+    wall = time.perf_counter() - t0
+    det = rep["result"]["detection"]
+    return _emit(f"crash{nodes}", wall <= 900 and bool(rep["result"]["all_within_bound"]),
+                 wall_s=round(wall, 1), target_s=900, setup_s=rep["wall"]["setup_seconds"],
+                 run_s=rep["wall"]["run_seconds"], simulated_s=duration,
+                 events=rep["sim"]["events"],
+                 run_events_per_s=round(rep["wall"]["run_events_per_s"]),
+                 crashed=det["crashed"], undetected=det["undetected"],
+                 all_know_max_s=det["all_know_100pct_s"]["max"],
+                 bound_s=rep["analytic"]["detection_bound_s"],
+                 false_failed=rep["result"]["false_positives"]["failed_healthy"],
+                 rss_mib=round(_rss_mib()))
+
+
+def converge_probe(seed: int, nodes: int, wall_budget: float, rss_cap_mib: float) -> bool:
+    """The ``converge`` scenario's cold start (everyone joins through the seeds at a
+    random time in the first n/200 s), run in half-second slices until it converges
+    or ``wall_budget`` seconds of wall time (or ``rss_cap_mib``) run out; one JSON
+    line per slice batch: how far it got and what it cost."""
+    p = Params(nodes=nodes, seed=seed, warm=False)
+    t0 = time.perf_counter()
+    sim, rec = make_sim(p)
+    rng = random.Random(f"scenario:{p.seed}")
+    spread = max(1.0, nodes / 200)
+    cold_cluster(sim, rec, p, spread, rng)
+    last = t0
+    last_sim, last_events = sim.now, 0
+    done = False
+    with gc_paused():
+        while True:
+            sim.run_until(sim.now + 0.5)
+            now = time.perf_counter()
+            done = rec.joins_complete >= nodes
+            over = now - t0 >= wall_budget or _rss_mib() >= rss_cap_mib
+            if now - last < 30 and not (done or over):
+                continue
+            known = [len(nd.core.members) for nd in sim.nodes]
+            joined = sum(1 for nd in sim.nodes if nd.join_result is not None)
+            pkts = sum(nd.packets_in for nd in sim.nodes)
+            byts = sum(nd.bytes_in for nd in sim.nodes)
+            _emit(f"converge{nodes}-progress", done, wall_s=round(now - t0, 1),
+                  simulated_s=round(sim.now, 2),
+                  sim_s_per_wall_s=round((sim.now - last_sim) / (now - last), 4),
+                  events=sim.events, events_per_s=round((sim.events - last_events)
+                                                        / (now - last)),
+                  joins_done=joined, news_complete=rec.joins_complete,
+                  known_min=min(known), known_mean=round(sum(known) / nodes),
+                  known_max=max(known), datagrams_in=pkts, datagram_bytes_in=byts,
+                  rss_mib=round(_rss_mib()))
+            last, last_sim, last_events = now, sim.now, sim.events
+            if done or over:
+                return done
 
 
 def lan1k(seed: int) -> bool:
@@ -101,13 +167,22 @@ def big(seed: int, nodes: int) -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("check", choices=["crash1k", "lan1k", "big", "all"])
+    ap.add_argument("check", choices=["crash1k", "crash10k", "converge10k", "lan1k", "big",
+                                      "all"])
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--nodes", type=int, default=10_000, help="for 'big'")
+    ap.add_argument("--nodes", type=int, default=10_000, help="for 'big' and the 10k checks")
+    ap.add_argument("--wall-budget", type=float, default=900.0,
+                    help="converge10k: stop after this many seconds of wall time")
+    ap.add_argument("--rss-cap-mib", type=float, default=14_000.0,
+                    help="converge10k: stop once the process holds this much memory")
     a = ap.parse_args()
     ok = True
     if a.check in ("crash1k", "all"):
         ok &= crash1k(a.seed)
+    if a.check == "crash10k":
+        ok &= crash_big(a.seed, a.nodes)
+    if a.check == "converge10k":
+        ok &= converge_probe(a.seed, a.nodes, a.wall_budget, a.rss_cap_mib)
     if a.check in ("lan1k", "all"):
         ok &= lan1k(a.seed)
     if a.check in ("big", "all"):
@@ -117,4 +192,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip tearing down 10^8 member records one by one

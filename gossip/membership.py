@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ from .queue import BroadcastQueue
 from .security import Plaintext, Seal, SealError
 from .suspicion import Suspicion
 from .wire import (
+    EMPTY_META,
     PACKET_OVERHEAD,
     Ack,
     Address,
@@ -65,6 +67,8 @@ from .wire import (
     decode_packet,
     encode_packet,
     encode_packet_raw,
+    encode_push_pull,
+    own_meta,
     pack_message,
 )
 
@@ -129,9 +133,12 @@ class Membership:
         self._quiet = False  # merge_state(quiet=True) in progress: queue nothing
         self._check_meta(meta or {})
         self.members[name] = Member(name, addr, self.incarnation, Status.ALIVE, now,
-                                    dict(meta or {}))
+                                    own_meta(meta or {}))
         #: Member names in an indexable list, for O(k) random sampling.
         self._roster: list[str] = [name]
+        #: Names of the members that are failed or left, so that counting the live
+        #: ones and the periodic reconnect and reap need not scan every member.
+        self._down: set[str] = set()
 
         self._effects: list[Effect] = []
         self._member_q = BroadcastQueue()
@@ -221,8 +228,18 @@ class Membership:
         except DecodeError:
             self.stats["packets_malformed"] += 1
             return
+        members = self.members
         for m in messages:
-            self._dispatch(now, source, m)
+            if type(m) is Alive and not self.leaving:
+                # Most of a join storm: news we already have, dropped here exactly as
+                # _on_alive would drop it.
+                known = members.get(m.node)
+                if known is not None and m.incarnation <= known.incarnation \
+                        and m.node != self.name:
+                    continue
+                self._on_alive(now, m)
+            else:
+                self._dispatch(now, source, m)
 
     def handle_stream(self, now: float, source: Address, body: bytes) -> bytes | None:
         """A peer sent one frame on a stream; returns the reply frame's body, if any."""
@@ -236,9 +253,9 @@ class Membership:
             self.stats["streams_malformed"] += 1
             return None
         if isinstance(msg, PushPull):
-            reply = self._local_push_pull(msg.join)
+            reply = self._push_pull_body(msg.join)  # our state before the merge
             self._merge(now, msg)
-            return self.seal.seal(encode_packet([reply]))
+            return reply
         if isinstance(msg, Ping):
             if msg.target != self.name:
                 self.stats["pings_misdirected"] += 1
@@ -315,7 +332,7 @@ class Membership:
         """Change our metadata; raises the incarnation so the change wins everywhere."""
         self._check_meta(meta)
         me = self.members[self.name]
-        me.meta = dict(meta)
+        me.meta = own_meta(meta)
         self.incarnation += 1
         me.incarnation = self.incarnation
         self._queue_member(self._self_alive())
@@ -323,9 +340,10 @@ class Membership:
     def merge_state(self, now: float, states: PushPull, *, quiet: bool = False) -> None:
         """Merge a full member list exactly as a push-pull exchange would.
 
-        ``quiet`` skips the broadcasts the merge would queue (one alive per new member):
-        for drivers that build a cluster which has long known these facts, such as the
-        simulator's warm start. Without it this is the push-pull merge itself."""
+        ``quiet`` skips the broadcasts the merge would queue (one alive per new member)
+        and the member events it would emit (delegates are still told): for drivers that
+        build a cluster which has long known these facts, such as the simulator's warm
+        start. Without it this is the push-pull merge itself."""
         self._quiet = quiet
         try:
             self._merge(now, states)
@@ -364,9 +382,10 @@ class Membership:
     def send_to(self, now: float, member: str, channel: str, payload: bytes) -> bool:
         """Send a delegate's message to one member only, over a stream (reliable, any
         size): how a delegate answers a digest with what the peer is missing. False if
-        ``member`` is unknown or not alive."""
+        ``member`` is unknown. Its status is not checked: a peer that just pushed its
+        state is reachable even if we still list it failed (a restart not yet refuted)."""
         m = self.members.get(member)
-        if m is None or member == self.name or m.status > Status.SUSPECT:
+        if m is None or member == self.name:
             return False
         body = self.seal.seal(encode_packet([UserMessage(channel, payload)]))
         self._stream(m, "user", body, expect_reply=False)
@@ -379,7 +398,7 @@ class Membership:
         return len(self.members)
 
     def num_live(self) -> int:
-        return sum(1 for m in self.members.values() if m.live)
+        return len(self.members) - len(self._down)
 
     def suspicion(self, name: str) -> Suspicion | None:
         return self._suspicions.get(name)
@@ -459,7 +478,7 @@ class Membership:
             return
         m = self.members.get(a.node)
         if m is None:
-            m = Member(a.node, a.addr, a.incarnation, Status.ALIVE, now, dict(a.meta))
+            m = Member(a.node, a.addr, a.incarnation, Status.ALIVE, now, own_meta(a.meta))
             self.members[a.node] = m
             self._roster.append(a.node)
             self._add_to_probe_order(a.node)
@@ -477,7 +496,7 @@ class Membership:
             return
         self._suspicions.pop(a.node, None)
         was, old_meta = m.status, m.meta
-        m.incarnation, m.addr, m.meta = a.incarnation, a.addr, dict(a.meta)
+        m.incarnation, m.addr, m.meta = a.incarnation, a.addr, own_meta(a.meta)
         self._queue_member(a)
         if was != Status.ALIVE:
             if not m.live:
@@ -644,6 +663,36 @@ class Membership:
         pos = self.rng.randint(lo, len(self._probe_order))
         self._probe_order.insert(pos, name)
 
+    def _add_many_to_probe_order(self, names: list[str]) -> None:
+        """``_add_to_probe_order`` for each name in turn: the same random draws and the
+        same resulting order, without a list insertion per name (each moves half the
+        round: O(n²) for a table of n members learnt at once, as in a warm start).
+
+        The insertions are replayed on an array of small indices (a quarter of the
+        bytes to move) and the names put in place once. ``randint(lo, size)`` is
+        CPython's rejection sampling on ``getrandbits`` for a plain ``Random``; it is
+        done inline here, which skips three layers of argument checks per name, and
+        ``tests/test_membership.py`` checks that both draw the same."""
+        order, lo, rng = self._probe_order, self._probe_index, self.rng
+        if len(names) < 16 or type(rng) is not random.Random:
+            for name in names:
+                self._add_to_probe_order(name)
+            return
+        pool = order[lo:]
+        base = len(pool)
+        pool += names
+        idx = array("H" if len(pool) <= 0xFFFF else "I", range(base))
+        insert, bits = idx.insert, rng.getrandbits
+        k = len(order) - lo + 1  # choices for the next position: lo..len(order)
+        for j in range(base, len(pool)):
+            width = k.bit_length()
+            r = bits(width)
+            while r >= k:
+                r = bits(width)
+            insert(r, j)
+            k += 1
+        order[lo:] = [pool[i] for i in idx]
+
     def _expire_relays(self, now: float) -> None:
         for seq, r in list(self._relays.items()):
             if now >= r.deadline:
@@ -701,17 +750,17 @@ class Membership:
         policy updates are never starved by membership churn; membership updates fill
         the rest, then application broadcasts take whatever is still free."""
         parts = [pack_message(m) for m in msgs]
-        budget = self._datagram_budget() - sum(len(p) for p in parts)
+        budget = self._datagram_budget() - sum(map(len, parts))
         limit = self.config.retransmit_limit(self.num_members())
         user_seen: set[int] = set()  # never the same application message twice per packet
         if self._user_q:
             got = self._user_q.take(budget // 2, limit, user_seen)
             parts += got
-            budget -= sum(len(p) for p in got)
+            budget -= sum(map(len, got))
         if self._member_q:
             got = self._member_q.take(budget, limit)
             parts += got
-            budget -= sum(len(p) for p in got)
+            budget -= sum(map(len, got))
         if self._user_q:
             parts += self._user_q.take(budget, limit, user_seen)
         self.stats["user_messages_out"] += len(user_seen)
@@ -732,13 +781,34 @@ class Membership:
 
     # ---- push-pull, join, reconnect, reap ------------------------------------------------
 
-    def _local_push_pull(self, join: bool) -> PushPull:
-        user = {c: d.local_state(join) for c, d in self._delegates.items()}
-        return PushPull(join, self.name, tuple(m.state() for m in self.members.values()),
-                        {c: s for c, s in user.items() if s})
-
     def _merge(self, now: float, pp: PushPull) -> None:
+        # Most rows of a push-pull repeat what we hold, and a warm start learns every
+        # member at once, so both are cut short here: an alive row no newer than our
+        # record is dropped exactly as _on_alive would drop it, and new members are
+        # learnt as _on_alive would learn them (roster and probe order in one batch).
+        # Anything else takes the general path, after the batch is flushed, so the
+        # random draws keep their order. (Delegates may draw from the generator when
+        # told of a join, so with delegates every row takes the general path.)
+        members, me, quiet = self.members, self.name, self._quiet
+        batch = not self._delegates
+        fresh: list[str] = []
         for s in pp.states:
+            if s.status == Status.ALIVE and batch:
+                name = s.name
+                m = members.get(name)
+                if m is None:
+                    m = members[name] = Member(name, s.addr, s.incarnation, Status.ALIVE, now,
+                                               dict(s.meta) if s.meta else EMPTY_META)
+                    fresh.append(name)
+                    if not quiet:
+                        self._queue_member(Alive(s.incarnation, name, s.addr, s.meta))
+                        self._emit(now, m, "join")
+                    continue
+                if s.incarnation <= m.incarnation and name != me:
+                    continue
+            if fresh:
+                self._learnt(fresh)
+                fresh = []
             if s.status == Status.ALIVE:
                 self._on_alive(now, Alive(s.incarnation, s.name, s.addr, s.meta))
             elif s.status == Status.LEFT:
@@ -747,13 +817,24 @@ class Membership:
                 # memberlist's rule: a remote "dead" is only a suspicion here, so one
                 # peer's stale view cannot fail a member outright.
                 self._on_suspect(now, Suspect(s.incarnation, s.name, self.name))
+        if fresh:
+            self._learnt(fresh)
         for channel, data in pp.user.items():
             d = self._delegates.get(channel)
             if d is not None:
                 d.merge_remote_state(now, data, pp.join, pp.source)
 
+    def _learnt(self, names: list[str]) -> None:
+        """The rest of ``_on_alive`` for members ``_merge`` has just added."""
+        self._roster += names
+        self._add_many_to_probe_order(names)
+
     def _push_pull_body(self, join: bool) -> bytes:
-        return self.seal.seal(encode_packet([self._local_push_pull(join)]))
+        user = {c: d.local_state(join) for c, d in self._delegates.items()}
+        rows = [(m.name, m.addr, m.incarnation, m.status, m.meta)
+                for m in self.members.values()]
+        return self.seal.seal(encode_push_pull(join, self.name, rows,
+                                               {c: s for c, s in user.items() if s}))
 
     def _periodic_push_pull(self, now: float) -> None:
         self._push_pull_at = now + self.config.push_pull_period(self.num_members())
@@ -794,18 +875,28 @@ class Membership:
 
     def _reconnect(self, now: float) -> None:
         """Try to merge with one failed member, so a healed partition joins back."""
-        failed = [m for m in self.members.values() if m.status == Status.DEAD]
-        if not failed:
+        members = self.members
+        n_failed = sum(1 for name in self._down if members[name].status == Status.DEAD)
+        if not n_failed:
             return
         alive = max(1, self.num_live())
-        if self.rng.random() > len(failed) / alive:
+        if self.rng.random() > n_failed / alive:
             return
+        # Picked in table order, as ever, so a run replays from its seed.
+        failed = [m for m in members.values() if m.status == Status.DEAD]
         m = self.rng.choice(failed)
         self.stats["reconnect_attempts"] += 1
         self._stream(m, "reconnect", self._push_pull_body(True), True)
 
     def _reap(self, now: float) -> None:
         cfg = self.config
+
+        def due(m: Member) -> bool:
+            limit = cfg.reap_failed_after if m.status == Status.DEAD else (
+                cfg.reap_left_after if m.status == Status.LEFT else INF)
+            return now - m.since >= limit
+        if not any(name != self.name and due(self.members[name]) for name in self._down):
+            return
         for name, m in list(self.members.items()):
             if name == self.name:
                 continue
@@ -814,6 +905,7 @@ class Membership:
             if now - m.since >= limit:
                 del self.members[name]
                 self._roster.remove(name)
+                self._down.discard(name)
                 self._emit(now, m, "reap")
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -841,11 +933,18 @@ class Membership:
     def _set_status(self, now: float, m: Member, status: int, kind: str) -> None:
         m.status = status
         m.since = now
+        if status >= Status.DEAD:
+            self._down.add(m.name)
+        else:
+            self._down.discard(m.name)
         self._emit(now, m, kind)
 
     def _emit(self, now: float, m: Member, kind: str) -> None:
+        if self._quiet and not self._delegates:
+            return
         ev = MemberEvent(kind, m.name, m.status, m.incarnation, m.addr, dict(m.meta))
-        self._effects.append(ev)
+        if not self._quiet:
+            self._effects.append(ev)
         for d in self._delegates.values():
             d.notify_member(now, ev)
 

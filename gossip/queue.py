@@ -30,6 +30,11 @@ class BroadcastQueue:
         self._by_key: dict[str, _Item] = {}
         self._serial = 0
         self._len = 0
+        #: How many queued items have each length: once a packet's free space is below
+        #: the shortest, ``take`` can stop scanning (a join storm queues thousands of
+        #: alives of 20-30 bytes, and the scan for one that still fits went through
+        #: all of them for every datagram).
+        self._sizes: dict[int, int] = {}
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -45,6 +50,7 @@ class BroadcastQueue:
         item = _Item(key, data, 0, self._serial)
         self._buckets.setdefault(0, {})[item.serial] = item
         self._len += 1
+        self._sizes[len(data)] = self._sizes.get(len(data), 0) + 1
         if key is not None:
             self._by_key[key] = item
         if self._len > self.max_items:
@@ -56,33 +62,53 @@ class BroadcastQueue:
         Each taken item counts one transmit; items reaching ``limit`` leave the queue.
         ``seen`` (filled with the serials taken) lets several takes fill one packet
         without putting an item in it twice, which would burn a transmit for nothing."""
-        out: list[bytes] = []
+        # Called for every datagram, and a busy queue fills one with ~55 items: the
+        # per-item work is kept inline (this is most of a join storm's send path).
+        buckets = self._buckets
+        if not buckets:
+            return []
+        # Below this no queued item fits: stopping there skips nothing takeable.
+        floor = max(self.MIN_MESSAGE, min(self._sizes))
         taken: list[_Item] = []
-        for t in sorted(self._buckets):
-            if budget < self.MIN_MESSAGE:
+        for t in sorted(buckets):
+            if budget < floor:
                 break
-            for item in reversed(self._buckets[t].values()):
+            bucket = buckets[t]
+            got: list[_Item] = []
+            for item in reversed(bucket.values()):
                 if seen is not None and item.serial in seen:
                     continue
-                if len(item.data) <= budget:
-                    out.append(item.data)
-                    taken.append(item)
-                    budget -= len(item.data)
-                    if budget < self.MIN_MESSAGE:
+                size = len(item.data)
+                if size <= budget:
+                    got.append(item)
+                    budget -= size
+                    if budget < floor:
                         break
-        for item in taken:
-            self._remove(item)
-            if seen is not None:
-                seen.add(item.serial)
+            if got:
+                for item in got:
+                    del bucket[item.serial]
+                if not bucket:
+                    del buckets[t]
+                taken += got
+        if not taken:
+            return []
+        self._len -= len(taken)
+        if seen is not None:
+            seen.update(item.serial for item in taken)
         # Re-file oldest first so that, within a bucket, newer items stay in front.
         for item in reversed(taken):
             item.transmits += 1
             if item.transmits < limit:
-                self._buckets.setdefault(item.transmits, {})[item.serial] = item
+                nxt = buckets.get(item.transmits)
+                if nxt is None:
+                    nxt = buckets[item.transmits] = {}
+                nxt[item.serial] = item
                 self._len += 1
-            elif item.key is not None:
-                del self._by_key[item.key]
-        return out
+            else:
+                self._forget_size(item)
+                if item.key is not None:
+                    del self._by_key[item.key]
+        return [item.data for item in taken]
 
     def contains(self, key: str) -> bool:
         return key in self._by_key
@@ -97,6 +123,15 @@ class BroadcastQueue:
         if not bucket:
             del self._buckets[item.transmits]
         self._len -= 1
+        self._forget_size(item)
+
+    def _forget_size(self, item: _Item) -> None:
+        size = len(item.data)
+        left = self._sizes[size] - 1
+        if left:
+            self._sizes[size] = left
+        else:
+            del self._sizes[size]
 
     def _drop_most_sent(self) -> None:
         """Over capacity: drop the item that was sent most (oldest among equals)."""

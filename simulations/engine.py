@@ -104,6 +104,11 @@ def gc_paused() -> Iterator[None]:
         yield
     finally:
         if was:
+            # What was allocated meanwhile is still "young": the next collections would
+            # walk all of it (10^8 member records at 10,000 nodes). Promote it to the
+            # oldest generation unvisited instead (freeze, then unfreeze into it).
+            gc.freeze()
+            gc.unfreeze()
             gc.enable()
 
 
@@ -194,6 +199,13 @@ class Simulator:
         return self.now - start
 
     # ---- effects --------------------------------------------------------------------------
+
+    def drive(self, idx: int, fn: Callable[[Membership], object]) -> None:
+        """Call ``fn(core)`` on node ``idx`` now and carry out what it asked for: how a
+        scenario acts through a delegate (e.g. publishes a policy) as a shell would."""
+        node = self.nodes[idx]
+        fn(node.core)
+        self._after(node)
 
     def _after(self, node: SimNode) -> None:
         """Carry out what the core asked for, then file its next timer."""

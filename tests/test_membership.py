@@ -12,7 +12,16 @@ from rumor.gossip.delegate import Delegate
 from rumor.gossip.membership import Membership
 from rumor.gossip.queue import BroadcastQueue
 from rumor.gossip.suspicion import Suspicion
-from rumor.gossip.wire import Ping, Status, Suspect, decode_packet
+from rumor.gossip.wire import (
+    EMPTY_META,
+    Dead,
+    MemberState,
+    Ping,
+    PushPull,
+    Status,
+    Suspect,
+    decode_packet,
+)
 
 from .fakenet import FakeNet
 
@@ -353,7 +362,6 @@ def test_lifeguard_off_uses_fixed_suspicion_and_no_awareness() -> None:
 
 
 def test_quiet_merge_learns_members_without_queueing_broadcasts() -> None:
-    from rumor.gossip.wire import MemberState, PushPull
     c = Membership("me", ("10.0.0.1", 1), CFG, random.Random(1))
     states = tuple(MemberState(f"p{i}", ("10.0.0.9", i + 10), 1, Status.ALIVE, {})
                    for i in range(40))
@@ -364,3 +372,97 @@ def test_quiet_merge_learns_members_without_queueing_broadcasts() -> None:
     assert len(c._member_q) == 1, "a normal merge spreads what it learnt"
     c.spread_push_pull(0.0)
     assert 0.0 <= c._push_pull_at <= CFG.push_pull_period(42)
+
+
+# ---- fast paths: each must behave exactly like the general code it shortcuts ----------
+
+
+def _core(seed: int, name: str = "me") -> Membership:
+    return Membership(name, ("10.0.0.1", 1), CFG, random.Random(seed))
+
+
+def _snapshot(c: Membership) -> tuple[object, ...]:
+    members = [(m.name, m.addr, m.incarnation, m.status, m.since, dict(m.meta))
+               for m in c.members.values()]
+    return (members, list(c._roster), list(c._probe_order), c._probe_index,
+            sorted(c._down), c.num_live(), c.incarnation, len(c._member_q),
+            sorted(c._suspicions), c.rng.getstate(), c.take_effects())
+
+
+@pytest.mark.parametrize("lo,size,new", [(0, 0, 20), (0, 0, 700), (3, 10, 40), (7, 7, 100),
+                                         (0, 50, 16), (2, 30, 5)])
+def test_batched_probe_order_insertion_draws_and_places_like_one_by_one(
+        lo: int, size: int, new: int) -> None:
+    a, b = _core(5), _core(5)
+    for c in (a, b):
+        c._probe_order = [f"old{i}" for i in range(size)]
+        c._probe_index = lo
+    names = [f"new{i}" for i in range(new)]
+    for name in names:
+        a._add_to_probe_order(name)
+    b._add_many_to_probe_order(names)
+    assert a._probe_order == b._probe_order
+    assert a.rng.getstate() == b.rng.getstate()
+
+
+def test_merge_fast_path_matches_the_general_path() -> None:
+    """Without delegates, ``_merge`` skips rows it already knows and learns new members
+    in a batch; with one (which may draw from the generator) every row takes the
+    general path. Both must leave the same tables, queue, effects and generator."""
+
+    def run(with_delegate: bool, quiet: bool) -> tuple[object, ...]:
+        c = _core(9)
+        if with_delegate:
+            c.register(type("D", (Delegate,), {"channel": "x"})())
+        for _ in range(3):  # some probing first, so the round is under way
+            c.merge_state(0.0, PushPull(False, "p", tuple(
+                MemberState(f"p{i}", ("10.0.1.1", i), 2, Status.ALIVE, {})
+                for i in range(30)), {}), quiet=quiet)
+        c._probe_index = 4
+        c._on_dead(1.0, Dead(2, "p3", "accuser"))
+        rows = [MemberState(f"q{i}", ("10.0.2.1", i), 1, Status.ALIVE, {"k": str(i)} if i % 3
+                            else {}) for i in range(40)]
+        rows[5:5] = [MemberState("p1", ("10.0.1.1", 1), 1, Status.ALIVE, {}),  # stale
+                     MemberState("p2", ("10.0.1.1", 2), 3, Status.ALIVE, {"v": "2"}),
+                     MemberState("p3", ("10.0.1.1", 3), 4, Status.ALIVE, {}),  # revives
+                     MemberState("p4", ("10.0.1.1", 4), 2, Status.DEAD, {}),
+                     MemberState("p5", ("10.0.1.1", 5), 2, Status.LEFT, {}),
+                     MemberState("me", ("10.0.0.1", 1), 1, Status.ALIVE, {}),
+                     MemberState("me", ("10.0.0.1", 1), 5, Status.ALIVE, {}),  # refute
+                     MemberState("q7", ("10.0.2.1", 7), 1, Status.ALIVE, {})]  # twice
+        c.merge_state(2.0, PushPull(False, "p", tuple(rows), {}), quiet=quiet)
+        return _snapshot(c)
+
+    for quiet in (False, True):
+        fast, general = run(False, quiet), run(True, quiet)
+        assert fast == general
+
+
+def test_live_count_and_down_set_follow_every_status_change() -> None:
+    cfg = CFG.with_overrides(reap_failed_after=40.0)
+    net = FakeNet(cfg)
+    net.cluster(6)
+    net.nodes["n1"].leave(net.now)
+    net.flush("n1")
+    net.run(2)
+    net.crash("n1")
+    net.crash("n4")
+    for limit in (25, 60):
+        net.run(limit)
+        for o in net.live_names():
+            c = net.nodes[o]
+            assert c.num_live() == sum(1 for m in c.members.values() if m.live)
+            assert c._down == {n for n, m in c.members.items() if not m.live}
+    assert all(net.status(o, "n4") is None for o in net.live_names())  # reaped
+
+
+def test_members_without_metadata_share_one_read_only_map() -> None:
+    c = _core(1)
+    c.merge_state(0.0, PushPull(False, "p", (
+        MemberState("a", ("10.0.0.2", 1), 1, Status.ALIVE, {}),
+        MemberState("b", ("10.0.0.3", 1), 1, Status.ALIVE, {"role": "db"})), {}))
+    assert c.members["a"].meta is EMPTY_META and c.members["me"].meta is EMPTY_META
+    assert c.members["b"].meta == {"role": "db"}
+    with pytest.raises(TypeError):
+        c.members["a"].meta["x"] = "y"
+    assert EMPTY_META == {}

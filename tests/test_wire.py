@@ -125,3 +125,41 @@ def test_parse_address(text: str, expected: tuple[str, int]) -> None:
 def test_parse_address_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError):
         parse_address(text, default_port=None if text == "host:" else 7946)
+
+
+@given(st.booleans(), names, st.lists(states, max_size=6),
+       st.dictionaries(names, st.binary(max_size=20), max_size=2))
+def test_push_pull_fast_encoding_gives_the_same_bytes(join: bool, source: str,
+                                                      rows: list[MemberState],
+                                                      user: dict[str, bytes]) -> None:
+    plain = wire.encode_packet([PushPull(join, source, tuple(rows), user)])
+    fast = wire.encode_push_pull(join, source, [(s.name, s.addr, s.incarnation, s.status,
+                                                 s.meta) for s in rows], user)
+    assert fast == plain
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_push_pull_and_multi_message_prefixes_with_garbage_raise_only_decode_error(
+        tail: bytes) -> None:
+    """The fast paths (push-pull frames, datagrams of several messages) take their own
+    route through msgpack; hostile bytes there must still raise only DecodeError."""
+    for head in (b"\x01\x91\x95\x09", b"\x01\x92", b"\x01\x93\x95\x05"):
+        for decode in (wire.decode_packet, wire.decode_frame_body):
+            with contextlib.suppress(DecodeError):
+                decode(head + tail)
+
+
+def test_decoded_rows_and_broadcasts_are_shared_and_empty_meta_is_shared() -> None:
+    row = MemberState("n1", ("10.0.0.1", 7946), 3, 0, {})
+    a = wire.decode_frame_body(wire.encode_packet([PushPull(False, "x", (row,), {})]))
+    b = wire.decode_frame_body(wire.encode_packet([PushPull(True, "y", (row,), {})]))
+    assert isinstance(a, PushPull) and isinstance(b, PushPull)
+    assert a.states[0] is b.states[0] and a.states[0] == row
+    assert a.states[0].meta is wire.EMPTY_META
+    alive = Alive(3, "n1", ("10.0.0.1", 7946), {})
+    p1 = wire.decode_packet(wire.encode_packet([Ack(1), alive]))
+    p2 = wire.decode_packet(wire.encode_packet([Ack(2), alive]))
+    assert p1[1] is p2[1] and p1 == [Ack(1), alive] and p2[0] == Ack(2)
+    with pytest.raises(DecodeError):  # trailing bytes after the messages
+        wire.decode_packet(wire.encode_packet([Ack(1), alive]) + b"\x00")
