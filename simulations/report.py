@@ -80,6 +80,10 @@ def summary(report: dict[str, Any]) -> str:
         if dis:
             for pct in ("50", "99", "100"):
                 dists.append(_dist_row(f"{key} to {pct}% (s)", dis[f"to_{pct}pct_s"]))
+    for key, label in (("hold_time_s", "time to hold the document (s)"),
+                       ("copies_received_per_node", "copies received per node")):
+        if key in res:
+            dists.append(_dist_row(label, res[key]))
     if dists:
         out.append(_table(dists, ["figure", "n", "min", "mean", "p50", "p99", "max"]))
     facts: list[list[str]] = []

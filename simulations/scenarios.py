@@ -440,7 +440,14 @@ def _track(sim: Simulator, rec: Recorder, idx: int) -> Callable[[], None]:
     return run
 
 
+def policy(p: Params, progress: Progress | None = None) -> dict[str, Any]:
+    """A signed document published at one node: time until 50/99/100% hold it (see
+    ``policy_scenario.py``; imported here lazily, it builds on these helpers)."""
+    from .policy_scenario import policy as run
+    return run(p, progress)
+
+
 SCENARIOS: dict[str, Callable[[Params, Progress | None], dict[str, Any]]] = {
     "converge": converge, "crash": crash, "loss": loss, "slow": slow,
-    "partition": partition, "churn": churn,
+    "partition": partition, "churn": churn, "policy": policy,
 }
