@@ -12,7 +12,7 @@ import json
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -99,6 +99,18 @@ class Mesh:
         for _ in range(n):
             status, hs, _ = self.get("/", headers, conn=c)
             seen[hs.get("x-backend", str(status))] += 1
+        c.close()
+        return seen
+
+    def get_until(self, done: Callable[[], bool], limit: int) -> Counter[str]:
+        """Requests one by one until ``done()`` (at most ``limit``)."""
+        c = self.conn()
+        seen: Counter[str] = Counter()
+        for _ in range(limit):
+            status, hs, _ = self.get("/", conn=c)
+            seen[hs.get("x-backend", str(status))] += 1
+            if done():
+                break
         c.close()
         return seen
 
@@ -192,9 +204,9 @@ window = "10s"
 enabled = false
 """)
     mesh.backends["b1"].status = 503
-    # The others turn slow, so the balancer tries the (fast-failing) b1.
-    mesh.backends["b2"].delay = mesh.backends["b3"].delay = 0.02
-    seen = mesh.get_all(40)
+    # The others turn slow, so the balancer soon tries the (fast-failing) b1.
+    mesh.backends["b2"].delay = mesh.backends["b3"].delay = 0.1
+    seen = mesh.get_until(lambda: mesh.backends["b1"].hits > 0, 60)
     assert seen["503"] == 0 and seen["b1"] == 0, seen  # every b1 answer was retried
     assert mesh.backends["b1"].hits > 0
     # Full outage: every backend fails; retries stay within the budget.
@@ -275,9 +287,10 @@ max_ejected_percent = 50
 """)
     mesh.publish("route", "web-routes", 'service = "web"\n')  # all instances
     # The others turn slow, so the balancer tries the (fast-failing) b2.
-    mesh.backends["b1"].delay = mesh.backends["b3"].delay = 0.03
+    mesh.backends["b1"].delay = mesh.backends["b3"].delay = 0.1
     mesh.backends["b2"].status = 500
-    seen = mesh.get_all(30)
+    seen = mesh.get_until(lambda: mesh.backends["b2"].hits > 0, 60)
+    mesh.backends["b1"].delay = mesh.backends["b3"].delay = 0.02
     hits = mesh.backends["b2"].hits
     assert 1 <= hits <= 3 and seen["b2"] == hits, (hits, seen)  # its 500s reached us
     log = mesh.caller.log
