@@ -227,18 +227,21 @@ async def _read_head(conn: h11.Connection, stream: trio.SocketStream, limits: Pr
     try:
         # Idle keep-alive wait: the first byte of the next request.
         event = conn.next_event()
-        if event is h11.NEED_DATA:
-            with trio.move_on_after(limits.idle_timeout) as idle:
-                data = await stream.receive_some(RECEIVE_CHUNK)
-            if idle.cancelled_caught:
-                return None
-            conn.receive_data(data)  # b"" (closed) becomes ConnectionClosed
-            event = conn.next_event()
-        with trio.fail_after(limits.head_timeout):
+        # One scope: first the keep-alive idle limit, then, from the first byte of the
+        # request on, the limit for the whole head.
+        with trio.CancelScope(deadline=trio.current_time() + limits.idle_timeout) as scope:
+            first = True
             while event is h11.NEED_DATA:
                 data = await stream.receive_some(RECEIVE_CHUNK)
-                conn.receive_data(data)
+                if first:
+                    first = False
+                    scope.deadline = trio.current_time() + limits.head_timeout
+                conn.receive_data(data)  # b"" (closed) becomes ConnectionClosed
                 event = conn.next_event()
+        if scope.cancelled_caught:
+            if first:
+                return None  # idle keep-alive connection: close quietly
+            raise trio.TooSlowError
         if isinstance(event, h11.Request):
             # h11 bounds a head still arriving; one that came in a single read is
             # measured here, so the limit does not depend on how bytes were split.

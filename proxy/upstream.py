@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import httpcore
 import trio
 
+from .net_backend import LeanTrioBackend
 from .stream_server import ClientGone, UpstreamBroken
 
 CONNECT_FAILURE = "connect-failure"
@@ -63,7 +64,7 @@ class Upstreams:
                  keepalive_expiry: float = 30.0, body_idle_timeout: float = 60.0) -> None:
         self.pool = httpcore.AsyncConnectionPool(
             max_connections=max_connections, max_keepalive_connections=keepalive,
-            keepalive_expiry=keepalive_expiry)
+            keepalive_expiry=keepalive_expiry, network_backend=LeanTrioBackend())
         self.body_idle_timeout = body_idle_timeout
 
     async def send(self, method: bytes, host: str, port: int, target: bytes,
@@ -75,10 +76,10 @@ class Upstreams:
         url = httpcore.URL(scheme=b"http", host=host.encode(), port=port, target=target)
         request = httpcore.Request(
             method, url, headers=headers, content=body,
-            extensions={"timeout": {"connect": connect_timeout,
-                                    "read": self.body_idle_timeout,
-                                    "write": self.body_idle_timeout,
-                                    "pool": per_try_timeout}})
+            # Only the connect timeout goes to httpcore: the per-try scope below bounds
+            # everything up to the response headers, and the server's moving deadline
+            # bounds the body (no scope per read: see net_backend.py).
+            extensions={"timeout": {"connect": connect_timeout}})
         try:
             with trio.fail_after(per_try_timeout):
                 response = await self.pool.handle_async_request(request)
