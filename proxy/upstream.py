@@ -46,6 +46,9 @@ class UpstreamResponse:
     status: int
     headers: list[tuple[bytes, bytes]]
     _response: httpcore.Response
+    _pool: Upstreams
+    _key: tuple[str, int]
+    _conn: httpcore.AsyncHTTP11Connection
 
     async def body(self) -> AsyncIterator[bytes]:
         try:
@@ -56,16 +59,30 @@ class UpstreamResponse:
             raise UpstreamBroken(f"{type(exc).__name__}: {exc}") from None
 
     async def release(self) -> None:
+        """Done with the response: the connection goes back to the pool if the
+        exchange completed cleanly, else it is closed."""
         await self._response.aclose()
+        if not self._pool.give_back(self._key, self._conn):
+            await self._conn.aclose()
 
 
 class Upstreams:
-    def __init__(self, *, max_connections: int = 4096, keepalive: int = 256,
-                 keepalive_expiry: float = 30.0, body_idle_timeout: float = 60.0) -> None:
-        self.pool = httpcore.AsyncConnectionPool(
-            max_connections=max_connections, max_keepalive_connections=keepalive,
-            keepalive_expiry=keepalive_expiry, network_backend=LeanTrioBackend())
-        self.body_idle_timeout = body_idle_timeout
+    """Keep-alive HTTP/1.1 connections (httpcore's) to every upstream, per origin.
+
+    Why not ``httpcore.AsyncConnectionPool``: it is general (HTTP/2, proxies, waiting
+    for a free slot under a global limit) and that generality is about a third of a
+    sidecar's CPU per request. A proxy hop needs less: take an idle connection to the
+    origin or open one, send, hand it back when the response is done. The HTTP work
+    itself is httpcore's ``AsyncHTTP11Connection``; concurrency limits live in the
+    circuit breaker, not here.
+    """
+
+    def __init__(self, *, keepalive: int = 256, keepalive_expiry: float = 30.0) -> None:
+        self.keepalive = keepalive
+        self.keepalive_expiry = keepalive_expiry
+        self._backend = LeanTrioBackend()
+        self._idle: dict[tuple[str, int], list[httpcore.AsyncHTTP11Connection]] = {}
+        self.stats = {"connections_opened": 0, "stale_retries": 0}
 
     async def send(self, method: bytes, host: str, port: int, target: bytes,
                    headers: list[tuple[bytes, bytes]],
@@ -74,27 +91,66 @@ class Upstreams:
         """Send one try and return once the response headers are in. ``headers`` must
         already carry Host and framing (Content-Length or chunked)."""
         url = httpcore.URL(scheme=b"http", host=host.encode(), port=port, target=target)
-        request = httpcore.Request(
-            method, url, headers=headers, content=body,
-            # Only the connect timeout goes to httpcore: the per-try scope below bounds
-            # everything up to the response headers, and the server's moving deadline
-            # bounds the body (no scope per read: see net_backend.py).
-            extensions={"timeout": {"connect": connect_timeout}})
+        request = httpcore.Request(method, url, headers=headers, content=body)
+        key = (host, port)
         try:
             with trio.fail_after(per_try_timeout):
-                response = await self.pool.handle_async_request(request)
+                while True:
+                    conn, reused = await self._take(key)
+                    if conn is None:
+                        conn = await self._connect(key, url, connect_timeout)
+                    try:
+                        response = await conn.handle_async_request(request)
+                        break
+                    except (httpcore.ReadError, httpcore.WriteError,
+                            httpcore.RemoteProtocolError):
+                        # A reused connection the upstream closed as we picked it:
+                        # the request never got an answer, so send it on a new one
+                        # (only when the body can be sent again).
+                        if not reused or not isinstance(body, (bytes, type(None))):
+                            raise
+                        self.stats["stale_retries"] += 1
         except trio.TooSlowError:
             raise TryFailed(TIMEOUT, f"no response within {per_try_timeout:g} s") from None
         except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
             raise TryFailed(CONNECT_FAILURE, str(exc) or type(exc).__name__) from None
-        except httpcore.PoolTimeout:
-            raise TryFailed(TIMEOUT, "no connection free in time") from None
         except ClientGone:
             raise
         except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException,
                 OSError) as exc:
             raise TryFailed(RESET, f"{type(exc).__name__}: {exc}") from None
-        return UpstreamResponse(response.status, list(response.headers), response)
+        return UpstreamResponse(response.status, list(response.headers), response,
+                                self, key, conn)
+
+    async def _take(self, key: tuple[str, int]
+                    ) -> tuple[httpcore.AsyncHTTP11Connection | None, bool]:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()  # most recently used: warmest, least likely closed
+            if conn.is_idle() and not conn.has_expired():
+                return conn, True
+            await conn.aclose()  # expired, or the upstream closed it
+        return None, False
+
+    async def _connect(self, key: tuple[str, int], url: httpcore.URL,
+                       timeout: float) -> httpcore.AsyncHTTP11Connection:
+        stream = await self._backend.connect_tcp(key[0], key[1], timeout=timeout)
+        self.stats["connections_opened"] += 1
+        return httpcore.AsyncHTTP11Connection(url.origin, stream,
+                                              keepalive_expiry=self.keepalive_expiry)
+
+    def give_back(self, key: tuple[str, int], conn: httpcore.AsyncHTTP11Connection) -> bool:
+        """Keep ``conn`` for the next request if it can carry one."""
+        if not conn.is_idle():
+            return False
+        idle = self._idle.setdefault(key, [])
+        if len(idle) >= self.keepalive:
+            return False
+        idle.append(conn)
+        return True
 
     async def aclose(self) -> None:
-        await self.pool.aclose()
+        for idle in self._idle.values():
+            for conn in idle:
+                await conn.aclose()
+        self._idle.clear()
