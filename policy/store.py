@@ -149,12 +149,9 @@ class PolicyStore:
                                 f"this agent already holds {MAX_DOCUMENTS} documents")
         conflict = ""
         if held is not None and env.version == held.envelope.version:
-            conflict = self._equivocation(env, held)
-            if held.envelope.digest < digest:
-                out = self._reject(digest, env.name, env.version, "equivocation",
-                                   f"{conflict}; the held payload wins (lower digest)")
-                out.conflict = conflict
-                return out
+            conflict, lost = self._equivocation(env, held)
+            if lost is not None:
+                return lost
         self.held[env.name] = Held(env, doc, now, origin)
         self.counts["accepted"] += 1
         return Outcome(ACCEPTED, env.name, env.version, envelope=env, conflict=conflict)
@@ -198,12 +195,9 @@ class PolicyStore:
                                 f"trust rotation needs both thresholds; {which}")
         conflict = ""
         if known is not None:
-            conflict = self._equivocation(env, known)
-            if known.envelope.digest < digest:
-                out = self._reject(digest, env.name, env.version, "equivocation",
-                                   f"{conflict}; the held payload wins (lower digest)")
-                out.conflict = conflict
-                return out
+            conflict, lost = self._equivocation(env, known)
+            if lost is not None:
+                return lost
         self.trust_chain[env.version] = Held(env, doc, now, origin)
         self.counts["accepted"] += 1
         self.counts["trust_rotations"] += 1
@@ -326,7 +320,18 @@ class PolicyStore:
                                 f"is {doc.kind} {doc.name!r}")
         return doc
 
-    def _equivocation(self, env: Envelope, held: Held) -> str:
+    def _equivocation(self, env: Envelope, held: Held) -> tuple[str, Outcome | None]:
+        """Record the conflict; the rejection to return if ``env`` loses (the lower
+        digest wins everywhere), else None."""
+        text = self._record_conflict(env, held)
+        if held.envelope.digest < env.digest:
+            out = self._reject(env.digest, env.name, env.version, "equivocation",
+                               f"{text}; the held payload wins (lower digest)")
+            out.conflict = text
+            return text, out
+        return text, None
+
+    def _record_conflict(self, env: Envelope, held: Held) -> str:
         a, b = sorted([env.digest.hex()[:16], held.envelope.digest.hex()[:16]])
         text = f"two different documents claim {env.name!r} version {env.version} ({a}, {b})"
         record: dict[str, object] = {"name": env.name, "version": env.version,
