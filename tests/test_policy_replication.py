@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from hypothesis import given, settings
@@ -91,10 +92,8 @@ def test_forged_document_is_not_forwarded() -> None:
 @given(st.binary(max_size=512))
 def test_hostile_channel_bytes_raise_only_the_codec_error(data: bytes) -> None:
     for decode in (decode_message, decode_state):
-        try:
+        with contextlib.suppress(ReplicationDecodeError):  # anything else fails the test
             decode(data)
-        except ReplicationDecodeError:
-            pass
 
 
 def test_digest_roundtrip() -> None:
