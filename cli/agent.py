@@ -58,6 +58,7 @@ class AgentOptions:
     inbound: Address | None = None
     identity: str | None = None
     access_log: str | None = None
+    balancer_decay: float = 10.0
 
 
 class StartupError(Exception):
@@ -160,7 +161,7 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
     if opts.outbound is not None:
         identity = opts.identity or _default_identity(opts)
         outbound = OutboundProxy(node, evaluator, identity=identity, metrics=metrics,
-                                 access_log=access_log)
+                                 access_log=access_log, decay=opts.balancer_decay)
         port = await _listen(nursery, outbound, opts.outbound, "outbound", metrics)
         log.info("outbound listener on %s:%d (calling as %s)", opts.outbound[0], port,
                  identity or "an unknown service",

@@ -67,6 +67,16 @@ def _address(default_port: int | None = None) -> type:
     return parse  # type: ignore[return-value]
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -126,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--identity", metavar="SERVICE",
                    help="the service this host calls as (x-rumor-source; default: its "
                    "local service when it runs exactly one)")
+    a.add_argument("--balancer-decay", type=_positive_float, default=10.0, metavar="SECONDS",
+                   help="how fast the outbound balancer forgets latency (peak-EWMA time "
+                   "constant, default 10)")
     a.add_argument("--access-log", metavar="FILE",
                    help="write one JSON line per proxied request to FILE ('-': stdout)")
     a.add_argument("--trust-key", action="append", default=[], metavar="FILE",
@@ -339,7 +352,7 @@ def _agent(args: argparse.Namespace) -> int:
                         data_dir=args.data_dir,
                         outbound=_const_address(args.outbound),
                         inbound=_inbound(args), identity=args.identity,
-                        access_log=args.access_log)
+                        access_log=args.access_log, balancer_decay=args.balancer_decay)
     failures: list[BaseException] = []
     try:
         trio.run(run_agent, opts)
