@@ -44,7 +44,6 @@ class Policies:
                                            wall_offset=self._wall_offset)
         self.replicator.on_outcome(self._on_outcome)
         self.evaluator = Evaluator([])
-        self._changed = trio.Event()
         self._timer: trio.CancelScope | None = None
 
     def start(self) -> list[str]:
@@ -83,9 +82,6 @@ class Policies:
                 "stats": {**self.store.stats(), **self.replicator.stats},
                 "conflicts": list(self.store.conflicts),
                 "evaluator_conflicts": list(self.evaluator.conflicts)}
-
-    async def wait_changed(self) -> None:
-        await self._changed.wait()
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -157,7 +153,5 @@ class Policies:
 
     def _refresh(self) -> None:
         self.evaluator = Evaluator(self.store.documents())
-        self._changed.set()
-        self._changed = trio.Event()
         if self._timer is not None:
             self._timer.deadline = -math.inf  # the next expiry may be sooner now

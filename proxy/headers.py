@@ -45,6 +45,18 @@ def end_to_end(headers: list[tuple[bytes, bytes]], *,
             if k not in HOP_BY_HOP and k not in named and k not in drop]
 
 
+def response_headers(upstream: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An upstream response's headers for the client: end-to-end ones, plus its
+    Content-Length (kept so the client sees the same framing; without one the writer
+    chunks)."""
+    hs = end_to_end(upstream)
+    for k, v in upstream:
+        if k == b"content-length":
+            hs.append((k, v))
+            break
+    return hs
+
+
 def forwarded_for(headers: list[tuple[bytes, bytes]], client_host: str) -> None:
     """Append the client to ``x-forwarded-for`` (in place)."""
     for i, (k, v) in enumerate(headers):

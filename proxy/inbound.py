@@ -30,6 +30,7 @@ from .headers import (
     end_to_end,
     forwarded_for,
     parse_target,
+    response_headers,
 )
 from .metrics import ProxyMetrics
 from .stream_server import ClientGone, Incoming, Outgoing, simple_response
@@ -98,11 +99,7 @@ class InboundProxy:
         except ClientGone:
             raise
         headers_at = trio.current_time()
-        out_headers = end_to_end(resp.headers)
-        for k, v in resp.headers:
-            if k == b"content-length":
-                out_headers.append((k, v))
-                break
+        out_headers = response_headers(resp.headers)
         if self.metrics:
             self.metrics.observe_latency("inbound", service, headers_at - started)
         status = resp.status

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from .headers import (
     end_to_end,
     forwarded_for,
     parse_target,
+    response_headers,
 )
 from .metrics import ProxyMetrics
 from .resilience import CircuitBreaker, OutlierDetector, RetryBudgetTracker, backoff
@@ -149,9 +150,12 @@ class OutboundProxy:
             return self._answer(req, started, service, 503,
                                 f"no healthy instance of {service}" if known
                                 else f"unknown service {service!r}")
-        decision = ev.route(service, {k.decode("latin-1"): v.decode("latin-1")
-                                      for k, v in req.headers})
-        subset = decision.choose(self.rng.random()) if decision.split else ALL_INSTANCES
+        subset = ALL_INSTANCES
+        if ev.policy_name("route", service) is not None:  # decode headers only for rules
+            decision = ev.route(service, {k.decode("latin-1"): v.decode("latin-1")
+                                          for k, v in req.headers})
+            if decision.split:
+                subset = decision.choose(self.rng.random())
         cands = [e for e in endpoints if subset.matches(e.version, e.tags)]
         if not cands:
             return self._answer(req, started, service, 503,
@@ -229,14 +233,12 @@ class OutboundProxy:
             # A fresh start: the failures that got it ejected are already paid for,
             # and its penalised latency would otherwise keep it idle for a minute.
             self.balancer.forget([back])
+            self._seed(e for e in cands if e.key == back)
             log.info("readmitted %s after its ejection", back,
                      extra={"event": "readmitted", "instance": back})
         live = [e for e in cands if not state.outliers.is_ejected(now, e.key)] or cands
         fresh = [e for e in live if e.key not in tried] or live
         by_key = {e.key: e for e in fresh}
-        for e in fresh:
-            if e.rtt is not None:
-                self.balancer.seed(e.key, e.rtt)
         picked = self.balancer.pick(now, list(by_key))
         assert picked is not None
         return by_key[picked]
@@ -285,11 +287,7 @@ class OutboundProxy:
                  ep: Endpoint, status: int, upstream_headers: list[tuple[bytes, bytes]],
                  body: AsyncIterator[bytes], release: Any, attempts: int,
                  trace: str) -> Outgoing:
-        hs = end_to_end(upstream_headers)
-        for k, v in upstream_headers:
-            if k == b"content-length":
-                hs.append((k, v))
-                break
+        hs = response_headers(upstream_headers)
         if self.metrics:
             self.metrics.observe_latency("outbound", service, headers_at - started)
 
@@ -358,9 +356,20 @@ class OutboundProxy:
             out.append(Endpoint(f"{inst.node}/{inst.id}", inst.node, inst.id, inst.version,
                                 inst.tags, host, port, inst.rtt))
         self._endpoints[service] = (index, now, out)
-        self.balancer.forget_except({e.key for eps in self._endpoints.values()
-                                     for e in eps[2]})
+        # Per refresh, not per request: cold-start estimates from the gossip RTT (the
+        # balancer ignores a seed once it has measured), and no state kept for
+        # instances that are gone.
+        self._seed(out)
+        keys = {e.key for eps in self._endpoints.values() for e in eps[2]}
+        self.balancer.forget_except(keys)
+        for st in self._services.values():
+            st.outliers.forget_except(keys)
         return out
+
+    def _seed(self, endpoints: Iterable[Endpoint]) -> None:
+        for e in endpoints:
+            if e.rtt is not None:
+                self.balancer.seed(e.key, e.rtt)
 
     async def aclose(self) -> None:
         await self.upstreams.aclose()

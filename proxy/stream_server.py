@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import h11
 import trio
@@ -136,7 +136,6 @@ class Outgoing:
     body: bytes | AsyncIterator[bytes] = b""
     release: Callable[[], Awaitable[None]] | None = None
     on_done: Callable[[int, bool], None] | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 ProxyHandler = Callable[[Incoming], Awaitable[Outgoing]]
