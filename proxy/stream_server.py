@@ -146,10 +146,11 @@ ErrorHook = Callable[[str, int, str], None]
 def simple_response(status: int, reason: str, *, body: str | None = None,
                     headers: list[tuple[bytes, bytes]] | None = None) -> Outgoing:
     """A short text answer with an ``x-rumor-error`` header saying why (for 4xx/5xx the
-    proxy itself produced, so they are never mistaken for the upstream's)."""
+    proxy itself produced, so they are never mistaken for the upstream's). Only these
+    say ``server: rumor``: a proxied response keeps the upstream's own Server header."""
     text = (body if body is not None else f"{status} {reason_phrase(status).decode()}: "
             f"{reason}\n").encode()
-    hs = [(b"content-type", b"text/plain; charset=utf-8"),
+    hs = [(b"server", SERVER_NAME.encode()), (b"content-type", b"text/plain; charset=utf-8"),
           (b"content-length", str(len(text)).encode()),
           (b"x-rumor-error", reason.encode("ascii", "replace")[:512]), *(headers or [])]
     return Outgoing(status, hs, text)
@@ -295,8 +296,7 @@ async def _send(conn: h11.Connection, stream: trio.SocketStream, req: Incoming,
     sent = 0
     complete = False
     try:
-        headers = [(b"server", SERVER_NAME.encode()), *out.headers]
-        head = conn.send(h11.Response(status_code=out.status, headers=headers,
+        head = conn.send(h11.Response(status_code=out.status, headers=out.headers,
                                       reason=reason_phrase(out.status))) or b""
         if isinstance(out.body, bytes):
             data = head
@@ -304,8 +304,13 @@ async def _send(conn: h11.Connection, stream: trio.SocketStream, req: Incoming,
                 data += conn.send(h11.Data(data=out.body)) or b""
                 sent = len(out.body)
             data += conn.send(h11.EndOfMessage()) or b""
-            with trio.fail_after(limits.body_idle_timeout):
+            with trio.CancelScope(deadline=trio.current_time() + limits.body_idle_timeout
+                                  ) as scope:
                 await stream.send_all(data)
+            if scope.cancelled_caught:
+                log.debug("response to %s not read for %g s; closing", req.client,
+                          limits.body_idle_timeout)
+                return False
         else:
             # One scope whose deadline moves with progress: an idle limit on both the
             # upstream's chunks and the client's reading, without a scope per chunk.
