@@ -11,7 +11,8 @@ starts, in the harness's process session:
 So every request takes the path of the mesh: load generator → caller's outbound →
 a callee's inbound → backend. The caller only learns the instances through gossip
 and picks among them with its own balancer (p2c over peak EWMA); nothing tells it
-which backend is degraded. Exits (taking every agent with it) on SIGTERM.
+which backend is degraded. Agents gossip with the LAN profile. Exits (taking every
+agent with it) on SIGTERM.
 
     python3 bench.py overhead --targets direct,haproxy,nginx,rumor --host-header bench \\
         --proxy-cmd 'rumor=/path/to/venv/bin/python /path/to/bench/proxy_pair.py'
@@ -48,7 +49,9 @@ def main() -> int:
             {"name": f"b{i + 1}", "addr": a}
             for i, a in enumerate(os.environ["BENCH_BACKENDS"].split(","))]
     extra = os.environ.get("RUMOR_PAIR_EXTRA", "").split()
-    rumor = [sys.executable, "-m", "rumor.cli", "agent", "--profile", "local",
+    # The LAN profile, as deployed: the ``local`` one (5 probes and 20 gossip rounds a
+    # second, for tests) costs the 2-core machine enough to add to the latency tail.
+    rumor = [sys.executable, "-m", "rumor.cli", "agent", "--profile", "lan",
              "--log-level", "warning", *extra]
     groups = [backends] if os.environ.get("RUMOR_PAIR_CALLEES") == "one" \
         else [[b] for b in backends]
