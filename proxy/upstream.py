@@ -122,6 +122,7 @@ class Upstreams:
             raise TryFailed(RESET, f"{type(exc).__name__}: {exc}") from None
         if response is None:  # the scope's deadline passed
             raise TryFailed(TIMEOUT, f"no response within {per_try_timeout:g} s")
+        assert conn is not None  # a response came on it
         return UpstreamResponse(response.status, list(response.headers), response,
                                 self, key, conn)
 
