@@ -44,7 +44,7 @@ from .effects import (
 )
 from .members import Member
 from .queue import BroadcastQueue
-from .security import Plaintext, Seal, SealError
+from .security import Plaintext, Seal, SealError, refusal, refusal_reason
 from .suspicion import Suspicion
 from .wire import (
     EMPTY_META,
@@ -147,6 +147,7 @@ class Membership:
         self._seq = rng.randrange(1 << 31)
         self._exchange = 0
         self._exchanges: dict[int, str] = {}  # id -> kind
+        self._refused: set[Address] = set()  # sources whose gossip we refused (noticed)
         self._exchange_peer: dict[int, str] = {}
 
         self._probe_order: list[str] = []
@@ -246,9 +247,15 @@ class Membership:
         self.stats["streams_in"] += 1
         try:
             msg = decode_frame_body(self.seal.open(body))
-        except SealError:
+        except SealError as e:
+            # Say why, so that a misconfigured joiner fails with a reason, not a silence;
+            # and tell our operator once per address.
             self.stats["streams_unauthenticated"] += 1
-            return None
+            if source not in self._refused and len(self._refused) < 1024:
+                self._refused.add(source)
+                self._effects.append(Notice(
+                    "gossip_refused", f"refused gossip from {source[0]}:{source[1]}: {e}"))
+            return refusal(str(e))
         except DecodeError:
             self.stats["streams_malformed"] += 1
             return None
@@ -276,11 +283,19 @@ class Membership:
         if kind is None:
             return
         msg: Message | None = None
+        why = "no answer"
         if reply:
+            refused = refusal_reason(reply)
             try:
+                if refused is not None:
+                    raise SealError(f"refused our gossip: {refused}")
                 msg = decode_frame_body(self.seal.open(reply))
-            except (SealError, DecodeError):
+            except SealError as e:
+                self.stats["streams_unauthenticated"] += 1
+                why = str(e)
+            except DecodeError as e:
                 self.stats["streams_malformed"] += 1
+                why = f"malformed answer: {e}"
         if kind in ("join", "push_pull", "reconnect"):
             ok = isinstance(msg, PushPull)
             if ok:
@@ -289,7 +304,7 @@ class Membership:
             else:
                 self.stats[f"{kind}_failed"] += 1
             if kind == "join":
-                self._join_answer(now, exchange, ok, peer)
+                self._join_answer(now, exchange, ok, peer, why)
         elif kind == "tcp_ping":
             p = self._probe
             if p is not None and p.tcp_exchange == exchange and isinstance(msg, Ack):
@@ -853,7 +868,8 @@ class Membership:
             ex = self._stream_to(seed, f"{seed[0]}:{seed[1]}", "join", body, True)
             j.pending.add(ex)
 
-    def _join_answer(self, now: float, exchange: int, ok: bool, peer: str) -> None:
+    def _join_answer(self, now: float, exchange: int, ok: bool, peer: str,
+                     why: str = "no answer") -> None:
         j = self._join
         if j is None or exchange not in j.pending:
             return
@@ -861,7 +877,7 @@ class Membership:
         if ok:
             j.contacted += 1
         else:
-            j.errors.append(f"{peer}: no answer")
+            j.errors.append(f"{peer}: {why}")
         if j.pending:
             return
         if j.contacted or j.attempt >= self.config.join_attempts:

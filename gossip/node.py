@@ -44,6 +44,7 @@ from .effects import (
     SendPacket,
     StreamRequest,
 )
+from .keyring import KeyringSeal
 from .membership import Membership
 from .security import Seal
 from .wire import FRAME_HEADER, MAX_FRAME, MAX_PACKET, Address, Meta, Status
@@ -281,11 +282,15 @@ class Node:
         # polling /v1/health should see "degraded" only when the agent is really
         # struggling (half the maximum multiplier) or leaving.
         degraded = core.awareness.score >= core.awareness.max // 2 or core.leaving
-        return {"status": "degraded" if degraded else "ok",
-                "awareness": core.awareness.score,
-                "members": counts,
-                "incarnation": core.incarnation,
-                "stats": dict(core.stats)}
+        doc: dict[str, Any] = {"status": "degraded" if degraded else "ok",
+                               "awareness": core.awareness.score,
+                               "members": counts,
+                               "incarnation": core.incarnation,
+                               "stats": dict(core.stats)}
+        if isinstance(core.seal, KeyringSeal):
+            doc["encryption"] = {"keys": len(core.seal.keyring.keys),
+                                 "refused": dict(core.seal.stats)}
+        return doc
 
     def _member_json(self, name: str, now: float) -> dict[str, Any]:
         m = self.core.members[name]

@@ -1,0 +1,243 @@
+"""Gossip encryption: a keyring of shared keys and the AEAD seal that uses it.
+
+Every datagram and stream frame is sealed with XChaCha20-Poly1305 (libsodium through
+pynacl) under the keyring's *primary* key, and opened with whichever installed key
+authenticates it. That split is what lets a key rotate across a live cluster with
+no restart and no partition, the way Serf does it:
+
+1. ``install`` the new key everywhere: everyone still sends with the old primary
+   but can now open the new key;
+2. ``use`` it everywhere: each agent switches its sending key; agents not switched
+   yet can still open it, since they have it installed;
+3. ``remove`` the old key everywhere once no one sends with it.
+
+Sealed bytes are ``b"RK" | version | sent-at (ms, 8 bytes) | nonce (24) | ciphertext``
+with the first 11 bytes as associated data, so the timestamp cannot be altered.
+The prefix can never begin plaintext gossip (whose first byte is the protocol
+version, 1), which is how each side tells "wrong or no key" apart from garbage and
+can say so.
+
+Replays. A recorded packet re-sent later would authenticate, so ``open`` also
+rejects packets sent more than ``window`` seconds from our clock (both ways: clock
+skew) and any nonce already seen within the window. Nonces are 24 random bytes, so
+two honest packets never share one. Agents therefore need clocks within
+``window`` of each other (60 s by default), as for policy expiry.
+
+Sans-IO like the core: the wall clock and the random source are injected, so the
+simulator and tests replay exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from nacl.bindings import (
+    crypto_aead_xchacha20poly1305_ietf_decrypt,
+    crypto_aead_xchacha20poly1305_ietf_encrypt,
+)
+from nacl.exceptions import CryptoError
+
+from .security import SEALED_PREFIX as PREFIX
+from .security import SealError
+
+KEY_BYTES = 32
+NONCE_BYTES = 24
+TAG_BYTES = 16
+VERSION = 1
+_HEAD = struct.Struct(">2sBQ")  # prefix, version, sent-at in ms
+HEADER_BYTES = _HEAD.size + NONCE_BYTES
+OVERHEAD = HEADER_BYTES + TAG_BYTES
+#: Largest clock difference (seconds) a packet may show, either way.
+DEFAULT_WINDOW = 60.0
+#: Nonces remembered for replay detection; beyond this the oldest are forgotten and
+#: anything sent before them is refused, so memory stays bounded under a flood.
+DEFAULT_REPLAY_CAPACITY = 200_000
+
+
+class KeyringError(ValueError):
+    """A keyring operation that cannot be done (bad key, removing the primary...)."""
+
+
+def generate_key() -> str:
+    """A new random key, base64 (what ``rumor keyring generate`` prints)."""
+    return base64.b64encode(os.urandom(KEY_BYTES)).decode()
+
+
+def decode_key(text: str) -> bytes:
+    """A base64 key as bytes; a clear error for anything else."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyringError("a gossip key is base64 (make one with `rumor keyring "
+                           "generate`)") from None
+    if len(raw) != KEY_BYTES:
+        raise KeyringError(f"a gossip key is {KEY_BYTES} bytes, this one decodes to "
+                           f"{len(raw)}")
+    return raw
+
+
+def encode_key(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+class Keyring:
+    """The keys an agent accepts, the first of which (the primary) it sends with."""
+
+    def __init__(self, keys: Iterable[bytes]) -> None:
+        self._keys: list[bytes] = []
+        for k in keys:
+            if len(k) != KEY_BYTES:
+                raise KeyringError(f"a gossip key is {KEY_BYTES} bytes, got {len(k)}")
+            if k not in self._keys:
+                self._keys.append(k)
+        if not self._keys:
+            raise KeyringError("a keyring needs at least one key")
+
+    @classmethod
+    def from_text(cls, text: str) -> Keyring:
+        """Keys one per line, primary first; blank lines and ``#`` comments ignored."""
+        lines = [ln.strip() for ln in text.splitlines()]
+        return cls(decode_key(ln) for ln in lines if ln and not ln.startswith("#"))
+
+    @classmethod
+    def load(cls, path: Path) -> Keyring:
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise KeyringError(f"cannot read keyring {path}: {e.strerror}") from None
+        try:
+            return cls.from_text(text)
+        except KeyringError as e:
+            raise KeyringError(f"{path}: {e}") from None
+
+    def to_text(self) -> str:
+        return "".join(encode_key(k) + "\n" for k in self._keys)
+
+    def save(self, path: Path) -> None:
+        """Write atomically, owner-only: the file holds the cluster's secret."""
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.to_text())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @property
+    def primary(self) -> bytes:
+        return self._keys[0]
+
+    @property
+    def keys(self) -> list[bytes]:
+        """All installed keys, primary first."""
+        return list(self._keys)
+
+    def install(self, key: bytes) -> bool:
+        """Accept ``key`` too; False if it was installed already."""
+        if len(key) != KEY_BYTES:
+            raise KeyringError(f"a gossip key is {KEY_BYTES} bytes, got {len(key)}")
+        if key in self._keys:
+            return False
+        self._keys.append(key)
+        return True
+
+    def use(self, key: bytes) -> bool:
+        """Send with ``key`` from now on; it must be installed. False if it already was
+        the primary."""
+        if key not in self._keys:
+            raise KeyringError("key is not installed; install it (on every agent) first")
+        if self._keys[0] == key:
+            return False
+        self._keys.remove(key)
+        self._keys.insert(0, key)
+        return True
+
+    def remove(self, key: bytes) -> bool:
+        """Stop accepting ``key``; False if it was not installed. The primary cannot go:
+        ``use`` another key first."""
+        if key not in self._keys:
+            return False
+        if self._keys[0] == key:
+            raise KeyringError("cannot remove the primary key; `use` another key first")
+        self._keys.remove(key)
+        return True
+
+
+class KeyringSeal:
+    """The :class:`~rumor.gossip.security.Seal` for an encrypted cluster."""
+
+    overhead = OVERHEAD
+
+    def __init__(self, keyring: Keyring, *, clock: Callable[[], float] = time.time,
+                 random_bytes: Callable[[int], bytes] = os.urandom,
+                 window: float = DEFAULT_WINDOW,
+                 replay_capacity: int = DEFAULT_REPLAY_CAPACITY) -> None:
+        self.keyring = keyring
+        self._clock = clock
+        self._random = random_bytes
+        self._window_ms = int(window * 1000)
+        self._capacity = replay_capacity
+        self._seen: set[bytes] = set()
+        self._order: deque[tuple[int, bytes]] = deque()
+        #: Packets sent at or before this (ms) are refused: their nonces were forgotten.
+        self._floor = 0
+        self.stats = {"plaintext": 0, "unknown_key": 0, "stale": 0, "replayed": 0,
+                      "malformed": 0}
+
+    def seal(self, data: bytes) -> bytes:
+        head = _HEAD.pack(PREFIX, VERSION, int(self._clock() * 1000))
+        nonce = self._random(NONCE_BYTES)
+        return head + nonce + crypto_aead_xchacha20poly1305_ietf_encrypt(
+            bytes(data), head, nonce, self.keyring.primary)
+
+    def open(self, data: bytes) -> bytes:
+        if len(data) < OVERHEAD or data[:2] != PREFIX:
+            if data[:1] == b"\x01":
+                self.stats["plaintext"] += 1
+                raise SealError("the packet is plaintext but the receiving agent "
+                                "encrypts gossip (--keyring)")
+            self.stats["malformed"] += 1
+            raise SealError("not a sealed gossip packet")
+        _, version, sent = _HEAD.unpack_from(data)
+        if version != VERSION:
+            self.stats["malformed"] += 1
+            raise SealError(f"sealed with unknown version {version}")
+        now = int(self._clock() * 1000)
+        if abs(now - sent) > self._window_ms or sent <= self._floor:
+            self.stats["stale"] += 1
+            raise SealError("sent too long ago or from a clock too far off (replay?)")
+        head = bytes(data[:_HEAD.size])
+        nonce = bytes(data[_HEAD.size:HEADER_BYTES])
+        if nonce in self._seen:
+            self.stats["replayed"] += 1
+            raise SealError("replayed packet")
+        body = bytes(data[HEADER_BYTES:])
+        for key in self.keyring.keys:
+            try:
+                plain: bytes = crypto_aead_xchacha20poly1305_ietf_decrypt(
+                    body, head, nonce, key)
+            except CryptoError:
+                continue
+            self._remember(now, sent, nonce)
+            return plain
+        self.stats["unknown_key"] += 1
+        raise SealError("no gossip key of the receiving agent opens the packet (a "
+                        "different key, or tampered with)")
+
+    def _remember(self, now: int, sent: int, nonce: bytes) -> None:
+        self._seen.add(nonce)
+        self._order.append((sent, nonce))
+        order = self._order
+        horizon = now - self._window_ms
+        while order and (order[0][0] < horizon or len(order) > self._capacity):
+            old, n = order.popleft()
+            self._seen.discard(n)
+            if old >= horizon:  # forgotten early (capacity): refuse anything that old
+                self._floor = max(self._floor, old)

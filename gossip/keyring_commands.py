@@ -1,0 +1,160 @@
+"""Cluster-wide keyring commands: install, use, remove and list a key on every agent.
+
+Serf's keyring commands, over rumor's gossip: the agent that receives the command on
+its local API applies it, broadcasts it on the ``keyring`` channel, and every agent
+that hears it applies it, passes it on, and answers the originator by stream with
+its outcome. The originator counts the answers against the live members, so the
+operator learns which agents did not take the change (and must not ``use`` a key
+that some agent lacks).
+
+Commands travel sealed like all gossip, so only a holder of an installed key can
+issue one: the gossip key is the cluster's credential, as in Serf. Sans-IO: the
+trio shell (the agent's API) starts a command and waits for answers; the answers
+and the broadcast go through the membership core.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .delegate import Delegate
+from .keyring import Keyring, KeyringError, KeyringSeal, encode_key
+from .membership import Membership
+
+CHANNEL = "keyring"
+OPS = ("install", "use", "remove", "list")
+_SEEN = 4096
+
+
+@dataclass
+class Answer:
+    ok: bool
+    error: str = ""
+    #: For ``list``: the agent's keys (base64), primary first.
+    keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Pending:
+    op: str
+    started: float
+    payload: bytes
+    answers: dict[str, Answer] = field(default_factory=dict)
+
+
+class KeyringCommands(Delegate):
+    channel = CHANNEL
+
+    def __init__(self, core: Membership, seal: KeyringSeal,
+                 on_change: Callable[[Keyring], None], rand_id: Callable[[], str]) -> None:
+        self.core = core
+        self.seal = seal
+        self._on_change = on_change
+        self._rand_id = rand_id
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.pending: dict[str, Pending] = {}
+        self.stats = {"commands_applied": 0, "commands_failed": 0, "bad_messages": 0}
+
+    # ---- the originator ---------------------------------------------------------------
+
+    def start(self, now: float, op: str, key: bytes | None) -> str:
+        """Apply ``op`` here, broadcast it, and start counting answers; returns its id."""
+        if op not in OPS:
+            raise KeyringError(f"unknown keyring operation {op!r} (one of {', '.join(OPS)})")
+        if op != "list" and key is None:
+            raise KeyringError(f"{op} needs a key")
+        cid = self._rand_id()
+        self._remember(cid)
+        payload = msgpack.packb(["cmd", cid, self.core.name, op, key or b""])
+        self.pending[cid] = p = Pending(op, now, payload)
+        p.answers[self.core.name] = self._apply(op, key)
+        self.core.broadcast(now, CHANNEL, payload, key=cid)
+        return cid
+
+    def resend(self, now: float, cid: str, members: list[str]) -> None:
+        """Send the command by stream to ``members`` that have not answered yet.
+
+        A broadcast reaches everyone only with high probability (each agent passes
+        it to a few random others); a key change that misses an agent cuts it off, so
+        the originator follows up directly. Applying a command twice is harmless
+        (each agent also drops ids it has seen)."""
+        p = self.pending.get(cid)
+        if p is None:
+            return
+        for m in members:
+            if m not in p.answers:
+                self.core.send_to(now, m, CHANNEL, p.payload)
+
+    def finish(self, cid: str) -> Pending | None:
+        """Stop counting answers to ``cid`` and return them."""
+        return self.pending.pop(cid, None)
+
+    # ---- every agent --------------------------------------------------------------------
+
+    def notify_message(self, now: float, payload: bytes) -> None:
+        try:
+            msg: Any = msgpack.unpackb(payload, raw=False)
+            kind = msg[0]
+            if kind == "cmd":
+                _, cid, origin, op, key = msg
+                if not (isinstance(cid, str) and isinstance(origin, str) and op in OPS
+                        and isinstance(key, bytes)):
+                    raise ValueError("bad command")
+                self._on_command(now, payload, cid, origin, op, key or None)
+            elif kind == "ack":
+                _, cid, node, ok, error, keys = msg
+                p = self.pending.get(cid)
+                if p is not None and isinstance(node, str):
+                    p.answers[node] = Answer(bool(ok), str(error),
+                                             [str(k) for k in keys][:16])
+            else:
+                raise ValueError(f"unknown message {kind!r}")
+        except (ValueError, TypeError, IndexError, msgpack.UnpackException):
+            self.stats["bad_messages"] += 1
+
+    def _on_command(self, now: float, payload: bytes, cid: str, origin: str, op: str,
+                    key: bytes | None) -> None:
+        if cid in self._seen:
+            return
+        self._remember(cid)
+        self.core.broadcast(now, CHANNEL, payload, key=cid)  # pass it on, once
+        a = self._apply(op, key)
+        self.core.send_to(now, origin, CHANNEL, msgpack.packb(
+            ["ack", cid, self.core.name, a.ok, a.error, a.keys]))
+
+    def _apply(self, op: str, key: bytes | None) -> Answer:
+        ring = self.seal.keyring
+        try:
+            if op == "list":
+                return Answer(True, keys=[encode_key(k) for k in ring.keys])
+            assert key is not None
+            changed = (ring.install(key) if op == "install" else ring.use(key)
+                       if op == "use" else ring.remove(key))
+        except KeyringError as e:
+            self.stats["commands_failed"] += 1
+            return Answer(False, str(e))
+        self.stats["commands_applied"] += 1
+        if changed:
+            self._on_change(ring)
+        return Answer(True)
+
+    def _remember(self, cid: str) -> None:
+        self._seen[cid] = None
+        while len(self._seen) > _SEEN:
+            self._seen.popitem(last=False)
+
+
+def key_id(key_b64: str) -> str:
+    """A short, non-secret name for a key in listings (first 8 hex of its BLAKE2b)."""
+    try:
+        raw = binascii.a2b_base64(key_b64)
+    except binascii.Error:
+        return "?"
+    return hashlib.blake2b(raw, digest_size=4).hexdigest()

@@ -1,0 +1,292 @@
+"""Gossip encryption: the keyring seal, rotation, replay and refusal, on the real core."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rumor.gossip.config import LOCAL
+from rumor.gossip.keyring import (
+    KEY_BYTES,
+    OVERHEAD,
+    Keyring,
+    KeyringError,
+    KeyringSeal,
+    decode_key,
+    encode_key,
+    generate_key,
+)
+from rumor.gossip.keyring_commands import KeyringCommands
+from rumor.gossip.security import Plaintext, SealError
+from rumor.gossip.wire import Status
+
+from .fakenet import FakeNet
+
+K1, K2, K3 = (bytes([i]) * KEY_BYTES for i in (1, 2, 3))
+
+
+class Clock:
+    def __init__(self, t: float = 1_800_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _seal(*keys: bytes, clock: Clock | None = None, seed: int = 1,
+          **kw: int | float) -> KeyringSeal:
+    rng = random.Random(seed)
+    return KeyringSeal(Keyring(keys), clock=clock or Clock(),
+                       random_bytes=lambda n: rng.randbytes(n), **kw)  # type: ignore[arg-type]
+
+
+def test_seal_then_open_round_trips_and_adds_the_declared_overhead() -> None:
+    clock = Clock()
+    a, b = _seal(K1, clock=clock, seed=1), _seal(K1, clock=clock, seed=2)
+    sealed = a.seal(b"\x01hello gossip")
+    assert len(sealed) == len(b"\x01hello gossip") + OVERHEAD
+    assert b"hello" not in sealed  # encrypted, not just signed
+    assert b.open(sealed) == b"\x01hello gossip"
+
+
+def test_wrong_key_plaintext_and_garbage_are_refused_and_counted() -> None:
+    a, b = _seal(K1, seed=1), _seal(K2, seed=2)
+    with pytest.raises(SealError, match="no gossip key of the receiving agent"):
+        b.open(a.seal(b"\x01x"))
+    with pytest.raises(SealError, match="plaintext"):
+        b.open(b"\x01\x91\x90")
+    with pytest.raises(SealError, match="not a sealed"):
+        b.open(b"GET / HTTP/1.1\r\n")
+    assert b.stats == {"plaintext": 1, "unknown_key": 1, "stale": 0, "replayed": 0,
+                       "malformed": 1}
+
+
+def test_an_agent_without_a_key_says_the_cluster_is_encrypted() -> None:
+    with pytest.raises(SealError, match="--keyring"):
+        Plaintext().open(_seal(K1).seal(b"\x01x"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_any_flipped_byte_is_refused(data: st.DataObject) -> None:
+    clock = Clock()
+    a, b = _seal(K1, clock=clock, seed=1), _seal(K1, clock=clock, seed=2)
+    sealed = bytearray(a.seal(b"\x01" + bytes(range(40))))
+    i = data.draw(st.integers(0, len(sealed) - 1))
+    sealed[i] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(SealError):
+        b.open(bytes(sealed))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_hostile_bytes_only_ever_raise_seal_error(junk: bytes) -> None:
+    b = _seal(K1)
+    with pytest.raises(SealError):
+        b.open(junk)
+    with pytest.raises(SealError):
+        b.open(b"RK\x01" + junk)
+
+
+def test_a_replayed_packet_is_refused_and_an_old_one_too() -> None:
+    clock = Clock()
+    a, b = _seal(K1, clock=clock, seed=1), _seal(K1, clock=clock, seed=2, window=30.0)
+    sealed = a.seal(b"\x01x")
+    assert b.open(sealed) == b"\x01x"
+    with pytest.raises(SealError, match="replayed"):
+        b.open(sealed)
+    late = a.seal(b"\x01y")
+    clock.t += 31
+    with pytest.raises(SealError, match="too long ago"):
+        b.open(late)  # a recording re-sent after the window
+    ahead = _seal(K1, clock=Clock(clock.t + 31), seed=3)  # a clock 31 s fast
+    with pytest.raises(SealError, match="too far off"):
+        b.open(ahead.seal(b"\x01z"))
+    assert b.stats["replayed"] == 1 and b.stats["stale"] == 2
+
+
+def test_replay_memory_is_bounded_and_refuses_what_it_forgot() -> None:
+    clock = Clock()
+    a, b = _seal(K1, clock=clock, seed=1), _seal(K1, clock=clock, seed=2, replay_capacity=10)
+    first = a.seal(b"\x01first")
+    b.open(first)
+    for i in range(20):
+        clock.t += 0.01
+        b.open(a.seal(b"\x01%d" % i))
+    assert len(b._seen) <= 10
+    with pytest.raises(SealError):
+        b.open(first)  # its nonce is forgotten, but it is older than what is remembered
+
+
+def test_rotation_install_use_remove_never_breaks_a_pair() -> None:
+    clock = Clock()
+    a, b = _seal(K1, clock=clock, seed=1), _seal(K1, clock=clock, seed=2)
+
+    def both_ways() -> None:
+        assert b.open(a.seal(b"\x01ab")) == b"\x01ab"
+        assert a.open(b.seal(b"\x01ba")) == b"\x01ba"
+
+    for ring in (a.keyring, b.keyring):
+        assert ring.install(K2)
+        both_ways()
+    a.keyring.use(K2)
+    both_ways()  # b already accepts K2; a still accepts K1
+    b.keyring.use(K2)
+    both_ways()
+    for ring in (a.keyring, b.keyring):
+        assert ring.remove(K1)
+        both_ways()
+    c = _seal(K1, clock=clock, seed=3)  # an agent that missed the rotation
+    with pytest.raises(SealError):
+        a.open(c.seal(b"\x01old"))
+
+
+def test_keyring_rules_and_key_text() -> None:
+    ring = Keyring([K1])
+    assert not ring.install(K1)
+    with pytest.raises(KeyringError, match="primary"):
+        ring.remove(K1)
+    with pytest.raises(KeyringError, match="not installed"):
+        ring.use(K2)
+    assert not ring.remove(K3)
+    with pytest.raises(KeyringError, match="base64"):
+        decode_key("not a key!")
+    with pytest.raises(KeyringError, match="32 bytes"):
+        decode_key(encode_key(b"short"))
+    with pytest.raises(KeyringError, match="at least one"):
+        Keyring.from_text("# nothing here\n\n")
+    assert len(decode_key(generate_key())) == KEY_BYTES
+    assert generate_key() != generate_key()
+
+
+def test_keyring_file_round_trips_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "keyring"
+    path.write_text(f"# cluster keys\n{encode_key(K2)}\n\n{encode_key(K1)}\n")
+    ring = Keyring.load(path)
+    assert ring.keys == [K2, K1]
+    ring.use(K1)
+    ring.save(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert Keyring.load(path).keys == [K1, K2]
+    with pytest.raises(KeyringError, match="cannot read"):
+        Keyring.load(tmp_path / "missing")
+
+
+# ---- on the real membership core ---------------------------------------------------------
+
+
+def _net_with_seals(seals: dict[str, KeyringSeal | None]) -> FakeNet:
+    net = FakeNet(LOCAL)
+    for name, seal in seals.items():
+        net.add(name, seal=seal)
+    return net
+
+
+def _sim_seal(key: bytes, net: FakeNet, seed: int) -> KeyringSeal:
+    rng = random.Random(seed)
+    return KeyringSeal(Keyring([key]), clock=lambda: 1_800_000_000.0 + net.now,
+                       random_bytes=lambda n: rng.randbytes(n))
+
+
+def test_encrypted_cores_form_a_cluster_and_outsiders_are_refused_with_a_reason() -> None:
+    net = FakeNet(LOCAL)
+    cores = [net.add(f"n{i}", seal=_sim_seal(K1, net, i)) for i in range(3)]
+    for c in cores[1:]:
+        c.join(net.now, [cores[0].addr])
+        net.flush(c.name)
+    net.run(3.0)
+    assert all(sum(m.status == Status.ALIVE for m in c.members.values()) == 3 for c in cores)
+    assert all(net.joins[c.name].contacted == 1 for c in cores[1:])
+
+    keyless = net.add("keyless")
+    wrong = net.add("wrong", seal=_sim_seal(K2, net, 9))
+    for c in (keyless, wrong):
+        c.join(net.now, [cores[0].addr])
+        net.flush(c.name)
+    net.run(10.0)
+    assert net.joins["keyless"].contacted == 0
+    assert "--keyring" in net.joins["keyless"].errors[0]
+    assert net.joins["wrong"].contacted == 0
+    assert "no gossip key of the receiving agent" in net.joins["wrong"].errors[0]
+    # Neither got in, learnt anything, or got noticed as a member.
+    assert set(keyless.members) == {"keyless"} and set(wrong.members) == {"wrong"}
+    assert all(set(c.members) == {"n0", "n1", "n2"} for c in cores)
+    assert cores[0].stats["streams_unauthenticated"] >= 2
+    assert any(n.code == "gossip_refused" for _, _, n in net.notices)
+
+
+def test_a_keyed_agent_cannot_join_a_plaintext_cluster_and_is_told_why() -> None:
+    net = FakeNet(LOCAL)
+    plain = net.add("plain")
+    keyed = net.add("keyed", seal=_sim_seal(K1, net, 1))
+    keyed.join(net.now, [plain.addr])
+    net.flush("keyed")
+    net.run(10.0)
+    assert net.joins["keyed"].contacted == 0
+    assert ("refused our gossip: the packet is encrypted but the receiving agent has no "
+            "gossip key") in net.joins["keyed"].errors[0]
+
+
+def test_cluster_wide_rotation_through_keyring_commands_keeps_everyone() -> None:
+    net = FakeNet(LOCAL)
+    seals = [_sim_seal(K1, net, i) for i in range(5)]
+    saved: list[tuple[str, list[bytes]]] = []
+    cores = [net.add(f"n{i}", seal=s) for i, s in enumerate(seals)]
+    cmds = []
+    ids = random.Random(7)
+    for c, s in zip(cores, seals, strict=True):
+        k = KeyringCommands(c, s, lambda ring, n=c.name: saved.append((n, ring.keys)),
+                            rand_id=lambda: f"{ids.getrandbits(64):016x}")
+        c.register(k)
+        cmds.append(k)
+    for c in cores[1:]:
+        c.join(net.now, [cores[0].addr])
+        net.flush(c.name)
+    net.run(3.0)
+
+    def step(op: str, key: bytes | None) -> dict[str, object]:
+        cid = cmds[0].start(net.now, op, key)
+        net.flush("n0")
+        net.run(0.5)
+        cmds[0].resend(net.now, cid, [c.name for c in cores])  # as the API does
+        net.flush("n0")
+        net.run(1.5)
+        p = cmds[0].finish(cid)
+        assert p is not None
+        return {n: a for n, a in p.answers.items()}
+
+    for op, key in (("install", K2), ("use", K2), ("remove", K1)):
+        answers = step(op, key)
+        assert sorted(answers) == [f"n{i}" for i in range(5)], op
+        assert all(a.ok for a in answers.values()), op  # type: ignore[attr-defined]
+        net.run(2.0)
+        # No member was lost at any step of the rotation.
+        assert all(sum(m.status == Status.ALIVE for m in c.members.values()) == 5
+                   for c in cores), op
+    assert all(s.keyring.keys == [K2] for s in seals)
+    listing = step("list", None)
+    held = {tuple(a.keys) for a in listing.values()}  # type: ignore[attr-defined]
+    assert held == {(encode_key(K2),)}
+    assert len(saved) == 15  # each agent saved its file after each of the three changes
+    bad = step("remove", K2)  # the primary: refused everywhere, nothing changes
+    assert not any(a.ok for a in bad.values())  # type: ignore[attr-defined]
+    assert all(s.keyring.keys == [K2] for s in seals)
+
+
+def test_keyring_command_channel_survives_garbage() -> None:
+    net = FakeNet(LOCAL)
+    s = _sim_seal(K1, net, 1)
+    c = net.add("n0", seal=s)
+    k = KeyringCommands(c, s, lambda ring: None, rand_id=lambda: "x")
+    for junk in (b"", b"\xc1", msgpack.packb(["cmd"]), msgpack.packb(["cmd", 1, 2, "use", b""]),
+                 msgpack.packb(["ack", "x"]), msgpack.packb(["what"])):
+        k.notify_message(net.now, junk)
+    assert k.stats["bad_messages"] == 6
+    assert s.keyring.keys == [K1]
