@@ -10,12 +10,14 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import trio
 from prometheus_client import CollectorRegistry
 
 from ..gossip.address import format_address
 from ..gossip.config import GossipConfig
+from ..gossip.keyring import Keyring, KeyringSeal
 from ..gossip.node import BindError, JoinError, Node, NodeConfig
 from ..gossip.service_spec import Registration
 from ..gossip.wire import Address
@@ -27,6 +29,7 @@ from ..proxy.api import make_api
 from ..proxy.dns import CatalogSource, DnsResponder, serve_dns
 from ..proxy.http import serve_http
 from ..proxy.inbound import InboundProxy
+from ..proxy.keyring_api import ClusterKeyring
 from ..proxy.metrics import AgentCollector, ProxyMetrics
 from ..proxy.outbound import INBOUND_TAG, OutboundProxy
 from ..proxy.stream_server import ProxyHandler, serve_proxy
@@ -59,6 +62,9 @@ class AgentOptions:
     identity: str | None = None
     access_log: str | None = None
     balancer_decay: float = 10.0
+    #: Gossip encryption keys (from --keyring, kept up to date in that file).
+    keyring: Keyring | None = None
+    keyring_file: str | None = None
 
 
 class StartupError(Exception):
@@ -66,12 +72,19 @@ class StartupError(Exception):
 
 
 async def run_agent(opts: AgentOptions) -> None:
+    seal = KeyringSeal(opts.keyring) if opts.keyring is not None else None
     cfg = NodeConfig(name=opts.name, bind=opts.bind, advertise=opts.advertise,
-                     gossip=opts.gossip, profile=opts.profile, tags=opts.tags)
+                     gossip=opts.gossip, profile=opts.profile, tags=opts.tags, seal=seal)
     stop = trio.Event()
     try:
         async with Node(cfg) as node, trio.open_nursery() as nursery:
             nursery.start_soon(_log_events, node)
+            keyring = None
+            if seal is not None:
+                keyring = ClusterKeyring(node, seal, Path(opts.keyring_file)
+                                         if opts.keyring_file else None)
+                log.info("gossip encrypted: %d key(s) installed", len(seal.keyring.keys),
+                         extra={"event": "keyring", "keys": len(seal.keyring.keys)})
             policies = _start_policies(node, opts)
             if policies is not None:
                 nursery.start_soon(policies.run)
@@ -82,7 +95,8 @@ async def run_agent(opts: AgentOptions) -> None:
                 await nursery.start(serve_http, make_api(node, on_leave=stop.set,
                                                          catalog=node.catalog,
                                                          policies=policies,
-                                                         metrics=registry),
+                                                         metrics=registry,
+                                                         keyring=keyring),
                                     opts.api[0], opts.api[1])
             except OSError as e:
                 raise StartupError(f"cannot bind API address {format_address(opts.api)}: "

@@ -23,10 +23,12 @@ class ApiError(Exception):
     `status` is the HTTP status when the agent did answer, else None.
     """
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, document: Any = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        #: The decoded JSON error document, when the agent sent one.
+        self.document = document
 
 
 def get_json(api: str, path: str, *, timeout: float = DEFAULT_TIMEOUT) -> Any:
@@ -122,4 +124,5 @@ def _decode(response: httpcore.Response, method: str, path: str, where: str) -> 
     raise ApiError(
         f"agent API {method} {path} failed: {response.status} {reason}: {detail}",
         response.status,
+        doc,
     )

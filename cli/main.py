@@ -11,6 +11,7 @@ import json
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ..gossip.address import format_address, parse_address
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distinct trusted signatures a policy needs (default 1)")
     a.add_argument("--data-dir", metavar="DIR",
                    help="where accepted policy documents are kept across restarts")
+    a.add_argument("--keyring", metavar="FILE",
+                   help="encrypt gossip with these keys (base64, one per line, the first "
+                   "sends; `rumor keyring generate` makes one); keyring commands rewrite "
+                   "the file")
     a.add_argument("--log-format", choices=["text", "json"], default="text")
     a.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    default="info")
@@ -187,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sim_parser(sub)
     from .policy_cmd import add_policy_parsers
     add_policy_parsers(sub, _api_arg)
+    from .keyring_cmd import add_keyring_parser
+    add_keyring_parser(sub, _api_arg)
     return p
 
 
@@ -229,6 +236,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         except (CommandError, ApiError) as e:
             print(f"rumor: {e}", file=sys.stderr)
             return 1
+    if args.command == "keyring":
+        from .keyring_cmd import run_keyring
+        return run_keyring(args, format_address(args.api) if "api" in args else "")
     api = format_address(args.api)
     try:
         if args.command == "members":
@@ -352,7 +362,8 @@ def _agent(args: argparse.Namespace) -> int:
                         data_dir=args.data_dir,
                         outbound=_const_address(args.outbound),
                         inbound=_inbound(args), identity=args.identity,
-                        access_log=args.access_log, balancer_decay=args.balancer_decay)
+                        access_log=args.access_log, balancer_decay=args.balancer_decay,
+                        keyring=_keyring(args), keyring_file=args.keyring)
     failures: list[BaseException] = []
     try:
         trio.run(run_agent, opts)
@@ -378,6 +389,17 @@ def _inbound(args: argparse.Namespace) -> Address | None:
         return parse_address(args.inbound, default_port=DEFAULT_INBOUND_PORT)
     except ValueError as e:
         raise UsageError(f"--inbound: {e}") from None
+
+
+def _keyring(args: argparse.Namespace) -> Any:
+    """The agent's gossip keyring from --keyring (None: plaintext gossip)."""
+    from ..gossip.keyring import Keyring, KeyringError
+    if args.keyring is None:
+        return None
+    try:
+        return Keyring.load(Path(args.keyring))
+    except KeyringError as e:
+        raise UsageError(f"--keyring {e}") from None
 
 
 def _trust(args: argparse.Namespace) -> Any:

@@ -34,6 +34,7 @@ from ..gossip.address import parse_address
 from ..gossip.node import JoinError
 from .catalog_api import CatalogApi, add_catalog_routes
 from .http import HttpError, Request, Response, json_response, read_json
+from .keyring_api import ClusterKeyring, add_keyring_routes
 from .metrics import add_metrics_route
 from .policy_api import PolicyApi, add_policy_routes
 from .router import Router
@@ -57,7 +58,8 @@ class NodeApi(Protocol):
 
 def make_api(node: NodeApi, *, on_leave: Callable[[], None],
              catalog: CatalogApi | None = None, policies: PolicyApi | None = None,
-             metrics: CollectorRegistry | None = None) -> Router:
+             metrics: CollectorRegistry | None = None,
+             keyring: ClusterKeyring | None = None) -> Router:
     """A router serving the node (catalog, policy, metrics) routes; pass it to
     `serve_http`."""
     router = Router()
@@ -68,6 +70,7 @@ def make_api(node: NodeApi, *, on_leave: Callable[[], None],
         add_catalog_routes(router, catalog)
     if policies is not None:
         add_policy_routes(router, policies)
+    add_keyring_routes(router, keyring)
     return router
 
 

@@ -76,6 +76,17 @@ def _gossip_families(health: dict[str, Any]) -> Iterator[Any]:
                            "Lifeguard local health score (0 = healthy)")
     aw.add_metric([], float(health.get("awareness", 0)))
     yield aw
+    enc = health.get("encryption")
+    if enc is not None:
+        keys = GaugeMetricFamily("rumor_gossip_keys", "gossip keys installed")
+        keys.add_metric([], float(enc.get("keys", 0)))
+        yield keys
+        refused = CounterMetricFamily(
+            "rumor_gossip_refused", "packets and streams that did not open, by reason "
+            "(plaintext, unknown_key, stale, replayed, malformed)", labels=["reason"])
+        for reason, n in sorted(enc.get("refused", {}).items()):
+            refused.add_metric([reason], float(n))
+        yield refused
 
 
 def _policy_families(status: dict[str, Any]) -> Iterator[Any]:
