@@ -1,0 +1,106 @@
+"""``rumor ca``: the cluster certificate authority for sidecar mutual TLS.
+
+::
+
+    rumor ca init --dir ca/ --cluster prod            # once per cluster
+    rumor ca issue --dir ca/ --node web-1 --service web --out certs/web-1
+
+Every agent gets ``ca.crt`` (whom to trust) and its own ``PREFIX.crt``/``PREFIX.key``
+(who it is). ``ca.key`` stays offline: whoever holds it can act as any service.
+Certificates are short-lived (90 days by default); renewing is issuing again to the
+same prefix, which a running agent picks up without a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from ..proxy.identity import CaError, identity_of, init_ca, issue
+
+DEFAULT_CA_DAYS = 3650
+DEFAULT_CERT_DAYS = 90
+
+
+def add_ca_parser(sub: Any) -> None:
+    c = sub.add_parser("ca", help="the cluster certificate authority for sidecar mutual "
+                       "TLS: create it, issue agent certificates")
+    cs = c.add_subparsers(dest="ca_command", metavar="COMMAND", required=True)
+
+    i = cs.add_parser("init", help="create a cluster CA (ca.crt and ca.key) in DIR")
+    i.add_argument("--dir", required=True, type=Path, metavar="DIR",
+                   help="directory for ca.crt and ca.key (created 0700 if missing)")
+    i.add_argument("--cluster", required=True, metavar="NAME",
+                   help="the cluster name every identity carries (spiffe://NAME/...)")
+    i.add_argument("--days", type=int, default=DEFAULT_CA_DAYS, metavar="N",
+                   help=f"validity of the CA (default {DEFAULT_CA_DAYS})")
+
+    s = cs.add_parser("issue", help="issue an agent's certificate, naming its node and "
+                      "the services it serves")
+    s.add_argument("--dir", required=True, type=Path, metavar="DIR",
+                   help="the CA directory (from `rumor ca init`)")
+    s.add_argument("--node", required=True, metavar="NAME", help="the agent's --name")
+    s.add_argument("--service", required=True, action="append", dest="services",
+                   metavar="NAME", help="a service the agent serves and calls as "
+                   "(repeat for several)")
+    s.add_argument("--days", type=int, default=DEFAULT_CERT_DAYS, metavar="N",
+                   help=f"validity (default {DEFAULT_CERT_DAYS}; renew by issuing again)")
+    s.add_argument("--out", required=True, type=Path, metavar="PREFIX",
+                   help="writes PREFIX.crt (certificate chain) and PREFIX.key (0600)")
+
+
+def run_ca(args: argparse.Namespace) -> int:
+    try:
+        if args.ca_command == "init":
+            _init(args)
+        else:
+            _issue(args)
+    except CaError as e:
+        print(f"rumor: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _init(args: argparse.Namespace) -> None:
+    crt, key = init_ca(args.dir, args.cluster, args.days)
+    cert = _first_cert(crt)
+    print(f"created the CA of cluster {args.cluster!r}, valid until "
+          f"{_when(cert.not_valid_after_utc)}:")
+    print(f"  {crt}  CA certificate: give it to every agent (--tls-ca)")
+    print(f"  {key}  CA private key (0600)")
+    print(f"Keep {key} offline and bring it back only to issue certificates: whoever "
+          "holds it can act as any node and service of the cluster.")
+
+
+def _issue(args: argparse.Namespace) -> None:
+    crt, key = issue(args.dir, args.node, args.services, args.days, args.out)
+    # Read back from the file, so what is printed is what the agent will present.
+    cert = _first_cert(crt)
+    ident = identity_of(cert.public_bytes(Encoding.DER))
+    end = cert.not_valid_after_utc
+    print(f"issued the certificate of node {ident.node!r} in cluster {ident.cluster!r}:")
+    print(f"  {crt}  certificate chain (--tls-cert)")
+    print(f"  {key}  private key, 0600 (--tls-key)")
+    print("identities:")
+    for uri in ident.uris():
+        print(f"  {uri}")
+    days = round((end - datetime.now(UTC)).total_seconds() / 86400)
+    print(f"valid until {_when(end)} ({days} days): issue again to the same --out "
+          "before then")
+
+
+def _first_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except (OSError, ValueError, IndexError) as e:
+        raise CaError(f"cannot read back {path}: {e}") from None
+
+
+def _when(t: datetime) -> str:
+    return t.strftime("%Y-%m-%d %H:%M UTC")
