@@ -33,6 +33,7 @@ from ..proxy.keyring_api import ClusterKeyring
 from ..proxy.metrics import AgentCollector, ProxyMetrics
 from ..proxy.outbound import INBOUND_TAG, OutboundProxy
 from ..proxy.stream_server import ProxyHandler, serve_proxy
+from ..proxy.tls import MeshTls, TlsConfigError, TlsFiles
 from .logs import log_event
 
 log = logging.getLogger("rumor.agent")
@@ -65,6 +66,8 @@ class AgentOptions:
     #: Gossip encryption keys (from --keyring, kept up to date in that file).
     keyring: Keyring | None = None
     keyring_file: str | None = None
+    #: Mutual TLS on the sidecar hop (--tls-ca/--tls-cert/--tls-key).
+    tls: TlsFiles | None = None
 
 
 class StartupError(Exception):
@@ -163,9 +166,16 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
 
     metrics = ProxyMetrics(registry)
     access_log = AccessLog(opts.access_log) if opts.access_log else None
+    tls = _mesh_tls(opts)
+    if tls is not None:
+        nursery.start_soon(tls.run_reloader)
+        log.info("mutual TLS on the sidecar hop: %s, certificate valid until %s",
+                 tls.describe(), tls.not_after.isoformat(),
+                 extra={"event": "tls", "services": sorted(tls.identity.services)})
     if opts.inbound is not None:
-        inbound = InboundProxy(node, evaluator, metrics=metrics, access_log=access_log)
-        port = await _listen(nursery, inbound, opts.inbound, "inbound", metrics)
+        inbound = InboundProxy(node, evaluator, metrics=metrics, access_log=access_log,
+                               tls=tls)
+        port = await _listen(nursery, inbound, opts.inbound, "inbound", metrics, tls)
         host = opts.inbound[0]
         if host in ("0.0.0.0", "::"):
             host = node.address[0]
@@ -174,8 +184,15 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
                  extra={"event": "inbound", "inbound": f"{host}:{port}"})
     if opts.outbound is not None:
         identity = opts.identity or _default_identity(opts)
+        if tls is not None:
+            names = tls.identity.services
+            if identity is None and len(names) == 1:
+                identity = next(iter(names))
+            if identity is not None and identity not in names:
+                raise StartupError(f"--identity {identity}: this agent's certificate names "
+                                   f"only {', '.join(sorted(names))}; callees would refuse it")
         outbound = OutboundProxy(node, evaluator, identity=identity, metrics=metrics,
-                                 access_log=access_log, decay=opts.balancer_decay)
+                                 access_log=access_log, decay=opts.balancer_decay, tls=tls)
         port = await _listen(nursery, outbound, opts.outbound, "outbound", metrics)
         log.info("outbound listener on %s:%d (calling as %s)", opts.outbound[0], port,
                  identity or "an unknown service",
@@ -188,14 +205,23 @@ def _default_identity(opts: AgentOptions) -> str | None:
     return names.pop() if len(names) == 1 else None
 
 
+def _mesh_tls(opts: AgentOptions) -> MeshTls | None:
+    if opts.tls is None:
+        return None
+    try:
+        return MeshTls(opts.tls)
+    except TlsConfigError as e:
+        raise StartupError(f"TLS: {e}") from None
+
+
 async def _listen(nursery: trio.Nursery, handler: ProxyHandler, addr: Address, what: str,
-                  metrics: ProxyMetrics) -> int:
+                  metrics: ProxyMetrics, tls: MeshTls | None = None) -> int:
     def refused(client: str, status: int, reason: str) -> None:
         metrics.protocol_errors.labels(what, str(status)).inc()
 
     try:
         port: int = await nursery.start(partial(serve_proxy, handler, addr[0], addr[1],
-                                                on_error=refused))
+                                                on_error=refused, tls=tls))
     except OSError as e:
         raise StartupError(f"cannot bind {what} address {format_address(addr)}: "
                            f"{e.strerror or e}") from None

@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distinct trusted signatures a policy needs (default 1)")
     a.add_argument("--data-dir", metavar="DIR",
                    help="where accepted policy documents are kept across restarts")
+    a.add_argument("--tls-ca", metavar="FILE", help="cluster CA certificate (`rumor ca "
+                   "init`): with --tls-cert/--tls-key, mutual TLS 1.3 between sidecars")
+    a.add_argument("--tls-cert", metavar="FILE",
+                   help="this agent's certificate chain (`rumor ca issue`), reloaded when "
+                   "renewed")
+    a.add_argument("--tls-key", metavar="FILE", help="this agent's private key")
     a.add_argument("--keyring", metavar="FILE",
                    help="encrypt gossip with these keys (base64, one per line, the first "
                    "sends; `rumor keyring generate` makes one); keyring commands rewrite "
@@ -194,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_policy_parsers(sub, _api_arg)
     from .keyring_cmd import add_keyring_parser
     add_keyring_parser(sub, _api_arg)
+    from .ca_cmd import add_ca_parser
+    add_ca_parser(sub)
     return p
 
 
@@ -236,6 +244,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         except (CommandError, ApiError) as e:
             print(f"rumor: {e}", file=sys.stderr)
             return 1
+    if args.command == "ca":
+        from .ca_cmd import run_ca
+        return run_ca(args)
     if args.command == "keyring":
         from .keyring_cmd import run_keyring
         return run_keyring(args, format_address(args.api) if "api" in args else "")
@@ -363,7 +374,8 @@ def _agent(args: argparse.Namespace) -> int:
                         outbound=_const_address(args.outbound),
                         inbound=_inbound(args), identity=args.identity,
                         access_log=args.access_log, balancer_decay=args.balancer_decay,
-                        keyring=_keyring(args), keyring_file=args.keyring)
+                        keyring=_keyring(args), keyring_file=args.keyring,
+                        tls=_tls_files(args))
     failures: list[BaseException] = []
     try:
         trio.run(run_agent, opts)
@@ -389,6 +401,19 @@ def _inbound(args: argparse.Namespace) -> Address | None:
         return parse_address(args.inbound, default_port=DEFAULT_INBOUND_PORT)
     except ValueError as e:
         raise UsageError(f"--inbound: {e}") from None
+
+
+def _tls_files(args: argparse.Namespace) -> Any:
+    from ..proxy.tls import TlsFiles
+    given = [args.tls_ca, args.tls_cert, args.tls_key]
+    if not any(given):
+        return None
+    if not all(given):
+        raise UsageError("mutual TLS needs all three of --tls-ca, --tls-cert and --tls-key")
+    if args.inbound is None and args.outbound is None:
+        raise UsageError("--tls-* secure the sidecar's listeners: give --inbound and/or "
+                         "--outbound too")
+    return TlsFiles(Path(args.tls_ca), Path(args.tls_cert), Path(args.tls_key))
 
 
 def _keyring(args: argparse.Namespace) -> Any:

@@ -354,8 +354,11 @@ async def _send_error(stream: trio.SocketStream, conn: h11.Connection, response:
         logger.debug("could not deliver error %d: %r", response.status, exc)
 
 
-async def graceful_close(stream: trio.SocketStream) -> None:
-    """Half-close and drain briefly so unread client bytes do not reset our response."""
+async def graceful_close(stream: trio.abc.Stream) -> None:
+    """Half-close and drain briefly so unread client bytes do not reset our response.
+    (A TLS stream cannot half-close; its ``aclose`` sends close_notify instead.)"""
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        return
     try:
         await stream.send_eof()
         drained = 0

@@ -34,6 +34,7 @@ from .headers import (
 )
 from .metrics import ProxyMetrics
 from .stream_server import ClientGone, Incoming, Outgoing, simple_response
+from .tls import MeshTls
 from .upstream import TryFailed, Upstreams
 
 log = logging.getLogger("rumor.proxy")
@@ -47,11 +48,13 @@ LOCAL_CONNECT_TIMEOUT = 2.0
 class InboundProxy:
     def __init__(self, node: Node, evaluator: Callable[[], Evaluator], *,
                  metrics: ProxyMetrics | None = None,
-                 access_log: AccessLog | None = None) -> None:
+                 access_log: AccessLog | None = None, tls: MeshTls | None = None) -> None:
         self.node = node
         self._evaluator = evaluator
         self.metrics = metrics
         self.access_log = access_log
+        #: With mutual TLS, identities come from certificates (ours and the caller's).
+        self.tls = tls
         self.upstreams = Upstreams()
         self._denied_logged: set[tuple[str, str]] = set()
 
@@ -68,17 +71,13 @@ class InboundProxy:
         if local is None:
             return self._answer(req, started, service, source, 404,
                                 f"{service} is not served by this agent")
+        if self.tls is not None:
+            refused, source = self._verified_source(req, service, source)
+            if refused:
+                return self._deny(req, started, service, source, refused)
         decision = self._evaluator().access(source, service)
         if not decision.allowed:
-            if self.metrics:
-                self.metrics.denied.labels(service, source or "").inc()
-            key = (service, source or "")
-            if key not in self._denied_logged and len(self._denied_logged) < 4096:
-                self._denied_logged.add(key)
-                log.warning("denied %s -> %s: %s", source or "(unknown caller)", service,
-                            decision.reason, extra={"event": "access_denied",
-                                                    "service": service, "source": source})
-            return self._answer(req, started, service, source, 403, decision.reason)
+            return self._deny(req, started, service, source, decision.reason)
         host, port, instance = local
         hs = end_to_end(req.headers, drop=MESH_HEADERS)
         forwarded_for(hs, req.client.rsplit(":", 1)[0])
@@ -113,6 +112,37 @@ class InboundProxy:
                     upstream_ms=round((headers_at - started) * 1000, 3),
                     error=None if complete else "response not completed"))
         return Outgoing(status, out_headers, resp.body(), release=resp.release, on_done=done)
+
+    def _verified_source(self, req: Incoming, service: str,
+                         claimed: str | None) -> tuple[str, str | None]:
+        """(reason to refuse or "", the caller's identity) over mutual TLS: the caller
+        may call as a service its certificate names, never as another; and this host
+        serves only services its own certificate names."""
+        assert self.tls is not None
+        if not self.tls.identity.names(service):
+            return (f"this host's certificate does not name service {service!r}", claimed)
+        peer = req.peer
+        if peer is None:
+            return ("no client certificate", claimed)
+        if claimed is not None:
+            if not peer.names(claimed):
+                return (f"the caller's certificate (node {peer.node or '?'}) does not name "
+                        f"service {claimed!r}", claimed)
+            return "", claimed
+        only = next(iter(peer.services)) if len(peer.services) == 1 else None
+        return "", only
+
+    def _deny(self, req: Incoming, started: float, service: str, source: str | None,
+              reason: str) -> Outgoing:
+        if self.metrics:
+            self.metrics.denied.labels(service, source or "").inc()
+        key = (service, source or "")
+        if key not in self._denied_logged and len(self._denied_logged) < 4096:
+            self._denied_logged.add(key)
+            log.warning("denied %s -> %s: %s", source or "(unknown caller)", service,
+                        reason, extra={"event": "access_denied", "service": service,
+                                       "source": source})
+        return self._answer(req, started, service, source, 403, reason)
 
     def _local(self, service: str, instance: bytes | None) -> tuple[str, int, str] | None:
         """Address of the local instance to serve (the named one if given)."""

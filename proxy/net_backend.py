@@ -17,19 +17,27 @@ import typing
 import httpcore
 import trio
 
+from .identity import Identity
+from .tls import HandshakeFailed, MeshTls
+
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class LeanTrioStream(httpcore.AsyncNetworkStream):
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType,
+                 peer: Identity | None = None) -> None:
         self._stream = stream
+        self._sock = sock
+        #: The server's verified identity when the stream is mutual TLS.
+        self.peer = peer
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         try:
+            # A TLS stream may hand back a bytearray; httpcore's h11 takes any bytes-like.
             if timeout is None:
-                return await self._stream.receive_some(max_bytes)
+                return typing.cast(bytes, await self._stream.receive_some(max_bytes))
             with trio.fail_after(timeout):
-                return await self._stream.receive_some(max_bytes)
+                return typing.cast(bytes, await self._stream.receive_some(max_bytes))
         except trio.TooSlowError:
             raise httpcore.ReadTimeout(f"no data for {timeout} s") from None
         except _BROKEN as exc:
@@ -53,7 +61,7 @@ class LeanTrioStream(httpcore.AsyncNetworkStream):
         await self._stream.aclose()
 
     def get_extra_info(self, info: str) -> typing.Any:
-        sock = self._stream.socket
+        sock = self._sock
         if info == "is_readable":
             return sock.is_readable()  # httpcore's check before reusing a connection
         if info == "socket":
@@ -66,21 +74,34 @@ class LeanTrioStream(httpcore.AsyncNetworkStream):
 
 
 class LeanTrioBackend(httpcore.AsyncNetworkBackend):
+    """Plain TCP, or with ``tls`` a verified mutual-TLS stream (the sidecar hop)."""
+
+    def __init__(self, tls: MeshTls | None = None) -> None:
+        self.tls = tls
+
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                           local_address: str | None = None,
                           socket_options: typing.Iterable[typing.Any] | None = None,
-                          ) -> httpcore.AsyncNetworkStream:
+                          ) -> LeanTrioStream:
         try:
+            # One deadline for the TCP connect and the TLS handshake together.
             with trio.fail_after(float("inf") if timeout is None else timeout):
                 stream = await trio.open_tcp_stream(host, port,
                                                     local_address=local_address)
+                for option in socket_options or ():
+                    stream.setsockopt(*option)
+                if self.tls is None:
+                    return LeanTrioStream(stream, stream.socket)
+                try:
+                    tls_stream, peer = await self.tls.connect(stream)
+                except HandshakeFailed as exc:
+                    await stream.aclose()
+                    raise httpcore.ConnectError(f"{host}:{port}: {exc}") from None
+                return LeanTrioStream(tls_stream, stream.socket, peer)
         except trio.TooSlowError:
             raise httpcore.ConnectTimeout(f"connect to {host}:{port} timed out") from None
         except OSError as exc:
             raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
-        for option in socket_options or ():
-            stream.setsockopt(*option)
-        return LeanTrioStream(stream)
 
     async def sleep(self, seconds: float) -> None:
         await trio.sleep(seconds)

@@ -43,6 +43,7 @@ from .headers import (
 from .metrics import ProxyMetrics
 from .resilience import CircuitBreaker, OutlierDetector, RetryBudgetTracker, backoff
 from .stream_server import ClientGone, Incoming, Outgoing, simple_response
+from .tls import MeshTls
 from .upstream import CONNECT_FAILURE, RESET, TIMEOUT, TryFailed, Upstreams
 
 log = logging.getLogger("rumor.proxy")
@@ -95,7 +96,7 @@ class OutboundProxy:
     def __init__(self, node: Node, evaluator: Callable[[], Evaluator], *,
                  identity: str | None, metrics: ProxyMetrics | None = None,
                  access_log: AccessLog | None = None, decay: float = 10.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, tls: MeshTls | None = None) -> None:
         self.node = node
         self._evaluator = evaluator
         self.identity = identity
@@ -103,7 +104,7 @@ class OutboundProxy:
         self.access_log = access_log
         self.rng = rng or random.Random()
         self.balancer = Balancer(self.rng, decay=decay)
-        self.upstreams = Upstreams()
+        self.upstreams = Upstreams(tls=tls)
         self._services: dict[str, ServiceState] = {}
         self._endpoints: dict[str, tuple[int, float, list[Endpoint]]] = {}
 
@@ -195,7 +196,7 @@ class OutboundProxy:
                 resp = await self.upstreams.send(
                     req.method, ep.host, ep.port, path, hs, body,
                     connect_timeout=min(spec.timeouts.connect, per_try),
-                    per_try_timeout=per_try)
+                    per_try_timeout=per_try, service=service)
             except TryFailed as f:
                 done = trio.current_time()
                 self.balancer.finish(ep.key, done, done - now, False)

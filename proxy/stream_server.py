@@ -20,11 +20,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 import h11
 import trio
 
 from .http import SERVER_NAME, graceful_close, peer_name, reason_phrase
+from .identity import Identity
+from .tls import HandshakeFailed, MeshTls
 
 log = logging.getLogger("rumor.proxy")
 
@@ -56,10 +59,10 @@ class Incoming:
     """One request as a proxy handler sees it; the body streams from the client."""
 
     __slots__ = ("_body_started", "_conn", "_limits", "_stream", "client", "done",
-                 "headers", "http_version", "method", "target")
+                 "headers", "http_version", "method", "peer", "target")
 
-    def __init__(self, conn: h11.Connection, stream: trio.SocketStream, head: h11.Request,
-                 client: str, limits: ProxyLimits) -> None:
+    def __init__(self, conn: h11.Connection, stream: trio.abc.Stream, head: h11.Request,
+                 client: str, limits: ProxyLimits, peer: Identity | None = None) -> None:
         self._conn = conn
         self._stream = stream
         self._limits = limits
@@ -70,6 +73,8 @@ class Incoming:
         self.headers: list[tuple[bytes, bytes]] = list(head.headers)
         self.http_version: bytes = head.http_version
         self.client = client
+        #: The caller's verified identity (its certificate) on a mutual-TLS listener.
+        self.peer = peer
         #: True once the whole body (possibly empty) has been read.
         self.done = False
 
@@ -158,25 +163,42 @@ def simple_response(status: int, reason: str, *, body: str | None = None,
 
 async def serve_proxy(handler: ProxyHandler, host: str, port: int, *,
                       limits: ProxyLimits | None = None, on_error: ErrorHook | None = None,
+                      tls: MeshTls | None = None,
                       task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``handler`` on host:port until cancelled; reports the bound port."""
+    """Serve ``handler`` on host:port until cancelled; reports the bound port. With
+    ``tls`` every connection must first complete a mutual TLS handshake; the peer's
+    verified identity then comes with each of its requests (``Incoming.peer``)."""
     lim = limits or ProxyLimits()
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound: int = listeners[0].socket.getsockname()[1]
 
-    async def on_connection(stream: trio.SocketStream) -> None:
-        await _serve_connection(stream, handler, lim, on_error)
+    async def on_connection(raw: trio.SocketStream) -> None:
+        client = peer_name(raw) or "?"
+        if tls is None:
+            await _serve_connection(raw, handler, lim, on_error, client, None)
+            return
+        try:
+            stream, peer = await tls.accept(raw)
+        except HandshakeFailed as e:
+            # A port scanner, a plaintext client, a stranger's certificate: its own
+            # connection ends here and the listener serves everyone else.
+            log.info("TLS handshake from %s refused: %s", client, e,
+                     extra={"event": "tls_refused", "client": client})
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await raw.aclose()
+            return
+        await _serve_connection(stream, handler, lim, on_error, client, peer)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, on_connection, listeners)
         task_status.started(bound)
 
 
-async def _serve_connection(stream: trio.SocketStream, handler: ProxyHandler,
-                            limits: ProxyLimits, on_error: ErrorHook | None) -> None:
-    client = peer_name(stream) or "?"
+async def _serve_connection(stream: trio.abc.Stream, handler: ProxyHandler,
+                            limits: ProxyLimits, on_error: ErrorHook | None, client: str,
+                            peer: Identity | None) -> None:
     try:
-        await _connection_loop(stream, handler, limits, client, on_error)
+        await _connection_loop(stream, handler, limits, client, on_error, peer)
     except (trio.BrokenResourceError, trio.ClosedResourceError, ClientGone) as exc:
         log.debug("proxy connection from %s dropped: %r", client, exc)
     except Exception:
@@ -186,15 +208,15 @@ async def _serve_connection(stream: trio.SocketStream, handler: ProxyHandler,
             await stream.aclose()
 
 
-async def _connection_loop(stream: trio.SocketStream, handler: ProxyHandler,
+async def _connection_loop(stream: trio.abc.Stream, handler: ProxyHandler,
                            limits: ProxyLimits, client: str,
-                           on_error: ErrorHook | None) -> None:
+                           on_error: ErrorHook | None, peer: Identity | None) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
     while True:
         head = await _read_head(conn, stream, limits, client, on_error)
         if head is None:
             return
-        req = Incoming(conn, stream, head, client, limits)
+        req = Incoming(conn, stream, head, client, limits, peer)
         try:
             out = await handler(req)
         except BadRequestBody as exc:
@@ -222,7 +244,7 @@ async def _connection_loop(stream: trio.SocketStream, handler: ProxyHandler,
             return
 
 
-async def _read_head(conn: h11.Connection, stream: trio.SocketStream, limits: ProxyLimits,
+async def _read_head(conn: h11.Connection, stream: trio.abc.Stream, limits: ProxyLimits,
                      client: str, on_error: ErrorHook | None) -> h11.Request | None:
     try:
         # Idle keep-alive wait: the first byte of the next request.
@@ -236,7 +258,8 @@ async def _read_head(conn: h11.Connection, stream: trio.SocketStream, limits: Pr
                 if first:
                     first = False
                     scope.deadline = trio.current_time() + limits.head_timeout
-                conn.receive_data(data)  # b"" (closed) becomes ConnectionClosed
+                # (A TLS stream may hand back a bytearray; h11 takes any bytes-like.)
+                conn.receive_data(cast(bytes, data))  # b"" (closed): ConnectionClosed
                 event = conn.next_event()
         if scope.cancelled_caught:
             if first:
@@ -268,7 +291,7 @@ async def _read_head(conn: h11.Connection, stream: trio.SocketStream, limits: Pr
         return None
 
 
-async def _refuse(conn: h11.Connection, stream: trio.SocketStream, status: int, reason: str,
+async def _refuse(conn: h11.Connection, stream: trio.abc.Stream, status: int, reason: str,
                   client: str, on_error: ErrorHook | None) -> None:
     log.debug("refusing %s: %d %s", client, status, reason)
     if on_error is not None:
@@ -290,7 +313,7 @@ async def _refuse(conn: h11.Connection, stream: trio.SocketStream, status: int, 
         pass
 
 
-async def _send(conn: h11.Connection, stream: trio.SocketStream, req: Incoming,
+async def _send(conn: h11.Connection, stream: trio.abc.Stream, req: Incoming,
                 out: Outgoing, limits: ProxyLimits) -> bool:
     """Write the response; False if the connection cannot be reused."""
     sent = 0
@@ -355,7 +378,7 @@ class UpstreamBroken(Exception):
     """Raised by a response body iterator when the upstream fails mid-body."""
 
 
-async def _drain(conn: h11.Connection, stream: trio.SocketStream,
+async def _drain(conn: h11.Connection, stream: trio.abc.Stream,
                  limits: ProxyLimits) -> bool:
     """Swallow the rest of a request body we did not need (e.g. answered 403 before
     reading it) so the connection can carry the next request; give up past a limit."""
@@ -375,7 +398,7 @@ async def _drain(conn: h11.Connection, stream: trio.SocketStream,
     return conn.their_state is h11.DONE
 
 
-async def _next_event(conn: h11.Connection, stream: trio.SocketStream,
+async def _next_event(conn: h11.Connection, stream: trio.abc.Stream,
                       idle: float) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
     """The next event, reading from the client as needed (never NEED_DATA)."""
     while True:
@@ -386,4 +409,4 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream,
             data = await stream.receive_some(RECEIVE_CHUNK)
         if scope.cancelled_caught:
             raise ClientGone(f"no data from the client for {idle:g} s")
-        conn.receive_data(data)
+        conn.receive_data(cast(bytes, data))

@@ -15,14 +15,17 @@ exceptions of the network stack into one `TryFailed` with a condition:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpcore
 import trio
 
+from .identity import Identity
 from .net_backend import LeanTrioBackend
 from .stream_server import ClientGone, UpstreamBroken
+from .tls import MeshTls
 
 CONNECT_FAILURE = "connect-failure"
 TIMEOUT = "timeout"
@@ -77,19 +80,27 @@ class Upstreams:
     circuit breaker, not here.
     """
 
-    def __init__(self, *, keepalive: int = 256, keepalive_expiry: float = 30.0) -> None:
+    def __init__(self, *, keepalive: int = 256, keepalive_expiry: float = 30.0,
+                 tls: MeshTls | None = None) -> None:
         self.keepalive = keepalive
         self.keepalive_expiry = keepalive_expiry
-        self._backend = LeanTrioBackend()
+        self._backend = LeanTrioBackend(tls)
         self._idle: dict[tuple[str, int], list[httpcore.AsyncHTTP11Connection]] = {}
-        self.stats = {"connections_opened": 0, "stale_retries": 0}
+        #: The verified identity at the other end of each mutual-TLS connection.
+        self._peers: weakref.WeakKeyDictionary[httpcore.AsyncHTTP11Connection, Identity] = \
+            weakref.WeakKeyDictionary()
+        self.stats = {"connections_opened": 0, "stale_retries": 0, "wrong_identity": 0}
 
     async def send(self, method: bytes, host: str, port: int, target: bytes,
                    headers: list[tuple[bytes, bytes]],
                    body: bytes | AsyncIterator[bytes] | None, *,
-                   connect_timeout: float, per_try_timeout: float) -> UpstreamResponse:
+                   connect_timeout: float, per_try_timeout: float,
+                   service: str | None = None) -> UpstreamResponse:
         """Send one try and return once the response headers are in. ``headers`` must
-        already carry Host and framing (Content-Length or chunked)."""
+        already carry Host and framing (Content-Length or chunked). Over mutual TLS,
+        ``service`` must be named by the upstream's certificate: a host cannot be
+        called as a service its certificate does not name (a connect failure: the
+        request is not sent)."""
         url = httpcore.URL(scheme=b"http", host=host.encode(), port=port, target=target)
         request = httpcore.Request(method, url, headers=headers, content=body)
         key = (host, port)
@@ -102,6 +113,12 @@ class Upstreams:
                     conn, reused = await self._take(key)
                     if conn is None:
                         conn = await self._connect(key, url, connect_timeout)
+                    if service is not None and self._backend.tls is not None:
+                        wrong = self._wrong_identity(conn, service)
+                        if wrong:
+                            # Closed, not pooled: a renewed certificate may name it.
+                            await conn.aclose()
+                            raise TryFailed(CONNECT_FAILURE, wrong)
                     try:
                         response = await conn.handle_async_request(request)
                         break
@@ -140,8 +157,20 @@ class Upstreams:
                        timeout: float) -> httpcore.AsyncHTTP11Connection:
         stream = await self._backend.connect_tcp(key[0], key[1], timeout=timeout)
         self.stats["connections_opened"] += 1
-        return httpcore.AsyncHTTP11Connection(url.origin, stream,
+        conn = httpcore.AsyncHTTP11Connection(url.origin, stream,
                                               keepalive_expiry=self.keepalive_expiry)
+        if stream.peer is not None:
+            self._peers[conn] = stream.peer
+        return conn
+
+    def _wrong_identity(self, conn: httpcore.AsyncHTTP11Connection, service: str) -> str:
+        """Why ``conn`` must not carry a request for ``service`` ("" if it may)."""
+        peer = self._peers.get(conn)
+        if peer is not None and peer.names(service):
+            return ""
+        self.stats["wrong_identity"] += 1
+        who = f"node {peer.node}" if peer is not None and peer.node else "the upstream"
+        return f"the certificate of {who} does not name service {service!r}"
 
     def give_back(self, key: tuple[str, int], conn: httpcore.AsyncHTTP11Connection) -> bool:
         """Keep ``conn`` for the next request if it can carry one."""
