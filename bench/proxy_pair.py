@@ -18,7 +18,10 @@ agent with it) on SIGTERM.
         --proxy-cmd 'rumor=/path/to/venv/bin/python /path/to/bench/proxy_pair.py'
 
 Options (environment): ``RUMOR_PAIR_CALLEES=one`` puts every backend behind a single
-callee agent instead of one each; ``RUMOR_PAIR_EXTRA`` adds agent flags to all.
+callee agent instead of one each; ``RUMOR_PAIR_EXTRA`` adds agent flags to all;
+``RUMOR_PAIR_TLS=1`` makes a cluster CA and certificates in the work folder and runs
+the sidecar hop over mutual TLS (the caller's certificate names ``loadgen``, each
+callee's the benchmarked service).
 """
 
 from __future__ import annotations
@@ -55,6 +58,17 @@ def main() -> int:
              "--log-level", "warning", *extra]
     groups = [backends] if os.environ.get("RUMOR_PAIR_CALLEES") == "one" \
         else [[b] for b in backends]
+    tls: dict[str, list[str]] = {}
+    if os.environ.get("RUMOR_PAIR_TLS"):
+        from rumor.proxy.identity import init_ca, issue
+        ca = work / "ca"
+        if not (ca / "ca.key").exists():
+            init_ca(ca, "bench")
+        for node, svc in [("caller", "loadgen")] + [(f"callee{i}", service)
+                                                     for i in range(len(groups))]:
+            cert, key = issue(ca, node, [svc], 1, work / node)
+            tls[node] = ["--tls-ca", str(ca / "ca.crt"), "--tls-cert", str(cert),
+                         "--tls-key", str(key)]
     procs: list[subprocess.Popen[bytes]] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -73,7 +87,7 @@ def main() -> int:
     caller_port = free_port()
     procs.append(subprocess.Popen(
         [*rumor, "--name", "caller", "--bind", f"127.0.0.1:{caller_port}",
-         "--api", f"127.0.0.1:{free_port()}", "--outbound", listen],
+         "--api", f"127.0.0.1:{free_port()}", "--outbound", listen, *tls.get("caller", [])],
         stdout=open(work / "caller.log", "ab"), stderr=subprocess.STDOUT))  # noqa: SIM115
     time.sleep(0.5)
     for i, group in enumerate(groups):
@@ -85,7 +99,8 @@ def main() -> int:
         procs.append(subprocess.Popen(
             [*rumor, "--name", f"callee{i}", "--bind", f"127.0.0.1:{free_port()}",
              "--api", f"127.0.0.1:{free_port()}", "--inbound", f"127.0.0.1:{free_port()}",
-             "--join", f"127.0.0.1:{caller_port}", *services],
+             "--join", f"127.0.0.1:{caller_port}", *services,
+             *tls.get(f"callee{i}", [])],
             stdout=open(work / f"callee{i}.log", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT))
     while True:
