@@ -169,6 +169,9 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
     tls = _mesh_tls(opts)
     if tls is not None:
         nursery.start_soon(tls.run_reloader)
+        if tls.identity.node is not None and tls.identity.node != opts.name:
+            log.warning("the TLS certificate was issued for node %s, this agent is %s",
+                        tls.identity.node, opts.name, extra={"event": "tls_node_mismatch"})
         log.info("mutual TLS on the sidecar hop: %s, certificate valid until %s",
                  tls.describe(), tls.not_after.isoformat(),
                  extra={"event": "tls", "services": sorted(tls.identity.services)})

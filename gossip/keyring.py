@@ -99,6 +99,7 @@ class Keyring:
                 self._keys.append(k)
         if not self._keys:
             raise KeyringError("a keyring needs at least one key")
+        self._accepted = tuple(self._keys)
 
     @classmethod
     def from_text(cls, text: str) -> Keyring:
@@ -139,6 +140,11 @@ class Keyring:
         """All installed keys, primary first."""
         return list(self._keys)
 
+    @property
+    def accepted(self) -> tuple[bytes, ...]:
+        """The same, without a copy (the packet path reads it for every packet)."""
+        return self._accepted
+
     def install(self, key: bytes) -> bool:
         """Accept ``key`` too; False if it was installed already."""
         if len(key) != KEY_BYTES:
@@ -146,6 +152,7 @@ class Keyring:
         if key in self._keys:
             return False
         self._keys.append(key)
+        self._accepted = tuple(self._keys)
         return True
 
     def use(self, key: bytes) -> bool:
@@ -157,6 +164,7 @@ class Keyring:
             return False
         self._keys.remove(key)
         self._keys.insert(0, key)
+        self._accepted = tuple(self._keys)
         return True
 
     def remove(self, key: bytes) -> bool:
@@ -167,6 +175,7 @@ class Keyring:
         if self._keys[0] == key:
             raise KeyringError("cannot remove the primary key; `use` another key first")
         self._keys.remove(key)
+        self._accepted = tuple(self._keys)
         return True
 
 
@@ -195,7 +204,7 @@ class KeyringSeal:
         head = _HEAD.pack(PREFIX, VERSION, int(self._clock() * 1000))
         nonce = self._random(NONCE_BYTES)
         return head + nonce + crypto_aead_xchacha20poly1305_ietf_encrypt(
-            bytes(data), head, nonce, self.keyring.primary)
+            bytes(data), head, nonce, self.keyring.accepted[0])
 
     def open(self, data: bytes) -> bytes:
         if len(data) < OVERHEAD or data[:2] != PREFIX:
@@ -213,13 +222,14 @@ class KeyringSeal:
         if abs(now - sent) > self._window_ms or sent <= self._floor:
             self.stats["stale"] += 1
             raise SealError("sent too long ago or from a clock too far off (replay?)")
-        head = bytes(data[:_HEAD.size])
-        nonce = bytes(data[_HEAD.size:HEADER_BYTES])
+        data = bytes(data)  # no copy when it is bytes already (sockets give bytes)
+        nonce = data[_HEAD.size:HEADER_BYTES]
         if nonce in self._seen:
             self.stats["replayed"] += 1
             raise SealError("replayed packet")
-        body = bytes(data[HEADER_BYTES:])
-        for key in self.keyring.keys:
+        head = data[:_HEAD.size]
+        body = data[HEADER_BYTES:]
+        for key in self.keyring.accepted:
             try:
                 plain: bytes = crypto_aead_xchacha20poly1305_ietf_decrypt(
                     body, head, nonce, key)
