@@ -44,6 +44,7 @@ from nacl.bindings import (
 )
 from nacl.exceptions import CryptoError
 
+from .files import write_atomic
 from .security import SEALED_PREFIX as PREFIX
 from .security import SealError
 
@@ -123,13 +124,7 @@ class Keyring:
 
     def save(self, path: Path) -> None:
         """Write atomically, owner-only: the file holds the cluster's secret."""
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_text())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, self.to_text().encode(), 0o600)
 
     @property
     def primary(self) -> bytes:

@@ -19,6 +19,7 @@ import os
 import time
 from pathlib import Path
 
+from ..gossip.files import fsync_dir, write_atomic
 from .envelope import MAX_ENVELOPE, Envelope
 
 SUFFIX = ".env"
@@ -39,14 +40,14 @@ class PolicyDirectory:
 
     def save(self, env: Envelope) -> Path:
         path = self.path_for(env)
-        _write_atomic(path, env.encode())
+        write_atomic(path, env.encode())
         return path
 
     def remove(self, env: Envelope) -> None:
         path = self.path_for(env)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def load(self) -> list[tuple[Path, bytes | None]]:
         """Every stored envelope, trust chain first in version order (each link must be
@@ -76,33 +77,9 @@ class PolicyDirectory:
             dest = self.rejected_dir / f"{prefix}{path.name}.{stamp}.{n}"
             n += 1
         os.replace(path, dest)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return dest
 
     def leftovers(self) -> list[Path]:
         """Temporary files of a write interrupted by a crash (removed at start)."""
         return [p for d in (self.root, self.trust_dir) for p in d.glob(".*.tmp")]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

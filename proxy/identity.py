@@ -20,9 +20,7 @@ Sans-IO apart from reading and writing the files: no sockets, no event loop.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,6 +30,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..gossip.files import write_atomic
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -235,7 +235,7 @@ def _ca_exists(directory: Path, found: Path) -> CaError:
 
 def _write_new(path: Path, data: bytes, mode: int, directory: Path) -> None:
     try:
-        _write_atomic(path, data, mode, exclusive=True)
+        write_atomic(path, data, mode, exclusive=True)
     except FileExistsError:
         raise _ca_exists(directory, path) from None
     except OSError as e:
@@ -311,8 +311,8 @@ def issue(ca_dir: Path, node: str, services: list[str], days: int, out_prefix: P
     try:
         crt_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # The key first, so a certificate never appears without its key.
-        _write_atomic(key_path, _key_pem(key), 0o600)
-        _write_atomic(crt_path, chain, 0o644)
+        write_atomic(key_path, _key_pem(key), 0o600)
+        write_atomic(crt_path, chain, 0o644)
     except OSError as e:
         raise CaError(f"cannot write to {crt_path.parent}: {e.strerror or e}") from None
     return crt_path, key_path
@@ -404,48 +404,3 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-
-
-# --- files -----------------------------------------------------------------------------
-
-def _write_atomic(path: Path, data: bytes, mode: int, *, exclusive: bool = False) -> None:
-    """Write so that a crash leaves the old file or the new one, never part of either.
-
-    ``exclusive`` raises ``FileExistsError`` rather than replace a file: a hard link
-    publishes the new file and refuses an existing name in one step."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if mode != 0o600:  # mkstemp already made it 0600
-                os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if not exclusive:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise
-            except OSError:
-                # No hard links here (FAT media, some network filesystems): check, rename.
-                if path.exists():
-                    raise FileExistsError(path) from None
-                os.replace(tmp, path)
-            else:
-                tmp.unlink()
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
