@@ -56,6 +56,24 @@ def test_seal_then_open_round_trips_and_adds_the_declared_overhead() -> None:
     assert b.open(sealed) == b"\x01hello gossip"
 
 
+def test_direct_libsodium_path_and_public_binding_agree(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from rumor.gossip import keyring as kr
+    assert kr._lib is not None  # the fast path is the one agents use
+    clock = Clock()
+    a, b = _seal(K1, clock=clock, seed=1), _seal(K1, clock=clock, seed=2)
+    fast = a.seal(b"\x01fast")
+    monkeypatch.setattr(kr, "_lib", None)  # pynacl's public wrapper
+    slow = a.seal(b"\x01slow")
+    assert b.open(fast) == b"\x01fast"
+    with pytest.raises(SealError):
+        b.open(fast[:-1] + bytes([fast[-1] ^ 1]))
+    monkeypatch.undo()
+    assert b.open(slow) == b"\x01slow"
+    with pytest.raises(SealError):
+        _seal(K2, clock=clock, seed=3).open(a.seal(b"\x01x"))
+
+
 def test_wrong_key_plaintext_and_garbage_are_refused_and_counted() -> None:
     a, b = _seal(K1, seed=1), _seal(K2, seed=2)
     with pytest.raises(SealError, match="no gossip key of the receiving agent"):
