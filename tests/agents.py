@@ -28,6 +28,15 @@ def rumor_cmd() -> list[str]:
     return [sys.executable, "-m", "rumor.cli"]
 
 
+def rumor(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a ``rumor`` CLI command; fail the test with its output if it fails."""
+    res = subprocess.run([*rumor_cmd(), *args], capture_output=True, text=True, timeout=60)
+    if check and res.returncode != 0:
+        raise AssertionError(f"rumor {' '.join(args)} failed ({res.returncode}): "
+                             f"{res.stderr}{res.stdout}")
+    return res
+
+
 class Agent:
     def __init__(self, name: str, workdir: Path, extra: list[str] | None = None) -> None:
         self.name = name

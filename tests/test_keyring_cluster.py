@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import threading
 import urllib.request
 from pathlib import Path
 
 from rumor.gossip.keyring import Keyring, decode_key, generate_key
 
-from .agents import Agent, AgentCluster, rumor_cmd, wait_for
-
-
-def rumor(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([*rumor_cmd(), *args], capture_output=True, text=True, timeout=60)
-    if check and res.returncode != 0:
-        raise AssertionError(f"rumor {' '.join(args)} failed ({res.returncode}): "
-                             f"{res.stderr}{res.stdout}")
-    return res
+from .agents import Agent, AgentCluster, rumor, wait_for
 
 
 def register(a: Agent, name: str) -> None:

@@ -4,7 +4,6 @@ replication, persistence, forgery, key rotation)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from rumor.policy.envelope import encode_envelope, read_envelope_file
 
-from .agents import Agent, AgentCluster, rumor_cmd, wait_for
+from .agents import Agent, AgentCluster, rumor, wait_for
 
 ACCESS = """kind = "access"
 name = "web-access"
@@ -23,14 +22,6 @@ destination = "web"
 default = "deny"
 allow = ["{allow}"]
 """
-
-
-def rumor(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([*rumor_cmd(), *args], capture_output=True, text=True, timeout=60)
-    if check and res.returncode != 0:
-        raise AssertionError(f"rumor {' '.join(args)} failed ({res.returncode}): "
-                             f"{res.stderr}{res.stdout}")
-    return res
 
 
 def held(a: Agent) -> dict[str, int]:
