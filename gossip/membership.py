@@ -147,7 +147,7 @@ class Membership:
         self._seq = rng.randrange(1 << 31)
         self._exchange = 0
         self._exchanges: dict[int, str] = {}  # id -> kind
-        self._refused: set[Address] = set()  # sources whose gossip we refused (noticed)
+        self._refused: set[str] = set()  # hosts whose gossip we refused (noticed once)
         self._exchange_peer: dict[int, str] = {}
 
         self._probe_order: list[str] = []
@@ -251,10 +251,11 @@ class Membership:
             # Say why, so that a misconfigured joiner fails with a reason, not a silence;
             # and tell our operator once per address.
             self.stats["streams_unauthenticated"] += 1
-            if source not in self._refused and len(self._refused) < 1024:
-                self._refused.add(source)
+            # Per host: every stream comes from a new ephemeral port.
+            if source[0] not in self._refused and len(self._refused) < 1024:
+                self._refused.add(source[0])
                 self._effects.append(Notice(
-                    "gossip_refused", f"refused gossip from {source[0]}:{source[1]}: {e}"))
+                    "gossip_refused", f"refused gossip from {source[0]}: {e}"))
             return refusal(str(e))
         except DecodeError:
             self.stats["streams_malformed"] += 1
