@@ -62,6 +62,8 @@ class ClusterKeyring:
                   timeout: float = ANSWER_TIMEOUT) -> tuple[Pending, list[str]]:
         """Apply ``op`` cluster-wide; the answers, and the live members that did not
         answer within ``timeout``."""
+        if op == "use" and key is not None:
+            await self._check_installed_everywhere(key, timeout)
         try:
             cid = self.commands.start(trio.current_time(), op, key)
         except KeyringError as e:
@@ -83,6 +85,21 @@ class ClusterKeyring:
         pending = self.commands.finish(cid)
         assert pending is not None
         return pending, missing
+
+    async def _check_installed_everywhere(self, key: bytes, timeout: float) -> None:
+        """Refuse ``use`` unless every live member holds the key: the members that
+        switched would send what the others cannot open, splitting the cluster."""
+        p, missing = await self.run("list", None, timeout)
+        text = encode_key(key)
+        lacking = sorted(n for n, a in p.answers.items() if text not in a.keys)
+        if missing or lacking:
+            parts = []
+            if lacking:
+                parts.append(f"not installed on {', '.join(lacking)}")
+            if missing:
+                parts.append(f"no answer from {', '.join(missing)}")
+            raise HttpError(409, f"refusing to use the key: {'; '.join(parts)} (install it "
+                            "on every member first, or the cluster would split)")
 
     def _live(self) -> list[str]:
         return [str(m["name"]) for m in self.node.members() if m.get("status") == "alive"]

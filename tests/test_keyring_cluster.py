@@ -80,6 +80,11 @@ def test_rotation_across_five_live_agents_loses_no_member_or_message(tmp_path: P
         # Every agent rewrote its --keyring file: a restart keeps the new key.
         for f in files:
             assert Keyring.load(f).keys == [decode_key(new)]
+        # Using a key that not every member holds is refused before anyone switches.
+        stray = generate_key()
+        res = rumor("keyring", "use", stray, "--api", agents[1].api, check=False)
+        assert res.returncode == 1 and "not installed on a0, a1, a2, a3, a4" in res.stderr
+        assert all(Keyring.load(f).keys == [decode_key(new)] for f in files)
         # Removing the key in use is refused everywhere, and said so.
         res = rumor("keyring", "remove", new, "--api", agents[0].api, check=False)
         assert res.returncode == 1 and "cannot remove the primary key" in res.stdout
