@@ -216,7 +216,9 @@ class OutboundProxy:
             done = trio.current_time()
             status = resp.status
             ok = status < 500
-            self.balancer.finish(ep.key, done, done - now, ok)
+            # Latency of the instance: without this try's connection setup (a new
+            # connection's TCP and TLS handshakes would brand it slow for a while).
+            self.balancer.finish(ep.key, done, done - now - resp.connect_seconds, ok)
             self._record(state, service, ep, done, ok, len(endpoints))
             if (status in (502, 503, 504) and attempt < policy.attempts and replayable
                     and policy.retryable(method, str(status))
