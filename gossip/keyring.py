@@ -19,8 +19,9 @@ can say so.
 
 Replays. A recorded packet re-sent later would authenticate, so ``open`` also
 rejects packets sent more than ``window`` seconds from our clock (both ways: clock
-skew) and any nonce already seen within the window. Nonces are 24 random bytes, so
-two honest packets never share one. Agents therefore need clocks within
+skew) and any nonce already seen within the window. Nonces are unique per sender (a
+random prefix and a counter, see ``KeyringSeal``), so two honest packets never share
+one. Agents therefore need clocks within
 ``window`` of each other (60 s by default), as for policy expiry.
 
 Sans-IO like the core: the wall clock and the random source are injected, so the
