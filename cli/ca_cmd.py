@@ -27,6 +27,11 @@ from ..proxy.identity import CaError, identity_of, init_ca, issue
 DEFAULT_CA_DAYS = 3650
 DEFAULT_CERT_DAYS = 90
 
+#: Defaults that make the issue's bare commands work: ``rumor ca init`` then
+#: ``rumor ca issue --node web-1 --service web`` in the same folder.
+DEFAULT_DIR = "ca"
+DEFAULT_CLUSTER = "rumor"
+
 
 def add_ca_parser(sub: Any) -> None:
     c = sub.add_parser("ca", help="the cluster certificate authority for sidecar mutual "
@@ -34,25 +39,28 @@ def add_ca_parser(sub: Any) -> None:
     cs = c.add_subparsers(dest="ca_command", metavar="COMMAND", required=True)
 
     i = cs.add_parser("init", help="create a cluster CA (ca.crt and ca.key) in DIR")
-    i.add_argument("--dir", required=True, type=Path, metavar="DIR",
-                   help="directory for ca.crt and ca.key (created 0700 if missing)")
-    i.add_argument("--cluster", required=True, metavar="NAME",
-                   help="the cluster name every identity carries (spiffe://NAME/...)")
+    i.add_argument("--dir", type=Path, default=Path(DEFAULT_DIR), metavar="DIR",
+                   help=f"directory for ca.crt and ca.key (created 0700 if missing; "
+                   f"default ./{DEFAULT_DIR})")
+    i.add_argument("--cluster", default=DEFAULT_CLUSTER, metavar="NAME",
+                   help="the cluster name every identity carries (spiffe://NAME/...; "
+                   f"default {DEFAULT_CLUSTER})")
     i.add_argument("--days", type=int, default=DEFAULT_CA_DAYS, metavar="N",
                    help=f"validity of the CA (default {DEFAULT_CA_DAYS})")
 
     s = cs.add_parser("issue", help="issue an agent's certificate, naming its node and "
                       "the services it serves")
-    s.add_argument("--dir", required=True, type=Path, metavar="DIR",
-                   help="the CA directory (from `rumor ca init`)")
+    s.add_argument("--dir", type=Path, default=Path(DEFAULT_DIR), metavar="DIR",
+                   help=f"the CA directory (from `rumor ca init`; default ./{DEFAULT_DIR})")
     s.add_argument("--node", required=True, metavar="NAME", help="the agent's --name")
     s.add_argument("--service", required=True, action="append", dest="services",
                    metavar="NAME", help="a service the agent serves and calls as "
                    "(repeat for several)")
     s.add_argument("--days", type=int, default=DEFAULT_CERT_DAYS, metavar="N",
                    help=f"validity (default {DEFAULT_CERT_DAYS}; renew by issuing again)")
-    s.add_argument("--out", required=True, type=Path, metavar="PREFIX",
-                   help="writes PREFIX.crt (certificate chain) and PREFIX.key (0600)")
+    s.add_argument("--out", type=Path, metavar="PREFIX",
+                   help="writes PREFIX.crt (certificate chain) and PREFIX.key (0600); "
+                   "default ./NODE")
 
 
 def run_ca(args: argparse.Namespace) -> int:
@@ -79,7 +87,8 @@ def _init(args: argparse.Namespace) -> None:
 
 
 def _issue(args: argparse.Namespace) -> None:
-    crt, key = issue(args.dir, args.node, args.services, args.days, args.out)
+    out = args.out if args.out is not None else Path(args.node)
+    crt, key = issue(args.dir, args.node, args.services, args.days, out)
     # Read back from the file, so what is printed is what the agent will present.
     cert = _first_cert(crt)
     ident = identity_of(cert.public_bytes(Encoding.DER))

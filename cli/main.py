@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -220,6 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(_dispatch(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `rumor ... | head`: the reader left; not our error. Point stdout at /dev/null
+        # so the interpreter's final flush does not fail again (Python's signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UsageError as e:
         print(f"rumor: {e}", file=sys.stderr)
         return 2
