@@ -107,15 +107,16 @@ class Keyring:
     """The keys an agent accepts, the first of which (the primary) it sends with."""
 
     def __init__(self, keys: Iterable[bytes]) -> None:
-        self._keys: list[bytes] = []
+        unique: list[bytes] = []
         for k in keys:
             if len(k) != KEY_BYTES:
                 raise KeyringError(f"a gossip key is {KEY_BYTES} bytes, got {len(k)}")
-            if k not in self._keys:
-                self._keys.append(k)
-        if not self._keys:
+            if k not in unique:
+                unique.append(k)
+        if not unique:
             raise KeyringError("a keyring needs at least one key")
-        self._accepted = tuple(self._keys)
+        #: Primary first. A tuple: the packet path reads it for every packet, uncopied.
+        self.accepted: tuple[bytes, ...] = tuple(unique)
 
     @classmethod
     def from_text(cls, text: str) -> Keyring:
@@ -135,7 +136,7 @@ class Keyring:
             raise KeyringError(f"{path}: {e}") from None
 
     def to_text(self) -> str:
-        return "".join(encode_key(k) + "\n" for k in self._keys)
+        return "".join(encode_key(k) + "\n" for k in self.accepted)
 
     def save(self, path: Path) -> None:
         """Write atomically, owner-only: the file holds the cluster's secret."""
@@ -143,49 +144,40 @@ class Keyring:
 
     @property
     def primary(self) -> bytes:
-        return self._keys[0]
+        return self.accepted[0]
 
     @property
     def keys(self) -> list[bytes]:
         """All installed keys, primary first."""
-        return list(self._keys)
-
-    @property
-    def accepted(self) -> tuple[bytes, ...]:
-        """The same, without a copy (the packet path reads it for every packet)."""
-        return self._accepted
+        return list(self.accepted)
 
     def install(self, key: bytes) -> bool:
         """Accept ``key`` too; False if it was installed already."""
         if len(key) != KEY_BYTES:
             raise KeyringError(f"a gossip key is {KEY_BYTES} bytes, got {len(key)}")
-        if key in self._keys:
+        if key in self.accepted:
             return False
-        self._keys.append(key)
-        self._accepted = tuple(self._keys)
+        self.accepted += (key,)
         return True
 
     def use(self, key: bytes) -> bool:
         """Send with ``key`` from now on; it must be installed. False if it already was
         the primary."""
-        if key not in self._keys:
+        if key not in self.accepted:
             raise KeyringError("key is not installed; install it (on every agent) first")
-        if self._keys[0] == key:
+        if self.accepted[0] == key:
             return False
-        self._keys.remove(key)
-        self._keys.insert(0, key)
-        self._accepted = tuple(self._keys)
+        self.accepted = (key, *(k for k in self.accepted if k != key))
         return True
 
     def remove(self, key: bytes) -> bool:
         """Stop accepting ``key``; False if it was not installed. The primary cannot go:
         ``use`` another key first."""
-        if key not in self._keys:
+        if key not in self.accepted:
             return False
-        if self._keys[0] == key:
+        if self.accepted[0] == key:
             raise KeyringError("cannot remove the primary key; `use` another key first")
-        self._keys.remove(key)
-        self._accepted = tuple(self._keys)
+        self.accepted = tuple(k for k in self.accepted if k != key)
         return True
 
 

@@ -27,10 +27,14 @@ import msgpack
 from .delegate import Delegate
 from .keyring import Keyring, KeyringError, KeyringSeal, encode_key
 from .membership import Membership
+from .wire import Status
 
 CHANNEL = "keyring"
 OPS = ("install", "use", "remove", "list")
 _SEEN = 4096
+#: Members silent this long after the broadcast (or the last resend) get the command
+#: again, by stream.
+RESEND_AFTER = 0.5
 
 
 @dataclass
@@ -47,6 +51,16 @@ class Pending:
     started: float
     payload: bytes
     answers: dict[str, Answer] = field(default_factory=dict)
+    sent_at: float = 0.0
+
+    def missing(self, live: list[str]) -> list[str]:
+        """The live members that have not answered yet."""
+        return [m for m in live if m not in self.answers]
+
+    def lacking(self, key: bytes) -> list[str]:
+        """For a ``list``: the members that answered without ``key`` installed."""
+        text = encode_key(key)
+        return sorted(n for n, a in self.answers.items() if text not in a.keys)
 
 
 class KeyringCommands(Delegate):
@@ -73,13 +87,14 @@ class KeyringCommands(Delegate):
         cid = self._rand_id()
         self._remember(cid)
         payload = msgpack.packb(["cmd", cid, self.core.name, op, key or b""])
-        self.pending[cid] = p = Pending(op, now, payload)
+        self.pending[cid] = p = Pending(op, now, payload, sent_at=now)
         p.answers[self.core.name] = self._apply(op, key)
         self.core.broadcast(now, CHANNEL, payload, key=cid)
         return cid
 
-    def resend(self, now: float, cid: str, members: list[str]) -> None:
-        """Send the command by stream to ``members`` that have not answered yet.
+    def tick(self, now: float, cid: str) -> list[str]:
+        """The live members that have not answered ``cid`` yet; those silent for
+        ``RESEND_AFTER`` get the command again, by stream.
 
         A broadcast reaches everyone only with high probability (each agent passes
         it to a few random others); a key change that misses an agent cuts it off, so
@@ -87,10 +102,16 @@ class KeyringCommands(Delegate):
         (each agent also drops ids it has seen)."""
         p = self.pending.get(cid)
         if p is None:
-            return
-        for m in members:
-            if m not in p.answers:
+            return []
+        missing = p.missing(self._live())
+        if missing and now - p.sent_at >= RESEND_AFTER:
+            p.sent_at = now
+            for m in missing:
                 self.core.send_to(now, m, CHANNEL, p.payload)
+        return missing
+
+    def _live(self) -> list[str]:
+        return [m.name for m in self.core.members.values() if m.status == Status.ALIVE]
 
     def finish(self, cid: str) -> Pending | None:
         """Stop counting answers to ``cid`` and return them."""

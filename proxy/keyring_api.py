@@ -32,8 +32,6 @@ from .router import Router
 log = logging.getLogger("rumor.keyring")
 #: How long a command waits for every live member to answer.
 ANSWER_TIMEOUT = 5.0
-#: Members silent this long after the broadcast get the command by stream.
-RESEND_AFTER = 0.5
 
 
 class ClusterKeyring:
@@ -70,17 +68,12 @@ class ClusterKeyring:
             raise HttpError(400, str(e)) from None
         self.node.wake()
         missing: list[str] = []
-        resend_at = trio.current_time() + RESEND_AFTER
         with trio.move_on_after(timeout):
             while True:
-                p = self.commands.pending[cid]
-                missing = [m for m in self._live() if m not in p.answers]
+                missing = self.commands.tick(trio.current_time(), cid)
                 if not missing:
                     break
-                if trio.current_time() >= resend_at:  # the broadcast missed them
-                    self.commands.resend(trio.current_time(), cid, missing)
-                    self.node.wake()
-                    resend_at = trio.current_time() + RESEND_AFTER
+                self.node.wake()  # a resend, if one was due
                 await trio.sleep(0.02)
         pending = self.commands.finish(cid)
         assert pending is not None
@@ -90,8 +83,7 @@ class ClusterKeyring:
         """Refuse ``use`` unless every live member holds the key: the members that
         switched would send what the others cannot open, splitting the cluster."""
         p, missing = await self.run("list", None, timeout)
-        text = encode_key(key)
-        lacking = sorted(n for n, a in p.answers.items() if text not in a.keys)
+        lacking = p.lacking(key)
         if missing or lacking:
             parts = []
             if lacking:
@@ -100,9 +92,6 @@ class ClusterKeyring:
                 parts.append(f"no answer from {', '.join(missing)}")
             raise HttpError(409, f"refusing to use the key: {'; '.join(parts)} (install it "
                             "on every member first, or the cluster would split)")
-
-    def _live(self) -> list[str]:
-        return [str(m["name"]) for m in self.node.members() if m.get("status") == "alive"]
 
 
 def add_keyring_routes(router: Router, ring: ClusterKeyring | None) -> None:
