@@ -169,6 +169,7 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
     tls = _mesh_tls(opts)
     if tls is not None:
         nursery.start_soon(tls.run_reloader)
+        registry.register(AgentCollector(tls=lambda: tls.stats))
         if tls.identity.node is not None and tls.identity.node != opts.name:
             log.warning("the TLS certificate was issued for node %s, this agent is %s",
                         tls.identity.node, opts.name, extra={"event": "tls_node_mismatch"})

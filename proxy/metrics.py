@@ -46,19 +46,36 @@ GOSSIP_COUNTERS = {
 }
 
 
+#: MeshTls.stats keys exported as counters (the sidecar hop's mutual TLS).
+TLS_COUNTERS = {
+    "handshakes": "verified mutual TLS handshakes, both directions",
+    "handshake_failures": "handshakes refused: no or a stranger's certificate, another "
+                          "cluster, plaintext, too slow",
+    "reloads": "renewed certificate files loaded",
+    "reload_failures": "renewed certificate files that did not load (old ones kept)",
+}
+
+
 class AgentCollector(Collector):
     """Reads the cores' counters at scrape time."""
 
     def __init__(self, gossip: Callable[[], dict[str, Any]] | None = None,
-                 policy: Callable[[], dict[str, Any]] | None = None) -> None:
+                 policy: Callable[[], dict[str, Any]] | None = None,
+                 tls: Callable[[], dict[str, int]] | None = None) -> None:
         self._gossip = gossip
         self._policy = policy
+        self._tls = tls
 
     def collect(self) -> Iterator[Any]:
         if self._gossip is not None:
             yield from _gossip_families(self._gossip())
         if self._policy is not None:
             yield from _policy_families(self._policy())
+        if self._tls is not None:
+            for key, n in sorted(self._tls().items()):
+                c = CounterMetricFamily(f"rumor_tls_{key}", TLS_COUNTERS.get(key, key))
+                c.add_metric([], float(n))
+                yield c
 
 
 def _gossip_families(health: dict[str, Any]) -> Iterator[Any]:

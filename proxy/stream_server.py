@@ -181,9 +181,11 @@ async def serve_proxy(handler: ProxyHandler, host: str, port: int, *,
             stream, peer = await tls.accept(raw)
         except HandshakeFailed as e:
             # A port scanner, a plaintext client, a stranger's certificate: its own
-            # connection ends here and the listener serves everyone else.
-            log.info("TLS handshake from %s refused: %s", client, e,
-                     extra={"event": "tls_refused", "client": client})
+            # connection ends here and the listener serves everyone else. Counted
+            # (rumor_tls_handshake_failures_total); logged at debug, so a scan cannot
+            # flood the log.
+            log.debug("TLS handshake from %s refused: %s", client, e,
+                      extra={"event": "tls_refused", "client": client})
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await raw.aclose()
             return

@@ -197,6 +197,11 @@ def test_hostile_handshakes_leave_the_listener_serving(mesh: TlsMesh) -> None:
         assert mesh.direct(mesh.client_context("batch-3", ["batch"]), {})[0] == 200
     finally:
         slow.close()
+    a1 = mesh.cluster.agents[1]
+    metrics = urllib.request.urlopen(f"http://{a1.api}/metrics", timeout=5).read().decode()
+    failures = next(float(line.split()[1]) for line in metrics.splitlines()
+                    if line.startswith("rumor_tls_handshake_failures_total"))
+    assert failures >= 4
 
 
 def test_a_renewed_certificate_is_picked_up_without_restart(mesh: TlsMesh) -> None:
