@@ -190,13 +190,28 @@ class OutboundProxy:
                 return self._answer(req, started, service, 504,
                                     f"overall timeout {spec.timeouts.overall:g} s passed",
                                     attempts=attempt - 1, trace=trace)
+            # A try with no idle pooled connection waits for a new one: the breaker's
+            # ``max_pending`` bounds such tries (counted until the try ends; fast 503
+            # beyond it).
+            waits = not self.upstreams.has_idle(ep.host, ep.port)
+            if waits and not state.breaker.try_enqueue():
+                if self.metrics:
+                    self.metrics.breaker_rejections.labels(service).inc()
+                return self._answer(req, started, service, 503,
+                                    f"circuit breaker open: {spec.circuit_breaker.max_pending} "
+                                    f"requests already waiting for a connection to {service}",
+                                    attempts=attempt - 1, trace=trace)
             self.balancer.start(ep.key, now)
             hs = [*headers, (b"x-rumor-instance", ep.instance.encode())]
             try:
-                resp = await self.upstreams.send(
-                    req.method, ep.host, ep.port, path, hs, body,
-                    connect_timeout=min(spec.timeouts.connect, per_try),
-                    per_try_timeout=per_try, service=service)
+                try:
+                    resp = await self.upstreams.send(
+                        req.method, ep.host, ep.port, path, hs, body,
+                        connect_timeout=min(spec.timeouts.connect, per_try),
+                        per_try_timeout=per_try, service=service)
+                finally:
+                    if waits:
+                        state.breaker.dequeue()
             except TryFailed as f:
                 done = trio.current_time()
                 self.balancer.finish(ep.key, done, done - now, False)

@@ -149,6 +149,11 @@ class Upstreams:
         return UpstreamResponse(response.status, list(response.headers), response,
                                 self, key, conn, connect_seconds)
 
+    def has_idle(self, host: str, port: int) -> bool:
+        """Whether a pooled connection to host:port may carry the next request
+        without opening one (it may still turn out closed when taken)."""
+        return bool(self._idle.get((host, port)))
+
     async def _take(self, key: tuple[str, int]
                     ) -> tuple[httpcore.AsyncHTTP11Connection | None, bool]:
         idle = self._idle.get(key)

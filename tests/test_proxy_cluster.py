@@ -274,6 +274,38 @@ enabled = false
     assert results == [200, 200]
 
 
+def test_circuit_breaker_bounds_requests_waiting_for_a_connection(mesh: Mesh) -> None:
+    import threading
+    mesh.publish("resilience", "web-resilience", """service = "web"
+[timeouts]
+per_try = "5s"
+[retries]
+attempts = 1
+[circuit_breaker]
+max_requests = 100
+max_pending = 0
+[outlier_ejection]
+enabled = false
+""")
+    for b in mesh.backends.values():
+        b.delay = 0.5
+    results: list[tuple[int, str]] = []
+
+    def call() -> None:
+        status, hs, _ = mesh.get("/many")
+        results.append((status, hs.get("x-rumor-error", "")))
+    threads = [threading.Thread(target=call) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Tries that found an idle pooled connection went through; with max_pending 0 no
+    # try may wait for a new one, so the rest failed fast.
+    refused = [err for status, err in results if status == 503]
+    assert refused and all("waiting for a connection" in err for err in refused)
+    assert {status for status, _ in results} <= {200, 503}
+
+
 def test_outlier_ejected_and_readmitted(mesh: Mesh) -> None:
     # The balancer already shuns an instance after one fast failure (a failure counts
     # as a slow response), so ejection is checked with a hair trigger.
