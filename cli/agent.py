@@ -7,7 +7,9 @@ not start (port taken, no seed answered) with one clear line on stderr.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import trio
 from prometheus_client import CollectorRegistry
 
+from ..gossip.accept import FdBudget
 from ..gossip.address import format_address
 from ..gossip.config import GossipConfig
 from ..gossip.keyring import Keyring, KeyringSeal
@@ -75,9 +78,14 @@ class StartupError(Exception):
 
 
 async def run_agent(opts: AgentOptions) -> None:
-    seal = KeyringSeal(opts.keyring) if opts.keyring is not None else None
+    # Sealed packets carry calendar time (the replay window); the core runs on trio's.
+    seal = KeyringSeal(opts.keyring, wall_offset=time.time() - trio.current_time(),
+                       random_bytes=os.urandom) if opts.keyring is not None else None
+    fds = FdBudget.from_process()
+    log.debug("descriptor budget: %s", fds.describe(), extra={"event": "fds"})
     cfg = NodeConfig(name=opts.name, bind=opts.bind, advertise=opts.advertise,
-                     gossip=opts.gossip, profile=opts.profile, tags=opts.tags, seal=seal)
+                     gossip=opts.gossip, profile=opts.profile, tags=opts.tags, seal=seal,
+                     fds=fds.gossip)
     stop = trio.Event()
     try:
         async with Node(cfg) as node, trio.open_nursery() as nursery:

@@ -39,6 +39,7 @@ import msgpack
 from .checks import CRITICAL, PASSING, SEVERITY, STATUSES, CheckSpec, CheckState, aggregate
 from .delegate import Delegate
 from .effects import MemberEvent
+from .fields import describe, valid_counter, valid_hostname, valid_name, valid_text
 from .membership import Membership
 from .service_spec import Registration, ServiceDef
 
@@ -52,6 +53,9 @@ MAX_NODES = 65536
 MAX_STR = 253
 MAX_TAGS = 64
 MAX_CHECKS = 16
+#: How far (µs) an epoch may lie ahead of our calendar clock: clocks a day apart are
+#: wrong, not skewed, and a forged epoch further ahead is refused by every agent.
+MAX_EPOCH_AHEAD = 86_400 * 10**6
 
 
 class CatalogDecodeError(ValueError):
@@ -134,16 +138,21 @@ class Catalog(Delegate):
     channel = CHANNEL
 
     def __init__(self, core: Membership, *, epoch: int, now: float = 0.0,
-                 tombstone_ttl: float = 3600.0) -> None:
+                 wall_offset: float = 0.0, tombstone_ttl: float = 3600.0) -> None:
         self.core = core
         self.name = core.name
+        #: This life's epoch: the calendar time it started, in microseconds (raised
+        #: when someone else's records about us must be outbid).
         self.epoch = epoch
+        #: Calendar time minus the core's clock, for the epoch plausibility rule.
+        self.wall_offset = wall_offset
         self.tombstone_ttl = tombstone_ttl
         self.version = 0
         #: Raised on every visible change; blocking queries wait for it to pass a value.
         self.index = 1
         self.stats: dict[str, int] = {"decode_errors": 0, "records_applied": 0,
-                                      "records_stale": 0}
+                                      "records_stale": 0, "records_absurd": 0,
+                                      "refutations": 0}
         self.local: dict[str, LocalService] = {}
         self._nodes: dict[str, _NodeEntry] = {self.name: _NodeEntry(epoch)}
         self._service_index: dict[str, int] = {}
@@ -231,6 +240,10 @@ class Catalog(Delegate):
     def on_change(self, listener: ChangeListener) -> None:
         """Call ``listener(service_names)`` after every visible change (synchronously)."""
         self._listeners.append(listener)
+
+    def knows(self, name: str) -> bool:
+        """Whether a service of this name has ever been in the catalog."""
+        return name in self._service_index
 
     def service_index(self, name: str) -> int:
         """Index of the last change to ``name`` (1 if never seen)."""
@@ -367,7 +380,13 @@ class Catalog(Delegate):
 
     def _apply(self, now: float, node: str, epoch: int, records: list[Record]) -> list[Record]:
         """Merge a node's records; returns those that were news."""
+        if epoch > (now + self.wall_offset) * 1e6 + MAX_EPOCH_AHEAD:
+            # An epoch is a start time; one far in the future can only be forged, and
+            # taking it would leave its node unable to outbid it.
+            self.stats["records_absurd"] += len(records) or 1
+            return []
         if node == self.name:
+            self._defend(now, epoch, records)
             return []  # we are the authority on our own services
         entry = self._nodes.get(node)
         names: set[str] = set()
@@ -394,6 +413,28 @@ class Catalog(Delegate):
             self._changed(frozenset(names))
         return news
 
+    def _defend(self, now: float, epoch: int, records: list[Record]) -> None:
+        """The owner wins about its own records, as it does about its membership by
+        refuting: records about us that we did not write (a newer epoch, a revision
+        we never reached, a different record at one we did, a service we do not run)
+        are outbid by moving to a newer epoch and announcing what we really run, which
+        replaces everything any peer holds for us."""
+        if epoch < self.epoch:
+            return  # a previous life's: every peer holding our current epoch drops it
+        own = self._nodes[self.name].records
+        if epoch == self.epoch and not any(_forged(own.get(r.id), r) for r in records):
+            return
+        self.stats["refutations"] += 1
+        self.epoch = max(self.epoch, epoch) + 1
+        wall = int((now + self.wall_offset) * 1e6)
+        if wall > self.epoch:
+            self.epoch = wall
+        entry = self._nodes[self.name] = _NodeEntry(self.epoch)
+        live = [r for r in own.values() if not r.deleted]  # tombstones hide nothing now
+        for r in live:
+            entry.records[r.id] = r
+        self._broadcast(now, self.name, self.epoch, live)
+
     def _collect_tombstones(self, now: float) -> None:
         for entry in self._nodes.values():
             for sid, t in list(entry.buried.items()):
@@ -410,6 +451,14 @@ class Catalog(Delegate):
 
 
 # ---- encoding -----------------------------------------------------------------------------
+
+
+def _forged(ours: Record | None, theirs: Record) -> bool:
+    """Whether ``theirs``, claimed at our current epoch, is something we never wrote:
+    ``ours`` is what we hold for its id (None: nothing, or a tombstone collected)."""
+    if ours is None:
+        return not theirs.deleted  # an old tombstone echoed back is harmless
+    return theirs.rev > ours.rev or (theirs.rev == ours.rev and theirs != ours)
 
 
 def _store(entry: _NodeEntry, r: Record, now: float, names: set[str]) -> None:
@@ -452,7 +501,7 @@ def decode(data: bytes) -> tuple[Any, ...]:
         raise CatalogDecodeError("a catalog message is a non-empty array")
     kind = body[0]
     if kind == MSG_RECORDS and len(body) == 4:
-        return (MSG_RECORDS, _str(body[1]), _uint(body[2]), _records(body[3]))
+        return (MSG_RECORDS, _node(body[1]), _uint(body[2]), _records(body[3]))
     if kind == MSG_STATE and len(body) == 2:
         nodes = body[1]
         if type(nodes) is not list or len(nodes) > MAX_NODES:
@@ -461,9 +510,10 @@ def decode(data: bytes) -> tuple[Any, ...]:
         for n in nodes:
             if type(n) is not list or len(n) != 3:
                 raise CatalogDecodeError("catalog state: a node is [name, epoch, records]")
-            out.append((_str(n[0]), _uint(n[1]), _records(n[2])))
+            out.append((_node(n[0]), _uint(n[1]), _records(n[2])))
         return (MSG_STATE, out)
-    raise CatalogDecodeError(f"unknown catalog message {kind!r} of {len(body)} fields")
+    raise CatalogDecodeError(f"unknown catalog message ({describe(kind)}, "
+                             f"{len(body)} fields)")
 
 
 def _records(v: Any) -> list[Record]:
@@ -495,20 +545,29 @@ def _record(v: Any) -> Record:
     name = _str(v[1])
     if not name:
         raise CatalogDecodeError("record without a service name")
-    return Record(_str(v[0]), name, _str(v[2]), port, tuple(_str(t) for t in tags),
+    address = _str(v[2])
+    if address and not valid_hostname(address):
+        raise CatalogDecodeError("record address is neither an IP address nor a host name")
+    return Record(_str(v[0]), name, address, port, tuple(_str(t) for t in tags),
                   _str(v[5]), weight, _status(v[7]), tuple(summaries), _uint(v[9]), v[10])
 
 
 def _str(v: Any) -> str:
-    if type(v) is not str or len(v) > MAX_STR:
-        raise CatalogDecodeError("expected a short string")
-    return v
+    if not valid_text(v, MAX_STR):
+        raise CatalogDecodeError(f"expected short printable text, got {describe(v)}")
+    return str(v)
+
+
+def _node(v: Any) -> str:
+    if not valid_name(v):
+        raise CatalogDecodeError(f"expected a node name, got {describe(v)}")
+    return str(v)
 
 
 def _uint(v: Any) -> int:
-    if type(v) is not int or v < 0 or v >= 1 << 64:
-        raise CatalogDecodeError("expected a non-negative integer")
-    return v
+    if not valid_counter(v):
+        raise CatalogDecodeError(f"expected a counter from 0 to 2^53-1, got {describe(v)}")
+    return int(v)
 
 
 def _status(v: Any) -> str:

@@ -69,6 +69,15 @@ class GossipConfig:
     max_datagram: int = SAFE_DATAGRAM
     #: Metadata (tags) travels in every alive message, so it is capped.
     max_meta_bytes: int = 512
+    #: Members one agent holds at most (a bound on memory and on the probe round that
+    #: a flood of invented names could stretch); beyond it new names are refused.
+    max_members: int = 1 << 16
+    #: New member names one source host may introduce by datagram: a token bucket of
+    #: ``new_member_burst`` refilled at ``new_member_rate`` per second. Joins go through
+    #: push-pull over TCP, so this only slows names invented faster than any cluster
+    #: grows (a plaintext cluster cannot tell invented names from real ones).
+    new_member_rate: float = 64.0
+    new_member_burst: int = 512
 
     # ---- derived values (memberlist's formulas) ---------------------------------
 

@@ -21,9 +21,10 @@ class SendPacket:
 
 @dataclass(frozen=True, slots=True)
 class StreamRequest:
-    """Open a stream to ``addr``, write one frame holding ``data`` (already sealed) and,
-    if ``expect_reply``, read one frame back within ``timeout`` seconds. The driver
-    reports the outcome with ``Membership.stream_reply(now, exchange, reply_or_None)``;
+    """Open a stream to ``addr``, write one frame (``header`` then ``data``, both
+    already sealed) and, if ``expect_reply``, read one frame back within ``timeout``
+    seconds, asking ``Membership.frame_length`` how much to read. The driver reports
+    the outcome with ``Membership.stream_reply(now, exchange, reply_body_or_None)``;
     one-way requests are reported too (``b""`` on success) so failures are counted."""
 
     exchange: int
@@ -31,6 +32,19 @@ class StreamRequest:
     data: bytes
     expect_reply: bool
     timeout: float
+    header: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReply:
+    """The frame to write back on a stream a peer opened: ``header`` then ``body``."""
+
+    body: bytes
+    header: bytes
+
+    @property
+    def frame(self) -> bytes:
+        return self.header + self.body
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,18 +11,20 @@ no restart and no partition, the way Serf does it:
    yet can still open it, since they have it installed;
 3. ``remove`` the old key everywhere once no one sends with it.
 
-Sealed bytes are ``b"RK" | version | sent-at (ms, 8 bytes) | nonce (24) | ciphertext``
-with the first 11 bytes as associated data, so the timestamp cannot be altered.
-The prefix can never begin plaintext gossip (whose first byte is the protocol
-version, 1), which is how each side tells "wrong or no key" apart from garbage and
-can say so.
+Sealed bytes are ``b"RK" | version | sent-at (ms, 8 bytes) | nonce (24) | ciphertext``.
+The associated data is those first 11 bytes, a domain byte (packet or frame header)
+and the recipient's member name, so the timestamp cannot be altered and the bytes
+open only at the agent they were sealed for. The prefix can never begin plaintext
+gossip (whose first byte is the protocol version, 1), which is how each side tells
+"wrong or no key" apart from garbage and can say so.
 
 Replays. A recorded packet re-sent later would authenticate, so ``open`` also
 rejects packets sent more than ``window`` seconds from our clock (both ways: clock
-skew) and any nonce already seen within the window. Nonces are unique per sender (a
-random prefix and a counter, see ``KeyringSeal``), so two honest packets never share
-one. Agents therefore need clocks within
-``window`` of each other (60 s by default), as for policy expiry.
+skew) and any nonce already seen within the window; re-sent to another agent, it
+does not open at all (the recipient is authenticated). Nonces are unique per sender
+(a random prefix and a counter, see ``KeyringSeal``), so two honest packets never
+share one. Agents therefore need clocks within ``window`` of each other (60 s by
+default), as for policy expiry.
 
 Sans-IO like the core: the wall clock and the random source are injected, so the
 simulator and tests replay exactly.
@@ -34,7 +36,6 @@ import base64
 import binascii
 import os
 import struct
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -60,16 +61,32 @@ except ImportError:  # a future pynacl without it: the public binding still work
     _ffi = _lib = None
 
 from .files import write_atomic
+from .security import (
+    PREAUTH_FRAME,
+    FrameStep,
+    ReadBody,
+    ReadHeader,
+    Refuse,
+    SealError,
+    plain_length,
+    refusal_frame,
+)
 from .security import SEALED_PREFIX as PREFIX
-from .security import SealError
+from .wire import MAX_FRAME
 
 KEY_BYTES = 32
 NONCE_BYTES = 24
 TAG_BYTES = 16
-VERSION = 1
+#: Version 2 binds the recipient into the authenticated data (version 1 did not).
+VERSION = 2
 _HEAD = struct.Struct(">2sBQ")  # prefix, version, sent-at in ms
 HEADER_BYTES = _HEAD.size + NONCE_BYTES
 OVERHEAD = HEADER_BYTES + TAG_BYTES
+#: What follows the header in the authenticated data, before the recipient's name:
+#: a sealed frame header can never pass for a packet, nor a packet for a header.
+_PACKET, _FRAME = b"P", b"F"
+#: A sealed stream frame header: the body's length (4 bytes), sealed.
+SEALED_FRAME_HEADER = OVERHEAD + 4
 #: Largest clock difference (seconds) a packet may show, either way.
 DEFAULT_WINDOW = 60.0
 #: Nonces remembered for replay detection; beyond this the oldest are forgotten and
@@ -214,16 +231,17 @@ class KeyringSeal:
 
     Nonces are a random 16-byte prefix drawn once plus a 64-bit counter: unique per
     packet without a system call per packet, and two agents (or two lives of one)
-    share a prefix with probability 2^-128."""
+    share a prefix with probability 2^-128. Time comes in as the core's ``now``;
+    ``wall_offset`` turns it into calendar time, which agents compare (the replay
+    window), as the policy layer does for expiry."""
 
     overhead = OVERHEAD
 
-    def __init__(self, keyring: Keyring, *, clock: Callable[[], float] = time.time,
-                 random_bytes: Callable[[int], bytes] = os.urandom,
-                 window: float = DEFAULT_WINDOW,
+    def __init__(self, keyring: Keyring, *, wall_offset: float,
+                 random_bytes: Callable[[int], bytes], window: float = DEFAULT_WINDOW,
                  replay_capacity: int = DEFAULT_REPLAY_CAPACITY) -> None:
         self.keyring = keyring
-        self._clock = clock
+        self.wall_offset = wall_offset
         self._prefix = random_bytes(NONCE_BYTES - 8)
         self._counter = 0
         self._window_ms = int(window * 1000)
@@ -235,13 +253,54 @@ class KeyringSeal:
         self.stats = {"plaintext": 0, "unknown_key": 0, "stale": 0, "replayed": 0,
                       "malformed": 0}
 
-    def seal(self, data: bytes) -> bytes:
-        head = _HEAD.pack(PREFIX, VERSION, int(self._clock() * 1000))
+    # ---- the Seal interface ---------------------------------------------------------
+
+    def seal(self, now: float, data: bytes, to: str) -> bytes:
+        return self._seal(now, data, _PACKET + to.encode())
+
+    def open(self, now: float, data: bytes, to: str) -> bytes:
+        return self._open(now, data, (_PACKET + to.encode(),))[0]
+
+    def open_stream(self, now: float, data: bytes, to: str) -> tuple[bytes, bool]:
+        plain, which = self._open(now, data, (_PACKET + to.encode(), _PACKET))
+        return plain, which == 0
+
+    def frame_header(self, now: float, n: int, to: str) -> bytes:
+        return self._seal(now, n.to_bytes(4, "big"), _FRAME + to.encode())
+
+    def read_frame_header(self, now: float, header: bytes, to: str) -> FrameStep:
+        if header[:2] != PREFIX:
+            # A plaintext peer (no key): read its small frame only to refuse it with the
+            # reason when its body fails to open.
+            return plain_length(header, PREAUTH_FRAME)
+        if len(header) < SEALED_FRAME_HEADER:
+            return ReadHeader(SEALED_FRAME_HEADER - len(header))
+        try:
+            plain, _ = self._open(now, header, (_FRAME + to.encode(), _FRAME))
+        except SealError as e:
+            return Refuse(refusal_frame(str(e)), str(e))
+        n = int.from_bytes(plain, "big")
+        if len(plain) != 4 or n > MAX_FRAME:
+            self.stats["malformed"] += 1
+            why = f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit"
+            return Refuse(refusal_frame(why), why)
+        return ReadBody(n)
+
+    # ---- sealing --------------------------------------------------------------------------
+
+    def _wall_ms(self, now: float) -> int:
+        return int((now + self.wall_offset) * 1000)
+
+    def _seal(self, now: float, data: bytes, domain: bytes) -> bytes:
+        head = _HEAD.pack(PREFIX, VERSION, self._wall_ms(now))
         self._counter += 1
         nonce = self._prefix + self._counter.to_bytes(8, "big")
-        return head + nonce + _encrypt(bytes(data), head, nonce, self.keyring.accepted[0])
+        return head + nonce + _encrypt(bytes(data), head + domain, nonce,
+                                       self.keyring.accepted[0])
 
-    def open(self, data: bytes) -> bytes:
+    def _open(self, now: float, data: bytes, domains: tuple[bytes, ...]) -> tuple[bytes, int]:
+        """The plaintext and the index of the first of ``domains`` (authenticated data
+        after the header) under which some installed key opens ``data``."""
         if len(data) < OVERHEAD or data[:2] != PREFIX:
             if data[:1] == b"\x01":
                 self.stats["plaintext"] += 1
@@ -252,9 +311,11 @@ class KeyringSeal:
         _, version, sent = _HEAD.unpack_from(data)
         if version != VERSION:
             self.stats["malformed"] += 1
-            raise SealError(f"sealed with unknown version {version}")
-        now = int(self._clock() * 1000)
-        if abs(now - sent) > self._window_ms or sent <= self._floor:
+            raise SealError(f"sealed with seal version {version}; this agent speaks "
+                            f"version {VERSION} (upgrade every agent of an encrypted "
+                            "cluster together)")
+        now_ms = self._wall_ms(now)
+        if abs(now_ms - sent) > self._window_ms or sent <= self._floor:
             self.stats["stale"] += 1
             raise SealError("sent too long ago or from a clock too far off (replay?)")
         data = bytes(data)  # no copy when it is bytes already (sockets give bytes)
@@ -264,14 +325,16 @@ class KeyringSeal:
             raise SealError("replayed packet")
         head = data[:_HEAD.size]
         body = data[HEADER_BYTES:]
-        for key in self.keyring.accepted:
-            plain = _decrypt(body, head, nonce, key)
-            if plain is not None:
-                self._remember(now, sent, nonce)
-                return plain
+        for which, domain in enumerate(domains):
+            ad = head + domain
+            for key in self.keyring.accepted:
+                plain = _decrypt(body, ad, nonce, key)
+                if plain is not None:
+                    self._remember(now_ms, sent, nonce)
+                    return plain, which
         self.stats["unknown_key"] += 1
         raise SealError("no gossip key of the receiving agent opens the packet (a "
-                        "different key, or tampered with)")
+                        "different key, tampered with, or meant for another agent)")
 
     def _remember(self, now: int, sent: int, nonce: bytes) -> None:
         self._seen.add(nonce)

@@ -40,14 +40,26 @@ from .effects import (
     MemberEvent,
     Notice,
     SendPacket,
+    StreamReply,
     StreamRequest,
 )
+from .fields import MAX_COUNTER, MAX_INCARNATION_JUMP, valid_text
 from .members import Member
 from .queue import BroadcastQueue
-from .security import Plaintext, Seal, SealError, refusal, refusal_reason
+from .security import (
+    FrameStep,
+    Plaintext,
+    Refuse,
+    Seal,
+    SealError,
+    refusal_reason,
+    refusal_reply,
+)
 from .suspicion import Suspicion
 from .wire import (
     EMPTY_META,
+    MAX_META_ENTRIES,
+    MAX_META_TEXT,
     PACKET_OVERHEAD,
     Ack,
     Address,
@@ -73,6 +85,8 @@ from .wire import (
 )
 
 INF = math.inf
+#: Indirect probes we perform for others at once (each lasts one probe timeout).
+MAX_RELAYS = 1024
 
 
 @dataclass(slots=True)
@@ -99,6 +113,7 @@ class _Relay:
     """An indirect probe we perform for someone else."""
 
     requester: Address
+    requester_name: str
     seq: int
     want_nack: bool
     deadline: float
@@ -148,6 +163,8 @@ class Membership:
         self._exchange = 0
         self._exchanges: dict[int, str] = {}  # id -> kind
         self._refused: set[str] = set()  # hosts whose gossip we refused (noticed once)
+        #: Per source host: (tokens, last refill) of its budget of new member names.
+        self._new_names: dict[str, tuple[float, float]] = {}
         self._exchange_peer: dict[int, str] = {}
 
         self._probe_order: list[str] = []
@@ -222,7 +239,7 @@ class Membership:
         self.stats["packets_in"] += 1
         self.stats["bytes_in"] += len(data)
         try:
-            messages = decode_packet(self.seal.open(data))
+            messages = decode_packet(self.seal.open(now, data, self.name))
         except SealError:
             self.stats["packets_unauthenticated"] += 1
             return
@@ -230,45 +247,70 @@ class Membership:
             self.stats["packets_malformed"] += 1
             return
         members = self.members
+        probes = 0
         for m in messages:
-            if type(m) is Alive and not self.leaving:
+            t = type(m)
+            if t is Alive and not self.leaving:
+                assert isinstance(m, Alive)
                 # Most of a join storm: news we already have, dropped here exactly as
                 # _on_alive would drop it.
                 known = members.get(m.node)
-                if known is not None and m.incarnation <= known.incarnation \
-                        and m.node != self.name:
+                if known is not None:
+                    if m.incarnation <= known.incarnation and m.node != self.name:
+                        continue
+                elif not self._may_learn(now, source[0]):
                     continue
                 self._on_alive(now, m)
-            else:
-                self._dispatch(now, source, m)
+                continue
+            if t is Ping or t is IndirectPing:
+                # One probe answered per datagram: an honest packet carries one, and each
+                # answer is a packet we send (to an address the sender may have chosen).
+                probes += 1
+                if probes > 1:
+                    self.stats["probes_dropped_extra"] += 1
+                    continue
+            self._dispatch(now, source, m)
 
-    def handle_stream(self, now: float, source: Address, body: bytes) -> bytes | None:
-        """A peer sent one frame on a stream; returns the reply frame's body, if any."""
+    def frame_length(self, now: float, source: Address, header: bytes) -> FrameStep:
+        """A stream's frame header (or its first ``FRAME_HEADER.size`` bytes) arrived:
+        read more header, read a body of some length, or refuse. The driver asks this
+        before buffering anything, so an encrypted agent reads at most a small frame
+        from a stream that has not authenticated."""
+        step = self.seal.read_frame_header(now, header, self.name)
+        if isinstance(step, Refuse):
+            self.stats["streams_unauthenticated"] += 1
+            self._notice_refused(source, step.reason)
+        return step
+
+    def handle_stream(self, now: float, source: Address, body: bytes) -> StreamReply | None:
+        """A peer sent one frame on a stream; returns the reply frame, if any."""
         self.stats["streams_in"] += 1
         try:
-            msg = decode_frame_body(self.seal.open(body))
+            plain, addressed = self.seal.open_stream(now, body, self.name)
+            msg = decode_frame_body(plain)
         except SealError as e:
             # Say why, so that a misconfigured joiner fails with a reason, not a silence;
             # and tell our operator once per address.
             self.stats["streams_unauthenticated"] += 1
-            # Per host: every stream comes from a new ephemeral port.
-            if source[0] not in self._refused and len(self._refused) < 1024:
-                self._refused.add(source[0])
-                self._effects.append(Notice(
-                    "gossip_refused", f"refused gossip from {source[0]}: {e}"))
-            return refusal(str(e))
+            self._notice_refused(source, str(e))
+            return refusal_reply(str(e))
         except DecodeError:
             self.stats["streams_malformed"] += 1
+            return None
+        if not addressed and not (isinstance(msg, PushPull) and msg.join):
+            # Only a joiner may not know our name; anything else sealed for nobody in
+            # particular could be a recording of another agent's traffic.
+            self.stats["streams_unaddressed"] += 1
             return None
         if isinstance(msg, PushPull):
             reply = self._push_pull_body(msg.join)  # our state before the merge
             self._merge(now, msg)
-            return reply
+            return self._frame(now, reply, msg.source)
         if isinstance(msg, Ping):
             if msg.target != self.name:
                 self.stats["pings_misdirected"] += 1
                 return None
-            return self.seal.seal(encode_packet([Ack(msg.seq)]))
+            return self._frame(now, encode_packet([Ack(msg.seq)]), msg.source)
         if isinstance(msg, UserMessage):
             self._deliver_user(now, msg)
             return None
@@ -277,7 +319,7 @@ class Membership:
         return None
 
     def stream_reply(self, now: float, exchange: int, reply: bytes | None) -> None:
-        """Outcome of a ``StreamRequest``: the reply's body, ``b""`` for a one-way
+        """Outcome of a ``StreamRequest``: the reply frame's body, ``b""`` for a one-way
         success, or None if the exchange failed (refused, timed out, reset)."""
         kind = self._exchanges.pop(exchange, None)
         peer = self._exchange_peer.pop(exchange, "")
@@ -290,7 +332,7 @@ class Membership:
             try:
                 if refused is not None:
                     raise SealError(f"refused our gossip: {refused}")
-                msg = decode_frame_body(self.seal.open(reply))
+                msg = decode_frame_body(self.seal.open(now, reply, self.name))
             except SealError as e:
                 self.stats["streams_unauthenticated"] += 1
                 why = str(e)
@@ -347,10 +389,8 @@ class Membership:
     def set_meta(self, now: float, meta: Meta) -> None:
         """Change our metadata; raises the incarnation so the change wins everywhere."""
         self._check_meta(meta)
-        me = self.members[self.name]
-        me.meta = own_meta(meta)
-        self.incarnation += 1
-        me.incarnation = self.incarnation
+        self.members[self.name].meta = own_meta(meta)
+        self._set_incarnation(self.incarnation + 1)
         self._queue_member(self._self_alive())
 
     def merge_state(self, now: float, states: PushPull, *, quiet: bool = False) -> None:
@@ -391,9 +431,9 @@ class Membership:
         if len(data) <= self._datagram_budget():
             self._user_q.push(data, None if key is None else f"{channel}:{key}")
             return
-        body = self.seal.seal(encode_packet([msg]))
+        body = encode_packet([msg])
         for m in self._random_members(self.config.gossip_nodes):
-            self._stream(m, "user", body, expect_reply=False)
+            self._stream(now, m, "user", body, expect_reply=False)
 
     def send_to(self, now: float, member: str, channel: str, payload: bytes) -> bool:
         """Send a delegate's message to one member only, over a stream (reliable, any
@@ -403,8 +443,8 @@ class Membership:
         m = self.members.get(member)
         if m is None or member == self.name:
             return False
-        body = self.seal.seal(encode_packet([UserMessage(channel, payload)]))
-        self._stream(m, "user", body, expect_reply=False)
+        self._stream(now, m, "user", encode_packet([UserMessage(channel, payload)]),
+                     expect_reply=False)
         return True
 
     # ---- queries ----------------------------------------------------------------------
@@ -449,12 +489,12 @@ class Membership:
         if m.target != self.name:
             self.stats["pings_misdirected"] += 1
             return
-        self._send(source, [Ack(m.seq)])
+        self._send(now, source, m.source, [Ack(m.seq)])
 
     def _on_ack(self, now: float, m: Ack) -> None:
         relay = self._relays.pop(m.seq, None)
         if relay is not None:
-            self._send(relay.requester, [Ack(relay.seq)])
+            self._send(now, relay.requester, relay.requester_name, [Ack(relay.seq)])
             return
         p = self._probe
         if p is None or p.seq != m.seq or p.acked:
@@ -466,10 +506,18 @@ class Membership:
         self._finish_probe(now, p)
 
     def _on_indirect_ping(self, now: float, source: Address, m: IndirectPing) -> None:
+        target = self.members.get(m.target)
+        if target is None or not target.live or target.addr != m.target_addr \
+                or m.target == self.name or len(self._relays) >= MAX_RELAYS:
+            # We probe only members we know, at the address we know: otherwise a
+            # ping-req would make us send to any address its sender picked.
+            self.stats["indirect_pings_refused"] += 1
+            return
         seq = self._next_seq()
-        self._relays[seq] = _Relay(source, m.seq, m.want_nack and self.config.lifeguard,
+        self._relays[seq] = _Relay(source, m.requester, m.seq,
+                                   m.want_nack and self.config.lifeguard,
                                    now + self.config.probe_timeout)
-        self._send(m.target_addr, [Ping(seq, m.target, self.name)])
+        self._send(now, target.addr, target.name, [Ping(seq, target.name, self.name)])
 
     def _deliver_user(self, now: float, m: UserMessage) -> None:
         self.stats["user_messages_in"] += 1
@@ -484,6 +532,8 @@ class Membership:
     def _on_alive(self, now: float, a: Alive) -> None:
         if a.node == self.name:
             me = self.members[self.name]
+            if self._absurd(me, a.incarnation):
+                return
             if a.incarnation < self.incarnation or (
                     a.incarnation == self.incarnation and a.meta == me.meta
                     and a.addr == self.addr):
@@ -494,6 +544,8 @@ class Membership:
             return
         m = self.members.get(a.node)
         if m is None:
+            if not self._room_for_one():
+                return
             m = Member(a.node, a.addr, a.incarnation, Status.ALIVE, now, own_meta(a.meta))
             self.members[a.node] = m
             self._roster.append(a.node)
@@ -501,7 +553,7 @@ class Membership:
             self._queue_member(a)
             self._emit(now, m, "join")
             return
-        if a.incarnation <= m.incarnation:
+        if a.incarnation <= m.incarnation or self._absurd(m, a.incarnation):
             return
         if a.addr != m.addr and m.live:
             self.stats["name_conflicts"] += 1
@@ -523,7 +575,7 @@ class Membership:
 
     def _on_suspect(self, now: float, s: Suspect) -> None:
         m = self.members.get(s.node)
-        if m is None or s.incarnation < m.incarnation:
+        if m is None or s.incarnation < m.incarnation or self._absurd(m, s.incarnation):
             return
         existing = self._suspicions.get(s.node)
         if existing is not None:
@@ -551,7 +603,7 @@ class Membership:
 
     def _on_dead(self, now: float, d: Dead) -> None:
         m = self.members.get(d.node)
-        if m is None or d.incarnation < m.incarnation:
+        if m is None or d.incarnation < m.incarnation or self._absurd(m, d.incarnation):
             return
         if not m.live:
             return
@@ -569,8 +621,7 @@ class Membership:
 
     def _refute(self, accused: int) -> None:
         """We are accused (suspect/dead) or misrepresented: outbid the accusation."""
-        self.incarnation = max(self.incarnation, accused) + 1
-        self.members[self.name].incarnation = self.incarnation
+        self._set_incarnation(max(self.incarnation, accused) + 1)
         self.stats["refutations"] += 1
         self.awareness.apply(1)
         self._queue_member(self._self_alive())
@@ -606,7 +657,7 @@ class Membership:
             # Buddy system: tell the suspect first, so it can refute right away.
             msgs.append(Suspect(target.incarnation, target.name, self.name))
         self.stats["probes"] += 1
-        self._send(target.addr, msgs)
+        self._send(now, target.addr, target.name, msgs)
 
     def _advance_probe(self, now: float) -> None:
         p = self._probe
@@ -627,13 +678,13 @@ class Membership:
                    if m.status == Status.ALIVE and m.name not in (self.name, p.target)]
         chosen = self.rng.sample(helpers, min(cfg.indirect_checks, len(helpers)))
         for h in chosen:
-            self._send(h.addr, [IndirectPing(p.seq, p.target, target.addr, self.name,
+            self._send(now, h.addr, h.name, [IndirectPing(p.seq, p.target, target.addr, self.name,
                                              cfg.lifeguard)])
         p.expected_nacks = len(chosen) if cfg.lifeguard else 0
         if cfg.tcp_fallback_probe:
-            body = self.seal.seal(encode_packet([Ping(p.seq, p.target, self.name)]))
+            body = encode_packet([Ping(p.seq, p.target, self.name)])
             timeout = max(0.0, p.deadline - now)
-            p.tcp_exchange = self._stream(target, "tcp_ping", body, True, timeout)
+            p.tcp_exchange = self._stream(now, target, "tcp_ping", body, True, timeout)
 
     def _finish_probe(self, now: float, p: _Probe) -> None:
         self._probe = None
@@ -714,7 +765,7 @@ class Membership:
             if now >= r.deadline:
                 del self._relays[seq]
                 if r.want_nack:
-                    self._send(r.requester, [Nack(r.seq)])
+                    self._send(now, r.requester, r.requester_name, [Nack(r.seq)])
 
     # ---- gossip ----------------------------------------------------------------------------
 
@@ -723,7 +774,7 @@ class Membership:
         for m in self._random_members(cfg.gossip_nodes, now, include_recent_dead=True):
             if not (self._member_q or self._user_q):
                 break
-            self._send(m.addr, [])
+            self._send(now, m.addr, m.name, [])
 
     def _random_members(self, k: int, now: float = 0.0,
                         include_recent_dead: bool = False) -> list[Member]:
@@ -759,8 +810,9 @@ class Membership:
     def _datagram_budget(self) -> int:
         return self.config.max_datagram - self.seal.overhead - PACKET_OVERHEAD
 
-    def _send(self, addr: Address, msgs: list[Message]) -> None:
-        """Send ``msgs`` in one datagram, filling the rest with broadcasts.
+    def _send(self, now: float, addr: Address, to: str, msgs: list[Message]) -> None:
+        """Send ``msgs`` in one datagram to member ``to`` at ``addr``, filling the rest
+        with broadcasts.
 
         Application broadcasts get up to half of the free space first, so catalog and
         policy updates are never starved by membership churn; membership updates fill
@@ -782,7 +834,7 @@ class Membership:
         self.stats["user_messages_out"] += len(user_seen)
         if not parts:
             return
-        data = self.seal.seal(encode_packet_raw(parts))
+        data = self.seal.seal(now, encode_packet_raw(parts), to)
         self.stats["packets_out"] += 1
         self.stats["bytes_out"] += len(data)
         self._effects.append(SendPacket(addr, data))
@@ -813,6 +865,8 @@ class Membership:
                 name = s.name
                 m = members.get(name)
                 if m is None:
+                    if not self._room_for_one():
+                        continue
                     m = members[name] = Member(name, s.addr, s.incarnation, Status.ALIVE, now,
                                                dict(s.meta) if s.meta else EMPTY_META)
                     fresh.append(name)
@@ -849,14 +903,13 @@ class Membership:
         user = {c: d.local_state(join) for c, d in self._delegates.items()}
         rows = [(m.name, m.addr, m.incarnation, m.status, m.meta)
                 for m in self.members.values()]
-        return self.seal.seal(encode_push_pull(join, self.name, rows,
-                                               {c: s for c, s in user.items() if s}))
+        return encode_push_pull(join, self.name, rows, {c: s for c, s in user.items() if s})
 
     def _periodic_push_pull(self, now: float) -> None:
         self._push_pull_at = now + self.config.push_pull_period(self.num_members())
         peers = self._random_members(1)
         if peers:
-            self._stream(peers[0], "push_pull", self._push_pull_body(False), True)
+            self._stream(now, peers[0], "push_pull", self._push_pull_body(False), True)
 
     def _join_round(self, now: float) -> None:
         j = self._join
@@ -866,7 +919,9 @@ class Membership:
         j.errors.clear()  # report only the last round's failures
         body = self._push_pull_body(True)
         for seed in j.seeds:
-            ex = self._stream_to(seed, f"{seed[0]}:{seed[1]}", "join", body, True)
+            # A seed is known by address only: the join is sealed for nobody in
+            # particular (see security.py), the one frame a peer accepts that way.
+            ex = self._stream_to(now, seed, "", f"{seed[0]}:{seed[1]}", "join", body, True)
             j.pending.add(ex)
 
     def _join_answer(self, now: float, exchange: int, ok: bool, peer: str,
@@ -903,7 +958,7 @@ class Membership:
         failed = [m for m in members.values() if m.status == Status.DEAD]
         m = self.rng.choice(failed)
         self.stats["reconnect_attempts"] += 1
-        self._stream(m, "reconnect", self._push_pull_body(True), True)
+        self._stream(now, m, "reconnect", self._push_pull_body(True), True)
 
     def _reap(self, now: float) -> None:
         cfg = self.config
@@ -927,21 +982,37 @@ class Membership:
 
     # ---- helpers -----------------------------------------------------------------------------
 
-    def _stream(self, m: Member, kind: str, body: bytes, expect_reply: bool,
+    def _stream(self, now: float, m: Member, kind: str, packet: bytes, expect_reply: bool,
                 timeout: float | None = None) -> int:
-        return self._stream_to(m.addr, m.name, kind, body, expect_reply, timeout)
+        return self._stream_to(now, m.addr, m.name, m.name, kind, packet, expect_reply,
+                               timeout)
 
-    def _stream_to(self, addr: Address, peer: str, kind: str, body: bytes,
-                   expect_reply: bool, timeout: float | None = None) -> int:
+    def _stream_to(self, now: float, addr: Address, to: str, peer: str, kind: str,
+                   packet: bytes, expect_reply: bool, timeout: float | None = None) -> int:
+        """Ask the driver for a stream exchange carrying ``packet`` sealed for member
+        ``to`` (``peer`` names the other end in errors)."""
         self._exchange += 1
         ex = self._exchange
         self._exchanges[ex] = kind
         self._exchange_peer[ex] = peer
         self.stats[f"stream_{kind}"] += 1
+        frame = self._frame(now, packet, to)
         self._effects.append(StreamRequest(
-            ex, addr, body, expect_reply,
-            self.config.stream_timeout if timeout is None else timeout))
+            ex, addr, frame.body, expect_reply,
+            self.config.stream_timeout if timeout is None else timeout, frame.header))
         return ex
+
+    def _frame(self, now: float, packet: bytes, to: str) -> StreamReply:
+        """``packet`` sealed for ``to`` with its frame header."""
+        body = self.seal.seal(now, packet, to)
+        return StreamReply(body, self.seal.frame_header(now, len(body), to))
+
+    def _notice_refused(self, source: Address, why: str) -> None:
+        """Tell our operator once per host (every stream comes from a new port)."""
+        if source[0] not in self._refused and len(self._refused) < 1024:
+            self._refused.add(source[0])
+            self._effects.append(Notice("gossip_refused",
+                                        f"refused gossip from {source[0]}: {why}"))
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -971,7 +1042,57 @@ class Membership:
         self._leave_deadline = -INF  # finished; never fire again
         self._effects.append(LeaveFinished())
 
+    def _set_incarnation(self, incarnation: int) -> None:
+        """Our new incarnation, never past the wire's cap (which the jump rule keeps out
+        of reach: see ``_absurd``)."""
+        self.incarnation = min(incarnation, MAX_COUNTER)
+        self.members[self.name].incarnation = self.incarnation
+
+    def _absurd(self, m: Member, incarnation: int) -> bool:
+        """True (and counted) if ``incarnation`` jumps implausibly far above what we
+        hold for ``m`` (us included). Such a message can only be forged: accepting it
+        would let its sender push a member's counter to the cap, where the member can
+        no longer outbid it and stays failed, so it is dropped like a malformed one."""
+        if incarnation > m.incarnation + MAX_INCARNATION_JUMP:
+            self.stats["incarnations_absurd"] += 1
+            return True
+        return False
+
+    def _room_for_one(self) -> bool:
+        """Whether the member table may grow (counted when it may not)."""
+        if len(self.members) < self.config.max_members:
+            return True
+        self.stats["members_refused_table_full"] += 1
+        return False
+
+    def _may_learn(self, now: float, host: str) -> bool:
+        """Whether a datagram from ``host`` may introduce one more new member name: a
+        token bucket per source host (``new_member_rate`` per second, bursts of
+        ``new_member_burst``), so one sender cannot fill the table with names that
+        every probe round must then visit (each fake member costs a probe period)."""
+        cfg = self.config
+        bucket = self._new_names.get(host)
+        if bucket is None:
+            if len(self._new_names) >= 4096:
+                self._new_names.clear()  # bounded; a flood from many hosts resets it
+            tokens = float(cfg.new_member_burst)
+        else:
+            tokens = min(float(cfg.new_member_burst),
+                         bucket[0] + (now - bucket[1]) * cfg.new_member_rate)
+        if tokens < 1.0:
+            self._new_names[host] = (tokens, now)
+            self.stats["new_members_throttled"] += 1
+            return False
+        self._new_names[host] = (tokens - 1.0, now)
+        return True
+
     def _check_meta(self, meta: Meta) -> None:
+        for k, v in meta.items():
+            if not (valid_text(k, MAX_META_TEXT) and k and valid_text(v, MAX_META_TEXT)):
+                raise ValueError(f"tag {k!r}: keys and values are printable text within "
+                                 f"the {MAX_META_TEXT}-character limit")
+        if len(meta) > MAX_META_ENTRIES:
+            raise ValueError(f"{len(meta)} tags; the limit is {MAX_META_ENTRIES}")
         size = len(pack_message(Alive(0, "", ("", 0), meta)))
         if size > self.config.max_meta_bytes:
             raise ValueError(f"metadata takes {size} bytes; the limit is "

@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 
+from .accept import FdPool, ListenerLimits, serve_listeners
 from .address import format_address, parse_address
 from .catalog import Catalog
 from .config import LAN, GossipConfig
@@ -44,14 +45,21 @@ from .effects import (
     SendPacket,
     StreamRequest,
 )
+from .fields import ip_literal
 from .keyring import KeyringSeal
 from .membership import Membership
-from .security import Seal
-from .wire import FRAME_HEADER, MAX_FRAME, MAX_PACKET, Address, Meta, Status
+from .security import ReadBody, Refuse, Seal, refusal_frame
+from .wire import FRAME_HEADER, MAX_PACKET, Address, Meta, Status
 
 log = logging.getLogger("rumor.gossip")
 
 EVENT_BUFFER = 1024
+#: Inbound streams handled at once, and open at once from one host (a loopback
+#: cluster's agents all share 127.0.0.1, hence generous).
+MAX_STREAMS = 32
+MAX_STREAMS_PER_HOST = 256
+#: Frame bytes being read at once over all inbound streams (one frame may be 16 MiB).
+STREAM_BYTES = 32 * 1024 * 1024
 
 
 class JoinError(Exception):
@@ -79,19 +87,60 @@ class NodeConfig:
     seal: Seal | None = None
     #: Seed of the protocol's random choices; None draws one from the OS.
     seed: int | None = None
+    #: File descriptors reserved for gossip streams (None: no limit but the process's).
+    fds: FdPool | None = None
 
 
-async def read_frame(stream: trio.abc.ReceiveStream, limit: int = MAX_FRAME) -> bytes | None:
-    """One length-prefixed frame, or None if the peer closed before sending one.
+class FrameRefused(Exception):
+    """The peer's frame header was refused; ``frame`` says why (write it, then close)."""
 
-    The length is checked against ``limit`` before anything is buffered."""
+    def __init__(self, frame: bytes, reason: str) -> None:
+        super().__init__(reason)
+        self.frame = frame
+
+
+class ByteBudget:
+    """Bytes of frame bodies being read at once, across all streams: the bound on what
+    a plaintext agent (which cannot authenticate a frame before reading it) buffers."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+async def read_frame(stream: trio.abc.ReceiveStream, core: Membership, source: Address,
+                     budget: ByteBudget | None = None) -> bytes | None:
+    """One frame's body, or None if the peer closed before sending one. The core
+    decides from the header how much may be read (see ``Membership.frame_length``),
+    so nothing is buffered before that; a refused header raises ``FrameRefused``."""
     header = await _read_exactly(stream, FRAME_HEADER.size)
-    if header is None:
-        return None
-    (n,) = FRAME_HEADER.unpack(header)
-    if n > limit:
-        raise ValueError(f"frame of {n} bytes exceeds the {limit}-byte limit")
-    return await _read_exactly(stream, n)
+    while header is not None:
+        step = core.frame_length(trio.current_time(), source, header)
+        if isinstance(step, Refuse):
+            raise FrameRefused(step.frame, step.reason)
+        if isinstance(step, ReadBody):
+            if budget is None:
+                return await _read_exactly(stream, step.n)
+            if not budget.take(step.n):
+                core.stats["streams_refused_busy"] += 1
+                why = "too many bytes in flight on this agent's streams; retry later"
+                raise FrameRefused(refusal_frame(why), why)
+            try:
+                return await _read_exactly(stream, step.n)
+            finally:
+                budget.give(step.n)
+        more = await _read_exactly(stream, step.n)
+        header = None if more is None else header + more
+    return None
 
 
 async def _read_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes | None:
@@ -122,6 +171,10 @@ class Node:
         self._left = trio.Event()
         self._started_wall = time.time()
         self._pending_delegates: list[Delegate] = []
+        #: Streams read and answered at once; more wait (their bytes unread) for a slot.
+        self._streams = trio.CapacityLimiter(MAX_STREAMS)
+        self._inflight = ByteBudget(STREAM_BYTES)
+        self._error_logged: dict[str, float] = {}
         self._catalog: Discovery | None = None
         self.stats_dropped_events = 0
 
@@ -136,7 +189,8 @@ class Node:
                                 f"{format_address(self.config.bind)}: {e.strerror or e}") from e
             self._udp = udp
             bound = udp.getsockname()
-            advertise = self.config.advertise or (self.config.bind[0], bound[1])
+            advertise = await _ip_address(self.config.advertise
+                                          or (self.config.bind[0], bound[1]))
             if advertise[0] in ("0.0.0.0", "::"):
                 raise BindError(errno.EADDRNOTAVAIL, "binding a wildcard address needs "
                                 "an advertise address (--advertise HOST:PORT)")
@@ -148,8 +202,9 @@ class Node:
             for d in self._pending_delegates:
                 self._core.register(d)
             # The epoch tells a restarted agent's records from its previous life's.
-            catalog = Catalog(self._core, epoch=time.time_ns() // 1000,
-                              now=trio.current_time())
+            now = trio.current_time()
+            catalog = Catalog(self._core, epoch=time.time_ns() // 1000, now=now,
+                              wall_offset=time.time() - now)
             self._core.register(catalog)
             self._catalog = Discovery(catalog, self._kick)
             self._nursery = await self._stack.enter_async_context(trio.open_nursery())
@@ -311,22 +366,27 @@ class Node:
         core = self.core
         effects: list[Effect] = core.take_effects()
         for e in effects:
-            if isinstance(e, SendPacket):
-                await self._send_packet(e)
-            elif isinstance(e, StreamRequest):
-                assert self._nursery is not None
-                self._nursery.start_soon(self._exchange, e)
-            elif isinstance(e, MemberEvent):
-                self._publish(e)
-            elif isinstance(e, JoinFinished):
-                self._join_result = e
-                if self._join_done is not None:
-                    self._join_done.set()
-            elif isinstance(e, LeaveFinished):
-                self._left.set()
-            elif isinstance(e, Notice):
-                log.warning(e.message, extra={"event": "notice", "code": e.code,
-                                              "member": e.member})
+            try:
+                if isinstance(e, SendPacket):
+                    await self._send_packet(e)
+                elif isinstance(e, StreamRequest):
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._exchange, e)
+                elif isinstance(e, MemberEvent):
+                    self._publish(e)
+                elif isinstance(e, JoinFinished):
+                    self._join_result = e
+                    if self._join_done is not None:
+                        self._join_done.set()
+                elif isinstance(e, LeaveFinished):
+                    self._left.set()
+                elif isinstance(e, Notice):
+                    log.warning(e.message, extra={"event": "notice", "code": e.code,
+                                                  "member": e.member})
+            except Exception:
+                # One effect that cannot be carried out costs that effect only: the
+                # others of the batch still run and the agent keeps serving.
+                self._internal_error("effect", type(e).__name__)
         if self._timer_scope is not None:
             self._timer_scope.deadline = core.next_deadline()
 
@@ -334,10 +394,21 @@ class Node:
         assert self._udp is not None
         try:
             await self._udp.sendto(e.data, e.addr)
-        except OSError as err:
+        except (OSError, ValueError, UnicodeError) as err:
             # A full buffer or unreachable host loses one datagram; SWIM tolerates it.
+            # (Addresses are IP literals checked at decode; ValueError is a last line.)
             self.core.stats["send_errors"] += 1
             log.debug("send to %s failed: %s", format_address(e.addr), err)
+
+    def _internal_error(self, where: str, what: str) -> None:
+        """A bug met an input: count it, log its traceback (at most once a minute per
+        place, so a flood of one bad input cannot fill the log), and carry on."""
+        self.core.stats["internal_errors"] += 1
+        now = trio.current_time()
+        if now - self._error_logged.get(where, -math.inf) >= 60.0:
+            self._error_logged[where] = now
+            log.exception("internal error in gossip %s (%s); the input was dropped",
+                          where, what, extra={"event": "internal_error", "where": where})
 
     def _publish(self, e: MemberEvent) -> None:
         for ch in list(self._subscribers):
@@ -357,7 +428,11 @@ class Node:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None
-            core.tick(trio.current_time())
+            try:
+                core.tick(trio.current_time())
+            except Exception:
+                self._internal_error("tick", "timer")
+                await trio.sleep(0.05)  # never spin on a deadline that keeps failing
             await self._flush()
 
     async def _udp_loop(self) -> None:
@@ -365,46 +440,89 @@ class Node:
         core = self.core
         while True:
             data, src = await self._udp.recvfrom(MAX_PACKET)
-            core.receive(trio.current_time(), (src[0], src[1]), data)
+            try:
+                core.receive(trio.current_time(), (src[0], src[1]), data)
+            except Exception:
+                self._internal_error("receive", f"{len(data)}-byte datagram")
             await self._flush()
 
     async def _serve_streams(self, listeners: list[trio.SocketListener]) -> None:
-        await trio.serve_listeners(self._handle_stream, listeners)
+        await serve_listeners(self._handle_stream, listeners, pool=self.config.fds,
+                              limits=ListenerLimits(max_per_client=MAX_STREAMS_PER_HOST),
+                              what="gossip")
 
     async def _handle_stream(self, stream: trio.SocketStream) -> None:
         timeout = self.config.gossip.stream_timeout
+        peer = stream.socket.getpeername()
+        source: Address = (peer[0], peer[1])
         try:
             with trio.move_on_after(timeout):
-                body = await read_frame(stream)
-                if body is None:
-                    return
-                peer = stream.socket.getpeername()
-                reply = self.core.handle_stream(trio.current_time(), (peer[0], peer[1]), body)
-                await self._flush()
-                if reply is not None:
-                    await stream.send_all(FRAME_HEADER.pack(len(reply)) + reply)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError) as e:
-            # A peer that resets or sends an oversized frame costs only its own stream.
+                async with self._streams:  # bounded work at once; the rest wait unread
+                    await self._serve_stream(stream, source)
+        except FrameRefused as e:
+            with trio.move_on_after(1.0):
+                await stream.send_all(e.frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            # A peer that resets costs only its own stream.
             self.core.stats["streams_failed"] += 1
             log.debug("inbound stream failed: %s", e)
         finally:
             await stream.aclose()
 
+    async def _serve_stream(self, stream: trio.SocketStream, source: Address) -> None:
+        body = await read_frame(stream, self.core, source, self._inflight)
+        if body is None:
+            return
+        try:
+            reply = self.core.handle_stream(trio.current_time(), source, body)
+        except Exception:
+            self._internal_error("stream", f"{len(body)}-byte frame")
+            reply = None
+        await self._flush()
+        if reply is not None:
+            await stream.send_all(reply.frame)
+
     async def _exchange(self, e: StreamRequest) -> None:
         reply: bytes | None = None
+        pool = self.config.fds
         try:
             with trio.fail_after(max(e.timeout, 0.001)):
-                host, port = e.addr
-                stream = await trio.open_tcp_stream(host, port)
-                async with stream:
-                    await stream.send_all(FRAME_HEADER.pack(len(e.data)) + e.data)
-                    reply = await read_frame(stream) if e.expect_reply else b""
-        except (trio.TooSlowError, OSError, trio.BrokenResourceError, ValueError) as err:
+                if pool is not None:
+                    await pool.acquire()
+                try:
+                    host, port = e.addr
+                    stream = await trio.open_tcp_stream(host, port)
+                    async with stream:
+                        await stream.send_all(e.header + e.data)
+                        reply = await read_frame(stream, self.core, e.addr) \
+                            if e.expect_reply else b""
+                finally:
+                    if pool is not None:
+                        pool.release()
+        except (trio.TooSlowError, OSError, trio.BrokenResourceError, FrameRefused) as err:
             log.debug("stream to %s failed: %r", format_address(e.addr), err)
             reply = None
         if self._core is not None:
-            self._core.stream_reply(trio.current_time(), e.exchange, reply)
+            try:
+                self._core.stream_reply(trio.current_time(), e.exchange, reply)
+            except Exception:
+                self._internal_error("stream reply", f"exchange {e.exchange}")
             await self._flush()
+
+
+async def _ip_address(addr: Address) -> Address:
+    """``addr`` with its host as an IP literal: members gossip IP addresses only (see
+    ``fields.py``), so a name given for ``--bind``/``--advertise`` is resolved once."""
+    host, port = addr
+    literal = ip_literal(host)
+    if literal is not None:
+        return (literal, port)
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=pysocket.SOCK_DGRAM)
+    except OSError as e:
+        raise BindError(errno.EADDRNOTAVAIL, f"cannot resolve the advertised address "
+                        f"{format_address(addr)}: {e}") from e
+    return (str(infos[0][4][0]), port)
 
 
 def _version() -> str:
@@ -414,4 +532,4 @@ def _version() -> str:
         return "0+unknown"
 
 
-__all__ = ["BindError", "JoinError", "Node", "NodeConfig", "read_frame"]
+__all__ = ["BindError", "FrameRefused", "JoinError", "Node", "NodeConfig", "read_frame"]

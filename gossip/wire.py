@@ -19,12 +19,32 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from .fields import (
+    MAX_NAME,
+    describe,
+    ip_literal,
+    valid_counter,
+    valid_name,
+    valid_port,
+    valid_text,
+)
+
 PROTOCOL_VERSION = 1
 #: Largest frame accepted on a stream (push-pull of a big cluster plus app state).
 MAX_FRAME = 16 * 1024 * 1024
 #: Largest datagram accepted; anything bigger is not ours.
 MAX_PACKET = 65_535
 FRAME_HEADER = struct.Struct(">I")
+#: Messages in one datagram: a full 1,400-byte packet holds well under a hundred, so
+#: thousands of parts are someone else's packet (each part could cost us a reply).
+MAX_PARTS = 256
+#: Rows of one push-pull (members of a cluster) and delegate channels in it.
+MAX_STATES = 1 << 17
+MAX_CHANNELS = 16
+MAX_CHANNEL = 32
+#: Tags of one member, and the length of each key and value.
+MAX_META_ENTRIES = 64
+MAX_META_TEXT = 512
 
 Address = tuple[str, int]
 Meta = dict[str, str]
@@ -42,9 +62,9 @@ def _read_only(*args: object, **kwargs: object) -> None:
     raise TypeError("the shared empty metadata is read-only")
 
 
-for _name in ("__setitem__", "__delitem__", "__ior__", "update", "setdefault", "pop",
-              "popitem", "clear"):
-    setattr(_EmptyMeta, _name, _read_only)
+for _method in ("__setitem__", "__delitem__", "__ior__", "update", "setdefault", "pop",
+                "popitem", "clear"):
+    setattr(_EmptyMeta, _method, _read_only)
 
 
 #: Shared empty metadata; ``own_meta`` hands it out instead of a fresh empty dict.
@@ -244,38 +264,55 @@ def encode_frame(m: Message) -> bytes:
 
 
 def _int(v: Any) -> int:
-    if type(v) is not int or v < 0 or v >= 1 << 64:
-        raise DecodeError("expected a non-negative integer")
-    return v
+    """A sequence number or incarnation (capped: see ``fields.MAX_COUNTER``)."""
+    if not valid_counter(v):
+        raise DecodeError(f"expected a counter from 0 to 2^53-1, got {describe(v)}")
+    return int(v)
 
 
-def _str(v: Any) -> str:
-    if type(v) is not str or len(v) > 512:
-        raise DecodeError("expected a short string")
-    return v
+def _name(v: Any) -> str:
+    if not valid_name(v):
+        raise DecodeError(f"expected a member name (1 to {MAX_NAME} printable "
+                          f"characters), got {describe(v)}")
+    return str(v)
 
 
 def _bool(v: Any) -> bool:
     if type(v) is not bool:
-        raise DecodeError("expected a boolean")
+        raise DecodeError(f"expected a boolean, got {describe(v)}")
     return v
 
 
 def _address(v: Any) -> Address:
+    """A member address: an IP literal (never a name to resolve) and a port we can
+    send to; the host is returned in canonical form, so one host has one spelling."""
     if type(v) is not list or len(v) != 2:
-        raise DecodeError("expected an address [host, port]")
-    host, port = _str(v[0]), _int(v[1])
-    if port > 65535:
-        raise DecodeError("port out of range")
-    return (host, port)
+        raise DecodeError(f"expected an address [host, port], got {describe(v)}")
+    host = ip_literal(v[0])
+    if host is None:
+        raise DecodeError(f"address host is not an IP address literal ({describe(v[0])})")
+    if not valid_port(v[1]):
+        raise DecodeError("address port must be 1 to 65535")
+    return (host, v[1])
 
 
 def _meta(v: Any) -> Meta:
-    if type(v) is not dict:
-        raise DecodeError("expected a metadata map")
+    if type(v) is not dict or len(v) > MAX_META_ENTRIES:
+        raise DecodeError(f"expected a metadata map of at most {MAX_META_ENTRIES} "
+                          f"entries, got {describe(v)}")
     if not v:
         return EMPTY_META
-    return {_str(k): _str(x) for k, x in v.items()}
+    for k, x in v.items():
+        if not valid_text(k, MAX_META_TEXT) or not k or not valid_text(x, MAX_META_TEXT):
+            raise DecodeError("metadata keys and values are printable text of at most "
+                              f"{MAX_META_TEXT} characters")
+    return v
+
+
+def _channel(v: Any) -> str:
+    if not valid_text(v, MAX_CHANNEL) or not v:
+        raise DecodeError(f"expected a channel name, got {describe(v)}")
+    return str(v)
 
 
 def _fields(v: list[Any], n: int) -> list[Any]:
@@ -285,15 +322,19 @@ def _fields(v: list[Any], n: int) -> list[Any]:
 
 
 def message_from_list(v: Any) -> Message:
+    """The message an array encodes; every field is checked here, once per message
+    type, so the core only ever sees values it can act on."""
     if type(v) is not list or not v:
-        raise DecodeError("a message is a non-empty array")
+        raise DecodeError(f"a message is a non-empty array, got {describe(v)}")
     t = v[0]
+    if type(t) is not int:
+        raise DecodeError(f"a message type is an integer, got {describe(t)}")
     if t == Ping.TYPE:
         _, seq, target, source = _fields(v, 4)
-        return Ping(_int(seq), _str(target), _str(source))
+        return Ping(_int(seq), _name(target), _name(source))
     if t == IndirectPing.TYPE:
         _, seq, target, addr, requester, nack = _fields(v, 6)
-        return IndirectPing(_int(seq), _str(target), _address(addr), _str(requester),
+        return IndirectPing(_int(seq), _name(target), _address(addr), _name(requester),
                             _bool(nack))
     if t == Ack.TYPE:
         return Ack(_int(_fields(v, 2)[1]))
@@ -301,44 +342,46 @@ def message_from_list(v: Any) -> Message:
         return Nack(_int(_fields(v, 2)[1]))
     if t == Alive.TYPE:
         _, inc, node, addr, meta = _fields(v, 5)
-        return Alive(_int(inc), _str(node), _address(addr), _meta(meta))
+        return Alive(_int(inc), _name(node), _address(addr), _meta(meta))
     if t == Suspect.TYPE:
         _, inc, node, source = _fields(v, 4)
-        return Suspect(_int(inc), _str(node), _str(source))
+        return Suspect(_int(inc), _name(node), _name(source))
     if t == Dead.TYPE:
         _, inc, node, source = _fields(v, 4)
-        return Dead(_int(inc), _str(node), _str(source))
+        return Dead(_int(inc), _name(node), _name(source))
     if t == UserMessage.TYPE:
         _, channel, payload = _fields(v, 3)
         if type(payload) is not bytes:
-            raise DecodeError("user payload must be bytes")
-        return UserMessage(_str(channel), payload)
+            raise DecodeError(f"user payload must be bytes, got {describe(payload)}")
+        return UserMessage(_channel(channel), payload)
     if t == PushPull.TYPE:
         _, join, source, states, user = _fields(v, 5)
-        if type(states) is not list or type(user) is not dict:
-            raise DecodeError("push-pull expects a state list and a user map")
+        if type(states) is not list or len(states) > MAX_STATES:
+            raise DecodeError(f"push-pull expects at most {MAX_STATES} state rows, got "
+                              f"{describe(states)}")
         rows = tuple(_member_state(s) for s in states)
-        return PushPull(_bool(join), _str(source), rows, _user_states(user))
-    raise DecodeError(f"unknown message type {t!r}")
+        return PushPull(_bool(join), _name(source), rows, _user_states(user))
+    raise DecodeError(f"unknown message type {t}")
 
 
 def _member_state(s: Any) -> MemberState:
     if type(s) is not list or len(s) != 5:
-        raise DecodeError("push-pull state rows have 5 fields")
+        raise DecodeError(f"push-pull state rows have 5 fields, got {describe(s)}")
     status = _int(s[3])
     if status not in Status.NAMES:
         raise DecodeError(f"unknown member status {status}")
-    return MemberState(_str(s[0]), _address(s[1]), _int(s[2]), status, _meta(s[4]))
+    return MemberState(_name(s[0]), _address(s[1]), _int(s[2]), status, _meta(s[4]))
 
 
 def _user_states(user: Any) -> dict[str, bytes]:
-    if type(user) is not dict:
-        raise DecodeError("push-pull expects a user map")
+    if type(user) is not dict or len(user) > MAX_CHANNELS:
+        raise DecodeError(f"push-pull expects a map of at most {MAX_CHANNELS} channel "
+                          f"states, got {describe(user)}")
     udata: dict[str, bytes] = {}
     for k, x in user.items():
         if type(x) is not bytes:
-            raise DecodeError("push-pull user state must be bytes")
-        udata[_str(k)] = x
+            raise DecodeError(f"push-pull user state must be bytes, got {describe(x)}")
+        udata[_channel(k)] = x
     return udata
 
 
@@ -371,8 +414,8 @@ def decode_packet(data: bytes) -> list[Message]:
         except Exception as e:  # msgpack raises many types; callers want exactly one
             raise DecodeError(f"malformed msgpack: {type(e).__name__}") from None
     body = _unpack(data, MAX_PACKET)
-    if type(body) is not list:
-        raise DecodeError("a packet is an array of messages")
+    if type(body) is not list or len(body) > MAX_PARTS:
+        raise DecodeError(f"a packet is an array of at most {MAX_PARTS} messages")
     return [message_from_list(m) for m in body]
 
 
@@ -409,6 +452,8 @@ def _decode_broadcasts(data: bytes) -> list[Message]:
     up.feed(data)
     up.read_bytes(1)  # the version byte
     n = up.read_array_header()
+    if n > MAX_PARTS:
+        raise DecodeError(f"a packet is an array of at most {MAX_PARTS} messages")
     out: list[Message] = []
     seen, pos = _SEEN, up.tell()
     for _ in range(n):
@@ -449,6 +494,8 @@ def _decode_push_pull(data: bytes) -> PushPull:
     up.read_bytes(4)  # version, the two array headers and the type code
     join, source = up.unpack(), up.unpack()
     n = up.read_array_header()
+    if n > MAX_STATES:
+        raise DecodeError(f"push-pull expects at most {MAX_STATES} state rows")
     rows: list[MemberState] = []
     cache, pos = _ROWS, up.tell()
     for _ in range(n):
@@ -466,7 +513,7 @@ def _decode_push_pull(data: bytes) -> PushPull:
     user = up.unpack()
     if up.tell() != len(data):
         raise DecodeError("trailing bytes after the push-pull message")
-    return PushPull(_bool(join), _str(source), tuple(rows), _user_states(user))
+    return PushPull(_bool(join), _name(source), tuple(rows), _user_states(user))
 
 
 def encode_push_pull(join: bool, source: str,

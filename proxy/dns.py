@@ -34,6 +34,7 @@ from typing import Protocol
 
 import trio
 from dnslib import AAAA, EDNS0, QTYPE, RCODE, RR, SRV, A, DNSHeader, DNSLabel, DNSRecord
+from dnslib.label import DNSLabelError
 
 from ..gossip.catalog import Instance
 
@@ -133,7 +134,9 @@ class DnsResponder:
         if q.header.opcode != 0:
             self.stats["notimp"] += 1
             return _rcode_only(q, RCODE.NOTIMP)
-        if len(q.questions) != 1:
+        if len(q.questions) != 1 or not _fits_dns(q.questions[0].qname):
+            # dnslib parses names past DNS's limits (255 bytes in all) but cannot write
+            # them back: answer FORMERR before building a reply that would not pack.
             self.stats["formerr"] += 1
             return _rcode_only(q, RCODE.FORMERR)
         limit = UDP_LIMIT
@@ -178,6 +181,10 @@ class DnsResponder:
                 _add_address(reply, qname, inst.address, qtype)
             if qtype in (QTYPE.SRV, QTYPE.ANY):
                 target = f"{inst.node}.node.{self.domain}."
+                if not _fits_dns_text(target):
+                    # A member name DNS cannot spell (over 63 characters, say): no SRV.
+                    self.stats["srv_unnamed"] += 1
+                    continue
                 reply.add_answer(RR(qname, QTYPE.SRV, ttl=0, rdata=SRV(
                     priority=1, weight=inst.weight, port=inst.port, target=target)))
                 targets[target] = inst.address
@@ -187,6 +194,19 @@ class DnsResponder:
     def _rcode(self, reply: DNSRecord, rcode: int) -> None:
         self.stats[f"rcode_{RCODE.get(rcode)}".lower()] += 1
         reply.header.rcode = rcode
+
+
+def _fits_dns(name: DNSLabel) -> bool:
+    """Whether ``name`` is within DNS's limits: labels of 1-63 bytes, 255 in all."""
+    labels = name.label
+    return all(0 < len(p) <= 63 for p in labels) and sum(len(p) + 1 for p in labels) < 255
+
+
+def _fits_dns_text(name: str) -> bool:
+    try:
+        return name.isascii() and _fits_dns(DNSLabel(name))
+    except (UnicodeError, DNSLabelError):
+        return False
 
 
 def _service_query(labels: list[str]) -> tuple[str | None, str | None]:

@@ -309,7 +309,8 @@ class Simulator:
         if node.paused or node.deaf:
             node.held.append(ev)  # the kernel accepted; the process will read it later
             return
-        reply = node.core.handle_stream(self.now, self.nodes[call.src].addr, call.data)
+        served = node.core.handle_stream(self.now, self.nodes[call.src].addr, call.data)
+        reply = None if served is None else served.body
         self._after(node)
         if net.partitions and net.blocked(call.dst, call.src):
             return  # the reply is black-holed: the requester times out

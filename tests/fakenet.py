@@ -131,7 +131,8 @@ class FakeNet:
                 return
             r = self.nodes[dst].handle_stream(self.now, src_addr, e.data)
             self.flush(dst)
-            reply(r if e.expect_reply else b"", self.latency)
+            body = None if r is None else r.body
+            reply(body if e.expect_reply else b"", self.latency)
         self.at(self.now + self.latency, serve)
 
     # ---- running ------------------------------------------------------------------

@@ -144,6 +144,49 @@ def test_restarted_node_replaces_its_previous_life_and_stale_records_lose() -> N
     assert cats["n1"].instances("x") == []
 
 
+def test_the_owner_outbids_forged_records_about_itself_on_every_agent() -> None:
+    """Forged records for n0 (a newer epoch with services it does not run, or its own
+    epoch with a revision it never reached) spread to its peers, reach n0, and n0
+    outbids them with a newer epoch: everyone ends with what n0 really runs."""
+    net, cats = _cluster(3)
+    owner = cats["n0"]
+    owner.register(net.now, parse_spec("name=web,port=80"))
+    net.flush("n0")
+    net.run_until(lambda: all(_names(c, "web") == ["n0"] for c in cats.values()), 5)
+    for ahead, rev in ((10**9, 1), (0, 10**6)):
+        epoch_before = owner.epoch
+        forged_epoch = owner.epoch + ahead
+        forged = encode([MSG_RECORDS, "n0", forged_epoch, [
+            ["evil", "evil", "", 6666, [], "", 1, 0, [], rev, False]]])
+        cats["n1"].notify_message(net.now, forged)
+        net.flush("n1")
+        assert _names(cats["n1"], "evil") == ["n0"]  # n1 cannot tell it is forged...
+        net.run_until(lambda: all(c.instances("evil") == [] for c in cats.values())
+                      and all(_names(c, "web") == ["n0"] for c in cats.values()), 10)
+        assert owner.epoch > max(epoch_before, forged_epoch)  # ...but n0 can, and wins
+    assert owner.stats["refutations"] == 2
+    # Echoes of n0's own records, and old ones, are not forgeries.
+    for peer in ("n1", "n2"):
+        owner.merge_remote_state(net.now, cats[peer].local_state(False), False, peer)
+    assert owner.stats["refutations"] == 2
+
+
+def test_an_epoch_far_in_the_future_is_refused_by_everyone() -> None:
+    net, cats = _cluster(2)
+    cats["n0"].register(net.now, parse_spec("name=web,port=80"))
+    net.flush("n0")
+    net.run_until(lambda: _names(cats["n1"], "web") == ["n0"], 5)
+    day_and_more = int((net.now + 2 * 86_400) * 1e6)
+    forged = encode([MSG_RECORDS, "n0", day_and_more, [
+        ["evil", "evil", "", 6666, [], "", 1, 0, [], 1, False]]])
+    for cat in cats.values():
+        cat.notify_message(net.now, forged)
+    assert all(c.instances("evil") == [] for c in cats.values())
+    assert _names(cats["n1"], "web") == ["n0"]
+    assert cats["n0"].stats["refutations"] == 0
+    assert all(c.stats["records_absurd"] == 1 for c in cats.values())
+
+
 def test_instances_sort_by_rtt_with_near() -> None:
     net, cats = _cluster(3)
     for n in ("n1", "n2"):
@@ -430,7 +473,43 @@ def test_a_packet_never_carries_the_same_application_message_twice() -> None:
     c.register(cat)
     cat.register(0.0, parse_spec("name=web,port=80"))
     c.take_effects()
-    c._send(("10.0.0.2", 1), [])
+    c._send(0.0, ("10.0.0.2", 1), "peer", [])
     (pkt,) = [e for e in c.take_effects() if hasattr(e, "data")]
     msgs = decode_packet(pkt.data)  # type: ignore[union-attr]
     assert sum(1 for m in msgs if getattr(m, "channel", None) == "catalog") == 1
+
+
+def _raw_query(labels: list[bytes], qtype: int = 1) -> bytes:
+    """A query written byte by byte: names dnslib's own encoder would refuse to build."""
+    out = struct.pack(">HHHHHH", 7, 0x0100, 1, 0, 0, 0)
+    for label in labels:
+        out += bytes([len(label)]) + label
+    return out + b"\x00" + struct.pack(">HH", qtype, 1)
+
+
+def test_dns_over_long_names_get_formerr_and_odd_node_names_no_srv() -> None:
+    r = DnsResponder(_Source())
+    for labels in ([b"a" * 63] * 5 + [b"service", b"rumor"],  # 330 bytes: over DNS's 255
+                   [b"b" * 63] * 4 + [b"rumor"]):
+        out = r.answer(_raw_query(labels))
+        assert out is not None and out[3] & 0x0F == RCODE.FORMERR
+    for labels in ([b"x\x00y", b"service", b"rumor"], [b"\xff\xfe", b"service", b"rumor"]):
+        out = r.answer(_raw_query(labels, 33))
+        assert out is not None and out[3] & 0x0F in (RCODE.NXDOMAIN, RCODE.FORMERR)
+    src = _Source()  # a member name DNS cannot spell: the A record, no SRV, no error
+    src.data["odd"] = [Instance("o1", "odd", "n" * 100, "10.0.0.9", 80, (), "", 1, PASSING,
+                                (), None)]
+    rec = DNSRecord.parse(DnsResponder(src).answer(
+        DNSRecord.question("odd.service.rumor", "ANY").pack()) or b"")
+    assert rec.header.rcode == 0 and [QTYPE.get(x.rtype) for x in rec.rr] == ["A"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=63), min_size=0, max_size=8),
+       st.sampled_from([1, 28, 33, 255, 16]), st.booleans())
+def test_dns_any_wire_legal_query_gets_an_answer_not_an_error(
+        labels: list[bytes], qtype: int, in_domain: bool) -> None:
+    names = labels + ([b"service", b"rumor"] if in_domain else [])
+    out = DnsResponder(_Source()).answer(_raw_query(names, qtype))
+    assert out is not None and out[2] & 0x80
+    assert out[3] & 0x0F != RCODE.SERVFAIL

@@ -23,7 +23,7 @@ from rumor.gossip.keyring import (
     encode_key,
     generate_key,
 )
-from rumor.gossip.keyring_commands import KeyringCommands
+from rumor.gossip.keyring_commands import KeyringCommands, key_id
 from rumor.gossip.security import Plaintext, SealError
 from rumor.gossip.wire import Status
 
@@ -33,27 +33,83 @@ K1, K2, K3 = (bytes([i]) * KEY_BYTES for i in (1, 2, 3))
 
 
 class Clock:
+    """Calendar time for the seals (their ``now``, with a zero wall offset)."""
+
     def __init__(self, t: float = 1_800_000_000.0) -> None:
         self.t = t
 
-    def __call__(self) -> float:
-        return self.t
 
+class End:
+    """One agent's seal, named, on a shared clock: ``a.to(b, data)`` seals for b and
+    ``b.open(sealed)`` opens as b, so each test reads as who sends what to whom."""
 
-def _seal(*keys: bytes, clock: Clock | None = None, seed: int = 1,
-          **kw: int | float) -> KeyringSeal:
-    rng = random.Random(seed)
-    return KeyringSeal(Keyring(keys), clock=clock or Clock(),
-                       random_bytes=lambda n: rng.randbytes(n), **kw)  # type: ignore[arg-type]
+    def __init__(self, name: str, *keys: bytes, clock: Clock | None = None, seed: int = 1,
+                 **kw: int | float) -> None:
+        rng = random.Random(seed)
+        self.name = name
+        self.clock = clock or Clock()
+        self.seal = KeyringSeal(Keyring(keys), wall_offset=0.0,
+                                random_bytes=lambda n: rng.randbytes(n),
+                                **kw)  # type: ignore[arg-type]
+        self.keyring = self.seal.keyring
+        self.stats = self.seal.stats
+
+    def to(self, other: End | str, data: bytes) -> bytes:
+        name = other if isinstance(other, str) else other.name
+        return self.seal.seal(self.clock.t, data, name)
+
+    def open(self, sealed: bytes) -> bytes:
+        return self.seal.open(self.clock.t, sealed, self.name)
 
 
 def test_seal_then_open_round_trips_and_adds_the_declared_overhead() -> None:
     clock = Clock()
-    a, b = _seal(K1, clock=clock, seed=1), _seal(K1, clock=clock, seed=2)
-    sealed = a.seal(b"\x01hello gossip")
+    a, b = End("a", K1, clock=clock, seed=1), End("b", K1, clock=clock, seed=2)
+    sealed = a.to(b, b"\x01hello gossip")
     assert len(sealed) == len(b"\x01hello gossip") + OVERHEAD
     assert b"hello" not in sealed  # encrypted, not just signed
     assert b.open(sealed) == b"\x01hello gossip"
+
+
+def test_sealed_bytes_open_only_at_their_recipient() -> None:
+    """A recording of a's packet to b, replayed to c, does not open at c: replay
+    protection covers the cluster, not only the agent that saw the packet first."""
+    clock = Clock()
+    a, b, c = (End(n, K1, clock=clock, seed=i) for i, n in enumerate("abc"))
+    sealed = a.to(b, b"\x01for b")
+    with pytest.raises(SealError, match="meant for another agent"):
+        c.open(sealed)
+    assert b.open(sealed) == b"\x01for b"
+    with pytest.raises(SealError, match="replayed"):
+        b.open(sealed)
+    # A join, sealed for nobody in particular, opens as a stream frame only.
+    join = a.to("", b"\x01join")
+    with pytest.raises(SealError):
+        c.open(join)
+    assert c.seal.open_stream(clock.t, join, "c") == (b"\x01join", False)
+    assert c.seal.open_stream(clock.t, a.to(c, b"\x01pp"), "c") == (b"\x01pp", True)
+
+
+def test_a_sealed_frame_header_opens_only_as_a_header() -> None:
+    from rumor.gossip.keyring import SEALED_FRAME_HEADER
+    from rumor.gossip.security import ReadBody, ReadHeader, Refuse
+    clock = Clock()
+    a, b = End("a", K1, clock=clock, seed=1), End("b", K1, clock=clock, seed=2)
+    header = a.seal.frame_header(clock.t, 12345, "b")
+    assert len(header) == SEALED_FRAME_HEADER
+    assert b.seal.read_frame_header(clock.t, header[:4], "b") == ReadHeader(
+        SEALED_FRAME_HEADER - 4)
+    assert b.seal.read_frame_header(clock.t, header, "b") == ReadBody(12345)
+    # Not as a packet, not twice, not at another agent, not plaintext beyond 64 KiB.
+    with pytest.raises(SealError):
+        b.open(a.seal.frame_header(clock.t, 1, "b"))
+    assert isinstance(b.seal.read_frame_header(clock.t, header, "b"), Refuse)
+    c = End("c", K1, clock=clock, seed=3)
+    assert isinstance(c.seal.read_frame_header(clock.t, a.seal.frame_header(
+        clock.t, 5, "b"), "c"), Refuse)
+    big = (16 * 1024 * 1024).to_bytes(4, "big")
+    assert isinstance(b.seal.read_frame_header(clock.t, big, "b"), Refuse)
+    assert b.seal.read_frame_header(clock.t, (100).to_bytes(4, "big"), "b") == ReadBody(100)
 
 
 def test_direct_libsodium_path_and_public_binding_agree(
@@ -61,42 +117,44 @@ def test_direct_libsodium_path_and_public_binding_agree(
     from rumor.gossip import keyring as kr
     assert kr._lib is not None  # the fast path is the one agents use
     clock = Clock()
-    a, b = _seal(K1, clock=clock, seed=1), _seal(K1, clock=clock, seed=2)
-    fast = a.seal(b"\x01fast")
+    a, b = End("a", K1, clock=clock, seed=1), End("b", K1, clock=clock, seed=2)
+    fast = a.to(b, b"\x01fast")
     monkeypatch.setattr(kr, "_lib", None)  # pynacl's public wrapper
-    slow = a.seal(b"\x01slow")
+    slow = a.to(b, b"\x01slow")
     assert b.open(fast) == b"\x01fast"
     with pytest.raises(SealError):
         b.open(fast[:-1] + bytes([fast[-1] ^ 1]))
     monkeypatch.undo()
     assert b.open(slow) == b"\x01slow"
     with pytest.raises(SealError):
-        _seal(K2, clock=clock, seed=3).open(a.seal(b"\x01x"))
+        End("b", K2, clock=clock, seed=3).open(a.to(b, b"\x01x"))
 
 
 def test_wrong_key_plaintext_and_garbage_are_refused_and_counted() -> None:
-    a, b = _seal(K1, seed=1), _seal(K2, seed=2)
+    a, b = End("a", K1, seed=1), End("b", K2, seed=2)
     with pytest.raises(SealError, match="no gossip key of the receiving agent"):
-        b.open(a.seal(b"\x01x"))
+        b.open(a.to(b, b"\x01x"))
     with pytest.raises(SealError, match="plaintext"):
         b.open(b"\x01\x91\x90")
     with pytest.raises(SealError, match="not a sealed"):
         b.open(b"GET / HTTP/1.1\r\n")
+    with pytest.raises(SealError, match="seal version 1"):
+        b.open(b"RK\x01" + bytes(80))
     assert b.stats == {"plaintext": 1, "unknown_key": 1, "stale": 0, "replayed": 0,
-                       "malformed": 1}
+                       "malformed": 2}
 
 
 def test_an_agent_without_a_key_says_the_cluster_is_encrypted() -> None:
     with pytest.raises(SealError, match="--keyring"):
-        Plaintext().open(_seal(K1).seal(b"\x01x"))
+        Plaintext().open(0.0, End("a", K1).to("b", b"\x01x"), "b")
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_any_flipped_byte_is_refused(data: st.DataObject) -> None:
     clock = Clock()
-    a, b = _seal(K1, clock=clock, seed=1), _seal(K1, clock=clock, seed=2)
-    sealed = bytearray(a.seal(b"\x01" + bytes(range(40))))
+    a, b = End("a", K1, clock=clock, seed=1), End("b", K1, clock=clock, seed=2)
+    sealed = bytearray(a.to(b, b"\x01" + bytes(range(40))))
     i = data.draw(st.integers(0, len(sealed) - 1))
     sealed[i] ^= data.draw(st.integers(1, 255))
     with pytest.raises(SealError):
@@ -106,50 +164,54 @@ def test_any_flipped_byte_is_refused(data: st.DataObject) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_hostile_bytes_only_ever_raise_seal_error(junk: bytes) -> None:
-    b = _seal(K1)
-    with pytest.raises(SealError):
-        b.open(junk)
-    with pytest.raises(SealError):
-        b.open(b"RK\x01" + junk)
+    b = End("b", K1)
+    for prefix in (b"", b"RK\x01", b"RK\x02"):
+        with pytest.raises(SealError):
+            b.open(prefix + junk)
+        with pytest.raises(SealError):
+            b.seal.open_stream(b.clock.t, prefix + junk, "b")
+    header = b.seal.read_frame_header(b.clock.t, (b"RK\x02" + junk).ljust(4, b"\0"), "b")
+    assert header is not None  # a step, never an exception
 
 
 def test_a_replayed_packet_is_refused_and_an_old_one_too() -> None:
     clock = Clock()
-    a, b = _seal(K1, clock=clock, seed=1), _seal(K1, clock=clock, seed=2, window=30.0)
-    sealed = a.seal(b"\x01x")
+    a, b = End("a", K1, clock=clock, seed=1), End("b", K1, clock=clock, seed=2, window=30.0)
+    sealed = a.to(b, b"\x01x")
     assert b.open(sealed) == b"\x01x"
     with pytest.raises(SealError, match="replayed"):
         b.open(sealed)
-    late = a.seal(b"\x01y")
+    late = a.to(b, b"\x01y")
     clock.t += 31
     with pytest.raises(SealError, match="too long ago"):
         b.open(late)  # a recording re-sent after the window
-    ahead = _seal(K1, clock=Clock(clock.t + 31), seed=3)  # a clock 31 s fast
+    ahead = End("c", K1, clock=Clock(clock.t + 31), seed=3)  # a clock 31 s fast
     with pytest.raises(SealError, match="too far off"):
-        b.open(ahead.seal(b"\x01z"))
+        b.open(ahead.to(b, b"\x01z"))
     assert b.stats["replayed"] == 1 and b.stats["stale"] == 2
 
 
 def test_replay_memory_is_bounded_and_refuses_what_it_forgot() -> None:
     clock = Clock()
-    a, b = _seal(K1, clock=clock, seed=1), _seal(K1, clock=clock, seed=2, replay_capacity=10)
-    first = a.seal(b"\x01first")
+    a, b = End("a", K1, clock=clock, seed=1), End("b", K1, clock=clock, seed=2,
+                                                replay_capacity=10)
+    first = a.to(b, b"\x01first")
     b.open(first)
     for i in range(20):
         clock.t += 0.01
-        b.open(a.seal(b"\x01%d" % i))
-    assert len(b._seen) <= 10
+        b.open(a.to(b, b"\x01%d" % i))
+    assert len(b.seal._seen) <= 10
     with pytest.raises(SealError):
         b.open(first)  # its nonce is forgotten, but it is older than what is remembered
 
 
 def test_rotation_install_use_remove_never_breaks_a_pair() -> None:
     clock = Clock()
-    a, b = _seal(K1, clock=clock, seed=1), _seal(K1, clock=clock, seed=2)
+    a, b = End("a", K1, clock=clock, seed=1), End("b", K1, clock=clock, seed=2)
 
     def both_ways() -> None:
-        assert b.open(a.seal(b"\x01ab")) == b"\x01ab"
-        assert a.open(b.seal(b"\x01ba")) == b"\x01ba"
+        assert b.open(a.to(b, b"\x01ab")) == b"\x01ab"
+        assert a.open(b.to(a, b"\x01ba")) == b"\x01ba"
 
     for ring in (a.keyring, b.keyring):
         assert ring.install(K2)
@@ -161,9 +223,9 @@ def test_rotation_install_use_remove_never_breaks_a_pair() -> None:
     for ring in (a.keyring, b.keyring):
         assert ring.remove(K1)
         both_ways()
-    c = _seal(K1, clock=clock, seed=3)  # an agent that missed the rotation
+    c = End("c", K1, clock=clock, seed=3)  # an agent that missed the rotation
     with pytest.raises(SealError):
-        a.open(c.seal(b"\x01old"))
+        a.open(c.to(a, b"\x01old"))
 
 
 def test_keyring_rules_and_key_text() -> None:
@@ -209,7 +271,7 @@ def _net_with_seals(seals: dict[str, KeyringSeal | None]) -> FakeNet:
 
 def _sim_seal(key: bytes, net: FakeNet, seed: int) -> KeyringSeal:
     rng = random.Random(seed)
-    return KeyringSeal(Keyring([key]), clock=lambda: 1_800_000_000.0 + net.now,
+    return KeyringSeal(Keyring([key]), wall_offset=1_800_000_000.0,
                        random_bytes=lambda n: rng.randbytes(n))
 
 
@@ -291,7 +353,7 @@ def test_cluster_wide_rotation_through_keyring_commands_keeps_everyone() -> None
     assert all(s.keyring.keys == [K2] for s in seals)
     listing = step("list", None)
     held = {tuple(a.keys) for a in listing.values()}  # type: ignore[attr-defined]
-    assert held == {(encode_key(K2),)}
+    assert held == {(key_id(K2),)}  # fingerprints: no key material travels in answers
     assert len(saved) == 15  # each agent saved its file after each of the three changes
     bad = step("remove", K2)  # the primary: refused everywhere, nothing changes
     assert not any(a.ok for a in bad.values())  # type: ignore[attr-defined]

@@ -301,7 +301,7 @@ def test_application_broadcasts_get_a_fair_share_of_packets() -> None:
     c.register(_Echo())
     c.broadcast(0.0, "echo", b"x" * 100)
     c.take_effects()
-    c._send(("10.0.0.2", 1), [])
+    c._send(0.0, ("10.0.0.2", 1), "peer", [])
     (pkt,) = [e for e in c.take_effects() if hasattr(e, "data")]
     msgs = decode_packet(pkt.data)  # type: ignore[union-attr]
     assert any(getattr(m, "channel", None) == "echo" for m in msgs)

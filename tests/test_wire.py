@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from rumor.gossip import wire
 from rumor.gossip.address import format_address, parse_address
+from rumor.gossip.fields import MAX_COUNTER
 from rumor.gossip.wire import (
     Ack,
     Alive,
@@ -26,11 +27,14 @@ from rumor.gossip.wire import (
     UserMessage,
 )
 
-names = st.text(min_size=1, max_size=40)
+printable = st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp", "Co", "Cn"))
+names = st.text(printable, min_size=1, max_size=40).filter(str.isprintable)
 u32 = st.integers(min_value=0, max_value=2**32 - 1)
-u64 = st.integers(min_value=0, max_value=2**64 - 1)
-addrs = st.tuples(st.text(min_size=1, max_size=40), st.integers(0, 65535))
-metas = st.dictionaries(st.text(max_size=20), st.text(max_size=40), max_size=5)
+u64 = st.integers(min_value=0, max_value=MAX_COUNTER)
+hosts = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(lambda ip: ip.compressed)
+addrs = st.tuples(hosts, st.integers(1, 65535))
+metas = st.dictionaries(names, st.text(printable, max_size=40).filter(str.isprintable),
+                        max_size=5)
 states = st.builds(MemberState, names, addrs, u64, st.sampled_from([0, 1, 2, 3]), metas)
 
 messages = st.one_of(
@@ -41,9 +45,10 @@ messages = st.one_of(
     st.builds(Alive, u64, names, addrs, metas),
     st.builds(Suspect, u64, names, names),
     st.builds(Dead, u64, names, names),
-    st.builds(UserMessage, names, st.binary(max_size=200)),
+    st.builds(UserMessage, names.filter(lambda n: len(n) <= 32), st.binary(max_size=200)),
     st.builds(PushPull, st.booleans(), names, st.lists(states, max_size=5).map(tuple),
-              st.dictionaries(names, st.binary(max_size=50), max_size=3)),
+              st.dictionaries(names.filter(lambda n: len(n) <= 32), st.binary(max_size=50),
+                              max_size=3)),
 )
 
 
