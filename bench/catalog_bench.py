@@ -45,6 +45,8 @@ from dnslib import DNSRecord
 
 from rumor.cli.ports import free_port
 
+JSON = {"content-type": "application/json"}
+
 HOST = "127.0.0.1"
 
 
@@ -76,7 +78,7 @@ class Agent:
             return json.loads(r.read()), int(r.headers.get("x-rumor-index", "0"))
 
     def put(self, path: str, doc: Any) -> Any:
-        req = urllib.request.Request(f"http://{self.api}{path}", method="PUT",
+        req = urllib.request.Request(f"http://{self.api}{path}", method="PUT", headers=JSON,
                                      data=json.dumps(doc).encode())
         with urllib.request.urlopen(req, timeout=5) as r:
             return json.loads(r.read())

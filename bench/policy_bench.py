@@ -90,7 +90,8 @@ class Agent:
 
     def put(self, path: str, data: bytes) -> Any:
         req = urllib.request.Request(f"http://{HOST}:{self.api_port}{path}", data=data,
-                                     method="PUT")
+                                     method="PUT",
+                                     headers={"content-type": "application/x-rumor-envelope"})
         with urllib.request.urlopen(req, timeout=5) as r:
             return json.loads(r.read())
 

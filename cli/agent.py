@@ -6,9 +6,11 @@ not start (port taken, no seed answered) with one clear line on stderr.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
+import stat
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -17,7 +19,7 @@ from pathlib import Path
 import trio
 from prometheus_client import CollectorRegistry
 
-from ..gossip.accept import FdBudget
+from ..gossip.accept import FdBudget, FdPool
 from ..gossip.address import format_address
 from ..gossip.config import GossipConfig
 from ..gossip.keyring import Keyring, KeyringSeal
@@ -29,6 +31,7 @@ from ..policy.service import Policies
 from ..policy.trust import TrustSet
 from ..proxy.access_log import AccessLog
 from ..proxy.api import make_api
+from ..proxy.api_access import ApiAccess
 from ..proxy.dns import CatalogSource, DnsResponder, serve_dns
 from ..proxy.http import serve_http
 from ..proxy.inbound import InboundProxy
@@ -42,6 +45,9 @@ from .logs import log_event
 log = logging.getLogger("rumor.agent")
 #: What applies when the agent trusts no publisher: no documents, so defaults.
 NO_POLICY = Evaluator([])
+#: Connections at once from one host to the network-facing inbound listener: a caller's
+#: sidecar pools its connections, so more than this is a flood, not traffic.
+INBOUND_MAX_PER_CLIENT = 1024
 
 
 @dataclass
@@ -71,6 +77,9 @@ class AgentOptions:
     keyring_file: str | None = None
     #: Mutual TLS on the sidecar hop (--tls-ca/--tls-cert/--tls-key).
     tls: TlsFiles | None = None
+    #: Who may drive the local API (--api-token-file, --api-allow-host).
+    api_access: ApiAccess = field(default_factory=ApiAccess)
+    api_token_file: str | None = None
 
 
 class StartupError(Exception):
@@ -81,6 +90,8 @@ async def run_agent(opts: AgentOptions) -> None:
     # Sealed packets carry calendar time (the replay window); the core runs on trio's.
     seal = KeyringSeal(opts.keyring, wall_offset=time.time() - trio.current_time(),
                        random_bytes=os.urandom) if opts.keyring is not None else None
+    for warning in exposure_warnings(opts):
+        log.warning("%s", warning, extra={"event": "exposed"})
     fds = FdBudget.from_process()
     log.debug("descriptor budget: %s", fds.describe(), extra={"event": "fds"})
     cfg = NodeConfig(name=opts.name, bind=opts.bind, advertise=opts.advertise,
@@ -103,19 +114,18 @@ async def run_agent(opts: AgentOptions) -> None:
             registry.register(AgentCollector(node.health,
                                              policies.status if policies else None))
             try:
-                await nursery.start(serve_http, make_api(node, on_leave=stop.set,
-                                                         catalog=node.catalog,
-                                                         policies=policies,
-                                                         metrics=registry,
-                                                         keyring=keyring),
-                                    opts.api[0], opts.api[1])
+                api = make_api(node, on_leave=stop.set, catalog=node.catalog,
+                               policies=policies, metrics=registry, keyring=keyring,
+                               access=opts.api_access)
+                await nursery.start(partial(serve_http, api, opts.api[0], opts.api[1],
+                                            pool=fds.api))
             except OSError as e:
                 raise StartupError(f"cannot bind API address {format_address(opts.api)}: "
                                    f"{e.strerror or e}") from None
             if opts.dns is not None:
                 await _start_dns(nursery, node, opts.dns)
             if opts.outbound is not None or opts.inbound is not None:
-                await _start_sidecar(nursery, node, opts, policies, registry)
+                await _start_sidecar(nursery, node, opts, policies, registry, fds.proxy)
             if opts.services:
                 # One batch: the records travel together (by stream when large).
                 node.catalog.register_many(opts.services)
@@ -146,6 +156,42 @@ async def run_agent(opts: AgentOptions) -> None:
     log.info("agent stopped", extra={"event": "stop"})
 
 
+def exposure_warnings(opts: AgentOptions) -> list[str]:
+    """What an operator must hear at start: secrets or controls open to others."""
+    out = []
+    if opts.keyring is None and not is_loopback(opts.bind[0]):
+        out.append(f"gossip on {format_address(opts.bind)} is not encrypted: anyone who "
+                   "can reach it can join, forge members and read every message (give "
+                   "--keyring)")
+    if opts.api_access.token is None and not is_loopback(opts.api[0]):
+        out.append(f"the API on {format_address(opts.api)} is reachable from other hosts "
+                   "and accepts changes without a token (give --api-token-file)")
+    for what, path in (("keyring", opts.keyring_file), ("API token", opts.api_token_file)):
+        mode = _mode(path)
+        if mode is not None and mode & 0o077:
+            out.append(f"the {what} file {path} is readable by other users (mode "
+                       f"{mode:04o}): chmod 600 it, it holds a secret")
+    return out
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _mode(path: str | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+
+
 def _start_policies(node: Node, opts: AgentOptions) -> Policies | None:
     if opts.trust is None:
         if opts.data_dir is not None:
@@ -166,13 +212,16 @@ def _start_policies(node: Node, opts: AgentOptions) -> Policies | None:
 
 
 async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
-                         policies: Policies | None, registry: CollectorRegistry) -> None:
+                         policies: Policies | None, registry: CollectorRegistry,
+                         pool: FdPool) -> None:
     """Start the data plane's listeners; the inbound one is advertised in our tags so
     other sidecars know where to send this host's services' traffic."""
     def evaluator() -> Evaluator:
         return policies.evaluator if policies is not None else NO_POLICY
 
-    metrics = ProxyMetrics(registry)
+    catalog = node.catalog.catalog
+    metrics = ProxyMetrics(registry,
+                           known=lambda name: catalog.knows(name) or evaluator().names(name))
     access_log = AccessLog(opts.access_log) if opts.access_log else None
     tls = _mesh_tls(opts)
     if tls is not None:
@@ -187,7 +236,8 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
     if opts.inbound is not None:
         inbound = InboundProxy(node, evaluator, metrics=metrics, access_log=access_log,
                                tls=tls)
-        port = await _listen(nursery, inbound, opts.inbound, "inbound", metrics, tls)
+        port = await _listen(nursery, inbound, opts.inbound, "inbound", metrics, pool, tls,
+                             max_per_client=INBOUND_MAX_PER_CLIENT)
         host = opts.inbound[0]
         if host in ("0.0.0.0", "::"):
             host = node.address[0]
@@ -205,7 +255,7 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
                                    f"only {', '.join(sorted(names))}; callees would refuse it")
         outbound = OutboundProxy(node, evaluator, identity=identity, metrics=metrics,
                                  access_log=access_log, decay=opts.balancer_decay, tls=tls)
-        port = await _listen(nursery, outbound, opts.outbound, "outbound", metrics)
+        port = await _listen(nursery, outbound, opts.outbound, "outbound", metrics, pool)
         log.info("outbound listener on %s:%d (calling as %s)", opts.outbound[0], port,
                  identity or "an unknown service",
                  extra={"event": "outbound", "outbound": f"{opts.outbound[0]}:{port}",
@@ -227,13 +277,15 @@ def _mesh_tls(opts: AgentOptions) -> MeshTls | None:
 
 
 async def _listen(nursery: trio.Nursery, handler: ProxyHandler, addr: Address, what: str,
-                  metrics: ProxyMetrics, tls: MeshTls | None = None) -> int:
+                  metrics: ProxyMetrics, pool: FdPool, tls: MeshTls | None = None,
+                  max_per_client: int = 0) -> int:
     def refused(client: str, status: int, reason: str) -> None:
         metrics.protocol_errors.labels(what, str(status)).inc()
 
     try:
         port: int = await nursery.start(partial(serve_proxy, handler, addr[0], addr[1],
-                                                on_error=refused, tls=tls))
+                                                on_error=refused, tls=tls, pool=pool,
+                                                max_per_client=max_per_client))
     except OSError as e:
         raise StartupError(f"cannot bind {what} address {format_address(addr)}: "
                            f"{e.strerror or e}") from None

@@ -9,12 +9,52 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import httpcore
 
 DEFAULT_TIMEOUT = 10.0
+#: Where the CLI finds the agent's API token (`rumor agent --api-token-file`): the
+#: ``--token-file`` option, else these variables (the token itself, or a file holding it).
+TOKEN_ENV = "RUMOR_API_TOKEN"
+TOKEN_FILE_ENV = "RUMOR_API_TOKEN_FILE"
+_token_file: str | None = None
+
+
+def use_token_file(path: str | None) -> None:
+    """Send the token in ``path`` with every request (``--token-file``)."""
+    global _token_file
+    _token_file = path
+
+
+def api_token() -> str | None:
+    """The token to send, from ``--token-file`` or the environment; None: no token."""
+    path = _token_file or os.environ.get(TOKEN_FILE_ENV)
+    if path:
+        try:
+            token = read_token_file(path)
+        except ValueError as e:
+            raise ApiError(str(e)) from None
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
+def read_token_file(path: str) -> str:
+    """The token in ``path`` (its first line); ValueError with the reason otherwise."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the API token file {path}: "
+                         f"{getattr(e, 'strerror', None) or e}") from None
+    lines = text.strip().splitlines()
+    token = lines[0].strip() if lines else ""
+    if not token or any(not (33 <= ord(c) < 127) for c in token):
+        raise ValueError(f"API token file {path} must hold one line of printable ASCII "
+                         "(no spaces)")
+    return token
 
 
 class ApiError(Exception):
@@ -59,6 +99,9 @@ def request_json(
     base = api if api.startswith(("http://", "https://")) else f"http://{api}"
     where = base.split("://", 1)[1].rstrip("/")
     headers = [(b"accept", b"application/json")]
+    token = api_token()
+    if token is not None:
+        headers.append((b"authorization", b"Bearer " + token.encode()))
     content = b""
     if obj is not None:
         content = json.dumps(obj).encode()

@@ -17,7 +17,8 @@ import argparse
 import sys
 from typing import Any
 
-from ..gossip.keyring import generate_key
+from ..gossip.keyring import KeyringError, decode_key, generate_key
+from ..gossip.keyring_commands import key_id
 from .client import ApiError, get_json, request_json
 
 #: Cluster-wide commands wait up to 5 s for answers; leave the client some room.
@@ -29,6 +30,9 @@ def add_keyring_parser(sub: Any, api_arg: Any) -> None:
                        "them on every agent of a running cluster")
     ks = k.add_subparsers(dest="keyring_command", metavar="COMMAND", required=True)
     ks.add_parser("generate", help="print a new random key (base64)")
+    kid = ks.add_parser("id", help="print a key's fingerprint, as `keyring list` shows it "
+                        "(listings never show keys)")
+    kid.add_argument("key", metavar="KEY")
     ls = ks.add_parser("list", help="every key installed in the cluster, with how many "
                        "members hold it and send with it")
     api_arg(ls)
@@ -45,11 +49,18 @@ def run_keyring(args: argparse.Namespace, api: str) -> int:
     if cmd == "generate":
         print(generate_key())
         return 0
+    if cmd == "id":
+        try:
+            print(key_id(decode_key(args.key)))
+        except KeyringError as e:
+            print(f"rumor: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         if cmd == "list":
             doc = get_json(api, "/v1/keyring", timeout=TIMEOUT)
         else:
-            doc = request_json("POST", api, f"/v1/keyring/{cmd}", {"key": args.key},
+            doc = request_json("PUT", api, f"/v1/keyring/{cmd}", {"key": args.key},
                                timeout=TIMEOUT)
     except ApiError as e:
         if isinstance(e.document, dict) and "answered" in e.document:
@@ -60,7 +71,7 @@ def run_keyring(args: argparse.Namespace, api: str) -> int:
     if cmd == "list":
         total = doc["members"]
         for k in doc["keys"]:
-            print(f"{k['key']}  id {k['id']}  on {k['members']}/{total} member(s), "
+            print(f"id {k['id']}  on {k['members']}/{total} member(s), "
                   f"primary on {k['primary']}")
     return 0
 

@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encrypt gossip with these keys (base64, one per line, the first "
                    "sends; `rumor keyring generate` makes one); keyring commands rewrite "
                    "the file")
+    a.add_argument("--api-token-file", metavar="FILE",
+                   help="require the token in FILE (one line) for every change through "
+                   "the API (Authorization: Bearer TOKEN; the CLI's --token-file)")
+    a.add_argument("--api-allow-host", action="append", default=[], metavar="NAME",
+                   help="a host name the API answers to besides loopback and localhost "
+                   "(repeatable; guards against DNS rebinding)")
     a.add_argument("--log-format", choices=["text", "json"], default="text")
     a.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    default="info")
@@ -209,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _api_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api", type=_address(7947), default=DEFAULT_API,
                    help=f"agent API address (default {DEFAULT_API})")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="send the API token in FILE (the agent's --api-token-file; "
+                   "or set RUMOR_API_TOKEN_FILE or RUMOR_API_TOKEN)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -217,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if getattr(args, "token_file", None):
+        from .client import use_token_file
+        use_token_file(args.token_file)
     try:
         return int(_dispatch(args))
     except KeyboardInterrupt:
@@ -381,7 +393,8 @@ def _agent(args: argparse.Namespace) -> int:
                         inbound=_inbound(args), identity=args.identity,
                         access_log=args.access_log, balancer_decay=args.balancer_decay,
                         keyring=_keyring(args), keyring_file=args.keyring,
-                        tls=_tls_files(args))
+                        tls=_tls_files(args), api_access=_api_access(args),
+                        api_token_file=args.api_token_file)
     failures: list[BaseException] = []
     try:
         trio.run(run_agent, opts)
@@ -431,6 +444,25 @@ def _keyring(args: argparse.Namespace) -> Any:
         return Keyring.load(Path(args.keyring))
     except KeyringError as e:
         raise UsageError(f"--keyring {e}") from None
+
+
+def _api_access(args: argparse.Namespace) -> Any:
+    """The API's access rules from --api-token-file and --api-allow-host."""
+    from ..proxy.api_access import ApiAccess
+    from .client import read_token_file
+    token = None
+    if args.api_token_file is not None:
+        try:
+            token = read_token_file(args.api_token_file)
+        except ValueError as e:
+            raise UsageError(f"--api-token-file: {e}") from None
+    hosts = set()
+    for name in args.api_allow_host:
+        from ..gossip.fields import valid_hostname
+        if not valid_hostname(name.lower()):
+            raise UsageError(f"--api-allow-host: {name!r} is not a host name")
+        hosts.add(name.lower())
+    return ApiAccess(allowed_hosts=frozenset(hosts), token=token)
 
 
 def _trust(args: argparse.Namespace) -> Any:

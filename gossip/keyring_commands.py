@@ -8,14 +8,15 @@ operator learns which agents did not take the change (and must not ``use`` a key
 that some agent lacks).
 
 Commands travel sealed like all gossip, so only a holder of an installed key can
-issue one: the gossip key is the cluster's credential, as in Serf. Sans-IO: the
+issue one: the gossip key is the cluster's credential, as in Serf. Answers name keys
+by fingerprint only (:func:`key_id`): a listing never carries key material, on the
+wire or out of the API. Sans-IO: the
 trio shell (the agent's API) starts a command and waits for answers; the answers
 and the broadcast go through the membership core.
 """
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
@@ -25,7 +26,8 @@ from typing import Any
 import msgpack
 
 from .delegate import Delegate
-from .keyring import Keyring, KeyringError, KeyringSeal, encode_key
+from .fields import describe
+from .keyring import Keyring, KeyringError, KeyringSeal
 from .membership import Membership
 from .wire import Status
 
@@ -41,7 +43,7 @@ RESEND_AFTER = 0.5
 class Answer:
     ok: bool
     error: str = ""
-    #: For ``list``: the agent's keys (base64), primary first.
+    #: For ``list``: the fingerprints of the agent's keys, primary first.
     keys: list[str] = field(default_factory=list)
 
 
@@ -59,8 +61,8 @@ class Pending:
 
     def lacking(self, key: bytes) -> list[str]:
         """For a ``list``: the members that answered without ``key`` installed."""
-        text = encode_key(key)
-        return sorted(n for n, a in self.answers.items() if text not in a.keys)
+        fingerprint = key_id(key)
+        return sorted(n for n, a in self.answers.items() if fingerprint not in a.keys)
 
 
 class KeyringCommands(Delegate):
@@ -81,7 +83,8 @@ class KeyringCommands(Delegate):
     def start(self, now: float, op: str, key: bytes | None) -> str:
         """Apply ``op`` here, broadcast it, and start counting answers; returns its id."""
         if op not in OPS:
-            raise KeyringError(f"unknown keyring operation {op!r} (one of {', '.join(OPS)})")
+            raise KeyringError(f"unknown keyring operation {describe(op)} "
+                               f"(one of {', '.join(OPS)})")
         if op != "list" and key is None:
             raise KeyringError(f"{op} needs a key")
         cid = self._rand_id()
@@ -132,11 +135,11 @@ class KeyringCommands(Delegate):
             elif kind == "ack":
                 _, cid, node, ok, error, keys = msg
                 p = self.pending.get(cid)
-                if p is not None and isinstance(node, str):
-                    p.answers[node] = Answer(bool(ok), str(error),
-                                             [str(k) for k in keys][:16])
+                if p is not None and isinstance(node, str) and isinstance(keys, list):
+                    p.answers[node] = Answer(bool(ok), str(error)[:512],
+                                             [str(k)[:64] for k in keys[:16]])
             else:
-                raise ValueError(f"unknown message {kind!r}")
+                raise ValueError(f"unknown message {describe(kind)}")
         except (ValueError, TypeError, IndexError, msgpack.UnpackException):
             self.stats["bad_messages"] += 1
 
@@ -154,7 +157,7 @@ class KeyringCommands(Delegate):
         ring = self.seal.keyring
         try:
             if op == "list":
-                return Answer(True, keys=[encode_key(k) for k in ring.keys])
+                return Answer(True, keys=[key_id(k) for k in ring.keys])
             assert key is not None
             changed = (ring.install(key) if op == "install" else ring.use(key)
                        if op == "use" else ring.remove(key))
@@ -172,10 +175,7 @@ class KeyringCommands(Delegate):
             self._seen.popitem(last=False)
 
 
-def key_id(key_b64: str) -> str:
-    """A short, non-secret name for a key in listings (first 8 hex of its BLAKE2b)."""
-    try:
-        raw = binascii.a2b_base64(key_b64)
-    except binascii.Error:
-        return "?"
-    return hashlib.blake2b(raw, digest_size=4).hexdigest()
+def key_id(key: bytes) -> str:
+    """A non-secret name for a key in listings: 16 hex digits of a keyed BLAKE2b, so
+    listing the keys reveals nothing that helps guess them."""
+    return hashlib.blake2b(key, digest_size=8, person=b"rumor-key-id").hexdigest()

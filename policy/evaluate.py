@@ -124,6 +124,11 @@ class Evaluator:
             elif isinstance(spec, AccessSpec):
                 self._access[service] = (chosen.name, spec)
 
+    def names(self, service: str) -> bool:
+        """Whether some document applies to ``service``."""
+        return service in self._route or service in self._resilience \
+            or service in self._access
+
     def route(self, service: str, headers: Mapping[str, str]) -> RouteDecision:
         """The first rule (in document order) whose header conditions all hold, else the
         default split; every instance when the service has no route document."""

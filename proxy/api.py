@@ -9,15 +9,17 @@ Routes (all bodies JSON, all errors `{"error": "..."}`):
   otherwise ("degraded": Lifeguard awareness is at least half its maximum, or the
   agent is leaving). The status code mirrors the body so `curl -f` and load-balancer
   checks work unchanged; the body is always the full document.
-- `PUT|POST /v1/join` with `{"addrs": ["host:port", ...]}` -> `{"joined": n}`;
+- `PUT /v1/join` with `{"addrs": ["host:port", ...]}` -> `{"joined": n}`;
   400 for malformed addresses, 502 when no seed answered (the gossip `JoinError`).
-- `PUT|POST /v1/leave` -> waits for `Node.leave()` (the leave is gossiped), answers
+- `PUT /v1/leave` -> waits for `Node.leave()` (the leave is gossiped), answers
   `{"left": true}`, and only after that answer is written calls `on_leave` so the
   agent can exit. If the leave itself fails the answer is a 500 and `on_leave` is
   not called: the agent keeps running and the operator can retry or send SIGTERM.
 
-Other features add routes to the `Router` returned by `make_api` (or use
-`add_node_routes` on their own router). With a `catalog`, `make_api` also serves the
+Every request first passes `proxy/api_access.py` (Host, Origin, methods, content types
+and the optional write token), so a web page the operator opens cannot drive the API.
+Changes are `PUT` (or `DELETE`) only: `POST` is routed nowhere. Other features add
+routes with `add_*_routes` on a `Router`. With a `catalog`, `make_api` also serves the
 catalog routes of `proxy/catalog_api.py` (`/v1/catalog/...`, `/v1/agent/...`), and with
 `policies` the routes of `proxy/policy_api.py` (`/v1/policies...`, `/v1/evaluate/...`),
 and with `metrics` a Prometheus `GET /metrics` (`proxy/metrics.py`).
@@ -32,8 +34,9 @@ from prometheus_client import CollectorRegistry
 
 from ..gossip.address import parse_address
 from ..gossip.node import JoinError
+from .api_access import ApiAccess, guarded
 from .catalog_api import CatalogApi, add_catalog_routes
-from .http import HttpError, Request, Response, json_response, read_json
+from .http import Handler, HttpError, Request, Response, json_response, read_json
 from .keyring_api import ClusterKeyring, add_keyring_routes
 from .metrics import add_metrics_route
 from .policy_api import PolicyApi, add_policy_routes
@@ -59,9 +62,10 @@ class NodeApi(Protocol):
 def make_api(node: NodeApi, *, on_leave: Callable[[], None],
              catalog: CatalogApi | None = None, policies: PolicyApi | None = None,
              metrics: CollectorRegistry | None = None,
-             keyring: ClusterKeyring | None = None) -> Router:
-    """A router serving the node (catalog, policy, metrics) routes; pass it to
-    `serve_http`."""
+             keyring: ClusterKeyring | None = None,
+             access: ApiAccess | None = None) -> Handler:
+    """The node (catalog, policy, metrics, keyring) routes behind the access rules;
+    pass it to `serve_http`."""
     router = Router()
     add_node_routes(router, node, on_leave)
     if metrics is not None:
@@ -71,7 +75,7 @@ def make_api(node: NodeApi, *, on_leave: Callable[[], None],
     if policies is not None:
         add_policy_routes(router, policies)
     add_keyring_routes(router, keyring)
-    return router
+    return guarded(router, access or ApiAccess())
 
 
 def add_node_routes(router: Router, node: NodeApi, on_leave: Callable[[], None]) -> None:
@@ -111,8 +115,8 @@ def add_node_routes(router: Router, node: NodeApi, on_leave: Callable[[], None])
     router.add("GET", "/v1/members", members)
     router.add("GET", "/v1/self", self_info)
     router.add("GET", "/v1/health", health)
-    router.add(("PUT", "POST"), "/v1/join", join)
-    router.add(("PUT", "POST"), "/v1/leave", leave)
+    router.add("PUT", "/v1/join", join)
+    router.add("PUT", "/v1/leave", leave)
 
 
 def _join_addrs(doc: Any) -> list[str]:
@@ -124,7 +128,7 @@ def _join_addrs(doc: Any) -> list[str]:
         raise HttpError(400, "addrs is empty: give at least one host:port")
     for addr in addrs:
         if not isinstance(addr, str):
-            raise HttpError(400, f"addrs must be strings, got {addr!r}")
+            raise HttpError(400, f"addrs must be strings, got {type(addr).__name__}")
         try:
             parse_address(addr)
         except ValueError as exc:

@@ -116,11 +116,11 @@ def add_catalog_routes(router: Router, catalog: CatalogApi) -> None:
 
     router.add("GET", "/v1/catalog/services", services)
     router.add("GET", "/v1/catalog/service/{name}", service)
-    router.add(("PUT", "POST"), "/v1/agent/service/register", register)
-    router.add(("PUT", "POST"), "/v1/agent/service/deregister/{id}", deregister)
-    router.add(("PUT", "POST"), "/v1/agent/check/pass/{id}", heartbeat(PASSING))
-    router.add(("PUT", "POST"), "/v1/agent/check/warn/{id}", heartbeat(WARNING))
-    router.add(("PUT", "POST"), "/v1/agent/check/fail/{id}", heartbeat(CRITICAL))
+    router.add("PUT", "/v1/agent/service/register", register)
+    router.add("PUT", "/v1/agent/service/deregister/{id}", deregister)
+    router.add("PUT", "/v1/agent/check/pass/{id}", heartbeat(PASSING))
+    router.add("PUT", "/v1/agent/check/warn/{id}", heartbeat(WARNING))
+    router.add("PUT", "/v1/agent/check/fail/{id}", heartbeat(CRITICAL))
     router.add("GET", "/v1/agent/services", local)
 
 

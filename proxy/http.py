@@ -25,12 +25,15 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import h11
 import trio
+
+from ..gossip.accept import FdPool, serve_listeners
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ class Request:
     body: bytes = b""
     params: dict[str, str] = field(default_factory=dict)
     client: str | None = None
+    #: (host, port) the connection arrived on: what a ``Host`` header must name.
+    local: tuple[str, int] | None = None
 
 
 @dataclass
@@ -132,6 +137,9 @@ def read_json(request: Request) -> Any:
         return json.loads(request.body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HttpError(400, f"request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        # json's decoder recurses per nesting level; a 1 MB body of "[" exceeds the stack.
+        raise HttpError(400, "request body is nested too deeply") from None
 
 
 async def serve_http(
@@ -140,6 +148,7 @@ async def serve_http(
     port: int = 0,
     *,
     limits: ServerLimits | None = None,
+    pool: FdPool | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `handler` on host:port until cancelled; reports the bound port.
@@ -148,6 +157,8 @@ async def serve_http(
     `port=0` the OS picks a port, passed to `task_status.started()`, so tests use
     `port = await nursery.start(serve_http, handler)`. If `host` resolves to several
     addresses with port 0, each listener gets its own port and the first is reported.
+    Connections are accepted within ``pool`` (the API's share of the process's file
+    descriptors), so a flood of clients waits in the backlog instead of starving gossip.
     """
     limits = limits or ServerLimits()
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -158,7 +169,8 @@ async def serve_http(
         await _serve_connection(stream, handler, limits)
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, on_connection, listeners)
+        nursery.start_soon(partial(serve_listeners, on_connection, listeners, pool=pool,
+                                   what="local API"))
         task_status.started(bound_port)
 
 
@@ -172,7 +184,7 @@ async def _serve_connection(
     """Run one connection; never lets an exception escape into the listener nursery."""
     peer = peer_name(stream)
     try:
-        await _connection_loop(stream, handler, limits, peer)
+        await _connection_loop(stream, handler, limits, peer, local_address(stream))
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         logger.debug("http connection from %s dropped: %r", peer, exc)
     except Exception:
@@ -183,12 +195,13 @@ async def _serve_connection(
 
 
 async def _connection_loop(
-    stream: trio.SocketStream, handler: Handler, limits: ServerLimits, peer: str | None
+    stream: trio.SocketStream, handler: Handler, limits: ServerLimits, peer: str | None,
+    local: tuple[str, int] | None,
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
     while True:
         try:
-            request = await _read_request(stream, conn, limits, peer)
+            request = await _read_request(stream, conn, limits, peer, local)
         except _Closing:
             return
         if request is None:
@@ -219,7 +232,8 @@ async def _connection_loop(
 
 
 async def _read_request(
-    stream: trio.SocketStream, conn: h11.Connection, limits: ServerLimits, peer: str | None
+    stream: trio.SocketStream, conn: h11.Connection, limits: ServerLimits, peer: str | None,
+    local: tuple[str, int] | None,
 ) -> Request | None:
     """Read one request; None on a clean close between requests.
 
@@ -250,7 +264,7 @@ async def _read_request(
                         raise HttpError(413, _too_large(limits))
                 elif isinstance(event, h11.EndOfMessage):
                     assert head is not None
-                    return _make_request(head, bytes(body), peer)
+                    return _make_request(head, bytes(body), peer, local)
                 elif isinstance(event, h11.ConnectionClosed):
                     if head is not None or received_any:
                         logger.debug("http client %s closed mid-request", peer)
@@ -294,7 +308,8 @@ def _too_large(limits: ServerLimits) -> str:
     return f"request body exceeds {limits.max_body_bytes} bytes"
 
 
-def _make_request(head: h11.Request, body: bytes, peer: str | None) -> Request:
+def _make_request(head: h11.Request, body: bytes, peer: str | None,
+                  local: tuple[str, int] | None) -> Request:
     target = head.target.decode("ascii", errors="replace")
     parts = urlsplit(target)
     headers: dict[str, str] = {}
@@ -309,6 +324,7 @@ def _make_request(head: h11.Request, body: bytes, peer: str | None) -> Request:
         headers=headers,
         body=body,
         client=peer,
+        local=local,
     )
 
 
@@ -377,6 +393,14 @@ def reason_phrase(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode("ascii")
     except ValueError:
         return b""
+
+
+def local_address(stream: trio.SocketStream) -> tuple[str, int] | None:
+    try:
+        host, port, *_ = stream.socket.getsockname()
+    except (OSError, ValueError):
+        return None
+    return str(host), int(port)
 
 
 def peer_name(stream: trio.SocketStream) -> str | None:

@@ -135,7 +135,8 @@ class InboundProxy:
     def _deny(self, req: Incoming, started: float, service: str, source: str | None,
               reason: str) -> Outgoing:
         if self.metrics:
-            self.metrics.denied.labels(service, source or "").inc()
+            self.metrics.denied.labels(self.metrics.service(service),
+                                       self.metrics.caller(source)).inc()
         key = (service, source or "")
         if key not in self._denied_logged and len(self._denied_logged) < 4096:
             self._denied_logged.add(key)

@@ -1,9 +1,10 @@
 """Keyring routes of the local API: cluster-wide gossip key management (like Serf's).
 
-- `GET /v1/keyring` -> `{"keys": [{"key", "id", "members", "primary"}], "members": N,
+- `GET /v1/keyring` -> `{"keys": [{"id", "members", "primary"}], "members": N,
   "answered": [...], "missing": [...], "errors": {...}}`: every key installed
-  anywhere, on how many members and as how many members' primary.
-- `POST /v1/keyring/install|use|remove` with `{"key": BASE64}` -> the same shape
+  anywhere by fingerprint (`rumor keyring id KEY` computes one; key material never
+  leaves an agent), on how many members and as how many members' primary.
+- `PUT /v1/keyring/install|use|remove` with `{"key": BASE64}` -> the same shape
   of answer counts. 200 when every live member answered and succeeded, 500 with
   `error` otherwise (the change stays applied where it succeeded: re-run it, or
   undo it, once the missing agents are back).
@@ -23,7 +24,7 @@ from typing import Any
 
 import trio
 
-from ..gossip.keyring import Keyring, KeyringError, KeyringSeal, decode_key, encode_key
+from ..gossip.keyring import Keyring, KeyringError, KeyringSeal, decode_key
 from ..gossip.keyring_commands import KeyringCommands, Pending, key_id
 from ..gossip.node import Node
 from .http import HttpError, Request, Response, json_response, read_json
@@ -47,7 +48,7 @@ class ClusterKeyring:
 
     def _changed(self, ring: Keyring) -> None:
         log.info("gossip keyring changed: %d key(s), primary %s", len(ring.keys),
-                 key_id(encode_key(ring.primary)), extra={"event": "keyring_changed"})
+                 key_id(ring.primary), extra={"event": "keyring_changed"})
         if self.path is not None:
             try:
                 ring.save(self.path)
@@ -109,7 +110,7 @@ def add_keyring_routes(router: Router, ring: ClusterKeyring | None) -> None:
             held.update(a.keys)
             if a.keys:
                 primary[a.keys[0]] += 1
-        keys = [{"key": k, "id": key_id(k), "members": n, "primary": primary[k]}
+        keys = [{"id": k, "members": n, "primary": primary[k]}
                 for k, n in held.most_common()]
         return json_response({"keys": keys, **_summary(p, missing)})
 
@@ -135,7 +136,7 @@ def add_keyring_routes(router: Router, ring: ClusterKeyring | None) -> None:
 
     router.add("GET", "/v1/keyring", list_keys)
     for op in ("install", "use", "remove"):
-        router.add("POST", f"/v1/keyring/{op}", change(op))
+        router.add("PUT", f"/v1/keyring/{op}", change(op))
 
 
 def _summary(p: Pending, missing: list[str]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import trio
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -132,10 +133,24 @@ def _policy_families(status: dict[str, Any]) -> Iterator[Any]:
     yield tv
 
 
+class _Snapshot:
+    """Metric families collected on the event loop, for rendering off it."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Any]:
+        return self._families
+
+
 def add_metrics_route(router: Router, registry: CollectorRegistry) -> None:
     async def metrics(request: Request) -> Response:
-        return Response(200, [("content-type", CONTENT_TYPE_LATEST)],
-                        generate_latest(registry))
+        # Collecting reads the cores' state, so it happens here, on the loop, and is
+        # quick (copies of counters); formatting the text is the slow part and runs in
+        # a worker thread, so a large scrape never stalls gossip.
+        families = list(registry.collect())
+        text = await trio.to_thread.run_sync(generate_latest, _Snapshot(families))
+        return Response(200, [("content-type", CONTENT_TYPE_LATEST)], text)
 
     router.add("GET", "/metrics", metrics)
 
@@ -146,11 +161,22 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    2.5, 5.0, 10.0, 15.0)
 
 
-class ProxyMetrics:
-    """The data plane's own metrics (updated per request, so kept lean: label values
-    are service names, instance keys and status codes, all bounded by the catalog)."""
+#: The one label value for a service name the catalog and the policies do not know.
+UNKNOWN = "unknown"
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+
+class ProxyMetrics:
+    """The data plane's own metrics (updated per request, so kept lean).
+
+    Label values are service names, instance keys and status codes, and only ones the
+    agent knows: a service name counts only if the catalog or a policy names it, else it
+    is ``unknown`` (and so is its caller). Request heads are the network's to choose; a
+    label per Host a scanner sends would grow the registry, and every scrape, forever.
+    """
+
+    def __init__(self, registry: CollectorRegistry,
+                 known: Callable[[str], bool] = lambda name: True) -> None:
+        self._known = known
         self.requests = Counter(
             "rumor_proxy_requests", "requests answered, by listener, service, instance "
             "and status", ["listener", "service", "instance", "status"], registry=registry)
@@ -179,10 +205,21 @@ class ProxyMetrics:
         self._req_children: dict[tuple[str, str, str, int], Any] = {}
         self._lat_children: dict[tuple[str, str], Any] = {}
 
+    def service(self, name: str) -> str:
+        """``name`` as a label value: itself if known, else ``unknown``."""
+        return name if self._known(name) else UNKNOWN
+
+    def caller(self, name: str | None) -> str:
+        """A calling service as a label value (a header anyone can set)."""
+        return "" if not name else self.service(name)
+
     # The request path calls these; labels() validates and locks on every call, so
     # the children are looked up once per label set.
 
     def request_done(self, listener: str, service: str, instance: str, status: int) -> None:
+        if not self._known(service):
+            service, instance = UNKNOWN, ""
+        status = status if 100 <= status <= 599 else 0
         key = (listener, service, instance, status)
         child = self._req_children.get(key)
         if child is None:
@@ -193,8 +230,8 @@ class ProxyMetrics:
         child.inc()
 
     def observe_latency(self, listener: str, service: str, seconds: float) -> None:
-        key = (listener, service)
+        key = (listener, self.service(service))
         child = self._lat_children.get(key)
         if child is None:
-            child = self._lat_children[key] = self.latency.labels(listener, service)
+            child = self._lat_children[key] = self.latency.labels(*key)
         child.observe(seconds)

@@ -122,7 +122,7 @@ class OutboundProxy:
         state = self._state(service, spec)
         if not state.breaker.try_acquire():
             if self.metrics:
-                self.metrics.breaker_rejections.labels(service).inc()
+                self.metrics.breaker_rejections.labels(self.metrics.service(service)).inc()
             return self._answer(req, started, service, 503,
                                 f"circuit breaker open: {spec.circuit_breaker.max_requests} "
                                 f"requests already in flight to {service}")
@@ -196,7 +196,7 @@ class OutboundProxy:
             waits = not self.upstreams.has_idle(ep.host, ep.port)
             if waits and not state.breaker.try_enqueue():
                 if self.metrics:
-                    self.metrics.breaker_rejections.labels(service).inc()
+                    self.metrics.breaker_rejections.labels(self.metrics.service(service)).inc()
                 return self._answer(req, started, service, 503,
                                     f"circuit breaker open: {spec.circuit_breaker.max_pending} "
                                     f"requests already waiting for a connection to {service}",
@@ -266,7 +266,7 @@ class OutboundProxy:
         now = trio.current_time()
         if not state.budget.try_retry(now):
             if self.metrics:
-                self.metrics.budget_exhausted.labels(service).inc()
+                self.metrics.budget_exhausted.labels(self.metrics.service(service)).inc()
             return False
         if release is not None:
             await release()
@@ -274,7 +274,7 @@ class OutboundProxy:
         if now + pause >= deadline:
             return False
         if self.metrics:
-            self.metrics.retries.labels(service).inc()
+            self.metrics.retries.labels(self.metrics.service(service)).inc()
         await trio.sleep(pause)
         return True
 
@@ -285,7 +285,7 @@ class OutboundProxy:
                         service, state.outliers.ejected_until(ep.key) - now,
                         extra={"event": "ejected", "service": service, "instance": ep.key})
             if self.metrics:
-                self.metrics.ejections.labels(service, ep.key).inc()
+                self.metrics.ejections.labels(self.metrics.service(service), ep.key).inc()
 
     def _request_headers(self, req: Incoming, service: str,
                          body: bytes | AsyncIterator[bytes] | None) -> list[tuple[bytes, bytes]]:

@@ -7,10 +7,11 @@
 - `GET /v1/policies/NAME` -> one document's header plus its TOML `document` text;
   `?raw=1` answers the envelope bytes themselves (`application/x-rumor-envelope`),
   which `rumor policy publish` or `verify` accept anywhere else.
-- `PUT|POST /v1/policies` with a body holding an envelope (raw bytes or a `.signed`
-  file) -> 200 `{"status": "accepted" | "duplicate", ...}`; a rejected document gets
-  422 `{"error": "...", "reason": CODE, ...}` and is not forwarded. The agent never
-  signs: the signature must already be there (the CLI signs locally).
+- `PUT /v1/policies` with a body holding an envelope (raw bytes or a `.signed`
+  file, sent as `application/x-rumor-envelope`) -> 200 `{"status": "accepted" |
+  "duplicate", ...}`; a rejected document gets 422 `{"error": "...", "reason": CODE,
+  ...}` and is not forwarded. The agent never signs: the signature must already be
+  there (the CLI signs locally).
 - `GET /v1/evaluate/SERVICE?source=S&header.NAME=VALUE` -> what the proxy would apply
   to a request for SERVICE: route (subset weights, matched rule), resilience settings,
   and whether source S may call it.
@@ -80,6 +81,6 @@ def add_policy_routes(router: Router, policies: PolicyApi) -> None:
             service, source=request.query.get("source"), headers=headers))
 
     router.add("GET", "/v1/policies", list_policies)
-    router.add(("PUT", "POST"), "/v1/policies", publish)
+    router.add("PUT", "/v1/policies", publish)
     router.add("GET", "/v1/policies/{name}", show)
     router.add("GET", "/v1/evaluate/{service}", evaluate)

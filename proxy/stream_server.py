@@ -20,11 +20,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
 import h11
 import trio
 
+from ..gossip.accept import FdPool, ListenerLimits, serve_listeners
 from .http import SERVER_NAME, graceful_close, peer_name, reason_phrase
 from .identity import Identity
 from .tls import HandshakeFailed, MeshTls
@@ -163,11 +165,14 @@ def simple_response(status: int, reason: str, *, body: str | None = None,
 
 async def serve_proxy(handler: ProxyHandler, host: str, port: int, *,
                       limits: ProxyLimits | None = None, on_error: ErrorHook | None = None,
-                      tls: MeshTls | None = None,
+                      tls: MeshTls | None = None, pool: FdPool | None = None,
+                      max_per_client: int = 0,
                       task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``handler`` on host:port until cancelled; reports the bound port. With
     ``tls`` every connection must first complete a mutual TLS handshake; the peer's
-    verified identity then comes with each of its requests (``Incoming.peer``)."""
+    verified identity then comes with each of its requests (``Incoming.peer``).
+    Connections are accepted within ``pool`` (two descriptors each: the client's and
+    an upstream's), at most ``max_per_client`` at once from one host (0: no cap)."""
     lim = limits or ProxyLimits()
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound: int = listeners[0].socket.getsockname()[1]
@@ -192,7 +197,9 @@ async def serve_proxy(handler: ProxyHandler, host: str, port: int, *,
         await _serve_connection(stream, handler, lim, on_error, client, peer)
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, on_connection, listeners)
+        nursery.start_soon(partial(
+            serve_listeners, on_connection, listeners, pool=pool, what="proxy",
+            limits=ListenerLimits(fds_per_connection=2, max_per_client=max_per_client)))
         task_status.started(bound)
 
 

@@ -54,14 +54,15 @@ class Agent:
     def api(self) -> str:
         return f"{HOST}:{self.api_port}"
 
-    def start(self, join: Agent | None = None) -> None:
+    def start(self, join: Agent | None = None,
+              preexec_fn: Callable[[], None] | None = None) -> None:
         argv = [*rumor_cmd(), "agent", "--name", self.name, "--bind", self.addr,
                 "--api", self.api, "--profile", "local", "--log-format", "json", *self.extra]
         if join is not None:
             argv += ["--join", join.addr]
         with open(self.log, "ab") as f:
             self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://{self.api}{path}", timeout=2) as r:
@@ -84,6 +85,14 @@ class Agent:
     def wait_exit(self, timeout: float = 10) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout=timeout)
+
+    def rss_kb(self) -> int:
+        """Resident memory of the agent process (Linux), in KiB."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
 
     def events(self) -> list[dict[str, Any]]:
         out = []

@@ -24,6 +24,8 @@ from rumor.gossip.node import Node, NodeConfig
 
 from .agents import Agent, AgentCluster, free_port, rumor_cmd, wait_for
 
+JSON = {"content-type": "application/json"}
+
 
 class _Health:
     """A tiny HTTP service whose /healthz answers 200 or 500 as the test says."""
@@ -67,7 +69,7 @@ def _get(agent: Agent, path: str, timeout: float = 5) -> tuple[Any, dict[str, st
 
 
 def _put(agent: Agent, path: str, doc: Any = None) -> tuple[int, Any]:
-    req = urllib.request.Request(f"http://{agent.api}{path}", method="PUT",
+    req = urllib.request.Request(f"http://{agent.api}{path}", method="PUT", headers=JSON,
                                  data=json.dumps(doc).encode() if doc is not None else b"")
     try:
         with urllib.request.urlopen(req, timeout=5) as r:

@@ -76,8 +76,12 @@ class RawClient:
         self, method: str, path: str, body: bytes = b"",
         headers: list[tuple[str, str]] | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
-        all_headers = [("host", "localhost"), ("content-length", str(len(body))),
-                       *(headers or [])]
+        port = self.stream.socket.getpeername()[1]
+        extra = headers or []
+        all_headers = [("host", f"localhost:{port}"), ("content-length", str(len(body))),
+                       *extra]
+        if body and not any(k.lower() == "content-type" for k, _ in extra):
+            all_headers.append(("content-type", "application/json"))
         if self.conn.our_state is h11.DONE:
             self.conn.start_next_cycle()
         data = self.conn.send(h11.Request(method=method, target=path, headers=all_headers))
@@ -177,7 +181,7 @@ def test_join() -> None:
         assert (status, json.loads(body)) == (200, {"joined": 2})
         assert node.joined == [["127.0.0.1:7946", "node2"]]
 
-        status, _, body = await client.request("POST", "/v1/join", b'{"addrs": ["10.9.9.9:1"]}')
+        status, _, body = await client.request("PUT", "/v1/join", b'{"addrs": ["10.9.9.9:1"]}')
         assert status == 502 and "no seed answered" in json.loads(body)["error"]
 
         for bad in (b"not json", b"{}", b'{"addrs": []}', b'{"addrs": [7]}',

@@ -10,14 +10,17 @@ import urllib.request
 from pathlib import Path
 
 from rumor.gossip.keyring import Keyring, decode_key, generate_key
+from rumor.gossip.keyring_commands import key_id
 
 from .agents import Agent, AgentCluster, rumor, wait_for
+
+JSON = {"content-type": "application/json"}
 
 
 def register(a: Agent, name: str) -> None:
     body = json.dumps({"name": name, "port": 9000}).encode()
     req = urllib.request.Request(f"http://{a.api}/v1/agent/service/register", data=body,
-                                 method="PUT")
+                                 method="PUT", headers=JSON)
     with urllib.request.urlopen(req, timeout=5):
         pass
 
@@ -75,8 +78,10 @@ def test_rotation_across_five_live_agents_loses_no_member_or_message(tmp_path: P
             watcher.join()
         assert seen_down == []
         listing = rumor("keyring", "list", "--api", agents[2].api).stdout
-        assert f"{new}  id " in listing and "on 5/5 member(s), primary on 5" in listing
-        assert old not in listing
+        new_id = key_id(decode_key(new))
+        assert f"id {new_id}  on 5/5 member(s), primary on 5" in listing, listing
+        assert old not in listing and new not in listing  # fingerprints, never keys
+        assert rumor("keyring", "id", new).stdout.strip() == new_id
         # Every agent rewrote its --keyring file: a restart keeps the new key.
         for f in files:
             assert Keyring.load(f).keys == [decode_key(new)]

@@ -37,7 +37,8 @@ def policies(a: Agent) -> dict[str, Any]:
 
 
 def put_envelope(a: Agent, data: bytes) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(f"http://{a.api}/v1/policies", data=data, method="PUT")
+    req = urllib.request.Request(f"http://{a.api}/v1/policies", data=data, method="PUT",
+                                 headers={"content-type": "application/x-rumor-envelope"})
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, json.loads(r.read())

@@ -67,7 +67,8 @@ class Mesh:
         data = sign(make_payload(kind, name, self.version, time.time(), None, text.encode()),
                     [self.key]).encode()
         req = urllib.request.Request(f"http://{self.caller.api}/v1/policies", data=data,
-                                     method="PUT")
+                                     method="PUT",
+                                     headers={"content-type": "application/x-rumor-envelope"})
         with urllib.request.urlopen(req, timeout=5) as r:
             assert json.loads(r.read())["status"] == "accepted"
         v = self.version

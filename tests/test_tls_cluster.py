@@ -103,7 +103,8 @@ class TlsMesh:
         data = sign(make_payload(kind, name, self.version, time.time(), None, text.encode()),
                     [self.key]).encode()
         a0 = self.cluster.agents[0]
-        req = urllib.request.Request(f"http://{a0.api}/v1/policies", data=data, method="PUT")
+        req = urllib.request.Request(f"http://{a0.api}/v1/policies", data=data, method="PUT",
+                                     headers={"content-type": "application/x-rumor-envelope"})
         with urllib.request.urlopen(req, timeout=5) as r:
             assert json.loads(r.read())["status"] == "accepted"
         v = self.version

@@ -1,0 +1,64 @@
+"""Prometheus metrics stay bounded whatever the network sends, and `/metrics` renders off
+the event loop."""
+
+from __future__ import annotations
+
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
+
+from rumor.proxy.http import Request
+from rumor.proxy.metrics import UNKNOWN, ProxyMetrics, add_metrics_route
+from rumor.proxy.router import Router
+
+KNOWN = {"web", "api"}
+
+
+def test_100k_distinct_host_names_leave_the_exposition_flat() -> None:
+    registry = CollectorRegistry()
+    m = ProxyMetrics(registry, known=KNOWN.__contains__)
+    for i in range(1000):
+        m.request_done("inbound", f"scan-{i}.example", "", 404)
+    size = len(generate_latest(registry))
+    for i in range(1000, 100_000):
+        m.request_done("inbound", f"scan-{i}.example", "", 404)
+        m.observe_latency("inbound", f"scan-{i}.example", 0.001)
+        m.denied.labels(m.service(f"x{i}"), m.caller(f"caller-{i}")).inc()
+    text = generate_latest(registry)
+    assert len(text) < size + 4096  # one "unknown" series per family, not 100k
+    assert b"scan-" not in text and b"caller-" not in text
+    assert f'service="{UNKNOWN}"'.encode() in text
+
+
+def test_known_services_keep_their_labels_and_odd_statuses_fold() -> None:
+    registry = CollectorRegistry()
+    m = ProxyMetrics(registry, known=KNOWN.__contains__)
+    m.request_done("outbound", "web", "n1/web-1", 200)
+    m.request_done("outbound", "web", "n1/web-1", 999)
+    m.request_done("outbound", "nope", "n1/web-1", 200)
+    text = generate_latest(registry).decode()
+    assert 'service="web",status="200"' in text and 'status="0"' in text
+    assert 'instance="",listener="outbound",service="unknown"' in text
+
+
+def test_metrics_are_rendered_in_a_worker_thread() -> None:
+    registry = CollectorRegistry()
+    ProxyMetrics(registry).request_done("inbound", "web", "", 200)
+    router = Router()
+    add_metrics_route(router, registry)
+    threads: list[str] = []
+    original = trio.to_thread.run_sync
+
+    async def spy(fn, *args, **kw):  # type: ignore[no-untyped-def]
+        threads.append(getattr(fn, "__name__", "?"))
+        return await original(fn, *args, **kw)
+
+    async def main() -> bytes:
+        trio.to_thread.run_sync = spy  # type: ignore[assignment]
+        try:
+            resp = await router(Request("GET", "/metrics"))
+        finally:
+            trio.to_thread.run_sync = original
+        return resp.body
+
+    body = trio.run(main)
+    assert b"rumor_proxy_requests_total" in body and threads == ["generate_latest"]
