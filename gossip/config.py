@@ -50,7 +50,8 @@ class GossipConfig:
     retransmit_mult: int = 4
     gossip_interval: float = 0.2
     gossip_nodes: int = 3
-    #: Keep gossiping to a dead member this long, so it learns of its death and refutes.
+    #: Keep gossiping to a failed or left member this long, so that one accused falsely
+    #: learns of it and refutes.
     gossip_to_the_dead: float = 30.0
     push_pull_interval: float = 30.0
     #: Deadline of a TCP exchange (push-pull, TCP ping, large message).

@@ -778,7 +778,9 @@ class Membership:
 
     def _random_members(self, k: int, now: float = 0.0,
                         include_recent_dead: bool = False) -> list[Member]:
-        """Up to ``k`` distinct random live members (and recently dead ones if asked).
+        """Up to ``k`` distinct random live members (and, if asked, ones that failed or
+        left within ``gossip_to_the_dead``: a member accused falsely — a forged leave
+        included — hears of it that way and refutes).
 
         Called on every gossip tick, so it samples the roster by rejection (O(k) when
         most members qualify) and scans all members only in small clusters or when
@@ -787,8 +789,7 @@ class Membership:
 
         def eligible(m: Member) -> bool:
             return m.name != self.name and (
-                m.status <= Status.SUSPECT or (include_recent_dead and m.status == Status.DEAD
-                                               and now - m.since < ttd))
+                m.status <= Status.SUSPECT or (include_recent_dead and now - m.since < ttd))
         roster = self._roster
         chosen: list[Member] = []
         if len(roster) > 4 * k + 8:

@@ -322,3 +322,14 @@ def test_catalog_records_with_hostile_fields_raise_only_the_catalog_error() -> N
     for rec in bad:
         cat.notify_message(0.0, encode([MSG_RECORDS, "n0", 1, [rec]]))
     assert cat.stats["decode_errors"] == 3
+
+
+def test_a_forged_leave_is_heard_by_its_victim_and_refuted() -> None:
+    """Found by the hypothesis test above: a plaintext `dead` from a member about itself
+    (a leave) spread, and no one gossiped to the "left" member, so it never heard."""
+    for victim in range(1, 4):
+        net, cores = _cluster(4)
+        cores[victim].receive(net.now, ATTACKER, packet([DEAD, 1, "n0", "n0"]))
+        net.flush(cores[victim].name)
+        net.run_until(lambda cs=cores: _all_alive(cs), 20)
+        assert cores[0].stats["refutations"] == 1
