@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +109,13 @@ class AgentCluster:
         self.workdir = workdir
         self.agents: list[Agent] = []
 
-    def start(self, n: int) -> list[Agent]:
+    def start(self, n: int,
+              extra: Callable[[int], list[str]] | Sequence[str] = ()) -> list[Agent]:
+        """Start ``n`` agents, each joining the first, and wait until they converge;
+        ``extra`` are more options for every agent, or a function of its index."""
         for i in range(n):
-            a = Agent(f"a{i}", self.workdir)
+            more = extra(i) if callable(extra) else list(extra)
+            a = Agent(f"a{i}", self.workdir, more)
             a.start(self.agents[0] if self.agents else None)
             self.agents.append(a)
             if i == 0:

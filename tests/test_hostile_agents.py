@@ -11,7 +11,6 @@ import socket
 import struct
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,24 +33,8 @@ POISON = [
 ]
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[AgentCluster]:
-    c = AgentCluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
 def _start(cluster: AgentCluster, n: int, extra: list[str]) -> list[Agent]:
-    for i in range(n):
-        a = Agent(f"a{i}", cluster.workdir, list(extra))
-        a.start(cluster.agents[0] if cluster.agents else None)
-        cluster.agents.append(a)
-        if i == 0:
-            wait_for(a.members, 20, "the seed's API")
-    wait_for(lambda: cluster.converged(n), 30, f"{n} agents to converge")
-    return cluster.agents
+    return cluster.start(n, extra)
 
 
 def _stats(a: Agent) -> dict[str, int]:

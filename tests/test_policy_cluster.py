@@ -56,15 +56,7 @@ def keys(tmp_path: Path) -> dict[str, Path]:
 
 
 def start(cluster: AgentCluster, n: int, extra: list[str]) -> list[Agent]:
-    for i in range(n):
-        a = Agent(f"a{i}", cluster.workdir,
-                  [*extra, "--data-dir", str(cluster.workdir / f"data{i}")])
-        a.start(cluster.agents[0] if cluster.agents else None)
-        cluster.agents.append(a)
-        if i == 0:
-            wait_for(a.members, 20, "the seed's API")
-    wait_for(lambda: cluster.converged(n), 30, f"{n} agents to converge")
-    return cluster.agents
+    return cluster.start(n, lambda i: [*extra, "--data-dir", str(cluster.workdir / f"data{i}")])
 
 
 def test_publish_replicate_forge_restart(tmp_path: Path, keys: dict[str, Path]) -> None:
