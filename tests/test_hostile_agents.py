@@ -28,6 +28,7 @@ POISON = [
     [[DEAD, 2**64 - 1, "a1", "x"]],
     [[DEAD, 2**53 - 1, "a2", "x"]],
     [[PING, Deep(1000), "a0", "x"]],
+    [Deep(1000)],  # the message itself nested: its decode error once repr()-ed it
     [[ALIVE, 1, Deep(600), ["127.0.0.1", 1], {}]],
     [[PING, i, "a0", "x"] for i in range(3000)],
 ]
