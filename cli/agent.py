@@ -30,13 +30,14 @@ from ..policy.evaluate import Evaluator
 from ..policy.service import Policies
 from ..policy.trust import TrustSet
 from ..proxy.access_log import AccessLog
-from ..proxy.api import make_api
-from ..proxy.api_access import ApiAccess
-from ..proxy.dns import CatalogSource, DnsResponder, serve_dns
-from ..proxy.http import serve_http
+from ..proxy.api.access import ApiAccess
+from ..proxy.api.app import make_api
+from ..proxy.api.dns import CatalogSource, DnsResponder, serve_dns
+from ..proxy.api.keyring import ClusterKeyring
+from ..proxy.api.metrics import AgentCollector
+from ..proxy.api.server import serve_http
 from ..proxy.inbound import InboundProxy
-from ..proxy.keyring_api import ClusterKeyring
-from ..proxy.metrics import AgentCollector, ProxyMetrics
+from ..proxy.metrics import ProxyMetrics
 from ..proxy.outbound import INBOUND_TAG, OutboundProxy
 from ..proxy.stream_server import ProxyHandler, serve_proxy
 from ..proxy.tls import MeshTls, TlsConfigError, TlsFiles

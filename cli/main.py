@@ -448,7 +448,7 @@ def _keyring(args: argparse.Namespace) -> Any:
 
 def _api_access(args: argparse.Namespace) -> Any:
     """The API's access rules from --api-token-file and --api-allow-host."""
-    from ..proxy.api_access import ApiAccess
+    from ..proxy.api.access import ApiAccess
     from .client import read_token_file
     token = None
     if args.api_token_file is not None:

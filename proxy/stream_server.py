@@ -1,6 +1,6 @@
 """The h11 server side of the sidecar's listeners, streaming bodies both ways.
 
-The API server (`http.py`) reads whole requests because its bodies are small JSON;
+The API server (`api/server.py`) reads whole requests because its bodies are small JSON;
 the data plane must not: a 1 GB upload passes through chunk by chunk, with memory
 bounded by one receive buffer. So a handler gets an `Incoming` whose body is an async
 iterator pulling h11 events off the client's connection as the upstream consumes
@@ -27,7 +27,7 @@ import h11
 import trio
 
 from ..gossip.accept import FdPool, ListenerLimits, serve_listeners
-from .http import SERVER_NAME, graceful_close, peer_name, reason_phrase
+from .connection import SERVER_NAME, graceful_close, peer_name, reason_phrase
 from .identity import Identity
 from .tls import HandshakeFailed, MeshTls
 

@@ -1,5 +1,5 @@
 """The local API against a browser and a stranger: Host, Origin, methods, content types
-and the write token (proxy/api_access.py), as rules and on a live server."""
+and the write token (proxy/api/access.py), as rules and on a live server."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from rumor.proxy.api import make_api
-from rumor.proxy.api_access import ApiAccess, split_host
-from rumor.proxy.http import Request, serve_http
+from rumor.proxy.api.access import ApiAccess, split_host
+from rumor.proxy.api.app import make_api
+from rumor.proxy.api.server import Request, serve_http
 
 from .test_http_api import FakeNode
 

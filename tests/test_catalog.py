@@ -29,7 +29,7 @@ from rumor.gossip.service_spec import (
     registration_from_mapping,
     registrations_from_toml,
 )
-from rumor.proxy.dns import DnsResponder
+from rumor.proxy.api.dns import DnsResponder
 
 from .fakenet import FakeNet
 

@@ -21,9 +21,9 @@ from rumor.cli.client import ApiError, get_json, put_json
 from rumor.cli.logs import configure_logging, log_event
 from rumor.cli.table import render_table
 from rumor.gossip.node import JoinError
-from rumor.proxy.api import make_api
-from rumor.proxy.http import Request, Response, ServerLimits, json_response, serve_http
-from rumor.proxy.router import Router
+from rumor.proxy.api.app import make_api
+from rumor.proxy.api.router import Router
+from rumor.proxy.api.server import Request, Response, ServerLimits, json_response, serve_http
 
 MEMBERS = [
     {"name": "a", "addr": "127.0.0.1:7946", "status": "alive", "incarnation": 3,
@@ -332,7 +332,7 @@ def test_handler_exception_is_500_and_logged(caplog: pytest.LogCaptureFixture) -
                                         "query": {"x": "1", "y": ""}}
             nursery.cancel_scope.cancel()
 
-    with caplog.at_level(logging.ERROR, logger="rumor.proxy.http"):
+    with caplog.at_level(logging.ERROR, logger="rumor.proxy.api.server"):
         trio.run(main)
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None

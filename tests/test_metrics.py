@@ -6,9 +6,10 @@ from __future__ import annotations
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
 
-from rumor.proxy.http import Request
-from rumor.proxy.metrics import UNKNOWN, ProxyMetrics, add_metrics_route
-from rumor.proxy.router import Router
+from rumor.proxy.api.metrics import add_metrics_route
+from rumor.proxy.api.router import Router
+from rumor.proxy.api.server import Request
+from rumor.proxy.metrics import UNKNOWN, ProxyMetrics
 
 KNOWN = {"web", "api"}
 

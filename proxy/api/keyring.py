@@ -24,11 +24,11 @@ from typing import Any
 
 import trio
 
-from ..gossip.keyring import Keyring, KeyringError, KeyringSeal, decode_key
-from ..gossip.keyring_commands import KeyringCommands, Pending, key_id
-from ..gossip.node import Node
-from .http import HttpError, Request, Response, json_response, read_json
+from ...gossip.keyring import Keyring, KeyringError, KeyringSeal, decode_key
+from ...gossip.keyring_commands import KeyringCommands, Pending, key_id
+from ...gossip.node import Node
 from .router import Router
+from .server import HttpError, Request, Response, json_response, read_json
 
 log = logging.getLogger("rumor.keyring")
 #: How long a command waits for every live member to answer.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from .http import Handler, Request, Response, error_response
+from .server import Handler, Request, Response, error_response
 
 _Segment = tuple[bool, str]  # (is_placeholder, literal text or placeholder name)
 

@@ -36,7 +36,7 @@ import trio
 from dnslib import AAAA, EDNS0, QTYPE, RCODE, RR, SRV, A, DNSHeader, DNSLabel, DNSRecord
 from dnslib.label import DNSLabelError
 
-from ..gossip.catalog import Instance
+from ...gossip.catalog import Instance
 
 log = logging.getLogger("rumor.dns")
 
@@ -48,7 +48,7 @@ CACHE_ENTRIES = 4096
 
 
 class DnsSource(Protocol):
-    """What the responder needs from the catalog (``proxy.dns.CatalogSource``)."""
+    """What the responder needs from the catalog (``proxy.api.dns.CatalogSource``)."""
 
     def index(self) -> int: ...
 

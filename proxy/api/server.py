@@ -26,23 +26,25 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import h11
 import trio
 
-from ..gossip.accept import FdPool, serve_listeners
+from ...gossip.accept import FdPool, serve_listeners
+from ..connection import (
+    CLOSE_DRAIN_SECONDS,
+    SERVER_NAME,
+    graceful_close,
+    local_address,
+    peer_name,
+    reason_phrase,
+)
 
 logger = logging.getLogger(__name__)
 
-SERVER_NAME = "rumor"
 _RECEIVE_CHUNK = 64 * 1024
-# After sending a final error we half-close and read for at most this long, so the
-# client sees our response instead of a reset caused by its unread bytes.
-_CLOSE_DRAIN_SECONDS = 1.0
-_CLOSE_DRAIN_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,7 @@ async def _serve_connection(
     except Exception:
         logger.exception("http connection from %s failed", peer)
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_DRAIN_SECONDS):
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_DRAIN_SECONDS):
             await stream.aclose()
 
 
@@ -363,49 +365,8 @@ async def _send_error(stream: trio.SocketStream, conn: h11.Connection, response:
         return
     response.headers.append(("connection", "close"))
     try:
-        with trio.fail_after(_CLOSE_DRAIN_SECONDS):
+        with trio.fail_after(CLOSE_DRAIN_SECONDS):
             await _send_response(stream, conn, response)
         await graceful_close(stream)
     except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         logger.debug("could not deliver error %d: %r", response.status, exc)
-
-
-async def graceful_close(stream: trio.abc.Stream) -> None:
-    """Half-close and drain briefly so unread client bytes do not reset our response.
-    (A TLS stream cannot half-close; its ``aclose`` sends close_notify instead.)"""
-    if not isinstance(stream, trio.abc.HalfCloseableStream):
-        return
-    try:
-        await stream.send_eof()
-        drained = 0
-        with trio.move_on_after(_CLOSE_DRAIN_SECONDS):
-            while drained < _CLOSE_DRAIN_BYTES:
-                data = await stream.receive_some(_RECEIVE_CHUNK)
-                if not data:
-                    break
-                drained += len(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the peer is already gone, which is all a close needs
-
-
-def reason_phrase(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b""
-
-
-def local_address(stream: trio.SocketStream) -> tuple[str, int] | None:
-    try:
-        host, port, *_ = stream.socket.getsockname()
-    except (OSError, ValueError):
-        return None
-    return str(host), int(port)
-
-
-def peer_name(stream: trio.SocketStream) -> str | None:
-    try:
-        host, port, *_ = stream.socket.getpeername()
-    except (OSError, ValueError):
-        return None
-    return f"{host}:{port}"

@@ -23,16 +23,16 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..gossip.catalog import Instance
-from ..gossip.checks import CRITICAL, PASSING, WARNING
-from ..gossip.service_spec import (
+from ...gossip.catalog import Instance
+from ...gossip.checks import CRITICAL, PASSING, WARNING
+from ...gossip.service_spec import (
     Registration,
     SpecError,
     parse_duration,
     registration_from_mapping,
 )
-from .http import HttpError, Request, Response, json_response, read_json
 from .router import Router
+from .server import HttpError, Request, Response, json_response, read_json
 
 DEFAULT_WAIT = 300.0
 MAX_WAIT = 600.0

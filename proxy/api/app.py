@@ -16,13 +16,13 @@ Routes (all bodies JSON, all errors `{"error": "..."}`):
   agent can exit. If the leave itself fails the answer is a 500 and `on_leave` is
   not called: the agent keeps running and the operator can retry or send SIGTERM.
 
-Every request first passes `proxy/api_access.py` (Host, Origin, methods, content types
+Every request first passes `proxy/api/access.py` (Host, Origin, methods, content types
 and the optional write token), so a web page the operator opens cannot drive the API.
 Changes are `PUT` (or `DELETE`) only: `POST` is routed nowhere. Other features add
 routes with `add_*_routes` on a `Router`. With a `catalog`, `make_api` also serves the
-catalog routes of `proxy/catalog_api.py` (`/v1/catalog/...`, `/v1/agent/...`), and with
-`policies` the routes of `proxy/policy_api.py` (`/v1/policies...`, `/v1/evaluate/...`),
-and with `metrics` a Prometheus `GET /metrics` (`proxy/metrics.py`).
+catalog routes of `proxy/api/catalog.py` (`/v1/catalog/...`, `/v1/agent/...`), and with
+`policies` the routes of `proxy/api/policies.py` (`/v1/policies...`, `/v1/evaluate/...`),
+and with `metrics` a Prometheus `GET /metrics` (`proxy/api/metrics.py`).
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
-from ..gossip.address import parse_address
-from ..gossip.node import JoinError
-from .api_access import ApiAccess, guarded
-from .catalog_api import CatalogApi, add_catalog_routes
-from .http import Handler, HttpError, Request, Response, json_response, read_json
-from .keyring_api import ClusterKeyring, add_keyring_routes
+from ...gossip.address import parse_address
+from ...gossip.node import JoinError
+from .access import ApiAccess, guarded
+from .catalog import CatalogApi, add_catalog_routes
+from .keyring import ClusterKeyring, add_keyring_routes
 from .metrics import add_metrics_route
-from .policy_api import PolicyApi, add_policy_routes
+from .policies import PolicyApi, add_policy_routes
 from .router import Router
+from .server import Handler, HttpError, Request, Response, json_response, read_json
 
 MEMBER_STATUSES = ("alive", "suspect", "failed", "left")
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..policy.envelope import EnvelopeError, read_envelope_file
-from ..policy.evaluate import Evaluator
-from ..policy.store import REJECTED, Held, Outcome
-from .http import HttpError, Request, Response, json_response
+from ...policy.envelope import EnvelopeError, read_envelope_file
+from ...policy.evaluate import Evaluator
+from ...policy.store import REJECTED, Held, Outcome
 from .router import Router
+from .server import HttpError, Request, Response, json_response
 
 ENVELOPE_TYPE = "application/x-rumor-envelope"
 

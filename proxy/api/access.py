@@ -28,8 +28,8 @@ import hmac
 import ipaddress
 from dataclasses import dataclass, field
 
-from ..gossip.fields import describe
-from .http import Handler, Request, Response, error_response
+from ...gossip.fields import describe
+from .server import Handler, Request, Response, error_response
 
 #: Content types a request body may have: JSON, or a signed policy envelope. Neither
 #: is a CORS-safelisted type, so a cross-origin page cannot send one unpreflighted.
