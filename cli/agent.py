@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from ..gossip.accept import FdBudget, FdPool
 from ..gossip.address import format_address
+from ..gossip.cluster_keyring import ClusterKeyring
 from ..gossip.config import GossipConfig
 from ..gossip.keyring import Keyring, KeyringSeal
 from ..gossip.node import BindError, JoinError, Node, NodeConfig
@@ -33,7 +34,6 @@ from ..proxy.access_log import AccessLog
 from ..proxy.api.access import ApiAccess
 from ..proxy.api.app import make_api
 from ..proxy.api.dns import CatalogSource, DnsResponder, serve_dns
-from ..proxy.api.keyring import ClusterKeyring
 from ..proxy.api.metrics import AgentCollector
 from ..proxy.api.server import serve_http
 from ..proxy.inbound import InboundProxy

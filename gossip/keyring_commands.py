@@ -18,6 +18,7 @@ and the broadcast go through the membership core.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,15 +66,37 @@ class Pending:
         return sorted(n for n, a in self.answers.items() if fingerprint not in a.keys)
 
 
+class KeyringRefused(KeyringError):
+    """A command that would split the cluster, refused before it is sent."""
+
+
+def refuse_use(listing: Pending, missing: list[str], key: bytes) -> None:
+    """Raise ``KeyringRefused`` unless every live member holds ``key`` (``listing``: the
+    answers to a ``list``, ``missing``: the live members that did not answer): the
+    members that switched would send what the others cannot open."""
+    lacking = listing.lacking(key)
+    if missing or lacking:
+        parts = []
+        if lacking:
+            parts.append(f"not installed on {', '.join(lacking)}")
+        if missing:
+            parts.append(f"no answer from {', '.join(missing)}")
+        raise KeyringRefused(f"refusing to use the key: {'; '.join(parts)} (install it "
+                             "on every member first, or the cluster would split)")
+
+
 class KeyringCommands(Delegate):
     channel = CHANNEL
 
     def __init__(self, core: Membership, seal: KeyringSeal,
-                 on_change: Callable[[Keyring], None], rand_id: Callable[[], str]) -> None:
+                 on_change: Callable[[Keyring], None], rand_id: Callable[[], str],
+                 on_answer: Callable[[str], None] = lambda cid: None) -> None:
         self.core = core
         self.seal = seal
         self._on_change = on_change
         self._rand_id = rand_id
+        #: Called with a command's id when one of its answers arrives (the shell wakes).
+        self._on_answer = on_answer
         self._seen: OrderedDict[str, None] = OrderedDict()
         self.pending: dict[str, Pending] = {}
         self.stats = {"commands_applied": 0, "commands_failed": 0, "bad_messages": 0}
@@ -113,6 +136,11 @@ class KeyringCommands(Delegate):
                 self.core.send_to(now, m, CHANNEL, p.payload)
         return missing
 
+    def resend_at(self, cid: str) -> float:
+        """When ``tick`` would next resend ``cid`` to the silent members."""
+        p = self.pending.get(cid)
+        return math.inf if p is None else p.sent_at + RESEND_AFTER
+
     def _live(self) -> list[str]:
         return [m.name for m in self.core.members.values() if m.status == Status.ALIVE]
 
@@ -138,6 +166,7 @@ class KeyringCommands(Delegate):
                 if p is not None and isinstance(node, str) and isinstance(keys, list):
                     p.answers[node] = Answer(bool(ok), str(error)[:512],
                                              [str(k)[:64] for k in keys[:16]])
+                    self._on_answer(cid)
             else:
                 raise ValueError(f"unknown message {describe(kind)}")
         except (ValueError, TypeError, IndexError, msgpack.UnpackException):

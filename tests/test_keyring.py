@@ -23,7 +23,13 @@ from rumor.gossip.keyring import (
     encode_key,
     generate_key,
 )
-from rumor.gossip.keyring_commands import KeyringCommands, key_id
+from rumor.gossip.keyring_commands import (
+    RESEND_AFTER,
+    KeyringCommands,
+    KeyringRefused,
+    key_id,
+    refuse_use,
+)
 from rumor.gossip.security import Plaintext, SealError
 from rumor.gossip.wire import Status
 
@@ -358,6 +364,36 @@ def test_cluster_wide_rotation_through_keyring_commands_keeps_everyone() -> None
     bad = step("remove", K2)  # the primary: refused everywhere, nothing changes
     assert not any(a.ok for a in bad.values())  # type: ignore[attr-defined]
     assert all(s.keyring.keys == [K2] for s in seals)
+
+
+def test_use_is_refused_unless_every_live_member_holds_the_key() -> None:
+    net = FakeNet(LOCAL)
+    seals = [_sim_seal(K1, net, i) for i in range(3)]
+    cores = [net.add(f"n{i}", seal=s) for i, s in enumerate(seals)]
+    answered: list[str] = []
+    cmd = KeyringCommands(cores[0], seals[0], lambda ring: None, rand_id=lambda: "c1",
+                          on_answer=answered.append)
+    cores[0].register(cmd)
+    for c, s in zip(cores[1:], seals[1:], strict=True):
+        c.register(KeyringCommands(c, s, lambda ring: None, rand_id=lambda: "x"))
+        c.join(net.now, [cores[0].addr])
+        net.flush(c.name)
+    net.run(3.0)
+    seals[1].keyring.install(K2)  # n1 holds K2, n2 does not
+    seals[0].keyring.install(K2)
+    cid = cmd.start(net.now, "list", None)
+    assert cmd.resend_at(cid) == net.now + RESEND_AFTER
+    net.flush("n0")
+    net.run(0.2)
+    assert sorted(set(answered)) == ["c1"]  # the shell was woken by each answer
+    assert cmd.tick(net.now, cid) == []
+    listing = cmd.finish(cid)
+    assert listing is not None
+    with pytest.raises(KeyringRefused, match="not installed on n2"):
+        refuse_use(listing, [], K2)
+    with pytest.raises(KeyringRefused, match="no answer from n9"):
+        refuse_use(listing, ["n9"], K1)
+    refuse_use(listing, [], K1)  # everyone holds K1: allowed
 
 
 def test_keyring_command_channel_survives_garbage() -> None:

@@ -33,10 +33,11 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from ...gossip.address import parse_address
+from ...gossip.cluster_keyring import ClusterKeyring
 from ...gossip.node import JoinError
 from .access import ApiAccess, guarded
 from .catalog import CatalogApi, add_catalog_routes
-from .keyring import ClusterKeyring, add_keyring_routes
+from .keyring import add_keyring_routes
 from .metrics import add_metrics_route
 from .policies import PolicyApi, add_policy_routes
 from .router import Router

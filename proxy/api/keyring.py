@@ -15,84 +15,15 @@ live, since an agent with a key cannot talk to one without.
 
 from __future__ import annotations
 
-import logging
-import os
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import trio
-
-from ...gossip.keyring import Keyring, KeyringError, KeyringSeal, decode_key
-from ...gossip.keyring_commands import KeyringCommands, Pending, key_id
-from ...gossip.node import Node
+from ...gossip.cluster_keyring import ClusterKeyring
+from ...gossip.keyring import KeyringError, decode_key
+from ...gossip.keyring_commands import KeyringRefused, Pending
 from .router import Router
 from .server import HttpError, Request, Response, json_response, read_json
-
-log = logging.getLogger("rumor.keyring")
-#: How long a command waits for every live member to answer.
-ANSWER_TIMEOUT = 5.0
-
-
-class ClusterKeyring:
-    """The trio side of the keyring: the commands delegate, the file, the waiting."""
-
-    def __init__(self, node: Node, seal: KeyringSeal, path: Path | None) -> None:
-        self.node = node
-        self.seal = seal
-        self.path = path
-        self.commands = KeyringCommands(node.core, seal, self._changed,
-                                        rand_id=lambda: os.urandom(8).hex())
-        node.register(self.commands)
-
-    def _changed(self, ring: Keyring) -> None:
-        log.info("gossip keyring changed: %d key(s), primary %s", len(ring.keys),
-                 key_id(ring.primary), extra={"event": "keyring_changed"})
-        if self.path is not None:
-            try:
-                ring.save(self.path)
-            except OSError as e:
-                # The change is live; only the next restart would lose it: say so loudly.
-                log.error("could not save the keyring to %s: %s", self.path, e,
-                          extra={"event": "keyring_save_failed"})
-
-    async def run(self, op: str, key: bytes | None,
-                  timeout: float = ANSWER_TIMEOUT) -> tuple[Pending, list[str]]:
-        """Apply ``op`` cluster-wide; the answers, and the live members that did not
-        answer within ``timeout``."""
-        if op == "use" and key is not None:
-            await self._check_installed_everywhere(key, timeout)
-        try:
-            cid = self.commands.start(trio.current_time(), op, key)
-        except KeyringError as e:
-            raise HttpError(400, str(e)) from None
-        self.node.wake()
-        missing: list[str] = []
-        with trio.move_on_after(timeout):
-            while True:
-                missing = self.commands.tick(trio.current_time(), cid)
-                if not missing:
-                    break
-                self.node.wake()  # a resend, if one was due
-                await trio.sleep(0.02)
-        pending = self.commands.finish(cid)
-        assert pending is not None
-        return pending, missing
-
-    async def _check_installed_everywhere(self, key: bytes, timeout: float) -> None:
-        """Refuse ``use`` unless every live member holds the key: the members that
-        switched would send what the others cannot open, splitting the cluster."""
-        p, missing = await self.run("list", None, timeout)
-        lacking = p.lacking(key)
-        if missing or lacking:
-            parts = []
-            if lacking:
-                parts.append(f"not installed on {', '.join(lacking)}")
-            if missing:
-                parts.append(f"no answer from {', '.join(missing)}")
-            raise HttpError(409, f"refusing to use the key: {'; '.join(parts)} (install it "
-                            "on every member first, or the cluster would split)")
 
 
 def add_keyring_routes(router: Router, ring: ClusterKeyring | None) -> None:
@@ -102,8 +33,16 @@ def add_keyring_routes(router: Router, ring: ClusterKeyring | None) -> None:
                             "--keyring); a cluster cannot switch it on while running")
         return ring
 
+    async def run(op: str, key: bytes | None) -> tuple[Pending, list[str]]:
+        try:
+            return await need().run(op, key)
+        except KeyringRefused as e:
+            raise HttpError(409, str(e)) from None
+        except KeyringError as e:
+            raise HttpError(400, str(e)) from None
+
     async def list_keys(request: Request) -> Response:
-        p, missing = await need().run("list", None)
+        p, missing = await run("list", None)
         held: Counter[str] = Counter()
         primary: Counter[str] = Counter()
         for a in p.answers.values():
@@ -124,7 +63,7 @@ def add_keyring_routes(router: Router, ring: ClusterKeyring | None) -> None:
                 key = decode_key(text)
             except KeyringError as e:
                 raise HttpError(400, str(e)) from None
-            p, missing = await need().run(op, key)
+            p, missing = await run(op, key)
             doc = _summary(p, missing)
             if missing or doc["errors"]:
                 doc["error"] = (f"{op} did not reach every member: "
