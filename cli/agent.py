@@ -36,6 +36,7 @@ from ..proxy.api.app import make_api
 from ..proxy.api.dns import CatalogSource, DnsResponder, serve_dns
 from ..proxy.api.metrics import AgentCollector
 from ..proxy.api.server import serve_http
+from ..proxy.check_runner import CheckRunner
 from ..proxy.inbound import InboundProxy
 from ..proxy.metrics import ProxyMetrics
 from ..proxy.outbound import INBOUND_TAG, OutboundProxy
@@ -97,7 +98,7 @@ async def run_agent(opts: AgentOptions) -> None:
     log.debug("descriptor budget: %s", fds.describe(), extra={"event": "fds"})
     cfg = NodeConfig(name=opts.name, bind=opts.bind, advertise=opts.advertise,
                      gossip=opts.gossip, profile=opts.profile, tags=opts.tags, seal=seal,
-                     fds=fds.gossip)
+                     fds=fds.gossip, probes=CheckRunner)
     stop = trio.Event()
     try:
         async with Node(cfg) as node, trio.open_nursery() as nursery:

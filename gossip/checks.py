@@ -7,8 +7,8 @@ names; Consul calls them ``success_before_passing`` and ``failures_before_critic
 ``warn`` failures in a row, if set below ``fall``, first turn the check ``warning``.
 
 The state machine here only counts and decides. The probing itself (sockets, timers)
-is the trio runner in ``check_runner.py``, and the status a check settles on is what
-the catalog gossips: a change in status is a change in the service's record.
+is the sidecar's trio runner, ``proxy/check_runner.py``, and the status a check settles
+on is what the catalog gossips: a change in status is a change in the service's record.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The trio face of the service catalog: ``node.catalog`` for programs and the API.
 
 The sans-IO ``Catalog`` decides everything; this shell gives it a clock (TTL expiry,
-tombstone collection), runs the check probes (``CheckRunner``), wakes the node so
+tombstone collection), runs the check probes (a ``ProbeRunner``: the sidecar's is
+``proxy.check_runner.CheckRunner``, since probing is HTTP), wakes the node so
 catalog broadcasts go out at once, and turns catalog changes into things a trio
 program can wait on: blocking queries (``wait``) and watches::
 
@@ -17,14 +18,29 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from .catalog import Catalog, Instance
-from .check_runner import CheckRunner
-from .checks import PASSING
+from .checks import PASSING, CheckSpec
 from .service_spec import Registration
+
+#: ``report(check_id, result, output)``: a probe's outcome, for the sans-IO checks.
+Report = Callable[[str, str, str], None]
+
+
+class ProbeRunner(Protocol):
+    """Runs the probes of HTTP and TCP checks (TTL checks need none)."""
+
+    def sync(self, checks: dict[str, CheckSpec]) -> None:
+        """Make the running probes match ``checks`` (id -> spec)."""
+
+    async def aclose(self) -> None: ...
+
+
+#: Builds a runner whose tasks live in the given nursery and report through ``Report``.
+ProbeRunnerFactory = Callable[[trio.Nursery, Report], ProbeRunner]
 
 #: How often old tombstones are collected when nothing else wakes the timer.
 HOUSEKEEPING = 30.0
@@ -42,12 +58,15 @@ class CatalogChange:
 class Discovery:
     """Service registration and discovery for a running ``Node``."""
 
-    def __init__(self, catalog: Catalog, wake: Callable[[], None]) -> None:
+    def __init__(self, catalog: Catalog, wake: Callable[[], None],
+                 probes: ProbeRunnerFactory | None = None) -> None:
+        """``probes`` runs HTTP and TCP checks; without it only TTL checks change."""
         self.catalog = catalog
         self._wake = wake
+        self._probes = probes
         self._changed = trio.Event()
         self._timer: trio.CancelScope | None = None
-        self._runner: CheckRunner | None = None
+        self._runner: ProbeRunner | None = None
         catalog.on_change(self._on_change)
 
     # ---- queries ------------------------------------------------------------------------
@@ -128,13 +147,15 @@ class Discovery:
     async def run(self) -> None:
         """Run check probes and the catalog's timer until cancelled (the node does it)."""
         async with trio.open_nursery() as nursery:
-            self._runner = CheckRunner(nursery, self._report)
+            runner = None if self._probes is None else self._probes(nursery, self._report)
+            self._runner = runner
             self._sync_checks()
             try:
                 await self._timer_loop()
             finally:
-                with trio.CancelScope(shield=True):
-                    await self._runner.aclose()
+                if runner is not None:
+                    with trio.CancelScope(shield=True):
+                        await runner.aclose()
 
     async def _timer_loop(self) -> None:
         while True:

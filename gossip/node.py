@@ -35,7 +35,7 @@ from .address import format_address, parse_address
 from .catalog import Catalog
 from .config import LAN, GossipConfig
 from .delegate import Delegate
-from .discovery import Discovery
+from .discovery import Discovery, ProbeRunnerFactory
 from .effects import (
     Effect,
     JoinFinished,
@@ -89,6 +89,9 @@ class NodeConfig:
     seed: int | None = None
     #: File descriptors reserved for gossip streams (None: no limit but the process's).
     fds: FdPool | None = None
+    #: Runs the catalog's HTTP and TCP check probes (``proxy.check_runner.CheckRunner``);
+    #: None: only TTL checks change status.
+    probes: ProbeRunnerFactory | None = None
 
 
 class FrameRefused(Exception):
@@ -206,7 +209,7 @@ class Node:
             catalog = Catalog(self._core, epoch=time.time_ns() // 1000, now=now,
                               wall_offset=time.time() - now)
             self._core.register(catalog)
-            self._catalog = Discovery(catalog, self._kick)
+            self._catalog = Discovery(catalog, self._kick, self.config.probes)
             self._nursery = await self._stack.enter_async_context(trio.open_nursery())
             self._nursery.start_soon(self._catalog.run)
             self._nursery.start_soon(self._udp_loop)

@@ -22,21 +22,22 @@ durations as numbers of seconds or strings like ``"500ms"``), and ``checks = [{c
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import durations
 from .checks import CRITICAL, CheckSpec
+from .durations import DurationError
 
 _LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62})$")
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _TAG = re.compile(r"^[A-Za-z0-9_.:=/+-]{1,64}$")
 _VERSION = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 MAX_TAGS = 32
 MAX_CHECKS = 8
@@ -209,7 +210,7 @@ def _port_of(url: Any, where: str, target: str) -> None:
 
 
 def parse_duration(value: Any, key: str = "duration", where: str = "") -> float:
-    """``"500ms"``, ``"2s"``, ``"1.5m"``, ``"1h"`` or a number of seconds."""
+    """A duration (``durations.py``'s grammar, unit optional) or a number of seconds."""
     prefix = f"{where}: " if where else ""
     if isinstance(value, bool):
         raise SpecError(f"{prefix}{key} {value!r}: expected a duration like 2s or 500ms")
@@ -218,9 +219,8 @@ def parse_duration(value: Any, key: str = "duration", where: str = "") -> float:
             raise SpecError(f"{prefix}{key} {value!r}: expected a non-negative duration")
         return float(value)
     if isinstance(value, str):
-        m = _DURATION.match(value.strip())
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
+        with contextlib.suppress(DurationError):
+            return durations.parse_duration(value.strip())
     raise SpecError(f"{prefix}{key} {value!r}: expected a duration like 2s, 500ms or 1m")
 
 

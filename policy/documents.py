@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time
 from typing import Any
 
-from rumor.gossip.service_spec import SpecError, parse_duration
+from rumor.gossip.durations import DurationError, format_duration, parse_duration
 
 from .keys import KeyFileError, PublicKey, parse_public_key
 
@@ -51,7 +51,6 @@ _INSTANCE_VERSION = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
 _TAG = re.compile(r"[A-Za-z0-9_.:=/+-]{1,64}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")  # an RFC 9110 token
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_DURATION = re.compile(r"\d+(?:\.\d+)?(?:ms|s|m|h)")
 
 #: The built-in subset every route can use without defining it: every instance.
 ALL_SUBSET = "all"
@@ -563,10 +562,8 @@ class _Table:
                            f"found {_show(value)}")
         try:
             # A unit is required here: is a bare "5" seconds or milliseconds?
-            if not _DURATION.fullmatch(value):
-                raise SpecError(value)
-            seconds = parse_duration(value)
-        except SpecError:
+            seconds = parse_duration(value, unit_required=True)
+        except DurationError:
             raise _Invalid(field, 'expected a duration like "250ms", "5s", "1m" or "1h", '
                            f"found {_show(value)}") from None
         if not (low <= seconds <= high):
@@ -602,19 +599,6 @@ def _integer(value: Any, field: str, low: int, high: int, what: str = "") -> int
     if not (low <= value <= high):
         raise _Invalid(field, f"expected {expected}, found {_show(value)}")
     return value
-
-
-def format_duration(seconds: float) -> str:
-    """The shortest exact spelling the duration parser reads back: "250ms", "5s", "2m"."""
-    ms = round(seconds * 1000, 3)
-    if ms % 1000:
-        return f"{int(ms)}ms" if ms == int(ms) else f"{ms:.3f}".rstrip("0") + "ms"
-    s = int(ms // 1000)
-    if s and s % 3600 == 0:
-        return f"{s // 3600}h"
-    if s and s % 60 == 0:
-        return f"{s // 60}m"
-    return f"{s}s"
 
 
 def _document(table: Mapping[str, Any]) -> Document:

@@ -13,16 +13,14 @@ not reuse a connection accepted before it went.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import httpcore
 import trio
 
-from .checks import CRITICAL, PASSING, WARNING, CheckSpec
+from ..gossip.checks import CRITICAL, PASSING, WARNING, CheckSpec
+from ..gossip.discovery import Report
 
 log = logging.getLogger("rumor.checks")
-
-Report = Callable[[str, str, str], None]
 
 
 async def probe(spec: CheckSpec, pool: httpcore.AsyncConnectionPool) -> tuple[str, str]:
@@ -68,7 +66,8 @@ async def _probe_tcp(spec: CheckSpec) -> tuple[str, str]:
 
 
 class CheckRunner:
-    """Runs the probe loops of the local checks; start and stop them by check id."""
+    """Runs the probe loops of the local checks; start and stop them by check id.
+    (A ``gossip.discovery.ProbeRunner``: pass the class as ``NodeConfig.probes``.)"""
 
     def __init__(self, nursery: trio.Nursery, report: Report) -> None:
         self._nursery = nursery
