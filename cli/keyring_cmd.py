@@ -17,8 +17,9 @@ import argparse
 import sys
 from typing import Any
 
-from ..gossip.keyring import KeyringError, decode_key, generate_key
+from ..gossip.keyring import KeyringError, decode_key
 from ..gossip.keyring_commands import key_id
+from ..gossip.keyring_file import generate_key
 from .client import ApiError, get_json, request_json
 
 #: Cluster-wide commands wait up to 5 s for answers; leave the client some room.

@@ -437,11 +437,12 @@ def _tls_files(args: argparse.Namespace) -> Any:
 
 def _keyring(args: argparse.Namespace) -> Any:
     """The agent's gossip keyring from --keyring (None: plaintext gossip)."""
-    from ..gossip.keyring import Keyring, KeyringError
+    from ..gossip.keyring import KeyringError
+    from ..gossip.keyring_file import load_keyring
     if args.keyring is None:
         return None
     try:
-        return Keyring.load(Path(args.keyring))
+        return load_keyring(Path(args.keyring))
     except KeyringError as e:
         raise UsageError(f"--keyring {e}") from None
 

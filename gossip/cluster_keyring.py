@@ -16,6 +16,7 @@ import trio
 
 from .keyring import Keyring, KeyringSeal
 from .keyring_commands import KeyringCommands, Pending, key_id, refuse_use
+from .keyring_file import save_keyring
 from .node import Node
 
 log = logging.getLogger("rumor.keyring")
@@ -41,7 +42,7 @@ class ClusterKeyring:
                  key_id(ring.primary), extra={"event": "keyring_changed"})
         if self.path is not None:
             try:
-                ring.save(self.path)
+                save_keyring(ring, self.path)
             except OSError as e:
                 # The change is live; only the next restart would lose it: say so loudly.
                 log.error("could not save the keyring to %s: %s", self.path, e,

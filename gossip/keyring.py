@@ -34,11 +34,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 from nacl.bindings import (
     crypto_aead_xchacha20poly1305_ietf_decrypt,
@@ -60,7 +58,6 @@ try:
 except ImportError:  # a future pynacl without it: the public binding still works
     _ffi = _lib = None
 
-from .files import write_atomic
 from .security import (
     PREAUTH_FRAME,
     FrameStep,
@@ -96,11 +93,6 @@ DEFAULT_REPLAY_CAPACITY = 200_000
 
 class KeyringError(ValueError):
     """A keyring operation that cannot be done (bad key, removing the primary...)."""
-
-
-def generate_key() -> str:
-    """A new random key, base64 (what ``rumor keyring generate`` prints)."""
-    return base64.b64encode(os.urandom(KEY_BYTES)).decode()
 
 
 def decode_key(text: str) -> bytes:
@@ -141,23 +133,8 @@ class Keyring:
         lines = [ln.strip() for ln in text.splitlines()]
         return cls(decode_key(ln) for ln in lines if ln and not ln.startswith("#"))
 
-    @classmethod
-    def load(cls, path: Path) -> Keyring:
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise KeyringError(f"cannot read keyring {path}: {e.strerror}") from None
-        try:
-            return cls.from_text(text)
-        except KeyringError as e:
-            raise KeyringError(f"{path}: {e}") from None
-
     def to_text(self) -> str:
         return "".join(encode_key(k) + "\n" for k in self.accepted)
-
-    def save(self, path: Path) -> None:
-        """Write atomically, owner-only: the file holds the cluster's secret."""
-        write_atomic(path, self.to_text().encode(), 0o600)
 
     @property
     def primary(self) -> bytes:

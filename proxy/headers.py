@@ -12,7 +12,6 @@ one is replaced by a new trace, so every request leaving a sidecar is traceable.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -66,31 +65,28 @@ def forwarded_for(headers: list[tuple[bytes, bytes]], client_host: str) -> None:
     headers.append((b"x-forwarded-for", client_host.encode()))
 
 
-#: Trace ids need to be unique, not secret: a generator seeded once from the OS
-#: spares two getrandom() system calls per request per hop.
-_ids = random.Random(os.urandom(16))
+def new_id(ids: random.Random, nbytes: int) -> bytes:
+    return b"%0*x" % (2 * nbytes, ids.getrandbits(8 * nbytes) or 1)
 
 
-def new_id(nbytes: int) -> bytes:
-    return b"%0*x" % (2 * nbytes, _ids.getrandbits(8 * nbytes) or 1)
-
-
-def continue_trace(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """Set this hop's ``traceparent`` (in place) and return the trace id."""
+def continue_trace(headers: list[tuple[bytes, bytes]], ids: random.Random) -> bytes:
+    """Set this hop's ``traceparent`` (in place) and return the trace id. Trace ids
+    need to be unique, not secret: ``ids`` is a generator the listener seeded once
+    from the OS, which spares two getrandom() calls per request per hop."""
     for i, (k, v) in enumerate(headers):
         if k == b"traceparent":
             m = _TRACEPARENT.match(v.strip().lower())
             if (m is not None and m.group(1) != b"ff" and m.group(2) != _ZERO_TRACE
                     and m.group(3) != _ZERO_SPAN):
                 trace = m.group(2)
-                headers[i] = (k, b"00-" + trace + b"-" + new_id(8) + b"-" + m.group(4))
+                headers[i] = (k, b"00-" + trace + b"-" + new_id(ids, 8) + b"-" + m.group(4))
                 return trace
             del headers[i]
             # A broken traceparent invalidates tracestate too (W3C 3.3).
             headers[:] = [(k2, v2) for k2, v2 in headers if k2 != b"tracestate"]
             break
-    trace = new_id(16)
-    headers.append((b"traceparent", b"00-" + trace + b"-" + new_id(8) + b"-01"))
+    trace = new_id(ids, 16)
+    headers.append((b"traceparent", b"00-" + trace + b"-" + new_id(ids, 8) + b"-01"))
     return trace
 
 

@@ -15,6 +15,7 @@ nor hop-by-hop ones, and gets ``x-forwarded-for`` and the trace context.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,7 @@ class InboundProxy:
                  metrics: ProxyMetrics | None = None,
                  access_log: AccessLog | None = None, tls: MeshTls | None = None) -> None:
         self.node = node
+        self._ids = random.Random()  # trace ids: seeded from the OS, once
         self._evaluator = evaluator
         self.metrics = metrics
         self.access_log = access_log
@@ -81,7 +83,7 @@ class InboundProxy:
         host, port, instance = local
         hs = end_to_end(req.headers, drop=MESH_HEADERS)
         forwarded_for(hs, req.client.rsplit(":", 1)[0])
-        trace = continue_trace(hs).decode()
+        trace = continue_trace(hs, self._ids).decode()
         body = req.body() if req.has_body else None
         if body is not None:
             length = req.content_length

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -291,7 +290,7 @@ class OutboundProxy:
                          body: bytes | AsyncIterator[bytes] | None) -> list[tuple[bytes, bytes]]:
         hs = end_to_end(req.headers, drop=MESH_HEADERS | {b"host"})
         forwarded_for(hs, req.client.rsplit(":", 1)[0])
-        continue_trace(hs)
+        continue_trace(hs, self.rng)
         hs.append((b"host", service.encode()))
         if self.identity:
             hs.append((b"x-rumor-source", self.identity.encode()))
@@ -356,7 +355,7 @@ class OutboundProxy:
         """Instances of ``service`` that can take traffic, cached until the catalog
         changes (the request path must not rebuild the catalog view every time)."""
         index = self.node.catalog.index()
-        now = time.monotonic()
+        now = trio.current_time()  # the one clock: a MockClock drives it in tests
         cached = self._endpoints.get(service)
         if cached is not None and cached[0] == index and now - cached[1] < ENDPOINT_CACHE_TTL:
             return cached[2]

@@ -216,7 +216,7 @@ def test_nested_json_is_a_400_not_a_traceback(caplog: pytest.LogCaptureFixture) 
 def test_the_agent_warns_when_its_gossip_api_or_secrets_are_exposed(tmp_path: Path) -> None:
     from rumor.cli.agent import AgentOptions, exposure_warnings
     from rumor.gossip.config import LAN
-    from rumor.gossip.keyring import Keyring, generate_key
+    from rumor.gossip.keyring_file import generate_key, load_keyring
 
     ring = tmp_path / "ring"
     ring.write_text(generate_key() + "\n")
@@ -229,7 +229,7 @@ def test_the_agent_warns_when_its_gossip_api_or_secrets_are_exposed(tmp_path: Pa
     text = " ".join(exposure_warnings(loud))
     assert "not encrypted" in text and "without a token" in text
     keyed = AgentOptions(name="a", bind=("10.0.0.1", 7946), api=("127.0.0.1", 7947),
-                         gossip=LAN, profile="lan", keyring=Keyring.load(ring),
+                         gossip=LAN, profile="lan", keyring=load_keyring(ring),
                          keyring_file=str(ring))
     assert ["readable by other users" in w for w in exposure_warnings(keyed)] == [True]
     ring.chmod(0o600)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from rumor.gossip.keyring import Keyring, KeyringSeal, decode_key, generate_key
+from rumor.gossip.keyring import Keyring, KeyringSeal, decode_key
+from rumor.gossip.keyring_file import generate_key
 
 from .agents import HOST, Agent, AgentCluster, free_port, wait_for
 from .test_hostile import ALIVE, DEAD, PING, Deep, packet

@@ -21,7 +21,6 @@ from rumor.gossip.keyring import (
     KeyringSeal,
     decode_key,
     encode_key,
-    generate_key,
 )
 from rumor.gossip.keyring_commands import (
     RESEND_AFTER,
@@ -30,6 +29,7 @@ from rumor.gossip.keyring_commands import (
     key_id,
     refuse_use,
 )
+from rumor.gossip.keyring_file import generate_key, load_keyring, save_keyring
 from rumor.gossip.security import Plaintext, SealError
 from rumor.gossip.wire import Status
 
@@ -255,14 +255,14 @@ def test_keyring_rules_and_key_text() -> None:
 def test_keyring_file_round_trips_owner_only(tmp_path: Path) -> None:
     path = tmp_path / "keyring"
     path.write_text(f"# cluster keys\n{encode_key(K2)}\n\n{encode_key(K1)}\n")
-    ring = Keyring.load(path)
+    ring = load_keyring(path)
     assert ring.keys == [K2, K1]
     ring.use(K1)
-    ring.save(path)
+    save_keyring(ring, path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert Keyring.load(path).keys == [K1, K2]
+    assert load_keyring(path).keys == [K1, K2]
     with pytest.raises(KeyringError, match="cannot read"):
-        Keyring.load(tmp_path / "missing")
+        load_keyring(tmp_path / "missing")
 
 
 # ---- on the real membership core ---------------------------------------------------------

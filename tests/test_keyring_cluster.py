@@ -9,8 +9,9 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from rumor.gossip.keyring import Keyring, decode_key, generate_key
+from rumor.gossip.keyring import decode_key
 from rumor.gossip.keyring_commands import key_id
+from rumor.gossip.keyring_file import generate_key, load_keyring
 
 from .agents import Agent, AgentCluster, rumor, wait_for
 
@@ -84,12 +85,12 @@ def test_rotation_across_five_live_agents_loses_no_member_or_message(tmp_path: P
         assert rumor("keyring", "id", new).stdout.strip() == new_id
         # Every agent rewrote its --keyring file: a restart keeps the new key.
         for f in files:
-            assert Keyring.load(f).keys == [decode_key(new)]
+            assert load_keyring(f).keys == [decode_key(new)]
         # Using a key that not every member holds is refused before anyone switches.
         stray = generate_key()
         res = rumor("keyring", "use", stray, "--api", agents[1].api, check=False)
         assert res.returncode == 1 and "not installed on a0, a1, a2, a3, a4" in res.stderr
-        assert all(Keyring.load(f).keys == [decode_key(new)] for f in files)
+        assert all(load_keyring(f).keys == [decode_key(new)] for f in files)
         # Removing the key in use is refused everywhere, and said so.
         res = rumor("keyring", "remove", new, "--api", agents[0].api, check=False)
         assert res.returncode == 1 and "cannot remove the primary key" in res.stdout
