@@ -23,12 +23,14 @@ from ..gossip.accept import FdBudget, FdPool
 from ..gossip.address import format_address
 from ..gossip.cluster_keyring import ClusterKeyring
 from ..gossip.config import GossipConfig
+from ..gossip.discovery import Discovery
 from ..gossip.keyring import Keyring, KeyringSeal
 from ..gossip.node import BindError, JoinError, Node, NodeConfig
 from ..gossip.service_spec import Registration
 from ..gossip.wire import Address
 from ..policy.evaluate import Evaluator
-from ..policy.service import Policies
+from ..policy.replication import PolicyReplicator
+from ..policy.runtime import PolicyRuntime
 from ..policy.trust import TrustSet
 from ..proxy.access_log import AccessLog
 from ..proxy.api.access import ApiAccess
@@ -96,16 +98,21 @@ async def run_agent(opts: AgentOptions) -> None:
         log.warning("%s", warning, extra={"event": "exposed"})
     fds = FdBudget.from_process()
     log.debug("descriptor budget: %s", fds.describe(), extra={"event": "fds"})
+    if opts.trust is None and opts.data_dir is not None:
+        raise StartupError("--data-dir holds policy documents: give --trust-key too")
     cfg = NodeConfig(name=opts.name, bind=opts.bind, advertise=opts.advertise,
                      gossip=opts.gossip, profile=opts.profile, tags=opts.tags, seal=seal,
-                     fds=fds.gossip, probes=CheckRunner)
+                     fds=fds.gossip,
+                     extras=[PolicyReplicator.factory(opts.trust)] if opts.trust else [])
     stop = trio.Event()
     try:
         async with Node(cfg) as node, trio.open_nursery() as nursery:
             nursery.start_soon(_log_events, node)
+            discovery = Discovery(node.parts.catalog, node.wake, probes=CheckRunner)
+            nursery.start_soon(discovery.run)
             keyring = None
-            if seal is not None:
-                keyring = ClusterKeyring(node, seal, Path(opts.keyring_file)
+            if seal is not None and node.parts.keyring is not None:
+                keyring = ClusterKeyring(node, node.parts.keyring, Path(opts.keyring_file)
                                          if opts.keyring_file else None)
                 log.info("gossip encrypted: %d key(s) installed", len(seal.keyring.keys),
                          extra={"event": "keyring", "keys": len(seal.keyring.keys)})
@@ -116,7 +123,7 @@ async def run_agent(opts: AgentOptions) -> None:
             registry.register(AgentCollector(node.health,
                                              policies.status if policies else None))
             try:
-                api = make_api(node, on_leave=stop.set, catalog=node.catalog,
+                api = make_api(node, on_leave=stop.set, catalog=discovery,
                                policies=policies, metrics=registry, keyring=keyring,
                                access=opts.api_access)
                 await nursery.start(partial(serve_http, api, opts.api[0], opts.api[1],
@@ -125,12 +132,12 @@ async def run_agent(opts: AgentOptions) -> None:
                 raise StartupError(f"cannot bind API address {format_address(opts.api)}: "
                                    f"{e.strerror or e}") from None
             if opts.dns is not None:
-                await _start_dns(nursery, node, opts.dns)
+                await _start_dns(nursery, node, discovery, opts.dns)
             if opts.outbound is not None or opts.inbound is not None:
                 await _start_sidecar(nursery, node, opts, policies, registry, fds.proxy)
             if opts.services:
                 # One batch: the records travel together (by stream when large).
-                node.catalog.register_many(opts.services)
+                discovery.register_many(opts.services)
                 log.info("registered %d service(s): %s", len(opts.services),
                          ", ".join(r.service.id for r in opts.services),
                          extra={"event": "services",
@@ -194,15 +201,13 @@ def _mode(path: str | None) -> int | None:
         return None
 
 
-def _start_policies(node: Node, opts: AgentOptions) -> Policies | None:
+def _start_policies(node: Node, opts: AgentOptions) -> PolicyRuntime | None:
     if opts.trust is None:
-        if opts.data_dir is not None:
-            raise StartupError("--data-dir holds policy documents: give --trust-key too")
         log.info("no --trust-key: this agent accepts no policy documents",
                  extra={"event": "policy_disabled"})
         return None
     try:
-        policies = Policies(node, opts.trust, data_dir=opts.data_dir)
+        policies = PolicyRuntime(node, node.parts.extras["policy"], data_dir=opts.data_dir)
     except OSError as e:
         raise StartupError(f"cannot use --data-dir {opts.data_dir}: {e.strerror or e}") from None
     policies.start()
@@ -214,14 +219,14 @@ def _start_policies(node: Node, opts: AgentOptions) -> Policies | None:
 
 
 async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
-                         policies: Policies | None, registry: CollectorRegistry,
+                         policies: PolicyRuntime | None, registry: CollectorRegistry,
                          pool: FdPool) -> None:
     """Start the data plane's listeners; the inbound one is advertised in our tags so
     other sidecars know where to send this host's services' traffic."""
     def evaluator() -> Evaluator:
         return policies.evaluator if policies is not None else NO_POLICY
 
-    catalog = node.catalog.catalog
+    catalog = node.parts.catalog
     metrics = ProxyMetrics(registry,
                            known=lambda name: catalog.knows(name) or evaluator().names(name))
     access_log = AccessLog(opts.access_log) if opts.access_log else None
@@ -294,14 +299,15 @@ async def _listen(nursery: trio.Nursery, handler: ProxyHandler, addr: Address, w
     return port
 
 
-async def _start_dns(nursery: trio.Nursery, node: Node, addr: Address) -> None:
+async def _start_dns(nursery: trio.Nursery, node: Node, discovery: Discovery,
+                     addr: Address) -> None:
     def member_address(name: str) -> str | None:
         # DNS names arrive lower-cased; member names keep their case.
         m = node.core.members.get(name) or next(
             (m for m in node.core.members.values() if m.name.lower() == name), None)
         return m.addr[0] if m is not None and m.live else None
 
-    responder = DnsResponder(CatalogSource(node.catalog, member_address))
+    responder = DnsResponder(CatalogSource(discovery, member_address))
     try:
         port = await nursery.start(serve_dns, responder, addr[0], addr[1])
     except OSError as e:

@@ -9,12 +9,11 @@ refuses ``use`` of a key some live member lacks. The rules are the core's
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import trio
 
-from .keyring import Keyring, KeyringSeal
+from .keyring import Keyring
 from .keyring_commands import KeyringCommands, Pending, key_id, refuse_use
 from .keyring_file import save_keyring
 from .node import Node
@@ -27,15 +26,13 @@ ANSWER_TIMEOUT = 5.0
 class ClusterKeyring:
     """Keyring commands over a running ``Node``, and the file that outlives it."""
 
-    def __init__(self, node: Node, seal: KeyringSeal, path: Path | None) -> None:
+    def __init__(self, node: Node, commands: KeyringCommands, path: Path | None) -> None:
         self.node = node
-        self.seal = seal
+        self.commands = commands
         self.path = path
         self._answered: dict[str, trio.Event] = {}
-        self.commands = KeyringCommands(node.core, seal, self._changed,
-                                        rand_id=lambda: os.urandom(8).hex(),
-                                        on_answer=self._answer)
-        node.register(self.commands)
+        commands.on_change = self._changed
+        commands.on_answer = self._answer
 
     def _changed(self, ring: Keyring) -> None:
         log.info("gossip keyring changed: %d key(s), primary %s", len(ring.keys),

@@ -4,6 +4,9 @@ A delegate owns a channel name. Its broadcasts are piggybacked on gossip packets
 (or sent over streams when too large), its state travels in every push-pull, and it
 hears about member changes, all without the membership core knowing what it carries.
 Delegates are sans-IO like the core: they are called synchronously with ``now``.
+They never draw from the core's random generator: the core's draws must come in the
+same order whatever delegates a node runs (the agent and the simulator run the same
+ones, see ``assembly.py``, but the unit tests run bare cores).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The trio face of the service catalog: ``node.catalog`` for programs and the API.
+"""The trio face of the service catalog, for programs and the API.
 
 The sans-IO ``Catalog`` decides everything; this shell gives it a clock (TTL expiry,
 tombstone collection), runs the check probes (a ``ProbeRunner``: the sidecar's is
@@ -6,10 +6,12 @@ tombstone collection), runs the check probes (a ``ProbeRunner``: the sidecar's i
 catalog broadcasts go out at once, and turns catalog changes into things a trio
 program can wait on: blocking queries (``wait``) and watches::
 
-    async with Node(cfg) as node:
-        node.catalog.register(parse_spec("name=web,port=8080"))
-        print(node.catalog.instances("web"))
-        async for change in node.catalog.watch("web"):
+    async with Node(cfg) as node, trio.open_nursery() as nursery:
+        catalog = Discovery(node.parts.catalog, node.wake, probes=CheckRunner)
+        nursery.start_soon(catalog.run)
+        catalog.register(parse_spec("name=web,port=8080"))
+        print(catalog.instances("web"))
+        async for change in catalog.watch("web"):
             print(change.index, [i.address for i in change.instances])
 """
 

@@ -88,15 +88,16 @@ def refuse_use(listing: Pending, missing: list[str], key: bytes) -> None:
 class KeyringCommands(Delegate):
     channel = CHANNEL
 
-    def __init__(self, core: Membership, seal: KeyringSeal,
-                 on_change: Callable[[Keyring], None], rand_id: Callable[[], str],
-                 on_answer: Callable[[str], None] = lambda cid: None) -> None:
+    def __init__(self, core: Membership, seal: KeyringSeal, rand_id: Callable[[], str],
+                 *, on_change: Callable[[Keyring], None] | None = None,
+                 on_answer: Callable[[str], None] | None = None) -> None:
         self.core = core
         self.seal = seal
-        self._on_change = on_change
         self._rand_id = rand_id
+        #: Called with the keyring after a command changed it (the shell saves the file).
+        self.on_change: Callable[[Keyring], None] = on_change or (lambda ring: None)
         #: Called with a command's id when one of its answers arrives (the shell wakes).
-        self._on_answer = on_answer
+        self.on_answer: Callable[[str], None] = on_answer or (lambda cid: None)
         self._seen: OrderedDict[str, None] = OrderedDict()
         self.pending: dict[str, Pending] = {}
         self.stats = {"commands_applied": 0, "commands_failed": 0, "bad_messages": 0}
@@ -166,7 +167,7 @@ class KeyringCommands(Delegate):
                 if p is not None and isinstance(node, str) and isinstance(keys, list):
                     p.answers[node] = Answer(bool(ok), str(error)[:512],
                                              [str(k)[:64] for k in keys[:16]])
-                    self._on_answer(cid)
+                    self.on_answer(cid)
             else:
                 raise ValueError(f"unknown message {describe(kind)}")
         except (ValueError, TypeError, IndexError, msgpack.UnpackException):
@@ -195,7 +196,7 @@ class KeyringCommands(Delegate):
             return Answer(False, str(e))
         self.stats["commands_applied"] += 1
         if changed:
-            self._on_change(ring)
+            self.on_change(ring)
         return Answer(True)
 
     def _remember(self, cid: str) -> None:

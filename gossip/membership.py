@@ -418,6 +418,11 @@ class Membership:
             raise ValueError(f"delegate channel {delegate.channel!r} is empty or taken")
         self._delegates[delegate.channel] = delegate
 
+    @property
+    def delegates(self) -> dict[str, Delegate]:
+        """The registered delegates by channel, in registration order (a copy)."""
+        return dict(self._delegates)
+
     def broadcast(self, now: float, channel: str, payload: bytes,
                   key: str | None = None) -> None:
         """Disseminate a delegate's message to every member.
@@ -856,13 +861,12 @@ class Membership:
         # record is dropped exactly as _on_alive would drop it, and new members are
         # learnt as _on_alive would learn them (roster and probe order in one batch).
         # Anything else takes the general path, after the batch is flushed, so the
-        # random draws keep their order. (Delegates may draw from the generator when
-        # told of a join, so with delegates every row takes the general path.)
+        # random draws keep their order. (Delegates hear of each join at once; they
+        # never draw from the generator, see delegate.py, so the order holds.)
         members, me, quiet = self.members, self.name, self._quiet
-        batch = not self._delegates
         fresh: list[str] = []
         for s in pp.states:
-            if s.status == Status.ALIVE and batch:
+            if s.status == Status.ALIVE:
                 name = s.name
                 m = members.get(name)
                 if m is None:
@@ -873,7 +877,7 @@ class Membership:
                     fresh.append(name)
                     if not quiet:
                         self._queue_member(Alive(s.incarnation, name, s.addr, s.meta))
-                        self._emit(now, m, "join")
+                    self._emit(now, m, "join")
                     continue
                 if s.incarnation <= m.incarnation and name != me:
                     continue

@@ -1,9 +1,10 @@
 """The trio runtime of a gossip member: sockets, timers, and nothing else.
 
-``Node`` binds one UDP socket and one TCP listener on the same port, feeds what
+``Node`` binds one UDP socket and one TCP listener on the same port, assembles the
+node (``assembly.py``: the core and its delegates, as the simulator does), feeds what
 arrives into the sans-IO ``Membership`` core, and carries out the effects the core
-returns. It holds no protocol logic: a disagreement between a simulation and a real
-cluster is a bug here.
+returns (``executor.py``). It holds no protocol logic: a disagreement between a
+simulation and a real cluster is a bug here.
 
 Embedding::
 
@@ -11,6 +12,9 @@ Embedding::
         await node.join(["10.0.0.2:7946"])
         async for event in node.subscribe():
             print(event.to_json())
+
+The catalog's trio face (blocking queries, watches, check probes) is a ``Discovery``
+over ``node.parts.catalog``, run in the program's nursery.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import random
 import socket as pysocket
 import time
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -32,10 +37,9 @@ import trio
 
 from .accept import FdPool, ListenerLimits, serve_listeners
 from .address import format_address, parse_address
-from .catalog import Catalog
+from .assembly import DelegateFactory, NodeParts, NodeSpec, assemble
 from .config import LAN, GossipConfig
 from .delegate import Delegate
-from .discovery import Discovery, ProbeRunnerFactory
 from .effects import (
     Effect,
     JoinFinished,
@@ -45,6 +49,7 @@ from .effects import (
     SendPacket,
     StreamRequest,
 )
+from .executor import EffectExecutor
 from .fields import ip_literal
 from .keyring import KeyringSeal
 from .membership import Membership
@@ -89,9 +94,8 @@ class NodeConfig:
     seed: int | None = None
     #: File descriptors reserved for gossip streams (None: no limit but the process's).
     fds: FdPool | None = None
-    #: Runs the catalog's HTTP and TCP check probes (``proxy.check_runner.CheckRunner``);
-    #: None: only TTL checks change status.
-    probes: ProbeRunnerFactory | None = None
+    #: Further delegates for the assembly (``NodeSpec.extras``), e.g. policy replication.
+    extras: Sequence[DelegateFactory] = ()
 
 
 class FrameRefused(Exception):
@@ -163,6 +167,9 @@ class Node:
         self.config = config
         self.name = config.name
         self._core: Membership | None = None
+        self._parts: NodeParts | None = None
+        self._executor = EffectExecutor(self, on_error=self._effect_failed)
+        self._outbox: list[SendPacket] = []
         self._stack = AsyncExitStack()
         self._nursery: trio.Nursery | None = None
         self._udp: trio.socket.SocketType | None = None
@@ -178,7 +185,6 @@ class Node:
         self._streams = trio.CapacityLimiter(MAX_STREAMS)
         self._inflight = ByteBudget(STREAM_BYTES)
         self._error_logged: dict[str, float] = {}
-        self._catalog: Discovery | None = None
         self.stats_dropped_events = 0
 
     # ---- lifecycle -----------------------------------------------------------------
@@ -199,19 +205,15 @@ class Node:
                                 "an advertise address (--advertise HOST:PORT)")
             rng = random.Random(self.config.seed if self.config.seed is not None
                                 else int.from_bytes(os.urandom(8), "big"))
-            self._core = Membership(self.name, advertise, self.config.gossip, rng,
-                                    meta=dict(self.config.tags), seal=self.config.seal,
-                                    now=trio.current_time())
+            now = trio.current_time()
+            spec = NodeSpec(self.name, advertise, self.config.gossip,
+                            meta=dict(self.config.tags), seal=self.config.seal,
+                            wall_offset=time.time() - now, extras=self.config.extras)
+            self._parts = assemble(spec, now, rng, new_id=lambda: os.urandom(8).hex())
+            self._core = self._parts.core
             for d in self._pending_delegates:
                 self._core.register(d)
-            # The epoch tells a restarted agent's records from its previous life's.
-            now = trio.current_time()
-            catalog = Catalog(self._core, epoch=time.time_ns() // 1000, now=now,
-                              wall_offset=time.time() - now)
-            self._core.register(catalog)
-            self._catalog = Discovery(catalog, self._kick, self.config.probes)
             self._nursery = await self._stack.enter_async_context(trio.open_nursery())
-            self._nursery.start_soon(self._catalog.run)
             self._nursery.start_soon(self._udp_loop)
             self._nursery.start_soon(self._timer_loop)
             self._nursery.start_soon(self._serve_streams, listeners)
@@ -262,11 +264,11 @@ class Node:
         return self._core
 
     @property
-    def catalog(self) -> Discovery:
-        """Service registration and discovery (``rumor.gossip.discovery.Discovery``)."""
-        if self._catalog is None:
+    def parts(self) -> NodeParts:
+        """The assembled core and delegates (the catalog, the keyring commands, ...)."""
+        if self._parts is None:
             raise RuntimeError("the node is not running (use `async with Node(...)`)")
-        return self._catalog
+        return self._parts
 
     @property
     def address(self) -> Address:
@@ -367,31 +369,45 @@ class Node:
 
     async def _flush(self) -> None:
         core = self.core
-        effects: list[Effect] = core.take_effects()
-        for e in effects:
+        self._executor.run(core.take_effects())
+        # Datagrams wait for the socket here, in order, after the batch's other effects
+        # (which only schedule or record) are done.
+        outbox, self._outbox = self._outbox, []
+        for e in outbox:
             try:
-                if isinstance(e, SendPacket):
-                    await self._send_packet(e)
-                elif isinstance(e, StreamRequest):
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._exchange, e)
-                elif isinstance(e, MemberEvent):
-                    self._publish(e)
-                elif isinstance(e, JoinFinished):
-                    self._join_result = e
-                    if self._join_done is not None:
-                        self._join_done.set()
-                elif isinstance(e, LeaveFinished):
-                    self._left.set()
-                elif isinstance(e, Notice):
-                    log.warning(e.message, extra={"event": "notice", "code": e.code,
-                                                  "member": e.member})
-            except Exception:
-                # One effect that cannot be carried out costs that effect only: the
-                # others of the batch still run and the agent keeps serving.
-                self._internal_error("effect", type(e).__name__)
+                await self._send_packet(e)
+            except Exception as err:
+                self._effect_failed(e, err)
         if self._timer_scope is not None:
             self._timer_scope.deadline = core.next_deadline()
+
+    def _effect_failed(self, e: Effect, err: Exception) -> None:
+        # One effect that cannot be carried out costs that effect only: the others of
+        # the batch still run and the agent keeps serving.
+        self._internal_error("effect", type(e).__name__, err)
+
+    # The EffectHandler methods (see executor.py).
+
+    def send_packet(self, e: SendPacket) -> None:
+        self._outbox.append(e)
+
+    def open_stream(self, e: StreamRequest) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._exchange, e)
+
+    def member_event(self, e: MemberEvent) -> None:
+        self._publish(e)
+
+    def join_finished(self, e: JoinFinished) -> None:
+        self._join_result = e
+        if self._join_done is not None:
+            self._join_done.set()
+
+    def leave_finished(self, e: LeaveFinished) -> None:
+        self._left.set()
+
+    def notice(self, e: Notice) -> None:
+        log.warning(e.message, extra={"event": "notice", "code": e.code, "member": e.member})
 
     async def _send_packet(self, e: SendPacket) -> None:
         assert self._udp is not None
@@ -403,15 +419,17 @@ class Node:
             self.core.stats["send_errors"] += 1
             log.debug("send to %s failed: %s", format_address(e.addr), err)
 
-    def _internal_error(self, where: str, what: str) -> None:
+    def _internal_error(self, where: str, what: str, err: BaseException | None = None) -> None:
         """A bug met an input: count it, log its traceback (at most once a minute per
-        place, so a flood of one bad input cannot fill the log), and carry on."""
+        place, so a flood of one bad input cannot fill the log), and carry on. Called
+        while handling the exception (or with it as ``err``)."""
         self.core.stats["internal_errors"] += 1
         now = trio.current_time()
         if now - self._error_logged.get(where, -math.inf) >= 60.0:
             self._error_logged[where] = now
-            log.exception("internal error in gossip %s (%s); the input was dropped",
-                          where, what, extra={"event": "internal_error", "where": where})
+            log.error("internal error in gossip %s (%s); the input was dropped",
+                      where, what, exc_info=err or True,
+                      extra={"event": "internal_error", "where": where})
 
     def _publish(self, e: MemberEvent) -> None:
         for ch in list(self._subscribers):

@@ -23,10 +23,12 @@ from typing import Any
 
 import msgpack
 
+from ..gossip.assembly import DelegateFactory, NodeSpec
 from ..gossip.delegate import Delegate
 from ..gossip.membership import Membership
 from .envelope import MAX_ENVELOPE
 from .store import MAX_DOCUMENTS, Held, Outcome, PolicyStore
+from .trust import TrustSet
 
 CHANNEL = "policy"
 FORMAT = 1
@@ -54,6 +56,15 @@ class PolicyReplicator(Delegate):
         self._listeners: list[OutcomeListener] = []
         self.stats: dict[str, int] = {"messages_malformed": 0, "states_malformed": 0,
                                       "repairs_sent": 0, "repair_envelopes_sent": 0}
+
+    @staticmethod
+    def factory(trust: TrustSet) -> DelegateFactory:
+        """The node assembly's builder (``NodeSpec.extras``) of a replicator over a
+        fresh store that trusts ``trust``: how the agent and the simulator add policy
+        to a node."""
+        def build(core: Membership, spec: NodeSpec) -> PolicyReplicator:
+            return PolicyReplicator(core, PolicyStore(trust), wall_offset=spec.wall_offset)
+        return build
 
     def on_outcome(self, listener: OutcomeListener) -> None:
         """Called for every offer's outcome (the shell logs and persists from here)."""

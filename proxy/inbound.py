@@ -151,7 +151,7 @@ class InboundProxy:
         """Address of the local instance to serve (the named one if given)."""
         wanted = instance.decode("ascii", "replace") if instance else None
         fallback = None
-        for sid, ls in self.node.catalog.catalog.local.items():
+        for sid, ls in self.node.parts.catalog.local.items():
             s = ls.service
             if s.name != service:
                 continue

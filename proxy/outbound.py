@@ -146,7 +146,7 @@ class OutboundProxy:
                        ev: Evaluator, state: ServiceState) -> Outgoing:
         endpoints = self._endpoints_of(service)
         if not endpoints:
-            known = bool(self.node.catalog.instances(service, include_critical=True))
+            known = bool(self.node.parts.catalog.instances(service, include_critical=True))
             return self._answer(req, started, service, 503,
                                 f"no healthy instance of {service}" if known
                                 else f"unknown service {service!r}")
@@ -354,14 +354,14 @@ class OutboundProxy:
     def _endpoints_of(self, service: str) -> list[Endpoint]:
         """Instances of ``service`` that can take traffic, cached until the catalog
         changes (the request path must not rebuild the catalog view every time)."""
-        index = self.node.catalog.index()
+        index = self.node.parts.catalog.index
         now = trio.current_time()  # the one clock: a MockClock drives it in tests
         cached = self._endpoints.get(service)
         if cached is not None and cached[0] == index and now - cached[1] < ENDPOINT_CACHE_TTL:
             return cached[2]
         members = self.node.core.members
         out: list[Endpoint] = []
-        for inst in self.node.catalog.instances(service):
+        for inst in self.node.parts.catalog.instances(service):
             m = members.get(inst.node)
             inbound = m.meta.get(INBOUND_TAG) if m is not None else None
             if not inbound:

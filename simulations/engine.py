@@ -1,4 +1,9 @@
-"""The discrete-event engine: real ``Membership`` cores on a virtual clock.
+"""The discrete-event engine: real nodes on a virtual clock.
+
+Each simulated node is built by the agent's own assembly (``gossip/assembly.py``: the
+core with the catalog and any extra delegates, such as policy replication) and its
+effects are carried out through the same ``EffectExecutor``; only the clock and the
+network are the simulator's.
 
 One heap holds every future event (datagram arrivals, stream steps, node timers,
 scheduled faults), ordered by (time, sequence number) so ties break the same way in
@@ -7,11 +12,11 @@ input a node's ``next_deadline()`` is read and, if it moved, a new timer entry i
 pushed; entries that no longer match the node's current deadline are skipped when
 popped. Nothing is ever O(n) per event, which is what makes 10,000 nodes possible.
 
-The engine executes the cores' effects exactly as the trio runtime does: datagrams
+The engine carries out the cores' effects as the trio runtime does: datagrams
 through the network model, stream exchanges as reliable request/reply with latency
 (or a timeout when partitioned, a refusal when the peer is down), member events to
 the metrics listener. Randomness: one ``random.Random`` for the network and one per
-node life, all derived from the seed.
+node life (plus one for its command ids), all derived from the seed.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import heapq
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from ..gossip.assembly import DelegateFactory, NodeParts, NodeSpec, assemble
 from ..gossip.config import GossipConfig
 from ..gossip.effects import (
     JoinFinished,
@@ -34,11 +40,14 @@ from ..gossip.effects import (
     SendPacket,
     StreamRequest,
 )
+from ..gossip.executor import EffectExecutor
 from ..gossip.membership import Membership
 from ..gossip.wire import Address, Meta
 from .network import Network
 
 INF = math.inf
+#: The calendar time the virtual clock's 0 stands for (catalog epochs, policy expiry).
+CALENDAR_AT_ZERO = 1_800_000_000.0
 
 # Event kinds (small ints: the heap compares tuples, and dispatch is a list index).
 _PACKET, _TIMER, _SERVE, _REPLY, _TIMEOUT, _CALL = range(6)
@@ -47,20 +56,24 @@ MemberListener = Callable[[float, int, MemberEvent], None]
 
 
 class SimNode:
-    """One simulated host: its current core and what the network sees of it."""
+    """One simulated host: its current parts and what the network sees of it."""
 
-    __slots__ = ("addr", "bytes_in", "bytes_out", "core", "deaf", "held", "held_packets", "idx",
-                 "join_result", "left", "life", "meta", "name", "packets_in",
-                 "packets_out", "paused", "stream_bytes_out", "streams_out", "timer_at",
-                 "up")
+    __slots__ = ("addr", "bytes_in", "bytes_out", "core", "deaf", "executor", "held",
+                 "held_packets", "idx", "join_result", "left", "life", "meta", "name",
+                 "packets_in", "packets_out", "parts", "paused", "stream_bytes_out",
+                 "streams_out", "timer_at", "up")
 
-    def __init__(self, idx: int, name: str, addr: Address, core: Membership,
+    def __init__(self, idx: int, name: str, addr: Address, parts: NodeParts,
                  meta: Meta | None) -> None:
         self.idx = idx
         self.name = name
         self.addr = addr
         self.meta = meta
-        self.core = core
+        self.parts = parts
+        #: ``parts.core``, kept as a slot: the event handlers read it millions of times.
+        self.core: Membership = parts.core
+        #: Set by the simulator (it carries out this node's effects).
+        self.executor: EffectExecutor | None = None
         self.up = True
         self.paused = False
         #: Input handling stalled while timers run (a starved message handler).
@@ -124,10 +137,13 @@ class Simulator:
     #: the rest are dropped by the kernel, as for a real stopped process.
     RECV_BUFFER_PACKETS = 256
 
-    def __init__(self, config: GossipConfig, network: Network, seed: int = 1) -> None:
+    def __init__(self, config: GossipConfig, network: Network, seed: int = 1,
+                 extras: Sequence[DelegateFactory] = ()) -> None:
         self.config = config
         self.network = network
         self.seed = seed
+        #: Further delegates of every node (``NodeSpec.extras``), as an agent's options.
+        self.extras = tuple(extras)
         self.rng = random.Random(f"net:{seed}")
         self.now = 0.0
         self.nodes: list[SimNode] = []
@@ -149,16 +165,21 @@ class Simulator:
         idx = len(self.nodes)
         name = name or f"n{idx}"
         addr = node_address(idx)
-        node = SimNode(idx, name, addr, self._new_core(name, addr, 0, meta), meta)
+        node = SimNode(idx, name, addr, self._assemble(name, addr, 0, meta), meta)
+        node.executor = EffectExecutor(_SimEffects(self, node))
         self.nodes.append(node)
         self.by_addr[addr] = idx
         self.by_name[name] = idx
         self._reschedule(node)
         return idx
 
-    def _new_core(self, name: str, addr: Address, life: int, meta: Meta | None) -> Membership:
+    def _assemble(self, name: str, addr: Address, life: int, meta: Meta | None) -> NodeParts:
+        """A node as an agent builds it (``gossip/assembly.py``), on the virtual clock."""
         rng = random.Random(f"{self.seed}:{name}:{life}")
-        return Membership(name, addr, self.config, rng, meta=meta, now=self.now)
+        ids = random.Random(f"{self.seed}:{name}:{life}:ids")
+        spec = NodeSpec(name, addr, self.config, meta=dict(meta or {}),
+                        wall_offset=CALENDAR_AT_ZERO, extras=self.extras)
+        return assemble(spec, self.now, rng, new_id=lambda: f"{ids.getrandbits(64):016x}")
 
     def join(self, idx: int, seeds: list[int]) -> None:
         node = self.nodes[idx]
@@ -211,23 +232,8 @@ class Simulator:
         """Carry out what the core asked for, then file its next timer."""
         effects = node.core.take_effects()
         if effects:
-            for e in effects:
-                t = type(e)
-                if t is SendPacket:
-                    self._send(node, e)  # type: ignore[arg-type]
-                elif t is MemberEvent:
-                    if self.on_member is not None:
-                        self.on_member(self.now, node.idx, e)  # type: ignore[arg-type]
-                elif t is StreamRequest:
-                    self._stream(node, e)  # type: ignore[arg-type]
-                elif t is JoinFinished:
-                    node.join_result = e  # type: ignore[assignment]
-                    if self.on_join is not None:
-                        self.on_join(self.now, node.idx, e)  # type: ignore[arg-type]
-                elif t is Notice:
-                    self.counters[f"notice_{e.code}"] += 1  # type: ignore[union-attr]
-                elif t is LeaveFinished:
-                    node.left = True
+            assert node.executor is not None
+            node.executor.run(effects)
         self._reschedule(node)
 
     def _reschedule(self, node: SimNode) -> None:
@@ -362,7 +368,8 @@ class Simulator:
         if node.up:
             self.crash(idx)
         node.life += 1
-        node.core = self._new_core(node.name, node.addr, node.life, node.meta)
+        node.parts = self._assemble(node.name, node.addr, node.life, node.meta)
+        node.core = node.parts.core
         node.up = True
         node.join_result = None
         node.left = False
@@ -419,3 +426,35 @@ class Simulator:
 
     def live(self) -> list[SimNode]:
         return [n for n in self.nodes if n.up]
+
+
+class _SimEffects:
+    """The simulator's ``EffectHandler`` for one node (see ``gossip/executor.py``)."""
+
+    __slots__ = ("node", "sim")
+
+    def __init__(self, sim: Simulator, node: SimNode) -> None:
+        self.sim = sim
+        self.node = node
+
+    def send_packet(self, e: SendPacket) -> None:
+        self.sim._send(self.node, e)
+
+    def open_stream(self, e: StreamRequest) -> None:
+        self.sim._stream(self.node, e)
+
+    def member_event(self, e: MemberEvent) -> None:
+        sim = self.sim
+        if sim.on_member is not None:
+            sim.on_member(sim.now, self.node.idx, e)
+
+    def join_finished(self, e: JoinFinished) -> None:
+        self.node.join_result = e
+        if self.sim.on_join is not None:
+            self.sim.on_join(self.sim.now, self.node.idx, e)
+
+    def leave_finished(self, e: LeaveFinished) -> None:
+        self.node.left = True
+
+    def notice(self, e: Notice) -> None:
+        self.sim.counters[f"notice_{e.code}"] += 1

@@ -20,13 +20,13 @@ from typing import Any
 from ..policy.envelope import make_payload, sign
 from ..policy.keys import SecretKey
 from ..policy.replication import PolicyReplicator
-from ..policy.store import PolicyStore
 from ..policy.trust import TrustSet
+from .engine import CALENDAR_AT_ZERO
 from .metrics import summarize
 from .scenarios import Params, Progress, _report, _start, make_sim
 
 #: Calendar time the simulation's clock 0 stands for (documents carry calendar times).
-EPOCH = 1_800_000_000.0
+EPOCH = CALENDAR_AT_ZERO
 
 DOCUMENT = b"""kind = "route"
 name = "web-canary"
@@ -49,24 +49,25 @@ weight = 5
 
 def policy(p: Params, progress: Progress | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    sim, rec = make_sim(p)
-    rng = random.Random(f"scenario:{p.seed}")
-    start = _start(sim, rec, p, progress, rng)
     # A key derived from the seed: the same run signs the same bytes.
     key = SecretKey(random.Random(f"key:{p.seed}").randbytes(32))
     trust = TrustSet.of([key.public])
+    # Every node trusts the key, as agents started with --trust-key do.
+    sim, rec = make_sim(p, extras=[PolicyReplicator.factory(trust)])
+    rng = random.Random(f"scenario:{p.seed}")
+    start = _start(sim, rec, p, progress, rng)
     held_at: dict[int, float] = {}
     copies: list[int] = [0] * len(sim.nodes)
     replicators: list[PolicyReplicator] = []
     for node in sim.nodes:
-        r = PolicyReplicator(node.core, PolicyStore(trust), wall_offset=EPOCH)
+        r = node.parts.extras["policy"]
+        assert isinstance(r, PolicyReplicator)
 
         def listen(now: float, out: Any, idx: int = node.idx) -> None:
             copies[idx] += 1
             if out.accepted and idx not in held_at:
                 held_at[idx] = now
         r.on_outcome(listen)
-        node.core.register(r)
         replicators.append(r)
     origin = rng.randrange(len(sim.nodes))
     t_pub = sim.now + rng.uniform(0.0, sim.config.gossip_interval)

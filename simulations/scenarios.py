@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..gossip.assembly import DelegateFactory
 from ..gossip.config import GossipConfig, profile
 from ..gossip.wire import MemberState, PushPull, Status
 from .engine import Simulator, gc_paused
@@ -62,10 +63,11 @@ def gossip_config(p: Params) -> GossipConfig:
     return profile(p.profile).with_overrides(lifeguard=p.lifeguard)
 
 
-def make_sim(p: Params, loss: float | None = None) -> tuple[Simulator, Recorder]:
+def make_sim(p: Params, loss: float | None = None,
+             extras: Sequence[DelegateFactory] = ()) -> tuple[Simulator, Recorder]:
     lat = parse_latency(p.latency) if p.latency else PROFILE_LATENCY[p.profile]
     net = Network(lat, p.loss if loss is None else loss)
-    sim = Simulator(gossip_config(p), net, p.seed)
+    sim = Simulator(gossip_config(p), net, p.seed, extras=extras)
     return sim, Recorder(sim)
 
 

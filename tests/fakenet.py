@@ -1,8 +1,10 @@
-"""A tiny deterministic driver for unit tests of the membership core.
+"""A tiny deterministic network for unit tests of the membership core.
 
-It runs several ``Membership`` cores on a virtual clock over a lossless (or
-rule-filtered) network with fixed latency. It is deliberately minimal: the chaos
-simulator lives in ``rumor.simulations``; this file only lets unit tests state a
+It runs several bare ``Membership`` cores (a test registers the delegates it tests)
+on a virtual clock over a lossless (or rule-filtered) network with fixed latency,
+and carries out their effects through the agent's own ``EffectExecutor``. It is
+deliberately minimal: the chaos simulator, which builds whole nodes as the agent
+does, lives in ``rumor.simulations``; this file only lets unit tests state a
 scenario in a few lines.
 """
 
@@ -23,6 +25,7 @@ from rumor.gossip.effects import (
     SendPacket,
     StreamRequest,
 )
+from rumor.gossip.executor import EffectExecutor
 from rumor.gossip.membership import Membership
 from rumor.gossip.wire import Address, Status
 
@@ -47,6 +50,7 @@ class FakeNet:
     left: set[str] = field(default_factory=set)
     _queue: list[tuple[float, int, Callable[[], None]]] = field(default_factory=list)
     _held: dict[str, list[Callable[[], None]]] = field(default_factory=dict)
+    _executors: dict[str, EffectExecutor] = field(default_factory=dict)
     _n: int = 0
 
     def add(self, name: str, **kw: Any) -> Membership:
@@ -55,6 +59,7 @@ class FakeNet:
                           now=self.now, **kw)
         self.nodes[name] = core
         self.by_addr[addr] = name
+        self._executors[name] = EffectExecutor(_Effects(self, name))
         return core
 
     def cluster(self, n: int) -> list[Membership]:
@@ -84,20 +89,7 @@ class FakeNet:
         self.flush(name)
 
     def flush(self, name: str) -> None:
-        core = self.nodes[name]
-        for e in core.take_effects():
-            if isinstance(e, SendPacket):
-                self._send(name, e)
-            elif isinstance(e, StreamRequest):
-                self._stream(name, e)
-            elif isinstance(e, MemberEvent):
-                self.events.append((self.now, name, e))
-            elif isinstance(e, Notice):
-                self.notices.append((self.now, name, e))
-            elif isinstance(e, JoinFinished):
-                self.joins[name] = e
-            elif isinstance(e, LeaveFinished):
-                self.left.add(name)
+        self._executors[name].run(self.nodes[name].take_effects())
 
     def _send(self, src: str, e: SendPacket) -> None:
         dst = self.by_addr.get(e.addr)
@@ -199,3 +191,30 @@ class FakeNet:
 
     def live_names(self) -> list[str]:
         return [n for n in self.nodes if n not in self.crashed]
+
+
+class _Effects:
+    """FakeNet's ``EffectHandler`` for one node."""
+
+    def __init__(self, net: FakeNet, name: str) -> None:
+        self.net = net
+        self.name = name
+
+    def send_packet(self, e: SendPacket) -> None:
+        self.net._send(self.name, e)
+
+    def open_stream(self, e: StreamRequest) -> None:
+        self.net._stream(self.name, e)
+
+    def member_event(self, e: MemberEvent) -> None:
+        self.net.events.append((self.net.now, self.name, e))
+
+    def notice(self, e: Notice) -> None:
+        self.net.notices.append((self.net.now, self.name, e))
+
+    def join_finished(self, e: JoinFinished) -> None:
+        self.net.joins[self.name] = e
+
+    def leave_finished(self, e: LeaveFinished) -> None:
+        self.net.left.add(self.name)
+

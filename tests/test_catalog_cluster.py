@@ -20,6 +20,7 @@ import trio
 from dnslib import RCODE, DNSRecord
 
 from rumor.gossip.config import LOCAL
+from rumor.gossip.discovery import Discovery
 from rumor.gossip.node import Node, NodeConfig
 
 from .agents import Agent, AgentCluster, free_port, rumor_cmd, wait_for
@@ -191,21 +192,24 @@ def test_fifty_services_replicate_and_python_api_watches(cluster: AgentCluster,
     async def embedded() -> tuple[int, list[str]]:
         cfg = NodeConfig(name="embedded", bind=("127.0.0.1", 0), gossip=LOCAL,
                          profile="local")
-        async with Node(cfg) as node:
+        async with Node(cfg) as node, trio.open_nursery() as nursery:
+            catalog = Discovery(node.parts.catalog, node.wake)
+            nursery.start_soon(catalog.run)
             await node.join([a.addr])
             with trio.fail_after(10):
-                while len(node.catalog.services()) < 50:
+                while len(catalog.services()) < 50:
                     await trio.sleep(0.05)
             seen: list[str] = []
             with trio.fail_after(10):
-                async for change in node.catalog.watch("late"):
+                async for change in catalog.watch("late"):
                     seen.append(",".join(i.node for i in change.instances))
                     if len(seen) == 1:
                         _put(a, "/v1/agent/service/register", {"name": "late", "port": 1})
                     else:
                         break
-            count = len(node.catalog.instances("svc07", tag="tag-b-7"))
+            count = len(catalog.instances("svc07", tag="tag-b-7"))
             await node.leave()
+            nursery.cancel_scope.cancel()
             return count, seen
 
     count, seen = trio.run(embedded)

@@ -328,8 +328,8 @@ def test_cluster_wide_rotation_through_keyring_commands_keeps_everyone() -> None
     cmds = []
     ids = random.Random(7)
     for c, s in zip(cores, seals, strict=True):
-        k = KeyringCommands(c, s, lambda ring, n=c.name: saved.append((n, ring.keys)),
-                            rand_id=lambda: f"{ids.getrandbits(64):016x}")
+        k = KeyringCommands(c, s, rand_id=lambda: f"{ids.getrandbits(64):016x}",
+                            on_change=lambda ring, n=c.name: saved.append((n, ring.keys)))
         c.register(k)
         cmds.append(k)
     for c in cores[1:]:
@@ -371,11 +371,11 @@ def test_use_is_refused_unless_every_live_member_holds_the_key() -> None:
     seals = [_sim_seal(K1, net, i) for i in range(3)]
     cores = [net.add(f"n{i}", seal=s) for i, s in enumerate(seals)]
     answered: list[str] = []
-    cmd = KeyringCommands(cores[0], seals[0], lambda ring: None, rand_id=lambda: "c1",
+    cmd = KeyringCommands(cores[0], seals[0], rand_id=lambda: "c1",
                           on_answer=answered.append)
     cores[0].register(cmd)
     for c, s in zip(cores[1:], seals[1:], strict=True):
-        c.register(KeyringCommands(c, s, lambda ring: None, rand_id=lambda: "x"))
+        c.register(KeyringCommands(c, s, rand_id=lambda: "x"))
         c.join(net.now, [cores[0].addr])
         net.flush(c.name)
     net.run(3.0)
@@ -400,7 +400,7 @@ def test_keyring_command_channel_survives_garbage() -> None:
     net = FakeNet(LOCAL)
     s = _sim_seal(K1, net, 1)
     c = net.add("n0", seal=s)
-    k = KeyringCommands(c, s, lambda ring: None, rand_id=lambda: "x")
+    k = KeyringCommands(c, s, rand_id=lambda: "x")
     for junk in (b"", b"\xc1", msgpack.packb(["cmd"]), msgpack.packb(["cmd", 1, 2, "use", b""]),
                  msgpack.packb(["ack", "x"]), msgpack.packb(["what"])):
         k.notify_message(net.now, junk)

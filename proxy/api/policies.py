@@ -31,7 +31,7 @@ ENVELOPE_TYPE = "application/x-rumor-envelope"
 
 
 class PolicyApi(Protocol):
-    """The part of `rumor.policy.service.Policies` the routes use."""
+    """The part of `rumor.policy.runtime.PolicyRuntime` the routes use."""
 
     evaluator: Evaluator
 

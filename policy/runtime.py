@@ -1,56 +1,59 @@
-"""The trio face of policy: ``Policies`` runs beside a ``Node`` in the agent.
+"""The trio runtime of policy: ``PolicyRuntime`` runs beside a ``Node`` in the agent.
 
-The sans-IO ``PolicyStore`` and ``PolicyReplicator`` decide everything. This shell
-gives them the wall clock (expiry is a calendar time, unlike the gossip core's
-monotonic ``now``), loads and writes the data directory, logs each outcome once,
-wakes the node so a publish goes out at once, and keeps an ``Evaluator`` of the held
+The sans-IO ``PolicyStore`` and ``PolicyReplicator`` decide everything; the node
+assembly registered the replicator (``NodeConfig.extras``). This shell expires
+documents on time, loads and writes the data directory, logs each outcome once, wakes
+the node so a publish goes out at once, and keeps an ``Evaluator`` of the held
 documents up to date for the proxy and the API::
 
-    policies = Policies(node, TrustSet.of([load_public_key("ops.pub")]), data_dir="/var/lib/rumor")
-    policies.start()        # before joining, so the join push-pull carries our digest
-    outcome = policies.publish(envelope_bytes)
-    policies.evaluator.route("web", {"x-canary": "1"})
+    trust = TrustSet.of([load_public_key("ops.pub")])
+    async with Node(NodeConfig(..., extras=[PolicyReplicator.factory(trust)])) as node:
+        policies = PolicyRuntime(node, node.parts.extras["policy"], data_dir="/var/lib/rumor")
+        policies.start()    # before joining, so the join push-pull carries our digest
+        outcome = policies.publish(envelope_bytes)
+        policies.evaluator.route("web", {"x-canary": "1"})
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from ..gossip.delegate import Delegate
 from ..gossip.node import Node
 from .evaluate import Evaluator
 from .persist import PolicyDirectory
 from .replication import PolicyReplicator
-from .store import ACCEPTED, REJECTED, Held, Outcome, PolicyStore
-from .trust import TrustSet
+from .store import ACCEPTED, REJECTED, Held, Outcome
 
 log = logging.getLogger("rumor.policy")
 
 
-class Policies:
-    def __init__(self, node: Node, trust: TrustSet, *,
+class PolicyRuntime:
+    """The policy documents an agent holds, kept on disk and in an ``Evaluator``."""
+
+    def __init__(self, node: Node, replicator: Delegate, *,
                  data_dir: str | Path | None = None) -> None:
+        if not isinstance(replicator, PolicyReplicator):
+            raise TypeError(f"expected the node's PolicyReplicator, got {replicator!r}")
         self.node = node
-        self.store = PolicyStore(trust)
+        self.replicator = replicator
+        self.store = replicator.store
         self.directory = PolicyDirectory(data_dir) if data_dir is not None else None
         # The core's clock is trio's (monotonic); documents expire by the calendar.
-        self._wall_offset = time.time() - trio.current_time()
-        self.replicator = PolicyReplicator(node.core, self.store,
-                                           wall_offset=self._wall_offset)
+        self._wall_offset = replicator.wall_offset
         self.replicator.on_outcome(self._on_outcome)
         self.evaluator = Evaluator([])
         self._timer: trio.CancelScope | None = None
 
     def start(self) -> list[str]:
-        """Load the data directory, then join the gossip channel. Returns what was set
-        aside (file paths), so the caller can report it."""
+        """Load the data directory. Returns what was set aside (file paths), so the
+        caller can report it."""
         set_aside = self._load() if self.directory is not None else []
-        self.node.register(self.replicator)
         self._refresh()
         return set_aside
 

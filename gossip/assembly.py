@@ -1,0 +1,83 @@
+"""One node assembly for the agent and the simulator: the membership core and every
+delegate the mesh runs on it, built by one function so that a simulated node is the
+same machine as a real one and only the clock and the network differ.
+
+A node is a ``Membership`` core with, in this order, the service catalog, the
+cluster-wide keyring commands (when gossip is encrypted) and the ``extras`` its
+options ask for — policy replication, which gossip does not know, is handed in by the
+agent and the simulator alike as ``PolicyReplicator.factory(trust)``. The trio shells
+(``node.py``, ``discovery.py``, ``cluster_keyring.py``, ``policy/runtime.py``) then
+drive these parts; the simulator drives them directly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .catalog import Catalog
+from .config import GossipConfig
+from .delegate import Delegate
+from .keyring import KeyringSeal
+from .keyring_commands import KeyringCommands
+from .membership import Membership
+from .security import Seal
+from .wire import Address, Meta
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What a node is, apart from its clock and its network."""
+
+    name: str
+    addr: Address
+    config: GossipConfig
+    meta: Meta = field(default_factory=dict)
+    seal: Seal | None = None
+    #: Calendar time minus the core's clock: catalog epochs are calendar microseconds,
+    #: policy documents expire by the calendar, the core's ``now`` is monotonic.
+    wall_offset: float = 0.0
+    #: Builders of further delegates (policy replication), registered after the
+    #: catalog and the keyring commands.
+    extras: Sequence[DelegateFactory] = ()
+
+
+#: Builds a delegate on a node's core; it may read the spec (its wall offset).
+DelegateFactory = Callable[[Membership, NodeSpec], Delegate]
+
+
+@dataclass
+class NodeParts:
+    """An assembled node: its core and the delegates registered on it."""
+
+    core: Membership
+    catalog: Catalog
+    keyring: KeyringCommands | None
+    #: The extras' delegates, by channel.
+    extras: dict[str, Delegate]
+
+
+def assemble(spec: NodeSpec, now: float, rng: random.Random,
+             new_id: Callable[[], str]) -> NodeParts:
+    """Build a node's core and delegates at ``now``; ``rng`` drives the protocol's
+    choices, ``new_id`` names the node's keyring commands (unique, not secret)."""
+    core = Membership(spec.name, spec.addr, spec.config, rng, meta=dict(spec.meta),
+                      seal=spec.seal, now=now)
+    # The epoch tells a restarted node's records from its previous life's.
+    catalog = Catalog(core, epoch=int((now + spec.wall_offset) * 1_000_000), now=now,
+                      wall_offset=spec.wall_offset)
+    core.register(catalog)
+    keyring = None
+    if isinstance(spec.seal, KeyringSeal):
+        keyring = KeyringCommands(core, spec.seal, rand_id=new_id)
+        core.register(keyring)
+    extras: dict[str, Delegate] = {}
+    for build in spec.extras:
+        d = build(core, spec)
+        core.register(d)
+        extras[d.channel] = d
+    return NodeParts(core, catalog, keyring, extras)
+
+
+__all__ = ["DelegateFactory", "NodeParts", "NodeSpec", "assemble"]
