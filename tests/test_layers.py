@@ -27,7 +27,8 @@ FORBIDDEN = {"gossip": {"httpcore", "h11", "httptools"}, "policy": {"httpcore", 
 #: The sans-IO cores: state machines driven by a shell.
 CORES = [
     *(f"gossip/{m}.py" for m in (
-        "address", "awareness", "catalog", "checks", "config", "delegate", "durations",
+        "address", "anti_entropy", "assembly", "awareness", "catalog", "checks", "config",
+        "core_base", "delegate", "dissemination", "durations", "executor", "probing", "rules",
         "effects", "fields", "keyring", "keyring_commands", "members", "membership",
         "queue", "security", "service_spec", "suspicion", "wire")),
     *(f"policy/{m}.py" for m in (

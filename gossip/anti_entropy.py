@@ -1,0 +1,174 @@
+"""Anti-entropy and the table's life cycle: push-pull, join, reconnect, reap.
+
+A periodic full-state exchange over a stream with one random member repairs whatever
+gossip missed; a join is a push-pull with each seed, retried with back-off; failed
+members are retried now and then so a healed partition merges back; failed and left
+members are forgotten after a while.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .core_base import INF, CoreBase
+from .effects import (
+    JoinFinished,
+)
+from .members import Member
+from .wire import (
+    EMPTY_META,
+    Address,
+    Alive,
+    Dead,
+    PushPull,
+    Status,
+    Suspect,
+    encode_push_pull,
+)
+
+
+@dataclass(slots=True)
+class _Join:
+    seeds: list[Address]
+    attempt: int = 0
+    pending: set[int] = field(default_factory=set)
+    contacted: int = 0
+    errors: list[str] = field(default_factory=list)
+    retry_at: float = INF
+
+
+class AntiEntropy(CoreBase):
+    """Push-pull, join, reconnect and reap (a part of ``Membership``)."""
+
+    #: The join in progress, if any.
+    _join: _Join | None
+
+    def _merge(self, now: float, pp: PushPull) -> None:
+        # Most rows of a push-pull repeat what we hold, and a warm start learns every
+        # member at once, so both are cut short here: an alive row no newer than our
+        # record is dropped exactly as _on_alive would drop it, and new members are
+        # learnt as _on_alive would learn them (roster and probe order in one batch).
+        # Anything else takes the general path, after the batch is flushed, so the
+        # random draws keep their order. (Delegates hear of each join at once; they
+        # never draw from the generator, see delegate.py, so the order holds.)
+        members, me, quiet = self.members, self.name, self._quiet
+        fresh: list[str] = []
+        for s in pp.states:
+            if s.status == Status.ALIVE:
+                name = s.name
+                m = members.get(name)
+                if m is None:
+                    if not self._room_for_one():
+                        continue
+                    m = members[name] = Member(name, s.addr, s.incarnation, Status.ALIVE, now,
+                                               dict(s.meta) if s.meta else EMPTY_META)
+                    fresh.append(name)
+                    if not quiet:
+                        self._queue_member(Alive(s.incarnation, name, s.addr, s.meta))
+                    self._emit(now, m, "join")
+                    continue
+                if s.incarnation <= m.incarnation and name != me:
+                    continue
+            if fresh:
+                self._learnt(fresh)
+                fresh = []
+            if s.status == Status.ALIVE:
+                self._on_alive(now, Alive(s.incarnation, s.name, s.addr, s.meta))
+            elif s.status == Status.LEFT:
+                self._on_dead(now, Dead(s.incarnation, s.name, s.name))
+            else:
+                # memberlist's rule: a remote "dead" is only a suspicion here, so one
+                # peer's stale view cannot fail a member outright.
+                self._on_suspect(now, Suspect(s.incarnation, s.name, self.name))
+        if fresh:
+            self._learnt(fresh)
+        for channel, data in pp.user.items():
+            d = self._delegates.get(channel)
+            if d is not None:
+                d.merge_remote_state(now, data, pp.join, pp.source)
+
+    def _learnt(self, names: list[str]) -> None:
+        """The rest of ``_on_alive`` for members ``_merge`` has just added."""
+        self._roster += names
+        self._add_many_to_probe_order(names)
+
+    def _push_pull_body(self, join: bool) -> bytes:
+        user = {c: d.local_state(join) for c, d in self._delegates.items()}
+        rows = [(m.name, m.addr, m.incarnation, m.status, m.meta)
+                for m in self.members.values()]
+        return encode_push_pull(join, self.name, rows, {c: s for c, s in user.items() if s})
+
+    def _periodic_push_pull(self, now: float) -> None:
+        self._push_pull_at = now + self.config.push_pull_period(self.num_members())
+        peers = self._random_members(1)
+        if peers:
+            self._stream(now, peers[0], "push_pull", self._push_pull_body(False), True)
+
+    def _join_round(self, now: float) -> None:
+        j = self._join
+        assert j is not None
+        j.retry_at = INF
+        j.attempt += 1
+        j.errors.clear()  # report only the last round's failures
+        body = self._push_pull_body(True)
+        for seed in j.seeds:
+            # A seed is known by address only: the join is sealed for nobody in
+            # particular (see security.py), the one frame a peer accepts that way.
+            ex = self._stream_to(now, seed, "", f"{seed[0]}:{seed[1]}", "join", body, True)
+            j.pending.add(ex)
+
+    def _join_answer(self, now: float, exchange: int, ok: bool, peer: str,
+                     why: str = "no answer") -> None:
+        j = self._join
+        if j is None or exchange not in j.pending:
+            return
+        j.pending.discard(exchange)
+        if ok:
+            j.contacted += 1
+        else:
+            j.errors.append(f"{peer}: {why}")
+        if j.pending:
+            return
+        if j.contacted or j.attempt >= self.config.join_attempts:
+            self._join = None
+            errors = tuple(f"{e} after {j.attempt} attempt(s)" for e in j.errors)
+            self._effects.append(JoinFinished(j.contacted, errors))
+            if j.contacted:
+                self._queue_member(self._self_alive())
+            return
+        j.retry_at = now + self.config.join_backoff * 2 ** (j.attempt - 1)
+
+    def _reconnect(self, now: float) -> None:
+        """Try to merge with one failed member, so a healed partition joins back."""
+        members = self.members
+        n_failed = sum(1 for name in self._down if members[name].status == Status.DEAD)
+        if not n_failed:
+            return
+        alive = max(1, self.num_live())
+        if self.rng.random() > n_failed / alive:
+            return
+        # Picked in table order, as ever, so a run replays from its seed.
+        failed = [m for m in members.values() if m.status == Status.DEAD]
+        m = self.rng.choice(failed)
+        self.stats["reconnect_attempts"] += 1
+        self._stream(now, m, "reconnect", self._push_pull_body(True), True)
+
+    def _reap(self, now: float) -> None:
+        cfg = self.config
+
+        def due(m: Member) -> bool:
+            limit = cfg.reap_failed_after if m.status == Status.DEAD else (
+                cfg.reap_left_after if m.status == Status.LEFT else INF)
+            return now - m.since >= limit
+        if not any(name != self.name and due(self.members[name]) for name in self._down):
+            return
+        for name, m in list(self.members.items()):
+            if name == self.name:
+                continue
+            limit = cfg.reap_failed_after if m.status == Status.DEAD else (
+                cfg.reap_left_after if m.status == Status.LEFT else INF)
+            if now - m.since >= limit:
+                del self.members[name]
+                self._roster.remove(name)
+                self._down.discard(name)
+                self._emit(now, m, "reap")

@@ -1,0 +1,187 @@
+"""The state every part of the membership core shares, and the small steps all of
+them take: record a status change and tell the delegates, ask the driver for a stream,
+seal a frame. ``Membership`` (membership.py) is this state plus its parts, one file
+per concern as in memberlist:
+
+* ``rules.py`` – the alive / suspect / dead rules, refutation, the table's limits;
+* ``probing.py`` – probes, indirect probes and the relays we run for others;
+* ``dissemination.py`` – piggybacked and periodic gossip, packing datagrams;
+* ``anti_entropy.py`` – push-pull, join, reconnect and reaping.
+
+The parts call each other through ``self``; the declarations at the end of the class
+tell the type checker what each one may use of the others.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from .awareness import Awareness
+from .config import GossipConfig
+from .delegate import Delegate
+from .effects import (
+    Effect,
+    LeaveFinished,
+    MemberEvent,
+    Notice,
+    StreamReply,
+    StreamRequest,
+)
+from .fields import MAX_COUNTER
+from .members import Member
+from .queue import BroadcastQueue
+from .security import Seal
+from .suspicion import Suspicion
+from .wire import (
+    Address,
+    Alive,
+    Dead,
+    Message,
+    Status,
+    Suspect,
+)
+
+INF = math.inf
+
+
+class CoreBase:
+    """Attributes are set by ``Membership.__init__``; see there."""
+
+    name: str
+    addr: Address
+    config: GossipConfig
+    rng: random.Random
+    seal: Seal
+    awareness: Awareness
+    stats: Counter[str]
+    members: dict[str, Member]
+    incarnation: int
+    leaving: bool
+    _quiet: bool
+    _roster: list[str]
+    _down: set[str]
+    _effects: list[Effect]
+    _member_q: BroadcastQueue
+    _user_q: BroadcastQueue
+    _delegates: dict[str, Delegate]
+    _seq: int
+    _exchange: int
+    _exchanges: dict[int, str]
+    _refused: set[str]
+    _new_names: dict[str, tuple[float, float]]
+    _exchange_peer: dict[int, str]
+    _suspicions: dict[str, Suspicion]
+    _leave_deadline: float
+    _probe_at: float
+    _gossip_at: float
+    _push_pull_at: float
+    _reconnect_at: float
+
+    def num_members(self) -> int:
+        """Members we count for timeouts and retransmits (all but the forgotten)."""
+        return len(self.members)
+
+    def num_live(self) -> int:
+        return len(self.members) - len(self._down)
+
+    def _stream(self, now: float, m: Member, kind: str, packet: bytes, expect_reply: bool,
+                timeout: float | None = None) -> int:
+        return self._stream_to(now, m.addr, m.name, m.name, kind, packet, expect_reply,
+                               timeout)
+
+    def _stream_to(self, now: float, addr: Address, to: str, peer: str, kind: str,
+                   packet: bytes, expect_reply: bool, timeout: float | None = None) -> int:
+        """Ask the driver for a stream exchange carrying ``packet`` sealed for member
+        ``to`` (``peer`` names the other end in errors)."""
+        self._exchange += 1
+        ex = self._exchange
+        self._exchanges[ex] = kind
+        self._exchange_peer[ex] = peer
+        self.stats[f"stream_{kind}"] += 1
+        frame = self._frame(now, packet, to)
+        self._effects.append(StreamRequest(
+            ex, addr, frame.body, expect_reply,
+            self.config.stream_timeout if timeout is None else timeout, frame.header))
+        return ex
+
+    def _frame(self, now: float, packet: bytes, to: str) -> StreamReply:
+        """``packet`` sealed for ``to`` with its frame header."""
+        body = self.seal.seal(now, packet, to)
+        return StreamReply(body, self.seal.frame_header(now, len(body), to))
+
+    def _notice_refused(self, source: Address, why: str) -> None:
+        """Tell our operator once per host (every stream comes from a new port)."""
+        if source[0] not in self._refused and len(self._refused) < 1024:
+            self._refused.add(source[0])
+            self._effects.append(Notice("gossip_refused",
+                                        f"refused gossip from {source[0]}: {why}"))
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    def _set_status(self, now: float, m: Member, status: int, kind: str) -> None:
+        m.status = status
+        m.since = now
+        if status >= Status.DEAD:
+            self._down.add(m.name)
+        else:
+            self._down.discard(m.name)
+        self._emit(now, m, kind)
+
+    def _emit(self, now: float, m: Member, kind: str) -> None:
+        if self._quiet and not self._delegates:
+            return
+        ev = MemberEvent(kind, m.name, m.status, m.incarnation, m.addr, dict(m.meta))
+        if not self._quiet:
+            self._effects.append(ev)
+        for d in self._delegates.values():
+            d.notify_member(now, ev)
+
+    def _finish_leave(self) -> None:
+        if self._leave_deadline == -INF:
+            return
+        self._leave_deadline = -INF  # finished; never fire again
+        self._effects.append(LeaveFinished())
+
+    def _set_incarnation(self, incarnation: int) -> None:
+        """Our new incarnation, never past the wire's cap (which the jump rule keeps out
+        of reach: see ``_absurd``)."""
+        self.incarnation = min(incarnation, MAX_COUNTER)
+        self.members[self.name].incarnation = self.incarnation
+
+    if TYPE_CHECKING:  # what the parts use of each other (defined in their files)
+
+        def _send(self, now: float, addr: Address, to: str, msgs: list[Message]) -> None:
+            raise NotImplementedError
+
+        def _queue_member(self, msg: Alive | Suspect | Dead) -> None:
+            raise NotImplementedError
+
+        def _self_alive(self) -> Alive:
+            raise NotImplementedError
+
+        def _random_members(self, k: int, now: float = 0.0,
+                            include_recent_dead: bool = False) -> list[Member]:
+            raise NotImplementedError
+
+        def _on_alive(self, now: float, a: Alive) -> None:
+            raise NotImplementedError
+
+        def _on_suspect(self, now: float, s: Suspect) -> None:
+            raise NotImplementedError
+
+        def _on_dead(self, now: float, d: Dead) -> None:
+            raise NotImplementedError
+
+        def _room_for_one(self) -> bool:
+            raise NotImplementedError
+
+        def _add_to_probe_order(self, name: str) -> None:
+            raise NotImplementedError
+
+        def _add_many_to_probe_order(self, names: list[str]) -> None:
+            raise NotImplementedError

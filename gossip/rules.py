@@ -1,0 +1,189 @@
+"""What a node believes about each member, and how news changes it (sans-IO).
+
+The alive / suspect / dead rules of SWIM with incarnation numbers: newer news wins, a
+suspicion starts a Lifeguard timer that independent confirmations shorten, a node
+accused or misrepresented refutes by outbidding the accusation. Also the table's
+guards: absurd incarnation jumps, the member cap, the rate of new names per host.
+"""
+
+from __future__ import annotations
+
+from .core_base import CoreBase
+from .effects import (
+    Notice,
+)
+from .fields import MAX_INCARNATION_JUMP, valid_text
+from .members import Member
+from .suspicion import Suspicion
+from .wire import (
+    MAX_META_ENTRIES,
+    MAX_META_TEXT,
+    Alive,
+    Dead,
+    Meta,
+    Status,
+    Suspect,
+    own_meta,
+    pack_message,
+)
+
+
+class MemberRules(CoreBase):
+    """The alive / suspect / dead / refute rules (a part of ``Membership``)."""
+
+    def _on_alive(self, now: float, a: Alive) -> None:
+        if a.node == self.name:
+            me = self.members[self.name]
+            if self._absurd(me, a.incarnation):
+                return
+            if a.incarnation < self.incarnation or (
+                    a.incarnation == self.incarnation and a.meta == me.meta
+                    and a.addr == self.addr):
+                return
+            # Someone spreads an alive about us that is newer or differs from what we
+            # are (a previous life of this name): override it.
+            self._refute(a.incarnation)
+            return
+        m = self.members.get(a.node)
+        if m is None:
+            if not self._room_for_one():
+                return
+            m = Member(a.node, a.addr, a.incarnation, Status.ALIVE, now, own_meta(a.meta))
+            self.members[a.node] = m
+            self._roster.append(a.node)
+            self._add_to_probe_order(a.node)
+            self._queue_member(a)
+            self._emit(now, m, "join")
+            return
+        if a.incarnation <= m.incarnation or self._absurd(m, a.incarnation):
+            return
+        if a.addr != m.addr and m.live:
+            self.stats["name_conflicts"] += 1
+            self._effects.append(Notice(
+                "name-conflict",
+                f"member {a.node} is at {m.addr[0]}:{m.addr[1]} but "
+                f"{a.addr[0]}:{a.addr[1]} claims the same name", a.node))
+            return
+        self._suspicions.pop(a.node, None)
+        was, old_meta = m.status, m.meta
+        m.incarnation, m.addr, m.meta = a.incarnation, a.addr, own_meta(a.meta)
+        self._queue_member(a)
+        if was != Status.ALIVE:
+            if not m.live:
+                self._add_to_probe_order(a.node)
+            self._set_status(now, m, Status.ALIVE, "alive")
+        elif old_meta != m.meta:
+            self._emit(now, m, "update")
+
+    def _on_suspect(self, now: float, s: Suspect) -> None:
+        m = self.members.get(s.node)
+        if m is None or s.incarnation < m.incarnation or self._absurd(m, s.incarnation):
+            return
+        existing = self._suspicions.get(s.node)
+        if existing is not None:
+            if s.incarnation == existing.incarnation and existing.confirm(s.source):
+                # Re-gossip so others count this independent confirmation too.
+                self._queue_member(s)
+            return
+        if m.status != Status.ALIVE:
+            return
+        if s.node == self.name:
+            self._refute(s.incarnation)
+            return
+        self._queue_member(s)
+        m.incarnation = s.incarnation
+        self._set_status(now, m, Status.SUSPECT, "suspect")
+        n = self.num_members()
+        cfg = self.config
+        k = cfg.suspicion_confirmations if cfg.lifeguard else 0
+        if n - 2 < k:
+            k = 0
+        self._suspicions[s.node] = Suspicion(
+            start=now, incarnation=s.incarnation, accuser=s.source, k=k,
+            min_timeout=cfg.suspicion_min(n),
+            max_timeout=cfg.suspicion_max(n) if cfg.lifeguard else cfg.suspicion_min(n))
+
+    def _on_dead(self, now: float, d: Dead) -> None:
+        m = self.members.get(d.node)
+        if m is None or d.incarnation < m.incarnation or self._absurd(m, d.incarnation):
+            return
+        if not m.live:
+            return
+        if d.node == self.name:
+            if not self.leaving:
+                self._refute(d.incarnation)
+            return
+        self._suspicions.pop(d.node, None)
+        self._queue_member(d)
+        m.incarnation = d.incarnation
+        if d.source == d.node:
+            self._set_status(now, m, Status.LEFT, "left")
+        else:
+            self._set_status(now, m, Status.DEAD, "failed")
+
+    def _refute(self, accused: int) -> None:
+        """We are accused (suspect/dead) or misrepresented: outbid the accusation."""
+        self._set_incarnation(max(self.incarnation, accused) + 1)
+        self.stats["refutations"] += 1
+        self.awareness.apply(1)
+        self._queue_member(self._self_alive())
+
+    def _expire_suspicions(self, now: float) -> None:
+        for name, s in list(self._suspicions.items()):
+            if now < s.deadline():
+                continue
+            del self._suspicions[name]
+            m = self.members.get(name)
+            if m is not None and m.status == Status.SUSPECT and m.incarnation == s.incarnation:
+                self.stats["failures_declared"] += 1
+                self._on_dead(now, Dead(s.incarnation, name, self.name))
+
+    def _absurd(self, m: Member, incarnation: int) -> bool:
+        """True (and counted) if ``incarnation`` jumps implausibly far above what we
+        hold for ``m`` (us included). Such a message can only be forged: accepting it
+        would let its sender push a member's counter to the cap, where the member can
+        no longer outbid it and stays failed, so it is dropped like a malformed one."""
+        if incarnation > m.incarnation + MAX_INCARNATION_JUMP:
+            self.stats["incarnations_absurd"] += 1
+            return True
+        return False
+
+    def _room_for_one(self) -> bool:
+        """Whether the member table may grow (counted when it may not)."""
+        if len(self.members) < self.config.max_members:
+            return True
+        self.stats["members_refused_table_full"] += 1
+        return False
+
+    def _may_learn(self, now: float, host: str) -> bool:
+        """Whether a datagram from ``host`` may introduce one more new member name: a
+        token bucket per source host (``new_member_rate`` per second, bursts of
+        ``new_member_burst``), so one sender cannot fill the table with names that
+        every probe round must then visit (each fake member costs a probe period)."""
+        cfg = self.config
+        bucket = self._new_names.get(host)
+        if bucket is None:
+            if len(self._new_names) >= 4096:
+                self._new_names.clear()  # bounded; a flood from many hosts resets it
+            tokens = float(cfg.new_member_burst)
+        else:
+            tokens = min(float(cfg.new_member_burst),
+                         bucket[0] + (now - bucket[1]) * cfg.new_member_rate)
+        if tokens < 1.0:
+            self._new_names[host] = (tokens, now)
+            self.stats["new_members_throttled"] += 1
+            return False
+        self._new_names[host] = (tokens - 1.0, now)
+        return True
+
+    def _check_meta(self, meta: Meta) -> None:
+        for k, v in meta.items():
+            if not (valid_text(k, MAX_META_TEXT) and k and valid_text(v, MAX_META_TEXT)):
+                raise ValueError(f"tag {k!r}: keys and values are printable text within "
+                                 f"the {MAX_META_TEXT}-character limit")
+        if len(meta) > MAX_META_ENTRIES:
+            raise ValueError(f"{len(meta)} tags; the limit is {MAX_META_ENTRIES}")
+        size = len(pack_message(Alive(0, "", ("", 0), meta)))
+        if size > self.config.max_meta_bytes:
+            raise ValueError(f"metadata takes {size} bytes; the limit is "
+                             f"{self.config.max_meta_bytes}")
