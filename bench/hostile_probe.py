@@ -9,7 +9,7 @@ up, members still alive, keys changed, bytes of memory, seconds of delay::
         --out /tmp/probe-before.json
     .venv/bin/python bench/hostile_probe.py --python .venv/bin/python --out /tmp/probe-after.json
 
-The packets are built raw (``tests/test_hostile.py``'s ``packet``): no codec of either
+The packets are built raw (``tests/gossip/test_hostile.py``'s ``packet``): no codec of either
 tree validates them on the way out. Sealed packets are sealed by the target tree's own
 ``KeyringSeal`` in a child process, since the seal format changed.
 """
@@ -41,7 +41,7 @@ import msgpack
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests import agents as agents_mod
 from tests.agents import HOST, Agent, AgentCluster, free_port, wait_for
-from tests.test_hostile import ALIVE, DEAD, INDIRECT, PING, USER, Deep, packet
+from tests.gossip.test_hostile import ALIVE, DEAD, INDIRECT, PING, USER, Deep, packet
 
 PYTHON = sys.executable
 Probe = Callable[[Path], dict[str, Any]]

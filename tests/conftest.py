@@ -1,4 +1,10 @@
-"""Fixtures shared by the integration tests."""
+"""Fixtures shared by the tests, and the ``cluster`` marker.
+
+The tests mirror the packages (``gossip/``, ``policy/``, ``proxy/``, ``sim/``); the
+ones that start real agent processes live in ``cluster/`` and carry the ``cluster``
+marker, so ``pytest -m "not cluster"`` runs the in-process tests alone (under a
+minute).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,14 @@ from pathlib import Path
 import pytest
 
 from .agents import AgentCluster
+
+CLUSTER_DIR = Path(__file__).parent / "cluster"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if CLUSTER_DIR in item.path.parents:
+            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture

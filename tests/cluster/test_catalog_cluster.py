@@ -23,7 +23,7 @@ from rumor.gossip.config import LOCAL
 from rumor.gossip.discovery import Discovery
 from rumor.gossip.node import Node, NodeConfig
 
-from .agents import Agent, AgentCluster, free_port, rumor_cmd, wait_for
+from ..agents import Agent, AgentCluster, free_port, rumor_cmd, wait_for
 
 JSON = {"content-type": "application/json"}
 

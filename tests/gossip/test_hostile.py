@@ -27,7 +27,7 @@ from rumor.gossip.wire import (
     decode_packet,
 )
 
-from .fakenet import FakeNet
+from ..fakenet import FakeNet
 
 CFG = LAN.with_overrides(max_members=2048)
 ATTACKER = ("10.66.6.6", 4444)

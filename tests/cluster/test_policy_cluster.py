@@ -13,7 +13,7 @@ import pytest
 
 from rumor.policy.envelope import encode_envelope, read_envelope_file
 
-from .agents import Agent, AgentCluster, rumor, wait_for
+from ..agents import Agent, AgentCluster, rumor, wait_for
 
 ACCESS = """kind = "access"
 name = "web-access"

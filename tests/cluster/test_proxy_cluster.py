@@ -21,8 +21,8 @@ from rumor.cli.ports import free_port
 from rumor.policy.envelope import make_payload, sign
 from rumor.policy.keys import SecretKey
 
-from .agents import Agent, AgentCluster, wait_for
-from .backends import Backend
+from ..agents import Agent, AgentCluster, wait_for
+from ..backends import Backend
 
 HOST = "127.0.0.1"
 

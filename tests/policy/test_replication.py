@@ -21,7 +21,7 @@ from rumor.policy.replication import (
 from rumor.policy.store import PolicyStore
 from rumor.policy.trust import TrustSet
 
-from .fakenet import FakeNet
+from ..fakenet import FakeNet
 
 CFG = LAN.with_overrides(push_pull_interval=10.0)
 KEY = SecretKey(b"\x07" * 32)

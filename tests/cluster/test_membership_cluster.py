@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .agents import Agent, AgentCluster, free_port, rumor_cmd, wait_for
+from ..agents import Agent, AgentCluster, free_port, rumor_cmd, wait_for
 
 
 def test_five_agents_converge_and_detect_kill9(cluster: AgentCluster) -> None:

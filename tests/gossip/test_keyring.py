@@ -33,7 +33,7 @@ from rumor.gossip.keyring_file import generate_key, load_keyring, save_keyring
 from rumor.gossip.security import Plaintext, SealError
 from rumor.gossip.wire import Status
 
-from .fakenet import FakeNet
+from ..fakenet import FakeNet
 
 K1, K2, K3 = (bytes([i]) * KEY_BYTES for i in (1, 2, 3))
 

@@ -13,7 +13,7 @@ from rumor.gossip.keyring import decode_key
 from rumor.gossip.keyring_commands import key_id
 from rumor.gossip.keyring_file import generate_key, load_keyring
 
-from .agents import Agent, AgentCluster, rumor, wait_for
+from ..agents import Agent, AgentCluster, rumor, wait_for
 
 JSON = {"content-type": "application/json"}
 

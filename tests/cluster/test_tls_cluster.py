@@ -25,8 +25,8 @@ from rumor.policy.envelope import make_payload, sign
 from rumor.policy.keys import SecretKey
 from rumor.proxy.identity import init_ca, issue
 
-from .agents import Agent, AgentCluster, wait_for
-from .backends import Backend
+from ..agents import Agent, AgentCluster, wait_for
+from ..backends import Backend
 
 HOST = "127.0.0.1"
 

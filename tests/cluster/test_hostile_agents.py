@@ -18,8 +18,8 @@ import pytest
 from rumor.gossip.keyring import Keyring, KeyringSeal, decode_key
 from rumor.gossip.keyring_file import generate_key
 
-from .agents import HOST, Agent, AgentCluster, free_port, wait_for
-from .test_hostile import ALIVE, DEAD, PING, Deep, packet
+from ..agents import HOST, Agent, AgentCluster, free_port, wait_for
+from ..gossip.test_hostile import ALIVE, DEAD, PING, Deep, packet
 
 #: Each of these once killed an agent (and, gossiped on, the whole cluster).
 POISON = [

@@ -16,7 +16,7 @@ from rumor.simulations.engine import Simulator
 from rumor.simulations.network import Fixed, Network
 from rumor.simulations.scenarios import detection_bound
 
-from .agents import AgentCluster, wait_for
+from ..agents import AgentCluster, wait_for
 
 NAMES = [f"a{i}" for i in range(5)]
 VICTIM = "a3"

@@ -234,27 +234,3 @@ def test_the_agent_warns_when_its_gossip_api_or_secrets_are_exposed(tmp_path: Pa
     assert ["readable by other users" in w for w in exposure_warnings(keyed)] == [True]
     ring.chmod(0o600)
     assert exposure_warnings(keyed) == []
-
-
-def test_the_cli_sends_the_token_to_a_real_agent(tmp_path: Path) -> None:
-    from .agents import Agent, rumor, wait_for
-
-    token = tmp_path / "token"
-    token.write_text("t0k-" + "x" * 28 + "\n")
-    token.chmod(0o600)
-    a = Agent("a0", tmp_path, ["--api-token-file", str(token)])
-    a.start()
-    try:
-        wait_for(a.members, 20, "the agent's API")
-        res = rumor("leave", "--api", a.api, check=False)
-        assert res.returncode == 1 and "requires an API token" in res.stderr, res.stderr
-        res = rumor("leave", "--api", a.api, "--token-file", str(tmp_path / "nope"),
-                    check=False)
-        assert res.returncode == 1 and "cannot read the API token file" in res.stderr
-        assert a.proc is not None and a.proc.poll() is None  # nothing changed
-        rumor("leave", "--api", a.api, "--token-file", str(token))
-        assert a.wait_exit(15) == 0
-    finally:
-        if a.proc is not None and a.proc.poll() is None:
-            a.proc.kill()
-            a.proc.wait(10)

@@ -31,7 +31,7 @@ from rumor.gossip.service_spec import (
 )
 from rumor.proxy.api.dns import DnsResponder
 
-from .fakenet import FakeNet
+from ..fakenet import FakeNet
 
 CFG = LAN.with_overrides(reconnect_interval=5.0, push_pull_interval=30.0)
 

@@ -1,0 +1,30 @@
+"""The API token end to end: a real agent refuses a CLI write without it and takes
+one with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..agents import Agent, rumor, wait_for
+
+
+def test_the_cli_sends_the_token_to_a_real_agent(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("t0k-" + "x" * 28 + "\n")
+    token.chmod(0o600)
+    a = Agent("a0", tmp_path, ["--api-token-file", str(token)])
+    a.start()
+    try:
+        wait_for(a.members, 20, "the agent's API")
+        res = rumor("leave", "--api", a.api, check=False)
+        assert res.returncode == 1 and "requires an API token" in res.stderr, res.stderr
+        res = rumor("leave", "--api", a.api, "--token-file", str(tmp_path / "nope"),
+                    check=False)
+        assert res.returncode == 1 and "cannot read the API token file" in res.stderr
+        assert a.proc is not None and a.proc.poll() is None  # nothing changed
+        rumor("leave", "--api", a.api, "--token-file", str(token))
+        assert a.wait_exit(15) == 0
+    finally:
+        if a.proc is not None and a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait(10)

@@ -1,0 +1,168 @@
+"""Push-pull, join, leave, reconnect and reap."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from rumor.gossip.config import LAN
+from rumor.gossip.delegate import Delegate
+from rumor.gossip.membership import Membership
+from rumor.gossip.wire import (
+    Dead,
+    MemberState,
+    PushPull,
+    Status,
+)
+
+from ..fakenet import FakeNet
+
+CFG = LAN.with_overrides(reconnect_interval=5.0)
+
+
+def test_graceful_leave_is_seen_as_left() -> None:
+    net = FakeNet(CFG)
+    net.cluster(5)
+    net.nodes["n2"].leave(net.now)
+    net.flush("n2")
+    net.run_until(lambda: "n2" in net.left, limit=5)
+    net.crash("n2")  # the process exits after leaving
+    net.run(3)
+    for o in net.live_names():
+        assert net.status(o, "n2") == "left"
+    assert not [e for _, _, e in net.events if e.name == "n2" and e.kind == "failed"]
+
+
+def test_failed_member_is_reaped_after_timeout() -> None:
+    cfg = CFG.with_overrides(reap_failed_after=60.0, reconnect_interval=5.0)
+    net = FakeNet(cfg)
+    net.cluster(4)
+    net.crash("n3")
+    net.run_until(lambda: all(net.status(o, "n3") == "failed" for o in net.live_names()),
+                  limit=40)
+    net.run(70)
+    for o in net.live_names():
+        assert net.status(o, "n3") is None
+    assert any(e.kind == "reap" and e.name == "n3" for _, _, e in net.events)
+
+
+def test_restarted_member_rejoins_with_higher_incarnation() -> None:
+    net = FakeNet(CFG)
+    net.cluster(4)
+    net.crash("n3")
+    net.run_until(lambda: all(net.status(o, "n3") == "failed" for o in net.live_names()),
+                  limit=40)
+    old = net.nodes["n0"].members["n3"].incarnation
+    # Same name and address, fresh state.
+    addr = net.nodes["n3"].addr
+    fresh = Membership("n3", addr, CFG, random.Random(99), now=net.now)
+    net.nodes["n3"] = fresh
+    net.crashed.discard("n3")
+    fresh.join(net.now, [net.nodes["n0"].addr])
+    net.flush("n3")
+    net.run_until(lambda: all(net.status(o, "n3") == "alive" for o in net.nodes), limit=10)
+    assert fresh.incarnation > old
+    assert net.joins["n3"].contacted == 1
+
+
+def test_partition_heals_through_reconnect() -> None:
+    net = FakeNet(CFG.with_overrides(reconnect_interval=2.0))
+    net.cluster(6)
+    left, right = {"n0", "n1", "n2"}, {"n3", "n4", "n5"}
+
+    def split(s: str, d: str) -> bool:
+        return (s in left) != (d in left)
+    net.drop_udp = split
+    net.drop_tcp = split
+    net.run_until(lambda: all(net.status(a, b) == "failed" for a in left for b in right)
+                  and all(net.status(b, a) == "failed" for a in left for b in right),
+                  limit=120)
+    net.drop_udp = lambda s, d: False
+    net.drop_tcp = lambda s, d: False
+    took = net.run_until(lambda: all(net.status(a, b) == "alive"
+                                     for a in net.nodes for b in net.nodes), limit=120)
+    assert took < 60
+
+
+def test_join_retries_with_backoff_then_reports_failure() -> None:
+    cfg = CFG.with_overrides(join_attempts=3, join_backoff=1.0)
+    net = FakeNet(cfg)
+    c = net.add("lonely")
+    c.join(net.now, [("10.9.9.9", 7946)])
+    net.flush("lonely")
+    net.run_until(lambda: "lonely" in net.joins, limit=10)
+    res = net.joins["lonely"]
+    assert res.contacted == 0 and res.errors == ("10.9.9.9:7946: no answer after 3 attempt(s)",)
+    assert net.now == pytest.approx(1.0 + 2.0 + 3 * net.latency, abs=0.01)
+
+
+def test_join_reaches_seed_started_late() -> None:
+    net = FakeNet(CFG.with_overrides(join_backoff=1.0))
+    a = net.add("a")
+    b = net.add("b")
+    net.crash("a")
+    b.join(net.now, [a.addr])
+    net.flush("b")
+    net.run(0.5)
+    net.crashed.discard("a")
+    net.run_until(lambda: "b" in net.joins, limit=10)
+    assert net.joins["b"].contacted == 1
+
+
+def test_quiet_merge_learns_members_without_queueing_broadcasts() -> None:
+    c = Membership("me", ("10.0.0.1", 1), CFG, random.Random(1))
+    states = tuple(MemberState(f"p{i}", ("10.0.0.9", i + 10), 1, Status.ALIVE, {})
+                   for i in range(40))
+    c.merge_state(0.0, PushPull(False, "p0", states, {}), quiet=True)
+    assert c.num_live() == 41 and len(c._member_q) == 0
+    c.merge_state(0.0, PushPull(False, "p0", (MemberState("q", ("10.0.0.8", 1), 1,
+                                                        Status.ALIVE, {}),), {}))
+    assert len(c._member_q) == 1, "a normal merge spreads what it learnt"
+    c.spread_push_pull(0.0)
+    assert 0.0 <= c._push_pull_at <= CFG.push_pull_period(42)
+
+
+def _core(seed: int, name: str = "me") -> Membership:
+    return Membership(name, ("10.0.0.1", 1), CFG, random.Random(seed))
+
+
+def _snapshot(c: Membership) -> tuple[object, ...]:
+    members = [(m.name, m.addr, m.incarnation, m.status, m.since, dict(m.meta))
+               for m in c.members.values()]
+    return (members, list(c._roster), list(c._probe_order), c._probe_index,
+            sorted(c._down), c.num_live(), c.incarnation, len(c._member_q),
+            sorted(c._suspicions), c.rng.getstate(), c.take_effects())
+
+
+def test_merge_fast_path_matches_the_general_path() -> None:
+    """Without delegates, ``_merge`` skips rows it already knows and learns new members
+    in a batch; with one (which may draw from the generator) every row takes the
+    general path. Both must leave the same tables, queue, effects and generator."""
+
+    def run(with_delegate: bool, quiet: bool) -> tuple[object, ...]:
+        c = _core(9)
+        if with_delegate:
+            c.register(type("D", (Delegate,), {"channel": "x"})())
+        for _ in range(3):  # some probing first, so the round is under way
+            c.merge_state(0.0, PushPull(False, "p", tuple(
+                MemberState(f"p{i}", ("10.0.1.1", i), 2, Status.ALIVE, {})
+                for i in range(30)), {}), quiet=quiet)
+        c._probe_index = 4
+        c._on_dead(1.0, Dead(2, "p3", "accuser"))
+        rows = [MemberState(f"q{i}", ("10.0.2.1", i), 1, Status.ALIVE, {"k": str(i)} if i % 3
+                            else {}) for i in range(40)]
+        rows[5:5] = [MemberState("p1", ("10.0.1.1", 1), 1, Status.ALIVE, {}),  # stale
+                     MemberState("p2", ("10.0.1.1", 2), 3, Status.ALIVE, {"v": "2"}),
+                     MemberState("p3", ("10.0.1.1", 3), 4, Status.ALIVE, {}),  # revives
+                     MemberState("p4", ("10.0.1.1", 4), 2, Status.DEAD, {}),
+                     MemberState("p5", ("10.0.1.1", 5), 2, Status.LEFT, {}),
+                     MemberState("me", ("10.0.0.1", 1), 1, Status.ALIVE, {}),
+                     MemberState("me", ("10.0.0.1", 1), 5, Status.ALIVE, {}),  # refute
+                     MemberState("q7", ("10.0.2.1", 7), 1, Status.ALIVE, {})]  # twice
+        c.merge_state(2.0, PushPull(False, "p", tuple(rows), {}), quiet=quiet)
+        return _snapshot(c)
+
+    for quiet in (False, True):
+        fast, general = run(False, quiet), run(True, quiet)
+        assert fast == general
