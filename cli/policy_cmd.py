@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from ..policy.documents import MAX_DOCUMENT_BYTES, Document, PolicyError, parse_document
+from ..policy.documents import MAX_DOCUMENT_BYTES, Document, PolicyError
 from ..policy.envelope import (
     Envelope,
     EnvelopeError,
@@ -24,6 +24,7 @@ from ..policy.envelope import (
 )
 from ..policy.examples import EXAMPLES
 from ..policy.keys import KeyFileError, SecretKey, load_public_key, load_secret_key, write_keypair
+from ..policy.parser import parse_document
 from ..policy.store import PolicyStore
 from ..policy.trust import TrustError, TrustSet
 

@@ -29,8 +29,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .documents import Document, PolicyError, TrustSpec, parse_document
+from .documents import Document, PolicyError, TrustSpec
 from .envelope import MAX_ENVELOPE, Envelope, EnvelopeError, decode_envelope
+from .parser import parse_document
 from .trust import TrustSet
 
 TRUST = "trust"

@@ -17,10 +17,10 @@ from rumor.policy.documents import (
     ResilienceSpec,
     Subset,
     WeightedSubset,
-    parse_document,
 )
 from rumor.policy.evaluate import AccessDecision, Evaluator, RouteDecision, lower_headers
 from rumor.policy.examples import EXAMPLES
+from rumor.policy.parser import parse_document
 
 
 def doc(text: str) -> Document:

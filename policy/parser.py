@@ -1,0 +1,596 @@
+"""The TOML parsers of policy documents: the operator's text, checked strictly into
+the model of ``documents.py``.
+
+A document is the payload of a signed envelope, so the bytes parsed here are exactly
+the bytes that were signed, and every agent parses them the same way. Validation is
+strict because a mistake travels to every agent in the mesh: an unknown key is an
+error rather than ignored (a typo like ``per_tyr`` must not silently fall back to a
+default), values are type- and range-checked, and cross-field rules (a split names
+only defined subsets, a try never outlives the whole request) are enforced before a
+document is accepted. Every error names the source, the dotted field path
+(``split[1].weight``) and what was expected versus what was found.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from datetime import UTC, date, datetime, time
+from typing import Any
+
+from rumor.gossip.durations import DurationError, format_duration, parse_duration
+
+from .documents import (
+    ALL_INSTANCES,
+    ALL_SUBSET,
+    FIELDS,
+    HEADER_FIELDS,
+    KINDS,
+    MAX_DESCRIPTION,
+    MAX_DOCUMENT_BYTES,
+    MAX_HEADER_MATCHES,
+    MAX_HEADER_VALUE,
+    MAX_RULES,
+    MAX_SOURCES,
+    MAX_SPLIT,
+    MAX_SUBSETS,
+    MAX_TAGS,
+    MAX_TRUST_KEYS,
+    MAX_VERSION,
+    MAX_WEIGHT,
+    RETRY_CONDITIONS,
+    TRUST_NAME,
+    AccessSpec,
+    CircuitBreaker,
+    Document,
+    HeaderMatch,
+    OutlierEjection,
+    PolicyError,
+    ResilienceSpec,
+    RetryBudget,
+    RetryPolicy,
+    RouteRule,
+    RouteSpec,
+    Spec,
+    Subset,
+    Timeouts,
+    TrustSpec,
+    WeightedSubset,
+)
+from .keys import KeyFileError, PublicKey, parse_public_key
+
+# Names match what the catalog accepts for services, versions and tags, so a policy
+# can name anything an agent can announce.
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+_SUBSET = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_INSTANCE_VERSION = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
+_TAG = re.compile(r"[A-Za-z0-9_.:=/+-]{1,64}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")  # an RFC 9110 token
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class _Invalid(Exception):
+    """Raised inside validation, before the source is known to the helper."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(field, message)
+        self.field = field
+        self.message = message
+
+
+
+# --- entry points ---------------------------------------------------------------------
+
+
+def parse_document(data: bytes | str, *, source: str = "<document>") -> Document:
+    """Check and parse one policy document (the exact bytes of an envelope's payload).
+
+    The size is checked before anything else so that a hostile peer cannot make an
+    agent parse megabytes; then UTF-8, then TOML, then the schema."""
+    if isinstance(data, str):
+        # A character is at least one byte: a long string is too large before encoding.
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise PolicyError(source, "", f"document is over {MAX_DOCUMENT_BYTES} bytes "
+                              f"({len(data)} characters)")
+        try:
+            raw = data.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PolicyError(source, "", f"not valid UTF-8: character {e.start} is an "
+                              "unpaired surrogate") from None
+    else:
+        raw = bytes(data)
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise PolicyError(source, "", f"document is {len(raw)} bytes; the limit is "
+                          f"{MAX_DOCUMENT_BYTES}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PolicyError(source, "", f"not valid UTF-8: byte 0x{raw[e.start]:02x} at "
+                          f"offset {e.start}") from None
+    if text.startswith("\ufeff"):
+        raise PolicyError(source, "", "starts with a byte-order mark; save the file as "
+                          "UTF-8 without BOM")
+    try:
+        table = tomllib.loads(text)
+    except ValueError as e:
+        # TOMLDecodeError, or int() refusing an integer of over 4300 digits.
+        raise PolicyError(source, "", f"invalid TOML: {e}") from None
+    except RecursionError:
+        raise PolicyError(source, "", "invalid TOML: arrays or tables nested too "
+                          "deeply") from None
+    return document_from_table(table, source=source)
+
+
+def document_from_table(table: Mapping[str, Any], *, source: str = "<document>") -> Document:
+    """Validate an already parsed TOML table. ``parse_document`` is the entry point for
+    documents; this one serves tools and tests that hold the table."""
+    try:
+        return _document(table)
+    except _Invalid as e:
+        raise PolicyError(source, e.field, e.message) from None
+
+
+# --- validation -----------------------------------------------------------------------
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()
+
+
+def _show(value: Any) -> str:
+    """A value as a message shows it: its TOML type, then the value if short."""
+    if isinstance(value, bool):
+        return f"boolean {'true' if value else 'false'}"
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        if len(text) > 60:
+            text = text[:56] + '..."'
+        return f"string {text}"
+    if isinstance(value, int):
+        # str() of a huge integer is slow, and refused past 4300 digits.
+        return f"integer {value}" if abs(value) < 10**30 else \
+            f"integer of {value.bit_length()} bits"
+    if isinstance(value, float):
+        return f"float {value!r}"
+    if isinstance(value, datetime):
+        what = "offset date-time" if value.tzinfo is not None else "local date-time"
+        return f"{what} {value.isoformat()}"
+    if isinstance(value, date):
+        return f"local date {value.isoformat()}"
+    if isinstance(value, time):
+        return f"local time {value.isoformat()}"
+    if isinstance(value, list | tuple):
+        return f"array of {len(value)}"
+    if isinstance(value, Mapping):
+        return "table"
+    return type(value).__name__
+
+
+def _quote(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _join(path: str, key: str) -> str:
+    part = key if _BARE_KEY.fullmatch(key) else _quote(key)
+    return f"{path}.{part}" if path else part
+
+
+class _Table:
+    """One TOML table under validation: knows its path for messages and rejects keys
+    it does not expect, suggesting the closest expected key."""
+
+    def __init__(self, value: Any, path: str, allowed: tuple[str, ...]) -> None:
+        if not isinstance(value, Mapping):
+            raise _Invalid(path, f"expected a table, found {_show(value)}")
+        self.data: Mapping[str, Any] = value
+        self.path = path
+        for key in value:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f'did you mean "{close[0]}"? ' if close else ""
+                raise _Invalid(_join(path, str(key)), f"unknown key ({hint}expected one of "
+                               f"{', '.join(allowed)})")
+
+    def at(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        if key in self.data:
+            return self.data[key]
+        if isinstance(default, _Missing):
+            raise _Invalid(self.at(key), "required key is missing")
+        return default
+
+    def string(self, key: str, pattern: re.Pattern[str] | None = None, what: str = "",
+               default: str | _Missing = _MISSING) -> str:
+        value = self.raw(key, default)
+        if not isinstance(value, str):
+            raise _Invalid(self.at(key), f"expected a string, found {_show(value)}")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise _Invalid(self.at(key), f"expected {what}, found {_show(value)}")
+        return value
+
+    def integer(self, key: str, low: int, high: int, default: int | _Missing = _MISSING,
+                what: str = "") -> int:
+        value = self.raw(key, default)
+        return _integer(value, self.at(key), low, high, what)
+
+    def number(self, key: str, low: float, high: float,
+               default: float | _Missing = _MISSING) -> float:
+        value = self.raw(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Invalid(self.at(key), f"expected a number from {low:g} to {high:g}, found "
+                           f"{_show(value)}")
+        if not (low <= value <= high):  # also false for nan
+            raise _Invalid(self.at(key), f"expected a number from {low:g} to {high:g}, found "
+                           f"{_show(value)}")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise _Invalid(self.at(key), f"expected true or false, found {_show(value)}")
+        return value
+
+    def duration(self, key: str, low: float, high: float, default: float) -> float:
+        """A duration string from ``low`` to ``high`` seconds (a tiny positive ``low``
+        means "more than 0")."""
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        field = self.at(key)
+        if not isinstance(value, str):
+            raise _Invalid(field, 'expected a duration string like "250ms", "5s" or "1m", '
+                           f"found {_show(value)}")
+        try:
+            # A unit is required here: is a bare "5" seconds or milliseconds?
+            seconds = parse_duration(value, unit_required=True)
+        except DurationError:
+            raise _Invalid(field, 'expected a duration like "250ms", "5s", "1m" or "1h", '
+                           f"found {_show(value)}") from None
+        if not (low <= seconds <= high):
+            lower = "more than 0s" if 0 < low < 0.001 else format_duration(low)
+            raise _Invalid(field, f"expected a duration from {lower} to "
+                           f"{format_duration(high)}, found {_show(value)}")
+        return seconds
+
+    def array(self, key: str, max_items: int, min_items: int = 0) -> list[Any]:
+        value = self.raw(key, [])
+        if not isinstance(value, list):
+            raise _Invalid(self.at(key), f"expected an array, found {_show(value)}")
+        if len(value) > max_items:
+            raise _Invalid(self.at(key), f"expected at most {max_items} entries, found "
+                           f"{len(value)}")
+        if len(value) < min_items:
+            raise _Invalid(self.at(key), f"expected at least {min_items} "
+                           f"entr{'y' if min_items == 1 else 'ies'}, found {len(value)}")
+        return value
+
+    def tables(self, key: str, allowed: tuple[str, ...], max_items: int) -> list[_Table]:
+        items = self.array(key, max_items)
+        return [_Table(item, f"{self.at(key)}[{i}]", allowed) for i, item in enumerate(items)]
+
+    def table(self, key: str, allowed: tuple[str, ...]) -> _Table:
+        return _Table(self.raw(key, {}), self.at(key), allowed)
+
+
+def _integer(value: Any, field: str, low: int, high: int, what: str = "") -> int:
+    expected = f"an integer from {low} to {high}{what}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(field, f"expected {expected}, found {_show(value)}")
+    if not (low <= value <= high):
+        raise _Invalid(field, f"expected {expected}, found {_show(value)}")
+    return value
+
+
+def _document(table: Mapping[str, Any]) -> Document:
+    if not isinstance(table, Mapping):
+        raise _Invalid("", f"expected a table, found {_show(table)}")
+    kind_value = table.get("kind", _MISSING)
+    if isinstance(kind_value, _Missing):
+        raise _Invalid("kind", f"required key is missing (one of {', '.join(KINDS)})")
+    if kind_value not in KINDS:
+        close = difflib.get_close_matches(kind_value, KINDS, n=1) \
+            if isinstance(kind_value, str) else []
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        raise _Invalid("kind", f"expected one of {', '.join(_quote(k) for k in KINDS)}, "
+                       f"found {_show(kind_value)}{hint}")
+    kind = str(kind_value)
+    t = _Table(table, "", HEADER_FIELDS + FIELDS[kind])
+    name = t.string("name", _NAME, "a name of lower-case letters, digits, '.', '_' or '-' "
+                    "(at most 63, starting with a letter or digit)")
+    version = t.integer("version", 1, MAX_VERSION)
+    expires = _expires(t)
+    description = t.string("description", default="")
+    if len(description) > MAX_DESCRIPTION:
+        raise _Invalid("description", f"expected at most {MAX_DESCRIPTION} characters, "
+                       f"found {len(description)}")
+    spec: Spec
+    if kind == "route":
+        spec = _route(t)
+    elif kind == "resilience":
+        spec = _resilience(t)
+    elif kind == "access":
+        spec = _access(t)
+    else:
+        if name != TRUST_NAME:
+            # One trust document per mesh: its versions order key rotations.
+            raise _Invalid("name", f'a trust document must be named "{TRUST_NAME}", found '
+                           f"{_show(name)}")
+        spec = _trust(t)
+    return Document(kind, name, version, expires, description, spec)
+
+
+def _expires(t: _Table) -> float | None:
+    if not t.has("expires"):
+        return None
+    value = t.raw("expires")
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        try:
+            seconds = value.timestamp()
+            datetime.fromtimestamp(seconds, UTC)  # to_json must be able to show it
+        except (OverflowError, ValueError, OSError):
+            seconds = -1.0
+        if seconds < 0:
+            raise _Invalid("expires", "expected a date-time from 1970 to 9999 in UTC, "
+                           f"found {_show(value)}")
+        return seconds
+    hint = ""
+    if isinstance(value, datetime):
+        hint = ' (add "Z" or an offset like +02:00: a local time means different instants ' \
+               "on different agents)"
+    elif isinstance(value, str):
+        hint = " (write the date-time without quotes)"
+    raise _Invalid("expires", "expected an offset date-time like 2030-01-01T00:00:00Z, "
+                   f"found {_show(value)}{hint}")
+
+
+_SERVICE_WHAT = ("a service name (letters, digits, '-' or '_', at most 63, starting with a "
+                 "letter or digit)")
+
+
+def _route(t: _Table) -> RouteSpec:
+    service = t.string("service", _SERVICE, _SERVICE_WHAT)
+    subsets: dict[str, Subset] = {}
+    for s in t.tables("subset", FIELDS["route.subset"], MAX_SUBSETS):
+        subset = _subset(s)
+        if subset.name == ALL_SUBSET:
+            raise _Invalid(s.at("name"), f'"{ALL_SUBSET}" is the built-in subset of every '
+                           "instance; choose another name")
+        if subset.name in subsets:
+            raise _Invalid(s.at("name"), f"subset {_quote(subset.name)} is defined twice")
+        subsets[subset.name] = subset
+    subsets_all = {ALL_SUBSET: ALL_INSTANCES, **subsets}
+    if t.has("split"):
+        split = _split(t, "split", subsets_all)
+    else:
+        split = (WeightedSubset(ALL_INSTANCES, 1),)
+    rules: list[RouteRule] = []
+    for i, r in enumerate(t.tables("rule", FIELDS["route.rule"], MAX_RULES)):
+        rule = _rule(r, i, subsets_all)
+        if any(rule.name == other.name for other in rules):
+            raise _Invalid(r.at("name"), f"rule {_quote(rule.name)} is defined twice")
+        rules.append(rule)
+    return RouteSpec(service, tuple(subsets.values()), split, tuple(rules))
+
+
+def _subset(s: _Table) -> Subset:
+    name = s.string("name", _SUBSET, "a subset name of lower-case letters, digits, '.', '_' "
+                    "or '-' (at most 63)")
+    version = None
+    if s.has("version"):
+        version = s.string("version", _INSTANCE_VERSION, "an instance version (1-64 of "
+                           "letters, digits, '_', '.', '+' or '-')")
+    tags: list[str] = []
+    for i, tag in enumerate(s.array("tags", MAX_TAGS)):
+        field = f"{s.at('tags')}[{i}]"
+        if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+            raise _Invalid(field, "expected a tag (1-64 of letters, digits or '_.:=/+-'), "
+                           f"found {_show(tag)}")
+        if tag in tags:
+            raise _Invalid(field, f"tag {_quote(tag)} is listed twice")
+        tags.append(tag)
+    if version is None and not tags:
+        raise _Invalid(s.path, "a subset selects instances by version and/or tags; give "
+                       f'at least one (the built-in subset "{ALL_SUBSET}" is every instance)')
+    return Subset(name, version, tuple(tags))
+
+
+def _split(t: _Table, key: str, subsets: Mapping[str, Subset]) -> tuple[WeightedSubset, ...]:
+    entries = t.tables(key, FIELDS["route.split"], MAX_SPLIT)
+    if not entries:
+        raise _Invalid(t.at(key), "expected at least one entry, found an empty array")
+    out: list[WeightedSubset] = []
+    for e in entries:
+        name = e.string("subset")
+        if name not in subsets:
+            raise _Invalid(e.at("subset"), f"no subset named {_quote(name)} (defined: "
+                           f"{', '.join(_quote(n) for n in subsets)})")
+        if any(w.subset.name == name for w in out):
+            raise _Invalid(e.at("subset"), f"subset {_quote(name)} appears twice in this split")
+        out.append(WeightedSubset(subsets[name], e.integer("weight", 0, MAX_WEIGHT)))
+    if not any(w.weight for w in out):
+        raise _Invalid(t.at(key), "all weights are 0: at least one subset must get traffic")
+    return tuple(out)
+
+
+def _rule(r: _Table, index: int, subsets: Mapping[str, Subset]) -> RouteRule:
+    name = f"rule[{index}]"
+    if r.has("name"):
+        name = r.string("name", _NAME, "a rule name of lower-case letters, digits, '.', '_' "
+                        "or '-' (at most 63)")
+    matches = [_header_match(h) for h in r.tables("headers", FIELDS["route.rule.headers"],
+                                                   MAX_HEADER_MATCHES)]
+    if not matches:
+        # A rule that matches everything would hide the rules after it and the
+        # default split; that is what the top-level split is for.
+        raise _Invalid(r.at("headers"), "expected at least one header condition (requests "
+                       "no rule matches take the top-level split)")
+    if r.has("subset") == r.has("split"):
+        raise _Invalid(r.path, 'expected exactly one of "subset" (all matching requests go '
+                       'to one subset) or "split" (weighted)')
+    if r.has("subset"):
+        target = r.string("subset")
+        if target not in subsets:
+            raise _Invalid(r.at("subset"), f"no subset named {_quote(target)} (defined: "
+                           f"{', '.join(_quote(n) for n in subsets)})")
+        split: tuple[WeightedSubset, ...] = (WeightedSubset(subsets[target], 1),)
+    else:
+        split = _split(r, "split", subsets)
+    return RouteRule(name, tuple(matches), split)
+
+
+def _header_match(h: _Table) -> HeaderMatch:
+    name = h.string("name", _HEADER_NAME, "an HTTP header name (a token of letters, digits "
+                    "and !#$%&'*+.^_`|~-)")
+    ops = [k for k in ("exact", "prefix", "present") if h.has(k)]
+    if len(ops) != 1:
+        found = f"found {' and '.join(ops)}" if ops else "found none"
+        raise _Invalid(h.path, f'expected exactly one of "exact", "prefix" or "present", '
+                       f"{found}")
+    op = ops[0]
+    if op == "present":
+        present = h.boolean("present", True)
+        return HeaderMatch(name.lower(), "present" if present else "absent")
+    value = h.string(op)
+    if len(value) > MAX_HEADER_VALUE:
+        raise _Invalid(h.at(op), f"expected at most {MAX_HEADER_VALUE} characters, found "
+                       f"{len(value)}")
+    if any(c in value for c in "\r\n\0"):
+        raise _Invalid(h.at(op), "a header value cannot contain CR, LF or NUL, found "
+                       f"{_show(value)}")
+    if op == "prefix" and not value:
+        raise _Invalid(h.at(op), 'expected a non-empty prefix (use present = true to match '
+                       "any value)")
+    return HeaderMatch(name.lower(), op, value)
+
+
+# Defaults: Envoy's and Linkerd's, adjusted for a mesh without a control plane.
+DEFAULT_CONNECT = 2.0
+DEFAULT_OVERALL = 15.0
+_POSITIVE = 1e-9  # a lower bound that says "more than 0"
+
+
+def _resilience(t: _Table) -> ResilienceSpec:
+    return _resilience_body(t, t.string("service", _SERVICE, _SERVICE_WHAT))
+
+
+def _resilience_body(t: _Table, service: str) -> ResilienceSpec:
+    to = t.table("timeouts", FIELDS["resilience.timeouts"])
+    overall = to.duration("overall", _POSITIVE, 3600.0, DEFAULT_OVERALL)
+    # Unset, one try may use the whole request's time, and connecting may use the try's.
+    per_try = to.duration("per_try", _POSITIVE, 3600.0, overall)
+    connect = to.duration("connect", _POSITIVE, 300.0, min(DEFAULT_CONNECT, per_try))
+    if per_try > overall:
+        raise _Invalid(to.at("per_try"), f"{format_duration(per_try)} is longer than "
+                       f"timeouts.overall {format_duration(overall)}: a try cannot outlast "
+                       "the request")
+    if connect > per_try:
+        given = "" if to.has("per_try") else " (which defaults to timeouts.overall)"
+        raise _Invalid(to.at("connect"), f"{format_duration(connect)} is longer than "
+                       f"timeouts.per_try {format_duration(per_try)}{given}: connecting is "
+                       "part of a try")
+
+    re_ = t.table("retries", FIELDS["resilience.retries"])
+    attempts = re_.integer("attempts", 1, 10, 3)
+    on: list[str] = []
+    raw_on = re_.array("on", len(RETRY_CONDITIONS) * 2, 1) if re_.has("on") else [
+        "connect-failure", "502", "503"]
+    for i, cond in enumerate(raw_on):
+        # Status codes read naturally as integers too: on = ["connect-failure", 503].
+        c = str(cond) if isinstance(cond, int) and not isinstance(cond, bool) else cond
+        field = f"{re_.at('on')}[{i}]"
+        if c not in RETRY_CONDITIONS:
+            expected = ", ".join(_quote(x) for x in RETRY_CONDITIONS)
+            raise _Invalid(field, f"expected one of {expected}, found {_show(cond)}")
+        if c in on:
+            raise _Invalid(field, f"condition {_quote(c)} is listed twice")
+        on.append(c)
+    non_idempotent = re_.boolean("non_idempotent", False)
+    backoff = re_.duration("backoff", 0.0, 10.0, 0.025)
+    max_backoff = re_.duration("max_backoff", 0.0, 60.0, max(0.25, backoff))
+    if max_backoff < backoff:
+        raise _Invalid(re_.at("max_backoff"), f"{format_duration(max_backoff)} is shorter "
+                       f"than retries.backoff {format_duration(backoff)}")
+    bu = re_.table("budget", FIELDS["resilience.retries.budget"])
+    budget = RetryBudget(bu.number("ratio", 0.0, 1.0, 0.2),
+                         bu.integer("min_per_second", 0, 100_000, 10),
+                         bu.duration("window", 1.0, 60.0, 10.0))
+
+    cb = t.table("circuit_breaker", FIELDS["resilience.circuit_breaker"])
+    breaker = CircuitBreaker(cb.integer("max_requests", 1, 1_000_000, 1024),
+                             cb.integer("max_pending", 0, 1_000_000, 1024))
+
+    oe = t.table("outlier_ejection", FIELDS["resilience.outlier_ejection"])
+    enabled = oe.boolean("enabled", True)
+    failures = oe.integer("consecutive_failures", 1, 1000, 5)
+    base = oe.duration("base_ejection_time", _POSITIVE, 3600.0, 30.0)
+    longest = oe.duration("max_ejection_time", _POSITIVE, 86400.0, max(300.0, base))
+    if longest < base:
+        raise _Invalid(oe.at("max_ejection_time"), f"{format_duration(longest)} is shorter "
+                       f"than outlier_ejection.base_ejection_time {format_duration(base)}")
+    percent = oe.integer("max_ejected_percent", 0, 100, 50)
+    return ResilienceSpec(
+        service, Timeouts(connect, per_try, overall),
+        RetryPolicy(attempts, tuple(on), non_idempotent, backoff, max_backoff, budget),
+        breaker, OutlierEjection(enabled, failures, base, longest, percent))
+
+
+DEFAULT_RESILIENCE = _resilience_body(_Table({}, "", FIELDS["resilience"]), "")
+
+
+def _access(t: _Table) -> AccessSpec:
+    destination = t.string("destination", _SERVICE, _SERVICE_WHAT)
+    default = t.string("default")
+    if default not in ("allow", "deny"):
+        raise _Invalid("default", f'expected "allow" or "deny", found {_show(default)}')
+    lists: dict[str, list[str]] = {}
+    for key in ("allow", "deny"):
+        names: list[str] = []
+        for i, src in enumerate(t.array(key, MAX_SOURCES)):
+            field = f"{key}[{i}]"
+            if not isinstance(src, str) or not (src == "*" or _SERVICE.fullmatch(src)):
+                raise _Invalid(field, f'expected a source service name or "*", found '
+                               f"{_show(src)}")
+            if src in names:
+                raise _Invalid(field, f"{_quote(src)} is listed twice")
+            names.append(src)
+        lists[key] = names
+    for i, src in enumerate(lists["deny"]):
+        if src in lists["allow"]:
+            raise _Invalid(f"deny[{i}]", f"{_quote(src)} is also in allow; deny would win, "
+                           "so list it in one place only")
+    return AccessSpec(destination, default, tuple(lists["allow"]), tuple(lists["deny"]))
+
+
+def _trust(t: _Table) -> TrustSpec:
+    keys: list[PublicKey] = []
+    t.raw("keys")  # required: an empty trust set would accept nothing, forever
+    for i, text in enumerate(t.array("keys", MAX_TRUST_KEYS, 1)):
+        field = f"keys[{i}]"
+        if not isinstance(text, str):
+            raise _Invalid(field, "expected a public key string ('rumor-ed25519 <base64> "
+                           f"<key id>' or bare base64), found {_show(text)}")
+        try:
+            key = parse_public_key(text)
+        except KeyFileError as e:
+            raise _Invalid(field, str(e)) from None
+        for j, other in enumerate(keys):
+            if other.raw == key.raw:
+                raise _Invalid(field, f"key {key.id} is listed twice (also keys[{j}])")
+        keys.append(key)
+    threshold = t.integer("threshold", 1, len(keys), what=" (the number of keys)")
+    return TrustSpec(tuple(keys), threshold)
+
+
+__all__ = ["DEFAULT_RESILIENCE", "document_from_table", "parse_document"]
