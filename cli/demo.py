@@ -30,6 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from ..policy.examples import canary_route
 from .client import ApiError, get_json, put_json
 from .ports import free_port
 
@@ -228,27 +229,7 @@ class _ShopBackend:
         self.server.server_close()
 
 
-SHOP_ROUTE = """kind = "route"
-name = "shop-canary"
-version = 1
-service = "shop"
-[[subset]]
-name = "stable"
-version = "v1"
-[[subset]]
-name = "canary"
-version = "v2"
-[[split]]
-subset = "stable"
-weight = 90
-[[split]]
-subset = "canary"
-weight = 10
-[[rule]]
-name = "testers"
-headers = [{ name = "x-canary", exact = "1" }]
-subset = "canary"
-"""
+SHOP_ROUTE = canary_route("shop")
 
 
 def _send_through(port: int, n: int, headers: dict[str, str] | None = None,

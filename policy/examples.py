@@ -8,6 +8,8 @@ from it, so the examples cannot drift from ``documents.py``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 ROUTE = """\
 # A route document: how the requests for one service are shared among its instances.
 
@@ -174,6 +176,33 @@ threshold = 1             # signatures from distinct keys above that a document 
                           # (1 to the number of keys)
 """
 
+def canary_route(service: str, *, name: str | None = None, version: int = 1,
+                 canary_weight: int = 10, canary_version: str | None = "v2",
+                 canary_tags: Sequence[str] = (), tester_header: str | None = "x-canary",
+                 header: bool = True) -> str:
+    """A bare canary route (the example's core, without comments): subset "stable" is
+    version v1, subset "canary" is ``canary_version`` and/or ``canary_tags``;
+    ``canary_weight`` percent of requests go to the canary, and every request with
+    ``tester_header: 1`` does. ``header=False`` leaves out kind, name and version (for
+    a caller that writes its own). The demo, the simulator and the tests publish this
+    rather than copies of it."""
+    lines = ['kind = "route"', f'name = "{name or service + "-canary"}"',
+             f"version = {version}"] if header else []
+    lines += [f'service = "{service}"', "[[subset]]", 'name = "stable"', 'version = "v1"',
+              "[[subset]]", 'name = "canary"']
+    if canary_version is not None:
+        lines.append(f'version = "{canary_version}"')
+    if canary_tags:
+        lines.append("tags = [" + ", ".join(f'"{t}"' for t in canary_tags) + "]")
+    lines += ["[[split]]", 'subset = "stable"', f"weight = {100 - canary_weight}",
+              "[[split]]", 'subset = "canary"', f"weight = {canary_weight}"]
+    if tester_header is not None:
+        lines += ["[[rule]]", 'name = "testers"',
+                  f'headers = [{{ name = "{tester_header}", exact = "1" }}]',
+                  'subset = "canary"']
+    return "\n".join(lines) + "\n"
+
+
 EXAMPLES: dict[str, str] = {
     "route": ROUTE,
     "resilience": RESILIENCE,
@@ -181,4 +210,4 @@ EXAMPLES: dict[str, str] = {
     "trust": TRUST,
 }
 
-__all__ = ["EXAMPLES"]
+__all__ = ["EXAMPLES", "canary_route"]

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from ..policy.envelope import make_payload, sign
+from ..policy.examples import canary_route
 from ..policy.keys import SecretKey
 from ..policy.replication import PolicyReplicator
 from ..policy.trust import TrustSet
@@ -28,23 +29,8 @@ from .scenarios import Params, Progress, _report, _start, make_sim
 #: Calendar time the simulation's clock 0 stands for (documents carry calendar times).
 EPOCH = CALENDAR_AT_ZERO
 
-DOCUMENT = b"""kind = "route"
-name = "web-canary"
-version = 1
-service = "web"
-[[subset]]
-name = "stable"
-version = "v1"
-[[subset]]
-name = "canary"
-tags = ["canary"]
-[[split]]
-subset = "stable"
-weight = 95
-[[split]]
-subset = "canary"
-weight = 5
-"""
+DOCUMENT = canary_route("web", canary_weight=5, canary_version=None, canary_tags=("canary",),
+                        tester_header=None).encode()
 
 
 def policy(p: Params, progress: Progress | None = None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import pytest
 
 from rumor.cli.ports import free_port
 from rumor.policy.envelope import make_payload, sign
+from rumor.policy.examples import canary_route
 from rumor.policy.keys import SecretKey
 
 from ..agents import Agent, AgentCluster, wait_for
@@ -162,24 +163,8 @@ def test_routing_by_host_and_proxy_form(mesh: Mesh) -> None:
 
 
 def test_weighted_split_and_header_canary(mesh: Mesh) -> None:
-    mesh.publish("route", "web-routes", """service = "web"
-[[subset]]
-name = "stable"
-version = "v1"
-[[subset]]
-name = "canary"
-tags = ["canary"]
-[[split]]
-subset = "stable"
-weight = 90
-[[split]]
-subset = "canary"
-weight = 10
-[[rule]]
-name = "testers"
-headers = [{ name = "x-canary", exact = "1" }]
-subset = "canary"
-""")
+    mesh.publish("route", "web-routes", canary_route("web", canary_version=None,
+                                                     canary_tags=("canary",), header=False))
     n = 1000
     seen = mesh.get_all(n)
     canary = seen["b3"]

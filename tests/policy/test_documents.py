@@ -47,3 +47,16 @@ def test_to_json_shows_every_example_as_parsed() -> None:
         shown = doc.to_json()
         assert shown["kind"] == kind and shown["name"] == doc.name
         assert shown["version"] == doc.version and isinstance(shown["spec"], dict)
+
+
+def test_the_canary_route_builder_gives_a_valid_route() -> None:
+    from rumor.policy.documents import RouteSpec
+    from rumor.policy.examples import canary_route
+
+    doc = parse_document(canary_route("shop", canary_weight=25, canary_tags=("canary",)))
+    assert doc.name == "shop-canary" and isinstance(doc.spec, RouteSpec)
+    assert [(w.subset.name, w.weight) for w in doc.spec.split] == [("stable", 75),
+                                                                    ("canary", 25)]
+    assert doc.spec.rules[0].matches({"x-canary": "1"})
+    bare = canary_route("web", tester_header=None, header=False)
+    assert "kind" not in bare and "[[rule]]" not in bare
