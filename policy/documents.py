@@ -36,9 +36,16 @@ TRUST_NAME = "trust"
 #: The built-in subset every route can use without defining it: every instance.
 ALL_SUBSET = "all"
 
-#: Conditions a retry may be taken on. "504" includes a try that ran out of its
-#: per-try timeout, which the proxy answers as a gateway timeout.
-RETRY_CONDITIONS = ("connect-failure", "502", "503", "504")
+#: Why a try failed, as a retry policy names it (``on = [...]``); the proxy classifies
+#: every failed try into one of these, so the policy and the data plane share one
+#: vocabulary. "502" is also a connection that broke before a response, "504" also a
+#: try that ran out of its per-try timeout (answered as a gateway timeout).
+CONNECT_FAILURE = "connect-failure"
+BAD_GATEWAY = "502"
+UNAVAILABLE = "503"
+GATEWAY_TIMEOUT = "504"
+#: Conditions a retry may be taken on.
+RETRY_CONDITIONS = (CONNECT_FAILURE, BAD_GATEWAY, UNAVAILABLE, GATEWAY_TIMEOUT)
 #: Methods that RFC 9110 defines as idempotent: repeating them is safe.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 

@@ -27,7 +27,7 @@ from ..gossip.assembly import DelegateFactory, NodeSpec
 from ..gossip.delegate import Delegate
 from ..gossip.membership import Membership
 from .envelope import MAX_ENVELOPE
-from .store import MAX_DOCUMENTS, Held, Outcome, PolicyStore
+from .store import EXPIRED, MAX_DOCUMENTS, Held, Outcome, PolicyStore
 from .trust import TrustSet
 
 CHANNEL = "policy"
@@ -79,7 +79,7 @@ class PolicyReplicator(Delegate):
     def tick(self, now: float) -> list[Held]:
         gone = self.store.expire(now + self.wall_offset)
         for h in gone:
-            self._emit(now, Outcome("expired", h.envelope.name, h.envelope.version,
+            self._emit(now, Outcome(EXPIRED, h.envelope.name, h.envelope.version,
                                     envelope=h.envelope))
         return gone
 

@@ -28,7 +28,7 @@ from ..gossip.node import Node
 from .evaluate import Evaluator
 from .persist import PolicyDirectory
 from .replication import PolicyReplicator
-from .store import ACCEPTED, REJECTED, Held, Outcome
+from .store import ACCEPTED, DUPLICATE, EXPIRED, REJECTED, Held, Outcome
 
 log = logging.getLogger("rumor.policy")
 
@@ -99,7 +99,7 @@ class PolicyRuntime:
                 out = Outcome(REJECTED, reason="malformed", detail="unreadable or too large")
             else:
                 out = self.store.offer(now + self._wall_offset, data, origin="disk")
-            if out.status in (ACCEPTED, "duplicate"):
+            if out.status in (ACCEPTED, DUPLICATE):
                 continue
             if out.reason == "expired":
                 path.unlink(missing_ok=True)
@@ -137,7 +137,7 @@ class PolicyRuntime:
                         out.reason, out.detail,
                         extra={"event": "policy_rejected", "policy": out.name,
                                "version": out.version, "reason": out.reason})
-        elif out.status == "expired" and env is not None:
+        elif out.status == EXPIRED and env is not None:
             if self.directory is not None:
                 self.directory.remove(env)
             log.info("policy %s v%d expired", env.name, env.version,
@@ -151,7 +151,7 @@ class PolicyRuntime:
             log.warning("policy %s v%d dropped: its signers are no longer trusted",
                         h.envelope.name, h.envelope.version,
                         extra={"event": "policy_revoked", "policy": h.envelope.name})
-        if out.status in (ACCEPTED, "expired") or out.revoked:
+        if out.status in (ACCEPTED, EXPIRED) or out.revoked:
             self._refresh()
 
     def _refresh(self) -> None:

@@ -44,6 +44,8 @@ INF = float("inf")
 ACCEPTED = "accepted"
 DUPLICATE = "duplicate"
 REJECTED = "rejected"
+#: A held document whose expiry passed (dropped by ``PolicyStore.expire``).
+EXPIRED = "expired"
 
 REASONS = ("oversized", "malformed", "stale", "expired", "untrusted", "invalid",
            "equivocation", "full")

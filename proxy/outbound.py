@@ -26,7 +26,7 @@ import trio
 
 from ..gossip.address import parse_address
 from ..gossip.node import Node
-from ..policy.documents import ALL_INSTANCES, ResilienceSpec
+from ..policy.documents import ALL_INSTANCES, CONNECT_FAILURE, ResilienceSpec
 from ..policy.evaluate import Evaluator
 from .access_log import AccessLog
 from .balancer import Balancer
@@ -43,7 +43,7 @@ from .metrics import ProxyMetrics
 from .resilience import CircuitBreaker, OutlierDetector, RetryBudgetTracker, backoff
 from .stream_server import ClientGone, Incoming, Outgoing, simple_response
 from .tls import MeshTls
-from .upstream import CONNECT_FAILURE, RESET, TIMEOUT, TryFailed, Upstreams
+from .upstream import TryFailed, Upstreams
 
 log = logging.getLogger("rumor.proxy")
 
@@ -54,7 +54,6 @@ RETRY_BUFFER = 64 * 1024
 #: Longest a cached endpoint list is trusted without a catalog change.
 ENDPOINT_CACHE_TTL = 1.0
 
-_RETRY_CONDITION = {CONNECT_FAILURE: "connect-failure", TIMEOUT: "504", RESET: "502"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,8 +214,7 @@ class OutboundProxy:
                 done = trio.current_time()
                 self.balancer.finish(ep.key, done, done - now, False)
                 self._record(state, service, ep, done, False, len(endpoints))
-                cond = _RETRY_CONDITION[f.condition]
-                if (attempt < policy.attempts and policy.retryable(method, cond)
+                if (attempt < policy.attempts and policy.retryable(method, f.condition)
                         and (replayable or f.condition == CONNECT_FAILURE)
                         and await self._may_retry(state, service, policy, attempt, deadline)):
                     continue

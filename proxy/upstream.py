@@ -22,26 +22,28 @@ from dataclasses import dataclass
 import httpcore
 import trio
 
+from ..policy.documents import BAD_GATEWAY, CONNECT_FAILURE, GATEWAY_TIMEOUT
 from .identity import Identity
 from .net_backend import LeanTrioBackend
 from .stream_server import ClientGone, UpstreamBroken
 from .tls import MeshTls
 
-CONNECT_FAILURE = "connect-failure"
-TIMEOUT = "timeout"
-RESET = "reset"
+#: How a failed try reads in the error the caller sees, by retry condition.
+_WORDS = {CONNECT_FAILURE: "connect-failure", BAD_GATEWAY: "reset", GATEWAY_TIMEOUT: "timeout"}
 
 
 class TryFailed(Exception):
+    """A try that got no response; ``condition`` is a retry condition (documents.py)."""
+
     def __init__(self, condition: str, detail: str) -> None:
-        super().__init__(f"{condition}: {detail}")
+        super().__init__(f"{_WORDS.get(condition, condition)}: {detail}")
         self.condition = condition
         self.detail = detail
 
     @property
     def status(self) -> int:
         """The status the caller sees if this was the last try."""
-        return 504 if self.condition == TIMEOUT else 502 if self.condition == RESET else 503
+        return 503 if self.condition == CONNECT_FAILURE else int(self.condition)
 
 
 @dataclass(slots=True)
@@ -142,9 +144,9 @@ class Upstreams:
             raise
         except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException,
                 OSError) as exc:
-            raise TryFailed(RESET, f"{type(exc).__name__}: {exc}") from None
+            raise TryFailed(BAD_GATEWAY, f"{type(exc).__name__}: {exc}") from None
         if response is None:  # the scope's deadline passed
-            raise TryFailed(TIMEOUT, f"no response within {per_try_timeout:g} s")
+            raise TryFailed(GATEWAY_TIMEOUT, f"no response within {per_try_timeout:g} s")
         assert conn is not None  # a response came on it
         return UpstreamResponse(response.status, list(response.headers), response,
                                 self, key, conn, connect_seconds)
