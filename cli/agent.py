@@ -112,8 +112,8 @@ async def run_agent(opts: AgentOptions) -> None:
             nursery.start_soon(discovery.run)
             keyring = None
             if seal is not None and node.parts.keyring is not None:
-                keyring = ClusterKeyring(node, node.parts.keyring, Path(opts.keyring_file)
-                                         if opts.keyring_file else None)
+                keyring = ClusterKeyring(node.parts.keyring, Path(opts.keyring_file)
+                                         if opts.keyring_file else None, node.wake)
                 log.info("gossip encrypted: %d key(s) installed", len(seal.keyring.keys),
                          extra={"event": "keyring", "keys": len(seal.keyring.keys)})
             policies = _start_policies(node, opts)
@@ -207,7 +207,8 @@ def _start_policies(node: Node, opts: AgentOptions) -> PolicyRuntime | None:
                  extra={"event": "policy_disabled"})
         return None
     try:
-        policies = PolicyRuntime(node, node.parts.extras["policy"], data_dir=opts.data_dir)
+        policies = PolicyRuntime(node.parts.extras["policy"], node.wake,
+                                 data_dir=opts.data_dir)
     except OSError as e:
         raise StartupError(f"cannot use --data-dir {opts.data_dir}: {e.strerror or e}") from None
     policies.start()

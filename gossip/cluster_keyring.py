@@ -9,6 +9,7 @@ refuses ``use`` of a key some live member lacks. The rules are the core's
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -16,7 +17,6 @@ import trio
 from .keyring import Keyring
 from .keyring_commands import KeyringCommands, Pending, key_id, refuse_use
 from .keyring_file import save_keyring
-from .node import Node
 
 log = logging.getLogger("rumor.keyring")
 #: How long a command waits for every live member to answer.
@@ -24,10 +24,12 @@ ANSWER_TIMEOUT = 5.0
 
 
 class ClusterKeyring:
-    """Keyring commands over a running ``Node``, and the file that outlives it."""
+    """Keyring commands over a running node, and the file that outlives it. ``wake``
+    asks the node to carry out what the commands queued (``Node.wake``)."""
 
-    def __init__(self, node: Node, commands: KeyringCommands, path: Path | None) -> None:
-        self.node = node
+    def __init__(self, commands: KeyringCommands, path: Path | None,
+                 wake: Callable[[], None]) -> None:
+        self.wake = wake
         self.commands = commands
         self.path = path
         self._answered: dict[str, trio.Event] = {}
@@ -59,13 +61,13 @@ class ClusterKeyring:
             listing, silent = await self.run("list", None, timeout)
             refuse_use(listing, silent, key)
         cid = self.commands.start(trio.current_time(), op, key)
-        self.node.wake()
+        self.wake()
         missing: list[str] = []
         with trio.move_on_after(timeout):
             while True:
                 self._answered[cid] = answered = trio.Event()
                 missing = self.commands.tick(trio.current_time(), cid)
-                self.node.wake()  # a resend, if one was due
+                self.wake()  # a resend, if one was due
                 if not missing:
                     break
                 with trio.move_on_at(self.commands.resend_at(cid)):

@@ -8,7 +8,8 @@ documents up to date for the proxy and the API::
 
     trust = TrustSet.of([load_public_key("ops.pub")])
     async with Node(NodeConfig(..., extras=[PolicyReplicator.factory(trust)])) as node:
-        policies = PolicyRuntime(node, node.parts.extras["policy"], data_dir="/var/lib/rumor")
+        policies = PolicyRuntime(node.parts.extras["policy"], node.wake,
+                                 data_dir="/var/lib/rumor")
         policies.start()    # before joining, so the join push-pull carries our digest
         outcome = policies.publish(envelope_bytes)
         policies.evaluator.route("web", {"x-canary": "1"})
@@ -18,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from ..gossip.delegate import Delegate
-from ..gossip.node import Node
 from .evaluate import Evaluator
 from .persist import PolicyDirectory
 from .replication import PolicyReplicator
@@ -36,11 +37,13 @@ log = logging.getLogger("rumor.policy")
 class PolicyRuntime:
     """The policy documents an agent holds, kept on disk and in an ``Evaluator``."""
 
-    def __init__(self, node: Node, replicator: Delegate, *,
+    def __init__(self, replicator: Delegate, wake: Callable[[], None], *,
                  data_dir: str | Path | None = None) -> None:
+        """``replicator``: the node's (``node.parts.extras["policy"]``); ``wake`` asks the
+        node to carry out what a publish queued (``Node.wake``)."""
         if not isinstance(replicator, PolicyReplicator):
             raise TypeError(f"expected the node's PolicyReplicator, got {replicator!r}")
-        self.node = node
+        self.wake = wake
         self.replicator = replicator
         self.store = replicator.store
         self.directory = PolicyDirectory(data_dir) if data_dir is not None else None
@@ -71,7 +74,7 @@ class PolicyRuntime:
 
     def publish(self, data: bytes, origin: str = "api") -> Outcome:
         out = self.replicator.publish(trio.current_time(), data, origin)
-        self.node.wake()
+        self.wake()
         return out
 
     def held(self) -> list[Held]:
