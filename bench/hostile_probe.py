@@ -41,6 +41,7 @@ import msgpack
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests import agents as agents_mod
 from tests.agents import HOST, Agent, AgentCluster, free_port, wait_for
+from tests.cluster.test_hostile_agents import flood_host_names, open_idle
 from tests.gossip.test_hostile import ALIVE, DEAD, INDIRECT, PING, USER, Deep, packet
 
 PYTHON = sys.executable
@@ -287,16 +288,7 @@ def metric_labels(work: Path) -> dict[str, Any]:
         a = c.agents[0]
 
         def flood(start: int, n: int) -> None:
-            with socket.create_connection((HOST, port), timeout=10) as s:
-                f = s.makefile("rb")
-                for i in range(start, start + n):
-                    s.sendall(f"GET / HTTP/1.1\r\nhost: scan-{i}.example\r\n\r\n".encode())
-                    f.readline()
-                    length = 0
-                    while (line := f.readline()) not in (b"\r\n", b""):
-                        if line.lower().startswith(b"content-length:"):
-                            length = int(line.split(b":")[1])
-                    f.read(length)
+            flood_host_names(port, start, n)
 
         def scrape() -> tuple[int, float]:
             t0 = time.monotonic()
@@ -333,14 +325,8 @@ def file_descriptors(work: Path) -> dict[str, Any]:
         a1.start(a0)
         c.agents.append(a1)
         wait_for(lambda: c.converged(2), 30, "2 agents")
-        socks = []
+        socks = open_idle(out_port, 2000)
         try:
-            for _ in range(2000):
-                s = socket.socket()
-                s.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    s.connect((HOST, out_port))
-                socks.append(s)
             time.sleep(2.0)
             t0 = time.monotonic()
             api_ok = bool(a0.members())

@@ -118,6 +118,34 @@ def _limit_fds() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
 
+def open_idle(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections to ``port`` that never send a byte (close them after)."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect((HOST, port))
+        socks.append(s)
+    return socks
+
+
+def flood_host_names(port: int, start: int, n: int) -> list[bytes]:
+    """``n`` requests on one connection, each for a new Host name; their status lines."""
+    statuses = []
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        f = s.makefile("rb")
+        for i in range(start, start + n):
+            s.sendall(f"GET / HTTP/1.1\r\nhost: scan-{i}.example\r\n\r\n".encode())
+            statuses.append(f.readline())
+            length = 0
+            while (line := f.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            f.read(length)
+    return statuses
+
+
 def test_idle_proxy_connections_cannot_starve_gossip_or_the_api(
         cluster: AgentCluster) -> None:
     out_port = free_port()
@@ -129,14 +157,8 @@ def test_idle_proxy_connections_cannot_starve_gossip_or_the_api(
     a1.start(a0)
     cluster.agents.append(a1)
     wait_for(lambda: cluster.converged(2), 30, "2 agents to converge")
-    socks = []
+    socks = open_idle(out_port, 400)
     try:
-        for _ in range(400):
-            s = socket.socket()
-            s.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                s.connect((HOST, out_port))
-            socks.append(s)
         time.sleep(1.0)
         t0 = time.monotonic()
         assert a0.members(), "the API stopped answering"
@@ -159,17 +181,8 @@ def test_a_flood_of_host_names_leaves_metrics_flat(cluster: AgentCluster) -> Non
     (a,) = _start(cluster, 1, ["--inbound", f"{HOST}:{in_port}"])
 
     def flood(start: int, n: int) -> None:
-        with socket.create_connection((HOST, in_port), timeout=5) as s:
-            f = s.makefile("rb")
-            for i in range(start, start + n):
-                s.sendall(f"GET / HTTP/1.1\r\nhost: scan-{i}.example\r\n\r\n".encode())
-                status = f.readline()
-                assert status.startswith(b"HTTP/1.1 4"), status
-                length = 0
-                while (line := f.readline()) not in (b"\r\n", b""):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                f.read(length)
+        statuses = flood_host_names(in_port, start, n)
+        assert all(st.startswith(b"HTTP/1.1 4") for st in statuses), set(statuses)
 
     def metrics() -> bytes:
         with urllib.request.urlopen(f"http://{a.api}/metrics", timeout=5) as r:
