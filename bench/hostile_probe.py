@@ -317,14 +317,8 @@ def file_descriptors(work: Path) -> dict[str, Any]:
     out_port = free_port()
     c = AgentCluster(work)
     try:
-        a0 = Agent("a0", work, ["--outbound", f"{HOST}:{out_port}"])
-        a0.start(preexec_fn=_fd_limit)
-        c.agents.append(a0)
-        wait_for(a0.members, 20, "a0's API")
-        a1 = Agent("a1", work)
-        a1.start(a0)
-        c.agents.append(a1)
-        wait_for(lambda: c.converged(2), 30, "2 agents")
+        a0, _ = c.start(2, lambda i: ["--outbound", f"{HOST}:{out_port}"] if i == 0 else [],
+                        preexec=lambda i: _fd_limit if i == 0 else None)
         socks = open_idle(out_port, 2000)
         try:
             time.sleep(2.0)

@@ -110,13 +110,17 @@ class AgentCluster:
         self.agents: list[Agent] = []
 
     def start(self, n: int,
-              extra: Callable[[int], list[str]] | Sequence[str] = ()) -> list[Agent]:
+              extra: Callable[[int], list[str]] | Sequence[str] = (),
+              preexec: Callable[[int], Callable[[], None] | None] | None = None,
+              ) -> list[Agent]:
         """Start ``n`` agents, each joining the first, and wait until they converge;
-        ``extra`` are more options for every agent, or a function of its index."""
+        ``extra`` are more options for every agent, or a function of its index, and
+        ``preexec`` gives an agent's ``preexec_fn`` (resource limits) by index."""
         for i in range(n):
             more = extra(i) if callable(extra) else list(extra)
             a = Agent(f"a{i}", self.workdir, more)
-            a.start(self.agents[0] if self.agents else None)
+            a.start(self.agents[0] if self.agents else None,
+                    preexec_fn=None if preexec is None else preexec(i))
             self.agents.append(a)
             if i == 0:
                 wait_for(a.members, 20, "the seed's API")

@@ -149,14 +149,8 @@ def flood_host_names(port: int, start: int, n: int) -> list[bytes]:
 def test_idle_proxy_connections_cannot_starve_gossip_or_the_api(
         cluster: AgentCluster) -> None:
     out_port = free_port()
-    a0 = Agent("a0", cluster.workdir, ["--outbound", f"{HOST}:{out_port}"])
-    a0.start(preexec_fn=_limit_fds)
-    cluster.agents.append(a0)
-    wait_for(a0.members, 20, "a0's API")
-    a1 = Agent("a1", cluster.workdir)
-    a1.start(a0)
-    cluster.agents.append(a1)
-    wait_for(lambda: cluster.converged(2), 30, "2 agents to converge")
+    a0, _ = cluster.start(2, lambda i: ["--outbound", f"{HOST}:{out_port}"] if i == 0 else [],
+                          preexec=lambda i: _limit_fds if i == 0 else None)
     socks = open_idle(out_port, 400)
     try:
         time.sleep(1.0)
