@@ -19,16 +19,28 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from ..gossip.address import parse_address
 from ..gossip.node import Node
-from ..policy.documents import ALL_INSTANCES, CONNECT_FAILURE, ResilienceSpec
+from ..policy.documents import ALL_INSTANCES, ResilienceSpec
 from ..policy.evaluate import Evaluator
 from .access_log import AccessLog
+from .attempts import (
+    Answer,
+    Attempts,
+    BreakerRejected,
+    BudgetExhausted,
+    Ejected,
+    Endpoint,
+    Readmitted,
+    Retrying,
+    Send,
+    ServiceState,
+    Wait,
+)
 from .balancer import Balancer
 from .headers import (
     MESH_HEADERS,
@@ -40,7 +52,6 @@ from .headers import (
     response_headers,
 )
 from .metrics import ProxyMetrics
-from .resilience import CircuitBreaker, OutlierDetector, RetryBudgetTracker, backoff
 from .stream_server import ClientGone, Incoming, Outgoing, simple_response
 from .tls import MeshTls
 from .upstream import TryFailed, Upstreams
@@ -53,41 +64,6 @@ INBOUND_TAG = "rumor.inbound"
 RETRY_BUFFER = 64 * 1024
 #: Longest a cached endpoint list is trusted without a catalog change.
 ENDPOINT_CACHE_TTL = 1.0
-
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    key: str  # node/instance id: the balancer's and the ejector's identity
-    node: str
-    instance: str
-    version: str
-    tags: tuple[str, ...]
-    host: str  # the node's inbound listener
-    port: int
-    rtt: float | None
-
-
-class ServiceState:
-    """Per destination service: the resilience machinery built from its policy."""
-
-    def __init__(self, spec: ResilienceSpec) -> None:
-        self.spec = spec
-        self.breaker = CircuitBreaker(spec.circuit_breaker)
-        self.budget = RetryBudgetTracker(spec.retries.budget)
-        self.outliers = OutlierDetector(spec.outlier_ejection)
-
-    def update(self, spec: ResilienceSpec) -> None:
-        """A new policy: rebuild only what changed, so in-flight counts survive."""
-        if spec.circuit_breaker != self.spec.circuit_breaker:
-            old = self.breaker
-            self.breaker = CircuitBreaker(spec.circuit_breaker)
-            self.breaker.inherit(old)
-        if spec.retries.budget != self.spec.retries.budget:
-            self.budget = RetryBudgetTracker(spec.retries.budget)
-        if spec.outlier_ejection != self.spec.outlier_ejection:
-            self.outliers = OutlierDetector(spec.outlier_ejection)
-        self.spec = spec
 
 
 class OutboundProxy:
@@ -160,10 +136,6 @@ class OutboundProxy:
             return self._answer(req, started, service, 503,
                                 f"no healthy instance of {service} in subset {subset.name}")
 
-        spec = state.spec
-        policy = spec.retries
-        state.budget.record_request(started)
-        deadline = started + spec.timeouts.overall
         method = req.method.decode("ascii", "replace")
         body: bytes | AsyncIterator[bytes] | None = None
         replayable = True
@@ -176,113 +148,79 @@ class OutboundProxy:
                 replayable = False  # streamed once; only an unsent body may be retried
         headers = self._request_headers(req, service, body)
         trace = _trace_of(headers)
-        tried: set[str] = set()
-        attempt = 0
+        tries = Attempts.begin(started, state, self.balancer, cands, service=service,
+                               total=len(endpoints), method=method, replayable=replayable,
+                               rng=self.rng)
         while True:
-            attempt += 1
             now = trio.current_time()
-            ep = self._choose(now, cands, tried, state)
-            tried.add(ep.key)
-            per_try = min(spec.timeouts.per_try, deadline - now)
-            if per_try <= 0:
-                return self._answer(req, started, service, 504,
-                                    f"overall timeout {spec.timeouts.overall:g} s passed",
-                                    attempts=attempt - 1, trace=trace)
-            # A try with no idle pooled connection waits for a new one: the breaker's
-            # ``max_pending`` bounds such tries (counted until the try ends; fast 503
-            # beyond it).
-            waits = not self.upstreams.has_idle(ep.host, ep.port)
-            if waits and not state.breaker.try_enqueue():
-                if self.metrics:
-                    self.metrics.breaker_rejections.labels(self.metrics.service(service)).inc()
-                return self._answer(req, started, service, 503,
-                                    f"circuit breaker open: {spec.circuit_breaker.max_pending} "
-                                    f"requests already waiting for a connection to {service}",
-                                    attempts=attempt - 1, trace=trace)
-            self.balancer.start(ep.key, now)
+            step = tries.next(now)
+            refused = step if isinstance(step, Answer) else tries.start(
+                now, new_connection=not self.upstreams.has_idle(step.endpoint.host,
+                                                                 step.endpoint.port))
+            if refused is not None:
+                self._events(tries, service)
+                return self._give_up(req, started, service, refused, trace)
+            assert isinstance(step, Send)
+            ep = step.endpoint
             hs = [*headers, (b"x-rumor-instance", ep.instance.encode())]
             try:
                 try:
                     resp = await self.upstreams.send(
                         req.method, ep.host, ep.port, path, hs, body,
-                        connect_timeout=min(spec.timeouts.connect, per_try),
-                        per_try_timeout=per_try, service=service)
+                        connect_timeout=step.connect, per_try_timeout=step.per_try,
+                        service=service)
                 finally:
-                    if waits:
-                        state.breaker.dequeue()
+                    tries.connection_done()
             except TryFailed as f:
-                done = trio.current_time()
-                self.balancer.finish(ep.key, done, done - now, False)
-                self._record(state, service, ep, done, False, len(endpoints))
-                if (attempt < policy.attempts and policy.retryable(method, f.condition)
-                        and (replayable or f.condition == CONNECT_FAILURE)
-                        and await self._may_retry(state, service, policy, attempt, deadline)):
-                    continue
-                return self._answer(req, started, service, f.status,
-                                    f"{ep.node}/{ep.instance}: {f}", attempts=attempt,
-                                    instance=ep.key, trace=trace)
+                after = tries.failed(trio.current_time(), f.condition, str(f))
+                self._events(tries, service)
+                if isinstance(after, Answer):
+                    return self._give_up(req, started, service, after, trace)
+                await trio.sleep_until(after.until)
+                continue
             except ClientGone:
-                done = trio.current_time()
-                self.balancer.finish(ep.key, done, done - now, True)
+                tries.client_gone(trio.current_time())
                 raise
             done = trio.current_time()
-            status = resp.status
-            ok = status < 500
-            # Latency of the instance: without this try's connection setup (a new
-            # connection's TCP and TLS handshakes would brand it slow for a while).
-            self.balancer.finish(ep.key, done, done - now - resp.connect_seconds, ok)
-            self._record(state, service, ep, done, ok, len(endpoints))
-            if (status in (502, 503, 504) and attempt < policy.attempts and replayable
-                    and policy.retryable(method, str(status))
-                    and await self._may_retry(state, service, policy, attempt, deadline,
-                                              release=resp.release)):
+            outcome = tries.responded(done, resp.status, resp.connect_seconds)
+            self._events(tries, service)
+            if isinstance(outcome, Wait):
+                await resp.release()
+                await trio.sleep_until(outcome.until)
                 continue
             return self._respond(req, started, done, service, ep, resp.status, resp.headers,
-                                 resp.body(), resp.release, attempt, trace)
+                                 resp.body(), resp.release, outcome.attempts, trace)
+
+    def _give_up(self, req: Incoming, started: float, service: str, a: Answer,
+                 trace: str) -> Outgoing:
+        return self._answer(req, started, service, a.status, a.reason, attempts=a.attempts,
+                            instance=a.endpoint.key if a.endpoint else "", trace=trace)
+
+    def _events(self, tries: Attempts, service: str) -> None:
+        """Log and count what the attempt core reported."""
+        m = self.metrics
+        label = m.service(service) if m else ""
+        for e in tries.take_events():
+            if isinstance(e, Ejected):
+                log.warning("ejected %s of %s for %.0f s after consecutive failures", e.key,
+                            service, e.until - trio.current_time(),
+                            extra={"event": "ejected", "service": service, "instance": e.key})
+                if m:
+                    m.ejections.labels(label, e.key).inc()
+            elif isinstance(e, Readmitted):
+                log.info("readmitted %s after its ejection", e.key,
+                         extra={"event": "readmitted", "instance": e.key})
+            elif m is None:
+                continue
+            elif isinstance(e, Retrying):
+                m.retries.labels(label).inc()
+            elif isinstance(e, BudgetExhausted):
+                m.budget_exhausted.labels(label).inc()
+            elif isinstance(e, BreakerRejected):
+                m.breaker_rejections.labels(label).inc()
 
     # ---- helpers of the request path ---------------------------------------------------------
 
-    def _choose(self, now: float, cands: list[Endpoint], tried: set[str],
-                state: ServiceState) -> Endpoint:
-        for back, _ in state.outliers.readmit(now):
-            # A fresh start: the failures that got it ejected are already paid for,
-            # and its penalised latency would otherwise keep it idle for a minute.
-            self.balancer.forget([back])
-            self._seed(e for e in cands if e.key == back)
-            log.info("readmitted %s after its ejection", back,
-                     extra={"event": "readmitted", "instance": back})
-        live = [e for e in cands if not state.outliers.is_ejected(now, e.key)] or cands
-        fresh = [e for e in live if e.key not in tried] or live
-        by_key = {e.key: e for e in fresh}
-        picked = self.balancer.pick(now, list(by_key))
-        assert picked is not None
-        return by_key[picked]
-
-    async def _may_retry(self, state: ServiceState, service: str, policy: Any,
-                         attempt: int, deadline: float, release: Any = None) -> bool:
-        now = trio.current_time()
-        if not state.budget.try_retry(now):
-            if self.metrics:
-                self.metrics.budget_exhausted.labels(self.metrics.service(service)).inc()
-            return False
-        if release is not None:
-            await release()
-        pause = backoff(self.rng, policy, attempt)
-        if now + pause >= deadline:
-            return False
-        if self.metrics:
-            self.metrics.retries.labels(self.metrics.service(service)).inc()
-        await trio.sleep(pause)
-        return True
-
-    def _record(self, state: ServiceState, service: str, ep: Endpoint, now: float, ok: bool,
-                total: int) -> None:
-        if state.outliers.record(now, ep.key, ok, total=total):
-            log.warning("ejected %s of %s for %.0f s after consecutive failures", ep.key,
-                        service, state.outliers.ejected_until(ep.key) - now,
-                        extra={"event": "ejected", "service": service, "instance": ep.key})
-            if self.metrics:
-                self.metrics.ejections.labels(self.metrics.service(service), ep.key).inc()
 
     def _request_headers(self, req: Incoming, service: str,
                          body: bytes | AsyncIterator[bytes] | None) -> list[tuple[bytes, bytes]]:
