@@ -1,0 +1,217 @@
+"""HTTP/1.1 message framing for the data path, sans-IO, on llhttp (httptools).
+
+A ``RequestReader`` takes the bytes a client sends and returns events: a ``Head``
+(method, target, headers, how the body is framed), ``Data`` for body bytes, ``End``
+(with any trailers) — for every request pipelined on the connection, in order. It
+raises ``ProtocolError`` (with the status to answer) for anything malformed or
+dangerous (and, with 501, protocol upgrades and CONNECT, which the mesh does not
+relay), and never guesses: llhttp runs in its strict mode (its lenient flags are
+never set), and what llhttp tolerates but h11 refuses is refused here too — control
+characters in values, a request without ``Host``, transfer codings other than a lone
+``chunked`` — so the proxy never forwards a message whose end two parsers could
+disagree about (``tests/proxy/test_codec.py`` holds it against h11).
+
+Header names are lower-cased; values keep their bytes, stripped of surrounding
+whitespace. The proxy re-serializes every head it forwards (``request_head``), so
+nothing it did not parse reaches an upstream.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import httptools
+
+#: The largest request head accepted (431 beyond), as h11's ``max_incomplete_event_size``.
+MAX_HEAD = 64 * 1024
+MAX_HEADERS = 128
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: A field value: visible characters, obs-text, and spaces or tabs between them.
+_VALUE = re.compile(rb"[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*|")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+_OWS = b" \t"
+
+
+class ProtocolError(Exception):
+    """A message that is not forwarded: answer ``status`` and close the connection."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Head:
+    method: bytes
+    target: bytes
+    #: b"1.0" or b"1.1".
+    version: bytes
+    #: (lower-cased name, value) in arrival order, framing headers included.
+    headers: list[tuple[bytes, bytes]]
+    #: The body's framing: ``length`` bytes, chunked, or none (length 0).
+    length: int | None
+    chunked: bool
+    keep_alive: bool
+    expect_continue: bool = False
+
+
+@dataclass(slots=True)
+class Data:
+    data: bytes
+
+
+@dataclass(slots=True)
+class End:
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+Event = Head | Data | End
+
+
+class RequestReader:
+    """The requests of one client connection, parsed as they arrive."""
+
+    def __init__(self, max_head: int = MAX_HEAD, max_headers: int = MAX_HEADERS) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self._max_head = max_head
+        self._max_headers = max_headers
+        self._events: list[Event] = []
+        self._target = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] = []
+        self._in_head = False
+        #: Bytes of the current head: those fed while it was incomplete (llhttp buffers
+        #: a partial header), and the parsed size, whichever says more.
+        self._head_bytes = 0
+        self._head_size = 0
+        self._failed: ProtocolError | None = None
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Events for ``data`` (possibly several messages, or none yet)."""
+        if self._failed is not None:
+            raise self._failed
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            assert self._failed is not None
+        except httptools.HttpParserError as e:
+            self._failed = ProtocolError(400, f"malformed request: {e}")
+        if self._failed is not None:
+            if self._events:
+                # Answer what was whole before the bad bytes, in order; the error
+                # comes with the next feed (or never, if the connection closes first).
+                out, self._events = self._events, []
+                return out
+            raise self._failed
+        if self._in_head and self._head_bytes > self._max_head:
+            self._too_large()
+        out, self._events = self._events, []
+        return out
+
+    # ---- llhttp callbacks (raising in them stops the parser) -------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = self._head_size = 0
+        self._target = b""
+        self._headers = []
+        self._trailers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._target += url
+        self._head_size += len(url) + 16
+        if self._head_size > self._max_head:
+            self._too_large()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        value = value.strip(_OWS)
+        if not _TOKEN.fullmatch(name):
+            self._fail(400, "invalid header name")
+        if not _VALUE.fullmatch(value):
+            self._fail(400, f"invalid characters in header {name.decode('latin-1')}")
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self._max_head:
+            self._too_large()
+        if self._in_head:
+            if len(self._headers) >= self._max_headers:
+                self._fail(431, f"more than {self._max_headers} headers")
+            name = name.lower()
+            if name == b"transfer-encoding":
+                value = value.lower()  # a coding name is case-insensitive (as h11 says)
+            self._headers.append((name, value))
+        else:
+            if len(self._trailers) >= self._max_headers:
+                self._fail(431, f"more than {self._max_headers} trailers")
+            self._trailers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        p = self._parser
+        self._in_head = False
+        self._head_size = 0  # trailers are counted from here
+        version = p.get_http_version().encode()
+        if version not in (b"1.0", b"1.1"):
+            self._fail(505, f"HTTP/{version.decode()} is not supported")
+        if not _TARGET.fullmatch(self._target):
+            self._fail(400, "invalid request target")
+        if p.should_upgrade():
+            # WebSocket upgrades and CONNECT tunnels are refused, not relayed: the mesh
+            # could not see, balance, retry or account for what follows (documented).
+            self._fail(501, "protocol upgrades and CONNECT are not supported")
+        headers = self._headers
+        te = [v for k, v in headers if k == b"transfer-encoding"]
+        cl = [v for k, v in headers if k == b"content-length"]
+        hosts = [v for k, v in headers if k == b"host"]
+        if len(hosts) > 1 or (version == b"1.1" and not hosts):
+            self._fail(400, "a request has one Host header (HTTP/1.1 requires it)")
+        chunked = False
+        length: int | None = 0
+        if te:
+            if len(te) != 1 or te[0].lower() != b"chunked" or cl:
+                self._fail(501 if not cl else 400,
+                           "only a lone Transfer-Encoding: chunked is supported")
+            chunked, length = True, None
+        elif cl:
+            if len(cl) != 1 or not cl[0].isdigit() or len(cl[0]) > 18:
+                self._fail(400, "invalid Content-Length")
+            length = int(cl[0])
+        expect = any(k == b"expect" and v.lower() == b"100-continue" for k, v in headers)
+        # HTTP/1.0 keep-alive is not offered (as h11 does not): one request, then close.
+        keep_alive = version == b"1.1" and p.should_keep_alive()
+        self._events.append(Head(p.get_method(), self._target, version, headers, length,
+                                 chunked, keep_alive, expect))
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Data(bytes(body)))
+
+    def on_message_complete(self) -> None:
+        self._events.append(End(self._trailers))
+        self._trailers = []
+
+    def _too_large(self) -> None:
+        self._fail(431, f"request head over {self._max_head} bytes")
+
+    def _fail(self, status: int, reason: str) -> None:
+        self._failed = ProtocolError(status, reason)
+        raise self._failed
+
+
+def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """An HTTP/1.1 request head from checked parts (raises ``ValueError`` otherwise)."""
+    if not _TOKEN.fullmatch(method) or not _TARGET.fullmatch(target):
+        raise ValueError("invalid method or target")
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for k, v in headers:
+        if not _TOKEN.fullmatch(k) or not _VALUE.fullmatch(v):
+            raise ValueError(f"invalid header {k!r}")
+        parts += (k, b": ", v, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+__all__ = ["MAX_HEAD", "Data", "End", "Event", "Head", "ProtocolError", "RequestReader",
+           "request_head"]
