@@ -31,6 +31,7 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: A field value: visible characters, obs-text, and spaces or tabs between them.
 _VALUE = re.compile(rb"[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*|")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
+_REASON = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _OWS = b" \t"
 
 
@@ -200,6 +201,179 @@ class RequestReader:
         raise self._failed
 
 
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    version: bytes
+    headers: list[tuple[bytes, bytes]]
+    #: The body's framing: ``length`` bytes, chunked, until the connection closes
+    #: (``length`` None and not chunked), or none (``length`` 0).
+    length: int | None
+    chunked: bool
+    keep_alive: bool
+
+    @property
+    def informational(self) -> bool:
+        """A 1xx: the final response to the same request follows."""
+        return 100 <= self.status < 200
+
+
+ResponseEvent = ResponseHead | Data | End
+
+
+class ResponseReader:
+    """The responses of one upstream connection, one request at a time: call
+    ``expect(method)`` before each request's response (a HEAD's has no body whatever
+    its headers say), and ``eof()`` when the upstream closes."""
+
+    def __init__(self, max_head: int = MAX_HEAD, max_headers: int = MAX_HEADERS) -> None:
+        self._max_head = max_head
+        self._max_headers = max_headers
+        self._events: list[ResponseEvent] = []
+        self._head_only = False
+        self._buffer = b""  # a HEAD's response head, until its end is seen
+        self._new_parser()
+        self._failed: ProtocolError | None = None
+
+    def _new_parser(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] = []
+        self._in_head = False
+        self._head_size = 0
+        self._close_delimited = False
+        self._in_body = False
+
+    def expect(self, method: bytes) -> None:
+        self._head_only = method == b"HEAD"
+
+    def feed(self, data: bytes) -> list[ResponseEvent]:
+        if self._failed is not None:
+            raise self._failed
+        if self._head_only:
+            # llhttp cannot be told a body is absent: hand it the head alone (a strict
+            # head ends at the first blank line), then start a fresh parser.
+            self._buffer += data
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buffer) > self._max_head:
+                    self._fail(502, f"response head over {self._max_head} bytes")
+                return []
+            head, rest = self._buffer[:end + 4], self._buffer[end + 4:]
+            self._buffer = b""
+            out = self._parse(head)
+            if any(isinstance(e, ResponseHead) and not e.informational for e in out):
+                if not any(isinstance(e, End) for e in out[1:]):
+                    out.append(End())
+                self._head_only = False
+                self._new_parser()
+            return out + (self.feed(rest) if rest else [])
+        return self._parse(data)
+
+    def eof(self) -> list[ResponseEvent]:
+        """The upstream closed: the end of a close-delimited body, else a truncation."""
+        if self._failed is not None:
+            raise self._failed
+        if self._close_delimited:
+            self._close_delimited = self._in_body = False
+            return [End()]
+        if self._in_head or self._in_body or self._buffer:
+            self._fail(502, "the upstream closed the connection mid-response")
+        return []
+
+    def _parse(self, data: bytes) -> list[ResponseEvent]:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            assert self._failed is not None
+        except httptools.HttpParserError as e:
+            self._failed = ProtocolError(502, f"malformed response: {e}")
+        if self._failed is not None and not self._events:
+            raise self._failed
+        # With an error after a whole response (bytes the upstream should not have
+        # sent), the response still counts; the error comes with the next call, and
+        # the connection is not reused.
+        out, self._events = self._events, []
+        return out
+
+    # ---- llhttp callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_size = 0
+        self._reason = b""
+        self._headers = []
+        self._trailers = []
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+        self._head_size += len(reason) + 16
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        value = value.strip(_OWS)
+        if not _TOKEN.fullmatch(name) or not _VALUE.fullmatch(value):
+            self._fail(502, f"invalid header in the response: {name[:64]!r}")
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self._max_head:
+            self._fail(502, f"response head over {self._max_head} bytes")
+        target = self._headers if self._in_head else self._trailers
+        if len(target) >= self._max_headers:
+            self._fail(502, f"more than {self._max_headers} response headers")
+        name = name.lower()
+        if name == b"transfer-encoding":
+            value = value.lower()
+        target.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        p = self._parser
+        self._in_head = False
+        status = p.get_status_code()
+        version = p.get_http_version().encode()
+        if version not in (b"1.0", b"1.1"):
+            self._fail(502, f"the upstream answered HTTP/{version.decode()}")
+        if not _REASON.fullmatch(self._reason):
+            self._fail(502, "invalid characters in the response's reason phrase")
+        headers = self._headers
+        te = [v for k, v in headers if k == b"transfer-encoding"]
+        cl = [v for k, v in headers if k == b"content-length"]
+        bodiless = self._head_only or 100 <= status < 200 or status in (204, 304)
+        # Framing headers must be valid even where no body follows (as h11 checks).
+        if te and (len(te) != 1 or te[0] != b"chunked" or cl):
+            self._fail(502, "the upstream's Transfer-Encoding is not a lone chunked")
+        if cl and (len(cl) != 1 or not cl[0].isdigit() or len(cl[0]) > 18):
+            self._fail(502, "invalid Content-Length in the response")
+        chunked = False
+        length: int | None = 0
+        if bodiless:
+            pass
+        elif te:
+            chunked, length = True, None
+        elif cl:
+            length = int(cl[0])
+        else:
+            length = None  # until the upstream closes
+        self._close_delimited = length is None and not chunked
+        self._in_body = not bodiless
+        keep_alive = (version == b"1.1" and p.should_keep_alive()
+                      and not self._close_delimited)
+        self._events.append(ResponseHead(status, self._reason, version, headers, length,
+                                         chunked, keep_alive))
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Data(bytes(body)))
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._events.append(End(self._trailers))
+        self._trailers = []
+
+    def _fail(self, status: int, reason: str) -> None:
+        self._failed = ProtocolError(status, reason)
+        raise self._failed
+
+
 def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
     """An HTTP/1.1 request head from checked parts (raises ``ValueError`` otherwise)."""
     if not _TOKEN.fullmatch(method) or not _TARGET.fullmatch(target):
@@ -214,4 +388,4 @@ def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]
 
 
 __all__ = ["MAX_HEAD", "Data", "End", "Event", "Head", "ProtocolError", "RequestReader",
-           "request_head"]
+           "ResponseEvent", "ResponseHead", "ResponseReader", "request_head"]

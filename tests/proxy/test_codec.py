@@ -25,6 +25,8 @@ from rumor.proxy.codec import (
     Head,
     ProtocolError,
     RequestReader,
+    ResponseHead,
+    ResponseReader,
     request_head,
 )
 
@@ -222,3 +224,147 @@ def test_request_heads_are_serialized_only_from_valid_parts() -> None:
                 (b"GET", b"/", [(b"x", b"a\r\nb")]), (b"GET", b"/", [(b"x y", b"1")])):
         with pytest.raises(ValueError):
             request_head(*bad)  # type: ignore[arg-type]
+
+
+# ---- responses ----------------------------------------------------------------------
+
+
+@dataclass
+class Resp:
+    informational: list[int]
+    status: int | None = None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    complete: bool = False
+    error: bool = False
+
+
+def _h11_response(method: bytes, data: bytes) -> Resp:
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+    conn.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
+    conn.send(h11.EndOfMessage())
+    out = Resp([])
+    try:
+        conn.receive_data(data)
+        conn.receive_data(b"")  # the upstream closes after what it sent
+        while True:
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA or ev is h11.PAUSED or isinstance(ev, h11.ConnectionClosed):
+                return out
+            if isinstance(ev, h11.InformationalResponse):
+                out.informational.append(ev.status_code)
+            elif isinstance(ev, h11.Response):
+                out.status = ev.status_code
+                out.headers = [(k.lower(), v) for k, v in ev.headers.raw_items()]
+            elif isinstance(ev, h11.Data):
+                out.body += bytes(ev.data)
+            elif isinstance(ev, h11.EndOfMessage):
+                out.trailers = [(k.lower(), v) for k, v in ev.headers.raw_items()]
+                out.complete = True
+                return out
+    except h11.RemoteProtocolError:
+        out.error = True
+        return out
+
+
+def _codec_response(method: bytes, data: bytes, cuts: list[int]) -> Resp:
+    r = ResponseReader()
+    r.expect(method)
+    out = Resp([])
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    events: list[object] = []
+    try:
+        for piece in pieces:
+            events += r.feed(piece)
+        events += r.eof()  # the upstream closes after what it sent
+    except ProtocolError:
+        out.error = True  # unless a whole response came before the error (below)
+    for ev in events:
+        if isinstance(ev, ResponseHead):
+            if ev.informational:
+                out.informational.append(ev.status)
+            else:
+                out.status, out.headers = ev.status, list(ev.headers)
+        elif isinstance(ev, Data):
+            out.body += ev.data
+        elif isinstance(ev, End) and out.status is not None:
+            out.trailers, out.complete, out.error = list(ev.trailers), True, False
+            break
+    return out
+
+
+STATUS = {
+    "good": [b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found", b"HTTP/1.0 200 OK",
+             b"HTTP/1.1 204 No Content", b"HTTP/1.1 304 Not Modified", b"HTTP/1.1 200 ",
+             b"HTTP/1.1 503 Busy"],
+    "bad": [b"HTTP/1.1 2000 X", b"HTTP/2 200 OK", b"HTTP/1.1 20 X", b"HTTP/1.1 OK",
+            b"HTTP/1.1 200 O\x00K", b"http/1.1 200 OK"],
+}
+
+
+@st.composite
+def response(draw: st.DrawFn) -> bytes:
+    bad = set(draw(st.lists(st.sampled_from(["status", "header", "framing", "chunked",
+                                             "eol", "cl_body"]), max_size=2)))
+
+    def pick(part: str) -> object:
+        return draw(st.sampled_from(HOSTILE[part] if part in bad else GOOD[part]))
+    eol = draw(st.sampled_from(HOSTILE["eol"])) if "eol" in bad else CRLF
+    informational = draw(st.sampled_from([b"", b"HTTP/1.1 100 Continue\r\n\r\n"]))
+    lines = [draw(st.sampled_from(STATUS["bad" if "status" in bad else "good"]))]
+    lines += [h for h in draw(st.lists(st.sampled_from(
+        HOSTILE["header"] if "header" in bad else GOOD["header"]), max_size=3))
+        if not h.lower().startswith(b"host")]
+    kind, line = pick("framing")  # type: ignore[misc]
+    if line:
+        lines.append(line)
+    head = eol.join(lines) + eol + eol
+    if kind in ("te", "both"):
+        body = pick("chunked")
+    elif kind == "cl" and not line.endswith(b": 0"):
+        body = draw(st.sampled_from(HOSTILE["cl_body"])) if "cl_body" in bad else b"abc"
+    else:
+        body = draw(st.sampled_from([b"", b"until close"]))
+    return informational + head + body  # type: ignore[operator]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from([b"GET", b"HEAD", b"POST"]), response(), st.data())
+def test_the_response_codec_agrees_with_h11_or_refuses(method: bytes, data: bytes,
+                                                       draw: st.DataObject) -> None:
+    cuts = sorted(set(draw.draw(st.lists(st.integers(0, len(data)), max_size=3))))
+    ref, got = _h11_response(method, data), _codec_response(method, data, cuts)
+    if ref.error:
+        assert not got.complete, (method, data, got)  # never accept what h11 refuses
+        return
+    if got.error:
+        return  # refusing what h11 accepts is allowed
+    assert got.informational == ref.informational, (method, data)
+    assert (got.status, got.headers) == (ref.status, ref.headers), (method, data)
+    assert got.complete == ref.complete, (method, data)
+    if ref.complete:
+        assert (got.body, got.trailers) == (ref.body, ref.trailers), (method, data)
+
+
+def test_a_head_response_has_no_body_and_the_next_response_parses() -> None:
+    r = ResponseReader()
+    r.expect(b"HEAD")
+    evs = r.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    assert [type(e) for e in evs] == [ResponseHead, End]
+    r.expect(b"GET")
+    evs = r.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    assert [type(e) for e in evs] == [ResponseHead, Data, End]
+
+
+def test_a_close_delimited_body_ends_at_eof_and_a_short_one_is_an_error() -> None:
+    r = ResponseReader()
+    r.expect(b"GET")
+    head, body = r.feed(b"HTTP/1.1 200 OK\r\n\r\nsome")
+    assert isinstance(head, ResponseHead) and head.length is None and not head.keep_alive
+    assert r.eof() == [End()]
+    short = ResponseReader()
+    short.expect(b"GET")
+    short.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    with pytest.raises(ProtocolError, match="mid-response"):
+        short.eof()
