@@ -362,7 +362,7 @@ def test_a_close_delimited_body_ends_at_eof_and_a_short_one_is_an_error() -> Non
     r.expect(b"GET")
     head, body = r.feed(b"HTTP/1.1 200 OK\r\n\r\nsome")
     assert isinstance(head, ResponseHead) and head.length is None and not head.keep_alive
-    assert r.eof() == [End()]
+    assert body == Data(b"some") and r.eof() == [End()]
     short = ResponseReader()
     short.expect(b"GET")
     short.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
