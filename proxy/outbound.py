@@ -25,7 +25,7 @@ import trio
 
 from ..gossip.address import parse_address
 from ..gossip.node import Node
-from ..policy.documents import ALL_INSTANCES, ResilienceSpec
+from ..policy.documents import ALL_INSTANCES, ResilienceSpec, Subset
 from ..policy.evaluate import Evaluator
 from .access_log import AccessLog
 from .attempts import (
@@ -81,6 +81,10 @@ class OutboundProxy:
         self.upstreams = Upstreams(tls=tls)
         self._services: dict[str, ServiceState] = {}
         self._endpoints: dict[str, tuple[int, float, list[Endpoint]]] = {}
+        #: (service, subset name) -> (the endpoint list and subset it was built from,
+        #: the subset's endpoints): rebuilt only when the catalog view or the policy
+        #: (a new Evaluator, so new Subset objects) changed.
+        self._subsets: dict[tuple[str, str], tuple[list[Endpoint], Subset, list[Endpoint]]] = {}
 
     # ---- the request path -------------------------------------------------------------------
 
@@ -131,7 +135,7 @@ class OutboundProxy:
                                           for k, v in req.headers})
             if decision.split:
                 subset = decision.choose(self.rng.random())
-        cands = [e for e in endpoints if subset.matches(e.version, e.tags)]
+        cands = self._candidates(service, subset, endpoints)
         if not cands:
             return self._answer(req, started, service, 503,
                                 f"no healthy instance of {service} in subset {subset.name}")
@@ -318,6 +322,19 @@ class OutboundProxy:
         for st in self._services.values():
             st.outliers.forget_except(keys)
         return out
+
+    def _candidates(self, service: str, subset: Subset, endpoints: list[Endpoint],
+                    ) -> list[Endpoint]:
+        """The endpoints of ``subset``: a lookup per request, a scan per change."""
+        key = (service, subset.name)
+        cached = self._subsets.get(key)
+        if cached is not None and cached[0] is endpoints and cached[1] is subset:
+            return cached[2]
+        if len(self._subsets) > 4096:
+            self._subsets.clear()
+        cands = [e for e in endpoints if subset.matches(e.version, e.tags)]
+        self._subsets[key] = (endpoints, subset, cands)
+        return cands
 
     def _seed(self, endpoints: Iterable[Endpoint]) -> None:
         for e in endpoints:
