@@ -231,6 +231,8 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
     metrics = ProxyMetrics(registry,
                            known=lambda name: catalog.knows(name) or evaluator().names(name))
     access_log = AccessLog(opts.access_log) if opts.access_log else None
+    if access_log is not None:
+        nursery.start_soon(access_log.run)  # writes in batches; the rest at shutdown
     tls = _mesh_tls(opts)
     if tls is not None:
         nursery.start_soon(tls.run_reloader)
