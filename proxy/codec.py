@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import httptools
 
 #: The largest request head accepted (431 beyond), as h11's ``max_incomplete_event_size``.
-MAX_HEAD = 64 * 1024
+MAX_HEAD = 16 * 1024
 MAX_HEADERS = 128
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
