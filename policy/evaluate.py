@@ -123,6 +123,13 @@ class Evaluator:
                 self._resilience[service] = (chosen.name, spec)
             elif isinstance(spec, AccessSpec):
                 self._access[service] = (chosen.name, spec)
+        #: Per routed service, the (lower-cased) header names its rules look at: the
+        #: proxy decodes only those, not every header of every request.
+        self._route_headers = {
+            service: frozenset(m.name.encode("latin-1") for r in spec.rules for m in r.headers)
+            for service, (_, spec) in self._route.items()}
+        #: The default resilience of services without a document, built once each.
+        self._default_resilience: dict[str, ResilienceSpec] = {}
 
     def names(self, service: str) -> bool:
         """Whether some document applies to ``service``."""
@@ -143,10 +150,23 @@ class Evaluator:
                     return RouteDecision(service, name, rule.name, rule.split)
         return RouteDecision(service, name, None, spec.split)
 
+    def route_headers(self, service: str) -> frozenset[bytes] | None:
+        """The lower-cased header names ``service``'s route rules consult (empty when
+        it has no rules); None when no route document applies to it."""
+        return self._route_headers.get(service)
+
     def resilience(self, service: str) -> ResilienceSpec:
-        """The service's resilience settings (the defaults without a document)."""
+        """The service's resilience settings (the defaults without a document; the
+        same object for every request, so the proxy's state need not compare them)."""
         found = self._resilience.get(service)
-        return found[1] if found is not None else ResilienceSpec.default(service)
+        if found is not None:
+            return found[1]
+        spec = self._default_resilience.get(service)
+        if spec is None:
+            if len(self._default_resilience) > 4096:
+                self._default_resilience.clear()  # names come from requests: bounded
+            spec = self._default_resilience[service] = ResilienceSpec.default(service)
+        return spec
 
     def policy_name(self, kind: str, service: str) -> str | None:
         """The name of the document of ``kind`` in force for ``service``, if any."""

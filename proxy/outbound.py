@@ -130,9 +130,17 @@ class OutboundProxy:
                                 f"no healthy instance of {service}" if known
                                 else f"unknown service {service!r}")
         subset = ALL_INSTANCES
-        if ev.policy_name("route", service) is not None:  # decode headers only for rules
-            decision = ev.route(service, {k.decode("latin-1"): v.decode("latin-1")
-                                          for k, v in req.headers})
+        consulted = ev.route_headers(service)
+        if consulted is not None:
+            # Only the headers the route's rules look at are decoded (the first
+            # spelling of a name wins, as in Evaluator.route).
+            view: dict[str, str] = {}
+            if consulted:
+                for k, v in req.headers:
+                    lk = k.lower()
+                    if lk in consulted:
+                        view.setdefault(lk.decode("latin-1"), v.decode("latin-1"))
+            decision = ev.route(service, view)
             if decision.split:
                 subset = decision.choose(self.rng.random())
         cands = self._candidates(service, subset, endpoints)

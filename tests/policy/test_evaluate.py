@@ -331,3 +331,20 @@ def test_trust_documents_are_not_service_policies() -> None:
     ev = Evaluator([doc(EXAMPLES["trust"])])
     assert ev.conflicts == []
     assert ev.evaluate("trust")["route"]["policy"] is None
+
+
+def test_the_proxy_is_told_which_headers_the_rules_consult() -> None:
+    ev = Evaluator([ROUTE])
+    assert ev.route_headers("web") == {b"x-canary", b"x-debug", b"x-group"}
+    assert ev.route_headers("api") is None  # no route document: decode nothing
+    # Deciding on only those headers gives the decision all headers would.
+    full = {"X-Canary": "1", "X-Other": "y", "X-Group": "beta-1"}
+    only = {k.lower(): v for k, v in full.items()
+            if k.lower().encode() in (ev.route_headers("web") or ())}
+    assert ev.route("web", only) == ev.route("web", full)
+
+
+def test_a_service_without_a_resilience_document_gets_one_default_object() -> None:
+    ev = Evaluator([])
+    assert ev.resilience("web") is ev.resilience("web")
+    assert ev.resilience("web").service == "web" and ev.resilience("db").service == "db"
