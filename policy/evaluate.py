@@ -130,6 +130,7 @@ class Evaluator:
             for service, (_, spec) in self._route.items()}
         #: The default resilience of services without a document, built once each.
         self._default_resilience: dict[str, ResilienceSpec] = {}
+        self._access_decisions: dict[tuple[str | None, str], AccessDecision] = {}
 
     def names(self, service: str) -> bool:
         """Whether some document applies to ``service``."""
@@ -177,7 +178,17 @@ class Evaluator:
 
     def access(self, source: str | None, destination: str) -> AccessDecision:
         """Deny beats allow; ``*`` matches any caller, an unknown one included; a caller
-        listed nowhere gets the document's default. Without a document: allowed."""
+        listed nowhere gets the document's default. Without a document: allowed.
+        Decided once per (source, destination) for this set of documents."""
+        key = (source, destination)
+        decision = self._access_decisions.get(key)
+        if decision is None:
+            if len(self._access_decisions) > 4096:
+                self._access_decisions.clear()  # sources come from requests: bounded
+            decision = self._access_decisions[key] = self._decide_access(source, destination)
+        return decision
+
+    def _decide_access(self, source: str | None, destination: str) -> AccessDecision:
         found = self._access.get(destination)
         if found is None:
             return AccessDecision(True, f'no access policy for "{destination}": allowed',

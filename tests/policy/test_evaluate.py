@@ -348,3 +348,13 @@ def test_a_service_without_a_resilience_document_gets_one_default_object() -> No
     ev = Evaluator([])
     assert ev.resilience("web") is ev.resilience("web")
     assert ev.resilience("web").service == "web" and ev.resilience("db").service == "db"
+
+
+def test_access_is_decided_once_per_caller_and_destination() -> None:
+    ev = Evaluator([access_doc("db-access", "deny", ["api"], [])])
+    first = ev.access("api", "db")
+    assert first.allowed and ev.access("api", "db") is first
+    assert not ev.access("web", "db").allowed
+    for i in range(5000):  # callers named by requests cannot grow the memo without bound
+        ev.access(f"scanner-{i}", "db")
+    assert len(ev._access_decisions) <= 4097
