@@ -147,7 +147,8 @@ class Discovery:
     # ---- runtime ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run check probes and the catalog's timer until cancelled (the node does it)."""
+        """Run check probes and the catalog's timer until cancelled (a task of the
+        program's nursery)."""
         async with trio.open_nursery() as nursery:
             runner = None if self._probes is None else self._probes(nursery, self._report)
             self._runner = runner

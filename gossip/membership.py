@@ -5,15 +5,16 @@ inputs:
 
 * ``receive(now, source, datagram)`` – a UDP datagram arrived;
 * ``handle_stream(now, source, frame_body)`` – a peer opened a stream (push-pull, TCP
-  ping, large broadcast); returns the reply frame body or None;
+  ping, large broadcast); returns a ``StreamReply`` or None;
 * ``stream_reply(now, exchange, reply)`` – a stream exchange we asked for finished;
 * ``tick(now)`` – time passed; call it at ``next_deadline()``;
 * commands: ``join``, ``leave``, ``set_meta``, ``broadcast``.
 
 Outputs are effects (``take_effects()``): datagrams and stream exchanges to carry
-out, membership events, join/leave completion. Time comes only from ``now`` and
-randomness only from the injected ``random.Random``, so the trio runtime and the
-simulator drive exactly this code, and a simulation replays from its seed.
+out, membership events, join/leave completion, operator notices. Time comes only
+from ``now`` and randomness only from the injected ``random.Random``, so the trio
+runtime and the simulator drive exactly this code, and a simulation replays from its
+seed.
 
 The protocol follows memberlist (probe, indirect probe, suspicion, refutation,
 piggybacked and periodic gossip, push-pull) with Lifeguard's three additions: local

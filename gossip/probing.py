@@ -208,7 +208,7 @@ class Probing(CoreBase):
         bytes to move) and the names put in place once. ``randint(lo, size)`` is
         CPython's rejection sampling on ``getrandbits`` for a plain ``Random``; it is
         done inline here, which skips three layers of argument checks per name, and
-        ``tests/test_membership.py`` checks that both draw the same."""
+        ``tests/gossip/test_probing.py`` checks that both draw the same."""
         order, lo, rng = self._probe_order, self._probe_index, self.rng
         if len(names) < 16 or type(rng) is not random.Random:
             for name in names:

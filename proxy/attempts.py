@@ -20,8 +20,8 @@ The shell (``outbound.py``) does the I/O and reports what happened::
     # after a Wait, sleep until ``until`` and call ``next`` again
 
 Time comes only from ``now`` and randomness from the injected ``random.Random``, so the
-same decisions can run under a virtual clock (``tests/proxy/test_attempts.py``) or in
-the simulator. What the shell should log or count comes out as ``events``.
+same decisions run under a virtual clock (``tests/proxy/test_attempts.py``) and could
+run in the simulator. What the shell should log or count comes out as ``events``.
 """
 
 from __future__ import annotations

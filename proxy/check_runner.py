@@ -67,7 +67,8 @@ async def _probe_tcp(spec: CheckSpec) -> tuple[str, str]:
 
 class CheckRunner:
     """Runs the probe loops of the local checks; start and stop them by check id.
-    (A ``gossip.discovery.ProbeRunner``: pass the class as ``NodeConfig.probes``.)"""
+    (A ``gossip.discovery.ProbeRunner``: pass the class as
+    ``Discovery(..., probes=CheckRunner)``.)"""
 
     def __init__(self, nursery: trio.Nursery, report: Report) -> None:
         self._nursery = nursery

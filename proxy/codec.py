@@ -12,8 +12,8 @@ characters in values, a request without ``Host``, transfer codings other than a 
 disagree about (``tests/proxy/test_codec.py`` holds it against h11).
 
 Header names are lower-cased; values keep their bytes, stripped of surrounding
-whitespace. The proxy re-serializes every head it forwards (``request_head``), so
-nothing it did not parse reaches an upstream.
+whitespace. The coming data path will re-serialize every head it forwards
+(``request_head``), so nothing it did not parse reaches an upstream.
 """
 
 from __future__ import annotations

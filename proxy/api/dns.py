@@ -58,7 +58,7 @@ class DnsSource(Protocol):
 
 
 class CatalogSource:
-    """A ``DnsSource`` over ``node.catalog`` (a ``Discovery``) and the members list."""
+    """A ``DnsSource`` over a ``Discovery`` (of ``node.parts.catalog``) and the members list."""
 
     def __init__(self, discovery: _Discovery, member_address: Callable[[str], str | None]):
         self._d = discovery
