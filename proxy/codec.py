@@ -33,6 +33,9 @@ _VALUE = re.compile(rb"[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*|")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 _REASON = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _OWS = b" \t"
+#: The bytes a field value may hold (after its surrounding whitespace is stripped):
+#: deleting them from a value leaves nothing. One C call per header, no regex.
+_VALUE_BYTES = bytes([9, *range(0x20, 0x7F), *range(0x80, 0x100)])
 
 
 class ProtocolError(Exception):
@@ -130,10 +133,9 @@ class RequestReader:
             self._too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp's strict mode already refuses a name that is not a token.
         value = value.strip(_OWS)
-        if not _TOKEN.fullmatch(name):
-            self._fail(400, "invalid header name")
-        if not _VALUE.fullmatch(value):
+        if value.translate(None, _VALUE_BYTES):
             self._fail(400, f"invalid characters in header {name.decode('latin-1')}")
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self._max_head:
@@ -164,10 +166,20 @@ class RequestReader:
             # could not see, balance, retry or account for what follows (documented).
             self._fail(501, "protocol upgrades and CONNECT are not supported")
         headers = self._headers
-        te = [v for k, v in headers if k == b"transfer-encoding"]
-        cl = [v for k, v in headers if k == b"content-length"]
-        hosts = [v for k, v in headers if k == b"host"]
-        if len(hosts) > 1 or (version == b"1.1" and not hosts):
+        te: list[bytes] = []
+        cl: list[bytes] = []
+        hosts = 0
+        expect = False
+        for k, v in headers:  # one pass over the few headers framing depends on
+            if k == b"host":
+                hosts += 1
+            elif k == b"content-length":
+                cl.append(v)
+            elif k == b"transfer-encoding":
+                te.append(v)
+            elif k == b"expect" and v.lower() == b"100-continue":
+                expect = True
+        if hosts > 1 or (version == b"1.1" and not hosts):
             self._fail(400, "a request has one Host header (HTTP/1.1 requires it)")
         chunked = False
         length: int | None = 0
@@ -180,7 +192,6 @@ class RequestReader:
             if len(cl) != 1 or not cl[0].isdigit() or len(cl[0]) > 18:
                 self._fail(400, "invalid Content-Length")
             length = int(cl[0])
-        expect = any(k == b"expect" and v.lower() == b"100-continue" for k, v in headers)
         # HTTP/1.0 keep-alive is not offered (as h11 does not): one request, then close.
         keep_alive = version == b"1.1" and p.should_keep_alive()
         self._events.append(Head(p.get_method(), self._target, version, headers, length,
@@ -313,7 +324,7 @@ class ResponseReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         value = value.strip(_OWS)
-        if not _TOKEN.fullmatch(name) or not _VALUE.fullmatch(value):
+        if value.translate(None, _VALUE_BYTES):
             self._fail(502, f"invalid header in the response: {name[:64]!r}")
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self._max_head:
