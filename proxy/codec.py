@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import httptools
 
@@ -75,23 +76,129 @@ class End:
 Event = Head | Data | End
 
 
-class RequestReader:
+class _MessageReader:
+    """What both readers share: the header callbacks, the limits, the framing checks,
+    and errors that wait until the whole messages before them have been handed out."""
+
+    #: How this side answers a bad message and one over the limits: to the client
+    #: 400 and 431; a bad response is the upstream's fault, 502.
+    _BAD = 400
+    _TOO_BIG = 431
+    _SIDE = "request"
+
+    def __init__(self, max_head: int, max_headers: int) -> None:
+        self._max_head = max_head
+        self._max_headers = max_headers
+        self._events: list[Any] = []
+        self._failed: ProtocolError | None = None
+        self._begin()
+
+    def _begin(self) -> None:
+        self._in_head = False
+        self._in_body = False
+        self._head_size = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] = []
+
+    def _parse(self, parser: Any, data: bytes) -> list[Any]:
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            assert self._failed is not None
+        except httptools.HttpParserError as e:
+            self._failed = ProtocolError(self._BAD, f"malformed {self._SIDE}: {e}")
+        if self._failed is not None and not self._events:
+            raise self._failed
+        # After an error, what was whole before the bad bytes is still handed out, in
+        # order; the error comes with the next call (the connection is not reused).
+        out, self._events = self._events, []
+        return out
+
+    # ---- llhttp callbacks (raising in them stops the parser) -------------------------
+
+    def on_message_begin(self) -> None:
+        self._begin()
+        self._in_head = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp's strict mode already refuses a name that is not a token.
+        value = value.strip(_OWS)
+        if value.translate(None, _VALUE_BYTES):
+            self._fail(self._BAD, f"invalid characters in the {self._SIDE} header "
+                       f"{name[:64].decode('latin-1')}")
+        self._add_size(len(name) + len(value) + 4)
+        target = self._headers if self._in_head else self._trailers
+        if len(target) >= self._max_headers:
+            self._fail(self._TOO_BIG, f"more than {self._max_headers} {self._SIDE} headers")
+        name = name.lower()
+        if name == b"transfer-encoding":
+            value = value.lower()  # a coding name is case-insensitive (as h11 says)
+        target.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Data(bytes(body)))
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._events.append(End(self._trailers))
+        self._trailers = []
+
+    # ---- shared checks ---------------------------------------------------------------
+
+    def _add_size(self, n: int) -> None:
+        self._head_size += n
+        if self._head_size > self._max_head:
+            self._fail(self._TOO_BIG, f"{self._SIDE} head over {self._max_head} bytes")
+
+    def _framing(self, te: list[bytes], cl: list[bytes], te_status: int) -> int | None:
+        """The body length the framing headers give: 0 for none, None for chunked (a
+        lone ``chunked`` is the only coding forwarded), or a valid Content-Length."""
+        if te:
+            if len(te) != 1 or te[0] != b"chunked" or cl:
+                self._fail(te_status if not cl else self._BAD,
+                           "only a lone Transfer-Encoding: chunked is supported")
+            return None
+        if cl:
+            if len(cl) != 1 or not cl[0].isdigit() or len(cl[0]) > 18:
+                self._fail(self._BAD, f"invalid Content-Length in the {self._SIDE}")
+            return int(cl[0])
+        return 0
+
+    def _fail(self, status: int, reason: str) -> None:
+        self._failed = ProtocolError(status, reason)
+        raise self._failed
+
+
+def _framing_headers(headers: list[tuple[bytes, bytes]]) -> tuple[
+        list[bytes], list[bytes], int, bool]:
+    """One pass over the headers framing depends on: Transfer-Encoding and
+    Content-Length values, the number of Host headers, and ``Expect: 100-continue``."""
+    te: list[bytes] = []
+    cl: list[bytes] = []
+    hosts = 0
+    expect = False
+    for k, v in headers:
+        if k == b"host":
+            hosts += 1
+        elif k == b"content-length":
+            cl.append(v)
+        elif k == b"transfer-encoding":
+            te.append(v)
+        elif k == b"expect" and v.lower() == b"100-continue":
+            expect = True
+    return te, cl, hosts, expect
+
+
+class RequestReader(_MessageReader):
     """The requests of one client connection, parsed as they arrive."""
 
     def __init__(self, max_head: int = MAX_HEAD, max_headers: int = MAX_HEADERS) -> None:
+        super().__init__(max_head, max_headers)
         self._parser = httptools.HttpRequestParser(self)
-        self._max_head = max_head
-        self._max_headers = max_headers
-        self._events: list[Event] = []
         self._target = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._trailers: list[tuple[bytes, bytes]] = []
-        self._in_head = False
-        #: Bytes of the current head: those fed while it was incomplete (llhttp buffers
-        #: a partial header), and the parsed size, whichever says more.
+        #: Bytes fed while the current head was incomplete (llhttp buffers a partial
+        #: header before any callback sees it).
         self._head_bytes = 0
-        self._head_size = 0
-        self._failed: ProtocolError | None = None
 
     def feed(self, data: bytes) -> list[Event]:
         """Events for ``data`` (possibly several messages, or none yet)."""
@@ -99,58 +206,19 @@ class RequestReader:
             raise self._failed
         if self._in_head:
             self._head_bytes += len(data)
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
-            assert self._failed is not None
-        except httptools.HttpParserError as e:
-            self._failed = ProtocolError(400, f"malformed request: {e}")
-        if self._failed is not None:
-            if self._events:
-                # Answer what was whole before the bad bytes, in order; the error
-                # comes with the next feed (or never, if the connection closes first).
-                out, self._events = self._events, []
-                return out
-            raise self._failed
+        out = self._parse(self._parser, data)
         if self._in_head and self._head_bytes > self._max_head:
-            self._too_large()
-        out, self._events = self._events, []
+            self._fail(431, f"request head over {self._max_head} bytes")
         return out
 
-    # ---- llhttp callbacks (raising in them stops the parser) -------------------------
-
     def on_message_begin(self) -> None:
-        self._in_head = True
-        self._head_bytes = self._head_size = 0
+        super().on_message_begin()
+        self._head_bytes = 0
         self._target = b""
-        self._headers = []
-        self._trailers = []
 
     def on_url(self, url: bytes) -> None:
         self._target += url
-        self._head_size += len(url) + 16
-        if self._head_size > self._max_head:
-            self._too_large()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # llhttp's strict mode already refuses a name that is not a token.
-        value = value.strip(_OWS)
-        if value.translate(None, _VALUE_BYTES):
-            self._fail(400, f"invalid characters in header {name.decode('latin-1')}")
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > self._max_head:
-            self._too_large()
-        if self._in_head:
-            if len(self._headers) >= self._max_headers:
-                self._fail(431, f"more than {self._max_headers} headers")
-            name = name.lower()
-            if name == b"transfer-encoding":
-                value = value.lower()  # a coding name is case-insensitive (as h11 says)
-            self._headers.append((name, value))
-        else:
-            if len(self._trailers) >= self._max_headers:
-                self._fail(431, f"more than {self._max_headers} trailers")
-            self._trailers.append((name.lower(), value))
+        self._add_size(len(url) + 16)
 
     def on_headers_complete(self) -> None:
         p = self._parser
@@ -166,50 +234,14 @@ class RequestReader:
             # could not see, balance, retry or account for what follows (documented).
             self._fail(501, "protocol upgrades and CONNECT are not supported")
         headers = self._headers
-        te: list[bytes] = []
-        cl: list[bytes] = []
-        hosts = 0
-        expect = False
-        for k, v in headers:  # one pass over the few headers framing depends on
-            if k == b"host":
-                hosts += 1
-            elif k == b"content-length":
-                cl.append(v)
-            elif k == b"transfer-encoding":
-                te.append(v)
-            elif k == b"expect" and v.lower() == b"100-continue":
-                expect = True
+        te, cl, hosts, expect = _framing_headers(headers)
         if hosts > 1 or (version == b"1.1" and not hosts):
             self._fail(400, "a request has one Host header (HTTP/1.1 requires it)")
-        chunked = False
-        length: int | None = 0
-        if te:
-            if len(te) != 1 or te[0].lower() != b"chunked" or cl:
-                self._fail(501 if not cl else 400,
-                           "only a lone Transfer-Encoding: chunked is supported")
-            chunked, length = True, None
-        elif cl:
-            if len(cl) != 1 or not cl[0].isdigit() or len(cl[0]) > 18:
-                self._fail(400, "invalid Content-Length")
-            length = int(cl[0])
+        length = self._framing(te, cl, te_status=501)
         # HTTP/1.0 keep-alive is not offered (as h11 does not): one request, then close.
         keep_alive = version == b"1.1" and p.should_keep_alive()
         self._events.append(Head(p.get_method(), self._target, version, headers, length,
-                                 chunked, keep_alive, expect))
-
-    def on_body(self, body: bytes) -> None:
-        self._events.append(Data(bytes(body)))
-
-    def on_message_complete(self) -> None:
-        self._events.append(End(self._trailers))
-        self._trailers = []
-
-    def _too_large(self) -> None:
-        self._fail(431, f"request head over {self._max_head} bytes")
-
-    def _fail(self, status: int, reason: str) -> None:
-        self._failed = ProtocolError(status, reason)
-        raise self._failed
+                                 length is None, keep_alive, expect))
 
 
 @dataclass(slots=True)
@@ -233,29 +265,26 @@ class ResponseHead:
 ResponseEvent = ResponseHead | Data | End
 
 
-class ResponseReader:
+class ResponseReader(_MessageReader):
     """The responses of one upstream connection, one request at a time: call
     ``expect(method)`` before each request's response (a HEAD's has no body whatever
     its headers say), and ``eof()`` when the upstream closes."""
 
+    _BAD = 502
+    _TOO_BIG = 502
+    _SIDE = "response"
+
     def __init__(self, max_head: int = MAX_HEAD, max_headers: int = MAX_HEADERS) -> None:
-        self._max_head = max_head
-        self._max_headers = max_headers
-        self._events: list[ResponseEvent] = []
+        super().__init__(max_head, max_headers)
         self._head_only = False
         self._buffer = b""  # a HEAD's response head, until its end is seen
         self._new_parser()
-        self._failed: ProtocolError | None = None
 
     def _new_parser(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
+        self._begin()
         self._reason = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._trailers: list[tuple[bytes, bytes]] = []
-        self._in_head = False
-        self._head_size = 0
         self._close_delimited = False
-        self._in_body = False
 
     def expect(self, method: bytes) -> None:
         self._head_only = method == b"HEAD"
@@ -263,25 +292,25 @@ class ResponseReader:
     def feed(self, data: bytes) -> list[ResponseEvent]:
         if self._failed is not None:
             raise self._failed
-        if self._head_only:
-            # llhttp cannot be told a body is absent: hand it the head alone (a strict
-            # head ends at the first blank line), then start a fresh parser.
-            self._buffer += data
-            end = self._buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buffer) > self._max_head:
-                    self._fail(502, f"response head over {self._max_head} bytes")
-                return []
-            head, rest = self._buffer[:end + 4], self._buffer[end + 4:]
-            self._buffer = b""
-            out = self._parse(head)
-            if any(isinstance(e, ResponseHead) and not e.informational for e in out):
-                if not any(isinstance(e, End) for e in out[1:]):
-                    out.append(End())
-                self._head_only = False
-                self._new_parser()
-            return out + (self.feed(rest) if rest else [])
-        return self._parse(data)
+        if not self._head_only:
+            return self._parse(self._parser, data)
+        # llhttp cannot be told a body is absent: hand it the head alone (a strict head
+        # ends at the first blank line), then start a fresh parser.
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > self._max_head:
+                self._fail(502, f"response head over {self._max_head} bytes")
+            return []
+        head, rest = self._buffer[:end + 4], self._buffer[end + 4:]
+        self._buffer = b""
+        out = self._parse(self._parser, head)
+        if any(isinstance(e, ResponseHead) and not e.informational for e in out):
+            if not any(isinstance(e, End) for e in out[1:]):
+                out.append(End())
+            self._head_only = False
+            self._new_parser()
+        return out + (self.feed(rest) if rest else [])
 
     def eof(self) -> list[ResponseEvent]:
         """The upstream closed: the end of a close-delimited body, else a truncation."""
@@ -294,48 +323,13 @@ class ResponseReader:
             self._fail(502, "the upstream closed the connection mid-response")
         return []
 
-    def _parse(self, data: bytes) -> list[ResponseEvent]:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
-            assert self._failed is not None
-        except httptools.HttpParserError as e:
-            self._failed = ProtocolError(502, f"malformed response: {e}")
-        if self._failed is not None and not self._events:
-            raise self._failed
-        # With an error after a whole response (bytes the upstream should not have
-        # sent), the response still counts; the error comes with the next call, and
-        # the connection is not reused.
-        out, self._events = self._events, []
-        return out
-
-    # ---- llhttp callbacks ---------------------------------------------------------------
-
     def on_message_begin(self) -> None:
-        self._in_head = True
-        self._head_size = 0
+        super().on_message_begin()
         self._reason = b""
-        self._headers = []
-        self._trailers = []
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
-        self._head_size += len(reason) + 16
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        value = value.strip(_OWS)
-        if value.translate(None, _VALUE_BYTES):
-            self._fail(502, f"invalid header in the response: {name[:64]!r}")
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > self._max_head:
-            self._fail(502, f"response head over {self._max_head} bytes")
-        target = self._headers if self._in_head else self._trailers
-        if len(target) >= self._max_headers:
-            self._fail(502, f"more than {self._max_headers} response headers")
-        name = name.lower()
-        if name == b"transfer-encoding":
-            value = value.lower()
-        target.append((name, value))
+        self._add_size(len(reason) + 16)
 
     def on_headers_complete(self) -> None:
         p = self._parser
@@ -347,42 +341,23 @@ class ResponseReader:
         if not _REASON.fullmatch(self._reason):
             self._fail(502, "invalid characters in the response's reason phrase")
         headers = self._headers
-        te = [v for k, v in headers if k == b"transfer-encoding"]
-        cl = [v for k, v in headers if k == b"content-length"]
-        bodiless = self._head_only or 100 <= status < 200 or status in (204, 304)
+        te, cl, _, _ = _framing_headers(headers)
         # Framing headers must be valid even where no body follows (as h11 checks).
-        if te and (len(te) != 1 or te[0] != b"chunked" or cl):
-            self._fail(502, "the upstream's Transfer-Encoding is not a lone chunked")
-        if cl and (len(cl) != 1 or not cl[0].isdigit() or len(cl[0]) > 18):
-            self._fail(502, "invalid Content-Length in the response")
-        chunked = False
-        length: int | None = 0
+        framed = self._framing(te, cl, te_status=502)
+        bodiless = self._head_only or 100 <= status < 200 or status in (204, 304)
+        length: int | None
         if bodiless:
-            pass
-        elif te:
-            chunked, length = True, None
-        elif cl:
-            length = int(cl[0])
+            length, chunked = 0, False
+        elif te or cl:
+            length, chunked = framed, framed is None
         else:
-            length = None  # until the upstream closes
+            length, chunked = None, False  # the body lasts until the upstream closes
         self._close_delimited = length is None and not chunked
         self._in_body = not bodiless
         keep_alive = (version == b"1.1" and p.should_keep_alive()
                       and not self._close_delimited)
         self._events.append(ResponseHead(status, self._reason, version, headers, length,
                                          chunked, keep_alive))
-
-    def on_body(self, body: bytes) -> None:
-        self._events.append(Data(bytes(body)))
-
-    def on_message_complete(self) -> None:
-        self._in_body = False
-        self._events.append(End(self._trailers))
-        self._trailers = []
-
-    def _fail(self, status: int, reason: str) -> None:
-        self._failed = ProtocolError(status, reason)
-        raise self._failed
 
 
 def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
