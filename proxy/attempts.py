@@ -37,6 +37,13 @@ from .resilience import CircuitBreaker, OutlierDetector, RetryBudgetTracker, bac
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 
 
+def failure_status(condition: str) -> int:
+    """What the caller is answered when a try that failed with ``condition`` (a retry
+    condition, documents.py) was the last: 503 if no connection was made, else the
+    gateway status the condition is named after."""
+    return 503 if condition == CONNECT_FAILURE else int(condition)
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """One instance a request can go to."""
@@ -190,8 +197,8 @@ class Attempts:
         self.attempt += 1
         per_try = min(spec.timeouts.per_try, self.deadline - now)
         if per_try <= 0:
-            return self._answer(504, f"overall timeout {spec.timeouts.overall:g} s passed",
-                                tried=self.attempt - 1)
+            return Answer(504, f"overall timeout {spec.timeouts.overall:g} s passed",
+                          self.attempt - 1)
         ep = self._choose(now)
         self._tried.add(ep.key)
         self._next = ep
@@ -209,9 +216,9 @@ class Attempts:
             if not self.state.breaker.try_enqueue():
                 self.events.append(BreakerRejected(pending=True))
                 cb = self.state.spec.circuit_breaker
-                return self._answer(503, f"circuit breaker open: {cb.max_pending} requests "
-                                    f"already waiting for a connection to {self.service}",
-                                    tried=self.attempt - 1)
+                return Answer(503, f"circuit breaker open: {cb.max_pending} requests "
+                              f"already waiting for a connection to {self.service}",
+                              self.attempt - 1)
             self._pending = True
         self._current, self._sent_at = ep, now
         self.balancer.start(ep.key, now)
@@ -232,9 +239,8 @@ class Attempts:
             wait = self._retry(now)
             if wait is not None:
                 return wait
-        status = 503 if condition == CONNECT_FAILURE else int(condition)
-        return self._answer(status, f"{ep.node}/{ep.instance}: {detail or condition}",
-                            tried=self.attempt, endpoint=ep)
+        return Answer(failure_status(condition), f"{ep.node}/{ep.instance}: "
+                      f"{detail or condition}", self.attempt, ep)
 
     def responded(self, now: float, status: int, connect_seconds: float = 0.0,
                   ) -> Wait | Deliver:
@@ -257,14 +263,13 @@ class Attempts:
 
     def _choose(self, now: float) -> Endpoint:
         outliers = self.state.outliers
-        by_key = {e.key: e for e in self.candidates}
-        for back, _ in outliers.readmit(now):
+        for back, _ in outliers.readmit(now):  # rare: a scan is fine here
             # A fresh start: the failures that got it ejected are already paid for,
             # and its penalised latency would otherwise keep it idle for a minute.
             self.balancer.forget([back])
-            e = by_key.get(back)
-            if e is not None and e.rtt is not None:
-                self.balancer.seed(back, e.rtt)
+            for e in self.candidates:
+                if e.key == back and e.rtt is not None:
+                    self.balancer.seed(back, e.rtt)
             self.events.append(Readmitted(back))
         live = [e for e in self.candidates if not outliers.is_ejected(now, e.key)] \
             or self.candidates
@@ -300,10 +305,21 @@ class Attempts:
         self.events.append(Retrying(self.attempt + 1))
         return Wait(now + pause)
 
-    def _answer(self, status: int, reason: str, *, tried: int,
-                endpoint: Endpoint | None = None) -> Answer:
-        return Answer(status, reason, tried, endpoint)
 
 
-__all__ = ["Answer", "Attempts", "BreakerRejected", "BudgetExhausted", "Deliver", "Ejected",
-           "Endpoint", "Event", "Readmitted", "Retrying", "Send", "ServiceState", "Wait"]
+__all__ = [
+    "Answer",
+    "Attempts",
+    "BreakerRejected",
+    "BudgetExhausted",
+    "Deliver",
+    "Ejected",
+    "Endpoint",
+    "Event",
+    "Readmitted",
+    "Retrying",
+    "Send",
+    "ServiceState",
+    "Wait",
+    "failure_status",
+]

@@ -23,6 +23,7 @@ import httpcore
 import trio
 
 from ..policy.documents import BAD_GATEWAY, CONNECT_FAILURE, GATEWAY_TIMEOUT
+from .attempts import failure_status
 from .identity import Identity
 from .net_backend import LeanTrioBackend
 from .stream_server import ClientGone, UpstreamBroken
@@ -43,7 +44,7 @@ class TryFailed(Exception):
     @property
     def status(self) -> int:
         """The status the caller sees if this was the last try."""
-        return 503 if self.condition == CONNECT_FAILURE else int(self.condition)
+        return failure_status(self.condition)
 
 
 @dataclass(slots=True)
