@@ -111,11 +111,13 @@ async def run_agent(opts: AgentOptions) -> None:
             discovery = Discovery(node.parts.catalog, node.wake, probes=CheckRunner)
             nursery.start_soon(discovery.run)
             keyring = None
-            if seal is not None and node.parts.keyring is not None:
-                keyring = ClusterKeyring(node.parts.keyring, Path(opts.keyring_file)
+            commands = node.parts.keyring  # assembled when gossip is sealed
+            if commands is not None:
+                keyring = ClusterKeyring(commands, Path(opts.keyring_file)
                                          if opts.keyring_file else None, node.wake)
-                log.info("gossip encrypted: %d key(s) installed", len(seal.keyring.keys),
-                         extra={"event": "keyring", "keys": len(seal.keyring.keys)})
+                keys = len(commands.seal.keyring.keys)
+                log.info("gossip encrypted: %d key(s) installed", keys,
+                         extra={"event": "keyring", "keys": keys})
             policies = _start_policies(node, opts)
             if policies is not None:
                 nursery.start_soon(policies.run)
