@@ -42,7 +42,7 @@ from ..proxy.check_runner import CheckRunner
 from ..proxy.inbound import InboundProxy
 from ..proxy.metrics import ProxyMetrics
 from ..proxy.outbound import INBOUND_TAG, OutboundProxy
-from ..proxy.stream_server import ProxyHandler, serve_proxy
+from ..proxy.relay import serve_proxy
 from ..proxy.tls import MeshTls, TlsConfigError, TlsFiles
 from .logs import log_event
 
@@ -288,7 +288,8 @@ def _mesh_tls(opts: AgentOptions) -> MeshTls | None:
         raise StartupError(f"TLS: {e}") from None
 
 
-async def _listen(nursery: trio.Nursery, handler: ProxyHandler, addr: Address, what: str,
+async def _listen(nursery: trio.Nursery, handler: InboundProxy | OutboundProxy, addr: Address,
+                  what: str,
                   metrics: ProxyMetrics, pool: FdPool, tls: MeshTls | None = None,
                   max_per_client: int = 0) -> int:
     def refused(client: str, status: int, reason: str) -> None:
@@ -296,6 +297,7 @@ async def _listen(nursery: trio.Nursery, handler: ProxyHandler, addr: Address, w
 
     try:
         port: int = await nursery.start(partial(serve_proxy, handler, addr[0], addr[1],
+                                                watchdog=handler.watchdog,
                                                 on_error=refused, tls=tls, pool=pool,
                                                 max_per_client=max_per_client))
     except OSError as e:

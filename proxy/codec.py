@@ -93,6 +93,11 @@ class _MessageReader:
         self._failed: ProtocolError | None = None
         self._begin()
 
+    @property
+    def failed(self) -> ProtocolError | None:
+        """The error found in bytes already fed, once the messages before it are out."""
+        return self._failed
+
     def _begin(self) -> None:
         self._in_head = False
         self._in_body = False

@@ -34,9 +34,10 @@ from .headers import (
     response_headers,
 )
 from .metrics import ProxyMetrics
-from .stream_server import ClientGone, Incoming, Outgoing, simple_response
+from .pool import TryFailed, UpstreamPool
+from .relay import Forward, Reply, Request, request_head_start, simple_reply
+from .sockio import Watchdog
 from .tls import MeshTls
-from .upstream import TryFailed, Upstreams
 
 log = logging.getLogger("rumor.proxy")
 
@@ -44,6 +45,8 @@ log = logging.getLogger("rumor.proxy")
 #: policy sets the real deadline; this only bounds a stuck local service.
 LOCAL_TIMEOUT = 300.0
 LOCAL_CONNECT_TIMEOUT = 2.0
+#: Request bodies up to this size go to the local service in the head's write.
+BUFFERED_BODY = 64 * 1024
 
 
 class InboundProxy:
@@ -57,10 +60,12 @@ class InboundProxy:
         self.access_log = access_log
         #: With mutual TLS, identities come from certificates (ours and the caller's).
         self.tls = tls
-        self.upstreams = Upstreams()
+        #: Keeps the deadlines of this listener's sockets (run by its ``serve_proxy``).
+        self.watchdog = Watchdog()
+        self.pool = UpstreamPool(self.watchdog)
         self._denied_logged: set[tuple[str, str]] = set()
 
-    async def __call__(self, req: Incoming) -> Outgoing:
+    async def __call__(self, req: Request) -> Reply | Forward:
         started = trio.current_time()
         source_raw = req.header(b"x-rumor-source")
         source = source_raw.decode("ascii", "replace") if source_raw else None
@@ -84,26 +89,27 @@ class InboundProxy:
         hs = end_to_end(req.headers, drop=MESH_HEADERS)
         forwarded_for(hs, req.client.rsplit(":", 1)[0])
         trace = continue_trace(hs, self._ids).decode()
-        body = req.body() if req.has_body else None
-        if body is not None:
-            length = req.content_length
-            hs.append((b"content-length", str(length).encode()) if length is not None
-                      else (b"transfer-encoding", b"chunked"))
+        body = await req.take_body(BUFFERED_BODY)
+        framing = req.framing(body)
+        if framing is not None:
+            hs.append(framing)
+        head = request_head_start(req.method, target.path, hs) + b"\r\n"
+        now = trio.current_time()
         try:
-            resp = await self.upstreams.send(req.method, host, port, target.path, hs, body,
-                                             connect_timeout=LOCAL_CONNECT_TIMEOUT,
-                                             per_try_timeout=LOCAL_TIMEOUT)
+            resp = await self.pool.exchange(req.method, (host, port), head, body,
+                                            connect_deadline=now + LOCAL_CONNECT_TIMEOUT,
+                                            deadline=now + LOCAL_TIMEOUT,
+                                            informational=req.informational)
         except TryFailed as f:
+            if req.failure is not None:
+                raise req.failure from None
             return self._answer(req, started, service, source, f.status,
                                 f"local service {instance}: {f}", instance=instance,
                                 trace=trace)
-        except ClientGone:
-            raise
         headers_at = trio.current_time()
-        out_headers = response_headers(resp.headers)
         if self.metrics:
             self.metrics.observe_latency("inbound", service, headers_at - started)
-        status = resp.status
+        status = resp.head.status
 
         def done(sent: int, complete: bool) -> None:
             if self.metrics:
@@ -113,9 +119,9 @@ class InboundProxy:
                     req, service, source, status, started, sent, trace, instance=instance,
                     upstream_ms=round((headers_at - started) * 1000, 3),
                     error=None if complete else "response not completed"))
-        return Outgoing(status, out_headers, resp.body(), release=resp.release, on_done=done)
+        return Forward(resp, response_headers(resp.head.headers), self.pool, on_done=done)
 
-    def _verified_source(self, req: Incoming, service: str,
+    def _verified_source(self, req: Request, service: str,
                          claimed: str | None) -> tuple[str, str | None]:
         """(reason to refuse or "", the caller's identity) over mutual TLS: the caller
         may call as a service its certificate names, never as another; and this host
@@ -134,8 +140,8 @@ class InboundProxy:
         only = next(iter(peer.services)) if len(peer.services) == 1 else None
         return "", only
 
-    def _deny(self, req: Incoming, started: float, service: str, source: str | None,
-              reason: str) -> Outgoing:
+    def _deny(self, req: Request, started: float, service: str, source: str | None,
+              reason: str) -> Reply:
         if self.metrics:
             self.metrics.denied.labels(self.metrics.service(service),
                                        self.metrics.caller(source)).inc()
@@ -161,10 +167,10 @@ class InboundProxy:
             fallback = fallback or addr
         return fallback  # the named instance is gone (deregistered): any of the service
 
-    def _answer(self, req: Incoming, started: float, service: str, source: str | None,
+    def _answer(self, req: Request, started: float, service: str, source: str | None,
                 status: int, reason: str, *, instance: str = "",
-                trace: str = "") -> Outgoing:
-        out = simple_response(status, reason)
+                trace: str = "") -> Reply:
+        out = simple_reply(status, reason)
         if self.metrics:
             self.metrics.request_done("inbound", service, instance, status)
 
@@ -175,7 +181,7 @@ class InboundProxy:
         out.on_done = done
         return out
 
-    def _entry(self, req: Incoming, service: str, source: str | None, status: int,
+    def _entry(self, req: Request, service: str, source: str | None, status: int,
                started: float, sent: int, trace: str, **extra: Any) -> dict[str, Any]:
         return {"listener": "inbound", "method": req.method.decode("ascii", "replace"),
                 "path": req.target.decode("ascii", "replace")[:512], "service": service,
@@ -184,5 +190,5 @@ class InboundProxy:
                 "bytes": sent, "client": req.client, "source": source, "trace_id": trace,
                 **extra}
 
-    async def aclose(self) -> None:
-        await self.upstreams.aclose()
+    def close(self) -> None:
+        self.pool.close()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -52,9 +52,10 @@ from .headers import (
     response_headers,
 )
 from .metrics import ProxyMetrics
-from .stream_server import ClientGone, Incoming, Outgoing, simple_response
+from .pool import TryFailed, UpstreamPool, UpstreamResponse
+from .relay import Forward, Reply, Request, request_head_start, simple_reply
+from .sockio import Watchdog
 from .tls import MeshTls
-from .upstream import TryFailed, Upstreams
 
 log = logging.getLogger("rumor.proxy")
 
@@ -78,7 +79,9 @@ class OutboundProxy:
         self.access_log = access_log
         self.rng = rng or random.Random()
         self.balancer = Balancer(self.rng, decay=decay)
-        self.upstreams = Upstreams(tls=tls)
+        #: Keeps the deadlines of this listener's sockets (run by its ``serve_proxy``).
+        self.watchdog = Watchdog()
+        self.pool = UpstreamPool(self.watchdog, tls=tls)
         self._services: dict[str, ServiceState] = {}
         self._endpoints: dict[str, tuple[int, float, list[Endpoint]]] = {}
         #: (service, subset name) -> (the endpoint list and subset it was built from,
@@ -88,7 +91,7 @@ class OutboundProxy:
 
     # ---- the request path -------------------------------------------------------------------
 
-    async def __call__(self, req: Incoming) -> Outgoing:
+    async def __call__(self, req: Request) -> Reply | Forward:
         started = trio.current_time()
         try:
             target = parse_target(req.target, req.header(b"host"))
@@ -107,22 +110,16 @@ class OutboundProxy:
         handed_off = False
         try:
             out = await self._forward(req, started, target.path, service, ev, state)
-            handed_off = out.release is not None
-            if handed_off:
-                upstream_release = out.release
-
-                async def release() -> None:
-                    state.breaker.release()
-                    assert upstream_release is not None
-                    await upstream_release()
-                out.release = release
+            if isinstance(out, Forward):
+                out.release = state.breaker.release  # once the response is over
+                handed_off = True
             return out
         finally:
             if not handed_off:
                 state.breaker.release()
 
-    async def _forward(self, req: Incoming, started: float, path: bytes, service: str,
-                       ev: Evaluator, state: ServiceState) -> Outgoing:
+    async def _forward(self, req: Request, started: float, path: bytes, service: str,
+                       ev: Evaluator, state: ServiceState) -> Reply | Forward:
         endpoints = self._endpoints_of(service)
         if not endpoints:
             known = bool(self.node.parts.catalog.instances(service, include_critical=True))
@@ -137,9 +134,8 @@ class OutboundProxy:
             view: dict[str, str] = {}
             if consulted:
                 for k, v in req.headers:
-                    lk = k.lower()
-                    if lk in consulted:
-                        view.setdefault(lk.decode("latin-1"), v.decode("latin-1"))
+                    if k in consulted:
+                        view.setdefault(k.decode("latin-1"), v.decode("latin-1"))
             decision = ev.route(service, view)
             if decision.split:
                 subset = decision.choose(self.rng.random())
@@ -148,63 +144,55 @@ class OutboundProxy:
             return self._answer(req, started, service, 503,
                                 f"no healthy instance of {service} in subset {subset.name}")
 
-        method = req.method.decode("ascii", "replace")
-        body: bytes | AsyncIterator[bytes] | None = None
-        replayable = True
-        if req.has_body:
-            length = req.content_length
-            if length is not None and length <= RETRY_BUFFER:
-                body = await req.read_all(RETRY_BUFFER)
-            else:
-                body = req.body()
-                replayable = False  # streamed once; only an unsent body may be retried
-        headers = self._request_headers(req, service, body)
+        body = await req.take_body(RETRY_BUFFER)
+        headers = self._request_headers(req, service, req.framing(body))
         trace = _trace_of(headers)
+        start = request_head_start(req.method, path, headers)
         tries = Attempts.begin(started, state, self.balancer, cands, service=service,
-                               total=len(endpoints), method=method, replayable=replayable,
-                               rng=self.rng)
+                               total=len(endpoints), method=req.method.decode("ascii", "replace"),
+                               replayable=not callable(body), rng=self.rng)
         while True:
             now = trio.current_time()
             step = tries.next(now)
             refused = step if isinstance(step, Answer) else tries.start(
-                now, new_connection=not self.upstreams.has_idle(step.endpoint.host,
-                                                                 step.endpoint.port))
+                now, new_connection=not self.pool.has_idle(step.endpoint.host,
+                                                           step.endpoint.port))
             if refused is not None:
                 self._events(tries, service)
                 return self._give_up(req, started, service, refused, trace)
             assert isinstance(step, Send)
             ep = step.endpoint
-            hs = [*headers, (b"x-rumor-instance", ep.instance.encode())]
+            head = start + b"x-rumor-instance: " + ep.instance.encode() + b"\r\n\r\n"
             try:
                 try:
-                    resp = await self.upstreams.send(
-                        req.method, ep.host, ep.port, path, hs, body,
-                        connect_timeout=step.connect, per_try_timeout=step.per_try,
-                        service=service)
+                    resp = await self.pool.exchange(
+                        req.method, (ep.host, ep.port), head, body,
+                        connect_deadline=now + step.connect, deadline=now + step.per_try,
+                        service=service, informational=req.informational)
                 finally:
                     tries.connection_done()
             except TryFailed as f:
+                if req.failure is not None:  # the client broke off its upload
+                    tries.client_gone(trio.current_time())
+                    raise req.failure from None
                 after = tries.failed(trio.current_time(), f.condition, str(f))
                 self._events(tries, service)
                 if isinstance(after, Answer):
                     return self._give_up(req, started, service, after, trace)
                 await trio.sleep_until(after.until)
                 continue
-            except ClientGone:
-                tries.client_gone(trio.current_time())
-                raise
             done = trio.current_time()
-            outcome = tries.responded(done, resp.status, resp.connect_seconds)
+            outcome = tries.responded(done, resp.head.status, resp.connect_seconds)
             self._events(tries, service)
             if isinstance(outcome, Wait):
-                await resp.release()
+                resp.conn.close()  # its body is not wanted: the connection cannot be reused
                 await trio.sleep_until(outcome.until)
                 continue
-            return self._respond(req, started, done, service, ep, resp.status, resp.headers,
-                                 resp.body(), resp.release, outcome.attempts, trace)
+            return self._respond(req, started, done, service, ep, resp, outcome.attempts,
+                                 trace)
 
-    def _give_up(self, req: Incoming, started: float, service: str, a: Answer,
-                 trace: str) -> Outgoing:
+    def _give_up(self, req: Request, started: float, service: str, a: Answer,
+                 trace: str) -> Reply:
         return self._answer(req, started, service, a.status, a.reason, attempts=a.attempts,
                             instance=a.endpoint.key if a.endpoint else "", trace=trace)
 
@@ -234,25 +222,21 @@ class OutboundProxy:
     # ---- helpers of the request path ---------------------------------------------------------
 
 
-    def _request_headers(self, req: Incoming, service: str,
-                         body: bytes | AsyncIterator[bytes] | None) -> list[tuple[bytes, bytes]]:
+    def _request_headers(self, req: Request, service: str,
+                         framing: tuple[bytes, bytes] | None) -> list[tuple[bytes, bytes]]:
         hs = end_to_end(req.headers, drop=MESH_HEADERS | {b"host"})
         forwarded_for(hs, req.client.rsplit(":", 1)[0])
         continue_trace(hs, self.rng)
         hs.append((b"host", service.encode()))
         if self.identity:
             hs.append((b"x-rumor-source", self.identity.encode()))
-        if isinstance(body, bytes):
-            hs.append((b"content-length", str(len(body)).encode()))
-        elif body is not None:
-            hs.append((b"transfer-encoding", b"chunked"))
+        if framing is not None:
+            hs.append(framing)
         return hs
 
-    def _respond(self, req: Incoming, started: float, headers_at: float, service: str,
-                 ep: Endpoint, status: int, upstream_headers: list[tuple[bytes, bytes]],
-                 body: AsyncIterator[bytes], release: Any, attempts: int,
-                 trace: str) -> Outgoing:
-        hs = response_headers(upstream_headers)
+    def _respond(self, req: Request, started: float, headers_at: float, service: str,
+                 ep: Endpoint, resp: UpstreamResponse, attempts: int, trace: str) -> Forward:
+        status = resp.head.status
         if self.metrics:
             self.metrics.observe_latency("outbound", service, headers_at - started)
 
@@ -264,11 +248,11 @@ class OutboundProxy:
                     req, service, status, started, sent, attempts, trace,
                     instance=ep.key, upstream_ms=round((headers_at - started) * 1000, 3),
                     error=None if complete else "response not completed"))
-        return Outgoing(status, hs, body, release=release, on_done=done)
+        return Forward(resp, response_headers(resp.head.headers), self.pool, on_done=done)
 
-    def _answer(self, req: Incoming, started: float, service: str, status: int, reason: str,
-                *, attempts: int = 0, instance: str = "", trace: str = "") -> Outgoing:
-        out = simple_response(status, reason)
+    def _answer(self, req: Request, started: float, service: str, status: int, reason: str,
+                *, attempts: int = 0, instance: str = "", trace: str = "") -> Reply:
+        out = simple_reply(status, reason)
         if self.metrics:
             self.metrics.request_done("outbound", service, instance, status)
 
@@ -280,7 +264,7 @@ class OutboundProxy:
         out.on_done = done
         return out
 
-    def _entry(self, req: Incoming, service: str, status: int, started: float, sent: int,
+    def _entry(self, req: Request, service: str, status: int, started: float, sent: int,
                attempts: int, trace: str, **extra: Any) -> dict[str, Any]:
         return {"listener": "outbound", "method": req.method.decode("ascii", "replace"),
                 "path": req.target.decode("ascii", "replace")[:512], "service": service,
@@ -349,8 +333,8 @@ class OutboundProxy:
             if e.rtt is not None:
                 self.balancer.seed(e.key, e.rtt)
 
-    async def aclose(self) -> None:
-        await self.upstreams.aclose()
+    def close(self) -> None:
+        self.pool.close()
 
 
 def _trace_of(headers: list[tuple[bytes, bytes]]) -> str:

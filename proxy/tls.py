@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .identity import Identity, IdentityError, identity_of
+from .sockio import ConnectionBroken, TimedOut, TlsSocketIO, Watchdog
 
 log = logging.getLogger("rumor.tls")
 
@@ -122,34 +125,42 @@ class MeshTls:
             await trio.sleep(interval)
             self.reload_if_changed()
 
-    async def accept(self, stream: trio.SocketStream) -> tuple[trio.SSLStream[trio.SocketStream],
-                                                                 Identity]:
-        """Server side of a handshake; raises ``HandshakeFailed``."""
-        tls = trio.SSLStream(stream, self.server, server_side=True)
-        return tls, await self._handshake(tls)
+    async def accept(self, sock: socket.socket, watchdog: Watchdog,
+                     ) -> tuple[TlsSocketIO, Identity]:
+        """Server side of a handshake on an accepted socket, within
+        ``HANDSHAKE_TIMEOUT``; raises ``HandshakeFailed`` (the socket is then closed)."""
+        io = TlsSocketIO(sock, watchdog, self.server, server_side=True)
+        return io, await self.handshake(io)
 
-    async def connect(self, stream: trio.SocketStream) -> tuple[trio.SSLStream[trio.SocketStream],
-                                                                  Identity]:
-        """Client side of a handshake; raises ``HandshakeFailed``."""
-        tls = trio.SSLStream(stream, self.client, server_hostname=None)
-        return tls, await self._handshake(tls)
-
-    async def _handshake(self, tls: trio.SSLStream[trio.SocketStream]) -> Identity:
+    async def handshake(self, io: TlsSocketIO) -> Identity:
+        """Complete ``io``'s handshake and verify the peer (closes ``io`` if not)."""
+        io.set_deadline(trio.current_time() + HANDSHAKE_TIMEOUT)
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await tls.do_handshake()
-            der = tls.getpeercert(binary_form=True)
-            if not der:
-                raise HandshakeFailed("the peer sent no certificate")
-            peer = identity_of(der)
-        except trio.TooSlowError:
+            der = await io.handshake()
+            peer = self.verify_peer(der)
+        except TimedOut:
             self.stats["handshake_failures"] += 1
+            io.close()
             raise HandshakeFailed(f"no TLS handshake within {HANDSHAKE_TIMEOUT:g} s") from None
-        except trio.BrokenResourceError as e:
+        except ConnectionBroken as e:
             self.stats["handshake_failures"] += 1
-            cause = e.__cause__
-            why = getattr(cause, "reason", None) or str(cause or e) or "connection closed"
-            raise HandshakeFailed(f"TLS handshake failed: {why}") from None
+            io.close()
+            raise HandshakeFailed(str(e)) from None
+        except HandshakeFailed:
+            io.close()
+            raise
+        io.deadline = math.inf
+        return peer
+
+    def verify_peer(self, der: bytes) -> Identity:
+        """The identity of a peer whose handshake presented ``der`` (its leaf
+        certificate, already chain-verified by the TLS library); raises
+        ``HandshakeFailed`` when it has none, names none, or is of another cluster."""
+        if not der:
+            self.stats["handshake_failures"] += 1
+            raise HandshakeFailed("the peer sent no certificate")
+        try:
+            peer = identity_of(der)
         except IdentityError as e:
             self.stats["handshake_failures"] += 1
             raise HandshakeFailed(f"peer certificate: {e}") from None
@@ -175,6 +186,6 @@ def _context(purpose: ssl._SSLMethod, files: TlsFiles) -> ssl.SSLContext:
     ctx.load_cert_chain(str(files.cert), str(files.key))
     if purpose == ssl.PROTOCOL_TLS_SERVER:
         # No session tickets: a ticket arriving on an idle pooled connection makes it
-        # readable, and httpcore takes a readable idle connection for a closed one.
+        # readable, and the pool takes a readable idle connection for a closed one.
         ctx.num_tickets = 0
     return ctx

@@ -23,6 +23,9 @@ ALLOWED = {
 }
 #: Third-party modules a package must not import.
 FORBIDDEN = {"gossip": {"httpcore", "h11", "httptools"}, "policy": {"httpcore", "h11"}}
+#: The data path: httptools and sockets only (h11 serves the API, httpcore the checks).
+DATA_PATH = [f"proxy/{m}.py" for m in (
+    "codec", "inbound", "outbound", "pool", "relay", "sockio", "tls", "attempts", "headers")]
 
 #: The sans-IO cores: state machines driven by a shell.
 CORES = [
@@ -69,6 +72,12 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
 
 def _sources() -> list[Path]:
     return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+
+
+@pytest.mark.parametrize("name", DATA_PATH)
+def test_the_data_path_uses_neither_h11_nor_httpcore(name: str) -> None:
+    modules, _ = _imports(ROOT / name)
+    assert not modules & {"h11", "httpcore"}, f"{name} imports {modules & {'h11', 'httpcore'}}"
 
 
 @pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(ROOT)))

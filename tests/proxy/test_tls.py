@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from rumor.proxy.identity import init_ca, issue
+from rumor.proxy.sockio import TlsSocketIO, Watchdog
 from rumor.proxy.tls import HANDSHAKE_TIMEOUT, HandshakeFailed, MeshTls, TlsFiles
 
 
@@ -44,29 +45,28 @@ def test_the_reloader_picks_up_a_renewal_at_its_interval_and_survives_a_bad_one(
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def _pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    a, b = socket.socketpair()
-    return (trio.SocketStream(trio.socket.from_stdlib_socket(a)),
-            trio.SocketStream(trio.socket.from_stdlib_socket(b)))
-
-
 def test_a_handshake_gives_each_side_the_others_identity(tmp_path: Path) -> None:
     async def main() -> None:
         server = MeshTls(_files(tmp_path, "a", ["web"]))
         client = MeshTls(_files(tmp_path, "b", ["api"]))
-        s, c = _pair()
+        s, c = socket.socketpair()
         got = {}
+        wd = Watchdog()
 
         async def accept() -> None:
-            got["server saw"] = (await server.accept(s))[1]
+            io, got["server saw"] = await server.accept(s, wd)
+            io.close()
 
         async def connect() -> None:
-            got["client saw"] = (await client.connect(c))[1]
+            io = TlsSocketIO(c, wd, client.client, server_side=False)
+            got["client saw"] = await client.handshake(io)
+            io.close()
         async with trio.open_nursery() as n:
             n.start_soon(accept)
             n.start_soon(connect)
         assert got["server saw"].node == "b" and got["server saw"].services == {"api"}
         assert got["client saw"].node == "a" and got["client saw"].services == {"web"}
+        assert server.stats["handshakes"] == client.stats["handshakes"] == 1
     # Real socket I/O: jump the virtual clock only after a real pause.
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.5))
 
@@ -74,10 +74,14 @@ def test_a_handshake_gives_each_side_the_others_identity(tmp_path: Path) -> None
 def test_a_silent_client_fails_the_handshake_at_the_timeout(tmp_path: Path) -> None:
     async def main() -> None:
         server = MeshTls(_files(tmp_path, "a", ["web"]))
-        s, _c = _pair()
-        t0 = trio.current_time()
-        with pytest.raises(HandshakeFailed, match="no TLS handshake within"):
-            await server.accept(s)
-        assert trio.current_time() - t0 == pytest.approx(HANDSHAKE_TIMEOUT)
-        assert server.stats["handshake_failures"] == 1
+        s, _c = socket.socketpair()
+        wd = Watchdog()
+        async with trio.open_nursery() as n:
+            n.start_soon(wd.run)
+            t0 = trio.current_time()
+            with pytest.raises(HandshakeFailed, match="no TLS handshake within"):
+                await server.accept(s, wd)
+            assert trio.current_time() - t0 == pytest.approx(HANDSHAKE_TIMEOUT, abs=0.01)
+            assert server.stats["handshake_failures"] == 1
+            n.cancel_scope.cancel()
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.1))
