@@ -293,7 +293,7 @@ async def _listen(nursery: trio.Nursery, handler: InboundProxy | OutboundProxy, 
                   metrics: ProxyMetrics, pool: FdPool, tls: MeshTls | None = None,
                   max_per_client: int = 0) -> int:
     def refused(client: str, status: int, reason: str) -> None:
-        metrics.protocol_errors.labels(what, str(status)).inc()
+        metrics.protocol_errors.inc((what, status))
 
     try:
         port: int = await nursery.start(partial(serve_proxy, handler, addr[0], addr[1],

@@ -143,8 +143,8 @@ class InboundProxy:
     def _deny(self, req: Request, started: float, service: str, source: str | None,
               reason: str) -> Reply:
         if self.metrics:
-            self.metrics.denied.labels(self.metrics.service(service),
-                                       self.metrics.caller(source)).inc()
+            self.metrics.denied.inc((self.metrics.service(service),
+                                     self.metrics.caller(source)))
         key = (service, source or "")
         if key not in self._denied_logged and len(self._denied_logged) < 4096:
             self._denied_logged.add(key)

@@ -103,7 +103,7 @@ class OutboundProxy:
         state = self._state(service, spec)
         if not state.breaker.try_acquire():
             if self.metrics:
-                self.metrics.breaker_rejections.labels(self.metrics.service(service)).inc()
+                self.metrics.breaker_rejections.inc((self.metrics.service(service),))
             return self._answer(req, started, service, 503,
                                 f"circuit breaker open: {spec.circuit_breaker.max_requests} "
                                 f"requests already in flight to {service}")
@@ -206,18 +206,18 @@ class OutboundProxy:
                             service, e.until - trio.current_time(),
                             extra={"event": "ejected", "service": service, "instance": e.key})
                 if m:
-                    m.ejections.labels(label, e.key).inc()
+                    m.ejections.inc((label, e.key))
             elif isinstance(e, Readmitted):
                 log.info("readmitted %s after its ejection", e.key,
                          extra={"event": "readmitted", "instance": e.key})
             elif m is None:
                 continue
             elif isinstance(e, Retrying):
-                m.retries.labels(label).inc()
+                m.retries.inc((label,))
             elif isinstance(e, BudgetExhausted):
-                m.budget_exhausted.labels(label).inc()
+                m.budget_exhausted.inc((label,))
             elif isinstance(e, BreakerRejected):
-                m.breaker_rejections.labels(label).inc()
+                m.breaker_rejections.inc((label,))
 
     # ---- helpers of the request path ---------------------------------------------------------
 
