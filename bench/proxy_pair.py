@@ -60,7 +60,7 @@ def main() -> int:
         else [[b] for b in backends]
     tls: dict[str, list[str]] = {}
     if os.environ.get("RUMOR_PAIR_TLS"):
-        from rumor.proxy.identity import init_ca, issue
+        from rumor.proxy.ca import init_ca, issue
         ca = work / "ca"
         if not (ca / "ca.key").exists():
             init_ca(ca, "bench")

@@ -22,7 +22,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from ..proxy.identity import CaError, identity_of, init_ca, issue
+from ..proxy.ca import CaError, init_ca, issue
+from ..proxy.identity import identity_of
 
 DEFAULT_CA_DAYS = 3650
 DEFAULT_CERT_DAYS = 90

@@ -425,7 +425,7 @@ def _security(keydir: Path, name: str, index: int) -> list[str]:
     """Flags for one demo agent: its copy of the gossip keyring (keyring commands
     rewrite it) and a certificate from the demo CA naming the services it may run."""
     from ..gossip.keyring_file import generate_key
-    from ..proxy.identity import init_ca, issue
+    from ..proxy.ca import init_ca, issue
     ring = keydir / "keyring"
     if not ring.exists():
         ring.write_text(generate_key() + "\n")

@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from .identity import Identity, IdentityError, identity_of
 from .sockio import ConnectionBroken, TimedOut, TlsSocketIO, Watchdog
@@ -75,6 +73,9 @@ class MeshTls:
         self._load()
 
     def _load(self) -> None:
+        from cryptography import x509  # only an agent with mutual TLS needs it
+        from cryptography.hazmat.primitives.serialization import Encoding
+
         f = self.files
         try:
             stamp = f.stamp()

@@ -23,7 +23,7 @@ import pytest
 from rumor.cli.ports import free_port
 from rumor.policy.envelope import make_payload, sign
 from rumor.policy.keys import SecretKey
-from rumor.proxy.identity import init_ca, issue
+from rumor.proxy.ca import init_ca, issue
 
 from ..agents import Agent, AgentCluster, wait_for
 from ..backends import Backend

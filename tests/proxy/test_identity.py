@@ -20,13 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rumor.cli.ca_cmd import add_ca_parser, run_ca
+from rumor.proxy.ca import CaError, init_ca, issue
 from rumor.proxy.identity import (
-    CaError,
     Identity,
     IdentityError,
     identity_of,
-    init_ca,
-    issue,
     node_uri,
     service_uri,
 )

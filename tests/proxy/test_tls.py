@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from rumor.proxy.identity import init_ca, issue
+from rumor.proxy.ca import init_ca, issue
 from rumor.proxy.sockio import TlsSocketIO, Watchdog
 from rumor.proxy.tls import HANDSHAKE_TIMEOUT, HandshakeFailed, MeshTls, TlsFiles
 
