@@ -17,13 +17,13 @@ import argparse
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+if TYPE_CHECKING:
+    from cryptography import x509
 
-from ..proxy.ca import CaError, init_ca, issue
-from ..proxy.identity import identity_of
+# The parser is built for every `rumor` command, the agent's included: cryptography
+# (about 14 MiB resident) is imported only when a `rumor ca` command runs.
 
 DEFAULT_CA_DAYS = 3650
 DEFAULT_CERT_DAYS = 90
@@ -65,6 +65,7 @@ def add_ca_parser(sub: Any) -> None:
 
 
 def run_ca(args: argparse.Namespace) -> int:
+    from ..proxy.ca import CaError
     try:
         if args.ca_command == "init":
             _init(args)
@@ -77,6 +78,7 @@ def run_ca(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> None:
+    from ..proxy.ca import init_ca
     crt, key = init_ca(args.dir, args.cluster, args.days)
     cert = _first_cert(crt)
     print(f"created the CA of cluster {args.cluster!r}, valid until "
@@ -88,6 +90,10 @@ def _init(args: argparse.Namespace) -> None:
 
 
 def _issue(args: argparse.Namespace) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from ..proxy.ca import issue
+    from ..proxy.identity import identity_of
     out = args.out if args.out is not None else Path(args.node)
     crt, key = issue(args.dir, args.node, args.services, args.days, out)
     # Read back from the file, so what is printed is what the agent will present.
@@ -106,6 +112,9 @@ def _issue(args: argparse.Namespace) -> None:
 
 
 def _first_cert(path: Path) -> x509.Certificate:
+    from cryptography import x509
+
+    from ..proxy.ca import CaError
     try:
         return x509.load_pem_x509_certificates(path.read_bytes())[0]
     except (OSError, ValueError, IndexError) as e:
