@@ -15,8 +15,18 @@ default) and measures:
 3. DNS queries/s answered by one agent: a single-socket loopback load generator keeps
    ``--inflight`` A queries outstanding for ``--dns-seconds`` and counts answers.
 
+Visibility is reported as a distribution (p50, p95, p99, max, trials slower than 1 s).
+``--trace`` runs every agent with ``--trace-gossip`` and follows each registration's
+message through the trace files (``rumor.simulations.spread``): a second, independent
+measure of when each agent got it (its first copy, or the first push-pull after the
+registration for an agent that got none), and how evenly the copies were spread,
+figures ``rumor sim catalog`` reports for the simulator. ``--loss 0.1`` drops 10% of
+all gossip packets, UDP and TCP, with nftables (on loopback, for the agents' gossip
+ports only; the rule is removed at the end).
+
     python bench/catalog_bench.py                  # 30 agents, LAN profile
     python bench/catalog_bench.py --nodes 10 --trials 5 --json
+    python bench/catalog_bench.py --trials 200 --check-trials 20 --trace --loss 0.1
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ class Agent:
         self.port, self.api_port, self.dns_port = free_port(), free_port(), free_port()
         self.profile = profile
         self.log = workdir / f"{self.name}.log"
+        self.trace: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -64,6 +75,7 @@ class Agent:
 
     def start(self, seed: Agent | None, extra: list[str]) -> None:
         argv = [sys.executable, "-m", "rumor.cli", "agent", "--name", self.name,
+                *(["--trace-gossip", str(self.trace)] if self.trace else []),
                 "--bind", f"{HOST}:{self.port}", "--api", self.api, "--profile", self.profile,
                 "--log-format", "json", "--log-level", "warning",
                 "--dns", f"{HOST}:{self.dns_port}", *extra]
@@ -120,7 +132,9 @@ def until_visible(agents: list[Agent], service: str, present: bool, timeout: flo
     return seen
 
 
-def bench_registration(agents: list[Agent], trials: int, rng: random.Random) -> list[float]:
+def bench_registration(agents: list[Agent], trials: int,
+                       rng: random.Random) -> list[tuple[float, str, float]]:
+    """Registrations one after another: (time to all agents, owner, start) of each."""
     out = []
     for t in range(trials):
         name = f"reg{t}"
@@ -137,10 +151,77 @@ def bench_registration(agents: list[Agent], trials: int, rng: random.Random) -> 
         th.join()
         if len(result) != len(agents):
             raise SystemExit(f"{name} reached only {len(result)} of {len(agents)} agents")
-        out.append(max(result.values()) - t0)
-        print(f"   registration {t}: on all {len(agents)} after {out[-1] * 1000:.0f} ms",
+        out.append((max(result.values()) - t0, owner.name, t0))
+        print(f"   registration {t}: on all {len(agents)} after {out[-1][0] * 1000:.0f} ms",
               file=sys.stderr, flush=True)
     return out
+
+
+def distribution(xs: list[float]) -> dict[str, Any]:
+    s = sorted(xs)
+
+    def q(f: float) -> float:
+        return round(s[min(len(s) - 1, int(f * len(s)))], 3)
+    return {"p50": q(0.5), "p95": q(0.95), "p99": q(0.99), "max": round(s[-1], 3),
+            "over_1s": sum(1 for x in s if x > 1.0), "n": len(s)}
+
+
+def trace_analysis(agents: list[Agent], trials: list[tuple[float, str, float]]
+                   ) -> dict[str, Any]:
+    """Each registration followed through the agents' trace files."""
+    from rumor.simulations.spread import copy_profile, first_sent_after, follow, read_trace_files
+    events = list(read_trace_files(a.trace for a in agents if a.trace))
+    spreads = follow(events)
+    pulls: dict[str, list[float]] = {}
+    for t, node, direction, _peer, _msgs in events:
+        if direction == "push-pull":
+            pulls.setdefault(node, []).append(t)
+    names = [a.name for a in agents]
+    profiles, learnt = [], []
+    for took, owner, t0 in trials:
+        s = first_sent_after(spreads, owner, t0)
+        if s is None:
+            continue
+        prof = copy_profile(s, names) | {"took_s": round(took, 3)}
+        profiles.append(prof)
+        last = 0.0
+        for n in names:
+            if n == owner:
+                continue
+            first = s.first(n)
+            if first is None:  # no copy: learnt from the next push-pull
+                first = min((t for t in pulls.get(n, []) if t >= t0), default=t0 + 60)
+            last = max(last, first - t0)
+        learnt.append(last)
+    slow = [p for p in profiles if p["took_s"] > 1.0]
+    return {"registration_by_trace_s": distribution(learnt) if learnt else {},
+            "least_served_copies": distribution([p["min_copies"] for p in profiles]),
+            "trials_with_an_agent_without_copy": sum(1 for p in profiles
+                                                     if p["nodes_without_copy"]),
+            "copies_sent_per_registration": distribution(
+                [p["copies_sent"] for p in profiles]),
+            "slow_trials": slow[:20]}
+
+
+class Loss:
+    """``fraction`` of the packets to and from the agents' gossip ports dropped by
+    nftables (UDP both ways, TCP both ways), in a table of our own."""
+
+    TABLE = "rumor_catalog_bench"
+
+    def __init__(self, fraction: float, ports: list[int]) -> None:
+        pct = round(fraction * 100)
+        ports_set = ", ".join(map(str, ports))
+        rules = [f"udp dport {{ {ports_set} }}", f"tcp dport {{ {ports_set} }}",
+                 f"tcp sport {{ {ports_set} }}"]
+        script = (f"table inet {self.TABLE} {{\n chain input {{\n"
+                  "  type filter hook input priority 0; policy accept;\n"
+                  + "".join(f"  iifname lo {r} numgen random mod 100 < {pct} drop\n"
+                            for r in rules) + " }\n}\n")
+        subprocess.run(["nft", "-f", "-"], input=script.encode(), check=True)
+
+    def close(self) -> None:
+        subprocess.run(["nft", "delete", "table", "inet", self.TABLE], check=False)
 
 
 class Health:
@@ -188,6 +269,17 @@ def bench_check(agents: list[Agent], health: Health, trials: int, interval: floa
               f"gone everywhere after {everywhere * 1000:.0f} ms", file=sys.stderr,
               flush=True)
     health.ok = True
+    return out
+
+
+def gossip_totals(agents: list[Agent]) -> dict[str, int]:
+    """Sums of the agents' gossip counters (repairs, push-pulls, bytes)."""
+    out: dict[str, int] = {}
+    for a in agents:
+        stats = a.get("/v1/health")[0].get("stats", {})
+        for k in ("state_repairs", "stream_push_pull", "bytes_out", "packets_out",
+                  "user_messages_out"):
+            out[k] = out.get(k, 0) + int(stats.get(k, 0))
     return out
 
 
@@ -248,6 +340,13 @@ def main() -> int:
     p.add_argument("--dns-seconds", type=float, default=5.0)
     p.add_argument("--inflight", type=int, default=64)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--trace", action="store_true",
+                   help="trace every agent's gossip and follow each registration")
+    p.add_argument("--loss", type=float, default=0.0,
+                   help="drop this fraction of all gossip packets (nftables; root)")
+    p.add_argument("--no-dns", action="store_true", help="skip the DNS throughput part")
+    p.add_argument("--tune", action="append", default=[], metavar="NAME=VALUE",
+                   help="passed to every agent (rumor agent --tune)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     rng = random.Random(args.seed)
@@ -258,28 +357,42 @@ def main() -> int:
              f"interval={args.interval}s,timeout={timeout}s,fall={args.fall}")
     web = "name=web,port=8080,tags=bench"
     agents = [Agent(i, workdir, args.profile) for i in range(args.nodes)]
+    if args.trace:
+        for a in agents:
+            a.trace = workdir / f"{a.name}.trace"
+    loss: Loss | None = None
     try:
         print(f"starting {args.nodes} agents (profile {args.profile}, logs in {workdir})",
               file=sys.stderr, flush=True)
         for i, a in enumerate(agents):
             extra = ["--service", check, "--service", web] if i == 0 else []
+            extra += [x for t in args.tune for x in ("--tune", t)]
             a.start(agents[0] if i else None, extra)
             if i == 0:
                 wait_for(lambda: _alive_count(agents[0]) >= 1, 20, "the seed")
         wait_for(lambda: all(_alive_count(a) == args.nodes for a in agents), 120,
                  "convergence")
         time.sleep(2)
+        if args.loss:
+            loss = Loss(args.loss, [a.port for a in agents])
         print("1. registration -> visible everywhere", file=sys.stderr, flush=True)
-        reg = bench_registration(agents, args.trials, rng)
+        trials = bench_registration(agents, args.trials, rng)
+        reg = [took for took, _, _ in trials]
         print("2. failing check -> removed everywhere", file=sys.stderr, flush=True)
         chk = bench_check(agents, health, args.check_trials, args.interval, args.fall, rng)
-        print("3. DNS throughput of one agent", file=sys.stderr, flush=True)
-        dns = bench_dns(agents[-1], args.dns_seconds, args.inflight)
+        dns: dict[str, float] = {}
+        if not args.no_dns:
+            print("3. DNS throughput of one agent", file=sys.stderr, flush=True)
+            dns = bench_dns(agents[-1], args.dns_seconds, args.inflight)
         detection_bound = args.fall * args.interval + timeout
         res = {
-            "nodes": args.nodes, "profile": args.profile,
+            "nodes": args.nodes, "profile": args.profile, "loss": args.loss,
+            "tune": args.tune,
             "registration_s": {"median": statistics.median(reg), "max": max(reg),
+                               **distribution(reg),
                                "samples": [round(x, 3) for x in reg]},
+            "check_spread_s": distribution([c["spread"] for c in chk]),
+            "gossip": gossip_totals(agents),
             "check": {"interval_s": args.interval, "fall": args.fall, "timeout_s": timeout,
                       "detection_bound_s": detection_bound,
                       "detect_median_s": statistics.median(c["detect"] for c in chk),
@@ -289,6 +402,8 @@ def main() -> int:
                       "spread_max_s": max(c["spread"] for c in chk)},
             "dns": dns,
         }
+        if args.trace:
+            res["trace"] = trace_analysis(agents, trials)
         if args.json:
             print(json.dumps(res, indent=2))
         else:
@@ -300,16 +415,28 @@ def main() -> int:
                   f"(owner detected after {c['detect_median_s']:.2f} s; spread median "
                   f"{c['spread_median_s']:.2f} s, max {c['spread_max_s']:.2f} s; target "
                   f"<= detection + 1 s; detection bound {detection_bound:.2f} s)")
-            print(f"DNS: {dns['qps']:.0f} answers/s from one agent ({dns['answered']} "
-                  f"answered, {dns['errors']} errors; target >= 5000/s)")
+            print(f"registration distribution: {res['registration_s'] | {'samples': '...'}}")
+            print(f"check spread distribution: {res['check_spread_s']}")
+            print(f"gossip: {res['gossip']}")
+            if dns:
+                print(f"DNS: {dns['qps']:.0f} answers/s from one agent ({dns['answered']} "
+                      f"answered, {dns['errors']} errors; target >= 5000/s)")
+            if args.trace:
+                print(f"trace: {json.dumps(res['trace'])}")
         return 0
     finally:
+        if loss is not None:
+            loss.close()
         for a in agents:
             if a.proc is not None and a.proc.poll() is None:
-                a.proc.send_signal(signal.SIGKILL)
+                # SIGTERM: a traced agent writes its trace out as it stops.
+                a.proc.send_signal(signal.SIGTERM if args.trace else signal.SIGKILL)
         for a in agents:
             if a.proc is not None:
-                a.proc.wait()
+                try:
+                    a.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    a.proc.kill()
         health.server.shutdown()
         if not os.environ.get("RUMOR_BENCH_KEEP_LOGS"):
             for f in workdir.iterdir():

@@ -27,6 +27,7 @@ from ..gossip.discovery import Discovery
 from ..gossip.keyring import Keyring, KeyringSeal
 from ..gossip.node import BindError, JoinError, Node, NodeConfig
 from ..gossip.service_spec import Registration
+from ..gossip.trace import TraceFile
 from ..gossip.wire import Address
 from ..policy.evaluate import Evaluator
 from ..policy.replication import PolicyReplicator
@@ -84,6 +85,8 @@ class AgentOptions:
     #: Who may drive the local API (--api-token-file, --api-allow-host).
     api_access: ApiAccess = field(default_factory=ApiAccess)
     api_token_file: str | None = None
+    #: Diagnostics: where to write the dissemination trace (gossip/trace.py).
+    trace_gossip: str | None = None
 
 
 class StartupError(Exception):
@@ -105,8 +108,10 @@ async def run_agent(opts: AgentOptions) -> None:
                      fds=fds.gossip,
                      extras=[PolicyReplicator.factory(opts.trust)] if opts.trust else [])
     stop = trio.Event()
+    trace = TraceFile(opts.trace_gossip, opts.name) if opts.trace_gossip else None
     try:
         async with Node(cfg) as node, trio.open_nursery() as nursery:
+            node.core.trace = trace
             nursery.start_soon(_log_events, node)
             discovery = Discovery(node.parts.catalog, node.wake, probes=CheckRunner)
             nursery.start_soon(discovery.run)
@@ -164,6 +169,9 @@ async def run_agent(opts: AgentOptions) -> None:
             nursery.cancel_scope.cancel()
     except BindError as e:
         raise StartupError(str(e)) from None
+    finally:
+        if trace is not None:
+            trace.close()
     log.info("agent stopped", extra={"event": "stop"})
 
 

@@ -166,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--api-allow-host", action="append", default=[], metavar="NAME",
                    help="a host name the API answers to besides loopback and localhost "
                    "(repeatable; guards against DNS rebinding)")
+    a.add_argument("--tune", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one gossip setting of the profile (repeatable; the "
+                   "names are GossipConfig's, e.g. user_retransmit_mult=4): for "
+                   "experiments and unusual networks")
+    a.add_argument("--trace-gossip", metavar="FILE",
+                   help="diagnostics: append every application message this agent sends "
+                   "or receives (digest, peer, monotonic time) to FILE as JSON lines")
     a.add_argument("--log-format", choices=["text", "json"], default="text")
     a.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    default="info")
@@ -384,8 +391,12 @@ def _agent(args: argparse.Namespace) -> int:
     if dup is not None:
         raise UsageError(f"service id {dup!r} is registered twice (give id=... to tell "
                          "instances of one service apart)")
+    try:
+        gossip = profile(args.profile).tuned(args.tune)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     opts = AgentOptions(name=args.name, bind=args.bind, api=args.api,
-                        gossip=profile(args.profile), profile=args.profile,
+                        gossip=gossip, profile=args.profile,
                         advertise=args.advertise, join=args.join, tags=dict(args.tag),
                         services=services, dns=_const_address(args.dns), trust=_trust(args),
                         data_dir=args.data_dir,
@@ -394,7 +405,7 @@ def _agent(args: argparse.Namespace) -> int:
                         access_log=args.access_log, balancer_decay=args.balancer_decay,
                         keyring=_keyring(args), keyring_file=args.keyring,
                         tls=_tls_files(args), api_access=_api_access(args),
-                        api_token_file=args.api_token_file)
+                        api_token_file=args.api_token_file, trace_gossip=args.trace_gossip)
     failures: list[BaseException] = []
     try:
         trio.run(run_agent, opts)

@@ -4,6 +4,18 @@ A periodic full-state exchange over a stream with one random member repairs what
 gossip missed; a join is a push-pull with each seed, retried with back-off; failed
 members are retried now and then so a healed partition merges back; failed and left
 members are forgotten after a while.
+
+*Anti-entropy on demand.* The periodic exchange alone leaves a member that the
+epidemic missed (no copy was ever sent to it, or every copy was lost) behind for up to
+a push-pull period. So every datagram also carries a ``Digest``: a 32-bit summary of
+the sender's application state (each delegate's ``state_digest``) and how long it has
+been unchanged. A difference alone means nothing while a change spreads; a difference
+between two summaries that have both been stable for ``repair_after(n)`` (the
+epidemic's reach) means one side missed something. The side whose state has been
+stable longer is the likelier to be behind, so it starts a push-pull with the other
+at once; the exchange repairs both directions. A member starts at most one repair per
+``repair_interval``, and never twice for the same pair of summaries (a difference a
+push-pull cannot settle, such as documents one side does not trust, is not retried).
 """
 
 from __future__ import annotations
@@ -15,11 +27,13 @@ from .effects import (
     JoinFinished,
 )
 from .members import Member
+from .trace import GossipTrace
 from .wire import (
     EMPTY_META,
     Address,
     Alive,
     Dead,
+    Digest,
     PushPull,
     Status,
     Suspect,
@@ -42,6 +56,13 @@ class AntiEntropy(CoreBase):
 
     #: The join in progress, if any.
     _join: _Join | None
+    #: Our last state summary and when it last changed; the earliest next repair and
+    #: the (theirs, ours) summaries of the last one.
+    _summary: int
+    _summary_since: float
+    _repair_at: float
+    _repaired: tuple[int, int]
+    trace: GossipTrace | None
 
     def _merge(self, now: float, pp: PushPull) -> None:
         # Most rows of a push-pull repeat what we hold, and a warm start learns every
@@ -82,6 +103,8 @@ class AntiEntropy(CoreBase):
                 self._on_suspect(now, Suspect(s.incarnation, s.name, self.name))
         if fresh:
             self._learnt(fresh)
+        if self.trace is not None:
+            self.trace("push-pull", pp.source, [])
         for channel, data in pp.user.items():
             d = self._delegates.get(channel)
             if d is not None:
@@ -97,6 +120,45 @@ class AntiEntropy(CoreBase):
         rows = [(m.name, m.addr, m.incarnation, m.status, m.meta)
                 for m in self.members.values()]
         return encode_push_pull(join, self.name, rows, {c: s for c, s in user.items() if s})
+
+    # ---- anti-entropy on demand -----------------------------------------------------
+
+    def _state_summary(self, now: float) -> int:
+        """The delegates' state digests folded to 32 bits; notes when it changed."""
+        s = 0
+        for d in self._delegates.values():
+            s ^= d.state_digest()
+        s = (s ^ (s >> 32)) & 0xFFFFFFFF
+        if s != self._summary:
+            self._summary = s
+            self._summary_since = now
+        return s
+
+    def _digest(self, now: float) -> Digest:
+        summary = self._state_summary(now)
+        return Digest(self.name, summary, int((now - self._summary_since) * 1000))
+
+    def _on_digest(self, now: float, m: Digest) -> None:
+        """A peer's summary arrived (after the rest of its datagram was applied)."""
+        ours = self._state_summary(now)
+        if m.summary == ours or m.node == self.name or not self.config.state_repair:
+            return
+        settle = self.config.repair_after(self.num_members())
+        ours_stable, theirs_stable = now - self._summary_since, m.stable_ms / 1000
+        if ours_stable < settle or theirs_stable < settle:
+            return  # a change may still be spreading: give the epidemic its time
+        if (ours_stable, m.node) < (theirs_stable, self.name):
+            return  # their state is the older one: they will ask us
+        pair = (m.summary, ours)
+        if now < self._repair_at or pair == self._repaired:
+            return
+        peer = self.members.get(m.node)
+        if peer is None or peer.status > Status.SUSPECT:
+            return
+        self._repair_at = now + self.config.repair_interval
+        self._repaired = pair
+        self.stats["state_repairs"] += 1
+        self._stream(now, peer, "push_pull", self._push_pull_body(False), True)
 
     def _periodic_push_pull(self, now: float) -> None:
         self._push_pull_at = now + self.config.push_pull_period(self.num_members())

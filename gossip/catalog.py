@@ -29,6 +29,7 @@ sorts by nearness.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -121,6 +122,8 @@ class _NodeEntry:
     records: dict[str, Record] = field(default_factory=dict)
     #: When each tombstone was learned (our clock), for garbage collection.
     buried: dict[str, float] = field(default_factory=dict)
+    #: XOR of ``_record_hash`` over ``records``, kept as they change.
+    digest: int = 0
 
 
 @dataclass(slots=True)
@@ -157,6 +160,8 @@ class Catalog(Delegate):
         self._nodes: dict[str, _NodeEntry] = {self.name: _NodeEntry(epoch)}
         self._service_index: dict[str, int] = {}
         self._listeners: list[ChangeListener] = []
+        #: ``state_digest``'s value, None when a change made it stale.
+        self._digest: int | None = None
 
     # ---- local services (commands) -------------------------------------------------------
 
@@ -319,7 +324,24 @@ class Catalog(Delegate):
         if news:  # new to us: pass it on, so it spreads epidemically
             self._broadcast(now, node, epoch, news)
 
+    def state_digest(self) -> int:
+        """What we hold of every node the membership knows, hashed (see delegate.py).
+
+        Entries of nodes the table does not list (reaped, or not joined yet) are left
+        out: when a member is reaped differs from agent to agent, and keeping them in
+        would make a difference no exchange settles."""
+        if self._digest is None:
+            members = self.core.members
+            d = 0
+            for node, e in self._nodes.items():
+                if e.records and node in members:
+                    d ^= _entry_hash(node, e)
+            self._digest = d
+        return self._digest
+
     def notify_member(self, now: float, event: MemberEvent) -> None:
+        if event.kind in ("join", "reap"):
+            self._digest = None
         if event.name == self.name:
             return
         entry = self._nodes.get(event.name)
@@ -397,6 +419,7 @@ class Catalog(Delegate):
                 self.stats["records_stale"] += len(records)
                 return []
             entry = self._nodes[node] = _NodeEntry(epoch)
+            self._digest = None
         elif epoch < entry.epoch:
             self.stats["records_stale"] += len(records)
             return []
@@ -430,9 +453,11 @@ class Catalog(Delegate):
         if wall > self.epoch:
             self.epoch = wall
         entry = self._nodes[self.name] = _NodeEntry(self.epoch)
+        self._digest = None
         live = [r for r in own.values() if not r.deleted]  # tombstones hide nothing now
         for r in live:
             entry.records[r.id] = r
+            entry.digest ^= _record_hash(r)
         self._broadcast(now, self.name, self.epoch, live)
 
     def _collect_tombstones(self, now: float) -> None:
@@ -440,9 +465,13 @@ class Catalog(Delegate):
             for sid, t in list(entry.buried.items()):
                 if now - t >= self.tombstone_ttl:
                     del entry.buried[sid]
-                    entry.records.pop(sid, None)
+                    gone = entry.records.pop(sid, None)
+                    if gone is not None:
+                        entry.digest ^= _record_hash(gone)
+                        self._digest = None
 
     def _changed(self, names: frozenset[str]) -> None:
+        self._digest = None
         self.index += 1
         for n in names:
             self._service_index[n] = self.index
@@ -467,12 +496,27 @@ def _store(entry: _NodeEntry, r: Record, now: float, names: set[str]) -> None:
     old = entry.records.get(r.id)
     if old is not None:
         names.add(old.name)
+        entry.digest ^= _record_hash(old)
     names.add(r.name)
     entry.records[r.id] = r
+    entry.digest ^= _record_hash(r)
     if r.deleted:
         entry.buried[r.id] = now
     else:
         entry.buried.pop(r.id, None)
+
+
+def _record_hash(r: Record) -> int:
+    """A record's revision, hashed: records merge by (id, rev), so equal pairs are
+    equal records (the owner never writes two records at one revision)."""
+    h = hashlib.blake2b(f"{r.id}\0{r.rev}".encode(), digest_size=8, person=b"rumor-catalog")
+    return int.from_bytes(h.digest(), "big")
+
+
+def _entry_hash(node: str, e: _NodeEntry) -> int:
+    h = hashlib.blake2b(f"{node}\0{e.epoch}\0{e.digest}".encode(), digest_size=8,
+                        person=b"rumor-catalog")
+    return int.from_bytes(h.digest(), "big")
 
 
 def _record_to_list(r: Record) -> list[Any]:

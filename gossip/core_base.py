@@ -39,6 +39,7 @@ from .wire import (
     Address,
     Alive,
     Dead,
+    Digest,
     Message,
     Status,
     Suspect,
@@ -159,6 +160,9 @@ class CoreBase:
             raise NotImplementedError
 
         def _queue_member(self, msg: Alive | Suspect | Dead) -> None:
+            raise NotImplementedError
+
+        def _digest(self, now: float) -> Digest:
             raise NotImplementedError
 
         def _self_alive(self) -> Alive:

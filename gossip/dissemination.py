@@ -11,6 +11,7 @@ from .effects import (
     SendPacket,
 )
 from .members import Member
+from .trace import GossipTrace, digest
 from .wire import (
     PACKET_OVERHEAD,
     Address,
@@ -26,6 +27,8 @@ from .wire import (
 
 class Dissemination(CoreBase):
     """Gossip and packet packing (a part of ``Membership``)."""
+
+    trace: GossipTrace | None
 
     def _gossip(self, now: float) -> None:
         cfg = self.config
@@ -77,20 +80,30 @@ class Dissemination(CoreBase):
         policy updates are never starved by membership churn; membership updates fill
         the rest, then application broadcasts take whatever is still free."""
         parts = [pack_message(m) for m in msgs]
+        if self._delegates and self.config.state_repair:
+            parts.append(pack_message(self._digest(now)))
         budget = self._datagram_budget() - sum(map(len, parts))
-        limit = self.config.retransmit_limit(self.num_members())
+        n = self.num_members()
+        limit = self.config.retransmit_limit(n)
+        user_limit = self.config.user_retransmit_limit(n)
         user_seen: set[int] = set()  # never the same application message twice per packet
+        user: list[bytes] = []
         if self._user_q:
-            got = self._user_q.take(budget // 2, limit, user_seen)
-            parts += got
-            budget -= sum(map(len, got))
+            user = self._user_q.take(budget // 2, user_limit, user_seen)
+            parts += user
+            budget -= sum(map(len, user))
         if self._member_q:
             got = self._member_q.take(budget, limit)
             parts += got
             budget -= sum(map(len, got))
         if self._user_q:
-            parts += self._user_q.take(budget, limit, user_seen)
-        self.stats["user_messages_out"] += len(user_seen)
+            more = self._user_q.take(budget, user_limit, user_seen)
+            parts += more
+            user += more
+        if user:
+            self.stats["user_messages_out"] += len(user)
+            if self.trace is not None:
+                self.trace("out", to, [digest(u) for u in user])
         if not parts:
             return
         data = self.seal.seal(now, encode_packet_raw(parts), to)

@@ -33,6 +33,7 @@ import math
 import random
 from collections import Counter
 
+from .address import format_address
 from .anti_entropy import AntiEntropy, _Join
 from .awareness import Awareness
 from .config import GossipConfig
@@ -57,18 +58,21 @@ from .security import (
     refusal_reply,
 )
 from .suspicion import Suspicion
+from .trace import GossipTrace, digest
 from .wire import (
     Ack,
     Address,
     Alive,
     Dead,
     DecodeError,
+    Digest,
     IndirectPing,
     Message,
     Meta,
     Nack,
     Ping,
     PushPull,
+    Skipped,
     Status,
     Suspect,
     UserMessage,
@@ -120,6 +124,14 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
         #: Per source host: (tokens, last refill) of its budget of new member names.
         self._new_names: dict[str, tuple[float, float]] = {}
         self._exchange_peer: dict[int, str] = {}
+        #: Observer of application messages sent and received (``trace.py``); None
+        #: unless a diagnostic run asks for it.
+        self.trace: GossipTrace | None = None
+        self._summary = 0
+        self._summary_since = now
+        self._repair_at = now
+        self._repaired = (0, 0)
+        self._gossiped_at = -INF
 
         self._probe_order: list[str] = []
         self._probe_index = 0
@@ -177,6 +189,7 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
             self._start_probe(now)
         if now >= self._gossip_at and (self._member_q or self._user_q):
             self._gossip(now)
+            self._gossiped_at = now
             self._gossip_at = now + self.config.gossip_interval
         self._expire_suspicions(now)
         if now >= self._push_pull_at:
@@ -200,10 +213,17 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
         except DecodeError:
             self.stats["packets_malformed"] += 1
             return
+        if self.trace is not None:
+            self._trace_in("in", source, messages)
         members = self.members
         probes = 0
+        digest: Digest | None = None
         for m in messages:
             t = type(m)
+            if t is Digest:
+                assert isinstance(m, Digest)
+                digest = m
+                continue
             if t is Alive and not self.leaving:
                 assert isinstance(m, Alive)
                 # Most of a join storm: news we already have, dropped here exactly as
@@ -224,6 +244,8 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
                     self.stats["probes_dropped_extra"] += 1
                     continue
             self._dispatch(now, source, m)
+        if digest is not None and not self.leaving:
+            self._on_digest(now, digest)
 
     def frame_length(self, now: float, source: Address, header: bytes) -> FrameStep:
         """A stream's frame header (or its first ``FRAME_HEADER.size`` bytes) arrived:
@@ -266,6 +288,8 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
                 return None
             return self._frame(now, encode_packet([Ack(msg.seq)]), msg.source)
         if isinstance(msg, UserMessage):
+            if self.trace is not None:
+                self._trace_in("in-stream", source, [msg])
             self._deliver_user(now, msg)
             return None
         # Anything else arriving on a stream is treated as gossip.
@@ -389,10 +413,21 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
         data = pack_message(msg)
         if len(data) <= self._datagram_budget():
             self._user_q.push(data, None if key is None else f"{channel}:{key}")
+            if self.config.gossip_on_news:
+                self._gossip_soon(now)
             return
         body = encode_packet([msg])
         for m in self._random_members(self.config.gossip_nodes):
             self._stream(now, m, "user", body, expect_reply=False)
+
+    def _gossip_soon(self, now: float) -> None:
+        """Application news goes out now rather than at the next round: each hop of
+        an epidemic would otherwise wait up to a gossip interval, which is most of a
+        change's time to reach everyone. At most one early round per quarter interval,
+        so a burst of changes still shares packets."""
+        soon = max(now, self._gossiped_at + self.config.gossip_interval / 4)
+        if soon < self._gossip_at:
+            self._gossip_at = soon
 
     def send_to(self, now: float, member: str, channel: str, payload: bytes) -> bool:
         """Send a delegate's message to one member only, over a stream (reliable, any
@@ -435,9 +470,17 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
             self._on_dead(now, m)
         elif isinstance(m, UserMessage):
             self._deliver_user(now, m)
-        else:  # PushPull belongs on streams
+        elif isinstance(m, Skipped):
+            self.stats["messages_skipped"] += 1
+        else:  # PushPull belongs on streams, a Digest in datagrams
             self.stats["messages_unexpected"] += 1
 
+
+    def _trace_in(self, direction: str, source: Address, messages: list[Message]) -> None:
+        assert self.trace is not None
+        user = [digest(pack_message(m)) for m in messages if isinstance(m, UserMessage)]
+        if user:
+            self.trace(direction, format_address(source), user)
 
     def _deliver_user(self, now: float, m: UserMessage) -> None:
         self.stats["user_messages_in"] += 1

@@ -191,7 +191,34 @@ class PushPull:
     user: dict[str, bytes] = field(default_factory=dict)
 
 
-Message = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | UserMessage | PushPull
+#: Message types from here up are optional: a member that does not know one skips it
+#: (and counts it) instead of refusing the datagram, so a newer member can add one
+#: without cutting itself off from older ones.
+OPTIONAL_TYPES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A summary of the sender's application state (catalog, policies), carried in
+    every datagram: ``summary`` is a 32-bit hash of it and ``stable_ms`` how long it
+    has not changed. Two members whose summaries differ after both were stable for a
+    while missed something; one of them starts a push-pull (``anti_entropy.py``)."""
+
+    TYPE: ClassVar[int] = OPTIONAL_TYPES
+    node: str
+    summary: int
+    stable_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """An optional message of a type this version does not know (never sent)."""
+
+    type: int
+
+
+Message = (Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | UserMessage | PushPull
+           | Digest | Skipped)
 
 
 # ---- encoding -------------------------------------------------------------------------
@@ -220,6 +247,8 @@ def message_to_list(m: Message) -> list[Any]:
         return [Dead.TYPE, m.incarnation, m.node, m.source]
     if isinstance(m, UserMessage):
         return [UserMessage.TYPE, m.channel, m.payload]
+    if isinstance(m, Digest):
+        return [Digest.TYPE, m.node, m.summary, m.stable_ms]
     if isinstance(m, PushPull):
         return [PushPull.TYPE, m.join, m.source,
                 [[s.name, _addr(s.addr), s.incarnation, s.status, s.meta] for s in m.states],
@@ -361,6 +390,13 @@ def message_from_list(v: Any) -> Message:
                               f"{describe(states)}")
         rows = tuple(_member_state(s) for s in states)
         return PushPull(_bool(join), _name(source), rows, _user_states(user))
+    if t == Digest.TYPE:
+        _, node, summary, stable = _fields(v, 4)
+        if type(summary) is not int or not 0 <= summary < 1 << 32:
+            raise DecodeError(f"a state summary is a 32-bit number, got {describe(summary)}")
+        return Digest(_name(node), summary, _int(stable))
+    if t >= OPTIONAL_TYPES:
+        return Skipped(t)
     raise DecodeError(f"unknown message type {t}")
 
 

@@ -18,6 +18,7 @@ untrusted bytes raises only ``ReplicationDecodeError`` and is counted.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,7 @@ class PolicyReplicator(Delegate):
         #: times, the ``now`` the core passes around is monotonic (or simulated).
         self.wall_offset = wall_offset
         self._listeners: list[OutcomeListener] = []
+        self._digest = (-1, 0)  # (store revision, state_digest)
         self.stats: dict[str, int] = {"messages_malformed": 0, "states_malformed": 0,
                                       "repairs_sent": 0, "repair_envelopes_sent": 0}
 
@@ -100,6 +102,18 @@ class PolicyReplicator(Delegate):
 
     def local_state(self, join: bool) -> bytes:
         return encode_state(self.store.digest())
+
+    def state_digest(self) -> int:
+        """The documents held (name, version, payload digest), hashed; cached per
+        store revision (see gossip/delegate.py)."""
+        if self._digest[0] != self.store.revision:
+            d = 0
+            for name, (version, payload) in self.store.digest().items():
+                h = hashlib.blake2b(name.encode() + b"\0%d\0" % version + payload,
+                                    digest_size=8, person=b"rumor-policy")
+                d ^= int.from_bytes(h.digest(), "big")
+            self._digest = (self.store.revision, d)
+        return self._digest[1]
 
     def merge_remote_state(self, now: float, data: bytes, join: bool, peer: str) -> None:
         try:

@@ -106,6 +106,8 @@ class PolicyStore:
         self.trust = bootstrap
         self._parse = parse
         self.held: dict[str, Held] = {}
+        #: Raised whenever ``held`` changes, so a digest of it can be cached.
+        self.revision = 0
         #: Accepted trust documents by version (the chain from the bootstrap keys).
         self.trust_chain: dict[int, Held] = {}
         self._pending_trust: dict[bytes, Envelope] = {}
@@ -156,6 +158,7 @@ class PolicyStore:
             if lost is not None:
                 return lost
         self.held[env.name] = Held(env, doc, now, origin)
+        self.revision += 1
         self.counts["accepted"] += 1
         return Outcome(ACCEPTED, env.name, env.version, envelope=env, conflict=conflict)
 
@@ -236,6 +239,7 @@ class PolicyStore:
                 continue
             trust = nxt
         self.trust = trust
+        self.revision += 1
         latest = max(self.trust_chain, default=None)
         if latest is None:
             self.held.pop(TRUST, None)
@@ -271,6 +275,7 @@ class PolicyStore:
                 if h.envelope.expires is not None and h.envelope.expires <= now]
         for h in gone:
             del self.held[h.envelope.name]
+            self.revision += 1
             self.counts["expired"] += 1
         return gone
 

@@ -44,7 +44,8 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "Scenarios: converge (join through seeds), crash (k nodes die), loss "
         "(false positives over a sweep of loss rates), slow (intermittently paused "
         "nodes, Lifeguard vs plain SWIM), partition (split, heal, merge back), "
-        "churn (steady failures and restarts).")
+        "churn (steady failures and restarts), policy (a signed document spreads), "
+        "catalog (registrations and health flips spread, trial after trial).")
     s.add_argument("scenario", choices=sorted(SCENARIOS), metavar="SCENARIO",
                    help="one of: " + ", ".join(sorted(SCENARIOS)))
     s.add_argument("--nodes", type=_positive_int, default=100)
@@ -71,6 +72,10 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
                    help="slow: mean time between stalls (s)")
     s.add_argument("--sweep", type=_sweep, default=None, metavar="L1,L2,...",
                    help="loss: loss rates to sweep (default 0,0.05,0.1,0.2,0.3)")
+    s.add_argument("--tune", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one gossip setting of the profile (repeatable)")
+    s.add_argument("--trials", type=_positive_int, default=200,
+                   help="catalog: registrations (each followed by a health flip)")
     s.add_argument("--split-fraction", type=_fraction, default=0.5)
     s.add_argument("--asymmetric", action="store_true",
                    help="partition: only traffic from side A to side B is lost")
@@ -88,7 +93,8 @@ def params_from_args(args: argparse.Namespace) -> Params:
                lifeguard=not args.no_lifeguard, latency=args.latency, warm=not args.cold,
                crashes=args.crashes, slow_fraction=args.slow_fraction,
                mean_pause=args.mean_pause, mean_run=args.mean_run,
-               split_fraction=args.split_fraction, asymmetric=args.asymmetric)
+               split_fraction=args.split_fraction, asymmetric=args.asymmetric,
+               extra={"trials": args.trials}, tune=tuple(args.tune))
     if args.sweep is not None:
         p.sweep = args.sweep
     elif args.loss is not None:
@@ -102,6 +108,8 @@ def run_sim_command(args: argparse.Namespace) -> int:
         from .network import parse_latency
         if p.latency:
             parse_latency(p.latency)
+        from .scenarios import gossip_config
+        gossip_config(p)
     except ValueError as e:
         print(f"rumor: {e}", file=sys.stderr)
         return 2

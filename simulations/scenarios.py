@@ -54,13 +54,15 @@ class Params:
     asymmetric: bool = False
     split_for: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``NAME=VALUE`` overrides of the profile's gossip settings (``--tune``).
+    tune: tuple[str, ...] = ()
 
 
 # ---- building a cluster ---------------------------------------------------------------------
 
 
 def gossip_config(p: Params) -> GossipConfig:
-    return profile(p.profile).with_overrides(lifeguard=p.lifeguard)
+    return profile(p.profile).with_overrides(lifeguard=p.lifeguard).tuned(list(p.tune))
 
 
 def make_sim(p: Params, loss: float | None = None,
@@ -449,7 +451,14 @@ def policy(p: Params, progress: Progress | None = None) -> dict[str, Any]:
     return run(p, progress)
 
 
+def catalog(p: Params, progress: Progress | None = None) -> dict[str, Any]:
+    """Registrations and health flips, one after another: how long until every node
+    shows each (see ``catalog_scenario.py``)."""
+    from .catalog_scenario import catalog as run
+    return run(p, progress)
+
+
 SCENARIOS: dict[str, Callable[[Params, Progress | None], dict[str, Any]]] = {
     "converge": converge, "crash": crash, "loss": loss, "slow": slow,
-    "partition": partition, "churn": churn, "policy": policy,
+    "partition": partition, "churn": churn, "policy": policy, "catalog": catalog,
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import pytest
@@ -166,3 +167,99 @@ def test_merge_fast_path_matches_the_general_path() -> None:
     for quiet in (False, True):
         fast, general = run(False, quiet), run(True, quiet)
         assert fast == general
+
+
+# ---- anti-entropy on demand -------------------------------------------------------------
+
+
+class _SetDelegate(Delegate):
+    """A replicated set of words: broadcast on add, exchanged whole in push-pull."""
+
+    channel = "words"
+
+    def __init__(self, core: Membership) -> None:
+        self.core = core
+        self.words: set[str] = set()
+
+    def add(self, now: float, word: str, spread: bool = True) -> None:
+        self.words.add(word)
+        if spread:
+            self.core.broadcast(now, self.channel, word.encode())
+
+    def state_digest(self) -> int:
+        d = 0
+        for w in self.words:
+            d ^= int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "big")
+        return d
+
+    def local_state(self, join: bool) -> bytes:
+        return "\n".join(sorted(self.words)).encode()
+
+    def merge_remote_state(self, now: float, data: bytes, join: bool, peer: str) -> None:
+        self.words.update(w for w in data.decode().split("\n") if w)
+
+    def notify_message(self, now: float, payload: bytes) -> None:
+        if payload.decode() not in self.words:
+            self.add(now, payload.decode())
+
+
+def _word_cluster(cfg: object, n: int = 5) -> tuple[FakeNet, dict[str, _SetDelegate]]:
+    net = FakeNet(cfg)  # type: ignore[arg-type]
+    sets = {}
+    for core in net.cluster(n):
+        sets[core.name] = _SetDelegate(core)
+        core.register(sets[core.name])
+    net.run(2)
+    return net, sets
+
+
+def test_a_member_the_epidemic_missed_is_repaired_within_a_second_or_two() -> None:
+    """Everyone but n4 holds a word (as if no copy had reached it): the digests in the
+    probes tell, and n4 pulls at once instead of waiting for the 30 s push-pull."""
+    net, sets = _word_cluster(CFG)
+    started = net.now
+    for name in ("n0", "n1", "n2", "n3"):
+        sets[name].add(net.now, "late", spread=False)
+    took = net.run_until(lambda: "late" in sets["n4"].words, limit=10)
+    assert took < 1.0 + CFG.repair_after(5) + CFG.probe_interval
+    repairs = {n: c.stats["state_repairs"] for n, c in net.nodes.items()}
+    assert repairs["n4"] >= 1, repairs  # the one behind asked (its state was older)
+    assert net.now - started < 30
+
+
+def test_without_repair_the_straggler_waits_for_the_periodic_push_pull() -> None:
+    net, sets = _word_cluster(CFG.with_overrides(state_repair=False))
+    for name in ("n0", "n1", "n2", "n3"):
+        sets[name].add(net.now, "late", spread=False)
+    net.run(10)
+    assert "late" not in sets["n4"].words
+    assert all(c.stats["state_repairs"] == 0 for c in net.nodes.values())
+
+
+def test_a_spreading_change_starts_no_repair() -> None:
+    """Differences while a broadcast is still on its way are the epidemic's business:
+    a word added normally reaches everyone with no repair exchange."""
+    net, sets = _word_cluster(CFG)
+    for i in range(5):
+        sets[f"n{i}"].add(net.now, f"w{i}")
+        net.flush(f"n{i}")
+        net.run(3)
+    assert all(s.words == {f"w{i}" for i in range(5)} for s in sets.values())
+    assert sum(c.stats["state_repairs"] for c in net.nodes.values()) == 0
+
+
+def test_a_difference_no_exchange_settles_is_not_retried() -> None:
+    """n4 refuses one word (as an agent refuses a document it does not trust): one
+    repair is tried for that pair of summaries, then no more."""
+    net, sets = _word_cluster(CFG)
+    original = sets["n4"].merge_remote_state
+
+    def picky(now: float, data: bytes, join: bool, peer: str) -> None:
+        original(now, data.replace(b"untrusted", b""), join, peer)
+    sets["n4"].merge_remote_state = picky  # type: ignore[method-assign]
+    for name in ("n0", "n1", "n2", "n3"):
+        sets[name].add(net.now, "untrusted", spread=False)
+    net.run(20)
+    assert "untrusted" not in sets["n4"].words
+    assert net.nodes["n4"].stats["state_repairs"] == 1
+    assert sum(c.stats["state_repairs"] for c in net.nodes.values()) <= 2

@@ -513,3 +513,43 @@ def test_dns_any_wire_legal_query_gets_an_answer_not_an_error(
     out = DnsResponder(_Source()).answer(_raw_query(names, qtype))
     assert out is not None and out[2] & 0x80
     assert out[3] & 0x0F != RCODE.SERVFAIL
+
+
+# ---- the state digest (anti-entropy on demand) -------------------------------------------
+
+
+def test_catalogs_holding_the_same_records_have_the_same_digest() -> None:
+    net, cats = _cluster(3)
+    digests = {c.state_digest() for c in cats.values()}
+    cats["n1"].register(net.now, parse_spec("name=web,port=8080"))
+    changed = cats["n1"].state_digest()
+    assert changed not in digests
+    net.flush("n1")
+    net.run(3)
+    assert {c.state_digest() for c in cats.values()} == {changed}
+    cats["n1"].deregister(net.now, "web")
+    net.flush("n1")
+    net.run(3)
+    tomb = {c.state_digest() for c in cats.values()}
+    assert len(tomb) == 1 and changed not in tomb
+    # Tombstones are collected at different times on different agents; once all
+    # are, the digests agree again.
+    for c in cats.values():
+        c.tombstone_ttl = 0.0
+        c._collect_tombstones(net.now)
+    assert len({c.state_digest() for c in cats.values()}) == 1
+
+
+def test_a_catalog_that_missed_a_record_is_repaired_by_digest_not_push_pull_period() -> None:
+    net, cats = _cluster(4)
+    net.run(3)
+    # n3 hears no datagram for two seconds: every copy of the registration is lost.
+    net.drop_udp = lambda s, d: d == "n3"
+    cats["n1"].register(net.now, parse_spec("name=web,port=8080"))
+    net.flush("n1")
+    net.run(2.0)
+    assert not cats["n3"].instances("web")
+    net.drop_udp = lambda s, d: False
+    took = net.run_until(lambda: bool(cats["n3"].instances("web")), limit=10)
+    assert took < 3.0, took  # the periodic push-pull is 30 s away
+    assert sum(n.stats["state_repairs"] for n in net.nodes.values()) >= 1

@@ -18,11 +18,13 @@ from rumor.gossip.wire import (
     Alive,
     Dead,
     DecodeError,
+    Digest,
     IndirectPing,
     MemberState,
     Nack,
     Ping,
     PushPull,
+    Skipped,
     Suspect,
     UserMessage,
 )
@@ -46,6 +48,7 @@ messages = st.one_of(
     st.builds(Suspect, u64, names, names),
     st.builds(Dead, u64, names, names),
     st.builds(UserMessage, names.filter(lambda n: len(n) <= 32), st.binary(max_size=200)),
+    st.builds(Digest, names, u32, u64),
     st.builds(PushPull, st.booleans(), names, st.lists(states, max_size=5).map(tuple),
               st.dictionaries(names.filter(lambda n: len(n) <= 32), st.binary(max_size=50),
                               max_size=3)),
@@ -106,7 +109,19 @@ def test_limits_and_versions() -> None:
     with pytest.raises(DecodeError, match="limit"):
         wire.decode_packet(b"\x01" + b"\x00" * (wire.MAX_PACKET + 1))
     with pytest.raises(DecodeError, match="unknown message type"):
-        wire.decode_packet(wire.encode_packet([]) [:1] + msgpack.packb([[99, 1]]))
+        wire.decode_packet(wire.encode_packet([]) [:1] + msgpack.packb([[20, 1]]))
+
+
+def test_unknown_optional_messages_are_skipped_not_fatal() -> None:
+    """Types from 32 up may be added by newer members: an older one skips them and
+    still acts on the rest of the datagram (a ping must still be answered)."""
+    head = wire.encode_packet([])[:1]
+    msgs = wire.decode_packet(head + msgpack.packb([[1, 7, "b", "a"], [99, "x", 1]]))
+    assert msgs == [Ping(7, "b", "a"), Skipped(99)]
+    with pytest.raises(DecodeError, match="32-bit"):
+        wire.decode_packet(head + msgpack.packb([[Digest.TYPE, "a", 1 << 32, 0]]))
+    with pytest.raises(DecodeError, match="expects 3 fields"):
+        wire.decode_packet(head + msgpack.packb([[Digest.TYPE, "a", 1]]))
 
 
 def test_typical_probe_is_small() -> None:
