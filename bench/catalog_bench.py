@@ -58,6 +58,9 @@ from rumor.cli.ports import free_port
 JSON = {"content-type": "application/json"}
 
 HOST = "127.0.0.1"
+#: How long a trial waits for every agent: beyond the 30 s push-pull period, so even a
+#: straggler the epidemic missed is measured, not cut off.
+WATCH_LIMIT = 45.0
 
 
 class Agent:
@@ -142,16 +145,18 @@ def bench_registration(agents: list[Agent], trials: int,
         owner = rng.choice(agents)
         result: dict[str, float] = {}
         th = threading.Thread(target=lambda n=name, i=index, r=result: r.update(
-            until_visible(agents, n, True, 20, i)))
+            until_visible(agents, n, True, WATCH_LIMIT, i)))
         th.start()
         time.sleep(0.5)  # let every blocking query park
         t0 = time.monotonic()
         owner.put("/v1/agent/service/register", {"name": name, "port": 10000 + t,
                                                  "tags": ["bench"]})
         th.join()
-        if len(result) != len(agents):
-            raise SystemExit(f"{name} reached only {len(result)} of {len(agents)} agents")
-        out.append((max(result.values()) - t0, owner.name, t0))
+        if len(result) != len(agents):  # counted as the watch limit: a lower bound
+            print(f"   {name} reached only {len(result)} of {len(agents)} agents in "
+                  f"{WATCH_LIMIT:.0f} s", file=sys.stderr, flush=True)
+        took = max(result.values()) - t0 if len(result) == len(agents) else WATCH_LIMIT
+        out.append((took, owner.name, t0))
         print(f"   registration {t}: on all {len(agents)} after {out[-1][0] * 1000:.0f} ms",
               file=sys.stderr, flush=True)
     return out
@@ -255,14 +260,14 @@ def bench_check(agents: list[Agent], health: Health, trials: int, interval: floa
         index = {a.name: a.get("/v1/catalog/service/checked")[1] for a in agents}
         result: dict[str, float] = {}
         th = threading.Thread(target=lambda i=index, r=result: r.update(
-            until_visible(agents, "checked", False, 30, i)))
+            until_visible(agents, "checked", False, WATCH_LIMIT, i)))
         th.start()
         time.sleep(0.3)
         t0 = time.monotonic()
         health.ok = False
         th.join()
-        detect = result[owner.name] - t0
-        everywhere = max(result.values()) - t0
+        detect = result.get(owner.name, t0 + WATCH_LIMIT) - t0
+        everywhere = max(result.values()) - t0 if len(result) == len(agents) else WATCH_LIMIT
         out.append({"detect": detect, "everywhere": everywhere,
                     "spread": everywhere - detect})
         print(f"   check {t}: critical on the owner after {detect * 1000:.0f} ms, "

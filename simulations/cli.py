@@ -75,7 +75,9 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     s.add_argument("--tune", action="append", default=[], metavar="NAME=VALUE",
                    help="override one gossip setting of the profile (repeatable)")
     s.add_argument("--trials", type=_positive_int, default=200,
-                   help="catalog: registrations (each followed by a health flip)")
+                   help="catalog: registrations, one after another")
+    s.add_argument("--flips", type=_positive_int, default=None,
+                   help="catalog: health flips after the registrations (default: as many)")
     s.add_argument("--split-fraction", type=_fraction, default=0.5)
     s.add_argument("--asymmetric", action="store_true",
                    help="partition: only traffic from side A to side B is lost")
@@ -94,7 +96,8 @@ def params_from_args(args: argparse.Namespace) -> Params:
                crashes=args.crashes, slow_fraction=args.slow_fraction,
                mean_pause=args.mean_pause, mean_run=args.mean_run,
                split_fraction=args.split_fraction, asymmetric=args.asymmetric,
-               extra={"trials": args.trials}, tune=tuple(args.tune))
+               extra={"trials": args.trials, "flips": args.flips or args.trials},
+               tune=tuple(args.tune))
     if args.sweep is not None:
         p.sweep = args.sweep
     elif args.loss is not None:
