@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from dnslib import DNSRecord
+from netloss import Loss  # bench/netloss.py, beside this script
 
 from rumor.cli.ports import free_port
 
@@ -206,27 +207,6 @@ def trace_analysis(agents: list[Agent], trials: list[tuple[float, str, float]]
             "copies_sent_per_registration": distribution(
                 [p["copies_sent"] for p in profiles]),
             "slow_trials": slow[:20]}
-
-
-class Loss:
-    """``fraction`` of the packets to and from the agents' gossip ports dropped by
-    nftables (UDP both ways, TCP both ways), in a table of our own."""
-
-    TABLE = "rumor_catalog_bench"
-
-    def __init__(self, fraction: float, ports: list[int]) -> None:
-        pct = round(fraction * 100)
-        ports_set = ", ".join(map(str, ports))
-        rules = [f"udp dport {{ {ports_set} }}", f"tcp dport {{ {ports_set} }}",
-                 f"tcp sport {{ {ports_set} }}"]
-        script = (f"table inet {self.TABLE} {{\n chain input {{\n"
-                  "  type filter hook input priority 0; policy accept;\n"
-                  + "".join(f"  iifname lo {r} numgen random mod 100 < {pct} drop\n"
-                            for r in rules) + " }\n}\n")
-        subprocess.run(["nft", "-f", "-"], input=script.encode(), check=True)
-
-    def close(self) -> None:
-        subprocess.run(["nft", "delete", "table", "inet", self.TABLE], check=False)
 
 
 class Health:

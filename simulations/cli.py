@@ -43,7 +43,8 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         description="Simulate a cluster of real gossip cores on a virtual clock. "
         "Scenarios: converge (join through seeds), crash (k nodes die), loss "
         "(false positives over a sweep of loss rates), slow (intermittently paused "
-        "nodes, Lifeguard vs plain SWIM), partition (split, heal, merge back), "
+        "nodes, Lifeguard vs plain SWIM), detect (kill -9 one node after another, as the "
+        "shared harness does), partition (split, heal, merge back), "
         "churn (steady failures and restarts), policy (a signed document spreads), "
         "catalog (registrations and health flips spread, trial after trial).")
     s.add_argument("scenario", choices=sorted(SCENARIOS), metavar="SCENARIO",
@@ -74,8 +75,9 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
                    help="loss: loss rates to sweep (default 0,0.05,0.1,0.2,0.3)")
     s.add_argument("--tune", action="append", default=[], metavar="NAME=VALUE",
                    help="override one gossip setting of the profile (repeatable)")
-    s.add_argument("--trials", type=_positive_int, default=200,
-                   help="catalog: registrations, one after another")
+    s.add_argument("--trials", type=_positive_int, default=None,
+                   help="catalog: registrations, one after another; detect: victims, "
+                   "one after another (at most nodes - 2; default 10)")
     s.add_argument("--flips", type=_positive_int, default=None,
                    help="catalog: health flips after the registrations (default: as many)")
     s.add_argument("--split-fraction", type=_fraction, default=0.5)
@@ -90,13 +92,15 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def params_from_args(args: argparse.Namespace) -> Params:
+    trials = args.trials if args.trials is not None else (10 if args.scenario == "detect"
+                                                          else 200)
     p = Params(nodes=args.nodes, seed=args.seed, loss=args.loss or 0.0,
                duration=args.duration, profile=args.profile,
                lifeguard=not args.no_lifeguard, latency=args.latency, warm=not args.cold,
                crashes=args.crashes, slow_fraction=args.slow_fraction,
                mean_pause=args.mean_pause, mean_run=args.mean_run,
                split_fraction=args.split_fraction, asymmetric=args.asymmetric,
-               extra={"trials": args.trials, "flips": args.flips or args.trials},
+               extra={"trials": trials, "flips": args.flips or trials},
                tune=tuple(args.tune))
     if args.sweep is not None:
         p.sweep = args.sweep

@@ -271,6 +271,58 @@ def crash(p: Params, progress: Progress | None = None) -> dict[str, Any]:
                     "run_events_per_s": (sim.events - events0) / max(run, 1e-9)})
 
 
+#: detect: pause after convergence and between victims, as the shared harness's
+#: ``--settle`` default.
+SETTLE = 5.0
+
+
+def detect(p: Params, progress: Progress | None = None) -> dict[str, Any]:
+    """As ``harness.py detect`` runs real agents: on a converged cluster, kill one node,
+    time the first suspicion and until every live node lists it failed, settle, kill the
+    next. ``trials`` victims (at most nodes - 2), drawn from all but the first node.
+    The same scenario on both sides is what lets ``bench/sim_vs_real.py`` hold the
+    simulator's detection times against the real cluster's."""
+    t0 = time.perf_counter()
+    sim, rec = make_sim(p)
+    rng = random.Random(f"scenario:{p.seed}")
+    start = _start(sim, rec, p, progress, rng)
+    sim.run_until(sim.now + SETTLE)
+    trials = max(1, min(int(p.extra.get("trials", 10)), p.nodes - 2))
+    victims = rng.sample(range(1, p.nodes), trials)
+    limit = p.duration if p.duration is not None else 120.0
+    end_estimate = sim.now + trials * (SETTLE + 10.0)
+    rows: list[dict[str, Any]] = []
+    for v in victims:
+        # Killed at a random moment of the probe cycle, as a kill -9 lands.
+        sim.run_until(sim.now + rng.uniform(0.0, sim.config.probe_interval))
+        sim.crash(v)
+        rec.crashed(v)
+        suspected, failed = rec.crash_suspect[v], rec.crash_failed[v]
+
+        def pending(failed: Any = failed) -> bool:
+            if progress is not None:
+                progress(sim.now, end_estimate)
+            return failed.at(1.0) is None
+        sim.run_while(pending, limit, step=0.01)
+        rows.append({"victim": sim.nodes[v].name, "remaining": failed.need,
+                     "first_suspect_s": _round(suspected.first),
+                     "first_failed_s": _round(failed.first),
+                     "all_failed_s": _round(failed.at(1.0))})
+        sim.run_until(sim.now + SETTLE)
+    result = start | {
+        "trials": rows,
+        "summary": {k: summarize(r[k] for r in rows if r[k] is not None)
+                    for k in ("first_suspect_s", "first_failed_s", "all_failed_s")},
+        "undetected": sum(1 for r in rows if r["all_failed_s"] is None),
+        "false_positives": rec.false_positives(),
+    }
+    return _report("detect", p, sim, result, {"seconds": time.perf_counter() - t0})
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
 def _quiet_run(p: Params, loss: float, faults: Callable[[Simulator, Recorder], list[Fault]],
                progress: Progress | None) -> tuple[Simulator, Recorder, dict[str, Any]]:
     """A warm cluster under ``loss`` and the given faults for ``duration`` seconds."""
@@ -459,6 +511,6 @@ def catalog(p: Params, progress: Progress | None = None) -> dict[str, Any]:
 
 
 SCENARIOS: dict[str, Callable[[Params, Progress | None], dict[str, Any]]] = {
-    "converge": converge, "crash": crash, "loss": loss, "slow": slow,
+    "converge": converge, "crash": crash, "detect": detect, "loss": loss, "slow": slow,
     "partition": partition, "churn": churn, "policy": policy, "catalog": catalog,
 }

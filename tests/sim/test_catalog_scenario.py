@@ -22,3 +22,14 @@ def test_the_old_straggler_is_reproduced_and_the_fix_bounds_it() -> None:
     new = _run(())
     assert new["registration_s"]["max"] <= 1.0  # type: ignore[index]
     assert new["health_flip_s"]["max"] <= 1.0  # type: ignore[index]
+
+
+def test_detect_runs_the_harness_procedure() -> None:
+    """``detect`` kills victims one after another, as the shared harness does; each is
+    suspected before it is failed everywhere, and no live node is accused."""
+    p = Params(nodes=10, seed=3, extra={"trials": 3})
+    r = SCENARIOS["detect"](p, None)["result"]
+    assert len(r["trials"]) == 3 and r["undetected"] == 0
+    for t in r["trials"]:
+        assert 0 < t["first_suspect_s"] <= t["first_failed_s"] <= t["all_failed_s"] < 30
+    assert r["false_positives"]["failed_healthy"] == 0
