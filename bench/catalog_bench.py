@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from dnslib import DNSRecord
+from figures import distribution  # bench/figures.py, beside this script
 from netloss import Loss  # bench/netloss.py, beside this script
 
 from rumor.cli.ports import free_port
@@ -161,15 +162,6 @@ def bench_registration(agents: list[Agent], trials: int,
         print(f"   registration {t}: on all {len(agents)} after {out[-1][0] * 1000:.0f} ms",
               file=sys.stderr, flush=True)
     return out
-
-
-def distribution(xs: list[float]) -> dict[str, Any]:
-    s = sorted(xs)
-
-    def q(f: float) -> float:
-        return round(s[min(len(s) - 1, int(f * len(s)))], 3)
-    return {"p50": q(0.5), "p95": q(0.95), "p99": q(0.99), "max": round(s[-1], 3),
-            "over_1s": sum(1 for x in s if x > 1.0), "n": len(s)}
 
 
 def trace_analysis(agents: list[Agent], trials: list[tuple[float, str, float]]

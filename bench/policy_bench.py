@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from figures import distribution  # bench/figures.py, beside this script
 from netloss import Loss  # bench/netloss.py, beside this script
 
 from rumor.cli.ports import free_port
@@ -190,15 +191,6 @@ def bench_cluster(nodes: int, trials: int, profile: str, seed: int, loss: float,
             "tune": tune, "median_s": round(statistics.median(times), 3),
             "publish_to_all_s": distribution(times),
             "all_s": [round(t, 3) for t in times]}
-
-
-def distribution(xs: list[float]) -> dict[str, Any]:
-    s = sorted(xs)
-
-    def q(f: float) -> float:
-        return round(s[min(len(s) - 1, int(f * len(s)))], 3)
-    return {"p50": q(0.5), "p95": q(0.95), "p99": q(0.99), "max": round(s[-1], 3),
-            "over_1s": sum(1 for x in s if x > 1.0), "n": len(s)}
 
 
 def main() -> int:
