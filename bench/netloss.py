@@ -30,8 +30,3 @@ class Loss:
         subprocess.run(["nft", "delete", "table", "inet", TABLE], check=False,
                        stderr=subprocess.DEVNULL)
 
-    def __enter__(self) -> Loss:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -18,7 +18,7 @@ from ..gossip.config import GossipConfig, profile
 from ..gossip.wire import MemberState, PushPull, Status
 from .engine import Simulator, gc_paused
 from .faults import Crash, Fault, Restart, Slow, Split, install
-from .metrics import Recorder, Traffic, summarize
+from .metrics import Recorder, Spread, Traffic, summarize
 from .network import PROFILE_LATENCY, Network, parse_latency
 
 Progress = Callable[[float, float], None]  # (virtual now, virtual end)
@@ -280,8 +280,8 @@ def detect(p: Params, progress: Progress | None = None) -> dict[str, Any]:
     """As ``harness.py detect`` runs real agents: on a converged cluster, kill one node,
     time the first suspicion and until every live node lists it failed, settle, kill the
     next. ``trials`` victims (at most nodes - 2), drawn from all but the first node.
-    The same scenario on both sides is what lets ``bench/sim_vs_real.py`` hold the
-    simulator's detection times against the real cluster's."""
+    Running the same procedure on both sides is what lets the simulator's detection
+    times be held against ``harness.py detect`` on real agents."""
     t0 = time.perf_counter()
     sim, rec = make_sim(p)
     rng = random.Random(f"scenario:{p.seed}")
@@ -299,7 +299,7 @@ def detect(p: Params, progress: Progress | None = None) -> dict[str, Any]:
         rec.crashed(v)
         suspected, failed = rec.crash_suspect[v], rec.crash_failed[v]
 
-        def pending(failed: Any = failed) -> bool:
+        def pending(failed: Spread = failed) -> bool:
             if progress is not None:
                 progress(sim.now, end_estimate)
             return failed.at(1.0) is None
