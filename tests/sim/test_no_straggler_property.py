@@ -1,0 +1,89 @@
+"""Property: under random loss up to 20% and any delivery order, every live node holds
+every record within the bound.
+
+The simulator drops datagrams (the epidemic copies, probes, acks and digests) at the
+drawn rate and draws each datagram's delay from a uniform range wider than the gap
+between packets, so they arrive out of order. Streams (push-pull and the digest
+repair's pull) are reliable, as TCP is. Registrations land on random live nodes at
+random moments, some while earlier ones are still spreading, after up to two nodes
+crashed: every live node must hold every record within ``BOUND_S``.
+"""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rumor.gossip.checks import PASSING, CheckSpec
+from rumor.gossip.service_spec import Registration, ServiceDef
+from rumor.simulations.scenarios import Params, make_sim, warm_cluster
+
+#: The issue's bound for the slowest trial at 10% loss on 30 real agents is 2 s at p99;
+#: here it holds for every case, at up to twice that loss.
+BOUND_S = 2.0
+
+#: memberlist's retransmit count and the 30 s push-pull as the only repair: the
+#: settings before the digest repair (tests/sim/test_catalog_scenario.py uses them too).
+OLD = ("user_retransmit_mult=4", "state_repair=false", "gossip_on_news=false")
+
+
+def slowest_record_s(nodes: int, loss: float, jitter_ms: int, crashed: int,
+                     records: int, seed: int, tune: tuple[str, ...] = (),
+                     limit: float = 60.0) -> float:
+    """Seconds until the slowest of ``records`` registrations is on every live node
+    (``limit`` if one never gets there)."""
+    p = Params(nodes=nodes, seed=seed, loss=loss, tune=tune,
+               latency=f"uniform:0.0001:{jitter_ms / 1000}")
+    sim, _ = make_sim(p)
+    warm_cluster(sim, nodes)
+    rng = random.Random(seed)
+    down = set(rng.sample(range(nodes), min(crashed, nodes - 2)))
+    for i in down:
+        sim.crash(i)
+    sim.run_until(sim.now + rng.uniform(0.0, 3.0))
+    live = [i for i in range(nodes) if i not in down]
+    catalogs = [node.parts.catalog for node in sim.nodes]
+    started: dict[str, float] = {}
+    for r in range(records):
+        name = f"svc{r}"
+        reg = Registration(ServiceDef(name, name, 9000 + r),
+                           (CheckSpec("ttl", ttl=3600.0, initial=PASSING),))
+        owner = rng.choice(live)
+        sim.drive(owner, lambda _core, c=catalogs[owner], g=reg: c.register(sim.now, g))
+        started[name] = sim.now
+        sim.run_until(sim.now + rng.uniform(0.0, 0.5))
+    missing = {name: set(live) for name in started}
+    took: dict[str, float] = {}
+
+    def pending() -> bool:
+        for name, holders in missing.items():
+            for i in list(holders):
+                if catalogs[i].instances(name):
+                    holders.discard(i)
+            if not holders and name not in took:
+                took[name] = sim.now - started[name]
+        return len(took) < len(started)
+
+    sim.run_while(pending, limit, step=0.01)
+    return max(took.get(name, limit) for name in started)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nodes=st.integers(4, 10), loss=st.floats(0.0, 0.2), jitter_ms=st.integers(1, 30),
+       crashed=st.integers(0, 2), records=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_every_live_node_holds_every_record_within_the_bound(
+        nodes: int, loss: float, jitter_ms: int, crashed: int, records: int,
+        seed: int) -> None:
+    took = slowest_record_s(nodes, loss, jitter_ms, crashed, records, seed,
+                            limit=BOUND_S + 1.0)
+    assert took <= BOUND_S
+
+
+def test_the_property_fails_without_the_repair() -> None:
+    """The property has teeth: with the old settings a registration at 19% loss on
+    4 nodes, one of them down, misses a node for longer than the bound (the next
+    push-pull repairs it)."""
+    assert slowest_record_s(4, 0.191, 20, 1, 1, 178, tune=OLD) > BOUND_S
+    assert slowest_record_s(4, 0.191, 20, 1, 1, 178) <= BOUND_S
