@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -46,6 +47,7 @@ from ..proxy.outbound import INBOUND_TAG, OutboundProxy
 from ..proxy.relay import serve_proxy
 from ..proxy.tls import MeshTls, TlsConfigError, TlsFiles
 from .logs import log_event
+from .reload import Reloader
 
 log = logging.getLogger("rumor.agent")
 #: What applies when the agent trusts no publisher: no documents, so defaults.
@@ -87,6 +89,12 @@ class AgentOptions:
     api_token_file: str | None = None
     #: Diagnostics: where to write the dissemination trace (gossip/trace.py).
     trace_gossip: str | None = None
+    #: The command line and files these options came from (a reload reads them
+    #: again; None: built in code, nothing to re-read) and every key's value as a
+    #: file would spell it (``rumor config show``; ``cli/config.py``).
+    argv: list[str] | None = None
+    config_files: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 class StartupError(Exception):
@@ -129,10 +137,13 @@ async def run_agent(opts: AgentOptions) -> None:
             registry = CollectorRegistry()
             registry.register(AgentCollector(node.health,
                                              policies.status if policies else None))
+            from .main import reread
+            reloader = Reloader(opts, node, discovery, policies, reread=reread)
+            nursery.start_soon(reloader.run_signals)
             try:
                 api = make_api(node, on_leave=stop.set, catalog=discovery,
                                policies=policies, metrics=registry, keyring=keyring,
-                               access=opts.api_access)
+                               access=opts.api_access, control=reloader)
                 await nursery.start(partial(serve_http, api, opts.api[0], opts.api[1],
                                             pool=fds.api))
             except OSError as e:
@@ -141,7 +152,8 @@ async def run_agent(opts: AgentOptions) -> None:
             if opts.dns is not None:
                 await _start_dns(nursery, node, discovery, opts.dns)
             if opts.outbound is not None or opts.inbound is not None:
-                await _start_sidecar(nursery, node, opts, policies, registry, fds.proxy)
+                await _start_sidecar(nursery, node, opts, policies, registry, fds.proxy,
+                                     reloader)
             if opts.services:
                 # One batch: the records travel together (by stream when large).
                 discovery.register_many(opts.services)
@@ -231,9 +243,10 @@ def _start_policies(node: Node, opts: AgentOptions) -> PolicyRuntime | None:
 
 async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
                          policies: PolicyRuntime | None, registry: CollectorRegistry,
-                         pool: FdPool) -> None:
+                         pool: FdPool, reloader: Reloader) -> None:
     """Start the data plane's listeners; the inbound one is advertised in our tags so
-    other sidecars know where to send this host's services' traffic."""
+    other sidecars know where to send this host's services' traffic. What a reload may
+    change (the access log, the TLS files, the tags) is handed to ``reloader``."""
     def evaluator() -> Evaluator:
         return policies.evaluator if policies is not None else NO_POLICY
 
@@ -244,6 +257,7 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
     if access_log is not None:
         nursery.start_soon(access_log.run)  # writes in batches; the rest at shutdown
     tls = _mesh_tls(opts)
+    reloader.access_log, reloader.tls = access_log, tls
     if tls is not None:
         nursery.start_soon(tls.run_reloader)
         registry.register(AgentCollector(tls=lambda: tls.stats))
@@ -261,7 +275,8 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
         host = opts.inbound[0]
         if host in ("0.0.0.0", "::"):
             host = node.address[0]
-        node.set_tags({**opts.tags, INBOUND_TAG: f"{host}:{port}"})
+        reloader.own_tags[INBOUND_TAG] = f"{host}:{port}"
+        node.set_tags({**opts.tags, **reloader.own_tags})
         log.info("inbound listener on %s:%d", opts.inbound[0], port,
                  extra={"event": "inbound", "inbound": f"{host}:{port}"})
     if opts.outbound is not None:

@@ -122,8 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SPEC", help="announce a local service, e.g. name=web,port=8080,"
                    "version=v2,tags=blue|canary,check=http://127.0.0.1:8080/healthz,"
                    "interval=5s (repeatable; see docs/catalog.md)")
-    a.add_argument("--config", metavar="FILE",
-                   help="TOML file with [[service]] tables (same fields as --service)")
+    a.add_argument("--config", action="append", default=[], metavar="PATH",
+                   help="TOML file, or a directory of *.toml files read in name order, "
+                   "giving any of these options (keys: the long flag names with _ for -, "
+                   "e.g. join = [...]) and [[service]] tables; repeatable; flags given "
+                   "here replace the files' values and add to their lists "
+                   "(see docs/configuration.md)")
     a.add_argument("--dns", nargs="?", const=DEFAULT_DNS, type=_address(8600), default=None,
                    metavar="HOST:PORT", help="answer DNS for *.service.rumor over UDP "
                    f"(default address {DEFAULT_DNS} when given without one)")
@@ -216,7 +220,40 @@ def build_parser() -> argparse.ArgumentParser:
     add_keyring_parser(sub, _api_arg)
     from .ca_cmd import add_ca_parser
     add_ca_parser(sub)
+    from .config_cmd import add_config_parser
+    add_config_parser(sub, _api_arg)
     return p
+
+
+def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` (``rumor agent``'s, to read its options)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    raise KeyError(name)
+
+
+def parse_agent_args(argv: Sequence[str]) -> argparse.Namespace:
+    """``rumor agent`` arguments with its ``--config`` files merged under the flags.
+
+    Raises ``UsageError`` (or exits, as argparse does, for a bad flag)."""
+    from .config import ConfigError, apply, load
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "agent":
+        return args
+    if args.config:
+        try:
+            files = load(args.config, subparser(parser, "agent"))
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+        args = apply(parser, subparser(parser, "agent"), argv, files)
+        args.config_files = files.files
+    else:
+        args.config_files = []
+    args.argv = list(argv)  # what a reload reads again
+    return args
 
 
 def _api_arg(p: argparse.ArgumentParser) -> None:
@@ -228,10 +265,14 @@ def _api_arg(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_agent_args(argv)
+    except UsageError as e:
+        print(f"rumor: {e}", file=sys.stderr)
+        return 2
     if args.command is None:
-        parser.print_help()
+        build_parser().print_help()
         return 2
     if getattr(args, "token_file", None):
         from .client import use_token_file
@@ -275,6 +316,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "keyring":
         from .keyring_cmd import run_keyring
         return run_keyring(args, format_address(args.api) if "api" in args else "")
+    if args.command == "config":
+        from .config_cmd import run_config
+        return run_config(args)
+    if args.command == "reload":
+        from .config_cmd import run_reload
+        return run_reload(args)
     api = format_address(args.api)
     try:
         if args.command == "members":
@@ -359,33 +406,34 @@ def _resolve(api: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_config(path: str) -> list[Any]:
-    import tomllib
-
-    from ..gossip.service_spec import SpecError, registrations_from_toml
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as e:
-        raise UsageError(f"--config {path}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"--config {path}: not valid TOML: {e}") from None
-    try:
-        return registrations_from_toml(doc, path)
-    except SpecError as e:
-        raise UsageError(str(e)) from None
-
-
 def _agent(args: argparse.Namespace) -> int:
     import trio
 
-    from .agent import AgentOptions, StartupError, run_agent
+    from .agent import StartupError, run_agent
     from .logs import configure_logging
 
+    opts = agent_options(args)
     configure_logging(args.log_format, args.log_level)
+    failures: list[BaseException] = []
+    try:
+        trio.run(run_agent, opts)
+    except* StartupError as eg:
+        failures.extend(_leaves(eg))
+    if failures:
+        print(f"rumor: {failures[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def agent_options(args: argparse.Namespace) -> Any:
+    """The ``AgentOptions`` that ``rumor agent`` ARGS describe (files merged), with
+    every key file read and checked; raises ``UsageError`` saying what is wrong."""
+    from .agent import AgentOptions
+    from .config import settings
+
     if not args.name or len(args.name) > 128:
         raise UsageError("--name must be 1 to 128 characters")
-    services = list(args.service) + (_load_config(args.config) if args.config else [])
+    services = list(args.service)
     ids = [r.service.id for r in services]
     dup = next((i for i in ids if ids.count(i) > 1), None)
     if dup is not None:
@@ -405,16 +453,22 @@ def _agent(args: argparse.Namespace) -> int:
                         access_log=args.access_log, balancer_decay=args.balancer_decay,
                         keyring=_keyring(args), keyring_file=args.keyring,
                         tls=_tls_files(args), api_access=_api_access(args),
-                        api_token_file=args.api_token_file, trace_gossip=args.trace_gossip)
-    failures: list[BaseException] = []
+                        api_token_file=args.api_token_file, trace_gossip=args.trace_gossip,
+                        argv=args.argv, config_files=args.config_files,
+                        settings=settings(args, subparser(build_parser(), "agent")))
+    return opts
+
+
+def reread(argv: list[str]) -> Any:
+    """The agent's options read again from ``argv`` and its files (a reload); raises
+    ``ReloadError`` saying what is wrong, having changed nothing."""
+    from .reload import ReloadError
     try:
-        trio.run(run_agent, opts)
-    except* StartupError as eg:
-        failures.extend(_leaves(eg))
-    if failures:
-        print(f"rumor: {failures[0]}", file=sys.stderr)
-        return 1
-    return 0
+        return agent_options(parse_agent_args(argv))
+    except UsageError as e:
+        raise ReloadError(str(e)) from None
+    except SystemExit:  # argparse's own exit: the command line itself no longer parses
+        raise ReloadError("the agent's command line no longer parses") from None
 
 
 def _const_address(value: str | Address | None) -> Address | None:

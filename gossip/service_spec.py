@@ -251,5 +251,38 @@ def registrations_from_toml(doc: Mapping[str, Any], where: str) -> list[Registra
             for i, s in enumerate(services)]
 
 
+def registration_to_mapping(reg: Registration) -> dict[str, Any]:
+    """The TOML/JSON fields that ``registration_from_mapping`` reads back into ``reg``
+    (``rumor config show`` prints them as ``[[service]]`` tables)."""
+    s = reg.service
+    out: dict[str, Any] = {"name": s.name, "port": s.port}
+    if s.id != s.name:
+        out["id"] = s.id
+    if s.address:
+        out["address"] = s.address
+    if s.version:
+        out["version"] = s.version
+    if s.tags:
+        out["tags"] = list(s.tags)
+    if s.weight != 1:
+        out["weight"] = s.weight
+    if reg.checks:
+        out["checks"] = [_check_to_mapping(c) for c in reg.checks]
+    return out
+
+
+def _check_to_mapping(c: CheckSpec) -> dict[str, Any]:
+    target = {"ttl": "ttl", "tcp": f"tcp://{c.target}"}.get(c.kind, c.target)
+    out: dict[str, Any] = {"check": target}
+    if c.kind == "ttl":
+        out["ttl"] = durations.format_duration(c.ttl)
+    else:
+        out["interval"] = durations.format_duration(c.interval)
+        out["timeout"] = durations.format_duration(c.timeout)
+    out.update({"rise": c.rise, "fall": c.fall, "warn": c.warn, "initial": c.initial})
+    return out
+
+
 __all__ = ["CRITICAL", "Registration", "ServiceDef", "SpecError", "parse_duration",
-           "parse_spec", "registration_from_mapping", "registrations_from_toml"]
+           "parse_spec", "registration_from_mapping", "registration_to_mapping",
+           "registrations_from_toml"]

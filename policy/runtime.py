@@ -30,6 +30,7 @@ from .evaluate import Evaluator
 from .persist import PolicyDirectory
 from .replication import PolicyReplicator
 from .store import ACCEPTED, DUPLICATE, EXPIRED, REJECTED, Held, Outcome
+from .trust import TrustSet
 
 log = logging.getLogger("rumor.policy")
 
@@ -76,6 +77,17 @@ class PolicyRuntime:
         out = self.replicator.publish(trio.current_time(), data, origin)
         self.wake()
         return out
+
+    def set_trust(self, trust: TrustSet) -> None:
+        """Trust other publisher keys or another threshold (a configuration reload);
+        documents they no longer support are dropped, from disk too."""
+        for h in self.store.set_bootstrap(trio.current_time() + self._wall_offset, trust):
+            self._drop_revoked(h)
+        self._refresh()
+        log.info("policy: %d trusted key(s), threshold %d, %d document(s) held",
+                 len(trust.keys), trust.threshold, len(self.store.held),
+                 extra={"event": "policy", "keys": trust.ids(),
+                        "threshold": trust.threshold})
 
     def held(self) -> list[Held]:
         return sorted(self.store.held.values(), key=lambda h: h.envelope.name)
@@ -149,13 +161,16 @@ class PolicyRuntime:
             log.warning("policy equivocation: %s", out.conflict,
                         extra={"event": "policy_conflict", "policy": out.name})
         for h in out.revoked:
-            if self.directory is not None:
-                self.directory.remove(h.envelope)
-            log.warning("policy %s v%d dropped: its signers are no longer trusted",
-                        h.envelope.name, h.envelope.version,
-                        extra={"event": "policy_revoked", "policy": h.envelope.name})
+            self._drop_revoked(h)
         if out.status in (ACCEPTED, EXPIRED) or out.revoked:
             self._refresh()
+
+    def _drop_revoked(self, h: Held) -> None:
+        if self.directory is not None:
+            self.directory.remove(h.envelope)
+        log.warning("policy %s v%d dropped: its signers are no longer trusted",
+                    h.envelope.name, h.envelope.version,
+                    extra={"event": "policy_revoked", "policy": h.envelope.name})
 
     def _refresh(self) -> None:
         self.evaluator = Evaluator(self.store.documents())

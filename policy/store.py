@@ -228,6 +228,16 @@ class PolicyStore:
             return proposed
         return None
 
+    def set_bootstrap(self, now: float, trust: TrustSet) -> list[Held]:
+        """Trust other operator keys (a configuration reload). The chain of trust
+        documents is followed again from them, rotations that waited for them are
+        taken, and the documents no longer supported are dropped and returned."""
+        self.bootstrap = trust
+        out = Outcome(ACCEPTED, name=TRUST, version=trust.version)
+        out.revoked = self._rebuild_trust()
+        self._retry_pending(now, out)
+        return out.revoked
+
     def _rebuild_trust(self) -> list[Held]:
         """Recompute the key set from the bootstrap along the chain, then drop the links
         and documents it no longer supports."""

@@ -18,11 +18,14 @@ pending is written. A disk that cannot keep up loses entries beyond ``max_pendin
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from typing import IO, Any
 
 import trio
+
+log = logging.getLogger("rumor.proxy")
 
 FLUSH_INTERVAL = 0.2
 MAX_PENDING = 65536
@@ -39,6 +42,10 @@ class AccessLog:
         self._max_pending = max_pending
         self._pending: list[tuple[float, dict[str, Any]]] = []
         self.dropped = 0
+        #: A new target from a reload, switched to by the next write (which may be
+        #: running in a worker thread: the switch happens there, between batches).
+        self._reopen: str | None = None
+        self.target = target
 
     def write(self, entry: dict[str, Any]) -> None:
         """Log one request (the request path: an append, nothing more)."""
@@ -64,14 +71,33 @@ class AccessLog:
         finally:
             self.flush()
 
+    def reopen(self, target: str) -> None:
+        """Write to ``target`` ("-": stdout) from the next batch on (a reload)."""
+        self._reopen = self.target = target
+
     def close(self) -> None:
         self.flush()
         if self._own:
             self._out.close()
 
     def _write(self, batch: list[tuple[float, dict[str, Any]]]) -> None:
+        if self._reopen is not None:
+            self._switch(self._reopen)
         self._out.write("".join(_line(now, entry) for now, entry in batch))
         self._out.flush()
+
+    def _switch(self, target: str) -> None:
+        self._reopen = None
+        try:
+            new: IO[str] = (open(target, "a", encoding="utf-8")  # noqa: SIM115
+                            if target != "-" else sys.stdout)
+        except OSError as e:
+            log.error("access log: cannot open %s (%s); still writing to the previous "
+                      "file", target, e.strerror or e, extra={"event": "access_log_error"})
+            return
+        if self._own:
+            self._out.close()
+        self._out, self._own = new, target != "-"
 
 
 def _line(now: float, entry: dict[str, Any]) -> str:

@@ -73,28 +73,22 @@ class MeshTls:
         self._load()
 
     def _load(self) -> None:
-        from cryptography import x509  # only an agent with mutual TLS needs it
-        from cryptography.hazmat.primitives.serialization import Encoding
+        (self.server, self.client, self.identity, self.not_after,
+         self._stamp) = _build(self.files)
 
-        f = self.files
-        try:
-            stamp = f.stamp()
-            server = _context(ssl.PROTOCOL_TLS_SERVER, f)
-            client = _context(ssl.PROTOCOL_TLS_CLIENT, f)
-            leaf = x509.load_pem_x509_certificate(f.cert.read_bytes())
-            identity = identity_of(leaf.public_bytes(Encoding.DER))
-        except FileNotFoundError as e:
-            raise TlsConfigError(f"{e.filename}: no such file") from None
-        except OSError as e:
-            raise TlsConfigError(f"{e.filename}: {e.strerror}") from None
-        except ssl.SSLError as e:
-            raise TlsConfigError(f"cannot load the TLS files ({f.cert}, {f.key}, {f.ca}): "
-                                 f"{e.reason or e}") from None
-        except (ValueError, IdentityError) as e:
-            raise TlsConfigError(f"{f.cert}: {e}") from None
-        self.server, self.client, self.identity = server, client, identity
-        self.not_after = leaf.not_valid_after_utc
-        self._stamp = stamp
+    def check_files(self, files: TlsFiles) -> None:
+        """Raise ``TlsConfigError`` if ``files`` cannot be used (a reload's check)."""
+        _build(files)
+
+    def use_files(self, files: TlsFiles) -> None:
+        """Switch to other files (a reload changed the paths). They are loaded before
+        anything is replaced, so a bad set keeps the contexts in use."""
+        built = _build(files)
+        self.files = files
+        self.server, self.client, self.identity, self.not_after, self._stamp = built
+        self.stats["reloads"] += 1
+        log.info("TLS files replaced: %s, valid until %s", self.describe(),
+                 self.not_after.isoformat(), extra={"event": "tls_reloaded"})
 
     def reload_if_changed(self) -> bool:
         """Load the files again if any changed on disk; True if new contexts are in use."""
@@ -175,6 +169,30 @@ class MeshTls:
 
 class HandshakeFailed(Exception):
     """The peer did not complete a verified TLS 1.3 handshake."""
+
+
+def _build(f: TlsFiles) -> tuple[ssl.SSLContext, ssl.SSLContext, Identity,
+                                 datetime.datetime, tuple[tuple[int, int], ...]]:
+    """Both contexts, the identity, its expiry and the files' stamp, from ``f``."""
+    from cryptography import x509  # only an agent with mutual TLS needs it
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        stamp = f.stamp()
+        server = _context(ssl.PROTOCOL_TLS_SERVER, f)
+        client = _context(ssl.PROTOCOL_TLS_CLIENT, f)
+        leaf = x509.load_pem_x509_certificate(f.cert.read_bytes())
+        identity = identity_of(leaf.public_bytes(Encoding.DER))
+    except FileNotFoundError as e:
+        raise TlsConfigError(f"{e.filename}: no such file") from None
+    except OSError as e:
+        raise TlsConfigError(f"{e.filename}: {e.strerror}") from None
+    except ssl.SSLError as e:
+        raise TlsConfigError(f"cannot load the TLS files ({f.cert}, {f.key}, {f.ca}): "
+                             f"{e.reason or e}") from None
+    except (ValueError, IdentityError) as e:
+        raise TlsConfigError(f"{f.cert}: {e}") from None
+    return server, client, identity, leaf.not_valid_after_utc, stamp
 
 
 def _context(purpose: ssl._SSLMethod, files: TlsFiles) -> ssl.SSLContext:

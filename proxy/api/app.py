@@ -22,7 +22,9 @@ Changes are `PUT` (or `DELETE`) only: `POST` is routed nowhere. Other features a
 routes with `add_*_routes` on a `Router`. With a `catalog`, `make_api` also serves the
 catalog routes of `proxy/api/catalog.py` (`/v1/catalog/...`, `/v1/agent/...`), and with
 `policies` the routes of `proxy/api/policies.py` (`/v1/policies...`, `/v1/evaluate/...`),
-and with `metrics` a Prometheus `GET /metrics` (`proxy/api/metrics.py`).
+and with `metrics` a Prometheus `GET /metrics` (`proxy/api/metrics.py`), and with
+`control` the configuration routes of `proxy/api/control.py` (`/v1/agent/config`,
+`/v1/agent/reload`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ...gossip.cluster_keyring import ClusterKeyring
 from ...gossip.node import JoinError
 from .access import ApiAccess, guarded
 from .catalog import CatalogApi, add_catalog_routes
+from .control import AgentControl, add_control_routes
 from .keyring import add_keyring_routes
 from .metrics import add_metrics_route
 from .policies import PolicyApi, add_policy_routes
@@ -64,7 +67,8 @@ def make_api(node: NodeApi, *, on_leave: Callable[[], None],
              catalog: CatalogApi | None = None, policies: PolicyApi | None = None,
              metrics: CollectorRegistry | None = None,
              keyring: ClusterKeyring | None = None,
-             access: ApiAccess | None = None) -> Handler:
+             access: ApiAccess | None = None,
+             control: AgentControl | None = None) -> Handler:
     """The node (catalog, policy, metrics, keyring) routes behind the access rules;
     pass it to `serve_http`."""
     router = Router()
@@ -76,6 +80,8 @@ def make_api(node: NodeApi, *, on_leave: Callable[[], None],
     if policies is not None:
         add_policy_routes(router, policies)
     add_keyring_routes(router, keyring)
+    if control is not None:
+        add_control_routes(router, control)
     return guarded(router, access or ApiAccess())
 
 
