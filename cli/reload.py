@@ -175,7 +175,7 @@ class Reloader:
         through the API are not the configuration's to remove."""
         old = {r.service.id: r for r in self.opts.services}
         now = {r.service.id: r for r in new.services}
-        for sid in old.keys() - now.keys():
+        for sid in sorted(old.keys() - now.keys()):
             self.discovery.deregister(sid)
         changed = [r for sid, r in now.items() if old.get(sid) != r]
         if changed:

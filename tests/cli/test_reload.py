@@ -84,7 +84,7 @@ def test_services_are_diffed_and_unchanged_ones_keep_their_checks() -> None:
         assert disc.calls == [("register", ["db", "api"])]  # web untouched
         assert node.tags == [{"rack": "r2", "rumor.inbound": "127.0.0.1:15002"}]
         assert await r.reload() == {"applied": ["service"], "restart": []}
-        assert disc.calls[1:] == [("deregister", "web"), ("deregister", "db")]
+        assert disc.calls[1:] == [("deregister", "db"), ("deregister", "web")]
     trio.run(main)
 
 

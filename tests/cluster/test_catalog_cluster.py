@@ -225,7 +225,7 @@ def test_bad_service_specs_exit_2_with_one_line(tmp_path: Path) -> None:
         (["--service", "name=web"], "'port' is required"),
         (["--service", "name=web,port=80,check=gopher://x"], "expected http://"),
         (["--config", str(bad_toml)], "port 99999"),
-        (["--config", str(tmp_path / "missing.toml")], "No such file"),
+        (["--config", str(tmp_path / "missing.toml")], "no such file or directory"),
         (["--service", "name=web,port=80", "--service", "name=web,port=81"], "twice"),
     ]:
         p = subprocess.run([*rumor_cmd(), "agent", "--name", "x", "--bind",

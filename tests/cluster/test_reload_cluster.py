@@ -4,7 +4,8 @@ Each agent runs from a config file. While a client keeps sending requests throug
 sidecar to ``web`` on a1, SIGHUP makes a1 announce a second service and every agent
 trust a second publisher key: no request fails, no member is suspected or changes
 incarnation except a1 for its new tag, and a policy signed by the new key is accepted
-everywhere afterwards (refused before). A bad file changes nothing and says why; a
+everywhere afterwards (refused before). A second reload drops the old key: the new
+key's document stays and the old key is refused. A bad file changes nothing and says why; a
 setting that cannot change live is reported.
 """
 
@@ -154,6 +155,17 @@ def test_sighup_adds_a_service_and_a_trust_key_without_dropping_anything(
         for a in cluster.agents:
             assert not [e for e in a.events() if e.get("status") in ("suspect", "failed")]
             assert "reload: trust applied" in a.log.read_text()
+
+        # The rotation's second half: the old key goes; the new key's document stays,
+        # and the old key can no longer publish.
+        trust_new = f'["{tmp_path / "new.pub"}"]'
+        for f in files:
+            f.write_text(f.read_text().replace(trust_two, trust_new))
+        for a in cluster.agents:
+            res = rumor("reload", "--api", a.api)
+            assert "applied: trust" in res.stdout
+        assert all(_route_version(a) == 2 for a in cluster.agents)
+        assert _publish(a0, old, 3)[0] == 422
 
         # A bad file changes nothing and says why; a setting that needs a restart is
         # reported, the rest still applied.
