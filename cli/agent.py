@@ -48,6 +48,7 @@ from ..proxy.relay import serve_proxy
 from ..proxy.tls import MeshTls, TlsConfigError, TlsFiles
 from .logs import log_event
 from .reload import Reloader
+from .systemd import Notifier
 
 log = logging.getLogger("rumor.agent")
 #: What applies when the agent trusts no publisher: no documents, so defaults.
@@ -101,7 +102,11 @@ class StartupError(Exception):
     """The agent could not start; the message is meant for the operator."""
 
 
-async def run_agent(opts: AgentOptions) -> None:
+async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> None:
+    """Run until a graceful leave. ``notifier`` tells systemd (default: as
+    ``$NOTIFY_SOCKET`` says): ``READY=1`` once joined, or without seeds once every
+    listener is up; ``STOPPING=1`` when the leave starts; ``WATCHDOG=1`` meanwhile."""
+    notify = notifier or Notifier.from_environ(os.environ, os.getpid())
     # Sealed packets carry calendar time (the replay window); the core runs on trio's.
     seal = KeyringSeal(opts.keyring, wall_offset=time.time() - trio.current_time(),
                        random_bytes=os.urandom) if opts.keyring is not None else None
@@ -120,6 +125,8 @@ async def run_agent(opts: AgentOptions) -> None:
     try:
         async with Node(cfg) as node, trio.open_nursery() as nursery:
             node.core.trace = trace
+            # First, so that a slow start (a far seed) is not mistaken for a hang.
+            nursery.start_soon(notify.run_watchdog)
             nursery.start_soon(_log_events, node)
             discovery = Discovery(node.parts.catalog, node.wake, probes=CheckRunner)
             nursery.start_soon(discovery.run)
@@ -141,7 +148,8 @@ async def run_agent(opts: AgentOptions) -> None:
             reloader = Reloader(opts, node, discovery, policies, reread=reread)
             nursery.start_soon(reloader.run_signals)
             try:
-                api = make_api(node, on_leave=stop.set, catalog=discovery,
+                api = make_api(node, on_leave=stop.set, on_leaving=notify.stopping,
+                               catalog=discovery,
                                policies=policies, metrics=registry, keyring=keyring,
                                access=opts.api_access, control=reloader)
                 await nursery.start(partial(serve_http, api, opts.api[0], opts.api[1],
@@ -166,17 +174,21 @@ async def run_agent(opts: AgentOptions) -> None:
                      opts.profile, extra={"event": "start", "node": opts.name,
                                           "gossip": format_address(node.address),
                                           "api": format_address(opts.api)})
+            contacted = None
             if opts.join:
                 try:
-                    n = await node.join(opts.join)
+                    contacted = await node.join(opts.join)
                 except JoinError as e:
                     raise StartupError(str(e)) from None
-                log.info("joined through %d of %d seed(s)", n, len(opts.join),
-                         extra={"event": "joined", "seeds": opts.join, "contacted": n})
+                log.info("joined through %d of %d seed(s)", contacted, len(opts.join),
+                         extra={"event": "joined", "seeds": opts.join,
+                                "contacted": contacted})
             nursery.start_soon(_wait_for_signal, stop)
+            notify.ready(ready_status(opts, node, contacted))
             await stop.wait()
             if not node.core.leaving:  # `rumor leave` has already left through the API
                 log.info("leaving the cluster", extra={"event": "leaving"})
+                notify.stopping()
                 await node.leave()
             nursery.cancel_scope.cancel()
     except BindError as e:
@@ -185,6 +197,15 @@ async def run_agent(opts: AgentOptions) -> None:
         if trace is not None:
             trace.close()
     log.info("agent stopped", extra={"event": "stop"})
+
+
+def ready_status(opts: AgentOptions, node: Node, contacted: int | None) -> str:
+    """The STATUS line sent with READY=1 (``systemctl status`` shows it)."""
+    alive = sum(1 for m in node.core.members.values() if m.live)
+    how = ("listening, no seeds to join" if contacted is None else
+           f"joined through {contacted} of {len(opts.join)} seed(s)")
+    return (f"{how}; {alive} member(s) alive; gossip on {format_address(node.address)}, "
+            f"API on {format_address(opts.api)}")
 
 
 def exposure_warnings(opts: AgentOptions) -> list[str]:

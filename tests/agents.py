@@ -38,8 +38,11 @@ def rumor(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 class Agent:
-    def __init__(self, name: str, workdir: Path, extra: list[str] | None = None) -> None:
+    def __init__(self, name: str, workdir: Path, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
+        #: Environment variables set for the process, over the test's own.
+        self.env = env or {}
         self.port = free_port()
         self.api_port = free_port()
         self.log = workdir / f"{name}.log"
@@ -62,7 +65,8 @@ class Agent:
             argv += ["--join", join.addr]
         with open(self.log, "ab") as f:
             self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
+                                         stdin=subprocess.DEVNULL, preexec_fn=preexec_fn,
+                                         env={**os.environ, **self.env})
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://{self.api}{path}", timeout=2) as r:

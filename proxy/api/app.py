@@ -13,8 +13,9 @@ Routes (all bodies JSON, all errors `{"error": "..."}`):
   400 for malformed addresses, 502 when no seed answered (the gossip `JoinError`).
 - `PUT /v1/leave` -> waits for `Node.leave()` (the leave is gossiped), answers
   `{"left": true}`, and only after that answer is written calls `on_leave` so the
-  agent can exit. If the leave itself fails the answer is a 500 and `on_leave` is
-  not called: the agent keeps running and the operator can retry or send SIGTERM.
+  agent can exit (`on_leaving`, when given, is called as the leave starts). If the
+  leave itself fails the answer is a 500 and `on_leave` is not called: the agent keeps
+  running and the operator can retry or send SIGTERM.
 
 Every request first passes `proxy/api/access.py` (Host, Origin, methods, content types
 and the optional write token), so a web page the operator opens cannot drive the API.
@@ -64,6 +65,7 @@ class NodeApi(Protocol):
 
 
 def make_api(node: NodeApi, *, on_leave: Callable[[], None],
+             on_leaving: Callable[[], None] | None = None,
              catalog: CatalogApi | None = None, policies: PolicyApi | None = None,
              metrics: CollectorRegistry | None = None,
              keyring: ClusterKeyring | None = None,
@@ -72,7 +74,7 @@ def make_api(node: NodeApi, *, on_leave: Callable[[], None],
     """The node (catalog, policy, metrics, keyring) routes behind the access rules;
     pass it to `serve_http`."""
     router = Router()
-    add_node_routes(router, node, on_leave)
+    add_node_routes(router, node, on_leave, on_leaving)
     if metrics is not None:
         add_metrics_route(router, metrics)
     if catalog is not None:
@@ -85,7 +87,8 @@ def make_api(node: NodeApi, *, on_leave: Callable[[], None],
     return guarded(router, access or ApiAccess())
 
 
-def add_node_routes(router: Router, node: NodeApi, on_leave: Callable[[], None]) -> None:
+def add_node_routes(router: Router, node: NodeApi, on_leave: Callable[[], None],
+                    on_leaving: Callable[[], None] | None = None) -> None:
     """Register the membership routes on `router`."""
 
     async def members(request: Request) -> Response:
@@ -114,6 +117,8 @@ def add_node_routes(router: Router, node: NodeApi, on_leave: Callable[[], None])
         return json_response({"joined": joined})
 
     async def leave(request: Request) -> Response:
+        if on_leaving is not None:
+            on_leaving()
         await node.leave()
         response = json_response({"left": True})
         response.on_sent = on_leave

@@ -128,7 +128,9 @@ def run_api(scenario: Scenario, limits: ServerLimits | None = None) -> list[str]
     leaves: list[str] = []
 
     async def main() -> None:
-        api = make_api(node, on_leave=lambda: leaves.append("left"))
+        # on_leaving records whether the node had already left (it must not have).
+        api = make_api(node, on_leave=lambda: leaves.append("left"),
+                       on_leaving=lambda: leaves.append(f"leaving (left={node.left})"))
         async with trio.open_nursery() as nursery:
             port = await nursery.start(lambda task_status: serve_http(
                 api, "127.0.0.1", 0, limits=limits, task_status=task_status))
@@ -201,9 +203,10 @@ def test_leave_answers_before_on_leave_runs() -> None:
         assert (status, json.loads(body)) == (200, {"left": True})
         assert node.left
         await trio.sleep(0.05)
-        assert leaves == ["left"]
+        assert leaves == ["leaving (left=False)", "left"]
 
-    assert run_api(scenario) == ["left"]
+    # on_leaving (the agent's STOPPING=1) runs as the leave starts, on_leave after it.
+    assert run_api(scenario) == ["leaving (left=False)", "left"]
 
 
 def test_unknown_path_and_wrong_method() -> None:
