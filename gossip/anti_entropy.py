@@ -124,8 +124,9 @@ class AntiEntropy(CoreBase):
     # ---- anti-entropy on demand -----------------------------------------------------
 
     def _state_summary(self, now: float) -> int:
-        """The delegates' state digests folded to 32 bits; notes when it changed."""
-        s = 0
+        """The delegates' state digests and the live members' tags folded to 32 bits;
+        notes when it changed."""
+        s = self._member_sum
         for d in self._delegates.values():
             s ^= d.state_digest()
         s = (s ^ (s >> 32)) & 0xFFFFFFFF

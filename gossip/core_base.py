@@ -14,9 +14,11 @@ tell the type checker what each one may use of the others.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections import Counter
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from .awareness import Awareness
@@ -75,6 +77,10 @@ class CoreBase:
     _new_names: dict[str, tuple[float, float]]
     _exchange_peer: dict[int, str]
     _suspicions: dict[str, Suspicion]
+    #: XOR of every live member's (name, metadata) hash and each one's part of it:
+    #: the membership half of the anti-entropy summary (``anti_entropy.py``).
+    _member_sum: int
+    _member_parts: dict[str, int]
     _leave_deadline: float
     _probe_at: float
     _gossip_at: float
@@ -136,11 +142,23 @@ class CoreBase:
     def _emit(self, now: float, m: Member, kind: str) -> None:
         if self._quiet and not self._delegates:
             return
+        self._note_member(m)
         ev = MemberEvent(kind, m.name, m.status, m.incarnation, m.addr, dict(m.meta))
         if not self._quiet:
             self._effects.append(ev)
         for d in self._delegates.values():
             d.notify_member(now, ev)
+
+    def _note_member(self, m: Member) -> None:
+        """Fold ``m``'s liveness and metadata into ``_member_sum``. Every change of
+        either passes ``_emit`` (set_meta calls this for our own), so the sum stays
+        exact without a scan; the incarnation is left out, since a refutation raises
+        it without an event."""
+        new = _member_hash(m.name, m.meta) if m.status <= Status.SUSPECT else 0
+        old = self._member_parts.pop(m.name, 0)
+        if new:
+            self._member_parts[m.name] = new
+        self._member_sum ^= old ^ new
 
     def _finish_leave(self) -> None:
         if self._leave_deadline == -INF:
@@ -159,7 +177,7 @@ class CoreBase:
         def _send(self, now: float, addr: Address, to: str, msgs: list[Message]) -> None:
             raise NotImplementedError
 
-        def _queue_member(self, msg: Alive | Suspect | Dead) -> None:
+        def _queue_member(self, msg: Alive | Suspect | Dead, news: bool = False) -> None:
             raise NotImplementedError
 
         def _digest(self, now: float) -> Digest:
@@ -189,3 +207,12 @@ class CoreBase:
 
         def _add_many_to_probe_order(self, names: list[str]) -> None:
             raise NotImplementedError
+
+
+def _member_hash(name: str, meta: Mapping[str, str]) -> int:
+    """A stable 64-bit hash of a member's name and tags (the same in every process:
+    Python's own ``hash`` is salted per process)."""
+    h = hashlib.blake2b(name.encode(), digest_size=8)
+    for k in sorted(meta):
+        h.update(b"\0" + k.encode() + b"=" + meta[k].encode())
+    return int.from_bytes(h.digest(), "big") or 1

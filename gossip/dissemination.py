@@ -111,10 +111,17 @@ class Dissemination(CoreBase):
         self.stats["bytes_out"] += len(data)
         self._effects.append(SendPacket(addr, data))
 
-    def _queue_member(self, msg: Alive | Suspect | Dead) -> None:
+    def _queue_member(self, msg: Alive | Suspect | Dead, news: bool = False) -> None:
+        """Queue a membership message; ``news`` (new tags) goes as many times as an
+        application broadcast, since an operator waits on it like on a registration."""
         if self._quiet:
             return
-        self._member_q.push(pack_message(msg), msg.node)
+        extra = 0
+        if news:
+            n = self.num_members()
+            extra = max(0, self.config.user_retransmit_limit(n)
+                        - self.config.retransmit_limit(n))
+        self._member_q.push(pack_message(msg), msg.node, extra)
 
     def _self_alive(self) -> Alive:
         return Alive(self.incarnation, self.name, self.addr, dict(self.members[self.name].meta))

@@ -107,6 +107,9 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
         self._check_meta(meta or {})
         self.members[name] = Member(name, addr, self.incarnation, Status.ALIVE, now,
                                     own_meta(meta or {}))
+        self._member_sum = 0
+        self._member_parts: dict[str, int] = {}
+        self._note_member(self.members[name])
         #: Member names in an indexable list, for O(k) random sampling.
         self._roster: list[str] = [name]
         #: Names of the members that are failed or left, so that counting the live
@@ -368,8 +371,11 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
         """Change our metadata; raises the incarnation so the change wins everywhere."""
         self._check_meta(meta)
         self.members[self.name].meta = own_meta(meta)
+        self._note_member(self.members[self.name])
         self._set_incarnation(self.incarnation + 1)
-        self._queue_member(self._self_alive())
+        self._queue_member(self._self_alive(), news=True)
+        if self.config.gossip_on_news:
+            self._gossip_soon(now)
 
     def merge_state(self, now: float, states: PushPull, *, quiet: bool = False) -> None:
         """Merge a full member list exactly as a push-pull exchange would.

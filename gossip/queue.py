@@ -40,15 +40,16 @@ class BroadcastQueue:
     def __len__(self) -> int:
         return self._len
 
-    def push(self, data: bytes, key: str | None = None) -> None:
-        """Queue ``data``; a queued item with the same ``key`` is replaced."""
+    def push(self, data: bytes, key: str | None = None, extra: int = 0) -> None:
+        """Queue ``data``; a queued item with the same ``key`` is replaced. ``extra``
+        more transmits than the limit (it starts below zero, so it also goes first)."""
         if key is not None:
             old = self._by_key.pop(key, None)
             if old is not None:
                 self._remove(old)
         self._serial += 1
-        item = _Item(key, data, 0, self._serial)
-        self._buckets.setdefault(0, {})[item.serial] = item
+        item = _Item(key, data, -extra, self._serial)
+        self._buckets.setdefault(-extra, {})[item.serial] = item
         self._len += 1
         self._sizes[len(data)] = self._sizes.get(len(data), 0) + 1
         if key is not None:

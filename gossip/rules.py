@@ -67,7 +67,7 @@ class MemberRules(CoreBase):
         self._suspicions.pop(a.node, None)
         was, old_meta = m.status, m.meta
         m.incarnation, m.addr, m.meta = a.incarnation, a.addr, own_meta(a.meta)
-        self._queue_member(a)
+        self._queue_member(a, news=old_meta != m.meta)
         if was != Status.ALIVE:
             if not m.live:
                 self._add_to_probe_order(a.node)

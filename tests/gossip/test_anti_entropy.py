@@ -263,3 +263,38 @@ def test_a_difference_no_exchange_settles_is_not_retried() -> None:
     assert "untrusted" not in sets["n4"].words
     assert net.nodes["n4"].stats["state_repairs"] == 1
     assert sum(c.stats["state_repairs"] for c in net.nodes.values()) <= 2
+
+
+def test_a_member_that_missed_a_tag_change_is_repaired_too() -> None:
+    """n0 changes its tags while every datagram to n4 is lost: once they flow again,
+    the live members' tags in the digest tell n4 it is behind, long before the
+    periodic push-pull."""
+    net, _ = _word_cluster(CFG)
+    net.drop_udp = lambda s, d: d == "n4"
+    net.nodes["n0"].set_meta(net.now, {"role": "db"})
+    net.flush("n0")
+    net.run_until(lambda: all(net.nodes[o].members["n0"].meta.get("role") == "db"
+                              for o in ("n1", "n2", "n3")), limit=5)
+    net.run(2)  # the retransmits are spent
+    assert net.nodes["n4"].members["n0"].meta.get("role") is None
+    net.drop_udp = lambda s, d: False
+    took = net.run_until(lambda: net.nodes["n4"].members["n0"].meta.get("role") == "db",
+                         limit=10)
+    assert took < 1.0 + CFG.repair_after(5) + CFG.probe_interval
+    assert net.nodes["n4"].stats["state_repairs"] >= 1
+
+
+def test_the_membership_summary_ignores_suspicion_and_refutation() -> None:
+    """Only liveness and tags count: a suspect is still live, and a refutation raises
+    the incarnation without changing the summary, so neither starts a repair."""
+    net, _ = _word_cluster(CFG)
+    n1 = net.nodes["n1"]
+    before = n1._member_sum
+    n1._refute(n1.incarnation)
+    assert n1._member_sum == before
+    n0 = net.nodes["n0"]
+    from rumor.gossip.wire import Suspect
+    start = n0._member_sum
+    n0._on_suspect(net.now, Suspect(n0.members["n2"].incarnation, "n2", "n3"))
+    assert n0.members["n2"].status == Status.SUSPECT
+    assert n0._member_sum == start
