@@ -29,7 +29,8 @@ from ..gossip.keyring import Keyring, KeyringSeal
 from ..gossip.node import BindError, JoinError, Node, NodeConfig
 from ..gossip.service_spec import Registration
 from ..gossip.trace import TraceFile
-from ..gossip.wire import Address
+from ..gossip.version import release
+from ..gossip.wire import PROTOCOL_VERSION, Address
 from ..policy.evaluate import Evaluator
 from ..policy.replication import PolicyReplicator
 from ..policy.runtime import PolicyRuntime
@@ -169,11 +170,13 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
                          ", ".join(r.service.id for r in opts.services),
                          extra={"event": "services",
                                 "services": [r.service.id for r in opts.services]})
-            log.info("agent %s gossiping on %s, API on http://%s (profile %s)",
-                     opts.name, format_address(node.address), format_address(opts.api),
-                     opts.profile, extra={"event": "start", "node": opts.name,
-                                          "gossip": format_address(node.address),
-                                          "api": format_address(opts.api)})
+            log.info("agent %s (rumor %s, gossip protocol %d) gossiping on %s, API on "
+                     "http://%s (profile %s)", opts.name, release(), PROTOCOL_VERSION,
+                     format_address(node.address), format_address(opts.api), opts.profile,
+                     extra={"event": "start", "node": opts.name,
+                            "gossip": format_address(node.address),
+                            "api": format_address(opts.api),
+                            "version": release(), "protocol": PROTOCOL_VERSION})
             contacted = None
             if opts.join:
                 try:

@@ -46,16 +46,9 @@ class _VersionAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: str | None = None) -> None:
-        print(f"rumor {_version()}")
+        from ..gossip.version import describe
+        print(describe())
         parser.exit()
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("rumor")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def _address(default_port: int | None = None) -> type:

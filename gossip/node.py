@@ -29,7 +29,6 @@ import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
 from typing import Any
 
@@ -54,7 +53,8 @@ from .fields import ip_literal
 from .keyring import KeyringSeal
 from .membership import Membership
 from .security import ReadBody, Refuse, Seal, refusal_frame
-from .wire import FRAME_HEADER, MAX_PACKET, Address, Meta, Status
+from .version import release
+from .wire import FRAME_HEADER, MAX_PACKET, PROTOCOL_VERSION, Address, Meta, Status
 
 log = logging.getLogger("rumor.gossip")
 
@@ -329,7 +329,8 @@ class Node:
 
     def self_info(self) -> dict[str, Any]:
         info = self._member_json(self.name, trio.current_time())
-        info.update({"profile": self.config.profile, "version": _version(),
+        info.update({"profile": self.config.profile, "version": release(),
+                     "protocol": PROTOCOL_VERSION,
                      "uptime_s": round(time.time() - self._started_wall, 1)})
         return info
 
@@ -544,13 +545,6 @@ async def _ip_address(addr: Address) -> Address:
         raise BindError(errno.EADDRNOTAVAIL, f"cannot resolve the advertised address "
                         f"{format_address(addr)}: {e}") from e
     return (str(infos[0][4][0]), port)
-
-
-def _version() -> str:
-    try:
-        return version("rumor")
-    except PackageNotFoundError:  # running from a checkout without installing
-        return "0+unknown"
 
 
 __all__ = ["BindError", "FrameRefused", "JoinError", "Node", "NodeConfig", "read_frame"]

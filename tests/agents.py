@@ -39,10 +39,13 @@ def rumor(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 class Agent:
     def __init__(self, name: str, workdir: Path, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 command: Sequence[str] | None = None) -> None:
         self.name = name
         #: Environment variables set for the process, over the test's own.
         self.env = env or {}
+        #: How to run ``rumor`` (default: this interpreter's ``-m rumor.cli``).
+        self.command = list(command) if command is not None else rumor_cmd()
         self.port = free_port()
         self.api_port = free_port()
         self.log = workdir / f"{name}.log"
@@ -59,7 +62,7 @@ class Agent:
 
     def start(self, join: Agent | None = None,
               preexec_fn: Callable[[], None] | None = None) -> None:
-        argv = [*rumor_cmd(), "agent", "--name", self.name, "--bind", self.addr,
+        argv = [*self.command, "agent", "--name", self.name, "--bind", self.addr,
                 "--api", self.api, "--profile", "local", "--log-format", "json", *self.extra]
         if join is not None:
             argv += ["--join", join.addr]
@@ -109,8 +112,9 @@ class Agent:
 
 
 class AgentCluster:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, command: Sequence[str] | None = None) -> None:
         self.workdir = workdir
+        self.command = command
         self.agents: list[Agent] = []
 
     def start(self, n: int,
@@ -122,7 +126,7 @@ class AgentCluster:
         ``preexec`` gives an agent's ``preexec_fn`` (resource limits) by index."""
         for i in range(n):
             more = extra(i) if callable(extra) else list(extra)
-            a = Agent(f"a{i}", self.workdir, more)
+            a = Agent(f"a{i}", self.workdir, more, command=self.command)
             a.start(self.agents[0] if self.agents else None,
                     preexec_fn=None if preexec is None else preexec(i))
             self.agents.append(a)

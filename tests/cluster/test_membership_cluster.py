@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from rumor.gossip.version import release
+from rumor.gossip.wire import PROTOCOL_VERSION
+
 from ..agents import Agent, AgentCluster, free_port, rumor_cmd, wait_for
 
 
@@ -118,4 +121,5 @@ def test_port_in_use_is_reported(cluster: AgentCluster) -> None:
 
 def test_version() -> None:
     r = _run("--version")
-    assert r.returncode == 0 and r.stdout.startswith("rumor ")
+    assert r.returncode == 0
+    assert r.stdout == f"rumor {release()} (gossip protocol {PROTOCOL_VERSION})\n"
