@@ -38,7 +38,8 @@ from ..policy.trust import TrustSet
 from ..proxy.access_log import AccessLog
 from ..proxy.api.access import ApiAccess
 from ..proxy.api.app import make_api
-from ..proxy.api.dns import CatalogSource, DnsResponder, serve_dns
+from ..proxy.api.dns import CatalogSource, DnsResponder
+from ..proxy.api.dns_server import serve_dns
 from ..proxy.api.metrics import AgentCollector
 from ..proxy.api.server import serve_http
 from ..proxy.check_runner import CheckRunner
@@ -70,8 +71,11 @@ class AgentOptions:
     join: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
     services: list[Registration] = field(default_factory=list)
-    #: Where to answer DNS (UDP); None: no DNS server.
+    #: Where to answer DNS (UDP and TCP); None: no DNS server.
     dns: Address | None = None
+    #: TTLs of DNS answers: a service's records, a node's (and an address's) records.
+    dns_service_ttl: int = 0
+    dns_node_ttl: int = 0
     #: Trusted policy publishers; None: accept no policy documents.
     trust: TrustSet | None = None
     data_dir: str | None = None
@@ -159,7 +163,7 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
                 raise StartupError(f"cannot bind API address {format_address(opts.api)}: "
                                    f"{e.strerror or e}") from None
             if opts.dns is not None:
-                await _start_dns(nursery, node, discovery, opts.dns)
+                await _start_dns(nursery, node, discovery, opts.dns, opts, fds.dns)
             if opts.outbound is not None or opts.inbound is not None:
                 await _start_sidecar(nursery, node, opts, policies, registry, fds.proxy,
                                      reloader)
@@ -354,21 +358,23 @@ async def _listen(nursery: trio.Nursery, handler: InboundProxy | OutboundProxy, 
 
 
 async def _start_dns(nursery: trio.Nursery, node: Node, discovery: Discovery,
-                     addr: Address) -> None:
+                     addr: Address, opts: AgentOptions, pool: FdPool) -> None:
     def member_address(name: str) -> str | None:
         # DNS names arrive lower-cased; member names keep their case.
         m = node.core.members.get(name) or next(
             (m for m in node.core.members.values() if m.name.lower() == name), None)
         return m.addr[0] if m is not None and m.live else None
 
-    responder = DnsResponder(CatalogSource(discovery, member_address))
+    responder = DnsResponder(CatalogSource(discovery, member_address),
+                             service_ttl=opts.dns_service_ttl, node_ttl=opts.dns_node_ttl)
     try:
-        port = await nursery.start(serve_dns, responder, addr[0], addr[1])
+        port = await nursery.start(partial(serve_dns, responder, addr[0], addr[1], pool=pool))
     except OSError as e:
-        raise StartupError(f"cannot bind DNS address {format_address(addr)}: "
+        raise StartupError(f"cannot bind DNS address {format_address(addr)} (UDP and TCP): "
                            f"{e.strerror or e}") from None
-    log.info("DNS on udp://%s:%d for *.service.rumor", addr[0], port,
-             extra={"event": "dns", "dns": f"{addr[0]}:{port}"})
+    bound = format_address((addr[0], port))
+    log.info("DNS on udp+tcp://%s for *.service.rumor", bound,
+             extra={"event": "dns", "dns": bound})
 
 
 async def _wait_for_signal(stop: trio.Event) -> None:

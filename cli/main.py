@@ -72,6 +72,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _ttl(text: str) -> int:
+    from ..proxy.api.dns import MAX_TTL
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole seconds, got {text!r}") from None
+    if not 0 <= value <= MAX_TTL:
+        raise argparse.ArgumentTypeError(
+            f"expected 0 to {MAX_TTL} seconds (a day), got {text!r}")
+    return value
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -122,8 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "here replace the files' values and add to their lists "
                    "(see docs/configuration.md)")
     a.add_argument("--dns", nargs="?", const=DEFAULT_DNS, type=_address(8600), default=None,
-                   metavar="HOST:PORT", help="answer DNS for *.service.rumor over UDP "
-                   f"(default address {DEFAULT_DNS} when given without one)")
+                   metavar="HOST:PORT", help="answer DNS for *.service.rumor over UDP and "
+                   f"TCP (default address {DEFAULT_DNS} when given without one)")
+    a.add_argument("--dns-service-ttl", type=_ttl, default=0, metavar="SECONDS",
+                   help="TTL of DNS answers for services (NAME.service.rumor; default 0: "
+                   "resolvers ask again every time)")
+    a.add_argument("--dns-node-ttl", type=_ttl, default=0, metavar="SECONDS",
+                   help="TTL of DNS answers for nodes (NODE.node.rumor; default 0)")
     a.add_argument("--outbound", nargs="?", const=DEFAULT_OUTBOUND, type=_address(15001),
                    default=None, metavar="HOST:PORT",
                    help="listen for this host's outgoing HTTP (Host: SERVICE or as "
@@ -439,7 +456,9 @@ def agent_options(args: argparse.Namespace) -> Any:
     opts = AgentOptions(name=args.name, bind=args.bind, api=args.api,
                         gossip=gossip, profile=args.profile,
                         advertise=args.advertise, join=args.join, tags=dict(args.tag),
-                        services=services, dns=_const_address(args.dns), trust=_trust(args),
+                        services=services, dns=_const_address(args.dns),
+                        dns_service_ttl=args.dns_service_ttl, dns_node_ttl=args.dns_node_ttl,
+                        trust=_trust(args),
                         data_dir=args.data_dir,
                         outbound=_const_address(args.outbound),
                         inbound=_inbound(args), identity=args.identity,

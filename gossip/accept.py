@@ -22,7 +22,7 @@ import os
 import resource
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -68,6 +68,8 @@ class FdBudget:
     api: FdPool
     proxy: FdPool
     limit: int
+    #: DNS over TCP (its connections at once).
+    dns: FdPool = field(default_factory=lambda: FdPool("dns", math.inf))
 
     @classmethod
     def unlimited(cls) -> FdBudget:
@@ -97,14 +99,17 @@ class FdBudget:
     @classmethod
     def split(cls, limit: int, in_use: int) -> FdBudget:
         """Pools for a process limited to ``limit`` descriptors, ``in_use`` open now."""
-        spare = max(0, limit - in_use - 16)  # 16: log files, DNS, certificate reloads
+        spare = max(0, limit - in_use - 16)  # 16: log files, DNS's UDP, certificate reloads
         gossip = max(8, min(256, spare // 8))
         api = max(4, min(512, spare // 16))  # blocking queries hold one each
+        dns = max(4, min(128, spare // 32))  # DNS over TCP: truncated answers' retries
         return cls(FdPool("gossip", gossip), FdPool("api", api),
-                   FdPool("proxy", max(0, spare - gossip - api)), limit)
+                   FdPool("proxy", max(0, spare - gossip - api - dns)), limit,
+                   FdPool("dns", dns))
 
     def describe(self) -> str:
-        pools = ", ".join(f"{p.name} {p.size:g}" for p in (self.gossip, self.api, self.proxy))
+        pools = ", ".join(f"{p.name} {p.size:g}"
+                          for p in (self.gossip, self.api, self.proxy, self.dns))
         return f"{self.limit} file descriptors: {pools}"
 
 

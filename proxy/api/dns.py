@@ -7,42 +7,51 @@ else. The agent answers from its own replicated catalog, like Consul's DNS inter
   ``_NAME._tcp.service.rumor.`` and ``_NAME._TAG.service.rumor.``): A (or AAAA)
   records with the instances' addresses, SRV records with their ports, weights and a
   target ``NODE.node.rumor.`` whose address goes in the additional section;
-- ``NODE.node.rumor.``: the agent's address;
+- ``NODE.node.rumor.``: the agent's address; ``HEX.addr.rumor.``: the address spelled
+  in hex (8 digits for IPv4, 32 for IPv6), the SRV target of an instance announced
+  at an address other than its agent's (Consul's form), so every SRV target resolves
+  to the address the instance listens on; an instance announced at a host name gets
+  that name as its target;
 - critical instances are never returned; nearest first (the probe RTT this agent
-  measured), TTL 0 so clients come back for fresh answers;
+  measured); TTLs come from configuration (``--dns-service-ttl`` for the records of a
+  service answer, ``--dns-node-ttl`` for node and address answers), 0 by default so
+  clients come back for fresh answers;
 - NXDOMAIN for names under ``rumor.`` that match nothing, REFUSED for names outside
   (we are not a recursive resolver), FORMERR for packets that do not parse or do not
   carry exactly one question, NOTIMP for opcodes other than QUERY; responses are
-  never answered (no reflection loops). Answers that do not fit the UDP size (512, or
-  the client's EDNS0 size up to 4096) are cut with the TC bit set.
+  never answered (no reflection loops). The caller names the transport: over UDP an
+  answer that does not fit (512 bytes, or the client's EDNS0 size up to 4096) is cut
+  with the TC bit set, so the client asks again over TCP, where it gets the whole
+  answer (up to a DNS message's 65535 bytes).
 
 Wire format is dnslib's (a well-kept, pure-Python codec). ``DnsResponder.answer`` is
-sans-IO (bytes in, bytes out); ``serve_dns`` is the trio UDP loop. Answers are cached
-per question bytes for up to a second and only while the catalog index is unchanged,
-so a busy resolver costs one dictionary lookup per query.
+sans-IO (bytes in, bytes out); ``dns_server.serve_dns`` is the trio shell (UDP and TCP
+on one port). Answers are cached per transport and question bytes for up to a second
+and only while the catalog index is unchanged, so a busy resolver costs one dictionary
+lookup per query.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import logging
-import socket as pysocket
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
-import trio
 from dnslib import AAAA, EDNS0, QTYPE, RCODE, RR, SRV, A, DNSHeader, DNSLabel, DNSRecord
 from dnslib.label import DNSLabelError
 
 from ...gossip.catalog import Instance
 
-log = logging.getLogger("rumor.dns")
-
 DOMAIN = "rumor"
 UDP_LIMIT = 512
 EDNS_LIMIT = 4096
+#: A DNS message over TCP carries a 16-bit length: nothing bigger can be sent.
+TCP_LIMIT = 65535
+#: The longest TTL the options accept (a day): a catalog answer cached longer than
+#: that outlives any deploy, so a larger value is a typo, not a choice.
+MAX_TTL = 86400
 CACHE_SECONDS = 1.0
 CACHE_ENTRIES = 4096
 
@@ -96,14 +105,24 @@ class DnsResponder:
     """Bytes of a query in, bytes of the answer out (None: send nothing)."""
 
     def __init__(self, source: DnsSource, domain: str = DOMAIN,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 service_ttl: int = 0, node_ttl: int = 0) -> None:
+        for what, ttl in (("service", service_ttl), ("node", node_ttl)):
+            if not 0 <= ttl <= MAX_TTL:
+                raise ValueError(f"DNS {what} TTL must be 0 to {MAX_TTL} seconds, got {ttl}")
         self.source = source
         self.domain = domain.strip(".").lower()
         self.clock = clock
+        self.service_ttl = service_ttl
+        self.node_ttl = node_ttl
         self.stats: Counter[str] = Counter()
-        self._cache: dict[bytes, tuple[int, float, bytes]] = {}
+        # One cache per transport: the same question gets a cut answer over UDP.
+        self._caches: tuple[dict[bytes, tuple[int, float, bytes]], ...] = ({}, {})
 
-    def answer(self, data: bytes) -> bytes | None:
+    def answer(self, data: bytes, *, tcp: bool = False) -> bytes | None:
+        """The answer to the query ``data`` sized for its transport: over UDP (the
+        default) at most 512 bytes or the client's EDNS0 size, cut with TC set; over
+        TCP (``tcp=True``) the whole answer, up to 65535 bytes."""
         data = bytes(data)
         if len(data) < 12:
             self.stats["dropped_short"] += 1
@@ -112,20 +131,21 @@ class DnsResponder:
             self.stats["dropped_responses"] += 1
             return None
         key = data[2:]
-        hit = self._cache.get(key)
+        cache = self._caches[tcp]
+        hit = cache.get(key)
         now = self.clock()
         index = self.source.index()
         if hit is not None and hit[0] == index and now - hit[1] < CACHE_SECONDS:
             self.stats["cache_hits"] += 1
             return data[:2] + hit[2]
-        reply = self._answer(data)
+        reply = self._answer(data, tcp)
         if reply is not None:
-            if len(self._cache) >= CACHE_ENTRIES:
-                self._cache.clear()
-            self._cache[key] = (index, now, reply[2:])
+            if len(cache) >= CACHE_ENTRIES:
+                cache.clear()
+            cache[key] = (index, now, reply[2:])
         return reply
 
-    def _answer(self, data: bytes) -> bytes | None:
+    def _answer(self, data: bytes, tcp: bool) -> bytes | None:
         try:
             q = DNSRecord.parse(data)
         except Exception:  # dnslib raises DNSError and, on hostile bytes, others too
@@ -141,7 +161,9 @@ class DnsResponder:
             return _rcode_only(q, RCODE.FORMERR)
         limit = UDP_LIMIT
         edns = [rr for rr in q.ar if rr.rtype == QTYPE.OPT]
-        if edns:
+        if tcp:
+            limit = TCP_LIMIT
+        elif edns:
             limit = max(UDP_LIMIT, min(EDNS_LIMIT, int(edns[0].rclass)))
         question = q.questions[0]
         reply = DNSRecord(DNSHeader(id=q.header.id, qr=1, aa=1, ra=0, rd=q.header.rd),
@@ -161,13 +183,14 @@ class DnsResponder:
             self._rcode(reply, RCODE.REFUSED)
             return
         rest = labels[:-1]
-        if len(rest) == 2 and rest[1] == "node":
-            addr = self.source.node_address(rest[0])
+        if len(rest) == 2 and rest[1] in ("node", "addr"):
+            addr = (self.source.node_address(rest[0]) if rest[1] == "node"
+                    else _unhex_address(rest[0]))
             if addr is None:
                 self._rcode(reply, RCODE.NXDOMAIN)
                 return
             self.stats["answered"] += 1
-            _add_address(reply, qname, addr, qtype)
+            _add_address(reply, qname, addr, qtype, self.node_ttl)
             return
         service, tag = _service_query(rest)
         instances = self.source.lookup(service, tag) if service else []
@@ -175,21 +198,39 @@ class DnsResponder:
             self._rcode(reply, RCODE.NXDOMAIN)
             return
         self.stats["answered"] += 1
-        targets: dict[str, str] = {}
+        ttl = self.service_ttl
+        targets: dict[str, str | None] = {}
         for inst in instances:
             if qtype in (QTYPE.A, QTYPE.AAAA, QTYPE.ANY):
-                _add_address(reply, qname, inst.address, qtype)
+                _add_address(reply, qname, inst.address, qtype, ttl)
             if qtype in (QTYPE.SRV, QTYPE.ANY):
-                target = f"{inst.node}.node.{self.domain}."
-                if not _fits_dns_text(target):
-                    # A member name DNS cannot spell (over 63 characters, say): no SRV.
+                target, addr = self._target(inst)
+                if target is None:
+                    # An address DNS cannot spell as a name (over 63 characters, say).
                     self.stats["srv_unnamed"] += 1
                     continue
-                reply.add_answer(RR(qname, QTYPE.SRV, ttl=0, rdata=SRV(
+                reply.add_answer(RR(qname, QTYPE.SRV, ttl=ttl, rdata=SRV(
                     priority=1, weight=inst.weight, port=inst.port, target=target)))
-                targets[target] = inst.address
+                targets[target] = addr
         for target, addr in targets.items():
-            _add_address(reply, DNSLabel(target), addr, QTYPE.ANY, additional=True)
+            if addr is not None:
+                _add_address(reply, DNSLabel(target), addr, QTYPE.ANY, ttl, additional=True)
+
+    def _target(self, inst: Instance) -> tuple[str | None, str | None]:
+        """An SRV target for ``inst`` and the address to give for it (None: a host
+        name, which we do not resolve). ``NODE.node.rumor.`` when the instance is at
+        its agent's address; otherwise a name for its own address, so that two
+        instances of one agent at different addresses never share a target."""
+        if inst.address == self.source.node_address(inst.node):
+            target = f"{inst.node}.node.{self.domain}."
+            if _fits_dns_text(target):
+                return target, inst.address
+        try:
+            ip = ipaddress.ip_address(inst.address)
+        except ValueError:
+            name = inst.address.rstrip(".") + "."
+            return (name, None) if _fits_dns_text(name) else (None, None)
+        return f"{ip.packed.hex()}.addr.{self.domain}.", inst.address
 
     def _rcode(self, reply: DNSRecord, rcode: int) -> None:
         self.stats[f"rcode_{RCODE.get(rcode)}".lower()] += 1
@@ -221,7 +262,17 @@ def _service_query(labels: list[str]) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _add_address(reply: DNSRecord, qname: DNSLabel, addr: str, qtype: int,
+def _unhex_address(text: str) -> str | None:
+    """The address a ``HEX.addr.`` label spells (8 hex digits: IPv4, 32: IPv6)."""
+    if len(text) not in (8, 32):
+        return None
+    try:
+        return str(ipaddress.ip_address(bytes.fromhex(text)))
+    except ValueError:
+        return None
+
+
+def _add_address(reply: DNSRecord, qname: DNSLabel, addr: str, qtype: int, ttl: int,
                  additional: bool = False) -> None:
     try:
         ip = ipaddress.ip_address(addr)
@@ -229,16 +280,32 @@ def _add_address(reply: DNSRecord, qname: DNSLabel, addr: str, qtype: int,
         return  # a host name, not an address: nothing to put in an A record
     add = reply.add_ar if additional else reply.add_answer
     if ip.version == 4 and qtype in (QTYPE.A, QTYPE.ANY):
-        add(RR(qname, QTYPE.A, ttl=0, rdata=A(str(ip))))
+        add(RR(qname, QTYPE.A, ttl=ttl, rdata=A(str(ip))))
     elif ip.version == 6 and qtype in (QTYPE.AAAA, QTYPE.ANY):
-        add(RR(qname, QTYPE.AAAA, ttl=0, rdata=AAAA(str(ip))))
+        add(RR(qname, QTYPE.AAAA, ttl=ttl, rdata=AAAA(str(ip))))
 
 
 def _pack_within(reply: DNSRecord, limit: int) -> bytes:
+    """``reply`` packed in at most ``limit`` bytes. Additional records are a courtesy
+    (RFC 2181 9): as many as fit are kept, and TC is set only when answers must go."""
     data: bytes = reply.pack()
     if len(data) <= limit:
         return data
-    reply.ar = [rr for rr in reply.ar if rr.rtype == QTYPE.OPT]
+    opt = [rr for rr in reply.ar if rr.rtype == QTYPE.OPT]
+    extra = [rr for rr in reply.ar if rr.rtype != QTYPE.OPT]
+    reply.ar = opt
+    base: bytes = reply.pack()
+    if len(base) <= limit:
+        # Estimate how many fit from their mean size, then step down (names compress).
+        keep = (limit - len(base)) * len(extra) // (len(data) - len(base))
+        while keep > 0:
+            reply.ar = opt + extra[:keep]
+            data = reply.pack()
+            if len(data) <= limit:
+                return data
+            keep -= max(1, keep // 16)
+        reply.ar = opt
+        return base
     reply.header.tc = 1
     while reply.rr:
         data = reply.pack()
@@ -256,34 +323,13 @@ def _rcode_only(q: DNSRecord, rcode: int) -> bytes:
     return data
 
 
+def servfail(data: bytes) -> bytes | None:
+    """A bare SERVFAIL for a query the responder failed on (a bug in rumor, not the
+    client's fault), or None when ``data`` is too short to carry a query id."""
+    return data[:2] + bytes([0x80, RCODE.SERVFAIL]) + bytes(8) if len(data) >= 12 else None
+
+
 def _formerr(data: bytes) -> bytes:
     """A bare FORMERR header echoing the query id and opcode (the body did not parse)."""
     opcode = data[2] & 0x78 if len(data) > 2 else 0
     return data[:2] + bytes([0x80 | opcode, RCODE.FORMERR]) + bytes(8)
-
-
-async def serve_dns(responder: DnsResponder, host: str = "127.0.0.1", port: int = 8600, *,
-                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Answer DNS over UDP on host:port until cancelled; reports the bound port."""
-    family = pysocket.AF_INET6 if ":" in host else pysocket.AF_INET
-    sock = trio.socket.socket(family, pysocket.SOCK_DGRAM)
-    with sock:
-        await sock.bind((host, port))
-        task_status.started(sock.getsockname()[1])
-        while True:
-            data, addr = await sock.recvfrom(EDNS_LIMIT)
-            try:
-                reply = responder.answer(data)
-            except Exception:
-                # A bug in rumor, not the client's fault: log it, answer SERVFAIL, go on.
-                log.exception("DNS query from %s failed", addr[0])
-                responder.stats["servfail"] += 1
-                reply = data[:2] + bytes([0x80, RCODE.SERVFAIL]) + bytes(8) \
-                    if len(data) >= 12 else None
-            if reply is None:
-                continue
-            try:
-                await sock.sendto(reply, addr)
-            except OSError as e:  # a full buffer loses one answer; the client retries
-                responder.stats["send_errors"] += 1
-                log.debug("DNS reply to %s failed: %s", addr[0], e)

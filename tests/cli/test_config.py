@@ -58,6 +58,8 @@ def samples(k: dict[str, str]) -> dict[str, tuple[list[str], Any]]:
                     [{"name": "web", "port": 8080, "tags": ["blue", "canary"],
                       "check": "ttl", "ttl": "30s"}]),
         "dns": (["--dns", "127.0.0.1:18600"], "127.0.0.1:18600"),
+        "dns_service_ttl": (["--dns-service-ttl", "30"], 30),
+        "dns_node_ttl": (["--dns-node-ttl", "300"], 300),
         "outbound": (["--outbound"], True),
         "inbound": (["--inbound", "127.0.0.1:15099"], "127.0.0.1:15099"),
         "identity": (["--identity", "web"], "web"),
@@ -100,9 +102,9 @@ def test_every_option_through_a_file_or_through_flags_gives_the_same_agent(
     by_file = agent_options(parse_agent_args(["agent", "--config", str(path)]))
     assert by_file.settings == by_flags.settings
     for field in ("name", "bind", "advertise", "api", "join", "profile", "tags",
-                  "services", "dns", "outbound", "inbound", "identity", "balancer_decay",
-                  "access_log", "data_dir", "tls", "keyring_file", "api_token_file",
-                  "trace_gossip", "gossip"):
+                  "services", "dns", "dns_service_ttl", "dns_node_ttl", "outbound",
+                  "inbound", "identity", "balancer_decay", "access_log", "data_dir", "tls",
+                  "keyring_file", "api_token_file", "trace_gossip", "gossip"):
         assert getattr(by_file, field) == getattr(by_flags, field), field
     assert by_file.trust is not None and by_flags.trust is not None
     assert by_file.trust.ids() == by_flags.trust.ids()
@@ -169,6 +171,8 @@ def test_dns_true_means_the_flag_given_alone(tmp_path: Path) -> None:
     ('profile = "fast"\n', "a.toml: profile: 'fast' is not one of lan, local, wan"),
     ("trust_threshold = true\n", "a.toml: trust_threshold: expected a string or a number"),
     ("balancer_decay = -1\n", "a.toml: balancer_decay: expected a positive number"),
+    ("dns_service_ttl = -5\n", "a.toml: dns_service_ttl: expected 0 to 86400 seconds"),
+    ("dns_node_ttl = 1.5\n", "a.toml: dns_node_ttl: expected whole seconds, got '1.5'"),
     ("[tag]\nrack = [1]\n", "a.toml: tag.rack: expected a string or a number"),
     ('[tune]\nno_such = 1\n', "no_such"),
     ("[[service]]\nname = \"web\"\n", "a.toml: service[0]: service 'web': field 'port'"),
@@ -184,6 +188,18 @@ def test_a_bad_file_is_refused_naming_the_file_and_the_key(
         agent_options(parse_agent_args(["agent", "--config", str(path)]))
     assert message in str(e.value)
     assert str(path) in str(e.value) or "no_such" in message
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--dns-service-ttl", "-1"], "--dns-service-ttl: expected 0 to 86400 seconds (a day)"),
+    (["--dns-node-ttl", "1e9"], "--dns-node-ttl: expected whole seconds, got '1e9'"),
+])
+def test_a_bad_dns_ttl_flag_is_refused_in_one_line(
+        capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit):
+        parse_agent_args(["agent", *argv])
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
 
 
 def test_missing_paths_and_non_utf8_files_are_refused(tmp_path: Path) -> None:

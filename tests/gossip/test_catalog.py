@@ -8,7 +8,7 @@ import math
 import struct
 
 import pytest
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -371,7 +371,7 @@ class _Source:
         return [i for i in self.data.get(service, []) if tag is None or tag in i.tags]
 
     def node_address(self, node: str) -> str | None:
-        return {"node-b": "10.0.0.2"}.get(node)
+        return {"node-b": "10.0.0.2", "node-c": "10.0.0.3"}.get(node)
 
 
 def _ask(r: DnsResponder, name: str, qtype: str = "A") -> DNSRecord:
@@ -437,6 +437,88 @@ def test_dns_truncates_to_the_udp_size() -> None:
     assert QTYPE.get(rec.rr[0].rtype) == "SRV"
 
 
+def _big(n: int) -> _Source:
+    src = _Source()
+    src.data["big"] = [Instance(f"i{i}", "big", f"node-{i:04d}",
+                                f"10.0.{i // 250}.{i % 250}", 1000 + i, (), "", 1, PASSING,
+                                (), None) for i in range(n)]
+    return src
+
+
+def test_dns_size_limit_follows_the_transport() -> None:
+    r = DnsResponder(_big(100))
+    q = DNSRecord.question("big.service.rumor", "SRV")
+    udp = DNSRecord.parse(r.answer(q.pack()) or b"")
+    assert udp.header.tc == 1 and 0 < len(udp.rr) < 100 and udp.ar == []
+    # The same question bytes over TCP: not the cut answer cached for UDP, all of it,
+    # each target's A record in the additional section.
+    tcp_out = r.answer(q.pack(), tcp=True)
+    assert tcp_out is not None and 4096 < len(tcp_out) <= 65535
+    tcp = DNSRecord.parse(tcp_out)
+    assert tcp.header.tc == 0 and len(tcp.rr) == 100
+    assert {str(x.rname) for x in tcp.ar} == {str(x.rdata.target) for x in tcp.rr}
+    assert DNSRecord.parse(r.answer(q.pack(), tcp=True) or b"").header.tc == 0
+    assert r.stats["cache_hits"] == 1
+    # EDNS0 raises the UDP limit to the client's size, at most 4096.
+    q.add_ar(EDNS0(udp_len=65000))
+    edns_out = r.answer(q.pack())
+    assert edns_out is not None and 512 < len(edns_out) <= 4096
+    edns = DNSRecord.parse(edns_out)
+    # Every answer fits, not every additional record: those that fit, and no TC (the
+    # client has all it asked for).
+    assert edns.header.tc == 0 and len(edns.rr) == 100
+    assert 0 < len([x for x in edns.ar if QTYPE.get(x.rtype) == "A"]) < 100
+
+
+def test_dns_over_tcp_cuts_only_past_a_dns_messages_size() -> None:
+    out = DnsResponder(_big(5000)).answer(
+        DNSRecord.question("big.service.rumor", "A").pack(), tcp=True)
+    assert out is not None and 60000 < len(out) <= 65535
+    rec = DNSRecord.parse(out)
+    assert rec.header.tc == 1 and 3000 < len(rec.rr) < 5000
+
+
+def test_dns_ttls_come_from_configuration() -> None:
+    src = _Source()
+    src.data["web"].append(Instance("web-3", "web", "node-b", "10.0.0.7", 9000, (), "", 1,
+                                    PASSING, (), None))
+    r = DnsResponder(src, service_ttl=30, node_ttl=300)
+    srv = _ask(r, "web.service.rumor", "SRV")
+    assert {x.ttl for x in srv.rr} == {30} and {x.ttl for x in srv.ar} == {30}
+    assert {x.ttl for x in _ask(r, "web.service.rumor").rr} == {30}
+    assert [x.ttl for x in _ask(r, "node-b.node.rumor").rr] == [300]
+    assert [x.ttl for x in _ask(r, "0a000007.addr.rumor").rr] == [300]
+    assert {x.ttl for x in _ask(DnsResponder(src), "web.service.rumor", "SRV").rr} == {0}
+    for bad in ({"service_ttl": -1}, {"node_ttl": 86401}):
+        with pytest.raises(ValueError, match="TTL must be 0 to 86400 seconds"):
+            DnsResponder(src, **bad)  # type: ignore[arg-type]
+
+
+def test_dns_srv_targets_resolve_to_where_each_instance_listens() -> None:
+    src = _Source()
+    src.data["api"] = [
+        Instance("a1", "api", "node-b", "10.0.0.2", 80, (), "", 1, PASSING, (), None),
+        # Same agent, its own addresses: its own targets, never node-b's address.
+        Instance("a2", "api", "node-b", "10.0.0.8", 81, (), "", 1, PASSING, (), None),
+        Instance("a3", "api", "node-b", "fd00::5", 82, (), "", 1, PASSING, (), None),
+        Instance("a4", "api", "node-b", "db.example", 83, (), "", 1, PASSING, (), None)]
+    r = DnsResponder(src)
+    srv = _ask(r, "api.service.rumor", "SRV")
+    targets = [(x.rdata.port, str(x.rdata.target)) for x in srv.rr]
+    assert targets == [(80, "node-b.node.rumor."), (81, "0a000008.addr.rumor."),
+                       (82, "fd000000000000000000000000000005.addr.rumor."),
+                       (83, "db.example.")]
+    assert [(str(x.rname), QTYPE.get(x.rtype), str(x.rdata)) for x in srv.ar] == [
+        ("node-b.node.rumor.", "A", "10.0.0.2"), ("0a000008.addr.rumor.", "A", "10.0.0.8"),
+        ("fd000000000000000000000000000005.addr.rumor.", "AAAA", "fd00::5")]
+    # Every target in the rumor domain resolves on its own to the same address.
+    for rr in srv.ar:
+        qtype = QTYPE.get(rr.rtype)
+        assert [str(x.rdata) for x in _ask(r, str(rr.rname), qtype).rr] == [str(rr.rdata)]
+    assert _ask(r, "0a00000.addr.rumor").header.rcode == RCODE.NXDOMAIN
+    assert _ask(r, "zz000008.addr.rumor").header.rcode == RCODE.NXDOMAIN
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=200))
 def test_dns_never_raises_on_random_bytes(data: bytes) -> None:
@@ -487,7 +569,7 @@ def _raw_query(labels: list[bytes], qtype: int = 1) -> bytes:
     return out + b"\x00" + struct.pack(">HH", qtype, 1)
 
 
-def test_dns_over_long_names_get_formerr_and_odd_node_names_no_srv() -> None:
+def test_dns_over_long_names_get_formerr_and_odd_node_names_an_address_target() -> None:
     r = DnsResponder(_Source())
     for labels in ([b"a" * 63] * 5 + [b"service", b"rumor"],  # 330 bytes: over DNS's 255
                    [b"b" * 63] * 4 + [b"rumor"]):
@@ -496,12 +578,16 @@ def test_dns_over_long_names_get_formerr_and_odd_node_names_no_srv() -> None:
     for labels in ([b"x\x00y", b"service", b"rumor"], [b"\xff\xfe", b"service", b"rumor"]):
         out = r.answer(_raw_query(labels, 33))
         assert out is not None and out[3] & 0x0F in (RCODE.NXDOMAIN, RCODE.FORMERR)
-    src = _Source()  # a member name DNS cannot spell: the A record, no SRV, no error
+    src = _Source()  # a member name DNS cannot spell: its address names the SRV target
     src.data["odd"] = [Instance("o1", "odd", "n" * 100, "10.0.0.9", 80, (), "", 1, PASSING,
-                                (), None)]
-    rec = DNSRecord.parse(DnsResponder(src).answer(
-        DNSRecord.question("odd.service.rumor", "ANY").pack()) or b"")
-    assert rec.header.rcode == 0 and [QTYPE.get(x.rtype) for x in rec.rr] == ["A"]
+                                (), None),
+                       Instance("o2", "odd", "m" * 100, "h" * 70 + ".example", 80, (), "",
+                                1, PASSING, (), None)]
+    odd = DnsResponder(src)  # ... and a host name DNS cannot spell gets no SRV, no error
+    rec = _ask(odd, "odd.service.rumor", "ANY")
+    assert rec.header.rcode == 0 and [QTYPE.get(x.rtype) for x in rec.rr] == ["A", "SRV"]
+    assert str(rec.rr[1].rdata.target) == "0a000009.addr.rumor."
+    assert odd.stats["srv_unnamed"] == 1 and [str(x.rdata) for x in rec.ar] == ["10.0.0.9"]
 
 
 @settings(max_examples=300, deadline=None)
