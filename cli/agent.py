@@ -229,11 +229,12 @@ def _open_data_dir(opts: AgentOptions) -> tuple[SnapshotFile | None, Snapshot | 
 
 
 async def _join_at_start(node: Node, opts: AgentOptions, prior: Snapshot | None,
-                         rng: random.Random) -> None:
+                         rng: random.Random) -> int | None:
     """Join the --join seeds; when none answers or none is given, rejoin through the
-    snapshot's members. No --join seed and no remembered member answering is fatal
-    (as it always was); without --join the agent runs alone (--retry-join may yet
-    find its seeds)."""
+    snapshot's members. How many answered (None: no join was tried or none answered
+    without --join). No --join seed and no remembered member answering is fatal (as
+    it always was); without --join the agent runs alone (--retry-join may yet find
+    its seeds)."""
     failure: JoinError | None = None
     if opts.join:
         try:
@@ -243,7 +244,7 @@ async def _join_at_start(node: Node, opts: AgentOptions, prior: Snapshot | None,
         else:
             log.info("joined through %d of %d seed(s)", n, len(opts.join),
                      extra={"event": "joined", "seeds": opts.join, "contacted": n})
-            return
+            return n
     if prior is not None and prior.members:
         batches = rejoin_batches(prior, node.name, node.address, rng,
                                  rejoin_after_leave=opts.rejoin_after_leave)
@@ -260,11 +261,12 @@ async def _join_at_start(node: Node, opts: AgentOptions, prior: Snapshot | None,
             if n:
                 log.info("rejoined through %d remembered member(s)", n,
                          extra={"event": "joined", "rejoined": True, "contacted": n})
-                return
+                return n
             log.warning("no remembered member answered (%d tried)", remembered,
                         extra={"event": "rejoin_failed", "remembered": remembered})
     if failure is not None:
         raise StartupError(str(failure))
+    return None
 
 
 def exposure_warnings(opts: AgentOptions) -> list[str]:
