@@ -2,6 +2,10 @@
 
 Exits 0 after a graceful leave (SIGINT, SIGTERM or ``rumor leave``), 1 when it could
 not start (port taken, no seed answered) with one clear line on stderr.
+
+With ``--data-dir`` it remembers its members (``gossip/rejoin.py``) and, when no
+``--join`` seed answers or none is given, rejoins through them; ``--retry-join`` seeds
+are tried in the background until one answers.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import random
 import signal
 import stat
 import time
@@ -27,7 +32,9 @@ from ..gossip.config import GossipConfig
 from ..gossip.discovery import Discovery
 from ..gossip.keyring import Keyring, KeyringSeal
 from ..gossip.node import BindError, JoinError, Node, NodeConfig
+from ..gossip.rejoin import SnapshotFile, SnapshotKeeper, rejoin, retry_join
 from ..gossip.service_spec import Registration
+from ..gossip.snapshot import Snapshot, SnapshotError, rejoin_batches
 from ..gossip.trace import TraceFile
 from ..gossip.version import release
 from ..gossip.wire import PROTOCOL_VERSION, Address
@@ -69,6 +76,11 @@ class AgentOptions:
     profile: str
     advertise: Address | None = None
     join: list[str] = field(default_factory=list)
+    #: Seeds tried in the background until one answers (--retry-join), the longest
+    #: wait between rounds, and whether a snapshot is rejoined through after a leave.
+    retry_join: list[Address] = field(default_factory=list)
+    retry_interval: float = 30.0
+    rejoin_after_leave: bool = False
     tags: dict[str, str] = field(default_factory=dict)
     services: list[Registration] = field(default_factory=list)
     #: Where to answer DNS (UDP and TCP); None: no DNS server.
@@ -78,6 +90,7 @@ class AgentOptions:
     dns_node_ttl: int = 0
     #: Trusted policy publishers; None: accept no policy documents.
     trust: TrustSet | None = None
+    #: What survives a restart: the member snapshot and the policy documents.
     data_dir: str | None = None
     #: The sidecar's listeners (None: not started) and who its outbound calls as.
     outbound: Address | None = None
@@ -119,8 +132,8 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
         log.warning("%s", warning, extra={"event": "exposed"})
     fds = FdBudget.from_process()
     log.debug("descriptor budget: %s", fds.describe(), extra={"event": "fds"})
-    if opts.trust is None and opts.data_dir is not None:
-        raise StartupError("--data-dir holds policy documents: give --trust-key too")
+    snapshots, prior = _open_data_dir(opts)
+    rng = random.Random(int.from_bytes(os.urandom(8), "big"))
     cfg = NodeConfig(name=opts.name, bind=opts.bind, advertise=opts.advertise,
                      gossip=opts.gossip, profile=opts.profile, tags=opts.tags, seal=seal,
                      fds=fds.gossip,
@@ -181,15 +194,14 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
                             "gossip": format_address(node.address),
                             "api": format_address(opts.api),
                             "version": release(), "protocol": PROTOCOL_VERSION})
-            contacted = None
-            if opts.join:
-                try:
-                    contacted = await node.join(opts.join)
-                except JoinError as e:
-                    raise StartupError(str(e)) from None
-                log.info("joined through %d of %d seed(s)", contacted, len(opts.join),
-                         extra={"event": "joined", "seeds": opts.join,
-                                "contacted": contacted})
+            keeper = None
+            if snapshots is not None:
+                keeper = SnapshotKeeper(node, snapshots, written=prior)
+                nursery.start_soon(keeper.run)  # before the join: it records its members
+            contacted = await _join_at_start(node, opts, prior, rng)
+            if opts.retry_join:
+                nursery.start_soon(retry_join, node, opts.retry_join, opts.retry_interval,
+                                   rng)
             nursery.start_soon(_wait_for_signal, stop)
             notify.ready(ready_status(opts, node, contacted))
             await stop.wait()
@@ -197,6 +209,8 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
                 log.info("leaving the cluster", extra={"event": "leaving"})
                 notify.stopping()
                 await node.leave()
+            if keeper is not None:
+                await keeper.close(left=True)  # the next start does not rejoin by itself
             nursery.cancel_scope.cancel()
     except BindError as e:
         raise StartupError(str(e)) from None
@@ -210,9 +224,75 @@ def ready_status(opts: AgentOptions, node: Node, contacted: int | None) -> str:
     """The STATUS line sent with READY=1 (``systemctl status`` shows it)."""
     alive = sum(1 for m in node.core.members.values() if m.live)
     how = ("listening, no seeds to join" if contacted is None else
-           f"joined through {contacted} of {len(opts.join)} seed(s)")
+           f"joined through {contacted} member(s)")
     return (f"{how}; {alive} member(s) alive; gossip on {format_address(node.address)}, "
             f"API on {format_address(opts.api)}")
+
+
+def _open_data_dir(opts: AgentOptions) -> tuple[SnapshotFile | None, Snapshot | None]:
+    """The data directory's member snapshot file and what it holds. A snapshot that
+    cannot be read is one warning: the agent starts as if it had none."""
+    if opts.data_dir is None:
+        return None, None
+    root = Path(opts.data_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise StartupError(f"cannot use --data-dir {opts.data_dir}: "
+                           f"{e.strerror or e}") from None
+    snapshots = SnapshotFile(root)
+    try:
+        prior = snapshots.load()
+    except SnapshotError as e:
+        log.warning("ignoring the member snapshot: %s", e,
+                    extra={"event": "snapshot_ignored", "path": str(snapshots.path)})
+        return snapshots, None
+    if prior is not None and prior.node != opts.name:
+        log.warning("the member snapshot %s was written by agent %s, this is %s: "
+                    "rejoining through its members all the same", snapshots.path,
+                    prior.node, opts.name, extra={"event": "snapshot_other_node"})
+    return snapshots, prior
+
+
+async def _join_at_start(node: Node, opts: AgentOptions, prior: Snapshot | None,
+                         rng: random.Random) -> int | None:
+    """Join the --join seeds; when none answers or none is given, rejoin through the
+    snapshot's members. How many answered (None: no join was tried or none answered
+    without --join). No --join seed and no remembered member answering is fatal (as
+    it always was); without --join the agent runs alone (--retry-join may yet find
+    its seeds)."""
+    failure: JoinError | None = None
+    if opts.join:
+        try:
+            n = await node.join(opts.join)
+        except JoinError as e:
+            failure = e
+        else:
+            log.info("joined through %d of %d seed(s)", n, len(opts.join),
+                     extra={"event": "joined", "seeds": opts.join, "contacted": n})
+            return n
+    if prior is not None and prior.members:
+        batches = rejoin_batches(prior, node.name, node.address, rng,
+                                 rejoin_after_leave=opts.rejoin_after_leave)
+        remembered = sum(len(b) for b in batches)
+        if prior.left and not opts.rejoin_after_leave:
+            log.info("this agent left its cluster gracefully last time: not rejoining "
+                     "through the %d remembered member(s) (--rejoin-after-leave would)",
+                     len(prior.members), extra={"event": "rejoin_skipped"})
+        elif remembered:
+            log.info("rejoining through %d remembered member(s)%s", remembered,
+                     " (no --join seed answered)" if failure else "",
+                     extra={"event": "rejoining", "remembered": remembered})
+            n = await rejoin(node, batches)
+            if n:
+                log.info("rejoined through %d remembered member(s)", n,
+                         extra={"event": "joined", "rejoined": True, "contacted": n})
+                return n
+            log.warning("no remembered member answered (%d tried)", remembered,
+                        extra={"event": "rejoin_failed", "remembered": remembered})
+    if failure is not None:
+        raise StartupError(str(failure))
+    return None
 
 
 def exposure_warnings(opts: AgentOptions) -> list[str]:

@@ -119,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"local HTTP API address (default {DEFAULT_API})")
     a.add_argument("--join", action="append", default=[], metavar="HOST:PORT",
                    help="seed to join through (repeatable; host names allowed)")
+    a.add_argument("--retry-join", action="append", type=_address(7946), default=[],
+                   metavar="HOST:PORT", help="seed to keep trying in the background, "
+                   "forever, until one answers (repeatable; for agents that start before "
+                   "their seeds; the agent serves meanwhile)")
+    a.add_argument("--retry-interval", type=_positive_float, default=30.0,
+                   metavar="SECONDS", help="longest wait between --retry-join rounds "
+                   "(default 30; the first waits are 1, 2, 4, ... s, less a random 20%%)")
+    a.add_argument("--rejoin-after-leave", action="store_true",
+                   help="rejoin through the --data-dir member snapshot at start even "
+                   "after a graceful leave (by default only after a crash or kill)")
     a.add_argument("--profile", choices=sorted(PROFILES), default="lan",
                    help="timing profile: lan (default, memberlist LAN), wan, local (loopback)")
     a.add_argument("--tag", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
@@ -163,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--trust-threshold", type=int, default=1, metavar="K",
                    help="distinct trusted signatures a policy needs (default 1)")
     a.add_argument("--data-dir", metavar="DIR",
-                   help="where accepted policy documents are kept across restarts")
+                   help="what the agent keeps across restarts: the members it knew "
+                   "(DIR/members.json, rejoined through when no --join seed answers) "
+                   "and accepted policy documents (DIR/policies/)")
     a.add_argument("--tls-ca", metavar="FILE", help="cluster CA certificate (`rumor ca "
                    "init`): with --tls-cert/--tls-key, mutual TLS 1.3 between sidecars")
     a.add_argument("--tls-cert", metavar="FILE",
@@ -449,13 +461,19 @@ def agent_options(args: argparse.Namespace) -> Any:
     if dup is not None:
         raise UsageError(f"service id {dup!r} is registered twice (give id=... to tell "
                          "instances of one service apart)")
+    if args.rejoin_after_leave and args.data_dir is None:
+        raise UsageError("--rejoin-after-leave needs --data-dir (where the member "
+                         "snapshot is kept)")
     try:
         gossip = profile(args.profile).tuned(args.tune)
     except ValueError as e:
         raise UsageError(str(e)) from None
     opts = AgentOptions(name=args.name, bind=args.bind, api=args.api,
                         gossip=gossip, profile=args.profile,
-                        advertise=args.advertise, join=args.join, tags=dict(args.tag),
+                        advertise=args.advertise, join=args.join,
+                        retry_join=list(args.retry_join),
+                        retry_interval=args.retry_interval,
+                        rejoin_after_leave=args.rejoin_after_leave, tags=dict(args.tag),
                         services=services, dns=_const_address(args.dns),
                         dns_service_ttl=args.dns_service_ttl, dns_node_ttl=args.dns_node_ttl,
                         trust=_trust(args),

@@ -44,6 +44,8 @@ from .wire import (
 @dataclass(slots=True)
 class _Join:
     seeds: list[Address]
+    #: Rounds to try before giving up.
+    attempts: int
     attempt: int = 0
     pending: set[int] = field(default_factory=set)
     contacted: int = 0
@@ -192,7 +194,7 @@ class AntiEntropy(CoreBase):
             j.errors.append(f"{peer}: {why}")
         if j.pending:
             return
-        if j.contacted or j.attempt >= self.config.join_attempts:
+        if j.contacted or j.attempt >= j.attempts:
             self._join = None
             errors = tuple(f"{e} after {j.attempt} attempt(s)" for e in j.errors)
             self._effects.append(JoinFinished(j.contacted, errors))

@@ -338,15 +338,17 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
 
     # ---- commands -------------------------------------------------------------------
 
-    def join(self, now: float, seeds: list[Address]) -> None:
+    def join(self, now: float, seeds: list[Address], attempts: int | None = None) -> None:
         """Join through ``seeds`` (push-pull with each); ends in ``JoinFinished``.
 
-        Rounds that reach nobody are retried ``join_attempts`` times with doubling
-        back-off, so agents started together need not start in order."""
+        Rounds that reach nobody are retried, ``attempts`` rounds in all (default
+        ``join_attempts``) with doubling back-off, so agents started together need not
+        start in order. A caller with its own schedule (``--retry-join``, the rejoin
+        through a snapshot) asks for one round."""
         if not seeds:
             self._effects.append(JoinFinished(0, ("no seed addresses given",)))
             return
-        self._join = _Join(list(seeds))
+        self._join = _Join(list(seeds), max(1, attempts or self.config.join_attempts))
         self._join_round(now)
 
     def leave(self, now: float) -> None:

@@ -287,13 +287,14 @@ class Node:
         self._subscribers.append(send)
         return recv
 
-    async def join(self, seeds: list[str] | list[Address]) -> int:
-        """Join through ``seeds``; returns how many answered, raises JoinError if none."""
+    async def join(self, seeds: Sequence[str | Address], attempts: int | None = None) -> int:
+        """Join through ``seeds``; returns how many answered, raises JoinError if none.
+        ``attempts``: rounds to try (default the profile's ``join_attempts``)."""
         addrs = [parse_address(s) if isinstance(s, str) else s for s in seeds]
         async with self._join_lock:
             self._join_done = trio.Event()
             self._join_result = None
-            self.core.join(trio.current_time(), addrs)
+            self.core.join(trio.current_time(), addrs, attempts)
             await self._flush()
             await self._join_done.wait()
             res = self._join_result

@@ -30,10 +30,11 @@ DATA_PATH = [f"proxy/{m}.py" for m in (
 #: The sans-IO cores: state machines driven by a shell.
 CORES = [
     *(f"gossip/{m}.py" for m in (
-        "address", "anti_entropy", "assembly", "awareness", "catalog", "checks", "config",
+        "address", "anti_entropy", "assembly", "awareness", "backoff", "catalog", "checks",
+        "config",
         "core_base", "delegate", "dissemination", "durations", "executor", "probing", "rules",
         "effects", "fields", "keyring", "keyring_commands", "members", "membership",
-        "queue", "security", "service_spec", "suspicion", "wire")),
+        "queue", "security", "service_spec", "snapshot", "suspicion", "wire")),
     *(f"policy/{m}.py" for m in (
         "documents", "envelope", "evaluate", "examples", "parser", "replication", "store",
         "trust")),

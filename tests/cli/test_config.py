@@ -52,6 +52,10 @@ def samples(k: dict[str, str]) -> dict[str, tuple[list[str], Any]]:
         "api": (["--api", "127.0.0.1:17947"], "127.0.0.1:17947"),
         "join": (["--join", "127.0.0.1:1", "--join", "127.0.0.1:2"],
                  ["127.0.0.1:1", "127.0.0.1:2"]),
+        "retry_join": (["--retry-join", "127.0.0.1:3", "--retry-join", "seed.example"],
+                       ["127.0.0.1:3", "seed.example:7946"]),
+        "retry_interval": (["--retry-interval", "5"], 5),
+        "rejoin_after_leave": (["--rejoin-after-leave"], True),
         "profile": (["--profile", "wan"], "wan"),
         "tag": (["--tag", "rack=r1", "--tag", "zone=z"], {"rack": "r1", "zone": "z"}),
         "service": (["--service", "name=web,port=8080,tags=blue|canary,check=ttl,ttl=30s"],
@@ -101,10 +105,11 @@ def test_every_option_through_a_file_or_through_flags_gives_the_same_agent(
     path = _write(tmp_path / "all.toml", {k: v for k, (_, v) in s.items()})
     by_file = agent_options(parse_agent_args(["agent", "--config", str(path)]))
     assert by_file.settings == by_flags.settings
-    for field in ("name", "bind", "advertise", "api", "join", "profile", "tags",
-                  "services", "dns", "dns_service_ttl", "dns_node_ttl", "outbound",
-                  "inbound", "identity", "balancer_decay", "access_log", "data_dir", "tls",
-                  "keyring_file", "api_token_file", "trace_gossip", "gossip"):
+    for field in ("name", "bind", "advertise", "api", "join", "retry_join", "retry_interval",
+                  "rejoin_after_leave", "profile", "tags", "services", "dns",
+                  "dns_service_ttl", "dns_node_ttl", "outbound", "inbound", "identity",
+                  "balancer_decay", "access_log", "data_dir", "tls", "keyring_file",
+                  "api_token_file", "trace_gossip", "gossip"):
         assert getattr(by_file, field) == getattr(by_flags, field), field
     assert by_file.trust is not None and by_flags.trust is not None
     assert by_file.trust.ids() == by_flags.trust.ids()

@@ -1,0 +1,190 @@
+"""The trio shell of restart memory: the member snapshot on disk, rejoining through
+it at start, and ``--retry-join``.
+
+The decisions are pure and live elsewhere: what a snapshot holds and whom to rejoin
+through (``snapshot.py``), how long to wait between retries (``backoff.py``). This
+module only reads and writes the file, watches the node's membership events to know
+when a write is due, and drives ``Node.join``::
+
+    snapshots = SnapshotFile(Path("/var/lib/rumor"))
+    prior = snapshots.load()                  # None, or raises SnapshotError
+    keeper = SnapshotKeeper(node, snapshots)
+    nursery.start_soon(keeper.run)            # rewrites the file as members change
+    await rejoin(node, rejoin_batches(prior, node.name, node.address, rng))
+    nursery.start_soon(retry_join, node, seeds, 30.0, rng)
+    ...
+    await node.leave(); await keeper.close(left=True)
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from .address import format_address
+from .backoff import retry_delay
+from .files import write_atomic
+from .node import JoinError, Node
+from .snapshot import (
+    MAX_SNAPSHOT_BYTES,
+    SNAPSHOT_INTERVAL,
+    Remembered,
+    Snapshot,
+    SnapshotError,
+    WriteSchedule,
+    decode_snapshot,
+    encode_snapshot,
+)
+from .wire import Address
+
+log = logging.getLogger("rumor.gossip")
+
+#: The snapshot's name in the data directory (beside ``policies/``).
+SNAPSHOT_FILE = "members.json"
+
+
+class SnapshotFile:
+    """``DATA_DIR/members.json``: read once at start, rewritten atomically."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / SNAPSHOT_FILE
+
+    def load(self) -> Snapshot | None:
+        """The snapshot, or None when there is none yet; ``SnapshotError`` (naming the
+        file) when it cannot be read or is not a snapshot."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(MAX_SNAPSHOT_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise SnapshotError(f"{self.path}: {e.strerror or e}") from None
+        try:
+            return decode_snapshot(data)
+        except SnapshotError as e:
+            raise SnapshotError(f"{self.path}: {e}") from None
+
+    def save(self, snap: Snapshot) -> None:
+        write_atomic(self.path, encode_snapshot(snap))
+
+
+class SnapshotKeeper:
+    """Keeps the snapshot in step with the node's live members (owned by the agent's
+    nursery): a membership event marks it stale, ``WriteSchedule`` says when to write,
+    and a write that would not change the members is skipped."""
+
+    def __init__(self, node: Node, file: SnapshotFile, *,
+                 interval: float = SNAPSHOT_INTERVAL,
+                 written: Snapshot | None = None) -> None:
+        """``written``: what the file holds now (skips rewriting the same members)."""
+        self.node = node
+        self.file = file
+        self.schedule = WriteSchedule(interval)
+        self._written = (written.members, written.left) if written is not None else None
+        self._lock = trio.Lock()
+        self._closed = False
+        self._failing = False
+        self.writes = 0
+
+    def members(self) -> tuple[Remembered, ...]:
+        """The live members other than this node, by name."""
+        me = self.node.name
+        return tuple(Remembered(m.name, m.addr) for m in sorted(
+            self.node.core.members.values(), key=lambda m: m.name)
+            if m.live and m.name != me)
+
+    async def run(self) -> None:
+        events = self.node.subscribe()
+        while True:
+            with trio.move_on_at(self.schedule.due_at()) as scope:
+                async for _ in events:
+                    self.schedule.changed()
+                    scope.deadline = self.schedule.due_at()
+                return  # the node has stopped
+            await self._write(left=False)
+
+    async def close(self, *, left: bool) -> None:
+        """The last write (at a graceful leave, ``left=True``); no write follows."""
+        await self._write(left=left)
+        self._closed = True
+
+    async def _write(self, *, left: bool) -> None:
+        async with self._lock:
+            if self._closed:
+                return
+            self.schedule.wrote(trio.current_time())
+            members = self.members()
+            if self._written == (members, left):
+                return
+            snap = Snapshot(self.node.name, members, left, saved_at=time.time())
+            try:
+                # fsync may take tens of milliseconds: not on the gossip loop's time.
+                await trio.to_thread.run_sync(self.file.save, snap)
+            except OSError as e:
+                if not self._failing:  # once until a write succeeds again
+                    log.warning("cannot write the member snapshot %s: %s (the agent "
+                                "runs on; it will not remember these members)",
+                                self.file.path, e.strerror or e,
+                                extra={"event": "snapshot_error"})
+                self._failing = True
+                self.schedule.changed()  # try again at the next slot
+                return
+            if self._failing:
+                log.info("the member snapshot %s is written again", self.file.path,
+                         extra={"event": "snapshot_ok"})
+            self._failing = False
+            self._written = (members, left)
+            self.writes += 1
+            log.debug("member snapshot: %d member(s)%s", len(members),
+                      ", left" if left else "",
+                      extra={"event": "snapshot", "members": len(members), "left": left})
+
+
+async def rejoin(node: Node, batches: Sequence[Sequence[Address]]) -> int:
+    """Join through the remembered members, one batch at a time (one round each),
+    until one answers; how many of that batch answered (0: none did)."""
+    for batch in batches:
+        try:
+            return await node.join(list(batch), attempts=1)
+        except JoinError as e:
+            log.debug("rejoin through %s: %s", ", ".join(map(format_address, batch)), e)
+    return 0
+
+
+async def retry_join(node: Node, seeds: Sequence[str | Address], interval: float,
+                     rng: random.Random) -> int:
+    """Try ``seeds`` until one answers, forever, waiting ``retry_delay`` between
+    rounds; how many answered. Each failed round is logged with the next try's time."""
+    addrs = list(seeds)
+    shown = ", ".join(a if isinstance(a, str) else format_address(a) for a in addrs)
+    failures = 0
+    while True:
+        try:
+            n = await node.join(addrs, attempts=1)
+        except JoinError as e:
+            failures += 1
+            delay = retry_delay(failures, interval, rng)
+            at = time.strftime("%H:%M:%SZ", time.gmtime(time.time() + delay))
+            log.info("retry-join round %d: %s; next try in %.1f s, at %s", failures,
+                     _short(str(e)), delay, at,
+                     extra={"event": "retry_join", "seeds": shown, "failures": failures,
+                            "next_in_s": round(delay, 3)})
+            await trio.sleep(delay)
+            continue
+        log.info("retry-join: joined through %d of %d seed(s) after %d failed round(s)",
+                 n, len(addrs), failures,
+                 extra={"event": "joined", "seeds": shown, "contacted": n,
+                        "failures": failures})
+        return n
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+__all__ = ["SNAPSHOT_FILE", "SnapshotFile", "SnapshotKeeper", "rejoin", "retry_join"]
