@@ -88,6 +88,11 @@ class GossipConfig:
     join_backoff: float = 1.0
     #: Graceful leave waits at most this long for the leave to be gossiped.
     leave_propagate: float = 1.0
+    #: A leaving member also tells this many live members directly (all of them in a
+    #: small cluster): when several leave at once (a host shutting down its agents,
+    #: a rolling restart) the others are not there to relay, and a member the
+    #: epidemic missed would suspect and then fail the leaver instead of seeing it go.
+    leave_fanout: int = 32
     max_datagram: int = SAFE_DATAGRAM
     #: Metadata (tags) travels in every alive message, so it is capped.
     max_meta_bytes: int = 512

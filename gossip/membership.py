@@ -364,9 +364,13 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
         if not peers:
             self._finish_leave()
             return
-        # Push the news out now rather than at the next gossip tick, then give the
-        # retransmissions a moment before the caller shuts the sockets.
+        # Push the news out now rather than at the next gossip tick, tell some peers
+        # directly, then give the retransmissions a moment before the sockets close.
         self._gossip(now)
+        fanout = self.config.leave_fanout
+        told = peers if len(peers) <= fanout else self.rng.sample(peers, fanout)
+        for m in told:
+            self._send(now, m.addr, m.name, [msg])
         self._leave_deadline = now + self.config.leave_propagate
 
     def set_meta(self, now: float, meta: Meta) -> None:

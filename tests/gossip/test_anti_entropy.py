@@ -298,3 +298,22 @@ def test_the_membership_summary_ignores_suspicion_and_refutation() -> None:
     n0._on_suspect(net.now, Suspect(n0.members["n2"].incarnation, "n2", "n3"))
     assert n0.members["n2"].status == Status.SUSPECT
     assert n0._member_sum == start
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_members_leaving_together_are_all_seen_leaving(seed: int) -> None:
+    """Four of five agents leave at the same moment (a host shutting down): nobody is
+    left to relay, so each leaver tells the others directly; the one that stays must
+    list every one of them as left, never suspect or failed."""
+    cfg = CFG.with_overrides(retransmit_mult=3)  # the local profile's count
+    net = FakeNet(cfg, seed=seed)
+    net.cluster(5)
+    leavers = ["n1", "n2", "n3", "n4"]
+    for name in leavers:
+        net.nodes[name].leave(net.now)
+        net.flush(name)
+    net.run_until(lambda: all(n in net.left for n in leavers), limit=5)
+    for name in leavers:
+        net.crash(name)  # the processes exit once their leave is sent
+    net.run(30)
+    assert {n: net.status("n0", n) for n in leavers} == dict.fromkeys(leavers, "left")
