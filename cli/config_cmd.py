@@ -39,11 +39,8 @@ def add_config_parser(sub: Any, api_arg: Callable[[argparse.ArgumentParser], Non
 def run_config(args: argparse.Namespace) -> int:
     if args.config_command == "validate":
         return _validate(args.paths)
-    from .client import ApiError, get_json
-    try:
-        doc = get_json(format_address(args.api), "/v1/agent/config")
-    except ApiError as e:
-        print(f"rumor: {e}", file=sys.stderr)
+    doc = _call(args, "GET", "/v1/agent/config")
+    if doc is None:
         return 1
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -57,17 +54,22 @@ def run_config(args: argparse.Namespace) -> int:
 
 
 def run_reload(args: argparse.Namespace) -> int:
-    from .client import ApiError, put_json
+    doc = _call(args, "PUT", "/v1/agent/reload")
+    if doc is None:
+        return 1
+    print(json.dumps(doc, indent=2) if args.json else describe_reload(doc))
+    return 0
+
+
+def _call(args: argparse.Namespace, method: str, path: str) -> Any:
+    """The agent's JSON answer, or None once the error is printed."""
+    from .client import ApiError, get_json, put_json
+    api = format_address(args.api)
     try:
-        doc = put_json(format_address(args.api), "/v1/agent/reload", {})
+        return get_json(api, path) if method == "GET" else put_json(api, path, {})
     except ApiError as e:
         print(f"rumor: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(doc, indent=2))
-        return 0
-    print(describe_reload(doc))
-    return 0
+        return None
 
 
 def describe_reload(doc: dict[str, Any]) -> str:

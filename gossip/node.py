@@ -79,6 +79,24 @@ class BindError(OSError):
         return str(self.strerror)
 
 
+async def bind_udp_and_tcp(host: str, port: int) -> tuple[trio.socket.SocketType,
+                                                           list[trio.SocketListener]]:
+    """A UDP socket and TCP listeners on one port (gossip, and the DNS server); with
+    port 0, one free for both."""
+    family = pysocket.AF_INET6 if ":" in host else pysocket.AF_INET
+    for _attempt in range(20):
+        udp = trio.socket.socket(family, pysocket.SOCK_DGRAM)
+        try:
+            await udp.bind((host, port))
+            listeners = await trio.open_tcp_listeners(udp.getsockname()[1], host=host)
+            return udp, listeners
+        except OSError as e:
+            udp.close()
+            if port != 0 or e.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, "no free port for both UDP and TCP")
+
+
 @dataclass
 class NodeConfig:
     name: str
@@ -239,21 +257,7 @@ class Node:
                 self._udp.close()
 
     async def _bind(self) -> tuple[trio.socket.SocketType, list[trio.SocketListener]]:
-        """UDP and TCP on the same port; with port 0, find one free for both."""
-        host, port = self.config.bind
-        for _attempt in range(20):
-            udp = trio.socket.socket(pysocket.AF_INET6 if ":" in host else pysocket.AF_INET,
-                                     pysocket.SOCK_DGRAM)
-            try:
-                await udp.bind((host, port))
-                actual = udp.getsockname()[1]
-                listeners = await trio.open_tcp_listeners(actual, host=host)
-                return udp, listeners
-            except OSError as e:
-                udp.close()
-                if port != 0 or e.errno != errno.EADDRINUSE:
-                    raise
-        raise OSError(errno.EADDRINUSE, "no free port for both UDP and TCP")
+        return await bind_udp_and_tcp(*self.config.bind)
 
     # ---- public API ----------------------------------------------------------------------
 

@@ -20,9 +20,7 @@ order. TCP lets a client hold state on the agent, so every hold is bounded:
 
 from __future__ import annotations
 
-import errno
 import logging
-import socket as pysocket
 import struct
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +28,7 @@ from functools import partial
 import trio
 
 from ...gossip.accept import FdPool, serve_listeners
+from ...gossip.node import bind_udp_and_tcp
 from ..connection import peer_name
 from .dns import EDNS_LIMIT, DnsResponder, servfail
 
@@ -103,23 +102,6 @@ def answer_safely(responder: DnsResponder, data: bytes, peer: str, *,
         log.exception("DNS query from %s failed", peer)
         responder.stats["servfail"] += 1
         return servfail(data)
-
-
-async def bind_udp_and_tcp(host: str, port: int) -> tuple[trio.socket.SocketType,
-                                                           list[trio.SocketListener]]:
-    """A UDP socket and TCP listeners on one port; with port 0, one free for both."""
-    family = pysocket.AF_INET6 if ":" in host else pysocket.AF_INET
-    for _attempt in range(20):
-        udp = trio.socket.socket(family, pysocket.SOCK_DGRAM)
-        try:
-            await udp.bind((host, port))
-            listeners = await trio.open_tcp_listeners(udp.getsockname()[1], host=host)
-            return udp, listeners
-        except OSError as e:
-            udp.close()
-            if port != 0 or e.errno != errno.EADDRINUSE:
-                raise
-    raise OSError(errno.EADDRINUSE, "no free port for both UDP and TCP")
 
 
 async def serve_dns(responder: DnsResponder, host: str = "127.0.0.1", port: int = 8600, *,

@@ -12,12 +12,9 @@ setting that cannot change live is reported.
 from __future__ import annotations
 
 import http.client
-import json
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ from rumor.policy.keys import SecretKey
 
 from ..agents import Agent, AgentCluster, rumor, wait_for
 from ..backends import Backend
+from .test_policy_cluster import put_envelope
 
 HOST = "127.0.0.1"
 
@@ -70,13 +68,7 @@ def _publish(a: Agent, key: SecretKey, version: int) -> tuple[int, dict[str, Any
     text = canary_route("other", version=version)
     data = sign(make_payload("route", "other-canary", version, time.time(), None,
                              text.encode()), [key]).encode()
-    req = urllib.request.Request(f"http://{a.api}/v1/policies", data=data, method="PUT",
-                                 headers={"content-type": "application/x-rumor-envelope"})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return put_envelope(a, data)
 
 
 def _route_version(a: Agent) -> int:

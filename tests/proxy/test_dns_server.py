@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from rumor.gossip.accept import FdPool
 from rumor.gossip.catalog import Instance
 from rumor.gossip.checks import PASSING
+from rumor.gossip.node import bind_udp_and_tcp
 from rumor.proxy.api import dns_server
 from rumor.proxy.api.dns import DnsResponder
 from rumor.proxy.api.dns_server import (
@@ -318,14 +319,14 @@ def test_port_zero_gets_one_port_for_udp_and_tcp_retrying_when_tcp_is_taken(
 
     async def main() -> None:
         monkeypatch.setattr(dns_server.trio, "open_tcp_listeners", taken_once)
-        udp, listeners = await dns_server.bind_udp_and_tcp("127.0.0.1", 0)
+        udp, listeners = await bind_udp_and_tcp("127.0.0.1", 0)
         with udp:
             port = udp.getsockname()[1]
             assert [ln.socket.getsockname()[1] for ln in listeners] == [port]
             assert len(calls) == 2 and calls[1] == port != 0
             # A port given explicitly is never swapped for another.
             with pytest.raises(OSError):
-                await dns_server.bind_udp_and_tcp("127.0.0.1", port)
+                await bind_udp_and_tcp("127.0.0.1", port)
             for ln in listeners:
                 await ln.aclose()
 
