@@ -198,10 +198,10 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
             if snapshots is not None:
                 keeper = SnapshotKeeper(node, snapshots, written=prior)
                 nursery.start_soon(keeper.run)  # before the join: it records its members
-            contacted = await _join_at_start(node, opts, prior, rng)
-            if opts.retry_join:
-                nursery.start_soon(retry_join, node, opts.retry_join, opts.retry_interval,
-                                   rng)
+            contacted, remembered = await _join_at_start(node, opts, prior, rng)
+            for seeds in (opts.retry_join, remembered):
+                if seeds:
+                    nursery.start_soon(partial(_retry_join, node, seeds, opts, notify, rng))
             nursery.start_soon(_wait_for_signal, stop)
             notify.ready(ready_status(opts, node, contacted))
             await stop.wait()
@@ -223,8 +223,12 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
 def ready_status(opts: AgentOptions, node: Node, contacted: int | None) -> str:
     """The STATUS line sent with READY=1 (``systemctl status`` shows it)."""
     alive = sum(1 for m in node.core.members.values() if m.live)
-    how = ("listening, no seeds to join" if contacted is None else
-           f"joined through {contacted} member(s)")
+    if contacted is not None:
+        how = f"joined through {contacted} member(s)"
+    elif opts.retry_join:
+        how = f"listening, retrying {len(opts.retry_join)} seed(s) in the background"
+    else:
+        how = "listening, no seeds to join"
     return (f"{how}; {alive} member(s) alive; gossip on {format_address(node.address)}, "
             f"API on {format_address(opts.api)}")
 
@@ -255,12 +259,12 @@ def _open_data_dir(opts: AgentOptions) -> tuple[SnapshotFile | None, Snapshot | 
 
 
 async def _join_at_start(node: Node, opts: AgentOptions, prior: Snapshot | None,
-                         rng: random.Random) -> int | None:
+                         rng: random.Random) -> tuple[int | None, list[Address]]:
     """Join the --join seeds; when none answers or none is given, rejoin through the
-    snapshot's members. How many answered (None: no join was tried or none answered
-    without --join). No --join seed and no remembered member answering is fatal (as
-    it always was); without --join the agent runs alone (--retry-join may yet find
-    its seeds)."""
+    snapshot's members. Returns how many answered (None: none was tried, or none
+    answered) and the remembered members to keep trying in the background (when none
+    of them answered). Fatal only when --join seeds were given and neither they nor a
+    remembered member answered; without --join the agent runs alone meanwhile."""
     failure: JoinError | None = None
     if opts.join:
         try:
@@ -270,7 +274,7 @@ async def _join_at_start(node: Node, opts: AgentOptions, prior: Snapshot | None,
         else:
             log.info("joined through %d of %d seed(s)", n, len(opts.join),
                      extra={"event": "joined", "seeds": opts.join, "contacted": n})
-            return n
+            return n, []
     if prior is not None and prior.members:
         batches = rejoin_batches(prior, node.name, node.address, rng,
                                  rejoin_after_leave=opts.rejoin_after_leave)
@@ -287,12 +291,24 @@ async def _join_at_start(node: Node, opts: AgentOptions, prior: Snapshot | None,
             if n:
                 log.info("rejoined through %d remembered member(s)", n,
                          extra={"event": "joined", "rejoined": True, "contacted": n})
-                return n
+                return n, []
+            if failure is None:
+                log.warning("no remembered member answered (%d tried): running alone, "
+                            "and trying them again in the background", remembered,
+                            extra={"event": "rejoin_failed", "remembered": remembered})
+                return None, [a for b in batches for a in b]
             log.warning("no remembered member answered (%d tried)", remembered,
                         extra={"event": "rejoin_failed", "remembered": remembered})
     if failure is not None:
         raise StartupError(str(failure))
-    return None
+    return None, []
+
+
+async def _retry_join(node: Node, seeds: list[str] | list[Address], opts: AgentOptions,
+                      notify: Notifier, rng: random.Random) -> None:
+    """``retry_join`` until one answers, then say so to the service manager too."""
+    n = await retry_join(node, seeds, opts.retry_interval, rng)
+    notify.status(ready_status(opts, node, n))
 
 
 def exposure_warnings(opts: AgentOptions) -> list[str]:

@@ -62,6 +62,10 @@ def config_files(paths: Sequence[str]) -> list[Path]:
                 raise ConfigError(f"{text}: {e.strerror or e}") from None
             if len(found) > MAX_FILES:
                 raise ConfigError(f"{text}: {len(found)} *.toml files, at most {MAX_FILES}")
+            if not found:
+                # An agent started on an empty directory would run with every default:
+                # a typo'd path, not a configuration.
+                raise ConfigError(f"{text}: a directory with no *.toml files")
             out.extend(found)
         elif p.exists():
             out.append(p)
@@ -161,6 +165,9 @@ def _one(action: argparse.Action, raw: Any, where: str) -> Any:
         try:
             value = action.type(text)  # type: ignore[operator]
         except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            if action.type in (int, float):  # not Python's "invalid literal for int()"
+                kind = "a whole number" if action.type is int else "a number"
+                raise ConfigError(f"{where}: expected {kind}, got {text!r}") from None
             raise ConfigError(f"{where}: {e}") from None
     else:
         value = text

@@ -62,6 +62,16 @@ def _address(default_port: int | None = None) -> type:
     return parse  # type: ignore[return-value]
 
 
+def _seed(text: str) -> str:
+    """``--join``: checked as HOST:PORT now, kept as text (a host name is resolved when
+    the agent joins)."""
+    try:
+        parse_address(text, default_port=7946)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -117,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address other members use to reach this one (default: --bind)")
     a.add_argument("--api", type=_address(7947), default=DEFAULT_API,
                    help=f"local HTTP API address (default {DEFAULT_API})")
-    a.add_argument("--join", action="append", default=[], metavar="HOST:PORT",
+    a.add_argument("--join", action="append", type=_seed, default=[], metavar="HOST:PORT",
                    help="seed to join through (repeatable; host names allowed)")
     a.add_argument("--retry-join", action="append", type=_address(7946), default=[],
                    metavar="HOST:PORT", help="seed to keep trying in the background, "
@@ -272,8 +282,14 @@ def parse_agent_args(argv: Sequence[str]) -> argparse.Namespace:
             raise UsageError(str(e)) from None
         args = apply(parser, subparser(parser, "agent"), argv, files)
         args.config_files = files.files
+        # Which file gave a value the command line did not: an error about it names
+        # the file and key rather than a flag the operator never typed.
+        given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+        args.config_origin = {dest: path for dest, path in files.origin.items()
+                              if "--" + dest.replace("_", "-") not in given}
     else:
         args.config_files = []
+        args.config_origin = {}
     args.argv = list(argv)  # what a reload reads again
     return args
 
@@ -429,11 +445,16 @@ def _resolve(api: str, args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
+    import signal
+
     import trio
 
     from .agent import StartupError, run_agent
     from .logs import configure_logging
 
+    # SIGHUP reloads once the agent runs; until then (a service manager's reload
+    # during start-up) it must not kill the process, as its default action would.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     opts = agent_options(args)
     configure_logging(args.log_format, args.log_level)
     failures: list[BaseException] = []
@@ -449,7 +470,28 @@ def _agent(args: argparse.Namespace) -> int:
 
 def agent_options(args: argparse.Namespace) -> Any:
     """The ``AgentOptions`` that ``rumor agent`` ARGS describe (files merged), with
-    every key file read and checked; raises ``UsageError`` saying what is wrong."""
+    every key file read and checked; raises ``UsageError`` saying what is wrong (as
+    "FILE: key ..." when the value came from a config file)."""
+    try:
+        return _agent_options(args)
+    except UsageError as e:
+        raise UsageError(_name_the_file(str(e), getattr(args, "config_origin", {}))) \
+            from None
+
+
+def _name_the_file(message: str, origin: dict[str, str]) -> str:
+    """"--trust-key X: ..." -> "FILE: trust_key: X: ..." for a value from FILE."""
+    flag = message.split(" ", 1)[0].rstrip(":")
+    if not flag.startswith("--"):
+        return message
+    dest = flag[2:].replace("-", "_")
+    if dest not in origin:
+        return message
+    rest = message[len(flag):].lstrip(":").lstrip()
+    return f"{origin[dest]}: {dest}: {rest}"
+
+
+def _agent_options(args: argparse.Namespace) -> Any:
     from .agent import AgentOptions
     from .config import settings
 

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..proxy.api.control import ReloadRefused
+
 if TYPE_CHECKING:
     from ..gossip.discovery import Discovery
     from ..gossip.node import Node
@@ -35,7 +37,7 @@ LIVE = frozenset({"service", "tag", "trust_key", "trust_threshold", "log_level",
                   "access_log", "tls_ca", "tls_cert", "tls_key"})
 
 
-class ReloadError(ValueError):
+class ReloadError(ReloadRefused):
     """The new configuration was refused; nothing was changed (the API's 400)."""
 
 
@@ -83,9 +85,12 @@ class Reloader:
                                   "there is no configuration to read again")
             new = self.reread(self.opts.argv)
             p = plan(self.opts.settings, new.settings)
+            switched = self._switches(p, new)
+            p = Plan(tuple(k for k in p.apply if k not in switched),
+                     tuple(sorted(set(p.restart) | switched)))
             self._check(p, new)
-            for key in p.apply:
-                self._apply(key, new)
+            for group in sorted({_group(k) for k in p.apply}):
+                self._apply(group, new)
             # Settings that need a restart keep running as they are: remember the
             # running values, so the next reload reports them again.
             running = dict(new.settings)
@@ -123,29 +128,29 @@ class Reloader:
 
     # ---- checks first, so that a refused reload changes nothing -----------------------
 
-    def _check(self, p: Plan, new: AgentOptions) -> None:
-        keys = set(p.apply)
-        if keys & {"trust_key", "trust_threshold"}:
-            if self.policies is None and new.trust is not None:
-                raise ReloadError("trust keys: this agent started without --trust-key, so "
-                                  "it runs no policy store; restart it to add one")
-            if self.policies is not None and new.trust is None:
-                raise ReloadError("trust keys: removing every trusted key would drop all "
-                                  "policy documents; restart the agent without "
-                                  "--trust-key to do that")
+    def _switches(self, p: Plan, new: AgentOptions) -> set[str]:
+        """Changed live settings that would switch a part on or off (policy, the
+        access log, mutual TLS): those need a restart, and are reported so."""
+        keys, out = set(p.apply), set()
+        trust = keys & {"trust_key", "trust_threshold"}
+        if trust and (self.policies is None) != (new.trust is None):
+            out |= trust
         if "access_log" in keys and (self.access_log is None) != (new.access_log is None):
-            raise ReloadError("access_log: the access log can be moved to another file "
-                              "live, but not switched on or off; restart to do that")
-        if keys & {"tls_ca", "tls_cert", "tls_key"}:
-            if (self.tls is None) != (new.tls is None):
-                raise ReloadError("TLS: mutual TLS cannot be switched on or off live; "
-                                  "restart to do that")
-            if self.tls is not None and new.tls is not None:
-                from ..proxy.tls import TlsConfigError
-                try:
-                    self.tls.check_files(new.tls)
-                except TlsConfigError as e:
-                    raise ReloadError(f"TLS: {e}") from None
+            out.add("access_log")
+        tls = {k for k in keys if k.startswith("tls_")}
+        if tls and (self.tls is None) != (new.tls is None):
+            out |= tls
+        return out
+
+    def _check(self, p: Plan, new: AgentOptions) -> None:
+        """Refuse the whole reload if a live change cannot be made as asked."""
+        keys = set(p.apply)
+        if any(k.startswith("tls_") for k in keys) and self.tls and new.tls:
+            from ..proxy.tls import TlsConfigError
+            try:
+                self.tls.check_files(new.tls)
+            except TlsConfigError as e:
+                raise ReloadError(f"TLS: {e}") from None
         if "access_log" in keys and new.access_log not in (None, "-"):
             try:
                 with open(new.access_log, "a", encoding="utf-8"):
@@ -154,19 +159,20 @@ class Reloader:
                 raise ReloadError(f"access_log {new.access_log}: "
                                   f"{e.strerror or e}") from None
 
-    def _apply(self, key: str, new: AgentOptions) -> None:
-        # _check has refused the switches on and off, so what exists stays.
-        if key == "service":
+    def _apply(self, group: str, new: AgentOptions) -> None:
+        """One changed setting, or one group of them (``_group``); _switches has held
+        back what would switch a part on or off, so what exists stays."""
+        if group == "service":
             self._apply_services(new)
-        elif key == "tag":
+        elif group == "tag":
             self.node.set_tags({**new.tags, **self.own_tags})
-        elif key in ("trust_key", "trust_threshold") and self.policies and new.trust:
+        elif group == "trust" and self.policies and new.trust:
             self.policies.set_trust(new.trust)
-        elif key == "log_level":
+        elif group == "log_level":
             logging.getLogger().setLevel(new.settings["log_level"].upper())
-        elif key == "access_log" and self.access_log and new.access_log:
+        elif group == "access_log" and self.access_log and new.access_log:
             self.access_log.reopen(new.access_log)
-        elif key.startswith("tls_") and self.tls and new.tls:
+        elif group == "tls" and self.tls and new.tls:
             self.tls.use_files(new.tls)
 
     def _apply_services(self, new: AgentOptions) -> None:

@@ -119,6 +119,11 @@ class SnapshotKeeper:
                 return
             self.schedule.wrote(trio.current_time())
             members = self.members()
+            if not members and self._written is not None:
+                # Alone: after a whole-cluster outage or a rejoin nobody answered, the
+                # remembered members are still the best way back. Forgetting them
+                # here would leave the next start nothing to rejoin through.
+                members = self._written[0]
             if self._written == (members, left):
                 return
             snap = Snapshot(self.node.name, members, left, saved_at=time.time())

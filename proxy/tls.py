@@ -183,13 +183,13 @@ def _build(f: TlsFiles) -> tuple[ssl.SSLContext, ssl.SSLContext, Identity,
         client = _context(ssl.PROTOCOL_TLS_CLIENT, f)
         leaf = x509.load_pem_x509_certificate(f.cert.read_bytes())
         identity = identity_of(leaf.public_bytes(Encoding.DER))
+    except ssl.SSLError as e:  # an OSError too: caught first, it names no file itself
+        raise TlsConfigError(f"cannot load the TLS files ({f.cert}, {f.key}, {f.ca}): "
+                             f"{e.reason or e}") from None
     except FileNotFoundError as e:
         raise TlsConfigError(f"{e.filename}: no such file") from None
     except OSError as e:
         raise TlsConfigError(f"{e.filename}: {e.strerror}") from None
-    except ssl.SSLError as e:
-        raise TlsConfigError(f"cannot load the TLS files ({f.cert}, {f.key}, {f.ca}): "
-                             f"{e.reason or e}") from None
     except (ValueError, IdentityError) as e:
         raise TlsConfigError(f"{f.cert}: {e}") from None
     return server, client, identity, leaf.not_valid_after_utc, stamp

@@ -17,6 +17,11 @@ from .router import Router
 from .server import HttpError, Request, Response, json_response
 
 
+class ReloadRefused(ValueError):
+    """What ``AgentControl.reload`` raises when it refused a configuration and changed
+    nothing (``cli.reload.ReloadError``); any other error is a bug, answered 500."""
+
+
 class AgentControl(Protocol):
     """What the routes need from the agent (``cli.reload.Reloader``)."""
 
@@ -32,7 +37,7 @@ def add_control_routes(router: Router, control: AgentControl) -> None:
     async def reload(request: Request) -> Response:
         try:
             return json_response(await control.reload())
-        except ValueError as e:  # ReloadError: refused, nothing changed
+        except ReloadRefused as e:
             raise HttpError(400, f"reload refused, nothing changed: {e}") from None
 
     router.add("GET", "/v1/agent/config", config)

@@ -234,3 +234,31 @@ def test_to_toml_writes_any_text_so_that_tomllib_reads_it_back(
         table: dict[str, str], value: str) -> None:
     doc = {"name": value, "tag": table, "join": [value, "x"]}
     assert tomllib.loads(to_toml(doc)) == doc
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('trust_key = ["/nonexistent.pub"]\n', "a.toml: trust_key: /nonexistent.pub: "),
+    ('name = ""\n', "a.toml: name: must be 1 to 128 characters"),
+    ('trust_threshold = "two"\n', "a.toml: trust_threshold: expected a whole number, "
+                                  "got 'two'"),
+    ('join = ["10.0.0.3:99999"]\n', "a.toml: join[0]: bad address '10.0.0.3:99999'"),
+])
+def test_checks_after_parsing_name_the_file_and_key_too(
+        tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as e:
+        agent_options(parse_agent_args(["agent", "--config", str(path)]))
+    assert str(e.value).startswith(str(path)) and message in str(e.value)
+
+
+def test_a_flag_given_on_the_command_line_is_named_as_a_flag(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text('name = "fine"\n')
+    with pytest.raises(UsageError, match=r"^--name must be"):
+        agent_options(parse_agent_args(["agent", "--config", str(path), "--name", ""]))
+
+
+def test_an_empty_config_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"a directory with no \*\.toml files"):
+        config_files([str(tmp_path)])

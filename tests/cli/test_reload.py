@@ -106,14 +106,18 @@ def test_a_refused_configuration_changes_nothing_and_restart_settings_stay_repor
     trio.run(main)
 
 
-def test_trust_cannot_be_switched_on_live(tmp_path: Path) -> None:
+def test_switching_policy_on_needs_a_restart_and_the_rest_still_applies(
+        tmp_path: Path) -> None:
+    """An agent started without --trust-key runs no policy store: trust keys added to
+    its files are reported as needing a restart, and the tag changed with them is
+    applied (not the whole reload refused)."""
     pub = tmp_path / "k.pub"
     pub.write_text(SecretKey.generate().public.line() + "\n")
-    r, _, _ = _reloader(_opts(), [_opts("--trust-key", str(pub))])
+    r, node, _ = _reloader(_opts(), [_opts("--trust-key", str(pub), "--tag", "a=b")])
 
     async def main() -> None:
-        with pytest.raises(ReloadError, match="started without --trust-key"):
-            await r.reload()
+        assert await r.reload() == {"applied": ["tag"], "restart": ["trust_key"]}
+        assert node.tags == [{"a": "b", "rumor.inbound": "127.0.0.1:15002"}]
     trio.run(main)
 
 

@@ -6,6 +6,7 @@ for a seed that starts after the agent."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -88,3 +89,29 @@ def test_retry_join_waits_for_a_seed_that_starts_later(cluster: AgentCluster) ->
     seed.start()
     wait_for(lambda: cluster.converged(2), 20, "the early agent to join the late seed")
     assert [e for e in log_events(early, "joined") if e.get("failures")]
+
+
+def test_after_a_whole_cluster_outage_the_agents_find_each_other_again(
+        cluster: AgentCluster) -> None:
+    """Every agent is killed. The first one back finds nobody: it runs alone, keeps
+    its remembered members (an empty view must not erase them) and keeps trying them
+    in the background. The others come back knowing nothing of it (fresh data dirs,
+    one joining the other), so only that retry can bring the cluster together."""
+    data = [cluster.workdir / f"data{i}" for i in range(3)]
+    agents = cluster.start(3, lambda i: ["--data-dir", str(data[i])])
+    for i, a in enumerate(agents):
+        others = {b.name for b in agents} - {a.name}
+        wait_for(lambda d=data[i], o=others: remembered(d) == o, 10, "the snapshots")
+    for a in agents:
+        a.signal(signal.SIGKILL)
+        a.wait_exit()
+    a0, a1, first = agents
+    first.start()
+    wait_for(lambda: log_events(first, "rejoin_failed"), 20, "the failed rejoin")
+    assert remembered(data[2]) == {"a0", "a1"}
+    for d in data[:2]:
+        shutil.rmtree(d)
+    a0.start()
+    a1.start(join=a0)
+    wait_for(lambda: cluster.converged(3), 30, "the cluster to reassemble")
+    assert log_events(first, "joined")
