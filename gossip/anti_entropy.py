@@ -193,15 +193,24 @@ class AntiEntropy(CoreBase):
         else:
             j.errors.append(f"{peer}: {why}")
         if j.pending:
+            if ok:
+                # We are in: one dead seed must not hold the join (and the agent's
+                # readiness) for a whole stream timeout. Late answers still merge.
+                j.retry_at = min(j.retry_at, now + self.config.join_grace)
             return
         if j.contacted or j.attempt >= j.attempts:
-            self._join = None
-            errors = tuple(f"{e} after {j.attempt} attempt(s)" for e in j.errors)
-            self._effects.append(JoinFinished(j.contacted, errors))
-            if j.contacted:
-                self._queue_member(self._self_alive())
+            self._finish_join()
             return
         j.retry_at = now + self.config.join_backoff * 2 ** (j.attempt - 1)
+
+    def _finish_join(self) -> None:
+        j = self._join
+        assert j is not None
+        self._join = None
+        errors = tuple(f"{e} after {j.attempt} attempt(s)" for e in j.errors)
+        self._effects.append(JoinFinished(j.contacted, errors))
+        if j.contacted:
+            self._queue_member(self._self_alive())
 
     def _reconnect(self, now: float) -> None:
         """Try to merge with one failed member, so a healed partition joins back."""

@@ -86,6 +86,10 @@ class GossipConfig:
     #: Join: attempts per seed round and the first back-off (doubles each round).
     join_attempts: int = 3
     join_backoff: float = 1.0
+    #: Once one seed answered, the join waits at most this long for the others
+    #: (their answers merge whenever they come), so a dead seed does not delay it by
+    #: a whole ``stream_timeout``.
+    join_grace: float = 1.0
     #: Graceful leave waits at most this long for the leave to be gossiped.
     leave_propagate: float = 1.0
     #: A leaving member also tells this many live members directly (all of them in a

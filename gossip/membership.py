@@ -202,7 +202,10 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
             self._reconnect(now)
             self._reap(now)
         if self._join is not None and now >= self._join.retry_at:
-            self._join_round(now)
+            if self._join.contacted:
+                self._finish_join()  # the grace for slower seeds is over
+            else:
+                self._join_round(now)
 
     def receive(self, now: float, source: Address, data: bytes) -> None:
         """A datagram arrived from ``source``."""

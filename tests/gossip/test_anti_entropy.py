@@ -317,3 +317,19 @@ def test_members_leaving_together_are_all_seen_leaving(seed: int) -> None:
         net.crash(name)  # the processes exit once their leave is sent
     net.run(30)
     assert {n: net.status("n0", n) for n in leavers} == dict.fromkeys(leavers, "left")
+
+
+def test_a_dead_seed_does_not_hold_a_join_that_another_seed_answered() -> None:
+    """One seed answers at once, the other never (a host that is down): the join
+    reports after ``join_grace``, not after the dead seed's stream timeout."""
+    net = FakeNet(CFG)
+    net.cluster(3)
+    net.pause("n2")  # its TCP accepts, then nothing: the exchange runs to its timeout
+    c = net.add("late")
+    c.join(net.now, [net.nodes["n2"].addr, net.nodes["n0"].addr])
+    net.flush("late")
+    took = net.run_until(lambda: "late" in net.joins, limit=30)
+    assert net.joins["late"].contacted == 1
+    assert took <= CFG.join_grace + 0.1 < CFG.stream_timeout
+    net.resume("n2")
+    net.run_until(lambda: all(net.status(o, "late") == "alive" for o in net.nodes), limit=20)
