@@ -34,7 +34,7 @@ from ..gossip.keyring import Keyring, KeyringSeal
 from ..gossip.node import BindError, JoinError, Node, NodeConfig
 from ..gossip.rejoin import SnapshotFile, SnapshotKeeper, rejoin, retry_join
 from ..gossip.service_spec import Registration
-from ..gossip.snapshot import Snapshot, SnapshotError, rejoin_batches
+from ..gossip.snapshot import REJOIN_BATCH, Snapshot, SnapshotError, rejoin_batches
 from ..gossip.trace import TraceFile
 from ..gossip.version import release
 from ..gossip.wire import PROTOCOL_VERSION, Address
@@ -199,9 +199,12 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
                 keeper = SnapshotKeeper(node, snapshots, written=prior)
                 nursery.start_soon(keeper.run)  # before the join: it records its members
             contacted, remembered = await _join_at_start(node, opts, prior, rng)
-            for seeds in (opts.retry_join, remembered):
-                if seeds:
-                    nursery.start_soon(partial(_retry_join, node, seeds, opts, notify, rng))
+            if opts.retry_join:
+                nursery.start_soon(partial(_retry_join, node, opts.retry_join, opts,
+                                           notify, rng))
+            if remembered:
+                nursery.start_soon(partial(_retry_join, node, remembered, opts, notify,
+                                           rng, REJOIN_BATCH))
             nursery.start_soon(_wait_for_signal, stop)
             notify.ready(ready_status(opts, node, contacted))
             await stop.wait()
@@ -305,9 +308,10 @@ async def _join_at_start(node: Node, opts: AgentOptions, prior: Snapshot | None,
 
 
 async def _retry_join(node: Node, seeds: list[str] | list[Address], opts: AgentOptions,
-                      notify: Notifier, rng: random.Random) -> None:
+                      notify: Notifier, rng: random.Random,
+                      per_round: int | None = None) -> None:
     """``retry_join`` until one answers, then say so to the service manager too."""
-    n = await retry_join(node, seeds, opts.retry_interval, rng)
+    n = await retry_join(node, seeds, opts.retry_interval, rng, per_round=per_round)
     notify.status(ready_status(opts, node, n))
 
 

@@ -162,15 +162,21 @@ async def rejoin(node: Node, batches: Sequence[Sequence[Address]]) -> int:
 
 
 async def retry_join(node: Node, seeds: Sequence[str | Address], interval: float,
-                     rng: random.Random) -> int:
+                     rng: random.Random, *, per_round: int | None = None) -> int:
     """Try ``seeds`` until one answers, forever, waiting ``retry_delay`` between
-    rounds; how many answered. Each failed round is logged with the next try's time."""
+    rounds; how many answered. Each failed round is logged with the next try's time.
+    ``per_round``: try only that many of them, drawn afresh each round (a long list of
+    remembered members must not become a push-pull with every one at once)."""
     addrs = list(seeds)
     shown = ", ".join(a if isinstance(a, str) else format_address(a) for a in addrs)
+    if len(shown) > 300:
+        shown = f"{len(addrs)} addresses"
     failures = 0
     while True:
+        batch = addrs if per_round is None or len(addrs) <= per_round \
+            else rng.sample(addrs, per_round)
         try:
-            n = await node.join(addrs, attempts=1)
+            n = await node.join(batch, attempts=1)
         except JoinError as e:
             failures += 1
             delay = retry_delay(failures, interval, rng)

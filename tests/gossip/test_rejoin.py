@@ -155,3 +155,26 @@ def test_a_missing_snapshot_is_none_and_a_corrupt_one_names_the_file(tmp_path: P
     file.path.write_text(json.dumps({"version": 1, "node": "a", "members": [{"name": "b"}]}))
     with pytest.raises(SnapshotError, match=r"members\.json: members\[0\]\.addr"):
         file.load()
+
+
+def test_retry_join_through_many_remembered_members_tries_a_few_per_round() -> None:
+    """A long list (a big cluster's snapshot) is sampled each round, never sent a
+    push-pull all at once."""
+    from rumor.gossip.node import JoinError
+    addrs = [("127.0.0.1", 40000 + i) for i in range(30)]
+    tried: list[list[tuple[str, int]]] = []
+
+    class Node:
+        async def join(self, seeds: list[tuple[str, int]], attempts: int) -> int:
+            tried.append(list(seeds))
+            if len(tried) < 4:
+                raise JoinError("no answer")
+            return 1
+
+    async def main() -> None:
+        n = await retry_join(Node(), addrs, 4.0, random.Random(1),  # type: ignore[arg-type]
+                             per_round=3)
+        assert n == 1
+    _run(main)
+    assert len(tried) == 4 and all(len(b) == 3 for b in tried)
+    assert len({a for b in tried for a in b}) > 3  # drawn afresh each round
