@@ -32,9 +32,9 @@ from ..gossip.config import GossipConfig
 from ..gossip.discovery import Discovery
 from ..gossip.keyring import Keyring, KeyringSeal
 from ..gossip.node import BindError, JoinError, Node, NodeConfig
-from ..gossip.rejoin import SnapshotFile, SnapshotKeeper, rejoin, retry_join
+from ..gossip.rejoin import SnapshotKeeper, join_at_start, open_snapshot, retry_join
 from ..gossip.service_spec import Registration
-from ..gossip.snapshot import REJOIN_BATCH, Snapshot, SnapshotError, rejoin_batches
+from ..gossip.snapshot import REJOIN_BATCH
 from ..gossip.trace import TraceFile
 from ..gossip.version import release
 from ..gossip.wire import PROTOCOL_VERSION, Address
@@ -132,7 +132,13 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
         log.warning("%s", warning, extra={"event": "exposed"})
     fds = FdBudget.from_process()
     log.debug("descriptor budget: %s", fds.describe(), extra={"event": "fds"})
-    snapshots, prior = _open_data_dir(opts)
+    snapshots, prior = None, None
+    if opts.data_dir is not None:
+        try:
+            snapshots, prior = open_snapshot(Path(opts.data_dir), opts.name)
+        except OSError as e:
+            raise StartupError(f"cannot use --data-dir {opts.data_dir}: "
+                               f"{e.strerror or e}") from None
     rng = random.Random(int.from_bytes(os.urandom(8), "big"))
     cfg = NodeConfig(name=opts.name, bind=opts.bind, advertise=opts.advertise,
                      gossip=opts.gossip, profile=opts.profile, tags=opts.tags, seal=seal,
@@ -198,7 +204,11 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
             if snapshots is not None:
                 keeper = SnapshotKeeper(node, snapshots, written=prior)
                 nursery.start_soon(keeper.run)  # before the join: it records its members
-            contacted, remembered = await _join_at_start(node, opts, prior, rng)
+            try:
+                contacted, remembered = await join_at_start(
+                    node, opts.join, prior, rng, rejoin_after_leave=opts.rejoin_after_leave)
+            except JoinError as e:
+                raise StartupError(str(e)) from None
             if opts.retry_join:
                 nursery.start_soon(partial(_retry_join, node, opts.retry_join, opts,
                                            notify, rng))
@@ -234,77 +244,6 @@ def ready_status(opts: AgentOptions, node: Node, contacted: int | None) -> str:
         how = "listening, no seeds to join"
     return (f"{how}; {alive} member(s) alive; gossip on {format_address(node.address)}, "
             f"API on {format_address(opts.api)}")
-
-
-def _open_data_dir(opts: AgentOptions) -> tuple[SnapshotFile | None, Snapshot | None]:
-    """The data directory's member snapshot file and what it holds. A snapshot that
-    cannot be read is one warning: the agent starts as if it had none."""
-    if opts.data_dir is None:
-        return None, None
-    root = Path(opts.data_dir)
-    try:
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as e:
-        raise StartupError(f"cannot use --data-dir {opts.data_dir}: "
-                           f"{e.strerror or e}") from None
-    snapshots = SnapshotFile(root)
-    try:
-        prior = snapshots.load()
-    except SnapshotError as e:
-        log.warning("ignoring the member snapshot: %s", e,
-                    extra={"event": "snapshot_ignored", "path": str(snapshots.path)})
-        return snapshots, None
-    if prior is not None and prior.node != opts.name:
-        log.warning("the member snapshot %s was written by agent %s, this is %s: "
-                    "rejoining through its members all the same", snapshots.path,
-                    prior.node, opts.name, extra={"event": "snapshot_other_node"})
-    return snapshots, prior
-
-
-async def _join_at_start(node: Node, opts: AgentOptions, prior: Snapshot | None,
-                         rng: random.Random) -> tuple[int | None, list[Address]]:
-    """Join the --join seeds; when none answers or none is given, rejoin through the
-    snapshot's members. Returns how many answered (None: none was tried, or none
-    answered) and the remembered members to keep trying in the background (when none
-    of them answered). Fatal only when --join seeds were given and neither they nor a
-    remembered member answered; without --join the agent runs alone meanwhile."""
-    failure: JoinError | None = None
-    if opts.join:
-        try:
-            n = await node.join(opts.join)
-        except JoinError as e:
-            failure = e
-        else:
-            log.info("joined through %d of %d seed(s)", n, len(opts.join),
-                     extra={"event": "joined", "seeds": opts.join, "contacted": n})
-            return n, []
-    if prior is not None and prior.members:
-        batches = rejoin_batches(prior, node.name, node.address, rng,
-                                 rejoin_after_leave=opts.rejoin_after_leave)
-        remembered = sum(len(b) for b in batches)
-        if prior.left and not opts.rejoin_after_leave:
-            log.info("this agent left its cluster gracefully last time: not rejoining "
-                     "through the %d remembered member(s) (--rejoin-after-leave would)",
-                     len(prior.members), extra={"event": "rejoin_skipped"})
-        elif remembered:
-            log.info("rejoining through %d remembered member(s)%s", remembered,
-                     " (no --join seed answered)" if failure else "",
-                     extra={"event": "rejoining", "remembered": remembered})
-            n = await rejoin(node, batches)
-            if n:
-                log.info("rejoined through %d remembered member(s)", n,
-                         extra={"event": "joined", "rejoined": True, "contacted": n})
-                return n, []
-            if failure is None:
-                log.warning("no remembered member answered (%d tried): running alone, "
-                            "and trying them again in the background", remembered,
-                            extra={"event": "rejoin_failed", "remembered": remembered})
-                return None, [a for b in batches for a in b]
-            log.warning("no remembered member answered (%d tried)", remembered,
-                        extra={"event": "rejoin_failed", "remembered": remembered})
-    if failure is not None:
-        raise StartupError(str(failure))
-    return None, []
 
 
 async def _retry_join(node: Node, seeds: list[str] | list[Address], opts: AgentOptions,

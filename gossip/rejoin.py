@@ -6,11 +6,10 @@ through (``snapshot.py``), how long to wait between retries (``backoff.py``). Th
 module only reads and writes the file, watches the node's membership events to know
 when a write is due, and drives ``Node.join``::
 
-    snapshots = SnapshotFile(Path("/var/lib/rumor"))
-    prior = snapshots.load()                  # None, or raises SnapshotError
+    snapshots, prior = open_snapshot(Path("/var/lib/rumor"), node.name)
     keeper = SnapshotKeeper(node, snapshots)
     nursery.start_soon(keeper.run)            # rewrites the file as members change
-    await rejoin(node, rejoin_batches(prior, node.name, node.address, rng))
+    await join_at_start(node, seeds, prior, rng)   # seeds, else the snapshot
     nursery.start_soon(retry_join, node, seeds, 30.0, rng)
     ...
     await node.leave(); await keeper.close(left=True)
@@ -39,6 +38,7 @@ from .snapshot import (
     WriteSchedule,
     decode_snapshot,
     encode_snapshot,
+    rejoin_batches,
 )
 from .wire import Address
 
@@ -150,6 +150,72 @@ class SnapshotKeeper:
                       extra={"event": "snapshot", "members": len(members), "left": left})
 
 
+def open_snapshot(data_dir: Path, name: str) -> tuple[SnapshotFile, Snapshot | None]:
+    """The data directory's snapshot file (the directory made if missing; OSError if
+    it cannot be) and what it holds. A snapshot that cannot be read is one warning:
+    the agent starts as if it had none."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    snapshots = SnapshotFile(data_dir)
+    try:
+        prior = snapshots.load()
+    except SnapshotError as e:
+        log.warning("ignoring the member snapshot: %s", e,
+                    extra={"event": "snapshot_ignored", "path": str(snapshots.path)})
+        return snapshots, None
+    if prior is not None and prior.node != name:
+        log.warning("the member snapshot %s was written by agent %s, this is %s: "
+                    "rejoining through its members all the same", snapshots.path,
+                    prior.node, name, extra={"event": "snapshot_other_node"})
+    return snapshots, prior
+
+
+async def join_at_start(node: Node, seeds: Sequence[str | Address], prior: Snapshot | None,
+                        rng: random.Random, *, rejoin_after_leave: bool = False,
+                        ) -> tuple[int | None, list[Address]]:
+    """Join ``seeds``; when none answers or none is given, rejoin through ``prior``'s
+    members. Returns how many answered (None: none was tried, or none answered) and
+    the remembered members to keep trying in the background (when none of them
+    answered). Raises ``JoinError`` only when seeds were given and neither they nor a
+    remembered member answered; without seeds the agent runs alone meanwhile."""
+    failure: JoinError | None = None
+    if seeds:
+        try:
+            n = await node.join(seeds)
+        except JoinError as e:
+            failure = e
+        else:
+            log.info("joined through %d of %d seed(s)", n, len(seeds),
+                     extra={"event": "joined", "seeds": list(seeds), "contacted": n})
+            return n, []
+    if prior is not None and prior.members:
+        batches = rejoin_batches(prior, node.name, node.address, rng,
+                                 rejoin_after_leave=rejoin_after_leave)
+        remembered = sum(len(b) for b in batches)
+        if prior.left and not rejoin_after_leave:
+            log.info("this agent left its cluster gracefully last time: not rejoining "
+                     "through the %d remembered member(s) (--rejoin-after-leave would)",
+                     len(prior.members), extra={"event": "rejoin_skipped"})
+        elif remembered:
+            log.info("rejoining through %d remembered member(s)%s", remembered,
+                     " (no --join seed answered)" if failure else "",
+                     extra={"event": "rejoining", "remembered": remembered})
+            n = await rejoin(node, batches)
+            if n:
+                log.info("rejoined through %d remembered member(s)", n,
+                         extra={"event": "joined", "rejoined": True, "contacted": n})
+                return n, []
+            alone = failure is None
+            log.warning("no remembered member answered (%d tried)%s", remembered,
+                        ": running alone, and trying them again in the background"
+                        if alone else "",
+                        extra={"event": "rejoin_failed", "remembered": remembered})
+            if alone:
+                return None, [a for b in batches for a in b]
+    if failure is not None:
+        raise failure
+    return None, []
+
+
 async def rejoin(node: Node, batches: Sequence[Sequence[Address]]) -> int:
     """Join through the remembered members, one batch at a time (one round each),
     until one answers; how many of that batch answered (0: none did)."""
@@ -198,4 +264,5 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-__all__ = ["SNAPSHOT_FILE", "SnapshotFile", "SnapshotKeeper", "rejoin", "retry_join"]
+__all__ = ["SNAPSHOT_FILE", "SnapshotFile", "SnapshotKeeper", "join_at_start",
+           "open_snapshot", "rejoin", "retry_join"]
