@@ -270,17 +270,18 @@ def parse_agent_args(argv: Sequence[str]) -> argparse.Namespace:
     """``rumor agent`` arguments with its ``--config`` files merged under the flags.
 
     Raises ``UsageError`` (or exits, as argparse does, for a bad flag)."""
-    from .config import ConfigError, apply, load
+    from .config import ConfigError, apply, load, settings
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "agent":
         return args
+    agent = subparser(parser, "agent")
     if args.config:
         try:
-            files = load(args.config, subparser(parser, "agent"))
+            files = load(args.config, agent)
         except ConfigError as e:
             raise UsageError(str(e)) from None
-        args = apply(parser, subparser(parser, "agent"), argv, files)
+        args = apply(parser, agent, argv, files)
         args.config_files = files.files
         # Which file gave a value the command line did not: an error about it names
         # the file and key rather than a flag the operator never typed.
@@ -291,6 +292,7 @@ def parse_agent_args(argv: Sequence[str]) -> argparse.Namespace:
         args.config_files = []
         args.config_origin = {}
     args.argv = list(argv)  # what a reload reads again
+    args.settings = settings(args, agent)  # as a file spells them (config show)
     return args
 
 
@@ -493,7 +495,6 @@ def _name_the_file(message: str, origin: dict[str, str]) -> str:
 
 def _agent_options(args: argparse.Namespace) -> Any:
     from .agent import AgentOptions
-    from .config import settings
 
     if not args.name or len(args.name) > 128:
         raise UsageError("--name must be 1 to 128 characters")
@@ -527,7 +528,7 @@ def _agent_options(args: argparse.Namespace) -> Any:
                         tls=_tls_files(args), api_access=_api_access(args),
                         api_token_file=args.api_token_file, trace_gossip=args.trace_gossip,
                         argv=args.argv, config_files=args.config_files,
-                        settings=settings(args, subparser(build_parser(), "agent")))
+                        settings=args.settings)
     return opts
 
 
