@@ -504,6 +504,17 @@ def _agent_options(args: argparse.Namespace) -> Any:
     if dup is not None:
         raise UsageError(f"service id {dup!r} is registered twice (give id=... to tell "
                          "instances of one service apart)")
+    from ..gossip.catalog import (
+        CatalogLimitError,
+        CatalogLimits,
+        check_local_limits,
+        registration_size,
+    )
+    try:
+        check_local_limits(len(services), sum(map(registration_size, services)),
+                           CatalogLimits(), len(args.name.encode()) + 16)
+    except CatalogLimitError as e:
+        raise UsageError(f"--service: {e}") from None
     if args.rejoin_after_leave and args.data_dir is None:
         raise UsageError("--rejoin-after-leave needs --data-dir (where the member "
                          "snapshot is kept)")

@@ -145,6 +145,14 @@ class Reloader:
     def _check(self, p: Plan, new: AgentOptions) -> None:
         """Refuse the whole reload if a live change cannot be made as asked."""
         keys = set(p.apply)
+        if "service" in keys:
+            from ..gossip.catalog import CatalogLimitError
+            old = {r.service.id for r in self.opts.services}
+            now = {r.service.id for r in new.services}
+            try:
+                self.discovery.catalog.check_registrations(list(new.services), old - now)
+            except CatalogLimitError as e:
+                raise ReloadError(f"service: {e}") from None
         if any(k.startswith("tls_") for k in keys) and self.tls and new.tls:
             from ..proxy.tls import TlsConfigError
             try:

@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .catalog import Catalog
+from .catalog import Catalog, CatalogLimits
 from .config import GossipConfig
 from .delegate import Delegate
 from .keyring import KeyringSeal
@@ -41,6 +41,8 @@ class NodeSpec:
     #: Builders of further delegates (policy replication), registered after the
     #: catalog and the keyring commands.
     extras: Sequence[DelegateFactory] = ()
+    #: What the catalog holds per node and in all (``catalog.CatalogLimits``).
+    catalog_limits: CatalogLimits = field(default_factory=CatalogLimits)
 
 
 #: Builds a delegate on a node's core; it may read the spec (its wall offset).
@@ -66,7 +68,7 @@ def assemble(spec: NodeSpec, now: float, rng: random.Random,
                       seal=spec.seal, now=now)
     # The epoch tells a restarted node's records from its previous life's.
     catalog = Catalog(core, epoch=int((now + spec.wall_offset) * 1_000_000), now=now,
-                      wall_offset=spec.wall_offset)
+                      wall_offset=spec.wall_offset, limits=spec.catalog_limits)
     core.register(catalog)
     keyring = None
     if isinstance(spec.seal, KeyringSeal):

@@ -23,6 +23,18 @@ reaped member's records are dropped. Critical instances are hidden unless asked 
 Each instance carries the probe RTT this agent measured to its host, so ``near=True``
 sorts by nearness.
 
+*Bounds.* The catalog holds only what live members say about themselves: records for
+a node the membership table does not list, or lists failed or left, are not stored
+(``records_not_member``; a broadcast that overtook its node's alive waits in a small
+pending buffer for it). Each node may hold at most ``CatalogLimits.services_per_node``
+live records and ``bytes_per_node`` encoded bytes (tombstones included), and the whole
+catalog at most ``total_bytes``: a local registration past a cap is refused with
+``CatalogLimitError``; a peer holds up to ``PEER_SLACK`` times the per-node caps for a
+node (records merge one by one and may arrive out of order) and drops and counts the
+rest. The total
+cap is also what a push-pull's catalog state can weigh, so the state always fits its
+share of the stream frame (``STATE_SHARE``), whatever a peer was sent.
+
 *Encoding.* One version byte, then msgpack; decoding untrusted bytes raises only
 ``CatalogDecodeError`` and every field is checked for type, size and range.
 """
@@ -61,6 +73,50 @@ MAX_EPOCH_AHEAD = 86_400 * 10**6
 
 class CatalogDecodeError(ValueError):
     """Bytes that are not a well-formed catalog message."""
+
+
+class CatalogLimitError(ValueError):
+    """A local registration that would take this node past a catalog cap."""
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogLimits:
+    """What one node, and the whole catalog, may hold (see the module docstring).
+
+    The defaults keep a push-pull's catalog state within ``STATE_SHARE`` (half the 16 MiB
+    stream frame; member rows and the other delegates have the rest): ``total_bytes``
+    counts every record's encoded size and each node's header, which is the state's
+    size to within a few bytes of array headers."""
+
+    #: Live (not deleted) records one node may announce.
+    services_per_node: int = 256
+    #: Encoded bytes of one node's records, tombstones included. A record is at most
+    #: about 25 KiB (64 tags, 16 checks of 253-character fields), 256 typical ones
+    #: (name, port, a few tags) about 20 KiB.
+    bytes_per_node: int = 64 * 1024
+    #: Encoded bytes of the whole catalog (every node's records and headers).
+    total_bytes: int = 6 * 1024 * 1024
+    #: Records of unknown or down members that came by broadcast and wait for their
+    #: node's alive: at most this many nodes and bytes, each for ``pending_ttl``.
+    pending_nodes: int = 64
+    pending_bytes: int = 256 * 1024
+    pending_ttl: float = 30.0
+
+    def __post_init__(self) -> None:
+        for f in ("services_per_node", "bytes_per_node", "total_bytes", "pending_nodes",
+                  "pending_bytes"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"catalog limit {f} must not be negative")
+
+
+#: How much more than an owner may announce (``services_per_node``, ``bytes_per_node``)
+#: a peer holds for it: records merge one by one, so a new record may arrive before the
+#: tombstone of the one it replaces (256 services deregistered and 256 others registered
+#: are 512 live records for a moment). An owner never announces more than the caps.
+PEER_SLACK = 2
+
+#: The part of a push-pull frame (``wire.MAX_FRAME``, 16 MiB) the catalog may fill.
+STATE_SHARE = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +176,14 @@ class Instance:
 class _NodeEntry:
     epoch: int
     records: dict[str, Record] = field(default_factory=dict)
-    #: When each tombstone was learned (our clock), for garbage collection.
+    #: When each tombstone was learned (our clock), for garbage collection; in that
+    #: order, so the oldest is the first.
     buried: dict[str, float] = field(default_factory=dict)
     #: XOR of ``_record_hash`` over ``records``, kept as they change.
     digest: int = 0
+    #: Encoded bytes of ``records`` and live (not deleted) records among them.
+    size: int = 0
+    live: int = 0
 
 
 @dataclass(slots=True)
@@ -141,7 +201,8 @@ class Catalog(Delegate):
     channel = CHANNEL
 
     def __init__(self, core: Membership, *, epoch: int, now: float = 0.0,
-                 wall_offset: float = 0.0, tombstone_ttl: float = 3600.0) -> None:
+                 wall_offset: float = 0.0, tombstone_ttl: float = 3600.0,
+                 limits: CatalogLimits | None = None) -> None:
         self.core = core
         self.name = core.name
         #: This life's epoch: the calendar time it started, in microseconds (raised
@@ -153,11 +214,21 @@ class Catalog(Delegate):
         self.version = 0
         #: Raised on every visible change; blocking queries wait for it to pass a value.
         self.index = 1
+        self.limits = limits or CatalogLimits()
         self.stats: dict[str, int] = {"decode_errors": 0, "records_applied": 0,
                                       "records_stale": 0, "records_absurd": 0,
-                                      "refutations": 0}
+                                      "refutations": 0, "records_not_member": 0,
+                                      "records_over_node_cap": 0,
+                                      "records_over_total_cap": 0, "records_pending": 0,
+                                      "tombstones_evicted": 0}
         self.local: dict[str, LocalService] = {}
         self._nodes: dict[str, _NodeEntry] = {self.name: _NodeEntry(epoch)}
+        #: Encoded bytes of every entry (records and headers): the push-pull state's size.
+        self._bytes = _header_size(self.name)
+        #: Broadcast records of nodes not (yet) live members, by node: (when, epoch,
+        #: records), oldest first; applied when the node's alive arrives.
+        self._pending: dict[str, tuple[float, int, list[Record]]] = {}
+        self._pending_bytes = 0
         self._service_index: dict[str, int] = {}
         self._listeners: list[ChangeListener] = []
         #: ``state_digest``'s value, None when a change made it stale.
@@ -175,10 +246,13 @@ class Catalog(Delegate):
     def register_many(self, now: float, regs: Iterable[Registration]) -> None:
         """Register several services in one broadcast (e.g. all of a config file), so
         they travel together, over a stream when they do not fit a datagram."""
-        changed: list[Record] = []
+        regs = list(regs)
         for reg in regs:
             for spec in reg.checks:
                 spec.validate()
+        self.check_registrations(regs)
+        changed: list[Record] = []
+        for reg in regs:
             svc = reg.service
             ids = [svc.id] if len(reg.checks) == 1 else [
                 f"{svc.id}:{i + 1}" for i in range(len(reg.checks))]
@@ -192,6 +266,31 @@ class Catalog(Delegate):
             self.local[svc.id] = LocalService(svc, checks)
             changed.append(self._local_record(svc.id))
         self._publish_local(now, changed)
+
+    def check_registrations(self, regs: list[Registration],
+                            removing: Iterable[str] = ()) -> None:
+        """Raise ``CatalogLimitError`` if registering ``regs`` (after deregistering
+        ``removing``) would take our own records past a per-node cap (peers would
+        refuse them). Changes nothing."""
+        sizes = {sid: _record_size(self._local_record(sid)) for sid in self.local}
+        for sid in removing:
+            sizes.pop(sid, None)
+        for reg in regs:
+            sizes[reg.service.id] = registration_size(reg)
+        check_local_limits(len(sizes), sum(sizes.values()), self.limits,
+                           _header_size(self.name))
+
+    def footprint(self) -> dict[str, int]:
+        """What the catalog holds: nodes with records, records (tombstones included),
+        their encoded bytes (what a push-pull carries), records waiting for their
+        node's alive, and the caps."""
+        return {"nodes": sum(1 for e in self._nodes.values() if e.records),
+                "records": sum(len(e.records) for e in self._nodes.values()),
+                "bytes": self._bytes, "pending_nodes": len(self._pending),
+                "pending_bytes": self._pending_bytes,
+                "max_bytes": self.limits.total_bytes,
+                "max_node_bytes": self.limits.bytes_per_node,
+                "max_node_services": self.limits.services_per_node}
 
     def deregister(self, now: float, service_id: str) -> bool:
         ls = self.local.pop(service_id, None)
@@ -303,6 +402,8 @@ class Catalog(Delegate):
     # ---- delegate hooks ---------------------------------------------------------------------
 
     def local_state(self, join: bool) -> bytes:
+        # At most limits.total_bytes (plus a few bytes of array headers): every record
+        # stored was counted against the total cap, see _put.
         nodes = [[node, e.epoch, [_record_to_list(r) for r in e.records.values()]]
                  for node, e in self._nodes.items() if e.records]
         return encode([MSG_STATE, nodes])
@@ -311,6 +412,9 @@ class Catalog(Delegate):
         msg = self._decode(data, MSG_STATE)
         if msg is None:
             return
+        # The core merged the push-pull's member rows first (anti_entropy._merge), so
+        # every member the peer lists that we admit is in our table by now: anything
+        # else is not a member, and waits for nothing.
         for node, epoch, records in msg[1]:
             self._apply(now, node, epoch, records)
         self._collect_tombstones(now)
@@ -320,7 +424,7 @@ class Catalog(Delegate):
         if msg is None:
             return
         _, node, epoch, records = msg
-        news = self._apply(now, node, epoch, records)
+        news = self._apply(now, node, epoch, records, may_wait=True)
         if news:  # new to us: pass it on, so it spreads epidemically
             self._broadcast(now, node, epoch, news)
 
@@ -344,12 +448,14 @@ class Catalog(Delegate):
             self._digest = None
         if event.name == self.name:
             return
+        if event.kind in ("join", "alive") and self._pending:
+            self._release_pending(now, event.name)
         entry = self._nodes.get(event.name)
         if entry is None:
             return
         names = frozenset(r.name for r in entry.records.values())
         if event.kind == "reap":
-            del self._nodes[event.name]
+            self._drop_entry(event.name)
         if event.kind in ("join", "alive", "failed", "left", "reap") and names:
             self._changed(names)
 
@@ -390,8 +496,11 @@ class Catalog(Delegate):
             if bump:
                 self.version += 1
                 r = replace(r, rev=self.version)
-            _store(entry, r, now, names)
+            self._put(entry, r, now, names)
             stamped.append(r)
+        # Our live records are within the caps (register_many checked them); old
+        # tombstones make room, oldest first, as they would on every peer.
+        self._evict_tombstones(entry, keep=frozenset(r.id for r in stamped))
         self._changed(frozenset(names))
         self._broadcast(now, self.name, self.epoch, stamped)
 
@@ -400,8 +509,11 @@ class Catalog(Delegate):
         key = f"{node}/{records[0].id}" if len(records) == 1 else None
         self.core.broadcast(now, CHANNEL, payload, key=key)
 
-    def _apply(self, now: float, node: str, epoch: int, records: list[Record]) -> list[Record]:
-        """Merge a node's records; returns those that were news."""
+    def _apply(self, now: float, node: str, epoch: int, records: list[Record],
+               may_wait: bool = False) -> list[Record]:
+        """Merge a node's records; returns those that were news. Records of a node
+        that is not a live member are refused, or with ``may_wait`` (a broadcast,
+        which may overtake its node's alive) kept a while for its alive."""
         if epoch > (now + self.wall_offset) * 1e6 + MAX_EPOCH_AHEAD:
             # An epoch is a start time; one far in the future can only be forged, and
             # taking it would leave its node unable to outbid it.
@@ -410,31 +522,116 @@ class Catalog(Delegate):
         if node == self.name:
             self._defend(now, epoch, records)
             return []  # we are the authority on our own services
+        m = self.core.members.get(node)
+        if m is None or not m.live:
+            if may_wait and records:
+                self._wait(now, node, epoch, records)
+            else:
+                self.stats["records_not_member"] += len(records)
+            return []
         entry = self._nodes.get(node)
         names: set[str] = set()
+        fresh = False
         if entry is None or epoch > entry.epoch:
+            if not records and entry is None:
+                return []  # nothing held, nothing to say: no entry for it
             if entry is not None:  # the node restarted: its previous life is over
                 names.update(r.name for r in entry.records.values())
-            elif len(self._nodes) >= MAX_NODES:
-                self.stats["records_stale"] += len(records)
+                self._drop_entry(node)
+            elif len(self._nodes) >= MAX_NODES or \
+                    self._bytes + _header_size(node) > self.limits.total_bytes:
+                self.stats["records_over_total_cap"] += len(records)
                 return []
+            else:
+                fresh = True
             entry = self._nodes[node] = _NodeEntry(epoch)
+            self._bytes += _header_size(node)
             self._digest = None
         elif epoch < entry.epoch:
             self.stats["records_stale"] += len(records)
             return []
         news: list[Record] = []
+        limits = self.limits
+        max_live = limits.services_per_node * PEER_SLACK
+        max_size = limits.bytes_per_node * PEER_SLACK
         for r in records:
             cur = entry.records.get(r.id)
             if cur is not None and cur.rev >= r.rev:
                 self.stats["records_stale"] += 1
                 continue
-            _store(entry, r, now, names)
+            size = _record_size(r)
+            grow = size - (_record_size(cur) if cur is not None else 0)
+            more = (not r.deleted) - (cur is not None and not cur.deleted)
+            if entry.live + more > max_live or entry.size + grow > max_size:
+                # Tombstones make room first (they only guard against late copies);
+                # past that the node says more than any agent may.
+                self._evict_tombstones(entry, keep=frozenset((r.id,)),
+                                       room=max(0, entry.size + grow - max_size))
+                if entry.live + more > max_live or entry.size + grow > max_size:
+                    self.stats["records_over_node_cap"] += 1
+                    continue
+            if self._bytes + grow > limits.total_bytes:
+                self.stats["records_over_total_cap"] += 1
+                continue
+            self._put(entry, r, now, names)
             news.append(r)
+        if news:
+            self._evict_tombstones(entry, keep=frozenset(r.id for r in news))
+        elif fresh:
+            self._drop_entry(node)  # nothing of it was taken: no entry for it either
         self.stats["records_applied"] += len(news)
         if names:
             self._changed(frozenset(names))
         return news
+
+    def _wait(self, now: float, node: str, epoch: int, records: list[Record]) -> None:
+        """Keep a broadcast of a node we do not list live until its alive comes (it
+        may have overtaken it), within the pending buffer's bounds; the oldest waiting
+        node makes room. Push-pull and the digest repair anything this drops."""
+        limits = self.limits
+        self.stats["records_pending"] += len(records)
+        old = self._pending.pop(node, None)
+        merged: dict[str, Record] = {}
+        if old is not None:
+            self._pending_bytes -= _pending_size(node, old[2])
+            if old[1] == epoch:
+                merged = {r.id: r for r in old[2]}
+            elif old[1] > epoch:
+                epoch, records, merged = old[1], [], {r.id: r for r in old[2]}
+        for r in records:
+            cur = merged.get(r.id)
+            if cur is None or cur.rev < r.rev:
+                merged[r.id] = r
+        kept = list(merged.values())
+        size = _pending_size(node, kept)
+        if len(kept) > limits.services_per_node * PEER_SLACK or \
+                size > limits.bytes_per_node * PEER_SLACK or size > limits.pending_bytes:
+            self.stats["records_over_node_cap"] += len(records)
+            return
+        for stale in [n for n, (t, _, _) in self._pending.items()
+                      if now - t >= limits.pending_ttl]:
+            self._pending_bytes -= _pending_size(stale, self._pending.pop(stale)[2])
+        while self._pending and (len(self._pending) >= limits.pending_nodes or
+                                 self._pending_bytes + size > limits.pending_bytes):
+            first = next(iter(self._pending))
+            self._pending_bytes -= _pending_size(first, self._pending.pop(first)[2])
+        if len(self._pending) >= limits.pending_nodes:
+            return  # a pending buffer of size 0
+        self._pending[node] = (now, epoch, kept)
+        self._pending_bytes += size
+
+    def _release_pending(self, now: float, node: str) -> None:
+        """``node`` became a live member: what waited for it is applied and passed on."""
+        held = self._pending.pop(node, None)
+        if held is None:
+            return
+        t, epoch, records = held
+        self._pending_bytes -= _pending_size(node, records)
+        if now - t >= self.limits.pending_ttl:
+            return
+        news = self._apply(now, node, epoch, records)
+        if news:
+            self._broadcast(now, node, epoch, news)
 
     def _defend(self, now: float, epoch: int, records: list[Record]) -> None:
         """The owner wins about its own records, as it does about its membership by
@@ -452,23 +649,62 @@ class Catalog(Delegate):
         wall = int((now + self.wall_offset) * 1e6)
         if wall > self.epoch:
             self.epoch = wall
-        entry = self._nodes[self.name] = _NodeEntry(self.epoch)
-        self._digest = None
         live = [r for r in own.values() if not r.deleted]  # tombstones hide nothing now
+        self._drop_entry(self.name)
+        entry = self._nodes[self.name] = _NodeEntry(self.epoch)
+        self._bytes += _header_size(self.name)
+        self._digest = None
         for r in live:
-            entry.records[r.id] = r
-            entry.digest ^= _record_hash(r)
+            self._put(entry, r, now, set())
         self._broadcast(now, self.name, self.epoch, live)
+
+    def _put(self, entry: _NodeEntry, r: Record, now: float, names: set[str]) -> None:
+        before = entry.size
+        _store(entry, r, now, names)
+        self._bytes += entry.size - before
+
+    def _remove(self, entry: _NodeEntry, sid: str) -> None:
+        gone = entry.records.pop(sid, None)
+        entry.buried.pop(sid, None)
+        if gone is not None:
+            entry.digest ^= _record_hash(gone)
+            size = _record_size(gone)
+            entry.size -= size
+            entry.live -= not gone.deleted
+            self._bytes -= size
+            self._digest = None
+
+    def _drop_entry(self, node: str) -> None:
+        entry = self._nodes.pop(node, None)
+        if entry is not None:
+            self._bytes -= entry.size + _header_size(node)
+            self._digest = None
+
+    def _evict_tombstones(self, entry: _NodeEntry, keep: frozenset[str],
+                          room: int = 0) -> None:
+        """Drop the node's oldest tombstones (but those in ``keep``) while it holds
+        more tombstones than ``services_per_node`` or more bytes than its cap, or until
+        ``room`` bytes are free."""
+        limits = self.limits
+        freed = 0
+        max_size = limits.bytes_per_node * (1 if entry is self._nodes.get(self.name)
+                                             else PEER_SLACK)
+        for sid in list(entry.buried):
+            if len(entry.buried) <= limits.services_per_node and \
+                    entry.size <= max_size and freed >= room:
+                break
+            if sid in keep:
+                continue
+            before = entry.size
+            self._remove(entry, sid)
+            freed += before - entry.size
+            self.stats["tombstones_evicted"] += 1
 
     def _collect_tombstones(self, now: float) -> None:
         for entry in self._nodes.values():
             for sid, t in list(entry.buried.items()):
                 if now - t >= self.tombstone_ttl:
-                    del entry.buried[sid]
-                    gone = entry.records.pop(sid, None)
-                    if gone is not None:
-                        entry.digest ^= _record_hash(gone)
-                        self._digest = None
+                    self._remove(entry, sid)
 
     def _changed(self, names: frozenset[str]) -> None:
         self._digest = None
@@ -477,6 +713,48 @@ class Catalog(Delegate):
             self._service_index[n] = self.index
         for listener in list(self._listeners):
             listener(names)
+
+
+# ---- limits -------------------------------------------------------------------------------
+
+
+def registration_size(reg: Registration) -> int:
+    """Encoded bytes of the record a registration becomes."""
+    svc = reg.service
+    n = len(reg.checks)
+    ids = [svc.id] if n == 1 else [f"{svc.id}:{i + 1}" for i in range(n)]
+    checks = tuple(CheckSummary(cid, spec.kind, PASSING)
+                   for cid, spec in zip(ids, reg.checks, strict=True))
+    return _record_size(Record(svc.id, svc.name, svc.address, svc.port, svc.tags,
+                               svc.version, svc.weight, PASSING, checks, 2**53 - 1))
+
+
+def check_local_limits(services: int, size: int, limits: CatalogLimits,
+                       header: int = 0) -> None:
+    """Raise ``CatalogLimitError`` naming the cap that ``services`` live services of
+    ``size`` encoded bytes (plus ``header``) would pass."""
+    if services > limits.services_per_node:
+        raise CatalogLimitError(
+            f"{services} services on one agent: at most {limits.services_per_node} "
+            f"(peers refuse more)")
+    if size + header > limits.bytes_per_node:
+        raise CatalogLimitError(
+            f"the agent's services take {size + header} bytes in the catalog: at most "
+            f"{limits.bytes_per_node} (fewer tags or checks, shorter names)")
+
+
+def _record_size(r: Record) -> int:
+    return len(msgpack.packb(_record_to_list(r), use_bin_type=True))
+
+
+def _header_size(node: str) -> int:
+    """What a node's entry costs in a push-pull state besides its records: its name, a
+    counter and array headers (generous)."""
+    return len(node.encode()) + 16
+
+
+def _pending_size(node: str, records: list[Record]) -> int:
+    return _header_size(node) + sum(_record_size(r) for r in records)
 
 
 # ---- encoding -----------------------------------------------------------------------------
@@ -497,13 +775,16 @@ def _store(entry: _NodeEntry, r: Record, now: float, names: set[str]) -> None:
     if old is not None:
         names.add(old.name)
         entry.digest ^= _record_hash(old)
+        entry.size -= _record_size(old)
+        entry.live -= not old.deleted
     names.add(r.name)
     entry.records[r.id] = r
     entry.digest ^= _record_hash(r)
+    entry.size += _record_size(r)
+    entry.live += not r.deleted
+    entry.buried.pop(r.id, None)  # a newer tombstone goes last: the oldest stays first
     if r.deleted:
         entry.buried[r.id] = now
-    else:
-        entry.buried.pop(r.id, None)
 
 
 def _record_hash(r: Record) -> int:
@@ -620,5 +901,6 @@ def _status(v: Any) -> str:
     return STATUSES[v]
 
 
-__all__ = ["CHANNEL", "SEVERITY", "Catalog", "CatalogDecodeError", "CheckSpec",
-           "CheckSummary", "Instance", "Record", "decode", "encode"]
+__all__ = ["CHANNEL", "SEVERITY", "STATE_SHARE", "Catalog", "CatalogDecodeError",
+           "CatalogLimitError", "CatalogLimits", "CheckSpec", "CheckSummary", "Instance",
+           "Record", "check_local_limits", "decode", "encode", "registration_size"]

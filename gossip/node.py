@@ -353,6 +353,9 @@ class Node:
                                "members": counts,
                                "incarnation": core.incarnation,
                                "stats": dict(core.stats)}
+        if self._parts is not None:
+            cat = self._parts.catalog
+            doc["catalog"] = {**cat.footprint(), "stats": dict(cat.stats)}
         if isinstance(core.seal, KeyringSeal):
             doc["encryption"] = {"keys": len(core.seal.keyring.keys),
                                  "refused": dict(core.seal.stats)}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ...gossip.catalog import Instance
+from ...gossip.catalog import CatalogLimitError, Instance
 from ...gossip.checks import CRITICAL, PASSING, WARNING
 from ...gossip.service_spec import (
     Registration,
@@ -90,7 +90,10 @@ def add_catalog_routes(router: Router, catalog: CatalogApi) -> None:
             reg = registration_from_mapping(read_json(request))
         except SpecError as e:
             raise HttpError(400, str(e)) from e
-        checks = catalog.register(reg)
+        try:
+            checks = catalog.register(reg)
+        except CatalogLimitError as e:
+            raise HttpError(400, f"service {reg.service.id!r}: {e}") from e
         return json_response({"id": reg.service.id, "checks": checks})
 
     async def deregister(request: Request) -> Response:
