@@ -210,6 +210,61 @@ def catalog_poisoning(work: Path) -> dict[str, Any]:
                 "owner_service_visible": bool(a0.get("/v1/catalog/service/web"))}
 
 
+@probe("12_catalog_flood")
+def catalog_flood(work: Path) -> dict[str, Any]:
+    """Issue 27, finding 2: records for invented names and an oversized set for a real
+    member, raw over UDP (the flood ``tests/cluster/test_catalog_flood.py`` sends:
+    700 datagrams of ~50 KB, 36 MB), then a new agent joins through the flooded one."""
+    from tests.cluster.test_catalog_flood import GHOSTS, RECORDS_PER_DATAGRAM, _records
+
+    with cluster(work, 2, lambda i: ["--service", "name=web,port=8080"] if i == 1
+                 else []) as c:
+        a0 = c.agents[0]
+        wait_for(lambda: a0.get("/v1/catalog/service/web"), 10, "web on a0")
+        time.sleep(1.0)
+        before = a0.rss_kb()
+        epoch = int(time.time() * 1e6)
+        flood = [packet([USER, "catalog", _records(f"ghost-{k}", epoch, 0,
+                                                   RECORDS_PER_DATAGRAM)])
+                 for k in range(GHOSTS)]
+        flood.append(packet([USER, "catalog", _records("a1", epoch, 0, 1000, pad=1)]))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for d in flood:
+                s.sendto(d, (HOST, a0.port))
+                time.sleep(0.01)
+        def answers(a: Agent, path: str) -> Any:
+            try:
+                return a.get(path)
+            except Exception:  # busy (a timeout) or not up yet
+                return None
+
+        wait_for(lambda: bool(a0.members()), 60, "a0's API after the flood")
+        time.sleep(3.0)
+        after = a0.rss_kb()
+        held: dict[str, Any] = {}
+        with contextlib.suppress(Exception):
+            held = {k: v for k, v in answers(a0, "/v1/health").get("catalog", {}).items()
+                    if k != "stats"}
+        a2 = Agent("a2", work)
+        a2.start(a0)
+        c.agents.append(a2)
+        t0 = time.monotonic()
+        joined: float | None = None
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: c.converged(3), 30, "a2 to join")
+            joined = round(time.monotonic() - t0, 2)
+        web_on_new = False
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: answers(a2, "/v1/catalog/service/web"), 10, "web on a2")
+            web_on_new = True
+        log = a2.log.read_text(errors="replace")
+        return {"flood_bytes": sum(map(len, flood)), "rss_before_mb": round(before / 1024, 1),
+                "rss_after_mb": round(after / 1024, 1), "catalog_held": held,
+                "new_agent_join_s": joined, "web_on_new_agent": web_on_new,
+                "join_errors": [ln[:300] for ln in log.splitlines()
+                                if "exceeds" in ln or "could not join" in ln][:3]}
+
+
 # ---- 5-6: the local API as a web page or a rebinding name sees it ----------------------
 
 
