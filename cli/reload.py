@@ -150,7 +150,7 @@ class Reloader:
             old = {r.service.id for r in self.opts.services}
             now = {r.service.id for r in new.services}
             try:
-                self.discovery.catalog.check_registrations(list(new.services), old - now)
+                self.discovery.check_registrations(list(new.services), old - now)
             except CatalogLimitError as e:
                 raise ReloadError(f"service: {e}") from None
         if any(k.startswith("tls_") for k in keys) and self.tls and new.tls:

@@ -18,7 +18,7 @@ program can wait on: blocking queries (``wait``) and watches::
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -120,6 +120,12 @@ class Discovery:
         self.catalog.register_many(trio.current_time(), regs)
         self._after_local_change()
         return {r.service.id: list(self.catalog.local[r.service.id].checks) for r in regs}
+
+    def check_registrations(self, regs: list[Registration],
+                            removing: Iterable[str] = ()) -> None:
+        """Raise ``CatalogLimitError`` if registering ``regs`` after deregistering
+        ``removing`` would pass a catalog cap; changes nothing."""
+        self.catalog.check_registrations(regs, removing)
 
     def deregister(self, service_id: str) -> bool:
         found = self.catalog.deregister(trio.current_time(), service_id)

@@ -51,6 +51,9 @@ class FakeDiscovery:
         self.calls.append(("register", [r.service.id for r in regs]))
         return {}
 
+    def check_registrations(self, regs: list[Any], removing: Any = ()) -> None:
+        pass
+
 
 def _opts(*flags: str) -> Any:
     return agent_options(parse_agent_args(["agent", "--name", "a", *flags]))
