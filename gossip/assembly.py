@@ -70,6 +70,9 @@ def assemble(spec: NodeSpec, now: float, rng: random.Random,
     catalog = Catalog(core, epoch=int((now + spec.wall_offset) * 1_000_000), now=now,
                       wall_offset=spec.wall_offset, limits=spec.catalog_limits)
     core.register(catalog)
+    # Signed record sets ride a channel of their own, which agents of the previous
+    # build skip (see catalog.py); it sends nothing while the identity is off.
+    core.register(catalog.signed_channel())
     keyring = None
     if isinstance(spec.seal, KeyringSeal):
         keyring = KeyringCommands(core, spec.seal, rand_id=new_id)

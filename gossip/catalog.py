@@ -45,7 +45,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
@@ -57,9 +57,19 @@ from .membership import Membership
 from .service_spec import Registration, ServiceDef
 
 CHANNEL = "catalog"
+#: The channel of signed record sets: agents of the previous build do not know it, and
+#: a core skips a broadcast or a push-pull state of a channel it has no delegate for.
+SIGNED_CHANNEL = "catalog-signed"
 CATALOG_VERSION = 1
 MSG_RECORDS = 1
 MSG_STATE = 2
+#: On ``SIGNED_CHANNEL``: one node's signed set, and a push-pull's signed sets.
+MSG_SIGNED = 3
+MSG_SIGNED_STATE = 4
+#: Signed with the node key before the set's exact bytes: a catalog statement can
+#: never be taken for another kind of signed statement.
+SIGN_CONTEXT = b"rumor-catalog-v1\0"
+MAX_SIG = 256
 
 MAX_RECORDS = 4096  # per message; a catalog state is bounded by the frame size anyway
 MAX_NODES = 65536
@@ -77,6 +87,22 @@ class CatalogDecodeError(ValueError):
 
 class CatalogLimitError(ValueError):
     """A local registration that would take this node past a catalog cap."""
+
+
+class Identity(Protocol):
+    """What the catalog needs of the node identity (``gossip/identity.py``, reached as
+    ``core.identity``): sign our sets, verify others', and say whose plain records
+    may still be taken."""
+
+    @property
+    def mode(self) -> str: ...  # "off" | "prefer" | "require"
+
+    def sign(self, context: bytes, data: bytes) -> bytes | None: ...
+
+    def verify(self, now: float, node: str, context: bytes, data: bytes, sig: bytes,
+               source: str) -> bool: ...
+
+    def accepts_unsigned(self, node: str) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +210,9 @@ class _NodeEntry:
     #: Encoded bytes of ``records`` and live (not deleted) records among them.
     size: int = 0
     live: int = 0
+    #: The node's own signed statement of ``records``: (set bytes, signature, version),
+    #: kept verbatim and relayed as it came; None for records that came plain.
+    signed: tuple[bytes, bytes, int] | None = None
 
 
 @dataclass(slots=True)
@@ -202,7 +231,8 @@ class Catalog(Delegate):
 
     def __init__(self, core: Membership, *, epoch: int, now: float = 0.0,
                  wall_offset: float = 0.0, tombstone_ttl: float = 3600.0,
-                 limits: CatalogLimits | None = None) -> None:
+                 limits: CatalogLimits | None = None,
+                 identity: Identity | None = None) -> None:
         self.core = core
         self.name = core.name
         #: This life's epoch: the calendar time it started, in microseconds (raised
@@ -215,12 +245,17 @@ class Catalog(Delegate):
         #: Raised on every visible change; blocking queries wait for it to pass a value.
         self.index = 1
         self.limits = limits or CatalogLimits()
+        #: The node identity; None (or mode "off"): no signatures, plain records only.
+        self.identity: Identity | None = identity if identity is not None else \
+            getattr(core, "identity", None)
         self.stats: dict[str, int] = {"decode_errors": 0, "records_applied": 0,
                                       "records_stale": 0, "records_absurd": 0,
                                       "refutations": 0, "records_not_member": 0,
                                       "records_over_node_cap": 0,
                                       "records_over_total_cap": 0, "records_pending": 0,
-                                      "tombstones_evicted": 0}
+                                      "tombstones_evicted": 0, "sets_applied": 0,
+                                      "sets_stale": 0, "sets_unverified": 0,
+                                      "records_unsigned_refused": 0}
         self.local: dict[str, LocalService] = {}
         self._nodes: dict[str, _NodeEntry] = {self.name: _NodeEntry(epoch)}
         #: Encoded bytes of every entry (records and headers): the push-pull state's size.
@@ -229,6 +264,8 @@ class Catalog(Delegate):
         #: records), oldest first; applied when the node's alive arrives.
         self._pending: dict[str, tuple[float, int, list[Record]]] = {}
         self._pending_bytes = 0
+        #: The same for signed sets: (when, the message as it came), by node.
+        self._pending_signed: dict[str, tuple[float, bytes]] = {}
         self._service_index: dict[str, int] = {}
         self._listeners: list[ChangeListener] = []
         #: ``state_digest``'s value, None when a change made it stale.
@@ -403,7 +440,10 @@ class Catalog(Delegate):
 
     def local_state(self, join: bool) -> bytes:
         # At most limits.total_bytes (plus a few bytes of array headers): every record
-        # stored was counted against the total cap, see _put.
+        # stored was counted against the total cap, see _put. With signatures required
+        # nobody takes plain records, so none are sent.
+        if self._mode() == "require":
+            return b""
         nodes = [[node, e.epoch, [_record_to_list(r) for r in e.records.values()]]
                  for node, e in self._nodes.items() if e.records]
         return encode([MSG_STATE, nodes])
@@ -448,7 +488,7 @@ class Catalog(Delegate):
             self._digest = None
         if event.name == self.name:
             return
-        if event.kind in ("join", "alive") and self._pending:
+        if event.kind in ("join", "alive") and (self._pending or self._pending_signed):
             self._release_pending(now, event.name)
         entry = self._nodes.get(event.name)
         if entry is None:
@@ -503,8 +543,11 @@ class Catalog(Delegate):
         self._evict_tombstones(entry, keep=frozenset(r.id for r in stamped))
         self._changed(frozenset(names))
         self._broadcast(now, self.name, self.epoch, stamped)
+        self._announce(now)
 
     def _broadcast(self, now: float, node: str, epoch: int, records: list[Record]) -> None:
+        if self._mode() == "require":
+            return  # nobody takes plain records
         payload = encode([MSG_RECORDS, node, epoch, [_record_to_list(r) for r in records]])
         key = f"{node}/{records[0].id}" if len(records) == 1 else None
         self.core.broadcast(now, CHANNEL, payload, key=key)
@@ -530,6 +573,16 @@ class Catalog(Delegate):
                 self.stats["records_not_member"] += len(records)
             return []
         entry = self._nodes.get(node)
+        if not self._plain_ok(node, entry):
+            # Its own signed statements speak for it: a plain record could be anyone's.
+            # (The plain copies of what it signed, sent for the previous build, are
+            # only stale.)
+            held = {} if entry is None or epoch > entry.epoch else entry.records
+            echo = all((cur := held.get(r.id)) is not None and cur.rev >= r.rev
+                       for r in records)
+            self.stats["records_stale" if echo else "records_unsigned_refused"] += \
+                len(records)
+            return []
         names: set[str] = set()
         fresh = False
         if entry is None or epoch > entry.epoch:
@@ -622,6 +675,11 @@ class Catalog(Delegate):
 
     def _release_pending(self, now: float, node: str) -> None:
         """``node`` became a live member: what waited for it is applied and passed on."""
+        signed = self._pending_signed.pop(node, None)
+        if signed is not None:
+            self._pending_bytes -= len(signed[1])
+            if now - signed[0] < self.limits.pending_ttl:
+                self._notify_signed(now, signed[1], "")
         held = self._pending.pop(node, None)
         if held is None:
             return
@@ -632,6 +690,147 @@ class Catalog(Delegate):
         news = self._apply(now, node, epoch, records)
         if news:
             self._broadcast(now, node, epoch, news)
+
+    # ---- signed sets --------------------------------------------------------------------------
+
+    def _mode(self) -> str:
+        return "off" if self.identity is None else self.identity.mode
+
+    def _plain_ok(self, node: str, entry: _NodeEntry | None) -> bool:
+        """Whether plain records of ``node`` may be taken: always without signatures;
+        in "prefer" mode only for a node never seen signed; never in "require"."""
+        ident = self.identity
+        if ident is None or ident.mode == "off":
+            return True
+        if ident.mode == "require" or (entry is not None and entry.signed is not None):
+            return False
+        return ident.accepts_unsigned(node)
+
+    def signed_channel(self) -> Delegate:
+        """The delegate of ``SIGNED_CHANNEL``, to register on the core beside this one."""
+        return _SignedChannel(self)
+
+    def _announce(self, now: float) -> None:
+        """Sign our whole record set (tombstones included) as it now is and send it;
+        peers keep and relay those exact bytes."""
+        ident = self.identity
+        if ident is None or ident.mode == "off":
+            return
+        entry = self._nodes[self.name]
+        body = encode_set(self.name, self.epoch, self.version, entry.records.values())
+        sig = ident.sign(SIGN_CONTEXT, body)
+        if sig is None:
+            return
+        self._bytes += len(body) + len(sig) - _signed_size(entry)
+        entry.signed = (body, sig, self.version)
+        self.core.broadcast(now, SIGNED_CHANNEL, encode([MSG_SIGNED, body, sig]),
+                            key=self.name)
+
+    def signed_state(self) -> bytes:
+        sets = [[e.signed[0], e.signed[1]] for e in self._nodes.values()
+                if e.signed is not None]
+        return encode([MSG_SIGNED_STATE, sets]) if sets else b""
+
+    def merge_signed_state(self, now: float, data: bytes, peer: str) -> None:
+        msg = self._decode(data, MSG_SIGNED_STATE)
+        if msg is None:
+            return
+        for body, sig in msg[1]:
+            self._apply_signed(now, body, sig, peer)
+
+    def _notify_signed(self, now: float, payload: bytes, source: str) -> None:
+        msg = self._decode(payload, MSG_SIGNED)
+        if msg is None:
+            return
+        _, body, sig = msg
+        node = self._apply_signed(now, body, sig, source, payload)
+        if node is not None:  # news: relayed verbatim
+            self.core.broadcast(now, SIGNED_CHANNEL, payload, key=node)
+
+    def _apply_signed(self, now: float, body: bytes, sig: bytes, source: str,
+                      payload: bytes | None = None) -> str | None:
+        """Take a node's signed set if it is newer than what we hold of it and its
+        node signed it; returns the node's name if it was news. The set replaces
+        everything held for the node (newest signed set wins, no per-record merge).
+        ``payload``: the broadcast it came in, kept to wait for an unknown node."""
+        ident = self.identity
+        if ident is None or ident.mode == "off":
+            return None
+        try:
+            node, epoch, version, records = decode_set(body)
+        except CatalogDecodeError:
+            self.stats["decode_errors"] += 1
+            return None
+        if epoch > (now + self.wall_offset) * 1e6 + MAX_EPOCH_AHEAD:
+            self.stats["records_absurd"] += len(records) or 1
+            return None
+        if node == self.name:
+            return None  # ours are what we sign now
+        m = self.core.members.get(node)
+        if m is None or not m.live:
+            if payload is not None and len(payload) <= self.limits.pending_bytes:
+                self._wait_signed(now, node, payload)
+            else:
+                self.stats["records_not_member"] += len(records)
+            return None
+        entry = self._nodes.get(node)
+        if entry is not None and entry.signed is not None and \
+                (entry.epoch, entry.signed[2]) >= (epoch, version):
+            self.stats["sets_stale"] += 1
+            return None
+        limits = self.limits
+        sizes = [_record_size(r) for r in records]
+        live = sum(1 for r in records if not r.deleted)
+        if live > limits.services_per_node or sum(sizes) > limits.bytes_per_node:
+            self.stats["records_over_node_cap"] += len(records)
+            return None
+        cost = _header_size(node) + sum(sizes) + len(body) + len(sig)
+        held = 0 if entry is None else \
+            entry.size + _header_size(node) + _signed_size(entry)
+        if self._bytes - held + cost > limits.total_bytes:
+            self.stats["records_over_total_cap"] += len(records)
+            return None
+        if not ident.verify(now, node, SIGN_CONTEXT, body, sig, source):
+            self.stats["sets_unverified"] += 1
+            return None
+        old = {} if entry is None else entry.records
+        news = [r for r in records if entry is None or epoch != entry.epoch
+                or (old.get(r.id) is None or old[r.id].rev < r.rev)]
+        names = {r.name for r in old.values()}
+        if entry is not None:
+            self._drop_entry(node)
+        new = self._nodes[node] = _NodeEntry(epoch)
+        self._bytes += _header_size(node)
+        for r in records:
+            self._put(new, r, now, names)
+        self._bytes += len(body) + len(sig)
+        new.signed = (body, sig, version)
+        self._digest = None
+        self.stats["sets_applied"] += 1
+        if names:
+            self._changed(frozenset(names))
+        if news and payload is not None:
+            # Agents of the previous build read only plain records: pass on what is
+            # new in plain form too ("prefer" mode; nothing in "require").
+            self._broadcast(now, node, epoch, news)
+        return node
+
+    def _wait_signed(self, now: float, node: str, payload: bytes) -> None:
+        limits = self.limits
+        old = self._pending_signed.pop(node, None)
+        if old is not None:
+            self._pending_bytes -= len(old[1])
+        while self._pending_signed and (
+                len(self._pending_signed) >= limits.pending_nodes
+                or self._pending_bytes + len(payload) > limits.pending_bytes):
+            first = next(iter(self._pending_signed))
+            self._pending_bytes -= len(self._pending_signed.pop(first)[1])
+        if len(self._pending_signed) >= limits.pending_nodes or \
+                self._pending_bytes + len(payload) > limits.pending_bytes:
+            return
+        self.stats["records_pending"] += 1
+        self._pending_signed[node] = (now, payload)
+        self._pending_bytes += len(payload)
 
     def _defend(self, now: float, epoch: int, records: list[Record]) -> None:
         """The owner wins about its own records, as it does about its membership by
@@ -657,6 +856,7 @@ class Catalog(Delegate):
         for r in live:
             self._put(entry, r, now, set())
         self._broadcast(now, self.name, self.epoch, live)
+        self._announce(now)
 
     def _put(self, entry: _NodeEntry, r: Record, now: float, names: set[str]) -> None:
         before = entry.size
@@ -677,7 +877,7 @@ class Catalog(Delegate):
     def _drop_entry(self, node: str) -> None:
         entry = self._nodes.pop(node, None)
         if entry is not None:
-            self._bytes -= entry.size + _header_size(node)
+            self._bytes -= entry.size + _header_size(node) + _signed_size(entry)
             self._digest = None
 
     def _evict_tombstones(self, entry: _NodeEntry, keep: frozenset[str],
@@ -713,6 +913,44 @@ class Catalog(Delegate):
             self._service_index[n] = self.index
         for listener in list(self._listeners):
             listener(names)
+
+
+class _SignedChannel(Delegate):
+    """``SIGNED_CHANNEL``: the catalog's signed sets, in broadcasts and push-pull."""
+
+    channel = SIGNED_CHANNEL
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def local_state(self, join: bool) -> bytes:
+        return self.catalog.signed_state()
+
+    def merge_remote_state(self, now: float, data: bytes, join: bool, peer: str) -> None:
+        self.catalog.merge_signed_state(now, data, peer)
+
+    def notify_message(self, now: float, payload: bytes) -> None:
+        # The core does not say who sent a broadcast: the identity's per-source
+        # budget sees it as from nobody in particular.
+        self.catalog._notify_signed(now, payload, "")
+
+
+def _signed_size(e: _NodeEntry) -> int:
+    return 0 if e.signed is None else len(e.signed[0]) + len(e.signed[1])
+
+
+def encode_set(node: str, epoch: int, version: int, records: Iterable[Record]) -> bytes:
+    """The bytes a node signs: its name, epoch, set version and every record it holds
+    (tombstones included), msgpack behind the catalog version byte."""
+    return encode([node, epoch, version, [_record_to_list(r) for r in records]])
+
+
+def decode_set(data: bytes) -> tuple[str, int, int, list[Record]]:
+    """``encode_set``'s fields from its exact bytes; raises only ``CatalogDecodeError``."""
+    body = _unpack(data)
+    if len(body) != 4:
+        raise CatalogDecodeError("a signed set is [node, epoch, version, records]")
+    return _node(body[0]), _uint(body[1]), _uint(body[2]), _records(body[3])
 
 
 # ---- limits -------------------------------------------------------------------------------
@@ -814,16 +1052,7 @@ def encode(msg: list[Any]) -> bytes:
 def decode(data: bytes) -> tuple[Any, ...]:
     """``(MSG_RECORDS, node, epoch, [Record])`` or ``(MSG_STATE, [(node, epoch,
     [Record])])``; raises only ``CatalogDecodeError``."""
-    if not data:
-        raise CatalogDecodeError("empty message")
-    if data[0] != CATALOG_VERSION:
-        raise CatalogDecodeError(f"unsupported catalog version {data[0]}")
-    try:
-        body = msgpack.unpackb(data[1:], raw=False, strict_map_key=True, use_list=True)
-    except Exception as e:  # msgpack raises many types; callers want exactly one
-        raise CatalogDecodeError(f"malformed msgpack: {type(e).__name__}") from None
-    if type(body) is not list or not body:
-        raise CatalogDecodeError("a catalog message is a non-empty array")
+    body = _unpack(data)
     kind = body[0]
     if kind == MSG_RECORDS and len(body) == 4:
         return (MSG_RECORDS, _node(body[1]), _uint(body[2]), _records(body[3]))
@@ -837,8 +1066,36 @@ def decode(data: bytes) -> tuple[Any, ...]:
                 raise CatalogDecodeError("catalog state: a node is [name, epoch, records]")
             out.append((_node(n[0]), _uint(n[1]), _records(n[2])))
         return (MSG_STATE, out)
+    if kind == MSG_SIGNED and len(body) == 3:
+        return (MSG_SIGNED, *_signed_pair(body[1:]))
+    if kind == MSG_SIGNED_STATE and len(body) == 2:
+        sets = body[1]
+        if type(sets) is not list or len(sets) > MAX_NODES:
+            raise CatalogDecodeError("signed state: expected a list of signed sets")
+        return (MSG_SIGNED_STATE, [_signed_pair(p) for p in sets])
     raise CatalogDecodeError(f"unknown catalog message ({describe(kind)}, "
                              f"{len(body)} fields)")
+
+
+def _unpack(data: bytes) -> list[Any]:
+    if not data:
+        raise CatalogDecodeError("empty message")
+    if data[0] != CATALOG_VERSION:
+        raise CatalogDecodeError(f"unsupported catalog version {data[0]}")
+    try:
+        body = msgpack.unpackb(data[1:], raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # msgpack raises many types; callers want exactly one
+        raise CatalogDecodeError(f"malformed msgpack: {type(e).__name__}") from None
+    if type(body) is not list or not body:
+        raise CatalogDecodeError("a catalog message is a non-empty array")
+    return body
+
+
+def _signed_pair(v: Any) -> tuple[bytes, bytes]:
+    if type(v) is not list or len(v) != 2 or type(v[0]) is not bytes or \
+            type(v[1]) is not bytes or len(v[1]) > MAX_SIG:
+        raise CatalogDecodeError("a signed set is [set bytes, signature]")
+    return v[0], v[1]
 
 
 def _records(v: Any) -> list[Record]:
@@ -901,6 +1158,25 @@ def _status(v: Any) -> str:
     return STATUSES[v]
 
 
-__all__ = ["CHANNEL", "SEVERITY", "STATE_SHARE", "Catalog", "CatalogDecodeError",
-           "CatalogLimitError", "CatalogLimits", "CheckSpec", "CheckSummary", "Instance",
-           "Record", "check_local_limits", "decode", "encode", "registration_size"]
+__all__ = [
+    "CHANNEL",
+    "SEVERITY",
+    "SIGNED_CHANNEL",
+    "SIGN_CONTEXT",
+    "STATE_SHARE",
+    "Catalog",
+    "CatalogDecodeError",
+    "CatalogLimitError",
+    "CatalogLimits",
+    "CheckSpec",
+    "CheckSummary",
+    "Identity",
+    "Instance",
+    "Record",
+    "check_local_limits",
+    "decode",
+    "decode_set",
+    "encode",
+    "encode_set",
+    "registration_size",
+]
