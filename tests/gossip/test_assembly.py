@@ -40,6 +40,7 @@ def test_a_simulated_node_and_a_real_one_run_the_same_delegates() -> None:
     idx = sim.add_node()
     simulated = _shape(sim.nodes[idx].core.delegates)
     assert simulated == trio.run(real) == [("catalog", "Catalog"),
+                                           ("catalog-signed", "_SignedChannel"),
                                            ("policy", "PolicyReplicator")]
     sim.restart(idx, [])  # a new life is assembled again, delegates and all
     assert _shape(sim.nodes[idx].core.delegates) == simulated
@@ -52,6 +53,7 @@ def test_an_encrypted_node_also_runs_the_keyring_commands() -> None:
                     extras=[PolicyReplicator.factory(TRUST)])
     parts = assemble(spec, 0.0, random.Random(1), new_id=lambda: "id")
     assert _shape(parts.core.delegates) == [("catalog", "Catalog"),
+                                            ("catalog-signed", "_SignedChannel"),
                                             ("keyring", "KeyringCommands"),
                                             ("policy", "PolicyReplicator")]
     assert isinstance(parts.catalog, Catalog) and isinstance(parts.keyring, KeyringCommands)
