@@ -109,6 +109,15 @@ class GossipConfig:
     #: grows (a plaintext cluster cannot tell invented names from real ones).
     new_member_rate: float = 64.0
     new_member_burst: int = 512
+    #: On a plaintext cluster a name learned from third-party gossip is admitted only
+    #: once it answered a direct ping at its claimed address (``admission.py``); at
+    #: most ``max_pending`` names wait, each for ``admission_timeout``, and the pings
+    #: are limited to ``admission_rate`` per second (bursts of ``admission_burst``).
+    admit_by_ping: bool = True
+    max_pending: int = 1024
+    admission_timeout: float = 2.5
+    admission_rate: float = 128.0
+    admission_burst: int = 512
 
     # ---- derived values (memberlist's formulas) ---------------------------------
 
