@@ -40,8 +40,6 @@ class Admission(CoreBase):
 
     _pending: dict[str, _Pending]
     _pending_by_seq: dict[int, str]
-    #: The admission pings' token bucket: (tokens, last refill).
-    _admission_tokens: tuple[float, float]
 
     def _admission_needed(self) -> bool:
         """Whether third-party names wait for a direct answer before they count."""

@@ -81,9 +81,17 @@ class CoreBase:
     _refused: set[str]
     _new_names: dict[str, tuple[float, float]]
     _exchange_peer: dict[int, str]
+    #: The host each exchange went to (whose own push-pull may pin its key).
+    _exchange_host: dict[int, str]
     _suspicions: dict[str, Suspicion]
     #: Bindings of members no longer in the table (``signed_state.py``).
     _remembered: dict[str, Credential]
+    #: Names whose own push-pull we asked for to pin their key, by exchange.
+    _pinning: set[str]
+    _pin_exchanges: dict[int, str]
+    _pin_clock: float
+    #: The admission pings' token bucket (shared with pin exchanges): (tokens, at).
+    _admission_tokens: tuple[float, float]
     #: XOR of every live member's (name, tags) hash and each one's part of it: the
     #: membership half of the anti-entropy summary (``anti_entropy.py``).
     _member_sum: int
@@ -114,6 +122,7 @@ class CoreBase:
         ex = self._exchange
         self._exchanges[ex] = kind
         self._exchange_peer[ex] = peer
+        self._exchange_host[ex] = addr[0]
         self.stats[f"stream_{kind}"] += 1
         frame = self._frame(now, packet, to)
         self._effects.append(StreamRequest(
@@ -240,6 +249,9 @@ class CoreBase:
             raise NotImplementedError
 
         def _signed_leave(self, d: Dead) -> SignedLeave | None:
+            raise NotImplementedError
+
+        def _push_pull_body(self, join: bool) -> bytes:
             raise NotImplementedError
 
         def _add_to_probe_order(self, name: str) -> None:

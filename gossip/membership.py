@@ -123,6 +123,9 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
         self._remembered = {}
         self._pending = {}
         self._pending_by_seq = {}
+        self._pinning = set()
+        self._pin_exchanges = {}
+        self._pin_clock = now
         self._admission_tokens = (float(config.admission_burst), now)
         self._member_sum = 0
         self._member_parts: dict[str, int] = {}
@@ -144,6 +147,7 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
         #: Per source host: (tokens, last refill) of its budget of new member names.
         self._new_names: dict[str, tuple[float, float]] = {}
         self._exchange_peer: dict[int, str] = {}
+        self._exchange_host: dict[int, str] = {}
         #: Observer of application messages sent and received (``trace.py``); None
         #: unless a diagnostic run asks for it.
         self.trace: GossipTrace | None = None
@@ -348,6 +352,9 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
         success, or None if the exchange failed (refused, timed out, reset)."""
         kind = self._exchanges.pop(exchange, None)
         peer = self._exchange_peer.pop(exchange, "")
+        host = self._exchange_host.pop(exchange, "")
+        if self._pin_exchanges:
+            self._pin_done(exchange)
         if kind is None:
             return
         msg: Message | None = None
@@ -364,11 +371,11 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
             except DecodeError as e:
                 self.stats["streams_malformed"] += 1
                 why = f"malformed answer: {e}"
-        if kind in ("join", "push_pull", "reconnect"):
+        if kind in ("join", "push_pull", "reconnect", "pin"):
             ok = isinstance(msg, PushPull)
             if ok:
                 assert isinstance(msg, PushPull)
-                self._merge(now, msg, self._exchange_host(peer))
+                self._merge(now, msg, host)
             else:
                 self.stats[f"{kind}_failed"] += 1
             if kind == "join":
@@ -434,11 +441,6 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
         self._queue_self(news=True)
         if self.config.gossip_on_news:
             self._gossip_soon(now)
-
-    def _exchange_host(self, peer: str) -> str:
-        """The host of the member (or ``host:port`` seed) an exchange went to."""
-        m = self.members.get(peer)
-        return m.addr[0] if m is not None else peer.rsplit(":", 1)[0]
 
     def merge_state(self, now: float, states: PushPull, *, quiet: bool = False) -> None:
         """Merge a full member list exactly as a push-pull exchange would.

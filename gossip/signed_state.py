@@ -114,6 +114,8 @@ class SignedState(CoreBase):
         if bound is None:
             if c.kind == "tofu" and not pin:
                 self.stats["alives_unpinned"] += 1
+                if m is None:
+                    self._pin_later(sa)
                 return None
             return c
         if c.raw == bound.raw:
@@ -129,6 +131,31 @@ class SignedState(CoreBase):
         self.stats["alives_key_mismatch"] += 1
         return None
 
+    def _pin_later(self, sa: SignedAlive) -> None:
+        """Ask a name we heard claim a key (third-party gossip, which cannot pin) for
+        its own push-pull at the address claimed for it: the answer pins it."""
+        name = sa.alive.node
+        if name in self._pinning or len(self._pinning) >= self.config.max_pending:
+            return
+        now = self._pin_clock
+        tokens, at = self._admission_tokens
+        cfg = self.config
+        tokens = min(float(cfg.admission_burst), tokens + (now - at) * cfg.admission_rate)
+        if tokens < 1.0:
+            self.stats["pins_throttled"] += 1
+            return
+        self._admission_tokens = (tokens - 1.0, now)
+        self._pinning.add(name)
+        self.stats["pin_exchanges"] += 1
+        ex = self._stream_to(now, sa.alive.addr, name, name, "pin",
+                             self._push_pull_body(False), True)
+        self._pin_exchanges[ex] = name
+
+    def _pin_done(self, exchange: int) -> None:
+        name = self._pin_exchanges.pop(exchange, None)
+        if name is not None:
+            self._pinning.discard(name)
+
     def _on_signed_alive(self, now: float, host: str, sa: SignedAlive,
                          pin: bool = False) -> None:
         """A member's signed alive arrived from ``host`` (``pin``: in its own
@@ -137,6 +164,7 @@ class SignedState(CoreBase):
         if not ident.signing:
             self.stats["messages_skipped"] += 1
             return
+        self._pin_clock = now
         a = sa.alive
         if a.node == self.name:
             self._on_own_signed_alive(now, host, sa)
@@ -222,9 +250,11 @@ class SignedState(CoreBase):
         return data
 
     def _merge_identity(self, now: float, data: bytes, host: str, source: str) -> None:
-        """Apply a push-pull's signed statements (``source``'s own alive may pin a tofu
-        claim). An honest peer sends no bad signature: after the first that fails,
-        the rest of the channel is ignored, so junk costs one verification."""
+        """Apply a push-pull's signed statements from ``host``. The sender's own alive
+        (``source``, at an address on ``host``: the stream came from there, or we
+        dialed it) may pin a tofu claim. An honest peer sends no bad signature: after
+        the first that fails, the rest of the channel is ignored, so junk costs one
+        verification."""
         if not self.identity.signing:
             return
         try:
@@ -241,7 +271,8 @@ class SignedState(CoreBase):
         before = self.stats["alives_bad_signature"] + self.stats["leaves_bad_signature"]
         for s in signed:
             if isinstance(s, SignedAlive):
-                self._on_signed_alive(now, host, s, pin=s.alive.node == source)
+                self._on_signed_alive(now, host, s, pin=s.alive.node == source
+                                      and s.alive.addr[0] == host)
             else:
                 self._on_signed_leave(now, host, s)
             if self.stats["alives_bad_signature"] + self.stats["leaves_bad_signature"] \
