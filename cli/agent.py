@@ -56,6 +56,7 @@ from ..proxy.outbound import INBOUND_TAG, OutboundProxy
 from ..proxy.relay import serve_proxy
 from ..proxy.tls import MeshTls, TlsConfigError, TlsFiles
 from .logs import log_event
+from .node_identity import IdentityError, build_identity
 from .reload import Reloader
 from .systemd import Notifier
 
@@ -106,6 +107,13 @@ class AgentOptions:
     #: Who may drive the local API (--api-token-file, --api-allow-host).
     api_access: ApiAccess = field(default_factory=ApiAccess)
     api_token_file: str | None = None
+    #: Whose word counts about a member (``cli/node_identity.py``): the mode, trust
+    #: on first use, the CA that signs node credentials and, for credentials signed
+    #: by the policy trust keys alone, the cluster they name.
+    node_identity: str = "auto"
+    node_tofu: bool = False
+    node_ca: str | None = None
+    node_cluster: str | None = None
     #: Diagnostics: where to write the dissemination trace (gossip/trace.py).
     trace_gossip: str | None = None
     #: The command line and files these options came from (a reload reads them
@@ -139,16 +147,23 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
         except OSError as e:
             raise StartupError(f"cannot use --data-dir {opts.data_dir}: "
                                f"{e.strerror or e}") from None
+    try:
+        identity = build_identity(opts)
+    except IdentityError as e:
+        raise StartupError(str(e)) from None
     rng = random.Random(int.from_bytes(os.urandom(8), "big"))
     cfg = NodeConfig(name=opts.name, bind=opts.bind, advertise=opts.advertise,
                      gossip=opts.gossip, profile=opts.profile, tags=opts.tags, seal=seal,
-                     fds=fds.gossip,
+                     fds=fds.gossip, identity=identity,
                      extras=[PolicyReplicator.factory(opts.trust)] if opts.trust else [])
     stop = trio.Event()
     trace = TraceFile(opts.trace_gossip, opts.name) if opts.trace_gossip else None
     try:
         async with Node(cfg) as node, trio.open_nursery() as nursery:
             node.core.trace = trace
+            if prior is not None:
+                node.core.remember_bindings({m.name: m.credential for m in prior.members
+                                             if m.credential is not None})
             # First, so that a slow start (a far seed) is not mistaken for a hang.
             nursery.start_soon(notify.run_watchdog)
             nursery.start_soon(_log_events, node)

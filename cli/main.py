@@ -186,6 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the agent keeps across restarts: the members it knew "
                    "(DIR/members.json, rejoined through when no --join seed answers) "
                    "and accepted policy documents (DIR/policies/)")
+    a.add_argument("--node-identity", choices=("auto", "off", "prefer", "require"),
+                   default="auto", help="sign this agent's word about itself and take "
+                   "only signed word about others: prefer (signed and plain, for a cluster "
+                   "that upgrades), require (signed only), off; auto (default): prefer "
+                   "when DIR/node.credential exists or --node-tofu is given")
+    a.add_argument("--node-tofu", action="store_true",
+                   help="plaintext clusters: bind a member's name to the key it presents "
+                   "first, in its own push-pull (trust on first use)")
+    a.add_argument("--node-ca", metavar="FILE",
+                   help="the CA certificate that signs node credentials (default: "
+                   "--tls-ca)")
+    a.add_argument("--node-cluster", metavar="NAME",
+                   help="the cluster named by node credentials signed with the policy "
+                   "trust keys (`rumor policy credential`) when there is no CA")
     a.add_argument("--tls-ca", metavar="FILE", help="cluster CA certificate (`rumor ca "
                    "init`): with --tls-cert/--tls-key, mutual TLS 1.3 between sidecars")
     a.add_argument("--tls-cert", metavar="FILE",
@@ -527,6 +541,8 @@ def _agent_options(args: argparse.Namespace) -> Any:
                         keyring=_keyring(args), keyring_file=args.keyring,
                         tls=_tls_files(args), api_access=_api_access(args),
                         api_token_file=args.api_token_file, trace_gossip=args.trace_gossip,
+                        node_identity=args.node_identity, node_tofu=args.node_tofu,
+                        node_ca=args.node_ca, node_cluster=args.node_cluster,
                         argv=args.argv, config_files=args.config_files,
                         settings=args.settings)
     return opts

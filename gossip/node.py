@@ -368,7 +368,10 @@ class Node:
                 "status": Status.NAMES[m.status], "incarnation": m.incarnation,
                 "tags": dict(m.meta),
                 "rtt_ms": None if m.rtt is None else round(m.rtt * 1000, 3),
-                "since": round(max(0.0, now - m.since), 3)}
+                "since": round(max(0.0, now - m.since), 3),
+                # Whose key its word is checked against (None: unsigned, version 1).
+                "key_id": None if m.cred is None else m.cred.key_id,
+                "credential": None if m.cred is None else m.cred.kind}
 
     # ---- effect execution ------------------------------------------------------------------
 

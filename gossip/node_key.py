@@ -254,8 +254,10 @@ def _check_fields(cluster: Any, name: Any, public_key: Any, issued_at: Any) -> N
 class CredentialAuthority(Protocol):
     """Whoever may bind names to keys in this cluster."""
 
-    #: The cluster its credentials must name.
-    cluster: str
+    @property
+    def cluster(self) -> str:
+        """The cluster its credentials must name."""
+        ...
 
     def vouches(self, c: Credential) -> bool:
         """Whether ``c``'s signatures are this authority's (its payload is checked by
