@@ -227,7 +227,7 @@ class CoreBase:
         def _relay_alive(self, a: Alive, sa: SignedAlive | None, news: bool) -> None:
             raise NotImplementedError
 
-        def _queue_self(self, news: bool = False) -> None:
+        def _queue_self(self, news: bool = False, credential: bool = False) -> None:
             raise NotImplementedError
 
         def _queue_signed(self, m: SignedAlive | SignedLeave, news: bool = False) -> None:

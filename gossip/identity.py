@@ -46,11 +46,14 @@ MODES = ("off", "prefer", "require")
 ALIVE_CONTEXT = b"rumor-alive-v1\0"
 LEAVE_CONTEXT = b"rumor-leave-v1\0"
 
-#: (public key, message, signature) -> verified; shared by every node of the process.
-_VERIFIED: dict[tuple[bytes, bytes, bytes], bool] = {}
+#: (public key, context, body, signature) -> verified; shared by every node of the
+#: process. The body is the very bytes object the decoder shares, whose hash Python
+#: keeps, so a hit costs no copy and no rehash of the message.
+_VERIFIED: dict[tuple[bytes, bytes, bytes, bytes], bool] = {}
 _VERIFIED_MAX = 1 << 17
-#: Credential bytes -> vouched for by the authority (per authority object id).
-_VOUCHED: dict[tuple[int, bytes], bool] = {}
+#: (authority id, credential bytes) -> (the authority, vouched for); the authority is
+#: kept so its id cannot be reused by another object while the entry lives.
+_VOUCHED: dict[tuple[int, bytes], tuple[object, bool]] = {}
 
 
 def clear_caches() -> None:
@@ -127,20 +130,20 @@ class Identity:
                source: str) -> bool:
         """Whether ``node``'s bound key signed ``context + data``."""
         key = self.key_of(node)
-        return key is not None and self.check(now, key, context + data, sig, source)
+        return key is not None and self.check(now, key, context, data, sig, source)
 
-    def check(self, now: float, public_key: bytes, message: bytes, sig: bytes,
+    def check(self, now: float, public_key: bytes, context: bytes, body: bytes, sig: bytes,
               source: str) -> bool:
-        """Whether ``sig`` is ``public_key``'s over ``message``: cached by the exact
-        bytes; a miss spends one of ``source``'s verification tokens."""
-        k = (public_key, message, sig)
+        """Whether ``sig`` is ``public_key``'s over ``context + body``: cached by the
+        exact bytes; a miss spends one of ``source``'s verification tokens."""
+        k = (public_key, context, body, sig)
         hit = _VERIFIED.get(k)
         if hit is not None:
             self.stats["signatures_cached"] += 1
             return hit
         if not self._spend(now, source):
             return False
-        ok = ed25519_valid(public_key, message, sig)
+        ok = ed25519_valid(public_key, context + body, sig)
         self.stats["signatures_verified" if ok else "signatures_bad"] += 1
         if len(_VERIFIED) >= _VERIFIED_MAX:
             _VERIFIED.clear()
@@ -166,12 +169,14 @@ class Identity:
             self.stats["credentials_refused"] += 1
             return None
         k = (id(a), raw)
-        ok = _VOUCHED.get(k)
-        if ok is None:
+        hit = _VOUCHED.get(k)
+        if hit is not None and hit[0] is a:
+            ok = hit[1]
+        else:
             ok = a.vouches(c)
             if len(_VOUCHED) >= _VERIFIED_MAX:
                 _VOUCHED.clear()
-            _VOUCHED[k] = ok
+            _VOUCHED[k] = (a, ok)
         if not ok:
             self.stats["credentials_refused"] += 1
             return None

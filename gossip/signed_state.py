@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import msgpack
 
 from .core_base import CoreBase
@@ -67,13 +69,17 @@ class SignedState(CoreBase):
         me.signed = self._own_signed
         return self._own_signed
 
-    def _queue_self(self, news: bool = False) -> None:
-        """Queue our alive: signed, plain, or both, as the mode says."""
+    def _queue_self(self, news: bool = False, credential: bool = False) -> None:
+        """Queue our alive: signed, plain, or both, as the mode says. The credential
+        (about 140 bytes, more than the alive itself) goes with the first alive of a
+        life (``credential``) and in every push-pull; later alives refer to the
+        binding their receivers hold, and one that holds none asks for our own
+        push-pull (``_fetch_binding``)."""
         sa = self._signed_self()
         if sa is None or self.identity.plain_too:
             self._queue_member(self._self_alive(), news=news)
         if sa is not None:
-            self._queue_signed(sa, news)
+            self._queue_signed(sa if credential else replace(sa, credential=b""), news)
 
     def _signed_leave(self, d: Dead) -> SignedLeave | None:
         body = pack_message(d)
@@ -106,11 +112,16 @@ class SignedState(CoreBase):
         bind: not vouched for, a tofu claim outside the member's own push-pull, an
         older credential than the one we hold, or another key at the same age."""
         name = sa.alive.node
+        bound = m.cred if m is not None else self._remembered.get(name)
+        if not sa.credential:  # by reference to the binding we hold
+            if bound is None:
+                self.stats["alives_without_binding"] += 1
+                self._pin_later(sa)
+            return bound
         c = self.identity.credential_of(sa.credential, name)
         if c is None:
             self.stats["alives_credential_refused"] += 1
             return None
-        bound = m.cred if m is not None else self._remembered.get(name)
         if bound is None:
             if c.kind == "tofu" and not pin:
                 self.stats["alives_unpinned"] += 1
@@ -132,8 +143,9 @@ class SignedState(CoreBase):
         return None
 
     def _pin_later(self, sa: SignedAlive) -> None:
-        """Ask a name we heard claim a key (third-party gossip, which cannot pin) for
-        its own push-pull at the address claimed for it: the answer pins it."""
+        """Ask a name we cannot bind from what we heard (a tofu claim from third-party
+        gossip, which cannot pin; an alive that refers to a binding we lack) for its
+        own push-pull at the address claimed for it: the answer binds it."""
         name = sa.alive.node
         if name in self._pinning or len(self._pinning) >= self.config.max_pending:
             return
@@ -173,7 +185,7 @@ class SignedState(CoreBase):
         cred = self._binding(m, sa, pin)
         if cred is None:
             return
-        if not ident.check(now, cred.public_key, ALIVE_CONTEXT + sa.body, sa.sig, host):
+        if not ident.check(now, cred.public_key, ALIVE_CONTEXT, sa.body, sa.sig, host):
             self.stats["alives_bad_signature"] += 1
             return
         self._pending_done(a.node)
@@ -188,9 +200,10 @@ class SignedState(CoreBase):
             return
         if a.incarnation == self.incarnation and a.addr == self.addr and a.meta == me.meta:
             return
-        c = self.identity.credential_of(sa.credential, self.name)
+        c = self.identity.credential_of(sa.credential, self.name) if sa.credential \
+            else me.cred
         if c is None or c.public_key != me.cred.public_key or not self.identity.check(
-                now, c.public_key, ALIVE_CONTEXT + sa.body, sa.sig, host):
+                now, c.public_key, ALIVE_CONTEXT, sa.body, sa.sig, host):
             return
         self._set_incarnation(a.incarnation + 1)
         self.stats["refutations"] += 1
@@ -206,7 +219,7 @@ class SignedState(CoreBase):
             return
         if d.incarnation < m.incarnation:
             return
-        if not self.identity.check(now, m.cred.public_key, LEAVE_CONTEXT + sl.body, sl.sig,
+        if not self.identity.check(now, m.cred.public_key, LEAVE_CONTEXT, sl.body, sl.sig,
                                    host):
             self.stats["leaves_bad_signature"] += 1
             return
@@ -236,9 +249,12 @@ class SignedState(CoreBase):
         size = 0
         for m in self.members.values():
             s = m.signed
-            if s is None:
+            if s is None or m.cred is None:
                 continue
-            b = pack_message(s)
+            if isinstance(s, SignedAlive):  # always with the credential (see _queue_self)
+                b: bytes = msgpack.packb([SignedAlive.TYPE, s.body, s.sig, m.cred.raw])
+            else:
+                b = pack_message(s)
             size += len(b)
             if size > IDENTITY_STATE_BUDGET:
                 self.stats["identity_state_truncated"] += 1

@@ -158,7 +158,7 @@ def test_a_mixed_cluster_of_the_previous_build_and_prefer_mode_works(
                  "the new agents to bind each other's keys")
         assert new[0].members()["old1"]["key_id"] is None
         for a in order:
-            wait_for(lambda a=a: set(a.get("/v1/catalog/services")) >=  # noqa: B023
+            wait_for(lambda a=a: set(a.get("/v1/catalog/services")) >=
                      {"web0", "web1", "db0", "db1"}, 20, f"{a.name}'s catalog")
         victim = new[1]
         victim.signal(signal.SIGKILL)
