@@ -15,7 +15,8 @@
   agent never signs: the signature must already be there (the CLI signs locally).
 - `GET /v1/evaluate/SERVICE?source=S&header.NAME=VALUE` -> what the proxy would apply
   to a request for SERVICE: route (subset weights, matched rule), resilience settings,
-  and whether source S may call it.
+  and whether source S may call it; `holds=A,B` asks for a caller whose certificate
+  names A and B (judged by both unless it declares one with `source`).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def add_policy_routes(router: Router, policies: PolicyApi) -> None:
         headers = {k[len("header."):].lower(): v for k, v in request.query.items()
                    if k.startswith("header.")}
         return json_response(policies.evaluator.evaluate(
-            service, source=request.query.get("source"), headers=headers))
+            service, source=request.query.get("source"), headers=headers,
+            holds=[n for n in request.query.get("holds", "").split(",") if n]))
 
     router.add("GET", "/v1/policies", list_policies)
     router.add("PUT", "/v1/policies", publish)
