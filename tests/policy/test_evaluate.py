@@ -294,6 +294,10 @@ def test_one_name_none_and_no_document() -> None:
     assert d.to_json()["holds"] == ["a", "b"]
     d = ev.access_as(None, {"api", "web"}, "db")
     assert ev.access_as(None, ["web", "api"], "db") is d  # decided once per set
+    # GET /v1/evaluate/db?holds=api,web explains the same decision.
+    assert ev.evaluate("db", holds=["web", "api"])["access"] == d.to_json()
+    assert ev.evaluate("db", source="api", holds=["web", "api"])["access"]["allowed"]
+    assert not ev.evaluate("db", holds=["web", "api"])["access"]["allowed"]
 
 
 NAMES = st.sampled_from(["api", "web", "batch", "db", "x"])
