@@ -78,13 +78,16 @@ class InboundProxy:
         if local is None:
             return self._answer(req, started, service, source, 404,
                                 f"{service} is not served by this agent")
+        holds: frozenset[str] = frozenset()
         if self.tls is not None:
             refused, source = self._verified_source(req, service, source)
             if refused:
                 return self._deny(req, started, service, source, refused)
-        decision = self._evaluator().access(source, service)
+            if req.peer is not None:  # a caller naming several services: judged by all
+                holds = req.peer.services
+        decision = self._evaluator().access_as(source, holds, service)
         if not decision.allowed:
-            return self._deny(req, started, service, source, decision.reason)
+            return self._deny(req, started, service, decision.source, decision.reason)
         host, port, instance = local
         hs = end_to_end(req.headers, drop=MESH_HEADERS)
         forwarded_for(hs, req.client.rsplit(":", 1)[0])
