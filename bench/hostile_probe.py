@@ -441,6 +441,7 @@ class RawBackend:
         self.trailers: list[str] = []
         import threading
         self._threading = threading
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -449,14 +450,16 @@ class RawBackend:
                 c, _ = self.sock.accept()
             except OSError:
                 return
-            self.accepted += 1
+            with self._lock:
+                self.accepted += 1
             self._threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     def _serve(self, c: socket.socket) -> None:
         try:
             self._script(c)
         finally:
-            self.closed += 1
+            with self._lock:
+                self.closed += 1
 
     def _script(self, c: socket.socket) -> None:
         with c, contextlib.suppress(OSError):

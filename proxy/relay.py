@@ -28,9 +28,11 @@ that raises is answered with 502 and logged; the listener keeps serving.
 
 A client that leaves while its request is being handled (EOF or reset while the
 upstream works on it, or mid-response) abandons it: a watcher task of the connection
-notices, and the request's cancel scope is cancelled, which closes its upstream
-connection (never pooled) and drops everything held for it. The watcher runs only
-once the request body is read, so it never reads beside the handler; it peeks,
+notices (started for requests still in hand after ``WATCH_AFTER``, so a fast
+request pays a dict insert, not a task), and the request's cancel scope is cancelled,
+which closes its upstream connection (never pooled) and drops everything held for
+it. The watcher runs only once the request body is read, so it never reads beside the
+handler; it peeks,
 consuming nothing, and falls back to polling the TCP state when pipelined bytes
 wait. Trailers are filtered both ways (``headers.trailer_fields``).
 """
@@ -64,6 +66,8 @@ DRAIN_LIMIT = 256 * 1024
 #: sees it instead of a reset caused by its unread bytes.
 CLOSE_DRAIN_SECONDS = 1.0
 
+#: A request still handled after this long gets a watcher for its client leaving.
+WATCH_AFTER = 0.2
 #: How often the client's TCP state is read while pipelined bytes keep its socket
 #: readable (so readiness cannot tell a close).
 GONE_POLL_SECONDS = 0.5
@@ -298,15 +302,43 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
                                           _fields(headers))
 
 
+class _SlowRequests:
+    """A listener's requests whose client may leave them, since when; one task hands
+    those held past ``WATCH_AFTER`` to their connection's watcher (a task per request
+    would cost every fast one a spawn and two scheduler rounds)."""
+
+    def __init__(self) -> None:
+        self.since: dict[Request, float] = {}
+        self._added = trio.Event()
+
+    def add(self, req: Request) -> None:
+        self.since[req] = trio.current_time()
+        self._added.set()
+
+    async def run(self) -> None:
+        while True:
+            if not self.since:  # idle: no wake-ups until a request is in hand
+                self._added = trio.Event()
+                await self._added.wait()
+            await trio.sleep(WATCH_AFTER)
+            due = trio.current_time() - WATCH_AFTER
+            for req, t in list(self.since.items()):
+                if t <= due:
+                    del self.since[req]
+                    req._conn.start_watcher(req)
+
+
 class _ClientConn:
     """One client connection: its reader, what it read ahead, its limits."""
 
     __slots__ = ("client", "eof", "events", "io", "limits", "nursery", "on_error", "peer",
-                 "reader", "requests", "watching")
+                 "reader", "requests", "slow", "watching")
 
     def __init__(self, io: SocketIO, limits: ProxyLimits, client: str, peer: Identity | None,
-                 nursery: trio.Nursery, on_error: ErrorHook | None) -> None:
+                 nursery: trio.Nursery, on_error: ErrorHook | None,
+                 slow: _SlowRequests | None = None) -> None:
         self.io = io
+        self.slow = slow
         self.limits = limits
         self.client = client
         self.peer = peer
@@ -377,7 +409,15 @@ class _ClientConn:
             self.watch(req)
 
     def watch(self, req: Request) -> None:
-        """Start watching for the client leaving ``req`` (its body is all read)."""
+        """Watch for the client leaving ``req`` (its body is all read): soon, if the
+        request is still in hand by then."""
+        if self.watching is req and req._watch_scope is None:
+            if self.slow is None:
+                self.start_watcher(req)
+            else:
+                self.slow.add(req)
+
+    def start_watcher(self, req: Request) -> None:
         if self.watching is req and req._watch_scope is None:
             req._watch_scope = trio.CancelScope()
             self.nursery.start_soon(self._watch, req, req._watch_scope)
@@ -388,6 +428,8 @@ class _ClientConn:
         woken sees ``watching`` changed and touches nothing.)"""
         if self.watching is req:
             self.watching = None
+        if self.slow is not None:
+            self.slow.since.pop(req, None)
         if req._watch_scope is not None:
             req._watch_scope.cancel()
 
@@ -641,6 +683,7 @@ async def serve_proxy(handler: Handler, host: str, port: int, *, watchdog: Watch
     ``watchdog`` keeps the deadlines of this listener's sockets (and of the handler's
     upstream pool); it runs here."""
     lim = limits or ProxyLimits()
+    slow = _SlowRequests()
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound: int = listeners[0].socket.getsockname()[1]
 
@@ -661,12 +704,13 @@ async def serve_proxy(handler: Handler, host: str, port: int, *, watchdog: Watch
                 log.debug("TLS handshake refused: %s", e, extra={"event": "tls_refused"})
                 return
         try:
-            await _serve_connection(io, handler, lim, on_error, peer)
+            await _serve_connection(io, handler, lim, on_error, peer, slow)
         finally:
             io.close()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watchdog.run)
+        nursery.start_soon(slow.run)
         nursery.start_soon(partial(
             serve_listeners, on_connection, listeners, pool=pool, what="proxy",
             limits=ListenerLimits(fds_per_connection=2, max_per_client=max_per_client)))
@@ -674,11 +718,12 @@ async def serve_proxy(handler: Handler, host: str, port: int, *, watchdog: Watch
 
 
 async def _serve_connection(io: SocketIO, handler: Handler, limits: ProxyLimits,
-                            on_error: ErrorHook | None, peer: Identity | None) -> None:
+                            on_error: ErrorHook | None, peer: Identity | None,
+                            slow: _SlowRequests | None = None) -> None:
     client = io.peer_name()
     try:
         async with trio.open_nursery() as nursery:
-            conn = _ClientConn(io, limits, client, peer, nursery, on_error)
+            conn = _ClientConn(io, limits, client, peer, nursery, on_error, slow)
             try:
                 await _requests(conn, handler)
             finally:
