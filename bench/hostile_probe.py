@@ -598,11 +598,14 @@ def abandoned_uploads(work: Path, n: int = 4000) -> dict[str, Any]:
                     socket.create_connection((HOST, in_port), timeout=5) as s:
                 s.sendall(b"POST /sink HTTP/1.1\r\nhost: sink\r\ncontent-length: %d\r\n"
                           b"\r\n" % len(body) + body)
-        time.sleep(3.0)
-        return {"uploads": n, "rss_before_mb": round(rss0 / 1024, 1),
-                "rss_after_3s_mb": round(a.rss_kb() / 1024, 1), "fds_before": fds0,
-                "fds_after_3s": _agent_fds(a), "upstream_conns": b.accepted,
-                "upstream_conns_still_open": b.accepted - b.closed}
+        out: dict[str, Any] = {"uploads": n, "rss_before_mb": round(rss0 / 1024, 1),
+                               "fds_before": fds0}
+        for wait in (3, 10):
+            time.sleep(wait - (3 if wait > 3 else 0))
+            out |= {f"rss_after_{wait}s_mb": round(a.rss_kb() / 1024, 1),
+                    f"fds_after_{wait}s": _agent_fds(a),
+                    f"upstream_open_after_{wait}s": b.accepted - b.closed}
+        return out | {"upstream_conns": b.accepted}
     finally:
         c.close()
         b.close()

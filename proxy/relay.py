@@ -67,7 +67,7 @@ DRAIN_LIMIT = 256 * 1024
 CLOSE_DRAIN_SECONDS = 1.0
 
 #: A request still handled after this long gets a watcher for its client leaving.
-WATCH_AFTER = 0.2
+WATCH_AFTER = 0.05
 #: How often the client's TCP state is read while pipelined bytes keep its socket
 #: readable (so readiness cannot tell a close).
 GONE_POLL_SECONDS = 0.5
