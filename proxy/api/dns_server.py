@@ -12,9 +12,6 @@ order. TCP lets a client hold state on the agent, so every hold is bounded:
   question is that long, and nothing we cannot parse is buffered);
 - an answer the client does not read within ``write`` seconds closes it;
 - at most ``pool.size`` connections at once; more wait in the kernel's backlog;
-- at most ``per_client`` of them from one source address (a quarter of the pool, 1 to
-  16, unless given): one more from that address is closed at once, so a single client
-  opening connections without end holds a few slots and the rest stay for others;
 - each query is a checkpoint, so a client pipelining thousands cannot starve the UDP
   loop or the agent's other tasks.
 
@@ -24,15 +21,13 @@ order. TCP lets a client hold state on the agent, so every hold is bounded:
 from __future__ import annotations
 
 import logging
-import math
 import struct
-from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 
 import trio
 
-from ...gossip.accept import FdPool, serve_listeners
+from ...gossip.accept import FdPool, ListenerLimits, serve_listeners
 from ...gossip.node import bind_udp_and_tcp
 from ..connection import peer_name
 from .dns import EDNS_LIMIT, DnsResponder, servfail
@@ -44,11 +39,12 @@ log = logging.getLogger("rumor.dns")
 MAX_TCP_QUERY = EDNS_LIMIT
 #: Connections to DNS over TCP at once, unless the agent gives a pool of its own.
 TCP_CONNECTIONS = 128
+#: The share of those one client address may hold at once (so one host cannot take
+#: them all: resolvers retry truncated answers over TCP from many hosts).
+TCP_PER_CLIENT_SHARE = 4
 #: Bytes read from a connection at a time, and answers gathered before one write.
 _RECV_BYTES = 4096
 _FLUSH_BYTES = 16384
-#: A client refused for its per-client cap is logged at most this often.
-_REFUSED_LOG_INTERVAL = 60.0
 
 
 class TcpFraming:
@@ -97,46 +93,6 @@ class TcpLimits:
     #: Seconds an answer may take to be written (a client that does not read).
     write: float = 10.0
     max_query: int = MAX_TCP_QUERY
-    #: Connections at once from one source address; None: ``per_client_cap(pool)``.
-    per_client: int | None = None
-
-
-#: The most connections one source address may hold when the cap comes from the pool.
-PER_CLIENT_MAX = 16
-
-
-def per_client_cap(pool_size: float) -> int:
-    """Connections one source address may hold in a pool of ``pool_size``: a quarter
-    of it, at least 1 and at most ``PER_CLIENT_MAX`` — so at least four clients are
-    always served, whatever one of them opens."""
-    if pool_size == math.inf:
-        return PER_CLIENT_MAX
-    return max(1, min(PER_CLIENT_MAX, int(pool_size) // 4))
-
-
-class ClientSlots:
-    """Connections held per source address, within a cap (sans-IO)."""
-
-    def __init__(self, cap: int) -> None:
-        if cap < 1:
-            raise ValueError(f"per-client cap must be at least 1, got {cap}")
-        self.cap = cap
-        self._held: Counter[str] = Counter()
-
-    def take(self, client: str) -> bool:
-        """Take a slot for ``client``; False when it holds ``cap`` already."""
-        if self._held[client] >= self.cap:
-            return False
-        self._held[client] += 1
-        return True
-
-    def give_back(self, client: str) -> None:
-        self._held[client] -= 1
-        if self._held[client] <= 0:
-            del self._held[client]
-
-    def held(self, client: str) -> int:
-        return self._held.get(client, 0)
 
 
 def answer_safely(responder: DnsResponder, data: bytes, peer: str, *,
@@ -153,46 +109,29 @@ def answer_safely(responder: DnsResponder, data: bytes, peer: str, *,
 
 async def serve_dns(responder: DnsResponder, host: str = "127.0.0.1", port: int = 8600, *,
                     limits: TcpLimits | None = None, pool: FdPool | None = None,
+                    max_per_client: int | None = None,
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer DNS over UDP and TCP on host:port until cancelled; reports the bound port.
     TCP connections are accepted within ``pool`` (the agent's DNS share of its file
-    descriptors; by default ``TCP_CONNECTIONS``)."""
+    descriptors; by default ``TCP_CONNECTIONS``), at most ``max_per_client`` at once
+    from one address (default: a quarter of the pool, at least one; 0: no cap)."""
     lim = limits or TcpLimits()
-    pool = pool or FdPool("dns", TCP_CONNECTIONS)
-    slots = ClientSlots(lim.per_client if lim.per_client is not None
-                        else per_client_cap(pool.size))
+    tcp_pool = pool or FdPool("dns", TCP_CONNECTIONS)
+    if max_per_client is None:
+        max_per_client = max(1, int(min(tcp_pool.size, TCP_CONNECTIONS))
+                             // TCP_PER_CLIENT_SHARE)
     udp, listeners = await bind_udp_and_tcp(host, port)
     bound: int = udp.getsockname()[1]
-    logged_at: dict[str, float] = {}
 
     async def on_connection(stream: trio.SocketStream) -> None:
-        peer = peer_name(stream) or "?"
-        client = peer.rsplit(":", 1)[0]
-        if not slots.take(client):
-            # Closed at once (by serve_listeners, as the handler returns): its pool
-            # slot is free again for another client.
-            responder.stats["tcp_per_client_refused"] += 1
-            now = trio.current_time()
-            if now - logged_at.get(client, -math.inf) >= _REFUSED_LOG_INTERVAL:
-                if len(logged_at) >= 1024:
-                    logged_at.clear()
-                logged_at[client] = now
-                log.warning("DNS over TCP: %s already holds %d connections (the "
-                            "per-client cap); closing its new ones", client, slots.cap,
-                            extra={"event": "dns_per_client_cap", "client": client,
-                                   "cap": slots.cap})
-            return
-        try:
-            await serve_tcp_connection(responder, stream, peer, lim)
-        finally:
-            slots.give_back(client)
+        await serve_tcp_connection(responder, stream, peer_name(stream) or "?", lim)
 
     with udp:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_serve_udp, responder, udp)
             nursery.start_soon(partial(
-                serve_listeners, on_connection, listeners, pool=pool,
-                what="DNS over TCP"))
+                serve_listeners, on_connection, listeners, pool=tcp_pool,
+                limits=ListenerLimits(max_per_client=max_per_client), what="DNS over TCP"))
             task_status.started(bound)
 
 

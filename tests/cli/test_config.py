@@ -68,6 +68,11 @@ def samples(k: dict[str, str]) -> dict[str, tuple[list[str], Any]]:
         "inbound": (["--inbound", "127.0.0.1:15099"], "127.0.0.1:15099"),
         "identity": (["--identity", "web"], "web"),
         "balancer_decay": (["--balancer-decay", "2.5"], 2.5),
+        "inbound_connections": (["--inbound-connections", "500"], 500),
+        "inbound_per_client": (["--inbound-per-client", "100"], 100),
+        "outbound_connections": (["--outbound-connections", "300"], 300),
+        "outbound_per_client": (["--outbound-per-client", "200"], 200),
+        "first_byte_timeout": (["--first-byte-timeout", "2.5"], 2.5),
         "access_log": (["--access-log", k["log"]], k["log"]),
         "trust_key": (["--trust-key", k["pub1"], "--trust-key", k["pub2"]],
                       [k["pub1"], k["pub2"]]),
@@ -112,7 +117,7 @@ def test_every_option_through_a_file_or_through_flags_gives_the_same_agent(
     for field in ("name", "bind", "advertise", "api", "join", "retry_join", "retry_interval",
                   "rejoin_after_leave", "profile", "tags", "services", "dns",
                   "dns_service_ttl", "dns_node_ttl", "outbound", "inbound", "identity",
-                  "balancer_decay", "access_log", "data_dir", "tls", "keyring_file",
+                  "balancer_decay", "proxy_limits", "access_log", "data_dir", "tls", "keyring_file",
                   "api_token_file", "trace_gossip", "gossip"):
         assert getattr(by_file, field) == getattr(by_flags, field), field
     assert by_file.trust is not None and by_flags.trust is not None
