@@ -351,25 +351,29 @@ def file_descriptors(work: Path) -> dict[str, Any]:
 
 @probe("10_plaintext_flood")
 def plaintext_flood(work: Path) -> dict[str, Any]:
+    """24 datagrams of 250 invented members each (the 256-message cap refuses bigger
+    ones outright, so they never reached the new-name throttle), then a paused member:
+    how long until the flooded agent suspects it (1.5 s normally)."""
     with cluster(work, 3) as c:
         a0, a1, a2 = c.agents
-        for d in range(4):  # 6,000 fake members in 4 datagrams
-            send_udp(packet(*[[ALIVE, 1, f"f{d}-{i}", [f"127.9.{d}.{i % 250 + 1}",
-                                                        7000 + i // 250], {}]
-                              for i in range(1500)]), a0)
+        for d in range(24):  # 6,000 fake members, datagrams the receiver accepts
+            send_udp(packet(*[[ALIVE, 1, f"f{d}-{i}", [f"127.9.{d}.{i + 1}", 7000], {}]
+                              for i in range(250)]), a0)
         time.sleep(2.0)
         table = len(a0.members())
         health = http(a0.api, "GET", "/v1/health")[0]
         assert a2.proc is not None
-        a2.proc.send_signal(signal.SIGKILL)
-        a2.proc.wait()
+        a2.proc.send_signal(signal.SIGSTOP)
         t0 = time.monotonic()
         detected: float | None = None
-        while time.monotonic() - t0 < 60:
-            if a0.status_of("a2") not in ("alive", None):
-                detected = round(time.monotonic() - t0, 2)
-                break
-            time.sleep(0.05)
+        try:
+            while time.monotonic() - t0 < 60:
+                if a0.status_of("a2") not in ("alive", None):
+                    detected = round(time.monotonic() - t0, 2)
+                    break
+                time.sleep(0.05)
+        finally:
+            a2.proc.send_signal(signal.SIGCONT)
         # Reflection: one datagram of ping-reqs naming an address of our choosing.
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as victim:
             victim.bind((HOST, 0))
@@ -383,7 +387,49 @@ def plaintext_flood(work: Path) -> dict[str, Any]:
                     victim.recv(65536)
                     got += 1
         return {"member_table_after_6000": table, "health_status": health,
-                "failure_detected_s": detected, "reflected_datagrams": got}
+                "paused_member_suspected_s": detected, "reflected_datagrams": got}
+
+
+# ---- 27: forged membership ----------------------------------------------------------
+
+
+def _signing_flags(work: Path, i: int) -> list[str]:
+    """Plaintext with trust on first use, where the probed tree has it (issue 27)."""
+    out = subprocess.run([PYTHON, "-m", "rumor.cli", "agent", "--help"],
+                         capture_output=True, text=True).stdout
+    if "--node-identity" not in out:
+        return []
+    return ["--data-dir", str(work / f"data-{i}"), "--node-tofu", "--node-identity",
+            "require"]
+
+
+@probe("27_membership_forgery")
+def membership_forgery(work: Path) -> dict[str, Any]:
+    """The two-step climb (Alive(V, i+2^24) then Dead(V, i+2^25) in one datagram) and
+    the hijack (V's name at the attacker's listener with a forged rumor.inbound tag),
+    against a plaintext cluster; the probed tree's signed membership where it has it."""
+    with cluster(work, 3, lambda i: _signing_flags(work, i)) as c:
+        a0, a1, a2 = c.agents
+        inc = a0.members()["a2"]["incarnation"]
+        for a in (a0, a1):
+            send_udp(packet([ALIVE, inc + 2**24, "a2", [HOST, a2.port], {}],
+                            [DEAD, inc + 2**25, "a2", a.name]), a)
+        time.sleep(5.0)
+        after_climb = [a.status_of("a2") for a in (a0, a1)]
+        time.sleep(10.0)
+        after_15s = [a.status_of("a2") for a in (a0, a1)]
+        evil = free_port()
+        inc = max(a.members()["a2"]["incarnation"] for a in (a0, a1))
+        for a in (a0, a1):
+            send_udp(packet([ALIVE, inc + 1, "a2", [HOST, evil], {"rumor.inbound": "1"}]),
+                     a)
+        time.sleep(3.0)
+        views = [a.members()["a2"] for a in (a0, a1)]
+        return {"signed": bool(_signing_flags(work, 0)),
+                "victim_status_5s_after_climb": after_climb,
+                "victim_status_15s_after_climb": after_15s,
+                "victim_address_moved": sum(v["addr"] != a2.addr for v in views),
+                "victim_inbound_tag_forged": sum("rumor.inbound" in v["tags"] for v in views)}
 
 
 # ---- 11: the smaller ones ---------------------------------------------------------------

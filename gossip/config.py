@@ -235,6 +235,10 @@ LIMITS: dict[str, tuple[float, float]] = {
     "max_members": (1, 1 << 24),
     "new_member_rate": (0.0, 1e6),
     "new_member_burst": (0, 1 << 24),
+    "max_pending": (0, 1 << 16),
+    "admission_timeout": (0.01, 3600.0),
+    "admission_rate": (0.0, 1e6),
+    "admission_burst": (0, 1 << 24),
 }
 
 
