@@ -130,19 +130,21 @@ class Identity:
                source: str) -> bool:
         """Whether ``node``'s bound key signed ``context + data``."""
         key = self.key_of(node)
-        return key is not None and self.check(now, key, context, data, sig, source)
+        return key is not None and self.check(now, key, context, data, sig, source) is True
 
     def check(self, now: float, public_key: bytes, context: bytes, body: bytes, sig: bytes,
-              source: str) -> bool:
+              source: str, budgeted: bool = True) -> bool | None:
         """Whether ``sig`` is ``public_key``'s over ``context + body``: cached by the
-        exact bytes; a miss spends one of ``source``'s verification tokens."""
+        exact bytes; a miss spends one of ``source``'s verification tokens (unless not
+        ``budgeted``: a push-pull, which stops at its first bad signature). None: not
+        checked, the source is over its budget."""
         k = (public_key, context, body, sig)
         hit = _VERIFIED.get(k)
         if hit is not None:
             self.stats["signatures_cached"] += 1
             return hit
-        if not self._spend(now, source):
-            return False
+        if budgeted and not self._spend(now, source):
+            return None
         ok = ed25519_valid(public_key, context + body, sig)
         self.stats["signatures_verified" if ok else "signatures_bad"] += 1
         if len(_VERIFIED) >= _VERIFIED_MAX:

@@ -259,6 +259,8 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
                 if known is not None and m.alive.incarnation <= known.incarnation \
                         and known.signed is m:
                     continue  # the same statement again
+                if known is None and not self._may_learn(now, source[0]):
+                    continue  # a new name: the same budget per host as a plain one
                 self._on_signed_alive(now, source[0], m)
             elif type(m) is SignedLeave and not self.leaving:
                 assert isinstance(m, SignedLeave)

@@ -137,8 +137,13 @@ class MemberRules(CoreBase):
 
     def _on_dead(self, now: float, d: Dead) -> None:
         m = self.members.get(d.node)
-        if m is None or d.incarnation < m.incarnation or self._absurd(m, d.incarnation) \
-                or self._above_signed(m, d.incarnation):
+        if m is None or d.incarnation < m.incarnation or self._absurd(m, d.incarnation):
+            return
+        # A leave of ours above what we signed is a previous life's, as version-1
+        # members hold it after a graceful restart: while they may still be around
+        # (prefer), outbid it as they expect. Anything else above it is forged.
+        previous_life = (d.node == d.source == self.name and self.identity.mode == "prefer")
+        if not previous_life and self._above_signed(m, d.incarnation):
             return
         if not m.live:
             return

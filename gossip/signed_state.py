@@ -36,6 +36,10 @@ from .wire import (
     pack_message,
 )
 
+#: A pin exchange (a stream carrying our state) spends this many admission tokens,
+#: where a ping spends one: a datagram naming many unknown keys cannot make us open
+#: more than a few streams to addresses it chose.
+PIN_COST = 8.0
 #: The push-pull channel of signed statements.
 IDENTITY_CHANNEL = "identity"
 #: Most of a push-pull frame the signed statements may take (the rest is rows and
@@ -153,10 +157,10 @@ class SignedState(CoreBase):
         tokens, at = self._admission_tokens
         cfg = self.config
         tokens = min(float(cfg.admission_burst), tokens + (now - at) * cfg.admission_rate)
-        if tokens < 1.0:
+        if tokens < PIN_COST:
             self.stats["pins_throttled"] += 1
             return
-        self._admission_tokens = (tokens - 1.0, now)
+        self._admission_tokens = (tokens - PIN_COST, now)
         self._pinning.add(name)
         self.stats["pin_exchanges"] += 1
         ex = self._stream_to(now, sa.alive.addr, name, name, "pin",
@@ -169,9 +173,10 @@ class SignedState(CoreBase):
             self._pinning.discard(name)
 
     def _on_signed_alive(self, now: float, host: str, sa: SignedAlive,
-                         pin: bool = False) -> None:
+                         pin: bool = False, budgeted: bool = True) -> None:
         """A member's signed alive arrived from ``host`` (``pin``: in its own
-        push-pull, where a tofu claim may bind)."""
+        push-pull, where a tofu claim may bind; ``budgeted``: a datagram, whose
+        verifications spend the sender's budget)."""
         ident = self.identity
         if not ident.signing:
             self.stats["messages_skipped"] += 1
@@ -185,8 +190,9 @@ class SignedState(CoreBase):
         cred = self._binding(m, sa, pin)
         if cred is None:
             return
-        if not ident.check(now, cred.public_key, ALIVE_CONTEXT, sa.body, sa.sig, host):
-            self.stats["alives_bad_signature"] += 1
+        ok = ident.check(now, cred.public_key, ALIVE_CONTEXT, sa.body, sa.sig, host, budgeted)
+        if not ok:
+            self.stats["alives_bad_signature" if ok is False else "alives_deferred"] += 1
             return
         self._pending_done(a.node)
         self._accept_alive(now, a, sa, cred)
@@ -203,25 +209,30 @@ class SignedState(CoreBase):
         c = self.identity.credential_of(sa.credential, self.name) if sa.credential \
             else me.cred
         if c is None or c.public_key != me.cred.public_key or not self.identity.check(
-                now, c.public_key, ALIVE_CONTEXT, sa.body, sa.sig, host):
+                now, c.public_key, ALIVE_CONTEXT, sa.body, sa.sig, host, False):
             return
         self._set_incarnation(a.incarnation + 1)
         self.stats["refutations"] += 1
         self._queue_self()
 
-    def _on_signed_leave(self, now: float, host: str, sl: SignedLeave) -> None:
+    def _on_signed_leave(self, now: float, host: str, sl: SignedLeave,
+                         budgeted: bool = True) -> None:
         if not self.identity.signing:
             self.stats["messages_skipped"] += 1
             return
         d = sl.dead
         m = self.members.get(d.node)
-        if d.node == self.name or m is None or m.cred is None or not m.live:
+        if d.node == self.name:
+            self._on_own_signed_leave(now, host, sl)
+            return
+        if m is None or m.cred is None or not m.live:
             return
         if d.incarnation < m.incarnation:
             return
-        if not self.identity.check(now, m.cred.public_key, LEAVE_CONTEXT, sl.body, sl.sig,
-                                   host):
-            self.stats["leaves_bad_signature"] += 1
+        ok = self.identity.check(now, m.cred.public_key, LEAVE_CONTEXT, sl.body, sl.sig,
+                                 host, budgeted)
+        if not ok:
+            self.stats["leaves_bad_signature" if ok is False else "leaves_deferred"] += 1
             return
         m.signed = sl
         self._suspicions.pop(d.node, None)
@@ -230,6 +241,19 @@ class SignedState(CoreBase):
         self._queue_signed(sl)
         m.incarnation = d.incarnation
         self._set_status(now, m, Status.LEFT, "left")
+
+    def _on_own_signed_leave(self, now: float, host: str, sl: SignedLeave) -> None:
+        """Our previous life's leave (a graceful restart): every peer holds us left at
+        its incarnation, so the new life outbids it, as ``_on_own_signed_alive``."""
+        me = self.members[self.name]
+        if self.leaving or me.cred is None or sl.dead.incarnation < self.incarnation:
+            return
+        if not self.identity.check(now, me.cred.public_key, LEAVE_CONTEXT, sl.body, sl.sig,
+                                   host, False):
+            return
+        self._set_incarnation(sl.dead.incarnation + 1)
+        self.stats["refutations"] += 1
+        self._queue_self()
 
     def _relay_alive(self, a: Alive, sa: SignedAlive | None, news: bool) -> None:
         """Pass on a member's alive we accepted, in the forms the mode sends."""
@@ -288,9 +312,9 @@ class SignedState(CoreBase):
         for s in signed:
             if isinstance(s, SignedAlive):
                 self._on_signed_alive(now, host, s, pin=s.alive.node == source
-                                      and s.alive.addr[0] == host)
+                                      and s.alive.addr[0] == host, budgeted=False)
             else:
-                self._on_signed_leave(now, host, s)
+                self._on_signed_leave(now, host, s, budgeted=False)
             if self.stats["alives_bad_signature"] + self.stats["leaves_bad_signature"] \
                     != before:
                 self.stats["identity_state_refused"] += 1

@@ -202,6 +202,33 @@ def test_a_restart_with_the_same_key_outbids_its_previous_life() -> None:
     assert new.incarnation == high + 1
 
 
+def test_a_graceful_restart_outbids_its_own_signed_leave() -> None:
+    """systemctl restart: the old life leaves (signed) at incarnation i, every peer holds
+    it left at i, and the new life starts at 1; the leave comes back in the join, signed
+    by the same key, and the new life outbids it."""
+    net, cores = signed_cluster(3)
+    old = cores[2]
+    for _ in range(3):
+        old.set_meta(net.now, {"n": str(old.incarnation)})
+        net.flush(old.name)
+    net.run(2.0)
+    old.leave(net.now)
+    net.flush(old.name)
+    net.run_until(lambda: all(c.members[old.name].status == Status.LEFT
+                              for c in cores[:2]), limit=10)
+    high = cores[0].members[old.name].incarnation
+    net.crash(old.name)
+    net.crashed.discard(old.name)
+    new = Membership(old.name, old.addr, CFG, __import__("random").Random(5),
+                     identity=identity(old.name), now=net.now)
+    net.nodes[old.name] = new
+    new.join(net.now, [cores[0].addr])
+    net.flush(old.name)
+    net.run_until(lambda: all(c.members[old.name].status == Status.ALIVE
+                              for c in cores[:2]), limit=20)
+    assert new.incarnation == high + 1
+
+
 def test_a_newer_credential_rebinds_the_name() -> None:
     """A lost key is replaced by a new credential: the newest issued_at wins, even at
     a lower incarnation, and the old key's word counts no more."""
