@@ -31,6 +31,7 @@ from .signed_state import IDENTITY_CHANNEL
 from .trace import GossipTrace
 from .wire import (
     EMPTY_META,
+    MAX_FRAME,
     Address,
     Alive,
     Dead,
@@ -41,6 +42,8 @@ from .wire import (
     encode_push_pull,
 )
 
+#: Room left in a push-pull frame for the seal and the frame header.
+FRAME_MARGIN = 64 * 1024
 _COUNT_MIX = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
 
@@ -147,7 +150,19 @@ class AntiEntropy(CoreBase):
             user[IDENTITY_CHANNEL] = signed
         rows = [(m.name, m.addr, m.incarnation, m.status, m.meta)
                 for m in self.members.values()]
-        return encode_push_pull(join, self.name, rows, {c: s for c, s in user.items() if s})
+        body = encode_push_pull(join, self.name, rows, {c: s for c, s in user.items() if s})
+        room = MAX_FRAME - FRAME_MARGIN
+        if len(body) > room and signed is not None:
+            # The signed statements give way (gossip and later exchanges carry them):
+            # a join must never fail because of what we hold.
+            smaller = self._identity_state(max(0, len(signed) - (len(body) - room)))
+            if smaller is None:
+                del user[IDENTITY_CHANNEL]
+            else:
+                user[IDENTITY_CHANNEL] = smaller
+            body = encode_push_pull(join, self.name, rows,
+                                    {c: s for c, s in user.items() if s})
+        return body
 
     # ---- anti-entropy on demand -----------------------------------------------------
 

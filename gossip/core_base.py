@@ -242,7 +242,7 @@ class CoreBase:
         def _admit_later(self, now: float, a: Alive) -> None:
             raise NotImplementedError
 
-        def _identity_state(self) -> bytes | None:
+        def _identity_state(self, budget: int = ...) -> bytes | None:
             raise NotImplementedError
 
         def _merge_identity(self, now: float, data: bytes, host: str, source: str) -> None:

@@ -264,8 +264,9 @@ class SignedState(CoreBase):
 
     # ---- push-pull ------------------------------------------------------------------------
 
-    def _identity_state(self) -> bytes | None:
-        """Every member's latest verified statement, for a push-pull."""
+    def _identity_state(self, budget: int = IDENTITY_STATE_BUDGET) -> bytes | None:
+        """Every member's latest verified statement, for a push-pull (within
+        ``budget`` bytes)."""
         if not self.identity.signing:
             return None
         self._signed_self()
@@ -280,7 +281,7 @@ class SignedState(CoreBase):
             else:
                 b = pack_message(s)
             size += len(b)
-            if size > IDENTITY_STATE_BUDGET:
+            if size > budget:
                 self.stats["identity_state_truncated"] += 1
                 break
             out.append(b)

@@ -303,3 +303,20 @@ def test_signed_messages_decode_strictly() -> None:
     with pytest.raises(DecodeError):  # a leave's source is its node
         decode_packet(bytes([1]) + msgpack.packb(
             [[34, pack_message(Dead(1, "v", "other")), b"s" * 64]]))
+
+
+def test_the_signed_statements_give_way_when_a_push_pull_would_pass_the_frame(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A join must never fail because of what a peer holds: past the frame limit the
+    identity channel is cut (gossip carries the rest), never the member rows."""
+    from rumor.gossip import anti_entropy
+    from rumor.gossip.wire import decode_frame_body
+    net, cores = signed_cluster(5)
+    full = cores[0]._push_pull_body(True)
+    room = len(full) - 400
+    monkeypatch.setattr(anti_entropy, "MAX_FRAME", anti_entropy.FRAME_MARGIN + room)
+    cut = cores[0]._push_pull_body(True)
+    assert len(cut) <= room < len(full)
+    assert cores[0].stats["identity_state_truncated"] == 1
+    pp = decode_frame_body(cut)
+    assert len(pp.states) == 5  # every row is still there
