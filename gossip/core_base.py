@@ -254,6 +254,9 @@ class CoreBase:
         def _push_pull_body(self, join: bool) -> bytes:
             raise NotImplementedError
 
+        def _news_extra(self) -> int:
+            raise NotImplementedError
+
         def _add_to_probe_order(self, name: str) -> None:
             raise NotImplementedError
 

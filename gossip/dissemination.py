@@ -129,12 +129,13 @@ class Dissemination(CoreBase):
         ``rumor sim``: 30 nodes retagging and re-registering at once, 100 rounds)."""
         if self._quiet:
             return
-        extra = 0
-        if news:
-            n = self.num_members()
-            extra = max(0, self.config.user_retransmit_limit(n)
-                        - self.config.retransmit_limit(n)) // 2
-        self._member_q.push(pack_message(msg), msg.node, extra)
+        self._member_q.push(pack_message(msg), msg.node, self._news_extra() if news else 0)
+
+    def _news_extra(self) -> int:
+        """The extra transmits of membership news (see ``_queue_member``)."""
+        n = self.num_members()
+        return max(0, self.config.user_retransmit_limit(n)
+                   - self.config.retransmit_limit(n)) // 2
 
     def _self_alive(self) -> Alive:
         return Alive(self.incarnation, self.name, self.addr, dict(self.members[self.name].meta))

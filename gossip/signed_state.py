@@ -96,13 +96,8 @@ class SignedState(CoreBase):
         node = m.alive.node if isinstance(m, SignedAlive) else m.dead.node
         if self._quiet:
             return
-        extra = 0
-        if news:
-            n = self.num_members()
-            extra = max(0, self.config.user_retransmit_limit(n)
-                        - self.config.retransmit_limit(n)) // 2
         key = f"{node}\0signed" if self.identity.plain_too else node
-        self._member_q.push(pack_message(m), key, extra)
+        self._member_q.push(pack_message(m), key, self._news_extra() if news else 0)
 
     # ---- their word ---------------------------------------------------------------------
 
