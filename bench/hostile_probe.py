@@ -406,25 +406,29 @@ def file_descriptors(work: Path) -> dict[str, Any]:
 
 @probe("10_plaintext_flood")
 def plaintext_flood(work: Path) -> dict[str, Any]:
+    """24 datagrams of 250 invented members each (the 256-message cap refuses bigger
+    ones outright, so they never reached the new-name throttle), then a paused member:
+    how long until the flooded agent suspects it (1.5 s normally)."""
     with cluster(work, 3) as c:
         a0, a1, a2 = c.agents
-        for d in range(4):  # 6,000 fake members in 4 datagrams
-            send_udp(packet(*[[ALIVE, 1, f"f{d}-{i}", [f"127.9.{d}.{i % 250 + 1}",
-                                                        7000 + i // 250], {}]
-                              for i in range(1500)]), a0)
+        for d in range(24):  # 6,000 fake members, datagrams the receiver accepts
+            send_udp(packet(*[[ALIVE, 1, f"f{d}-{i}", [f"127.9.{d}.{i + 1}", 7000], {}]
+                              for i in range(250)]), a0)
         time.sleep(2.0)
         table = len(a0.members())
         health = http(a0.api, "GET", "/v1/health")[0]
         assert a2.proc is not None
-        a2.proc.send_signal(signal.SIGKILL)
-        a2.proc.wait()
+        a2.proc.send_signal(signal.SIGSTOP)
         t0 = time.monotonic()
         detected: float | None = None
-        while time.monotonic() - t0 < 60:
-            if a0.status_of("a2") not in ("alive", None):
-                detected = round(time.monotonic() - t0, 2)
-                break
-            time.sleep(0.05)
+        try:
+            while time.monotonic() - t0 < 60:
+                if a0.status_of("a2") not in ("alive", None):
+                    detected = round(time.monotonic() - t0, 2)
+                    break
+                time.sleep(0.05)
+        finally:
+            a2.proc.send_signal(signal.SIGCONT)
         # Reflection: one datagram of ping-reqs naming an address of our choosing.
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as victim:
             victim.bind((HOST, 0))
@@ -438,7 +442,49 @@ def plaintext_flood(work: Path) -> dict[str, Any]:
                     victim.recv(65536)
                     got += 1
         return {"member_table_after_6000": table, "health_status": health,
-                "failure_detected_s": detected, "reflected_datagrams": got}
+                "paused_member_suspected_s": detected, "reflected_datagrams": got}
+
+
+# ---- 27: forged membership ----------------------------------------------------------
+
+
+def _signing_flags(work: Path, i: int) -> list[str]:
+    """Plaintext with trust on first use, where the probed tree has it (issue 27)."""
+    out = subprocess.run([PYTHON, "-m", "rumor.cli", "agent", "--help"],
+                         capture_output=True, text=True).stdout
+    if "--node-identity" not in out:
+        return []
+    return ["--data-dir", str(work / f"data-{i}"), "--node-tofu", "--node-identity",
+            "require"]
+
+
+@probe("27_membership_forgery")
+def membership_forgery(work: Path) -> dict[str, Any]:
+    """The two-step climb (Alive(V, i+2^24) then Dead(V, i+2^25) in one datagram) and
+    the hijack (V's name at the attacker's listener with a forged rumor.inbound tag),
+    against a plaintext cluster; the probed tree's signed membership where it has it."""
+    with cluster(work, 3, lambda i: _signing_flags(work, i)) as c:
+        a0, a1, a2 = c.agents
+        inc = a0.members()["a2"]["incarnation"]
+        for a in (a0, a1):
+            send_udp(packet([ALIVE, inc + 2**24, "a2", [HOST, a2.port], {}],
+                            [DEAD, inc + 2**25, "a2", a.name]), a)
+        time.sleep(5.0)
+        after_climb = [a.status_of("a2") for a in (a0, a1)]
+        time.sleep(10.0)
+        after_15s = [a.status_of("a2") for a in (a0, a1)]
+        evil = free_port()
+        inc = max(a.members()["a2"]["incarnation"] for a in (a0, a1))
+        for a in (a0, a1):
+            send_udp(packet([ALIVE, inc + 1, "a2", [HOST, evil], {"rumor.inbound": "1"}]),
+                     a)
+        time.sleep(3.0)
+        views = [a.members()["a2"] for a in (a0, a1)]
+        return {"signed": bool(_signing_flags(work, 0)),
+                "victim_status_5s_after_climb": after_climb,
+                "victim_status_15s_after_climb": after_15s,
+                "victim_address_moved": sum(v["addr"] != a2.addr for v in views),
+                "victim_inbound_tag_forged": sum("rumor.inbound" in v["tags"] for v in views)}
 
 
 # ---- 11: the smaller ones ---------------------------------------------------------------
@@ -477,6 +523,248 @@ def smaller(work: Path) -> dict[str, Any]:
                 "nested_json_status": nested, "long_dns_name_rcode": rcode,
                 "tracebacks_in_log": tracebacks(c),
                 "world_readable_keyring_warned": "readable" in log.lower()}
+
+
+# ---- 27: the data plane's descriptors, loops, trailers, 1xx ------------------------------
+
+FLOOD_FROM = "127.0.0.9"  # "another host" as the agent sees it
+
+
+class RawBackend:
+    """A scripted HTTP backend on loopback; by path: ``/sink`` reads and never answers,
+    ``/trailers`` records the request's trailer names, ``/cl-trailer`` answers with a
+    Content-Length trailer and keeps the connection open, ``/1xx`` sends 100,000 102s."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server((HOST, 0), backlog=4096)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = self.closed = 0
+        self.trailers: list[str] = []
+        import threading
+        self._threading = threading
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.accepted += 1
+            self._threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        try:
+            self._script(c)
+        finally:
+            with self._lock:
+                self.closed += 1
+
+    def _script(self, c: socket.socket) -> None:
+        with c, contextlib.suppress(OSError):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                got = c.recv(65536)
+                if not got:
+                    return
+                data += got
+            path = data.split(b" ", 2)[1]
+            if path == b"/trailers":
+                while not data.endswith(b"\r\n\r\n") or data.count(b"\r\n\r\n") < 2:
+                    data += c.recv(65536)
+                tail = data.split(b"\r\n0\r\n", 1)[1]
+                self.trailers = [ln.split(b":")[0].decode().lower()
+                                 for ln in tail.split(b"\r\n") if b":" in ln]
+                c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close"
+                          b"\r\n\r\n")
+                return  # (the finally below counts it closed)
+            elif path == b"/cl-trailer":
+                c.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                          b"3\r\nabc\r\n0\r\ncontent-length: 5\r\n\r\n")
+                time.sleep(90)
+            elif path == b"/1xx":
+                c.sendall(b"HTTP/1.1 102 Processing\r\n\r\n" * 100_000
+                          + b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            while c.recv(65536):  # /sink, and the rest: until the proxy closes
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _sidecar(work: Path, backend_port: int, service: str,
+             extra: list[str] | None = None, fd_limit: bool = False,
+             ) -> tuple[AgentCluster, Agent, int, int]:
+    out_port, in_port = free_port(), free_port()
+    c = AgentCluster(work)
+    c.start(1, ["--outbound", f"{HOST}:{out_port}", "--inbound", f"{HOST}:{in_port}",
+                "--service", f"name={service},port={backend_port}", *(extra or [])],
+            preexec=(lambda i: _fd_limit) if fd_limit else None)
+    a = c.agents[0]
+    wait_for(lambda: a.get(f"/v1/catalog/service/{service}"), 20, "the service")
+    return c, a, out_port, in_port
+
+
+def _raw(port: int, data: bytes, timeout: float = 90.0) -> tuple[bytes, float]:
+    """Send ``data``, read until the proxy closes (or ``timeout``): (bytes, seconds)."""
+    t0 = time.monotonic()
+    out = b""
+    with socket.create_connection((HOST, port), timeout=timeout) as s:
+        s.sendall(data)
+        with contextlib.suppress(OSError):
+            while got := s.recv(65536):
+                out += got
+                if out.endswith(b"\r\n\r\n") and b" 200 " in out[:20] \
+                        and b"content-length: 0" in out:
+                    break
+    return out, round(time.monotonic() - t0, 2)
+
+
+def _agent_fds(a: Agent) -> int:
+    assert a.proc is not None
+    return len(os.listdir(f"/proc/{a.proc.pid}/fd"))
+
+
+def _get(port: int, host: str, timeout: float) -> tuple[int | str, float]:
+    t0 = time.monotonic()
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as s:
+            s.sendall(f"GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+                      .encode())
+            status: int | str = int(s.recv(65536).split(b" ", 2)[1])
+    except (OSError, ValueError, IndexError) as e:
+        status = type(e).__name__
+    return status, round(time.monotonic() - t0, 3)
+
+
+@probe("27_4a_inbound_flood_vs_outbound")
+def inbound_flood(work: Path) -> dict[str, Any]:
+    """1,000 silent connections from one host to the inbound listener (fd limit 1024,
+    Debian's default): do this host's own outbound calls still work?"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    from tests.backends import Backend
+    web = Backend("b1")
+    c, _a, out_port, in_port = _sidecar(work, web.port, "web", fd_limit=True)
+    try:
+        wait_for(lambda: _get(out_port, "web", 2)[0] == 200, 20, "web via the sidecar")
+        socks = []
+        for _ in range(1000):
+            s = socket.socket()
+            s.bind((FLOOD_FROM, 0))
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect((HOST, in_port))
+            socks.append(s)
+        try:
+            time.sleep(1.0)
+            calls = [_get(out_port, "web", 5.0) for _ in range(5)]
+            time.sleep(6.0)
+            held = 0
+            for s in socks:
+                try:
+                    held += s.recv(1) != b""
+                except BlockingIOError:
+                    held += 1
+                except OSError:
+                    pass
+        finally:
+            for s in socks:
+                s.close()
+        ok = sum(1 for st, _ in calls if st == 200)
+        return {"flood": 1000, "outbound_calls_ok": f"{ok}/5",
+                "outbound_call_s": sorted(t for _, t in calls)[2],
+                "flood_connections_held_after_7s": held}
+    finally:
+        c.close()
+        web.close()
+
+
+@probe("27_4b_abandoned_uploads")
+def abandoned_uploads(work: Path, n: int = 4000) -> dict[str, Any]:
+    """``n`` clients each send a 64 KiB POST to the inbound listener for a service that
+    never answers, and leave at once."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 16384)), hard))
+    b = RawBackend()
+    c, a, _, in_port = _sidecar(work, b.port, "sink")
+    try:
+        time.sleep(0.5)
+        rss0, fds0 = a.rss_kb(), _agent_fds(a)
+        body = b"x" * 65536
+        for _ in range(n):
+            with contextlib.suppress(OSError), \
+                    socket.create_connection((HOST, in_port), timeout=5) as s:
+                s.sendall(b"POST /sink HTTP/1.1\r\nhost: sink\r\ncontent-length: %d\r\n"
+                          b"\r\n" % len(body) + body)
+        out: dict[str, Any] = {"uploads": n, "rss_before_mb": round(rss0 / 1024, 1),
+                               "fds_before": fds0}
+        for wait in (3, 10):
+            time.sleep(wait - (3 if wait > 3 else 0))
+            out |= {f"rss_after_{wait}s_mb": round(a.rss_kb() / 1024, 1),
+                    f"fds_after_{wait}s": _agent_fds(a),
+                    f"upstream_open_after_{wait}s": b.accepted - b.closed}
+        return out | {"upstream_conns": b.accepted}
+    finally:
+        c.close()
+        b.close()
+
+
+@probe("27_4c_self_loop")
+def self_loop(work: Path) -> dict[str, Any]:
+    """A service registered at the agent's own outbound port, called once."""
+    out_port = free_port()
+    c = AgentCluster(work)
+    try:
+        c.start(1, ["--outbound", f"{HOST}:{out_port}", "--inbound",
+                    f"{HOST}:{free_port()}", "--service", f"name=loop,port={out_port}"])
+        a = c.agents[0]
+        wait_for(lambda: a.get("/v1/catalog/service/loop"), 20, "the service")
+        time.sleep(0.3)
+        peak = [_agent_fds(a)]
+        done = [False]
+        import threading
+
+        def sample() -> None:
+            while not done[0]:
+                with contextlib.suppress(OSError):
+                    peak[0] = max(peak[0], _agent_fds(a))
+                time.sleep(0.01)
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        out, secs = _raw(out_port, b"GET / HTTP/1.1\r\nhost: loop\r\nconnection: close\r\n\r\n",
+                         timeout=60)
+        done[0] = True
+        t.join()
+        err = next((ln for ln in out.split(b"\r\n") if ln.startswith(b"x-rumor-error")), b"")
+        return {"status": out[9:12].decode() or None, "seconds": secs,
+                "error": err.decode(errors="replace")[:120], "peak_fds": peak[0]}
+    finally:
+        c.close()
+
+
+@probe("27_6_trailers_1xx")
+def trailers_1xx(work: Path) -> dict[str, Any]:
+    b = RawBackend()
+    c, _a, out_port, _ = _sidecar(work, b.port, "raw")
+    try:
+        _raw(out_port, b"POST /trailers HTTP/1.1\r\nhost: raw\r\ntransfer-encoding: chunked"
+             b"\r\n\r\n3\r\nabc\r\n0\r\nhost: evil\r\nx-rumor-source: admin\r\n"
+             b"content-type: x/y\r\nx-ok: 1\r\n\r\n", timeout=10)
+        _cl, cl_s = _raw(out_port, b"GET /cl-trailer HTTP/1.1\r\nhost: raw\r\n\r\n")
+        many, many_s = _raw(out_port, b"GET /1xx HTTP/1.1\r\nhost: raw\r\n"
+                            b"connection: close\r\n\r\n", timeout=60)
+        final = many.split(b"HTTP/1.1 102 Processing\r\n\r\n")[-1]
+        return {"request_trailers_at_backend": b.trailers,
+                "cl_trailer_client_waited_s": cl_s,
+                "interim_1xx_relayed": many.count(b"HTTP/1.1 102"),
+                "final_status_after_1xx": final[9:12].decode() or None,
+                "seconds_1xx": many_s}
+    finally:
+        c.close()
+        b.close()
 
 
 def main() -> None:

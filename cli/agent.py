@@ -51,20 +51,19 @@ from ..proxy.api.metrics import AgentCollector
 from ..proxy.api.server import serve_http
 from ..proxy.check_runner import CheckRunner
 from ..proxy.inbound import InboundProxy
+from ..proxy.limits import ListenerShare, SidecarLimits, plan_pools
 from ..proxy.metrics import ProxyMetrics
 from ..proxy.outbound import INBOUND_TAG, OutboundProxy
-from ..proxy.relay import serve_proxy
+from ..proxy.relay import ProxyLimits, serve_proxy
 from ..proxy.tls import MeshTls, TlsConfigError, TlsFiles
 from .logs import log_event
+from .node_identity import IdentityError, build_identity
 from .reload import Reloader
 from .systemd import Notifier
 
 log = logging.getLogger("rumor.agent")
 #: What applies when the agent trusts no publisher: no documents, so defaults.
 NO_POLICY = Evaluator([])
-#: Connections at once from one host to the network-facing inbound listener: a caller's
-#: sidecar pools its connections, so more than this is a flood, not traffic.
-INBOUND_MAX_PER_CLIENT = 1024
 
 
 @dataclass
@@ -98,6 +97,8 @@ class AgentOptions:
     identity: str | None = None
     access_log: str | None = None
     balancer_decay: float = 10.0
+    #: The sidecar listeners' connection pools and first-byte timeout (proxy/limits.py).
+    proxy_limits: SidecarLimits = field(default_factory=SidecarLimits)
     #: Gossip encryption keys (from --keyring, kept up to date in that file).
     keyring: Keyring | None = None
     keyring_file: str | None = None
@@ -106,6 +107,13 @@ class AgentOptions:
     #: Who may drive the local API (--api-token-file, --api-allow-host).
     api_access: ApiAccess = field(default_factory=ApiAccess)
     api_token_file: str | None = None
+    #: Whose word counts about a member (``cli/node_identity.py``): the mode, trust
+    #: on first use, the CA that signs node credentials and, for credentials signed
+    #: by the policy trust keys alone, the cluster they name.
+    node_identity: str = "auto"
+    node_tofu: bool = False
+    node_ca: str | None = None
+    node_cluster: str | None = None
     #: Diagnostics: where to write the dissemination trace (gossip/trace.py).
     trace_gossip: str | None = None
     #: The command line and files these options came from (a reload reads them
@@ -139,16 +147,23 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
         except OSError as e:
             raise StartupError(f"cannot use --data-dir {opts.data_dir}: "
                                f"{e.strerror or e}") from None
+    try:
+        identity = build_identity(opts)
+    except IdentityError as e:
+        raise StartupError(str(e)) from None
     rng = random.Random(int.from_bytes(os.urandom(8), "big"))
     cfg = NodeConfig(name=opts.name, bind=opts.bind, advertise=opts.advertise,
                      gossip=opts.gossip, profile=opts.profile, tags=opts.tags, seal=seal,
-                     fds=fds.gossip,
+                     fds=fds.gossip, identity=identity,
                      extras=[PolicyReplicator.factory(opts.trust)] if opts.trust else [])
     stop = trio.Event()
     trace = TraceFile(opts.trace_gossip, opts.name) if opts.trace_gossip else None
     try:
         async with Node(cfg) as node, trio.open_nursery() as nursery:
             node.core.trace = trace
+            if prior is not None:
+                node.core.remember_bindings({m.name: m.credential for m in prior.members
+                                             if m.credential is not None})
             # First, so that a slow start (a far seed) is not mistaken for a hang.
             nursery.start_soon(notify.run_watchdog)
             nursery.start_soon(_log_events, node)
@@ -310,7 +325,7 @@ def _start_policies(node: Node, opts: AgentOptions) -> PolicyRuntime | None:
 
 async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
                          policies: PolicyRuntime | None, registry: CollectorRegistry,
-                         pool: FdPool, reloader: Reloader) -> None:
+                         fds: FdPool, reloader: Reloader) -> None:
     """Start the data plane's listeners; the inbound one is advertised in our tags so
     other sidecars know where to send this host's services' traffic. What a reload may
     change (the access log, the TLS files, the tags) is handed to ``reloader``."""
@@ -325,6 +340,14 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
         nursery.start_soon(access_log.run)  # writes in batches; the rest at shutdown
     tls = _mesh_tls(opts)
     reloader.access_log, reloader.tls = access_log, tls
+    # Inbound (the network) and outbound (this host's applications) get pools of their
+    # own, each with a per-client cap below it, so neither can starve the other.
+    plan = plan_pools(fds.size, opts.proxy_limits, inbound=opts.inbound is not None,
+                      outbound=opts.outbound is not None)
+    for note in plan.notes:
+        log.warning("%s", note, extra={"event": "proxy_limits"})
+    log.info("sidecar connections: %s", plan.describe(), extra={"event": "proxy_limits"})
+    limits = ProxyLimits(first_byte_timeout=opts.proxy_limits.first_byte_timeout)
     if tls is not None:
         nursery.start_soon(tls.run_reloader)
         registry.register(AgentCollector(tls=lambda: tls.stats))
@@ -337,8 +360,8 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
     if opts.inbound is not None:
         inbound = InboundProxy(node, evaluator, metrics=metrics, access_log=access_log,
                                tls=tls)
-        port = await _listen(nursery, inbound, opts.inbound, "inbound", metrics, pool, tls,
-                             max_per_client=INBOUND_MAX_PER_CLIENT)
+        port = await _listen(nursery, inbound, opts.inbound, "inbound", metrics,
+                             plan.inbound, limits, tls)
         host = opts.inbound[0]
         if host in ("0.0.0.0", "::"):
             host = node.address[0]
@@ -357,7 +380,8 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
                                    f"only {', '.join(sorted(names))}; callees would refuse it")
         outbound = OutboundProxy(node, evaluator, identity=identity, metrics=metrics,
                                  access_log=access_log, decay=opts.balancer_decay, tls=tls)
-        port = await _listen(nursery, outbound, opts.outbound, "outbound", metrics, pool)
+        port = await _listen(nursery, outbound, opts.outbound, "outbound", metrics,
+                             plan.outbound, limits)
         log.info("outbound listener on %s:%d (calling as %s)", opts.outbound[0], port,
                  identity or "an unknown service",
                  extra={"event": "outbound", "outbound": f"{opts.outbound[0]}:{port}",
@@ -380,16 +404,17 @@ def _mesh_tls(opts: AgentOptions) -> MeshTls | None:
 
 async def _listen(nursery: trio.Nursery, handler: InboundProxy | OutboundProxy, addr: Address,
                   what: str,
-                  metrics: ProxyMetrics, pool: FdPool, tls: MeshTls | None = None,
-                  max_per_client: int = 0) -> int:
+                  metrics: ProxyMetrics, share: ListenerShare, limits: ProxyLimits,
+                  tls: MeshTls | None = None) -> int:
     def refused(client: str, status: int, reason: str) -> None:
         metrics.protocol_errors.inc((what, status))
 
     try:
         port: int = await nursery.start(partial(serve_proxy, handler, addr[0], addr[1],
                                                 watchdog=handler.watchdog,
-                                                on_error=refused, tls=tls, pool=pool,
-                                                max_per_client=max_per_client))
+                                                on_error=refused, tls=tls, limits=limits,
+                                                pool=FdPool(what, share.fds),
+                                                max_per_client=share.per_client))
     except OSError as e:
         raise StartupError(f"cannot bind {what} address {format_address(addr)}: "
                            f"{e.strerror or e}") from None

@@ -4,6 +4,7 @@
 
     rumor ca init --dir ca/ --cluster prod            # once per cluster
     rumor ca issue --dir ca/ --node web-1 --service web --out certs/web-1
+    rumor ca credential --dir ca/ --node web-1 --data-dir /var/lib/rumor
 
 Every agent gets ``ca.crt`` (whom to trust) and its own ``PREFIX.crt``/``PREFIX.key``
 (who it is). ``ca.key`` stays offline: whoever holds it can act as any service.
@@ -49,6 +50,15 @@ def add_ca_parser(sub: Any) -> None:
     i.add_argument("--days", type=int, default=DEFAULT_CA_DAYS, metavar="N",
                    help=f"validity of the CA (default {DEFAULT_CA_DAYS})")
 
+    n = cs.add_parser("credential", help="sign an agent's node key (its gossip identity), "
+                      "creating the key in its data directory if it has none")
+    n.add_argument("--dir", type=Path, default=Path(DEFAULT_DIR), metavar="DIR",
+                   help=f"the CA directory (default ./{DEFAULT_DIR})")
+    n.add_argument("--node", required=True, metavar="NAME", help="the agent's --name")
+    n.add_argument("--data-dir", required=True, type=Path, metavar="DIR",
+                   help="the agent's --data-dir: its node.key is read (or made) there and "
+                   "node.credential written beside it")
+
     s = cs.add_parser("issue", help="issue an agent's certificate, naming its node and "
                       "the services it serves")
     s.add_argument("--dir", type=Path, default=Path(DEFAULT_DIR), metavar="DIR",
@@ -69,6 +79,8 @@ def run_ca(args: argparse.Namespace) -> int:
     try:
         if args.ca_command == "init":
             _init(args)
+        elif args.ca_command == "credential":
+            _credential(args)
         else:
             _issue(args)
     except CaError as e:
@@ -109,6 +121,17 @@ def _issue(args: argparse.Namespace) -> None:
     days = round((end - datetime.now(UTC)).total_seconds() / 86400)
     print(f"valid until {_when(end)} ({days} days): issue again to the same --out "
           "before then")
+
+
+def _credential(args: argparse.Namespace) -> None:
+    from ..proxy.node_credential import issue_node_credential
+    path, kid, created = issue_node_credential(args.dir, args.node, args.data_dir)
+    print(f"signed the node key {kid} of {args.node!r}"
+          f"{' (created now)' if created else ''}:")
+    print(f"  {path}  node credential (the agent reads it from its --data-dir)")
+    print(f"  {args.data_dir / 'node.key'}  node key, 0600: it never leaves this directory")
+    print("Every agent that trusts this CA (--tls-ca or --node-ca) now takes only this "
+          f"key's word about {args.node!r}.")
 
 
 def _first_cert(path: Path) -> x509.Certificate:

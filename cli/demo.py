@@ -354,6 +354,9 @@ def run_demo(agents: int = 5) -> int:
         _say(f"\n1. Converged: every agent lists {agents} alive members "
              f"({took:.2f} s after the last start).")
         _say(_table(cluster[0]))
+        signed = sum(1 for m in cluster[0].members().values() if m.get("key_id"))
+        _say(f"   Membership is signed: {signed} of {agents} members speak with a node key "
+             "the demo CA vouched for, so no key holder can move or evict another.")
         _intruder(cluster[0], logdir)
 
         _discovery(cluster)
@@ -426,6 +429,7 @@ def _security(keydir: Path, name: str, index: int) -> list[str]:
     rewrite it) and a certificate from the demo CA naming the services it may run."""
     from ..gossip.keyring_file import generate_key
     from ..proxy.ca import init_ca, issue
+    from ..proxy.node_credential import issue_node_credential
     ring = keydir / "keyring"
     if not ring.exists():
         ring.write_text(generate_key() + "\n")
@@ -434,8 +438,13 @@ def _security(keydir: Path, name: str, index: int) -> list[str]:
     shutil.copyfile(ring, mine)
     services = ["frontend"] if index == 0 else ["shop", "web"]
     cert, key = issue(keydir / "ca", name, services, 1, keydir / name)
+    # Signed membership: a node key in the agent's data dir, vouched for by the same CA,
+    # so no key holder can speak for another agent (docs/security.md).
+    data = keydir / f"data-{name}"
+    issue_node_credential(keydir / "ca", name, data)
     return ["--keyring", str(mine), "--tls-ca", str(keydir / "ca" / "ca.crt"),
-            "--tls-cert", str(cert), "--tls-key", str(key)]
+            "--tls-cert", str(cert), "--tls-key", str(key),
+            "--data-dir", str(data), "--node-identity", "require"]
 
 
 def _intruder(seed: DemoAgent, logdir: Path) -> None:

@@ -82,6 +82,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _connections(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 < value < 10_000_000:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _ttl(text: str) -> int:
     from ..proxy.api.dns import MAX_TTL
     try:
@@ -175,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--balancer-decay", type=_positive_float, default=10.0, metavar="SECONDS",
                    help="how fast the outbound balancer forgets latency (peak-EWMA time "
                    "constant, default 10)")
+    for side, who, share in (("inbound", "other sidecars", "a quarter, at most 1024"),
+                             ("outbound", "local applications", "three quarters")):
+        a.add_argument(f"--{side}-connections", type=_connections, default=0, metavar="N",
+                       help=f"connections the {side} listener holds at once, from {who} "
+                       "(default: its share of the descriptor limit; docs/proxy.md)")
+        a.add_argument(f"--{side}-per-client", type=_connections, default=0, metavar="N",
+                       help=f"connections at once from one address to the {side} "
+                       f"listener, below --{side}-connections (default: {share} of it)")
+    a.add_argument("--first-byte-timeout", type=_positive_float, default=5.0,
+                   metavar="SECONDS", help="close a sidecar connection that sends no "
+                   "request byte this long after it was accepted (default 5)")
     a.add_argument("--access-log", metavar="FILE",
                    help="write one JSON line per proxied request to FILE ('-': stdout)")
     a.add_argument("--trust-key", action="append", default=[], metavar="FILE",
@@ -186,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the agent keeps across restarts: the members it knew "
                    "(DIR/members.json, rejoined through when no --join seed answers) "
                    "and accepted policy documents (DIR/policies/)")
+    a.add_argument("--node-identity", choices=("auto", "off", "prefer", "require"),
+                   default="auto", help="sign this agent's word about itself and take "
+                   "only signed word about others: prefer (signed and plain, for a cluster "
+                   "that upgrades), require (signed only), off; auto (default): prefer "
+                   "when DIR/node.credential exists or --node-tofu is given")
+    a.add_argument("--node-tofu", action="store_true",
+                   help="plaintext clusters: bind a member's name to the key it presents "
+                   "first, in its own push-pull (trust on first use)")
+    a.add_argument("--node-ca", metavar="FILE",
+                   help="the CA certificate that signs node credentials (default: "
+                   "--tls-ca)")
+    a.add_argument("--node-cluster", metavar="NAME",
+                   help="the cluster named by node credentials signed with the policy "
+                   "trust keys (`rumor policy credential`) when there is no CA")
     a.add_argument("--tls-ca", metavar="FILE", help="cluster CA certificate (`rumor ca "
                    "init`): with --tls-cert/--tls-key, mutual TLS 1.3 between sidecars")
     a.add_argument("--tls-cert", metavar="FILE",
@@ -535,9 +570,12 @@ def _agent_options(args: argparse.Namespace) -> Any:
                         outbound=_const_address(args.outbound),
                         inbound=_inbound(args), identity=args.identity,
                         access_log=args.access_log, balancer_decay=args.balancer_decay,
+                        proxy_limits=_proxy_limits(args),
                         keyring=_keyring(args), keyring_file=args.keyring,
                         tls=_tls_files(args), api_access=_api_access(args),
                         api_token_file=args.api_token_file, trace_gossip=args.trace_gossip,
+                        node_identity=args.node_identity, node_tofu=args.node_tofu,
+                        node_ca=args.node_ca, node_cluster=args.node_cluster,
                         argv=args.argv, config_files=args.config_files,
                         settings=args.settings)
     return opts
@@ -569,6 +607,17 @@ def _inbound(args: argparse.Namespace) -> Address | None:
         return parse_address(args.inbound, default_port=DEFAULT_INBOUND_PORT)
     except ValueError as e:
         raise UsageError(f"--inbound: {e}") from None
+
+
+def _proxy_limits(args: argparse.Namespace) -> Any:
+    from ..proxy.limits import SidecarLimits, check_limits
+    limits = SidecarLimits(args.inbound_connections, args.outbound_connections,
+                           args.inbound_per_client, args.outbound_per_client,
+                           args.first_byte_timeout)
+    wrong = check_limits(limits)
+    if wrong is not None:
+        raise UsageError(wrong)
+    return limits
 
 
 def _tls_files(args: argparse.Namespace) -> Any:

@@ -75,6 +75,19 @@ def add_policy_parsers(sub: Any, api_arg: Any) -> None:
                     help="trusted publisher public key (repeatable)")
     vf.add_argument("--trust-threshold", type=int, default=1, metavar="K")
 
+    cr = ps.add_parser("credential", help="sign an agent's node key (its gossip identity) "
+                       "with publisher keys, for clusters whose node credentials the "
+                       "policy trust keys vouch for (agents: --node-cluster)")
+    cr.add_argument("--key", action="append", required=True, metavar="KEY",
+                    help="secret key file to sign with (repeatable: as many as the "
+                    "agents' --trust-threshold)")
+    cr.add_argument("--cluster", required=True, metavar="NAME",
+                    help="the cluster the agents name with --node-cluster")
+    cr.add_argument("--node", required=True, metavar="NAME", help="the agent's --name")
+    cr.add_argument("--data-dir", required=True, metavar="DIR",
+                    help="the agent's --data-dir: its node.key is read (or made) there "
+                    "and node.credential written beside it")
+
     ev = ps.add_parser("evaluate", help="what an agent would apply to a request for SERVICE")
     ev.add_argument("service")
     ev.add_argument("--source", help="calling service")
@@ -116,6 +129,8 @@ def run_policy(args: argparse.Namespace, api: str) -> int:
         return 0
     if cmd == "verify":
         return _verify(args)
+    if cmd == "credential":
+        return _credential(args)
     from .client import get_json, put_bytes
     if cmd == "publish":
         env = _signed(args.file, args.key, args.doc_version)
@@ -202,6 +217,36 @@ def _load(path: str) -> Envelope | Document:
         return parse_document(data, source=path)
     except PolicyError as e:
         raise CommandError(str(e)) from None
+
+
+def _credential(args: argparse.Namespace) -> int:
+    import time
+
+    from ..gossip.node_key import (
+        CREDENTIAL_CONTEXT,
+        NodeKeyError,
+        credential_payload,
+        encode_credential,
+        key_id,
+        load_or_create_key,
+        save_credential,
+    )
+    try:
+        signers = [load_secret_key(k) for k in args.key]
+    except KeyFileError as e:
+        raise CommandError(str(e)) from None
+    data_dir = Path(args.data_dir)
+    try:
+        key, created = load_or_create_key(data_dir)
+        payload = credential_payload(args.cluster, args.node, key.public, int(time.time()))
+        sigs = [(s.public.id, s.sign(CREDENTIAL_CONTEXT + payload)) for s in signers]
+        path = save_credential(data_dir, encode_credential("ed25519", payload, sigs))
+    except (NodeKeyError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    print(f"signed the node key {key_id(key.public)} of {args.node!r}"
+          f"{' (created now)' if created else ''} in cluster {args.cluster!r} by "
+          f"{', '.join(s.public.id for s in signers)} -> {path}")
+    return 0
 
 
 def _signed(path: str, key_files: list[str], version: int | None) -> Envelope:

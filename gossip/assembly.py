@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from .catalog import Catalog, CatalogLimits
 from .config import GossipConfig
 from .delegate import Delegate
+from .identity import Identity
 from .keyring import KeyringSeal
 from .keyring_commands import KeyringCommands
 from .membership import Membership
@@ -43,6 +44,8 @@ class NodeSpec:
     extras: Sequence[DelegateFactory] = ()
     #: What the catalog holds per node and in all (``catalog.CatalogLimits``).
     catalog_limits: CatalogLimits = field(default_factory=CatalogLimits)
+    #: Whose word counts about whom (``identity.py``); None: nothing is signed.
+    identity: Identity | None = None
 
 
 #: Builds a delegate on a node's core; it may read the spec (its wall offset).
@@ -65,7 +68,7 @@ def assemble(spec: NodeSpec, now: float, rng: random.Random,
     """Build a node's core and delegates at ``now``; ``rng`` drives the protocol's
     choices, ``new_id`` names the node's keyring commands (unique, not secret)."""
     core = Membership(spec.name, spec.addr, spec.config, rng, meta=dict(spec.meta),
-                      seal=spec.seal, now=now)
+                      seal=spec.seal, identity=spec.identity, now=now)
     # The epoch tells a restarted node's records from its previous life's.
     catalog = Catalog(core, epoch=int((now + spec.wall_offset) * 1_000_000), now=now,
                       wall_offset=spec.wall_offset, limits=spec.catalog_limits)

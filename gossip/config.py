@@ -109,6 +109,15 @@ class GossipConfig:
     #: grows (a plaintext cluster cannot tell invented names from real ones).
     new_member_rate: float = 64.0
     new_member_burst: int = 512
+    #: On a plaintext cluster a name learned from third-party gossip is admitted only
+    #: once it answered a direct ping at its claimed address (``admission.py``); at
+    #: most ``max_pending`` names wait, each for ``admission_timeout``, and the pings
+    #: are limited to ``admission_rate`` per second (bursts of ``admission_burst``).
+    admit_by_ping: bool = True
+    max_pending: int = 1024
+    admission_timeout: float = 2.5
+    admission_rate: float = 128.0
+    admission_burst: int = 512
 
     # ---- derived values (memberlist's formulas) ---------------------------------
 
@@ -143,7 +152,9 @@ class GossipConfig:
 
     def tuned(self, settings: list[str]) -> GossipConfig:
         """This config with ``name=value`` settings applied (``rumor agent --tune``);
-        ``ValueError`` names the first unknown setting or bad value."""
+        ``ValueError`` names the first unknown setting or bad value. Every value is
+        checked against ``LIMITS`` and the result against ``problems()``, so what the
+        agent runs with is always a config its timers and formulas can work with."""
         changes: dict[str, object] = {}
         kinds = {f.name: type(getattr(self, f.name)) for f in fields(self)}
         for text in settings:
@@ -161,11 +172,94 @@ class GossipConfig:
                 else:
                     value = kind(raw)
             except ValueError:
-                raise ValueError(f"--tune {text!r}: {name} is a {kind.__name__}") from None
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-                raise ValueError(f"--tune {text!r}: {name} cannot be negative")
+                expected = {bool: "true or false", int: "an integer",
+                            float: "a number"}.get(kind, kind.__name__)
+                raise ValueError(f"--tune {text!r}: {name} must be {expected}, "
+                                 f"found {raw[:40]!r}") from None
+            problem = check_value(name, value)
+            if problem:
+                raise ValueError(f"--tune {text!r}: {problem}")
             changes[name] = value
-        return replace(self, **changes)  # type: ignore[arg-type]
+        cfg = replace(self, **changes)  # type: ignore[arg-type]
+        problems = cfg.problems()
+        if problems:
+            raise ValueError(f"--tune {' '.join(settings)!r}: {problems[0]}")
+        return cfg
+
+    def problems(self) -> list[str]:
+        """What makes this config unusable, in words naming the tunables (empty when
+        it is sound): each value within ``LIMITS``, then the relations between them."""
+        out = [p for f in fields(self) if (p := check_value(f.name, getattr(self, f.name)))]
+        if out:
+            return out
+        if self.probe_timeout >= self.probe_interval:
+            out.append(f"probe_timeout ({self.probe_timeout:g} s) must be shorter than "
+                       f"probe_interval ({self.probe_interval:g} s): a probe's direct "
+                       "wait ends within its protocol period")
+        if self.max_meta_bytes >= self.max_datagram:
+            out.append(f"max_meta_bytes ({self.max_meta_bytes}) must be smaller than "
+                       f"max_datagram ({self.max_datagram}): tags travel in datagrams")
+        return out
+
+
+#: Range of every numeric tunable: (lowest, highest), both allowed. Booleans take
+#: any bool. Intervals that drive a loop have a floor well above 0 (``probe_interval=0``
+#: spun a core and declared healthy peers failed); counts the formulas divide by or
+#: multiply with start at 1.
+LIMITS: dict[str, tuple[float, float]] = {
+    "probe_interval": (0.01, 3600.0),
+    "probe_timeout": (0.001, 3600.0),
+    "indirect_checks": (0, 64),
+    "awareness_max_multiplier": (1, 64),
+    "suspicion_mult": (1, 1000),
+    "suspicion_max_mult": (1, 1000),
+    "suspicion_confirmations": (1, 64),
+    "retransmit_mult": (1, 100),
+    "user_retransmit_mult": (1, 100),
+    "gossip_interval": (0.01, 3600.0),
+    "gossip_nodes": (1, 64),
+    "gossip_to_the_dead": (0.0, 7 * 86400.0),
+    "push_pull_interval": (0.1, 86400.0),
+    "repair_interval": (0.01, 3600.0),
+    "stream_timeout": (0.01, 3600.0),
+    "reconnect_interval": (0.01, 86400.0),
+    "reap_failed_after": (1.0, 365 * 86400.0),
+    "reap_left_after": (1.0, 365 * 86400.0),
+    "join_attempts": (1, 1000),
+    "join_backoff": (0.0, 3600.0),
+    "join_grace": (0.0, 3600.0),
+    "leave_propagate": (0.0, 3600.0),
+    "leave_fanout": (0, 1 << 16),
+    "max_datagram": (576, 65_507),
+    "max_meta_bytes": (0, 65_507),
+    "max_members": (1, 1 << 24),
+    "new_member_rate": (0.0, 1e6),
+    "new_member_burst": (0, 1 << 24),
+    "max_pending": (0, 1 << 16),
+    "admission_timeout": (0.01, 3600.0),
+    "admission_rate": (0.0, 1e6),
+    "admission_burst": (0, 1 << 24),
+}
+
+
+def check_value(name: str, value: object) -> str:
+    """Why ``value`` is no good for the tunable ``name`` ("" when it is): the right
+    type (an int where a count is wanted, never a bool for a number), finite, and
+    within ``LIMITS``."""
+    default = getattr(LAN, name)
+    if isinstance(default, bool):
+        return "" if isinstance(value, bool) else f"{name} must be true or false"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name} must be a number, found {type(value).__name__}"
+    if isinstance(default, int) and not isinstance(value, int):
+        return f"{name} must be an integer, found {value!r}"
+    if not math.isfinite(value):
+        return f"{name} must be a finite number, found {value!r}"
+    low, high = LIMITS[name]
+    unit = " s" if isinstance(default, float) else ""
+    if not low <= value <= high:
+        return f"{name} must be from {low:g}{unit} to {high:g}{unit}, found {value!r}"
+    return ""
 
 
 #: memberlist's DefaultLANConfig.

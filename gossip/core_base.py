@@ -33,7 +33,9 @@ from .effects import (
     StreamRequest,
 )
 from .fields import MAX_COUNTER
+from .identity import Identity
 from .members import Member
+from .node_key import Credential
 from .queue import BroadcastQueue
 from .security import Seal
 from .suspicion import Suspicion
@@ -43,6 +45,8 @@ from .wire import (
     Dead,
     Digest,
     Message,
+    SignedAlive,
+    SignedLeave,
     Status,
     Suspect,
 )
@@ -58,6 +62,7 @@ class CoreBase:
     config: GossipConfig
     rng: random.Random
     seal: Seal
+    identity: Identity
     awareness: Awareness
     stats: Counter[str]
     members: dict[str, Member]
@@ -76,7 +81,17 @@ class CoreBase:
     _refused: set[str]
     _new_names: dict[str, tuple[float, float]]
     _exchange_peer: dict[int, str]
+    #: The host each exchange went to (whose own push-pull may pin its key).
+    _exchange_host: dict[int, str]
     _suspicions: dict[str, Suspicion]
+    #: Bindings of members no longer in the table (``signed_state.py``).
+    _remembered: dict[str, Credential]
+    #: Names whose own push-pull we asked for to pin their key, by exchange.
+    _pinning: set[str]
+    _pin_exchanges: dict[int, str]
+    _pin_clock: float
+    #: The admission pings' token bucket (shared with pin exchanges): (tokens, at).
+    _admission_tokens: tuple[float, float]
     #: XOR of every live member's (name, tags) hash and each one's part of it: the
     #: membership half of the anti-entropy summary (``anti_entropy.py``).
     _member_sum: int
@@ -107,6 +122,7 @@ class CoreBase:
         ex = self._exchange
         self._exchanges[ex] = kind
         self._exchange_peer[ex] = peer
+        self._exchange_host[ex] = addr[0]
         self.stats[f"stream_{kind}"] += 1
         frame = self._frame(now, packet, to)
         self._effects.append(StreamRequest(
@@ -175,7 +191,8 @@ class CoreBase:
 
     if TYPE_CHECKING:  # what the parts use of each other (defined in their files)
 
-        def _send(self, now: float, addr: Address, to: str, msgs: list[Message]) -> None:
+        def _send(self, now: float, addr: Address, to: str, msgs: list[Message],
+                  piggyback: bool = True) -> None:
             raise NotImplementedError
 
         def _queue_member(self, msg: Alive | Suspect | Dead, news: bool = False) -> None:
@@ -201,6 +218,43 @@ class CoreBase:
             raise NotImplementedError
 
         def _room_for_one(self) -> bool:
+            raise NotImplementedError
+
+        def _accept_alive(self, now: float, a: Alive, sa: SignedAlive | None,
+                          cred: Credential | None) -> None:
+            raise NotImplementedError
+
+        def _relay_alive(self, a: Alive, sa: SignedAlive | None, news: bool) -> None:
+            raise NotImplementedError
+
+        def _queue_self(self, news: bool = False, credential: bool = False) -> None:
+            raise NotImplementedError
+
+        def _queue_signed(self, m: SignedAlive | SignedLeave, news: bool = False) -> None:
+            raise NotImplementedError
+
+        def _pending_done(self, name: str) -> None:
+            raise NotImplementedError
+
+        def _admission_needed(self) -> bool:
+            raise NotImplementedError
+
+        def _admit_later(self, now: float, a: Alive) -> None:
+            raise NotImplementedError
+
+        def _identity_state(self, budget: int = ...) -> bytes | None:
+            raise NotImplementedError
+
+        def _merge_identity(self, now: float, data: bytes, host: str, source: str) -> None:
+            raise NotImplementedError
+
+        def _signed_leave(self, d: Dead) -> SignedLeave | None:
+            raise NotImplementedError
+
+        def _push_pull_body(self, join: bool) -> bytes:
+            raise NotImplementedError
+
+        def _news_extra(self) -> int:
             raise NotImplementedError
 
         def _add_to_probe_order(self, name: str) -> None:

@@ -72,9 +72,11 @@ class Dissemination(CoreBase):
     def _datagram_budget(self) -> int:
         return self.config.max_datagram - self.seal.overhead - PACKET_OVERHEAD
 
-    def _send(self, now: float, addr: Address, to: str, msgs: list[Message]) -> None:
+    def _send(self, now: float, addr: Address, to: str, msgs: list[Message],
+              piggyback: bool = True) -> None:
         """Send ``msgs`` in one datagram to member ``to`` at ``addr``, filling the rest
-        with broadcasts.
+        with broadcasts (unless ``piggyback`` is off: an admission ping goes to a name
+        nobody vouched for, and would spend the broadcasts' transmits on it).
 
         Application broadcasts get up to half of the free space first, so catalog and
         policy updates are never starved by membership churn; membership updates fill
@@ -82,6 +84,9 @@ class Dissemination(CoreBase):
         parts = [pack_message(m) for m in msgs]
         if self._delegates and self.config.state_repair:
             parts.append(pack_message(self._digest(now)))
+        if not piggyback:
+            self._put_datagram(now, addr, parts, to)
+            return
         budget = self._datagram_budget() - sum(map(len, parts))
         n = self.num_members()
         limit = self.config.retransmit_limit(n)
@@ -104,6 +109,10 @@ class Dissemination(CoreBase):
             self.stats["user_messages_out"] += len(user)
             if self.trace is not None:
                 self.trace("out", to, [digest(u) for u in user])
+        self._put_datagram(now, addr, parts, to)
+
+    def _put_datagram(self, now: float, addr: Address, parts: list[bytes],
+                      to: str = "") -> None:
         if not parts:
             return
         data = self.seal.seal(now, encode_packet_raw(parts), to)
@@ -120,12 +129,13 @@ class Dissemination(CoreBase):
         ``rumor sim``: 30 nodes retagging and re-registering at once, 100 rounds)."""
         if self._quiet:
             return
-        extra = 0
-        if news:
-            n = self.num_members()
-            extra = max(0, self.config.user_retransmit_limit(n)
-                        - self.config.retransmit_limit(n)) // 2
-        self._member_q.push(pack_message(msg), msg.node, extra)
+        self._member_q.push(pack_message(msg), msg.node, self._news_extra() if news else 0)
+
+    def _news_extra(self) -> int:
+        """The extra transmits of membership news (see ``_queue_member``)."""
+        n = self.num_members()
+        return max(0, self.config.user_retransmit_limit(n)
+                   - self.config.retransmit_limit(n)) // 2
 
     def _self_alive(self) -> Alive:
         return Alive(self.incarnation, self.name, self.addr, dict(self.members[self.name].meta))

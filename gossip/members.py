@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .wire import Address, MemberState, Meta, Status
+from .node_key import Credential
+from .wire import Address, MemberState, Meta, SignedAlive, SignedLeave, Status
 
 
 @dataclass(slots=True)
@@ -19,6 +20,13 @@ class Member:
     #: Smoothed round-trip time of direct probes (seconds), like TCP's SRTT.
     rtt: float | None = None
     rtt_last: float | None = None
+    #: The credential binding this name to a node key, once one verified: from then on
+    #: only the member's signed word changes its address, tags or incarnation, and no
+    #: accusation may carry an incarnation above the one it signed (``identity.py``).
+    cred: Credential | None = None
+    #: The member's latest verified statement (an alive, or its leave), kept to pass
+    #: on in push-pull; shared with every node that verified the same bytes.
+    signed: SignedAlive | SignedLeave | None = None
 
     RTT_ALPHA = 0.2
 

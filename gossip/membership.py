@@ -34,6 +34,7 @@ import random
 from collections import Counter
 
 from .address import format_address
+from .admission import Admission
 from .anti_entropy import AntiEntropy, _Join
 from .awareness import Awareness
 from .config import GossipConfig
@@ -44,7 +45,9 @@ from .effects import (
     JoinFinished,
     StreamReply,
 )
+from .identity import Identity
 from .members import Member
+from .node_key import decode_credential
 from .probing import Probing, _Probe, _Relay
 from .queue import BroadcastQueue
 from .rules import MemberRules
@@ -57,6 +60,7 @@ from .security import (
     refusal_reason,
     refusal_reply,
 )
+from .signed_state import SignedState
 from .suspicion import Suspicion
 from .trace import GossipTrace, digest
 from .wire import (
@@ -72,6 +76,8 @@ from .wire import (
     Nack,
     Ping,
     PushPull,
+    SignedAlive,
+    SignedLeave,
     Skipped,
     Status,
     Suspect,
@@ -84,15 +90,17 @@ from .wire import (
 )
 
 INF = math.inf
+#: What a bare probe datagram holds (see ``Probing._on_ping``).
+_PROBE_TYPES = frozenset({Ping, IndirectPing, Ack, Nack, Digest})
 
 
-class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
+class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, AntiEntropy):
     """One node's SWIM/Lifeguard state machine: the facade that takes the inputs and
     dispatches them to its parts. See the module docstring."""
 
     def __init__(self, name: str, addr: Address, config: GossipConfig, rng: random.Random,
                  *, meta: Meta | None = None, seal: Seal | None = None,
-                 now: float = 0.0) -> None:
+                 identity: Identity | None = None, now: float = 0.0) -> None:
         self.name = name
         self.addr = addr
         self.config = config
@@ -107,6 +115,18 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
         self._check_meta(meta or {})
         self.members[name] = Member(name, addr, self.incarnation, Status.ALIVE, now,
                                     own_meta(meta or {}))
+        self.identity = identity or Identity()
+        self.identity.key_of = self._bound_key
+        if self.identity.signing and self.identity.credential is not None:
+            self.members[name].cred = decode_credential(self.identity.credential)
+        self._own_signed = None
+        self._remembered = {}
+        self._pending = {}
+        self._pending_by_seq = {}
+        self._pinning = set()
+        self._pin_exchanges = {}
+        self._pin_clock = now
+        self._admission_tokens = (float(config.admission_burst), now)
         self._member_sum = 0
         self._member_parts: dict[str, int] = {}
         self._note_member(self.members[name])
@@ -127,6 +147,7 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
         #: Per source host: (tokens, last refill) of its budget of new member names.
         self._new_names: dict[str, tuple[float, float]] = {}
         self._exchange_peer: dict[int, str] = {}
+        self._exchange_host: dict[int, str] = {}
         #: Observer of application messages sent and received (``trace.py``); None
         #: unless a diagnostic run asks for it.
         self.trace: GossipTrace | None = None
@@ -195,6 +216,8 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
             self._gossiped_at = now
             self._gossip_at = now + self.config.gossip_interval
         self._expire_suspicions(now)
+        if self._pending:
+            self._expire_pending(now)
         if now >= self._push_pull_at:
             self._periodic_push_pull(now)
         if now >= self._reconnect_at:
@@ -224,8 +247,28 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
         members = self.members
         probes = 0
         digest: Digest | None = None
+        news = False  # anything besides probes and the digest (see _on_ping)
+        for m in messages:
+            if type(m) not in _PROBE_TYPES:
+                news = True
+            # Signed statements first, so the plain twin beside one finds its member
+            # bound and is dropped instead of admitted on its own.
+            if type(m) is SignedAlive and not self.leaving:
+                assert isinstance(m, SignedAlive)
+                known = members.get(m.alive.node)
+                if known is not None and m.alive.incarnation <= known.incarnation \
+                        and known.signed is m:
+                    continue  # the same statement again
+                if known is None and not self._may_learn(now, source[0]):
+                    continue  # a new name: the same budget per host as a plain one
+                self._on_signed_alive(now, source[0], m)
+            elif type(m) is SignedLeave and not self.leaving:
+                assert isinstance(m, SignedLeave)
+                self._on_signed_leave(now, source[0], m)
         for m in messages:
             t = type(m)
+            if t is SignedAlive or t is SignedLeave:
+                continue
             if t is Digest:
                 assert isinstance(m, Digest)
                 digest = m
@@ -248,6 +291,10 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
                 probes += 1
                 if probes > 1:
                     self.stats["probes_dropped_extra"] += 1
+                    continue
+                if t is Ping and not self.leaving:
+                    assert isinstance(m, Ping)
+                    self._on_ping(now, source, m, news)
                     continue
             self._dispatch(now, source, m)
         if digest is not None and not self.leaving:
@@ -286,7 +333,7 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
             return None
         if isinstance(msg, PushPull):
             reply = self._push_pull_body(msg.join)  # our state before the merge
-            self._merge(now, msg)
+            self._merge(now, msg, source[0])
             return self._frame(now, reply, msg.source)
         if isinstance(msg, Ping):
             if msg.target != self.name:
@@ -307,6 +354,9 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
         success, or None if the exchange failed (refused, timed out, reset)."""
         kind = self._exchanges.pop(exchange, None)
         peer = self._exchange_peer.pop(exchange, "")
+        host = self._exchange_host.pop(exchange, "")
+        if self._pin_exchanges:
+            self._pin_done(exchange)
         if kind is None:
             return
         msg: Message | None = None
@@ -323,11 +373,11 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
             except DecodeError as e:
                 self.stats["streams_malformed"] += 1
                 why = f"malformed answer: {e}"
-        if kind in ("join", "push_pull", "reconnect"):
+        if kind in ("join", "push_pull", "reconnect", "pin"):
             ok = isinstance(msg, PushPull)
             if ok:
                 assert isinstance(msg, PushPull)
-                self._merge(now, msg)
+                self._merge(now, msg, host)
             else:
                 self.stats[f"{kind}_failed"] += 1
             if kind == "join":
@@ -360,9 +410,17 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
             return
         me = self.members[self.name]
         msg = Dead(self.incarnation, self.name, self.name)
+        signed = self._signed_leave(msg)
         self.leaving = True
         self._set_status(now, me, Status.LEFT, "left")
-        self._queue_member(msg)
+        said: list[Message] = []
+        if signed is None or self.identity.plain_too:
+            self._queue_member(msg)
+            said.append(msg)
+        if signed is not None:
+            me.signed = signed
+            self._queue_signed(signed)
+            said.append(signed)
         peers = [m for m in self.members.values() if m.live and m.name != self.name]
         if not peers:
             self._finish_leave()
@@ -373,7 +431,7 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
         fanout = self.config.leave_fanout
         told = peers if len(peers) <= fanout else self.rng.sample(peers, fanout)
         for m in told:
-            self._send(now, m.addr, m.name, [msg])
+            self._send(now, m.addr, m.name, said)
         self._leave_deadline = now + self.config.leave_propagate
 
     def set_meta(self, now: float, meta: Meta) -> None:
@@ -382,7 +440,7 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
         self.members[self.name].meta = own_meta(meta)
         self._note_member(self.members[self.name])
         self._set_incarnation(self.incarnation + 1)
-        self._queue_member(self._self_alive(), news=True)
+        self._queue_self(news=True)
         if self.config.gossip_on_news:
             self._gossip_soon(now)
 
@@ -395,7 +453,7 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
         start. Without it this is the push-pull merge itself."""
         self._quiet = quiet
         try:
-            self._merge(now, states)
+            self._merge(now, states, "")
         finally:
             self._quiet = False
 
@@ -470,7 +528,8 @@ class Membership(MemberRules, Probing, Dissemination, AntiEntropy):
         if isinstance(m, Ping):
             self._on_ping(now, source, m)
         elif isinstance(m, Ack):
-            self._on_ack(now, m)
+            if not (self._pending_by_seq and self._on_admission_ack(now, source, m.seq)):
+                self._on_ack(now, m)
         elif isinstance(m, Nack):
             p = self._probe
             if p is not None and p.seq == m.seq:

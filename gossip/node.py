@@ -50,6 +50,7 @@ from .effects import (
 )
 from .executor import EffectExecutor
 from .fields import ip_literal
+from .identity import Identity
 from .keyring import KeyringSeal
 from .membership import Membership
 from .security import ReadBody, Refuse, Seal, refusal_frame
@@ -114,6 +115,8 @@ class NodeConfig:
     fds: FdPool | None = None
     #: Further delegates for the assembly (``NodeSpec.extras``), e.g. policy replication.
     extras: Sequence[DelegateFactory] = ()
+    #: The node key and the rules for others' signed word (``identity.py``).
+    identity: Identity | None = None
 
 
 class FrameRefused(Exception):
@@ -226,7 +229,8 @@ class Node:
             now = trio.current_time()
             spec = NodeSpec(self.name, advertise, self.config.gossip,
                             meta=dict(self.config.tags), seal=self.config.seal,
-                            wall_offset=time.time() - now, extras=self.config.extras)
+                            wall_offset=time.time() - now, extras=self.config.extras,
+                            identity=self.config.identity)
             self._parts = assemble(spec, now, rng, new_id=lambda: os.urandom(8).hex())
             self._core = self._parts.core
             for d in self._pending_delegates:
@@ -367,7 +371,10 @@ class Node:
                 "status": Status.NAMES[m.status], "incarnation": m.incarnation,
                 "tags": dict(m.meta),
                 "rtt_ms": None if m.rtt is None else round(m.rtt * 1000, 3),
-                "since": round(max(0.0, now - m.since), 3)}
+                "since": round(max(0.0, now - m.since), 3),
+                # Whose key its word is checked against (None: unsigned, version 1).
+                "key_id": None if m.cred is None else m.cred.key_id,
+                "credential": None if m.cred is None else m.cred.kind}
 
     # ---- effect execution ------------------------------------------------------------------
 

@@ -94,9 +94,9 @@ class SnapshotKeeper:
     def members(self) -> tuple[Remembered, ...]:
         """The live members other than this node, by name."""
         me = self.node.name
-        return tuple(Remembered(m.name, m.addr) for m in sorted(
-            self.node.core.members.values(), key=lambda m: m.name)
-            if m.live and m.name != me)
+        return tuple(Remembered(m.name, m.addr, m.cred.raw if m.cred else None)
+                     for m in sorted(self.node.core.members.values(), key=lambda m: m.name)
+                     if m.live and m.name != me)
 
     async def run(self) -> None:
         events = self.node.subscribe()

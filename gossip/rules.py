@@ -14,6 +14,7 @@ from .effects import (
 )
 from .fields import MAX_INCARNATION_JUMP, valid_text
 from .members import Member
+from .node_key import Credential
 from .suspicion import Suspicion
 from .wire import (
     MAX_META_ENTRIES,
@@ -21,6 +22,7 @@ from .wire import (
     Alive,
     Dead,
     Meta,
+    SignedAlive,
     Status,
     Suspect,
     own_meta,
@@ -32,9 +34,10 @@ class MemberRules(CoreBase):
     """The alive / suspect / dead / refute rules (a part of ``Membership``)."""
 
     def _on_alive(self, now: float, a: Alive) -> None:
+        """A plain (unsigned) alive: the word of whoever sent it."""
         if a.node == self.name:
             me = self.members[self.name]
-            if self._absurd(me, a.incarnation):
+            if self._absurd(me, a.incarnation) or self.identity.mode == "require":
                 return
             if a.incarnation < self.incarnation or (
                     a.incarnation == self.incarnation and a.meta == me.meta
@@ -44,30 +47,58 @@ class MemberRules(CoreBase):
             # are (a previous life of this name): override it.
             self._refute(a.incarnation)
             return
+        if not self.identity.accepts_unsigned(a.node):
+            # Its signed word is the only one that counts (or all must be signed).
+            self.stats["alives_unsigned_refused"] += 1
+            return
+        if a.node not in self.members and self._admission_needed():
+            self._admit_later(now, a)
+            return
+        self._accept_alive(now, a, None, None)
+
+    def _accept_alive(self, now: float, a: Alive, sa: SignedAlive | None,
+                      cred: Credential | None) -> None:
+        """Apply an alive: a plain one we may take, or a signed one that verified
+        against ``cred`` (which may bind the name, or bind it anew)."""
         m = self.members.get(a.node)
         if m is None:
             if not self._room_for_one():
                 return
             m = Member(a.node, a.addr, a.incarnation, Status.ALIVE, now, own_meta(a.meta))
+            m.cred, m.signed = cred, sa
             self.members[a.node] = m
             self._roster.append(a.node)
             self._add_to_probe_order(a.node)
-            self._queue_member(a)
+            self._relay_alive(a, sa, False)
             self._emit(now, m, "join")
             return
-        if a.incarnation <= m.incarnation or self._absurd(m, a.incarnation):
-            return
-        if a.addr != m.addr and m.live:
-            self.stats["name_conflicts"] += 1
-            self._effects.append(Notice(
-                "name-conflict",
-                f"member {a.node} is at {m.addr[0]}:{m.addr[1]} but "
-                f"{a.addr[0]}:{a.addr[1]} claims the same name", a.node))
-            return
+        if sa is None:
+            if a.incarnation <= m.incarnation or self._absurd(m, a.incarnation):
+                return
+            if a.addr != m.addr and m.live:
+                self.stats["name_conflicts"] += 1
+                self._effects.append(Notice(
+                    "name-conflict",
+                    f"member {a.node} is at {m.addr[0]}:{m.addr[1]} but "
+                    f"{a.addr[0]}:{a.addr[1]} claims the same name", a.node))
+                return
+        else:
+            rebind = m.cred is not cred
+            if a.incarnation <= m.incarnation and not rebind:
+                return
+            m.cred, m.signed = cred, sa
+            if a.incarnation == m.incarnation and a.addr == m.addr and a.meta == m.meta:
+                # Bound at the incarnation we hold: the same facts, now signed. A
+                # suspicion at it stays (only a higher incarnation refutes).
+                self._relay_alive(a, sa, False)
+                return
+            # Otherwise the signed word wins: over a newer-looking unsigned one (which
+            # only a forger could have sent), and, bound anew by a newer credential,
+            # over the previous key's.
         self._suspicions.pop(a.node, None)
         was, old_meta = m.status, m.meta
         m.incarnation, m.addr, m.meta = a.incarnation, a.addr, own_meta(a.meta)
-        self._queue_member(a, news=old_meta != m.meta)
+        self._relay_alive(a, sa, old_meta != m.meta)
         if was != Status.ALIVE:
             if not m.live:
                 self._add_to_probe_order(a.node)
@@ -77,7 +108,8 @@ class MemberRules(CoreBase):
 
     def _on_suspect(self, now: float, s: Suspect) -> None:
         m = self.members.get(s.node)
-        if m is None or s.incarnation < m.incarnation or self._absurd(m, s.incarnation):
+        if m is None or s.incarnation < m.incarnation or self._absurd(m, s.incarnation) \
+                or self._above_signed(m, s.incarnation):
             return
         existing = self._suspicions.get(s.node)
         if existing is not None:
@@ -107,7 +139,17 @@ class MemberRules(CoreBase):
         m = self.members.get(d.node)
         if m is None or d.incarnation < m.incarnation or self._absurd(m, d.incarnation):
             return
+        # A leave of ours above what we signed is a previous life's, as version-1
+        # members hold it after a graceful restart: while they may still be around
+        # (prefer), outbid it as they expect. Anything else above it is forged.
+        previous_life = (d.node == d.source == self.name and self.identity.mode == "prefer")
+        if not previous_life and self._above_signed(m, d.incarnation):
+            return
         if not m.live:
+            return
+        if d.source == d.node and m.cred is not None and d.node != self.name:
+            # A leave is the member's own word: only its signed leave counts.
+            self.stats["leaves_unsigned_refused"] += 1
             return
         if d.node == self.name:
             if not self.leaving:
@@ -126,7 +168,7 @@ class MemberRules(CoreBase):
         self._set_incarnation(max(self.incarnation, accused) + 1)
         self.stats["refutations"] += 1
         self.awareness.apply(1)
-        self._queue_member(self._self_alive())
+        self._queue_self()
 
     def _expire_suspicions(self, now: float) -> None:
         for name, s in list(self._suspicions.items()):
@@ -137,6 +179,15 @@ class MemberRules(CoreBase):
             if m is not None and m.status == Status.SUSPECT and m.incarnation == s.incarnation:
                 self.stats["failures_declared"] += 1
                 self._on_dead(now, Dead(s.incarnation, name, self.name))
+
+    def _above_signed(self, m: Member, incarnation: int) -> bool:
+        """True (and counted) if an accusation about ``m`` names an incarnation above
+        the highest one ``m`` signed: only a forger can have sent it, and taking it
+        would leave ``m`` unable to refute by one (it never signed that number)."""
+        if m.cred is not None and incarnation > m.incarnation:
+            self.stats["accusations_above_signed"] += 1
+            return True
+        return False
 
     def _absurd(self, m: Member, incarnation: int) -> bool:
         """True (and counted) if ``incarnation`` jumps implausibly far above what we

@@ -10,8 +10,13 @@ rewrites the whole file instead, atomically and at most once per
 
 The file is JSON, so an operator can read it::
 
-    {"version": 1, "node": "web-1", "left": false, "saved_at": 1718000000.0,
-     "members": [{"name": "web-2", "addr": "10.0.0.2:7946"}, ...]}
+    {"version": 2, "node": "web-1", "left": false, "saved_at": 1718000000.0,
+     "members": [{"name": "web-2", "addr": "10.0.0.2:7946",
+                  "credential": "<base64>"}, ...]}
+
+Version 2 adds each member's node credential (``node_key.py``), the binding of its
+name to its key: after a restart a name once seen signed is still never taken at its
+unsigned word. Version 1 files (no credentials) are still read.
 
 ``left`` records a graceful leave: as in Serf, an agent that left on purpose does not
 rejoin by itself at its next start (unless told to, ``--rejoin-after-leave``). Nothing
@@ -25,6 +30,8 @@ This module is sans-IO: the trio shell that reads and writes the file and rejoin
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import random
@@ -34,7 +41,9 @@ from .address import format_address
 from .fields import describe, ip_literal, valid_name, valid_port
 from .wire import Address
 
-VERSION = 1
+VERSION = 2
+#: Versions this code reads.
+READABLE = (1, 2)
 #: A file larger than this is not a snapshot (100,000 members fit in about 6 MiB).
 MAX_SNAPSHOT_BYTES = 16 * 1024 * 1024
 MAX_MEMBERS = 100_000
@@ -55,6 +64,8 @@ class Remembered:
 
     name: str
     addr: Address
+    #: Its node credential's bytes, when it was bound to a key (version 2).
+    credential: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +82,7 @@ class Snapshot:
 def encode_snapshot(snap: Snapshot) -> bytes:
     doc = {"version": VERSION, "node": snap.node, "left": snap.left,
            "saved_at": snap.saved_at,
-           "members": [{"name": m.name, "addr": format_address(m.addr)}
-                       for m in snap.members]}
+           "members": [_member_doc(m) for m in snap.members]}
     return (json.dumps(doc, indent=1) + "\n").encode()
 
 
@@ -89,8 +99,8 @@ def decode_snapshot(data: bytes) -> Snapshot:
     if not isinstance(doc, dict):
         raise SnapshotError(f"expected a JSON object, got {describe(doc)}")
     version = doc.get("version")
-    if type(version) is not int or version != VERSION:
-        raise SnapshotError(f"version: expected {VERSION}, got "
+    if type(version) is not int or version not in READABLE:
+        raise SnapshotError(f"version: expected 1 or {VERSION}, got "
                             f"{version if type(version) is int else describe(version)}")
     node = doc.get("node")
     if not valid_name(node):
@@ -125,7 +135,23 @@ def _member(item: object, where: str) -> Remembered:
     if not valid_name(name):
         raise SnapshotError(f"{where}.name: expected a member name, got {describe(name)}")
     assert isinstance(name, str)
-    return Remembered(name, _address(item.get("addr"), f"{where}.addr"))
+    cred = item.get("credential")
+    raw: bytes | None = None
+    if cred is not None:
+        if type(cred) is not str or len(cred) > 2048:
+            raise SnapshotError(f"{where}.credential: expected base64 text")
+        try:
+            raw = base64.b64decode(cred, validate=True)
+        except (binascii.Error, ValueError):
+            raise SnapshotError(f"{where}.credential: not base64") from None
+    return Remembered(name, _address(item.get("addr"), f"{where}.addr"), raw)
+
+
+def _member_doc(m: Remembered) -> dict[str, str]:
+    doc = {"name": m.name, "addr": format_address(m.addr)}
+    if m.credential is not None:
+        doc["credential"] = base64.b64encode(m.credential).decode()
+    return doc
 
 
 def _address(text: object, where: str) -> Address:

@@ -211,6 +211,32 @@ class Digest:
 
 
 @dataclass(frozen=True, slots=True)
+class SignedAlive:
+    """A member's alive in its own words: ``body`` is the exact packed ``Alive``,
+    ``sig`` the member's node-key signature of ``ALIVE_CONTEXT + body`` and
+    ``credential`` the encoded credential binding its name to that key
+    (``identity.py``). Optional, so version-1 members skip it; in ``prefer`` mode the
+    plain alive travels beside it."""
+
+    TYPE: ClassVar[int] = OPTIONAL_TYPES + 1
+    alive: Alive
+    body: bytes
+    sig: bytes
+    credential: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SignedLeave:
+    """A member's graceful leave in its own words: ``body`` is the exact packed
+    ``Dead`` with ``source == node``, ``sig`` its signature of ``LEAVE_CONTEXT + body``."""
+
+    TYPE: ClassVar[int] = OPTIONAL_TYPES + 2
+    dead: Dead
+    body: bytes
+    sig: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Skipped:
     """An optional message of a type this version does not know (never sent)."""
 
@@ -218,7 +244,7 @@ class Skipped:
 
 
 Message = (Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | UserMessage | PushPull
-           | Digest | Skipped)
+           | Digest | SignedAlive | SignedLeave | Skipped)
 
 
 # ---- encoding -------------------------------------------------------------------------
@@ -249,6 +275,10 @@ def message_to_list(m: Message) -> list[Any]:
         return [UserMessage.TYPE, m.channel, m.payload]
     if isinstance(m, Digest):
         return [Digest.TYPE, m.node, m.summary, m.stable_ms]
+    if isinstance(m, SignedAlive):
+        return [SignedAlive.TYPE, m.body, m.sig, m.credential]
+    if isinstance(m, SignedLeave):
+        return [SignedLeave.TYPE, m.body, m.sig]
     if isinstance(m, PushPull):
         return [PushPull.TYPE, m.join, m.source,
                 [[s.name, _addr(s.addr), s.incarnation, s.status, s.meta] for s in m.states],
@@ -395,9 +425,52 @@ def message_from_list(v: Any) -> Message:
         if type(summary) is not int or not 0 <= summary < 1 << 32:
             raise DecodeError(f"a state summary is a 32-bit number, got {describe(summary)}")
         return Digest(_name(node), summary, _int(stable))
+    if t == SignedAlive.TYPE:
+        _, body, sig, cred = _fields(v, 4)
+        inner = _inner(body, Alive)
+        assert isinstance(inner, Alive)
+        return SignedAlive(inner, body, _signature(sig), _bytes(cred, MAX_CREDENTIAL))
+    if t == SignedLeave.TYPE:
+        _, body, sig = _fields(v, 3)
+        inner = _inner(body, Dead)
+        assert isinstance(inner, Dead)
+        if inner.source != inner.node:
+            raise DecodeError("a signed leave is a dead whose source is its node")
+        return SignedLeave(inner, body, _signature(sig))
     if t >= OPTIONAL_TYPES:
         return Skipped(t)
     raise DecodeError(f"unknown message type {t}")
+
+
+#: Longest credential carried in a signed alive (``node_key.MAX_CREDENTIAL``).
+MAX_CREDENTIAL = 1024
+#: Longest message inside a signed one (an alive with the most tags fits a stream).
+MAX_SIGNED_BODY = 48 * 1024
+
+
+def _bytes(v: Any, limit: int) -> bytes:
+    if type(v) is not bytes or len(v) > limit:
+        raise DecodeError(f"expected at most {limit} bytes, got {describe(v)}")
+    return v
+
+
+def _signature(v: Any) -> bytes:
+    if type(v) is not bytes or len(v) != 64:
+        raise DecodeError(f"expected a 64-byte signature, got {describe(v)}")
+    return v
+
+
+def _inner(body: Any, kind: type) -> Message:
+    """The message packed in a signed one's ``body``: exactly one of ``kind``."""
+    raw = _bytes(body, MAX_SIGNED_BODY)
+    try:
+        v = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises many types; callers want exactly one
+        raise DecodeError(f"malformed signed body: {type(e).__name__}") from None
+    m = message_from_list(v)
+    if type(m) is not kind:
+        raise DecodeError(f"a signed body holds a {kind.__name__.lower()}")
+    return m
 
 
 def _member_state(s: Any) -> MemberState:
@@ -479,6 +552,7 @@ def decode_frame_body(data: bytes) -> Message:
 #: members, thousands of times across a simulation); validating them once and
 #: sharing the frozen message is safe, and the core copies what it keeps.
 _SEEN: dict[bytes, Message] = {}
+_CACHED_TYPES = frozenset({Alive, Suspect, Dead, SignedAlive, SignedLeave})
 _SEEN_MAX = 1 << 16
 
 
@@ -500,7 +574,7 @@ def _decode_broadcasts(data: bytes) -> list[Message]:
         m = seen.get(raw)
         if m is None:
             m = message_from_list(msgpack.unpackb(raw, raw=False, strict_map_key=True))
-            if type(m) is Alive or type(m) is Suspect or type(m) is Dead:
+            if type(m) in _CACHED_TYPES:
                 if len(seen) >= _SEEN_MAX:
                     seen.clear()
                 seen[raw] = m
@@ -559,3 +633,23 @@ def encode_push_pull(join: bool, source: str,
     status, meta), without building a ``MemberState`` per member: the same bytes."""
     body: bytes = msgpack.packb([[PushPull.TYPE, join, source, rows, user]])
     return bytes([PROTOCOL_VERSION]) + body
+
+
+def decode_signed(raw: Any) -> SignedAlive | SignedLeave:
+    """One packed signed statement (a push-pull ``identity`` entry), decoded once per
+    distinct bytes for the whole process, like the broadcasts."""
+    if type(raw) is not bytes:
+        raise DecodeError(f"a signed statement is bytes, got {describe(raw)}")
+    m = _SEEN.get(raw)
+    if m is None:
+        try:
+            v = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        except Exception as e:  # msgpack raises many types; callers want exactly one
+            raise DecodeError(f"malformed signed statement: {type(e).__name__}") from None
+        m = message_from_list(v)
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.clear()
+        _SEEN[raw] = m
+    if not isinstance(m, (SignedAlive, SignedLeave)):
+        raise DecodeError("not a signed statement")
+    return m

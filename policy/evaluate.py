@@ -16,7 +16,7 @@ Expiry is the store's business: documents given here are in force.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,12 +76,20 @@ class AccessDecision:
     allowed: bool
     reason: str
     policy: str | None  # the access document's name; None: no access document
-    source: str | None  # None: the caller's identity is unknown
+    #: The name the caller was judged as; None: its identity is unknown, or it holds
+    #: several names and was judged by all of them (``holds``) and allowed.
+    source: str | None
     destination: str
+    #: The names a caller that declared none holds (a certificate naming several
+    #: services), each of which was judged; empty otherwise.
+    holds: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"allowed": self.allowed, "reason": self.reason, "policy": self.policy,
-                "source": self.source, "destination": self.destination}
+        out = {"allowed": self.allowed, "reason": self.reason, "policy": self.policy,
+               "source": self.source, "destination": self.destination}
+        if self.holds:
+            out["holds"] = list(self.holds)
+        return out
 
 
 def _order(doc: Document) -> tuple[str, int, str]:
@@ -131,6 +139,7 @@ class Evaluator:
         #: The default resilience of services without a document, built once each.
         self._default_resilience: dict[str, ResilienceSpec] = {}
         self._access_decisions: dict[tuple[str | None, str], AccessDecision] = {}
+        self._held_decisions: dict[tuple[frozenset[str], str], AccessDecision] = {}
 
     def names(self, service: str) -> bool:
         """Whether some document applies to ``service``."""
@@ -188,6 +197,58 @@ class Evaluator:
             decision = self._access_decisions[key] = self._decide_access(source, destination)
         return decision
 
+    def access_as(self, declared: str | None, holds: Collection[str],
+                  destination: str) -> AccessDecision:
+        """The access decision for a caller that proved it holds the names ``holds``
+        (the services its certificate names; empty without mutual TLS) and declared
+        ``declared`` (``x-rumor-source``, None when absent). The rule:
+
+        * a declared name is judged alone, and must be one the caller holds (when it
+          proved any): the caller said which of its identities it acts as;
+        * no declared name and one name held: that name;
+        * no declared name and several held: judged by every one of them, allowed
+          only if each alone would be allowed. A denied name denies, and with
+          ``default = "deny"`` every name must be in ``allow`` (or ``allow`` hold
+          ``"*"``): a caller with several identities never gets more than the least
+          privileged of them unless it declares which one it acts as;
+        * nothing declared and nothing held: a caller of unknown identity.
+        """
+        if declared is not None:
+            if holds and declared not in holds:
+                return AccessDecision(
+                    False, f"the caller declared source {declared!r}, which its "
+                    f"certificate does not name (it names {_quoted(holds)})",
+                    self.policy_name("access", destination), declared, destination,
+                    tuple(sorted(holds)))
+            return self.access(declared, destination)
+        if len(holds) <= 1:
+            return self.access(next(iter(holds), None), destination)
+        key = (frozenset(holds), destination)
+        decision = self._held_decisions.get(key)
+        if decision is None:
+            if len(self._held_decisions) > 4096:
+                self._held_decisions.clear()  # name sets come from certificates: bounded
+            decision = self._held_decisions[key] = self._decide_held(key[0], destination)
+        return decision
+
+    def _decide_held(self, holds: frozenset[str], destination: str) -> AccessDecision:
+        names = tuple(sorted(holds))
+        each = [self.access(n, destination) for n in names]
+        denied = next((d for d in each if not d.allowed), None)
+        policy = self.policy_name("access", destination)
+        if denied is not None:
+            return AccessDecision(
+                False, f"{denied.reason} (the caller's certificate names {_quoted(names)} "
+                "and it declared none of them: a caller holding several names is judged "
+                "by every one; declare one with x-rumor-source, e.g. --identity)",
+                policy, denied.source, destination, names)
+        if policy is None:
+            why = f'no access policy for "{destination}": allowed'
+        else:
+            why = (f'allowed by access policy "{policy}": every name the caller\'s '
+                   f"certificate holds ({_quoted(names)}) is allowed")
+        return AccessDecision(True, why, policy, None, destination, names)
+
     def _decide_access(self, source: str | None, destination: str) -> AccessDecision:
         found = self._access.get(destination)
         if found is None:
@@ -214,16 +275,22 @@ class Evaluator:
         return decide(False, f"{who} not allowed")
 
     def evaluate(self, service: str, *, source: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """A JSON-ready account of all three decisions for one request to ``service``."""
+                 headers: Mapping[str, str] | None = None,
+                 holds: Collection[str] = ()) -> dict[str, Any]:
+        """A JSON-ready account of all three decisions for one request to ``service``
+        (``holds``: the names the caller's certificate holds, see ``access_as``)."""
         return {
             "service": service,
             "route": self.route(service, headers or {}).to_json(),
             "resilience": {"policy": self.policy_name("resilience", service),
                            **self.resilience(service).to_json()},
-            "access": self.access(source, service).to_json(),
+            "access": self.access_as(source, holds, service).to_json(),
             "conflicts": list(self._conflicts_by_service.get(service, [])),
         }
+
+
+def _quoted(names: Iterable[str]) -> str:
+    return ", ".join(f'"{n}"' for n in sorted(names))
 
 
 __all__ = ["AccessDecision", "Evaluator", "RouteDecision", "lower_headers"]

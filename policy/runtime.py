@@ -78,6 +78,14 @@ class PolicyRuntime:
         self.wake()
         return out
 
+    def refuse(self, reason: str, detail: str, data: bytes = b"",
+               origin: str = "api") -> Outcome:
+        """A publish refused before it was an envelope (the API's 400): counted under
+        ``reason`` (``malformed`` or ``oversized``) and logged like any rejection."""
+        out = self.store.refuse(reason, detail, data)
+        self._on_outcome(trio.current_time(), out)
+        return out
+
     def set_trust(self, trust: TrustSet) -> None:
         """Trust other publisher keys or another threshold (a configuration reload);
         documents they no longer support are dropped, from disk too."""

@@ -128,6 +128,15 @@ class PolicyStore:
             return self._reject(data[:64], "", 0, "malformed", str(e))
         return self.offer_envelope(now, env, origin)
 
+    def refuse(self, reason: str, detail: str, sample: bytes = b"") -> Outcome:
+        """Count and return the rejection of bytes that never became an offer (a
+        publish whose body is not an envelope at all, refused before ``offer``), so
+        every refused document is counted, whichever layer refused it. ``reason`` is
+        one of ``REASONS`` (a bounded set: it labels a metric)."""
+        if reason not in REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}")
+        return self._reject(sample[:64], "", 0, reason, detail)
+
     def offer_envelope(self, now: float, env: Envelope, origin: str = "") -> Outcome:
         digest = env.digest
         held = self.held.get(env.name)

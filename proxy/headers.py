@@ -5,6 +5,15 @@ A proxy relays end-to-end headers and consumes hop-by-hop ones (RFC 9110 7.6.1):
 (``Content-Length``/``Transfer-Encoding``) is re-decided per hop by whoever writes
 the bytes, so it is stripped here and set again by the sender.
 
+Trailers get a stricter rule (``trailer_fields``): a trailer may not carry framing,
+routing, authentication or the mesh's own fields, so those are dropped whichever way
+the body goes (RFC 9110 6.5.1).
+
+Loops are found by a mark (``hop_mark``/``check_hops``): every sidecar listener appends
+its own pseudonym to ``Via`` (RFC 9110 7.6.3), and a request that arrives carrying the
+listener's own mark, or more than ``MAX_HOPS`` of rumor's, is refused (508) instead of
+going round again.
+
 Tracing follows W3C Trace Context: a valid ``traceparent`` keeps its trace id and gets
 a new parent id for this hop (the sidecar is a participant); a missing or malformed
 one is replaced by a new trace, so every request leaving a sidecar is traceable.
@@ -25,6 +34,24 @@ HOP_BY_HOP = frozenset({
 #: Headers the mesh itself sets between sidecars; never trusted from an application.
 MESH_HEADERS = frozenset({b"x-rumor-source", b"x-rumor-instance", b"x-rumor-service"})
 
+#: Fields a trailer may never carry past a sidecar: framing, routing, connection
+#: control, authentication, what the mesh itself sets, and what the sidecars manage per
+#: hop. ``x-rumor-*`` is dropped by prefix.
+TRAILER_FORBIDDEN = HOP_BY_HOP | frozenset({
+    b"host", b"authorization", b"www-authenticate", b"cookie", b"set-cookie",
+    b"content-encoding", b"content-type", b"content-range", b"expect", b"max-forwards",
+    b"cache-control", b"pragma", b"range", b"age", b"expires", b"date", b"location",
+    b"retry-after", b"vary", b"via", b"forwarded", b"x-forwarded-for",
+    b"x-forwarded-host", b"x-forwarded-proto", b"traceparent", b"tracestate",
+})
+_MESH_PREFIX = b"x-rumor-"
+
+#: Most rumor sidecars one request may pass (a request crosses two per service call;
+#: an application that forwards its caller's headers carries them on).
+MAX_HOPS = 16
+_VIA_PROTOCOL = b"1.1"
+_MARK_PREFIX = b"rumor-"
+
 _TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
@@ -42,6 +69,46 @@ def end_to_end(headers: list[tuple[bytes, bytes]], *,
             named.update(t.strip().lower() for t in v.split(b","))
     return [(k, v) for k, v in headers
             if k not in HOP_BY_HOP and k not in named and k not in drop]
+
+
+def trailer_fields(trailers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The trailer fields that may pass a sidecar (see ``TRAILER_FORBIDDEN``)."""
+    if not trailers:
+        return trailers
+    return [(k, v) for k, v in trailers
+            if k not in TRAILER_FORBIDDEN and not k.startswith(_MESH_PREFIX)]
+
+
+def hop_mark(ids: random.Random) -> bytes:
+    """A listener's pseudonym in ``Via``: random, so that it names no host and two
+    listeners (one agent's outbound and inbound among them) never share one."""
+    return _MARK_PREFIX + new_id(ids, 6)
+
+
+def check_hops(headers: list[tuple[bytes, bytes]], mark: bytes,
+               max_hops: int = MAX_HOPS) -> str | None:
+    """Why a request must not be forwarded again (a loop), or None: it already passed
+    the listener whose mark is ``mark``, or more than ``max_hops`` rumor sidecars."""
+    hops = 0
+    for k, v in headers:
+        if k != b"via":
+            continue
+        for entry in v.split(b","):
+            parts = entry.split()
+            if len(parts) < 2 or not parts[1].startswith(_MARK_PREFIX):
+                continue
+            if parts[1] == mark:
+                return (f"loop detected: the request came back to the sidecar listener "
+                        f"that already forwarded it (via {mark.decode()})")
+            hops += 1
+    if hops >= max_hops:
+        return f"loop detected: the request passed {hops} rumor sidecars (at most {max_hops})"
+    return None
+
+
+def add_hop(headers: list[tuple[bytes, bytes]], mark: bytes) -> None:
+    """Append this listener's mark to ``Via`` (in place)."""
+    headers.append((b"via", _VIA_PROTOCOL + b" " + mark))
 
 
 def response_headers(upstream: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -8,6 +8,10 @@ until mutual TLS ties that to a certificate. A refusal is a 403 with the reason 
 ``x-rumor-error``, counted and logged, and the body is never forwarded. Accepted
 requests go to the local service over pooled connections, bodies streaming.
 
+A request that already carries this listener's loop mark in ``Via`` (or passed
+``MAX_HOPS`` sidecars) is refused with 508: the local service is, say, registered at
+one of this agent's own listeners, and would send it round again.
+
 Mesh headers are consumed here: the local service sees neither ``x-rumor-*`` headers
 nor hop-by-hop ones, and gets ``x-forwarded-for`` and the trace context.
 """
@@ -27,9 +31,12 @@ from .access_log import AccessLog
 from .headers import (
     MESH_HEADERS,
     TargetError,
+    add_hop,
+    check_hops,
     continue_trace,
     end_to_end,
     forwarded_for,
+    hop_mark,
     parse_target,
     response_headers,
 )
@@ -55,6 +62,8 @@ class InboundProxy:
                  access_log: AccessLog | None = None, tls: MeshTls | None = None) -> None:
         self.node = node
         self._ids = random.Random()  # trace ids: seeded from the OS, once
+        #: This listener's loop mark in ``Via``.
+        self.mark = hop_mark(random.Random())
         self._evaluator = evaluator
         self.metrics = metrics
         self.access_log = access_log
@@ -74,21 +83,28 @@ class InboundProxy:
         except TargetError as e:
             return self._answer(req, started, "", source, 400, str(e))
         service = target.service
+        loop = check_hops(req.headers, self.mark)
+        if loop is not None:
+            return self._answer(req, started, service, source, 508, loop)
         local = self._local(service, req.header(b"x-rumor-instance"))
         if local is None:
             return self._answer(req, started, service, source, 404,
                                 f"{service} is not served by this agent")
+        holds: frozenset[str] = frozenset()
         if self.tls is not None:
             refused, source = self._verified_source(req, service, source)
             if refused:
                 return self._deny(req, started, service, source, refused)
-        decision = self._evaluator().access(source, service)
+            if req.peer is not None:  # a caller naming several services: judged by all
+                holds = req.peer.services
+        decision = self._evaluator().access_as(source, holds, service)
         if not decision.allowed:
-            return self._deny(req, started, service, source, decision.reason)
+            return self._deny(req, started, service, decision.source, decision.reason)
         host, port, instance = local
         hs = end_to_end(req.headers, drop=MESH_HEADERS)
         forwarded_for(hs, req.client.rsplit(":", 1)[0])
         trace = continue_trace(hs, self._ids).decode()
+        add_hop(hs, self.mark)
         body = await req.take_body(BUFFERED_BODY)
         framing = req.framing(body)
         if framing is not None:

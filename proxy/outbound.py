@@ -9,6 +9,10 @@ and forward to that instance's *inbound* listener, declaring who is calling
 idempotent requests (or connect failures, which the upstream never saw), only with a
 retry budget left, with jittered backoff, preferring an instance not tried yet.
 
+Every request leaving here carries this listener's mark in ``Via``; one that arrives
+already carrying it has come round a loop (a service registered at this port, say) and
+gets 508 at once, as does one that passed ``MAX_HOPS`` sidecars (``headers.py``).
+
 Everything the proxy answers itself is fast and says why in ``x-rumor-error``: an
 unknown service, no healthy instance, an open circuit breaker, a timeout. It never
 hangs a client: every wait has a deadline from the policy.
@@ -45,9 +49,12 @@ from .balancer import Balancer
 from .headers import (
     MESH_HEADERS,
     TargetError,
+    add_hop,
+    check_hops,
     continue_trace,
     end_to_end,
     forwarded_for,
+    hop_mark,
     parse_target,
     response_headers,
 )
@@ -79,6 +86,8 @@ class OutboundProxy:
         self.access_log = access_log
         self.rng = rng or random.Random()
         self.balancer = Balancer(self.rng, decay=decay)
+        #: This listener's loop mark in ``Via``.
+        self.mark = hop_mark(random.Random())
         #: Keeps the deadlines of this listener's sockets (run by its ``serve_proxy``).
         self.watchdog = Watchdog()
         self.pool = UpstreamPool(self.watchdog, tls=tls)
@@ -98,6 +107,9 @@ class OutboundProxy:
         except TargetError as e:
             return self._answer(req, started, "", 400, str(e))
         service = target.service
+        loop = check_hops(req.headers, self.mark)
+        if loop is not None:
+            return self._answer(req, started, service, 508, loop)
         ev = self._evaluator()
         spec = ev.resilience(service)
         state = self._state(service, spec)
@@ -169,6 +181,11 @@ class OutboundProxy:
                         req.method, (ep.host, ep.port), head, body,
                         connect_deadline=now + step.connect, deadline=now + step.per_try,
                         service=service, informational=req.informational)
+                except trio.Cancelled:
+                    # The client left (relay.py) or the agent stops: not the instance's
+                    # fault, and its outstanding count must come down.
+                    tries.client_gone(trio.current_time())
+                    raise
                 finally:
                     tries.connection_done()
             except TryFailed as f:
@@ -227,6 +244,7 @@ class OutboundProxy:
         hs = end_to_end(req.headers, drop=MESH_HEADERS | {b"host"})
         forwarded_for(hs, req.client.rsplit(":", 1)[0])
         continue_trace(hs, self.rng)
+        add_hop(hs, self.mark)
         hs.append((b"host", service.encode()))
         if self.identity:
             hs.append((b"x-rumor-source", self.identity.encode()))

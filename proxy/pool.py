@@ -17,6 +17,10 @@ The attempt core needs to know *how* a try failed, so every failure becomes one
 - ``reset``: the connection broke, or the upstream answered nonsense (502; the
   upstream may have acted on the request).
 
+An upstream may send a few informational (1xx) responses before its final one; more
+than ``MAX_INFORMATIONAL`` fail the try (502, ``reset``): relaying them without end
+would keep the client and a connection busy for as long as the upstream likes.
+
 A pooled connection the upstream closed just as it was taken (EOF or reset before any
 response byte) is not a failure of the try: the request goes again on a new
 connection, when its body can be sent again.
@@ -42,6 +46,9 @@ from .sockio import (
     open_connection,
 )
 from .tls import HandshakeFailed, MeshTls
+
+#: Informational (1xx) responses relayed per request; one more fails the try.
+MAX_INFORMATIONAL = 8
 
 #: How a failed try reads in the error the caller sees, by retry condition.
 _WORDS = {CONNECT_FAILURE: "connect-failure", BAD_GATEWAY: "reset", GATEWAY_TIMEOUT: "timeout"}
@@ -172,7 +179,10 @@ class UpstreamPool:
         reader.expect(method)
         got_any = False
         skip_end = False
+        interim = 0
         while True:
+            if reader.failed is not None:
+                raise reader.failed  # in bytes already read: more would never come
             data = await conn.io.recv()
             if not data:
                 if not got_any:
@@ -191,6 +201,11 @@ class UpstreamPool:
                     if ev.status == 101:
                         raise ProtocolError(502, "the upstream switched protocols "
                                             "(upgrades are not relayed)")
+                    interim += 1
+                    if interim > MAX_INFORMATIONAL:
+                        raise ProtocolError(502, f"the upstream sent more than "
+                                            f"{MAX_INFORMATIONAL} informational (1xx) "
+                                            "responses")
                     if informational is not None:
                         await informational(ev)
                     reader.expect(method)

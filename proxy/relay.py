@@ -18,17 +18,30 @@ Pipelined requests are answered in order; the connection reads ahead at most one
 receive buffer. Protocol upgrades and CONNECT are refused with 501 (codec.py says
 why).
 
-Hostile clients are bounded before any handler runs: the head must arrive whole within
-``head_timeout`` once its first byte has (slowloris: 408), it is capped at
+Hostile clients are bounded before any handler runs: a new connection must send the
+first byte of a request within ``first_byte_timeout`` (or it is closed), the head must
+arrive whole within ``head_timeout`` once its first byte has (slowloris: 408), it is
+capped at
 ``max_header_bytes`` (431), every body read and write has an idle limit, and anything
 the codec refuses is answered with its status and the connection closed. A handler
 that raises is answered with 502 and logged; the listener keeps serving.
+
+A client that leaves while its request is being handled (EOF or reset while the
+upstream works on it, or mid-response) abandons it: a watcher task of the connection
+notices (started for requests still in hand after ``WATCH_AFTER``, so a fast
+request pays a dict insert, not a task), and the request's cancel scope is cancelled,
+which closes its upstream connection (never pooled) and drops everything held for
+it. The watcher runs only once the request body is read, so it never reads beside the
+handler; it peeks,
+consuming nothing, and falls back to polling the TCP state when pipelined bytes
+wait. Trailers are filtered both ways (``headers.trailer_fields``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,6 +52,7 @@ import trio
 from ..gossip.accept import FdPool, ListenerLimits, serve_listeners
 from .codec import Data, End, Event, Head, ProtocolError, RequestReader, ResponseHead
 from .connection import SERVER_NAME, reason_phrase
+from .headers import end_to_end, trailer_fields
 from .identity import Identity
 from .pool import Upload, UpstreamPool, UpstreamResponse
 from .sockio import ConnectionBroken, SocketIO, TimedOut, Watchdog, adopt
@@ -52,6 +66,14 @@ DRAIN_LIMIT = 256 * 1024
 #: sees it instead of a reset caused by its unread bytes.
 CLOSE_DRAIN_SECONDS = 1.0
 
+#: A request still handled after this long gets a watcher for its client leaving.
+WATCH_AFTER = 0.05
+#: How often the client's TCP state is read while pipelined bytes keep its socket
+#: readable (so readiness cannot tell a close).
+GONE_POLL_SECONDS = 0.5
+#: TCP states (linux/tcp_states.h) that mean the client closed or reset.
+_TCP_GONE = frozenset({7, 8, 9})  # CLOSE, CLOSE_WAIT, LAST_ACK
+
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n"
 
@@ -59,6 +81,8 @@ _LAST_CHUNK = b"0\r\n"
 @dataclass(frozen=True, slots=True)
 class ProxyLimits:
     max_header_bytes: int = 16 * 1024
+    #: A new connection's first request byte must arrive within this.
+    first_byte_timeout: float = 5.0
     #: The whole request head must arrive within this, once its first byte has.
     head_timeout: float = 10.0
     #: A keep-alive connection may idle this long between requests.
@@ -133,10 +157,12 @@ class Request:
     __slots__ = (
         "_conn",
         "_upload_scope",
+        "_watch_scope",
         "body_state",
         "client",
         "continued",
         "failure",
+        "gone_scope",
         "head",
         "headers",
         "method",
@@ -160,6 +186,9 @@ class Request:
         #: Why the client's side of an upload failed (the handler re-raises it).
         self.failure: ClientGone | None = None
         self._upload_scope: trio.CancelScope | None = None
+        #: Cancelled when the client leaves while the request is handled.
+        self.gone_scope: trio.CancelScope | None = None
+        self._watch_scope: trio.CancelScope | None = None
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -211,6 +240,7 @@ class Request:
                 parts.append(ev.data)
             else:
                 self.body_state = _DONE
+                self._conn.watch(self)
                 return b"".join(parts)
 
     def upload(self, io: SocketIO, chunked: bool) -> None:
@@ -234,8 +264,10 @@ class Request:
                         await io.send(b"%x\r\n%b\r\n" % (len(d), d) if chunked else d)
                     else:
                         if chunked:
-                            await io.send(_LAST_CHUNK + _fields(ev.trailers) + _CRLF)
+                            await io.send(_LAST_CHUNK + _fields(trailer_fields(ev.trailers))
+                                          + _CRLF)
                         self.body_state = _DONE
+                        conn.watch(self)
                         return
             except ClientGone as e:
                 self.failure = e
@@ -270,15 +302,43 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
                                           _fields(headers))
 
 
+class _SlowRequests:
+    """A listener's requests whose client may leave them, since when; one task hands
+    those held past ``WATCH_AFTER`` to their connection's watcher (a task per request
+    would cost every fast one a spawn and two scheduler rounds)."""
+
+    def __init__(self) -> None:
+        self.since: dict[Request, float] = {}
+        self._added = trio.Event()
+
+    def add(self, req: Request) -> None:
+        self.since[req] = trio.current_time()
+        self._added.set()
+
+    async def run(self) -> None:
+        while True:
+            if not self.since:  # idle: no wake-ups until a request is in hand
+                self._added = trio.Event()
+                await self._added.wait()
+            await trio.sleep(WATCH_AFTER)
+            due = trio.current_time() - WATCH_AFTER
+            for req, t in list(self.since.items()):
+                if t <= due:
+                    del self.since[req]
+                    req._conn.start_watcher(req)
+
+
 class _ClientConn:
     """One client connection: its reader, what it read ahead, its limits."""
 
     __slots__ = ("client", "eof", "events", "io", "limits", "nursery", "on_error", "peer",
-                 "reader")
+                 "reader", "requests", "slow", "watching")
 
     def __init__(self, io: SocketIO, limits: ProxyLimits, client: str, peer: Identity | None,
-                 nursery: trio.Nursery, on_error: ErrorHook | None) -> None:
+                 nursery: trio.Nursery, on_error: ErrorHook | None,
+                 slow: _SlowRequests | None = None) -> None:
         self.io = io
+        self.slow = slow
         self.limits = limits
         self.client = client
         self.peer = peer
@@ -287,6 +347,10 @@ class _ClientConn:
         self.reader = RequestReader(limits.max_header_bytes)
         self.events: deque[Event] = deque()
         self.eof = False
+        #: Request heads read so far on this connection.
+        self.requests = 0
+        #: The request being handled, while the client may still leave it.
+        self.watching: Request | None = None
 
     async def _read(self, deadline: float) -> bool:
         """Read once and parse; False at the client's EOF. Raises ``ProtocolError`` for
@@ -306,7 +370,9 @@ class _ClientConn:
         the keep-alive limit). Raises ``ProtocolError`` for one not to serve."""
         if not self.events:
             lim = self.limits
-            deadline = trio.current_time() + lim.idle_timeout
+            # A new connection must start talking soon; a kept-alive one may idle.
+            wait = lim.first_byte_timeout if not self.requests else lim.idle_timeout
+            deadline = trio.current_time() + wait
             started = False
             while not self.events:
                 try:
@@ -316,7 +382,7 @@ class _ClientConn:
                     if started:
                         raise ProtocolError(408, "request head not received in time") \
                             from None
-                    return None  # an idle keep-alive connection: close quietly
+                    return None  # silent or idle past its limit: close quietly
                 except ConnectionBroken:
                     return None
                 if not started and not self.events:
@@ -324,12 +390,92 @@ class _ClientConn:
                     started = True
                     deadline = trio.current_time() + lim.head_timeout
         self.io.deadline = math.inf  # the head is in: no limit while the upstream works
+        self.requests += 1
         head = self.events.popleft()
         assert isinstance(head, Head)
         if not head.chunked and not head.length:
             end = self.events.popleft()  # parsed with the head: nothing can come between
             assert isinstance(end, End)
         return head
+
+    # ---- a client that leaves mid-request ----------------------------------------------
+
+    def begin(self, req: Request, scope: trio.CancelScope) -> None:
+        """``req`` is handled in ``scope`` from now on: watch the client once its body
+        is read (at once when it has none)."""
+        req.gone_scope = scope
+        self.watching = req
+        if req.body_state == _DONE:
+            self.watch(req)
+
+    def watch(self, req: Request) -> None:
+        """Watch for the client leaving ``req`` (its body is all read): soon, if the
+        request is still in hand by then."""
+        if self.watching is req and req._watch_scope is None:
+            if self.slow is None:
+                self.start_watcher(req)
+            else:
+                self.slow.add(req)
+
+    def start_watcher(self, req: Request) -> None:
+        if self.watching is req and req._watch_scope is None:
+            req._watch_scope = trio.CancelScope()
+            self.nursery.start_soon(self._watch, req, req._watch_scope)
+
+    def unwatch(self, req: Request) -> None:
+        """The request is over: stop watching before anyone reads the client again.
+        (Cancelling a task parked on the socket unregisters it at once; one already
+        woken sees ``watching`` changed and touches nothing.)"""
+        if self.watching is req:
+            self.watching = None
+        if self.slow is not None:
+            self.slow.since.pop(req, None)
+        if req._watch_scope is not None:
+            req._watch_scope.cancel()
+
+    async def _watch(self, req: Request, scope: trio.CancelScope) -> None:
+        with scope:
+            sock = self.io.sock
+            while self.watching is req:
+                if not self.eof:
+                    try:
+                        await trio.lowlevel.wait_readable(sock)
+                    except (trio.ClosedResourceError, OSError):
+                        return  # closed or expired under us: its owner sees to it
+                    if self.watching is not req:
+                        return
+                    try:
+                        peeked = sock.recv(1, socket.MSG_PEEK)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        peeked = b""  # reset
+                    if peeked:
+                        # Pipelined bytes (or a TLS record) keep it readable: readiness
+                        # can no longer tell a close, the TCP state can.
+                        await self._poll_state(req, sock)
+                        return
+                self._gone(req, "the client closed the connection before the response")
+                return
+
+    async def _poll_state(self, req: Request, sock: socket.socket) -> None:
+        opt = getattr(socket, "TCP_INFO", None)
+        if opt is None:
+            return  # not Linux: the request runs its course
+        while self.watching is req:
+            await trio.sleep(GONE_POLL_SECONDS)
+            try:
+                state = sock.getsockopt(socket.IPPROTO_TCP, opt, 8)[0]
+            except OSError:
+                return
+            if state in _TCP_GONE and self.watching is req:
+                self._gone(req, "the client closed the connection before the response")
+                return
+
+    def _gone(self, req: Request, why: str) -> None:
+        req.failure = ClientGone(why)
+        if req.gone_scope is not None:
+            req.gone_scope.cancel()
 
     async def body_event(self) -> Data | End:
         while not self.events:
@@ -452,13 +598,18 @@ class _ClientConn:
                         assert isinstance(ev, End)  # one response per exchange
                         ended = True
                         if chunked:
-                            pending += _LAST_CHUNK + _fields(ev.trailers) + _CRLF
+                            pending += (_LAST_CHUNK + _fields(trailer_fields(ev.trailers))
+                                        + _CRLF)
                 if pending:
                     await self.send(pending)
                     pending = bytearray()
                 if ended:
                     break
                 try:
+                    if up.reader.failed is not None:
+                        # Bytes already read broke the protocol (e.g. a Content-Length
+                        # trailer): waiting for more would only hang the client.
+                        raise up.reader.failed
                     up.io.set_deadline(trio.current_time() + idle)
                     data = await up.io.recv()
                     events = up.reader.feed(data) if data else up.reader.eof()
@@ -494,7 +645,7 @@ class _ClientConn:
             return
         if head.status == 100:
             req.continued = True
-        await self.send(response_head(head.status, head.reason, head.headers))
+        await self.send(response_head(head.status, head.reason, end_to_end(head.headers)))
 
     async def _settle_body(self, req: Request) -> bool:
         """Swallow the rest of a body the handler did not need (e.g. answered 403 before
@@ -532,6 +683,7 @@ async def serve_proxy(handler: Handler, host: str, port: int, *, watchdog: Watch
     ``watchdog`` keeps the deadlines of this listener's sockets (and of the handler's
     upstream pool); it runs here."""
     lim = limits or ProxyLimits()
+    slow = _SlowRequests()
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound: int = listeners[0].socket.getsockname()[1]
 
@@ -552,12 +704,13 @@ async def serve_proxy(handler: Handler, host: str, port: int, *, watchdog: Watch
                 log.debug("TLS handshake refused: %s", e, extra={"event": "tls_refused"})
                 return
         try:
-            await _serve_connection(io, handler, lim, on_error, peer)
+            await _serve_connection(io, handler, lim, on_error, peer, slow)
         finally:
             io.close()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watchdog.run)
+        nursery.start_soon(slow.run)
         nursery.start_soon(partial(
             serve_listeners, on_connection, listeners, pool=pool, what="proxy",
             limits=ListenerLimits(fds_per_connection=2, max_per_client=max_per_client)))
@@ -565,11 +718,12 @@ async def serve_proxy(handler: Handler, host: str, port: int, *, watchdog: Watch
 
 
 async def _serve_connection(io: SocketIO, handler: Handler, limits: ProxyLimits,
-                            on_error: ErrorHook | None, peer: Identity | None) -> None:
+                            on_error: ErrorHook | None, peer: Identity | None,
+                            slow: _SlowRequests | None = None) -> None:
     client = io.peer_name()
     try:
         async with trio.open_nursery() as nursery:
-            conn = _ClientConn(io, limits, client, peer, nursery, on_error)
+            conn = _ClientConn(io, limits, client, peer, nursery, on_error, slow)
             try:
                 await _requests(conn, handler)
             finally:
@@ -590,20 +744,39 @@ async def _requests(conn: _ClientConn, handler: Handler) -> None:
         if head is None:
             return
         req = Request(conn, head)
-        try:
-            out = await handler(req)
-        except BadRequestBody as e:
-            await conn.refuse(400, str(e))
+        bad: BadRequestBody | None = None
+        keep = False
+        with trio.CancelScope() as scope:
+            conn.begin(req, scope)
+            try:
+                try:
+                    out = await handler(req)
+                except BadRequestBody as e:
+                    bad = e
+                except ClientGone:
+                    return
+                except Exception:
+                    log.exception("proxy handler failed for %s %s",
+                                  head.method.decode(errors="replace"),
+                                  head.target.decode(errors="replace")[:200])
+                    if conn.on_error is not None:
+                        conn.on_error(conn.client, 502, "proxy error")
+                    out = simple_reply(502, "proxy error (see the agent's log)")
+                if bad is None:
+                    keep = await conn.answer(req, out)
+            finally:
+                conn.unwatch(req)
+        if bad is not None:
+            await conn.refuse(400, str(bad))
             return
-        except ClientGone:
-            return
-        except Exception:
-            log.exception("proxy handler failed for %s %s",
-                          head.method.decode(errors="replace"),
-                          head.target.decode(errors="replace")[:200])
+        if req.failure is not None and (scope.cancelled_caught or not keep):
+            # The client left: its upstream exchange was abandoned (closed, not pooled).
+            log.debug("client %s left before the response to %s %s", conn.client,
+                      head.method.decode(errors="replace"),
+                      head.target.decode(errors="replace")[:200])
             if conn.on_error is not None:
-                conn.on_error(conn.client, 502, "proxy error")
-            out = simple_reply(502, "proxy error (see the agent's log)")
-        if not await conn.answer(req, out):
+                conn.on_error(conn.client, 499, str(req.failure))
+            return
+        if not keep:
             await conn.close_gracefully()
             return

@@ -73,6 +73,10 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
                    help="slow: mean time between stalls (s)")
     s.add_argument("--sweep", type=_sweep, default=None, metavar="L1,L2,...",
                    help="loss: loss rates to sweep (default 0,0.05,0.1,0.2,0.3)")
+    s.add_argument("--node-identity", choices=("off", "prefer", "require"),
+                   default="require", help="signed membership, as the agent's option: "
+                   "every node signs its word with a key derived from the seed "
+                   "(default require; off: version 1's unsigned gossip)")
     s.add_argument("--tune", action="append", default=[], metavar="NAME=VALUE",
                    help="override one gossip setting of the profile (repeatable)")
     s.add_argument("--trials", type=_positive_int, default=None,
@@ -101,7 +105,7 @@ def params_from_args(args: argparse.Namespace) -> Params:
                mean_pause=args.mean_pause, mean_run=args.mean_run,
                split_fraction=args.split_fraction, asymmetric=args.asymmetric,
                extra={"trials": trials, "flips": args.flips or trials},
-               tune=tuple(args.tune))
+               tune=tuple(args.tune), node_identity=args.node_identity)
     if args.sweep is not None:
         p.sweep = args.sweep
     elif args.loss is not None:

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import heapq
 import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+from nacl.signing import SigningKey
 
 from ..gossip.assembly import DelegateFactory, NodeParts, NodeSpec, assemble
 from ..gossip.config import GossipConfig
@@ -41,7 +44,9 @@ from ..gossip.effects import (
     StreamRequest,
 )
 from ..gossip.executor import EffectExecutor
+from ..gossip.identity import Identity
 from ..gossip.membership import Membership
+from ..gossip.node_key import Ed25519Authority, NodeKey, sign_ed25519_credential
 from ..gossip.wire import Address, Meta
 from .network import Network
 
@@ -53,6 +58,33 @@ CALENDAR_AT_ZERO = 1_800_000_000.0
 _PACKET, _TIMER, _SERVE, _REPLY, _TIMEOUT, _CALL = range(6)
 
 MemberListener = Callable[[float, int, MemberEvent], None]
+
+
+class SimIdentities:
+    """Node keys and credentials for a simulated cluster, derived from the seed: a
+    restarted node keeps its key (as its data dir would), and each credential is
+    signed once per run by an authority key of the seed's own."""
+
+    CLUSTER = "sim"
+
+    def __init__(self, seed: int, mode: str) -> None:
+        self.mode = mode
+        self.seed = seed
+        self._signer = SigningKey(hashlib.blake2b(f"authority:{seed}".encode(),
+                                                  digest_size=32).digest())
+        self.authority = Ed25519Authority.of(self.CLUSTER, [bytes(self._signer.verify_key)])
+        self._keys: dict[str, tuple[NodeKey, bytes]] = {}
+
+    def of(self, name: str) -> Identity | None:
+        if self.mode == "off":
+            return None
+        got = self._keys.get(name)
+        if got is None:
+            key = NodeKey.from_seed(f"{self.seed}:{name}".encode())
+            cred = sign_ed25519_credential([self._signer], self.CLUSTER, name, key.public, 1)
+            got = self._keys[name] = (key, cred)
+        return Identity(mode=self.mode, key=got[0], credential=got[1],
+                        authority=self.authority)
 
 
 class SimNode:
@@ -138,10 +170,13 @@ class Simulator:
     RECV_BUFFER_PACKETS = 256
 
     def __init__(self, config: GossipConfig, network: Network, seed: int = 1,
-                 extras: Sequence[DelegateFactory] = ()) -> None:
+                 extras: Sequence[DelegateFactory] = (), node_identity: str = "off") -> None:
         self.config = config
         self.network = network
         self.seed = seed
+        #: Signed membership (``gossip/identity.py``): every node's key and credential
+        #: derive from the seed, as if each had its data dir and the CA had signed it.
+        self.identities = SimIdentities(seed, node_identity)
         #: Further delegates of every node (``NodeSpec.extras``), as an agent's options.
         self.extras = tuple(extras)
         self.rng = random.Random(f"net:{seed}")
@@ -178,7 +213,8 @@ class Simulator:
         rng = random.Random(f"{self.seed}:{name}:{life}")
         ids = random.Random(f"{self.seed}:{name}:{life}:ids")
         spec = NodeSpec(name, addr, self.config, meta=dict(meta or {}),
-                        wall_offset=CALENDAR_AT_ZERO, extras=self.extras)
+                        wall_offset=CALENDAR_AT_ZERO, extras=self.extras,
+                        identity=self.identities.of(name))
         return assemble(spec, self.now, rng, new_id=lambda: f"{ids.getrandbits(64):016x}")
 
     def join(self, idx: int, seeds: list[int]) -> None:

@@ -13,9 +13,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import msgpack
+
 from ..gossip.assembly import DelegateFactory
 from ..gossip.config import GossipConfig, profile
-from ..gossip.wire import MemberState, PushPull, Status
+from ..gossip.signed_state import IDENTITY_CHANNEL
+from ..gossip.wire import MemberState, PushPull, Status, pack_message
 from .engine import Simulator, gc_paused
 from .faults import Crash, Fault, Restart, Slow, Split, install
 from .metrics import Recorder, Spread, Traffic, summarize
@@ -56,6 +59,9 @@ class Params:
     extra: dict[str, Any] = field(default_factory=dict)
     #: ``NAME=VALUE`` overrides of the profile's gossip settings (``--tune``).
     tune: tuple[str, ...] = ()
+    #: Signed membership: every node signs its word with a key derived from the seed
+    #: (``off``, ``prefer`` or ``require``, as the agent's ``--node-identity``).
+    node_identity: str = "require"
 
 
 # ---- building a cluster ---------------------------------------------------------------------
@@ -69,7 +75,8 @@ def make_sim(p: Params, loss: float | None = None,
              extras: Sequence[DelegateFactory] = ()) -> tuple[Simulator, Recorder]:
     lat = parse_latency(p.latency) if p.latency else PROFILE_LATENCY[p.profile]
     net = Network(lat, p.loss if loss is None else loss)
-    sim = Simulator(gossip_config(p), net, p.seed, extras=extras)
+    sim = Simulator(gossip_config(p), net, p.seed, extras=extras,
+                    node_identity=p.node_identity)
     return sim, Recorder(sim)
 
 
@@ -84,7 +91,11 @@ def warm_cluster(sim: Simulator, n: int) -> None:
         sim.add_node()
     states = tuple(MemberState(node.name, node.addr, 1, Status.ALIVE, {})
                    for node in sim.nodes)
-    pp = PushPull(False, sim.nodes[0].name, states, {})
+    # Each node's signed alive, packed once and shared by every merge (signed_state.py).
+    signed = [node.core._signed_self() for node in sim.nodes]
+    user = {IDENTITY_CHANNEL: msgpack.packb([pack_message(s) for s in signed if s])} \
+        if any(signed) else {}
+    pp = PushPull(False, sim.nodes[0].name, states, user)
     with gc_paused():
         for node in sim.nodes:
             core = node.core

@@ -27,7 +27,7 @@ from functools import partial
 
 import trio
 
-from ...gossip.accept import FdPool, serve_listeners
+from ...gossip.accept import FdPool, ListenerLimits, serve_listeners
 from ...gossip.node import bind_udp_and_tcp
 from ..connection import peer_name
 from .dns import EDNS_LIMIT, DnsResponder, servfail
@@ -39,6 +39,9 @@ log = logging.getLogger("rumor.dns")
 MAX_TCP_QUERY = EDNS_LIMIT
 #: Connections to DNS over TCP at once, unless the agent gives a pool of its own.
 TCP_CONNECTIONS = 128
+#: The share of those one client address may hold at once (so one host cannot take
+#: them all: resolvers retry truncated answers over TCP from many hosts).
+TCP_PER_CLIENT_SHARE = 4
 #: Bytes read from a connection at a time, and answers gathered before one write.
 _RECV_BYTES = 4096
 _FLUSH_BYTES = 16384
@@ -106,11 +109,17 @@ def answer_safely(responder: DnsResponder, data: bytes, peer: str, *,
 
 async def serve_dns(responder: DnsResponder, host: str = "127.0.0.1", port: int = 8600, *,
                     limits: TcpLimits | None = None, pool: FdPool | None = None,
+                    max_per_client: int | None = None,
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer DNS over UDP and TCP on host:port until cancelled; reports the bound port.
     TCP connections are accepted within ``pool`` (the agent's DNS share of its file
-    descriptors; by default ``TCP_CONNECTIONS``)."""
+    descriptors; by default ``TCP_CONNECTIONS``), at most ``max_per_client`` at once
+    from one address (default: a quarter of the pool, at least one; 0: no cap)."""
     lim = limits or TcpLimits()
+    tcp_pool = pool or FdPool("dns", TCP_CONNECTIONS)
+    if max_per_client is None:
+        max_per_client = max(1, int(min(tcp_pool.size, TCP_CONNECTIONS))
+                             // TCP_PER_CLIENT_SHARE)
     udp, listeners = await bind_udp_and_tcp(host, port)
     bound: int = udp.getsockname()[1]
 
@@ -121,8 +130,8 @@ async def serve_dns(responder: DnsResponder, host: str = "127.0.0.1", port: int 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_serve_udp, responder, udp)
             nursery.start_soon(partial(
-                serve_listeners, on_connection, listeners,
-                pool=pool or FdPool("dns", TCP_CONNECTIONS), what="DNS over TCP"))
+                serve_listeners, on_connection, listeners, pool=tcp_pool,
+                limits=ListenerLimits(max_per_client=max_per_client), what="DNS over TCP"))
             task_status.started(bound)
 
 

@@ -10,18 +10,20 @@
 - `PUT /v1/policies` with a body holding an envelope (raw bytes or a `.signed`
   file, sent as `application/x-rumor-envelope`) -> 200 `{"status": "accepted" |
   "duplicate", ...}`; a rejected document gets 422 `{"error": "...", "reason": CODE,
-  ...}` and is not forwarded. The agent never signs: the signature must already be
-  there (the CLI signs locally).
+  ...}` and is not forwarded; a body that is not an envelope at all gets 400 and is
+  counted as a rejection too (`malformed`, or `oversized` past the file limit). The
+  agent never signs: the signature must already be there (the CLI signs locally).
 - `GET /v1/evaluate/SERVICE?source=S&header.NAME=VALUE` -> what the proxy would apply
   to a request for SERVICE: route (subset weights, matched rule), resilience settings,
-  and whether source S may call it.
+  and whether source S may call it; `holds=A,B` asks for a caller whose certificate
+  names A and B (judged by both unless it declares one with `source`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ...policy.envelope import EnvelopeError, read_envelope_file
+from ...policy.envelope import MAX_FILE, EnvelopeError, read_envelope_file
 from ...policy.evaluate import Evaluator
 from ...policy.store import REJECTED, Held, Outcome
 from .router import Router
@@ -36,6 +38,9 @@ class PolicyApi(Protocol):
     evaluator: Evaluator
 
     def publish(self, data: bytes, origin: str = "api") -> Outcome: ...
+
+    def refuse(self, reason: str, detail: str, data: bytes = b"",
+               origin: str = "api") -> Outcome: ...
 
     def held(self) -> list[Held]: ...
 
@@ -60,14 +65,20 @@ def add_policy_routes(router: Router, policies: PolicyApi) -> None:
         return json_response({**h.to_json(), "document": body})
 
     async def publish(request: Request) -> Response:
+        origin = f"api:{request.client or '?'}"
         if not request.body:
+            policies.refuse("malformed", "empty request body", origin=origin)
             raise HttpError(400, "request body must hold a signed envelope "
                             "(sign it first: rumor policy sign FILE --key KEY)")
         try:
             env = read_envelope_file(request.body)
         except EnvelopeError as e:
+            # Refused before the store saw it, but a rejection all the same: counted
+            # (rumor_policy_rejected_total) and logged under a reason of the store's.
+            reason = "oversized" if len(request.body) > MAX_FILE else "malformed"
+            policies.refuse(reason, str(e), request.body, origin=origin)
             raise HttpError(400, f"not a signed policy envelope: {e}") from None
-        out = policies.publish(env.encode(), origin=f"api:{request.client or '?'}")
+        out = policies.publish(env.encode(), origin=origin)
         if out.status == REJECTED:
             return json_response({"error": f"rejected ({out.reason}): {out.detail}",
                                   **out.to_json()}, status=422)
@@ -78,7 +89,8 @@ def add_policy_routes(router: Router, policies: PolicyApi) -> None:
         headers = {k[len("header."):].lower(): v for k, v in request.query.items()
                    if k.startswith("header.")}
         return json_response(policies.evaluator.evaluate(
-            service, source=request.query.get("source"), headers=headers))
+            service, source=request.query.get("source"), headers=headers,
+            holds=[n for n in request.query.get("holds", "").split(",") if n]))
 
     router.add("GET", "/v1/policies", list_policies)
     router.add("PUT", "/v1/policies", publish)

@@ -94,10 +94,12 @@ def test_publish_replicate_forge_restart(tmp_path: Path, keys: dict[str, Path]) 
         status, body = put_envelope(agents[1], b"\x93garbage")
         assert status == 400
         # Neither went anywhere: nobody else saw a rejection, everyone still holds v1.
-        assert policies(agents[1])["stats"]["rejected"] == {"untrusted": 2}
+        # The garbage body's 400 is counted too.
+        assert policies(agents[1])["stats"]["rejected"] == {"untrusted": 2, "malformed": 1}
         with urllib.request.urlopen(f"http://{agents[1].api}/metrics", timeout=5) as r:
             metrics = r.read().decode()
         assert 'rumor_policy_rejected_total{reason="untrusted"} 2.0' in metrics
+        assert 'rumor_policy_rejected_total{reason="malformed"} 1.0' in metrics
         assert "rumor_policy_documents 1.0" in metrics
         assert "rumor_gossip_packets_in_total" in metrics
         for a in agents[2:]:

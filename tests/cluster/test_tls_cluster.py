@@ -185,6 +185,29 @@ def test_access_policy_uses_the_certificate_identity(mesh: TlsMesh) -> None:
     mesh.publish("access", "web-access", 'destination = "web"\ndefault = "allow"\n')
 
 
+def test_a_certificate_naming_several_services_is_judged_by_every_name(
+        mesh: TlsMesh) -> None:
+    """Issue 27 item 3: with deny = ["batch"] (default allow), a certificate naming web
+    and batch that sends no source header was "unknown identity" and got in; it is
+    denied now, and let in only when it declares web, its name the policy allows."""
+    hits = mesh.backends["web"].hits
+    mesh.publish("access", "web-access", 'destination = "web"\ndefault = "allow"\n'
+                 'deny = ["batch"]\n')
+    try:
+        two = mesh.client_context("multi-1", ["web", "batch"])
+        status, hs = mesh.direct(two, {})
+        assert status == 403
+        assert 'source "batch" is denied' in hs["x-rumor-error"]
+        assert 'names "batch", "web"' in hs["x-rumor-error"]
+        assert mesh.backends["web"].hits == hits  # nothing reached the service
+        assert mesh.direct(two, {"x-rumor-source": "batch"})[0] == 403
+        assert mesh.direct(two, {"x-rumor-source": "web"})[0] == 200
+        # A single-name certificate is judged by its one name, as before.
+        assert mesh.direct(mesh.client_context("web-9", ["web"]), {})[0] == 200
+    finally:
+        mesh.publish("access", "web-access", 'destination = "web"\ndefault = "allow"\n')
+
+
 def test_hostile_handshakes_leave_the_listener_serving(mesh: TlsMesh) -> None:
     for junk in (b"", b"\x16\x03\x01\x00\x05hello", b"GET / HTTP/1.1\r\n\r\n", bytes(4096)):
         with socket.create_connection((HOST, mesh.in_port), timeout=5) as s:

@@ -265,7 +265,7 @@ def test_bad_addresses_never_reach_the_send_path() -> None:
     assert set(cores[0].members) == {c.name for c in cores}
     # Even a well-formed canonical address is what the core stores and sends to.
     cores[0].receive(net.now, ATTACKER, packet([ALIVE, 1, "v6", ["0:0::1", 9], {}]))
-    assert cores[0].members["v6"].addr == ("::1", 9)
+    assert cores[0]._pending["v6"].alive.addr == ("::1", 9)
 
 
 def test_one_probe_is_answered_per_datagram_and_ping_reqs_only_reach_members() -> None:
@@ -295,15 +295,21 @@ def test_thousands_of_invented_members_are_throttled_and_bounded() -> None:
         me.receive(net.now, ATTACKER, packet(*[
             [ALIVE, 1, f"fake-{d}-{i}", [f"10.{d}.{i // 256}.{i % 256}", 7946], {}]
             for i in range(250)]))
-    assert len(me.members) == 3 + CFG.new_member_burst
+    # None is admitted (nobody answers at their addresses); the throttle caps what
+    # even waits for an answer, and so the pings it costs.
+    assert len(me.members) == 3
     assert me.stats["new_members_throttled"] == 6000 - CFG.new_member_burst
-    # From many hosts: the table cap holds.
+    assert me.stats["admission_pings"] == CFG.new_member_burst
+    # From many hosts: the pending cap and the ping budget hold.
     for h in range(40):
-        me.receive(net.now + h, (f"10.77.0.{h}", 1), packet(*[
+        me.receive(net.now + h / 100, (f"10.77.0.{h}", 1), packet(*[
             [ALIVE, 1, f"h{h}-{i}", [f"10.77.{h}.{i}", 7946], {}] for i in range(200)]))
-    assert len(me.members) == CFG.max_members
-    assert me.stats["members_refused_table_full"] > 0
+    # 8,000 more names: the ping budget (a burst, then a rate) runs out first.
+    assert me.stats["admissions_throttled"] > 7000
+    assert len(me._pending) == me.stats["admission_pings"]
+    assert me.stats["admission_pings"] <= CFG.admission_burst + CFG.admission_rate * 0.4 + 1
     net.run(15.0)
+    assert len(me.members) == 3 and not me._pending  # all timed out
     assert _all_alive(cores)
 
 

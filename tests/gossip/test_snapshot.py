@@ -46,9 +46,20 @@ def test_the_file_is_readable_json() -> None:
     snap = Snapshot("web-1", (Remembered("web-2", ("10.0.0.2", 7946)),
                               Remembered("db", ("::1", 7950))), left=True, saved_at=5.0)
     doc = json.loads(encode_snapshot(snap))
-    assert doc == {"version": 1, "node": "web-1", "left": True, "saved_at": 5.0,
+    assert doc == {"version": 2, "node": "web-1", "left": True, "saved_at": 5.0,
                    "members": [{"name": "web-2", "addr": "10.0.0.2:7946"},
                                {"name": "db", "addr": "[::1]:7950"}]}
+
+
+def test_version_2_keeps_bindings_and_version_1_files_still_read() -> None:
+    snap = Snapshot("web-1", (Remembered("web-2", ("10.0.0.2", 7946), b"\x93cred"),))
+    assert decode_snapshot(encode_snapshot(snap)) == snap
+    assert '"credential": "k2NyZWQ="' in encode_snapshot(snap).decode()
+    v1 = b'{"version": 1, "node": "a", "members": [{"name": "b", "addr": "1.2.3.4:5"}]}'
+    assert decode_snapshot(v1).members == (Remembered("b", ("1.2.3.4", 5)),)
+    with pytest.raises(SnapshotError, match="credential"):
+        decode_snapshot(b'{"version": 2, "node": "a", "members": [{"name": "b", '
+                        b'"addr": "1.2.3.4:5", "credential": "%%%"}]}')
 
 
 @given(st.binary(max_size=300))
@@ -105,7 +116,7 @@ def test_truncated_files_are_refused(snap: Snapshot, cut: int) -> None:
 
 @pytest.mark.parametrize("data,why", [
     (b"", "not JSON"), (b"\xff\xfe", "not UTF-8"), (b"[]", "expected a JSON object"),
-    (b'{"version": 2, "node": "a"}', "version"), (b'{"version": 1}', "node"),
+    (b'{"version": 3, "node": "a"}', "version"), (b'{"version": 1}', "node"),
     (b'{"version": 1, "node": "a", "left": 1}', "left"),
     (b'{"version": 1, "node": "a", "saved_at": -1}', "saved_at"),
     (b'{"version": 1, "node": "a", "saved_at": NaN}', "saved_at"),

@@ -246,6 +246,79 @@ def test_access_applies_to_its_destination_only() -> None:
     assert ev.access("api", "web").allowed
 
 
+# --- callers holding several names (a certificate naming several services) ------------
+
+
+def test_a_caller_holding_a_denied_name_is_denied_unless_it_declares_an_allowed_one(
+        ) -> None:
+    """The finding: deny = ["web", "batch"], default allow; a certificate naming web
+    and batch, no source header, was judged "unknown identity" and let in."""
+    ev = Evaluator([access_doc("db-access", "allow", [], ["web", "batch"])])
+    assert not ev.access_as(None, {"web"}, "db").allowed
+    d = ev.access_as(None, {"web", "batch"}, "db")
+    assert not d.allowed
+    assert d.source == "batch" and d.holds == ("batch", "web")
+    assert d.reason.startswith('denied by access policy "db-access": source "batch" is '
+                               'denied (the caller\'s certificate names "batch", "web"')
+    assert "declare one with x-rumor-source" in d.reason
+    # One denied name is enough; declaring an allowed one of its names lets it in...
+    ev = Evaluator([access_doc("db-access", "allow", [], ["batch"])])
+    assert not ev.access_as(None, {"web", "batch"}, "db").allowed
+    assert ev.access_as("web", {"web", "batch"}, "db").allowed
+    # ...declaring the denied one does not, nor does a name it does not hold.
+    assert not ev.access_as("batch", {"web", "batch"}, "db").allowed
+    d = ev.access_as("api", {"web", "batch"}, "db")
+    assert not d.allowed and "does not name" in d.reason
+
+
+def test_with_default_deny_every_held_name_must_be_allowed() -> None:
+    ev = Evaluator([access_doc("db-access", "deny", ["api", "web"], [])])
+    assert ev.access_as(None, {"api", "web"}, "db").allowed
+    d = ev.access_as(None, {"api", "batch"}, "db")  # batch is not allowed
+    assert not d.allowed and 'source "batch" not allowed' in d.reason
+    assert ev.access_as("api", {"api", "batch"}, "db").allowed  # it says who it is
+    # "*" in allow lets in any name, so any set of them; "*" in deny keeps all out.
+    assert Evaluator([access_doc("a", "deny", ["*"], [])]).access_as(
+        None, {"x", "y"}, "db").allowed
+    assert not Evaluator([access_doc("a", "allow", [], ["*"])]).access_as(
+        None, {"x", "y"}, "db").allowed
+
+
+def test_one_name_none_and_no_document() -> None:
+    ev = Evaluator([access_doc("db-access", "deny", ["api"], [])])
+    assert ev.access_as(None, {"api"}, "db") == ev.access("api", "db")
+    assert ev.access_as(None, set(), "db") == ev.access(None, "db")
+    assert ev.access_as("api", set(), "db") == ev.access("api", "db")  # no TLS
+    d = Evaluator([]).access_as(None, {"a", "b"}, "db")
+    assert d.allowed and d.reason == 'no access policy for "db": allowed'
+    assert d.to_json()["holds"] == ["a", "b"]
+    d = ev.access_as(None, {"api", "web"}, "db")
+    assert ev.access_as(None, ["web", "api"], "db") is d  # decided once per set
+    # GET /v1/evaluate/db?holds=api,web explains the same decision.
+    assert ev.evaluate("db", holds=["web", "api"])["access"] == d.to_json()
+    assert ev.evaluate("db", source="api", holds=["web", "api"])["access"]["allowed"]
+    assert not ev.evaluate("db", holds=["web", "api"])["access"]["allowed"]
+
+
+NAMES = st.sampled_from(["api", "web", "batch", "db", "x"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(default=st.sampled_from(["allow", "deny"]),
+       allow=st.sets(st.sampled_from(["api", "web", "batch", "*"]), max_size=3),
+       deny=st.sets(st.sampled_from(["web", "batch", "db", "*"]), max_size=3),
+       holds=st.sets(NAMES, min_size=2, max_size=4))
+def test_several_names_never_get_more_than_the_least_privileged_one(
+        default: str, allow: set[str], deny: set[str], holds: set[str]) -> None:
+    deny -= allow  # a name may not be in both lists
+    ev = Evaluator([access_doc("a", default, sorted(allow), sorted(deny))])
+    together = ev.access_as(None, holds, "db").allowed
+    assert together == all(ev.access(n, "db").allowed for n in holds)
+    # Declaring one of its names is judged as that name alone.
+    for n in holds:
+        assert ev.access_as(n, holds, "db").allowed == ev.access(n, "db").allowed
+
+
 # --- conflicts and determinism -----------------------------------------------------
 
 

@@ -7,18 +7,24 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
+from prometheus_client import CollectorRegistry, generate_latest
 
 from rumor.gossip.assembly import NodeSpec, assemble
 from rumor.gossip.config import LOCAL
-from rumor.policy.envelope import make_payload, sign
+from rumor.policy.envelope import MAX_FILE, make_payload, sign
 from rumor.policy.examples import canary_route
 from rumor.policy.keys import SecretKey
 from rumor.policy.replication import PolicyReplicator
 from rumor.policy.runtime import PolicyRuntime
 from rumor.policy.store import ACCEPTED
 from rumor.policy.trust import TrustSet
+from rumor.proxy.api.metrics import AgentCollector
+from rumor.proxy.api.policies import add_policy_routes
+from rumor.proxy.api.router import Router
+from rumor.proxy.api.server import HttpError, Request
 
 KEY = SecretKey(bytes(range(32)))
 WALL = 1_800_000_000.0  # the calendar time at virtual time 0
@@ -78,3 +84,40 @@ def test_a_restart_reloads_valid_documents_and_sets_aside_tampered_ones(
         assert third.start() == [str(path)]
         assert third.get("web-canary") is None and not path.exists()
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (b"\x93garbage", "malformed"),             # msgpack that is no envelope
+    (b'{"format": "nope"}', "malformed"),      # JSON that is no .signed file
+    (b"", "malformed"),                        # nothing at all
+    (b"x" * (MAX_FILE + 1), "oversized"),      # past the file limit, never parsed
+])
+def test_a_publish_that_is_no_envelope_gets_400_and_is_counted_as_rejected(
+        tmp_path: Path, body: bytes, reason: str) -> None:
+    """The API refuses these before the store sees them; they are rejections all the
+    same: counted by reason (GET /v1/policies, /metrics) and logged."""
+    async def main() -> None:
+        rt, _ = _runtime(tmp_path)
+        rt.start()
+        router = Router()
+        add_policy_routes(router, rt)
+        registry = CollectorRegistry()
+        registry.register(AgentCollector(policy=rt.status))
+        for _ in range(2):
+            with pytest.raises(HttpError) as e:
+                await router(Request("PUT", "/v1/policies", body=body, client="127.0.0.1"))
+            assert e.value.status == 400
+        assert rt.status()["stats"]["rejected"] == {reason: 2}
+        text = generate_latest(registry).decode()
+        assert f'rumor_policy_rejected_total{{reason="{reason}"}} 2.0' in text
+        # A good publish afterwards is accepted as ever.
+        assert (await router(Request("PUT", "/v1/policies", body=_envelope(None)))).status \
+            == 200
+    trio.run(main, clock=trio.testing.MockClock())
+
+
+def test_a_reason_outside_the_bounded_set_is_refused(tmp_path: Path) -> None:
+    rt, _ = _runtime(tmp_path)
+    with pytest.raises(ValueError, match="unknown rejection reason"):
+        rt.store.refuse("whatever-a-client-says", "")
+    assert rt.store.rejections == {}

@@ -242,7 +242,8 @@ def test_udp_is_answered_while_tcp_clients_stall_and_the_cap_holds() -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            port = await _server(nursery, responder, pool=FdPool("dns", 2))
+            port = await _server(nursery, responder, pool=FdPool("dns", 2),
+                                 max_per_client=0)
             # Two clients take both connection slots: one sends half a length
             # prefix, one a query it never reads the answer of.
             stalled = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
@@ -260,6 +261,38 @@ def test_udp_is_answered_while_tcp_clients_stall_and_the_cap_holds() -> None:
             (late,) = await _answers(third, 1)
             assert late.header.id == 3 and trio.current_time() - t0 >= LIMITS.idle - 1
             for s in (*stalled, third):
+                await s.aclose()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_one_host_cannot_take_every_tcp_connection() -> None:
+    responder = DnsResponder(_Source())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await _server(nursery, responder, pool=FdPool("dns", 8))
+            # 20 silent connections from one host (more than the pool): a quarter of
+            # the pool is theirs, the rest are closed as soon as they are accepted.
+            flood = [await trio.open_tcp_stream("127.0.0.1", port,
+                                                local_address="127.0.0.9")
+                     for _ in range(20)]
+            await trio.sleep(0.5)
+            t0 = trio.current_time()
+            other = await trio.open_tcp_stream("127.0.0.1", port)
+            await other.send_all(frame(_query(qid=5)))
+            (answer,) = await _answers(other, 1)
+            assert answer.header.id == 5 and trio.current_time() - t0 < 1.0
+            closed = 0
+            for s in flood:
+                with trio.move_on_after(0.1):
+                    try:
+                        closed += await s.receive_some(10) == b""
+                    except trio.BrokenResourceError:
+                        closed += 1
+            assert closed == 20 - 2, closed
+            for s in (*flood, other):
                 await s.aclose()
             nursery.cancel_scope.cancel()
 
