@@ -224,3 +224,34 @@ class _Dns:
     def node_address(self, node: str) -> str | None:
         m = self.cat.core.members.get(node)
         return None if m is None else m.addr[0]
+
+
+def test_with_the_real_identity_a_forged_epoch_for_a_member_is_refused() -> None:
+    """The same forgery against cores running ``gossip/identity.py`` (Ed25519 node keys
+    bound by credentials): the plain records an hour ahead are refused and DNS keeps
+    serving the member's real address."""
+    from .test_signed_state import signed_cluster
+
+    for mode in ("prefer", "require"):
+        net, cores = signed_cluster(3, mode)
+        cats = {}
+        for i, c in enumerate(cores):
+            cat = Catalog(c, epoch=100 + i, now=net.now)
+            c.register(cat)
+            c.register(cat.signed_channel())
+            cats[c.name] = cat
+        assert cats["n1"].identity is cores[1].identity
+        owner = cats["n0"]
+        owner.register(net.now, parse_spec("name=web,port=80"))
+        net.flush("n0")
+        _spread(net, cats, "web", ["n0"])
+        assert all(c._nodes["n0"].signed == owner._nodes["n0"].signed
+                   for c in cats.values())
+        n1 = cats["n1"]
+        record = ["web", "web", "10.66.6.6", 6666, [], "", 1, 0, [], 1, False]
+        n1.notify_message(net.now, encode([MSG_RECORDS, "n0", owner.epoch + 3_600 * 10**6,
+                                           [record]]))
+        answer = DnsResponder(_Dns(n1)).answer(_query("web.service.rumor"))
+        assert answer is not None
+        assert [str(r.rdata) for r in DNSRecord.parse(answer).rr] == ["10.0.0.1"], mode
+        assert n1.stats["records_unsigned_refused"] == 1
