@@ -311,7 +311,7 @@ def test_the_signed_statements_give_way_when_a_push_pull_would_pass_the_frame(
     identity channel is cut (gossip carries the rest), never the member rows."""
     from rumor.gossip import anti_entropy
     from rumor.gossip.wire import decode_frame_body
-    net, cores = signed_cluster(5)
+    _net, cores = signed_cluster(5)
     full = cores[0]._push_pull_body(True)
     room = len(full) - 400
     monkeypatch.setattr(anti_entropy, "MAX_FRAME", anti_entropy.FRAME_MARGIN + room)
