@@ -27,12 +27,20 @@ from .wire import Address, Alive, Ping
 ADMISSION_TRIES = 5
 
 
+#: A pending name is forgotten this many admission timeouts after it arrived, pinged
+#: or not (a flood waiting for ping tokens must not hold the table's door for long).
+PENDING_LIFETIME = 4
+
+
 @dataclass(slots=True)
 class _Pending:
     alive: Alive
     seq: int
+    #: When the next ping is due (or, once out of tries, when it is forgotten).
     expires: float
-    tries: int = 1
+    #: When it is forgotten in any case.
+    deadline: float
+    tries: int = 0
 
 
 class Admission(CoreBase):
@@ -57,18 +65,30 @@ class Admission(CoreBase):
         if len(self._pending) >= cfg.max_pending:
             self.stats["admissions_refused_full"] += 1
             return
+        seq = self._next_seq()
+        p = self._pending[a.node] = _Pending(
+            a, seq, now, now + PENDING_LIFETIME * cfg.admission_timeout)
+        self._pending_by_seq[seq] = a.node
+        if not self._ping_pending(now, p):
+            # Out of ping tokens (a join learns hundreds of names at once): it waits
+            # its turn in _expire_pending.
+            self.stats["admissions_throttled"] += 1
+
+    def _ping_pending(self, now: float, p: _Pending) -> bool:
+        """Ping a pending name if a token allows (False: none left now)."""
+        cfg = self.config
         tokens, at = self._admission_tokens
         tokens = min(float(cfg.admission_burst), tokens + (now - at) * cfg.admission_rate)
         if tokens < 1.0:
             self._admission_tokens = (tokens, now)
-            self.stats["admissions_throttled"] += 1
-            return
+            return False
         self._admission_tokens = (tokens - 1.0, now)
-        seq = self._next_seq()
-        self._pending[a.node] = _Pending(a, seq, now + self._admission_wait())
-        self._pending_by_seq[seq] = a.node
+        p.tries += 1
+        p.expires = now + self._admission_wait()
         self.stats["admission_pings"] += 1
-        self._send(now, a.addr, a.node, [Ping(seq, a.node, self.name)], piggyback=False)
+        name = p.alive.node
+        self._send(now, p.alive.addr, name, [Ping(p.seq, name, self.name)], piggyback=False)
+        return True
 
     def _on_admission_ack(self, now: float, source: Address, seq: int) -> bool:
         """An ack for an admission ping (True: it was one, handled)."""
@@ -97,20 +117,18 @@ class Admission(CoreBase):
         return self.config.admission_timeout / ADMISSION_TRIES
 
     def _expire_pending(self, now: float) -> None:
-        """Ping again the names whose try is over; forget those out of tries."""
+        """Ping the names whose turn has come (oldest first, as tokens allow); forget
+        those out of tries or past their lifetime."""
         for name, p in list(self._pending.items()):
-            if now < p.expires:
+            if now < p.expires and now < p.deadline:
                 continue
-            if p.tries >= ADMISSION_TRIES:
+            if p.tries >= ADMISSION_TRIES or now >= p.deadline:
                 del self._pending[name]
                 self._pending_by_seq.pop(p.seq, None)
                 self.stats["admission_timeouts"] += 1
                 continue
-            p.tries += 1
-            p.expires = now + self._admission_wait()
-            self.stats["admission_pings"] += 1
-            self._send(now, p.alive.addr, name, [Ping(p.seq, name, self.name)],
-                       piggyback=False)
+            if not self._ping_pending(now, p):
+                p.expires = now  # still due; the next tick tries again
 
     def pending_names(self) -> list[str]:
         """Names waiting for their admission ping's answer."""

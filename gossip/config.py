@@ -114,7 +114,7 @@ class GossipConfig:
     #: most ``max_pending`` names wait, each for ``admission_timeout``, and the pings
     #: are limited to ``admission_rate`` per second (bursts of ``admission_burst``).
     admit_by_ping: bool = True
-    max_pending: int = 1024
+    max_pending: int = 4096
     admission_timeout: float = 2.5
     admission_rate: float = 128.0
     admission_burst: int = 512

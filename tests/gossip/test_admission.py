@@ -76,3 +76,29 @@ def test_a_members_own_push_pull_row_is_first_hand() -> None:
     a.merge_state(net.now, PushPull(True, "joiner", rows, {}))
     assert "joiner" in a.members and "hearsay" not in a.members
     assert "hearsay" in a.pending_names()
+
+
+def test_a_join_that_learns_more_names_than_the_ping_burst_admits_them_all() -> None:
+    """A push-pull of 1,000 names (a join into a big plaintext cluster): the first 512
+    are pinged at once, the rest wait their turn as ping tokens refill, none dropped."""
+    import random
+
+    from rumor.gossip.membership import Membership
+    from rumor.gossip.wire import Ack, Ping, decode_packet
+    core = Membership("me", ("10.0.0.1", 7946), CFG, random.Random(1))
+    rows = tuple(MemberState(f"m{i}", (f"10.1.{i // 250}.{i % 250 + 1}", 7946), 1,
+                             Status.ALIVE, {}) for i in range(1000))
+    core.merge_state(0.0, PushPull(False, "seed", rows, {}))
+    assert len(core.pending_names()) == 1000
+    now = 0.0
+    while core.pending_names() and now < 30:
+        for e in core.take_effects():
+            if isinstance(e, SendPacket):
+                for m in decode_packet(e.data):
+                    if isinstance(m, Ping):
+                        core.receive(now, e.addr, encode_packet([Ack(m.seq)]))
+        now += 0.25
+        core.tick(now)
+    assert len(core.members) == 1001
+    assert core.stats["admission_timeouts"] == 0
+    assert now > 1.0  # they really waited for tokens (512 burst, 128/s)

@@ -304,10 +304,12 @@ def test_thousands_of_invented_members_are_throttled_and_bounded() -> None:
     for h in range(40):
         me.receive(net.now + h / 100, (f"10.77.0.{h}", 1), packet(*[
             [ALIVE, 1, f"h{h}-{i}", [f"10.77.{h}.{i}", 7946], {}] for i in range(200)]))
-    # 8,000 more names: the ping budget (a burst, then a rate) runs out first.
-    assert me.stats["admissions_throttled"] > 7000
-    assert len(me._pending) == me.stats["admission_pings"]
+    # 8,000 more names: the ping budget (a burst, then a rate) runs out first, the
+    # rest wait their turn unpinged, and past the pending cap they are refused.
+    assert len(me._pending) == CFG.max_pending
+    assert me.stats["admissions_refused_full"] == 512 + 8000 - CFG.max_pending
     assert me.stats["admission_pings"] <= CFG.admission_burst + CFG.admission_rate * 0.4 + 1
+    assert me.stats["admissions_throttled"] == CFG.max_pending - me.stats["admission_pings"]
     net.run(15.0)
     assert len(me.members) == 3 and not me._pending  # all timed out
     assert _all_alive(cores)
