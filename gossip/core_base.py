@@ -97,6 +97,8 @@ class CoreBase:
     _member_sum: int
     _member_parts: dict[str, int]
     _leave_deadline: float
+    #: While a datagram is applied: the highest accusation to refute at its end.
+    _refute_in_packet: int | None
     _probe_at: float
     _gossip_at: float
     _push_pull_at: float
@@ -214,7 +216,7 @@ class CoreBase:
         def _on_suspect(self, now: float, s: Suspect) -> None:
             raise NotImplementedError
 
-        def _on_dead(self, now: float, d: Dead) -> None:
+        def _on_dead(self, now: float, d: Dead, local: bool = False) -> None:
             raise NotImplementedError
 
         def _room_for_one(self) -> bool:
@@ -255,6 +257,9 @@ class CoreBase:
             raise NotImplementedError
 
         def _news_extra(self) -> int:
+            raise NotImplementedError
+
+        def _pin_later(self, name: str, addr: Address) -> None:
             raise NotImplementedError
 
         def _add_to_probe_order(self, name: str) -> None:

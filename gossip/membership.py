@@ -123,6 +123,7 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
         self._remembered = {}
         self._pending = {}
         self._pending_by_seq = {}
+        self._refute_in_packet = None
         self._pinning = set()
         self._pin_exchanges = {}
         self._pin_clock = now
@@ -244,6 +245,15 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
             return
         if self.trace is not None:
             self._trace_in("in", source, messages)
+        self._refute_in_packet = -1
+        try:
+            self._apply_datagram(now, source, messages)
+        finally:
+            accused, self._refute_in_packet = self._refute_in_packet, None
+        if accused >= 0:
+            self._refute(accused)
+
+    def _apply_datagram(self, now: float, source: Address, messages: list[Message]) -> None:
         members = self.members
         probes = 0
         digest: Digest | None = None

@@ -71,6 +71,12 @@ class MemberRules(CoreBase):
             self._add_to_probe_order(a.node)
             self._relay_alive(a, sa, False)
             self._emit(now, m, "join")
+            if sa is None and self.identity.signing and not self._quiet:
+                # Taken at its unsigned word (prefer: maybe a version-1 member): ask
+                # for its own push-pull, which binds it if it signs; gossip carries a
+                # member's credential only in its life's first alive, long gone by now.
+                self._pin_clock = now
+                self._pin_later(a.node, a.addr)
             return
         if sa is None:
             if a.incarnation <= m.incarnation or self._absurd(m, a.incarnation):
@@ -135,7 +141,8 @@ class MemberRules(CoreBase):
             min_timeout=cfg.suspicion_min(n),
             max_timeout=cfg.suspicion_max(n) if cfg.lifeguard else cfg.suspicion_min(n))
 
-    def _on_dead(self, now: float, d: Dead) -> None:
+    def _on_dead(self, now: float, d: Dead, local: bool = False) -> None:
+        """A dead (``local``: our own suspicion of the member expired)."""
         m = self.members.get(d.node)
         if m is None or d.incarnation < m.incarnation or self._absurd(m, d.incarnation):
             return
@@ -155,6 +162,15 @@ class MemberRules(CoreBase):
             if not self.leaving:
                 self._refute(d.incarnation)
             return
+        if m.cred is not None and not local and d.source != d.node:
+            s = self._suspicions.get(d.node)
+            if s is None or now - s.start < s.min:
+                # A bound member is failed only by a suspicion that ran its course: a
+                # third party's dead before our own suspicion's minimum is one more
+                # accusation, so repeating it cannot keep the member down.
+                self.stats["deads_taken_as_suspicion"] += 1
+                self._on_suspect(now, Suspect(d.incarnation, d.node, d.source))
+                return
         self._suspicions.pop(d.node, None)
         self._queue_member(d)
         m.incarnation = d.incarnation
@@ -164,7 +180,12 @@ class MemberRules(CoreBase):
             self._set_status(now, m, Status.DEAD, "failed")
 
     def _refute(self, accused: int) -> None:
-        """We are accused (suspect/dead) or misrepresented: outbid the accusation."""
+        """We are accused (suspect/dead) or misrepresented: outbid the accusation.
+        Within a datagram the refutation waits for its end (``receive``), so one packet
+        of rising accusations costs one refutation and one signature, not hundreds."""
+        if self._refute_in_packet is not None:
+            self._refute_in_packet = max(self._refute_in_packet, accused)
+            return
         self._set_incarnation(max(self.incarnation, accused) + 1)
         self.stats["refutations"] += 1
         self.awareness.apply(1)
@@ -178,7 +199,7 @@ class MemberRules(CoreBase):
             m = self.members.get(name)
             if m is not None and m.status == Status.SUSPECT and m.incarnation == s.incarnation:
                 self.stats["failures_declared"] += 1
-                self._on_dead(now, Dead(s.incarnation, name, self.name))
+                self._on_dead(now, Dead(s.incarnation, name, self.name), local=True)
 
     def _above_signed(self, m: Member, incarnation: int) -> bool:
         """True (and counted) if an accusation about ``m`` names an incarnation above

@@ -26,6 +26,7 @@ from .members import Member
 from .node_key import Credential, decode_credential
 from .wire import (
     MAX_FRAME,
+    Address,
     Alive,
     Dead,
     DecodeError,
@@ -115,7 +116,7 @@ class SignedState(CoreBase):
         if not sa.credential:  # by reference to the binding we hold
             if bound is None:
                 self.stats["alives_without_binding"] += 1
-                self._pin_later(sa)
+                self._pin_later(sa.alive.node, sa.alive.addr)
             return bound
         c = self.identity.credential_of(sa.credential, name)
         if c is None:
@@ -125,7 +126,7 @@ class SignedState(CoreBase):
             if c.kind == "tofu" and not pin:
                 self.stats["alives_unpinned"] += 1
                 if m is None:
-                    self._pin_later(sa)
+                    self._pin_later(sa.alive.node, sa.alive.addr)
                 return None
             return c
         if c.raw == bound.raw:
@@ -141,11 +142,10 @@ class SignedState(CoreBase):
         self.stats["alives_key_mismatch"] += 1
         return None
 
-    def _pin_later(self, sa: SignedAlive) -> None:
+    def _pin_later(self, name: str, addr: Address) -> None:
         """Ask a name we cannot bind from what we heard (a tofu claim from third-party
         gossip, which cannot pin; an alive that refers to a binding we lack) for its
         own push-pull at the address claimed for it: the answer binds it."""
-        name = sa.alive.node
         if name in self._pinning or len(self._pinning) >= self.config.max_pending:
             return
         now = self._pin_clock
@@ -158,7 +158,7 @@ class SignedState(CoreBase):
         self._admission_tokens = (tokens - PIN_COST, now)
         self._pinning.add(name)
         self.stats["pin_exchanges"] += 1
-        ex = self._stream_to(now, sa.alive.addr, name, name, "pin",
+        ex = self._stream_to(now, addr, name, name, "pin",
                              self._push_pull_body(False), True)
         self._pin_exchanges[ex] = name
 

@@ -467,10 +467,10 @@ def _inner(body: Any, kind: type) -> Message:
         v = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises many types; callers want exactly one
         raise DecodeError(f"malformed signed body: {type(e).__name__}") from None
-    m = message_from_list(v)
-    if type(m) is not kind:
-        raise DecodeError(f"a signed body holds a {kind.__name__.lower()}")
-    return m
+    # The type first: a signed body is never itself signed (no recursion).
+    if type(v) is not list or not v or v[0] != kind.TYPE:  # type: ignore[attr-defined]
+        raise DecodeError(f"a signed body must hold one {kind.__name__.lower()}")
+    return message_from_list(v)
 
 
 def _member_state(s: Any) -> MemberState:
