@@ -305,7 +305,12 @@ class SignedState(CoreBase):
             self._bind_quietly(now, signed, host)
             return
         before = self.stats["alives_bad_signature"] + self.stats["leaves_bad_signature"]
+        members = self.members
         for s in signed:
+            node = s.alive.node if isinstance(s, SignedAlive) else s.dead.node
+            m = members.get(node)
+            if m is not None and m.signed is s:
+                continue  # what we hold already (the decoder shares equal bytes' object)
             if isinstance(s, SignedAlive):
                 self._on_signed_alive(now, host, s, pin=s.alive.node == source
                                       and s.alive.addr[0] == host, budgeted=False)
