@@ -89,7 +89,6 @@ class CoreBase:
     #: Names whose own push-pull we asked for to pin their key, by exchange.
     _pinning: set[str]
     _pin_exchanges: dict[int, str]
-    _pin_clock: float
     #: The admission pings' token bucket (shared with pin exchanges): (tokens, at).
     _admission_tokens: tuple[float, float]
     #: XOR of every live member's (name, tags) hash and each one's part of it: the
@@ -259,7 +258,7 @@ class CoreBase:
         def _news_extra(self) -> int:
             raise NotImplementedError
 
-        def _pin_later(self, name: str, addr: Address) -> None:
+        def _pin_later(self, now: float, name: str, addr: Address) -> None:
             raise NotImplementedError
 
         def _add_to_probe_order(self, name: str) -> None:

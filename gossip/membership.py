@@ -126,7 +126,6 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
         self._refute_in_packet = None
         self._pinning = set()
         self._pin_exchanges = {}
-        self._pin_clock = now
         self._admission_tokens = (float(config.admission_burst), now)
         self._member_sum = 0
         self._member_parts: dict[str, int] = {}

@@ -75,8 +75,7 @@ class MemberRules(CoreBase):
                 # Taken at its unsigned word (prefer: maybe a version-1 member): ask
                 # for its own push-pull, which binds it if it signs; gossip carries a
                 # member's credential only in its life's first alive, long gone by now.
-                self._pin_clock = now
-                self._pin_later(a.node, a.addr)
+                self._pin_later(now, a.node, a.addr)
             return
         if sa is None:
             if a.incarnation <= m.incarnation or self._absurd(m, a.incarnation):

@@ -107,7 +107,8 @@ class SignedState(CoreBase):
         c = m.cred if m is not None else self._remembered.get(name)
         return None if c is None else c.public_key
 
-    def _binding(self, m: Member | None, sa: SignedAlive, pin: bool) -> Credential | None:
+    def _binding(self, now: float, m: Member | None, sa: SignedAlive,
+                 pin: bool) -> Credential | None:
         """The credential to check ``sa`` against, or None (counted) if it cannot
         bind: not vouched for, a tofu claim outside the member's own push-pull, an
         older credential than the one we hold, or another key at the same age."""
@@ -116,7 +117,7 @@ class SignedState(CoreBase):
         if not sa.credential:  # by reference to the binding we hold
             if bound is None:
                 self.stats["alives_without_binding"] += 1
-                self._pin_later(sa.alive.node, sa.alive.addr)
+                self._pin_later(now, sa.alive.node, sa.alive.addr)
             return bound
         c = self.identity.credential_of(sa.credential, name)
         if c is None:
@@ -126,7 +127,7 @@ class SignedState(CoreBase):
             if c.kind == "tofu" and not pin:
                 self.stats["alives_unpinned"] += 1
                 if m is None:
-                    self._pin_later(sa.alive.node, sa.alive.addr)
+                    self._pin_later(now, sa.alive.node, sa.alive.addr)
                 return None
             return c
         if c.raw == bound.raw:
@@ -142,13 +143,12 @@ class SignedState(CoreBase):
         self.stats["alives_key_mismatch"] += 1
         return None
 
-    def _pin_later(self, name: str, addr: Address) -> None:
+    def _pin_later(self, now: float, name: str, addr: Address) -> None:
         """Ask a name we cannot bind from what we heard (a tofu claim from third-party
         gossip, which cannot pin; an alive that refers to a binding we lack) for its
         own push-pull at the address claimed for it: the answer binds it."""
         if name in self._pinning or len(self._pinning) >= self.config.max_pending:
             return
-        now = self._pin_clock
         tokens, at = self._admission_tokens
         cfg = self.config
         tokens = min(float(cfg.admission_burst), tokens + (now - at) * cfg.admission_rate)
@@ -176,13 +176,12 @@ class SignedState(CoreBase):
         if not ident.signing:
             self.stats["messages_skipped"] += 1
             return
-        self._pin_clock = now
         a = sa.alive
         if a.node == self.name:
             self._on_own_signed_alive(now, host, sa)
             return
         m = self.members.get(a.node)
-        cred = self._binding(m, sa, pin)
+        cred = self._binding(now, m, sa, pin)
         if cred is None:
             return
         ok = ident.check(now, cred.public_key, ALIVE_CONTEXT, sa.body, sa.sig, host, budgeted)
