@@ -294,10 +294,7 @@ class SignedState(CoreBase):
             return
         try:
             signed = _decode_identity_state(data)
-        except (DecodeError, ValueError, TypeError):
-            self.stats["identity_state_malformed"] += 1
-            return
-        except Exception:  # msgpack raises many types
+        except Exception:  # DecodeError, or any of msgpack's many types
             self.stats["identity_state_malformed"] += 1
             return
         if self._quiet:
