@@ -6,7 +6,7 @@ and the proxy read only these values, never TOML.
 
 Every document starts with the same header::
 
-    kind = "route"            # route | resilience | access | trust
+    kind = "route"            # route | resilience | access | fault | ratelimit | trust
     name = "web-canary"       # [a-z0-9][a-z0-9._-]{0,62}; the replication key
     version = 3               # integer >= 1; a newer version replaces an older one
     expires = 2030-01-01T00:00:00Z   # optional, an offset date-time (not a string)
@@ -28,7 +28,22 @@ from rumor.gossip.durations import format_duration
 from .keys import PublicKey
 
 MAX_DOCUMENT_BYTES = 64 * 1024
-KINDS = ("route", "resilience", "access", "trust")
+KINDS = ("route", "resilience", "access", "fault", "ratelimit", "trust")
+#: Kinds and fields an agent of an older release rejects (its parser is strict): the
+#: release that first understood each, so ``rumor policy publish`` can warn when live
+#: members are too old for a document (``required_release``).
+FEATURE_RELEASES: dict[str, str] = {
+    "kind fault": "0.2.0", "kind ratelimit": "0.2.0", "resilience.balancer": "0.2.0",
+    "resilience.hash": "0.2.0", "resilience.slow_start": "0.2.0",
+    "route.rule.path": "0.2.0", "route.rule.method": "0.2.0", "route.rule.query": "0.2.0",
+    "route.rule.request_headers": "0.2.0",
+}
+#: Balancing algorithms a resilience document may choose (``balancer = ...``).
+BALANCERS = ("peak_ewma", "least_request", "round_robin", "random", "hash")
+DEFAULT_BALANCER = "peak_ewma"
+#: A fault document must expire at most this long after it was signed: an injected
+#: outage that outlives its test is an incident.
+MAX_FAULT_LIFETIME = 24 * 3600.0
 MAX_VERSION = 2**63 - 1  # fits the signed 64-bit integers of the wire formats
 MAX_DESCRIPTION = 4096
 TRUST_NAME = "trust"
@@ -293,6 +308,56 @@ class OutlierEjection:
                 "max_ejected_percent": self.max_ejected_percent}
 
 
+
+@dataclass(frozen=True, slots=True)
+class HashOn:
+    """What ``balancer = "hash"`` hashes: one request header (lower-cased name) or one
+    cookie; exactly one is set."""
+
+    header: str | None = None
+    cookie: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"header": self.header} if self.header is not None else {"cookie": self.cookie}
+
+
+@dataclass(frozen=True, slots=True)
+class SlowStart:
+    """A new or readmitted instance's share ramps from ``min_percent`` to full over
+    ``window`` seconds (Envoy's slow start: (age / window) ** (1 / aggression)), so its
+    first answers cannot decide its fate. ``window`` 0 turns it off."""
+
+    window: float
+    aggression: float = 1.0
+    min_percent: float = 10.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"window": format_duration(self.window), "aggression": self.aggression,
+                "min_percent": self.min_percent}
+
+
+DEFAULT_SLOW_START = SlowStart(10.0)
+
+
+@dataclass(frozen=True, slots=True)
+class BalancerSpec:
+    """How a caller's sidecar picks among a service's instances (``BALANCERS``)."""
+
+    algorithm: str = DEFAULT_BALANCER
+    hash_on: HashOn | None = None  # set exactly when algorithm == "hash"
+    slow_start: SlowStart = DEFAULT_SLOW_START
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"algorithm": self.algorithm,
+                               "slow_start": self.slow_start.to_json()}
+        if self.hash_on is not None:
+            out["hash"] = self.hash_on.to_json()
+        return out
+
+
+DEFAULT_BALANCER_SPEC = BalancerSpec()
+
+
 @dataclass(frozen=True, slots=True)
 class ResilienceSpec:
     service: str
@@ -300,6 +365,7 @@ class ResilienceSpec:
     retries: RetryPolicy
     circuit_breaker: CircuitBreaker
     outlier_ejection: OutlierEjection
+    balancer: BalancerSpec = DEFAULT_BALANCER_SPEC
 
     @classmethod
     def default(cls, service: str) -> ResilienceSpec:
@@ -311,7 +377,8 @@ class ResilienceSpec:
         return {"service": self.service, "timeouts": self.timeouts.to_json(),
                 "retries": self.retries.to_json(),
                 "circuit_breaker": self.circuit_breaker.to_json(),
-                "outlier_ejection": self.outlier_ejection.to_json()}
+                "outlier_ejection": self.outlier_ejection.to_json(),
+                "balancer": self.balancer.to_json()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +397,93 @@ class AccessSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class FaultDelay:
+    """Hold ``percent`` of the matching requests for ``seconds`` before they go on."""
+
+    seconds: float
+    percent: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"duration": format_duration(self.seconds), "percent": self.percent}
+
+
+@dataclass(frozen=True, slots=True)
+class FaultAbort:
+    """Answer ``percent`` of the matching requests with ``status`` at once, or reset
+    the caller's connection (``status`` None), as a failing dependency would."""
+
+    status: int | None
+    percent: float
+
+    def to_json(self) -> dict[str, Any]:
+        if self.status is None:
+            return {"reset": True, "percent": self.percent}
+        return {"status": self.status, "percent": self.percent}
+
+
+@dataclass(frozen=True, slots=True)
+class FaultRule:
+    """Faults for the requests that meet every condition: the caller is one of
+    ``sources`` (any when empty; a caller's identity is only trustworthy under mutual
+    TLS), its headers match, and it took route rule ``route_rule`` (any when None)."""
+
+    name: str
+    sources: tuple[str, ...]
+    headers: tuple[HeaderMatch, ...]
+    route_rule: str | None
+    delay: FaultDelay | None
+    abort: FaultAbort | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "sources": list(self.sources),
+                "headers": [m.to_json() for m in self.headers],
+                "route_rule": self.route_rule,
+                "delay": self.delay.to_json() if self.delay else None,
+                "abort": self.abort.to_json() if self.abort else None}
+
+
+@dataclass(frozen=True, slots=True)
+class FaultSpec:
+    """Faults injected by callers' sidecars into requests to ``service``: the first
+    rule whose conditions hold applies."""
+
+    service: str
+    rules: tuple[FaultRule, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "rules": [r.to_json() for r in self.rules]}
+
+
+@dataclass(frozen=True, slots=True)
+class SourceLimit:
+    """At most ``rate`` requests/s from callers identifying as ``source``."""
+
+    source: str
+    rate: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "requests_per_second": self.rate}
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSpec:
+    """At most ``rate`` requests/s to ``service`` across the whole mesh (None: no
+    total), and per source as ``sources`` says. Each instance's inbound sidecar admits
+    its share rate × w / W of the live instances' weights; ``burst`` is how many
+    seconds of its share an instance may admit at once."""
+
+    service: str
+    rate: float | None
+    burst: float
+    sources: tuple[SourceLimit, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "requests_per_second": self.rate,
+                "burst": format_duration(self.burst),
+                "sources": [s.to_json() for s in self.sources]}
+
+
+@dataclass(frozen=True, slots=True)
 class TrustSpec:
     """The publisher keys trusted for policy documents and how many must sign."""
 
@@ -340,7 +494,7 @@ class TrustSpec:
         return {"keys": [k.line() for k in self.keys], "threshold": self.threshold}
 
 
-Spec = RouteSpec | ResilienceSpec | AccessSpec | TrustSpec
+Spec = RouteSpec | ResilienceSpec | AccessSpec | FaultSpec | RateLimitSpec | TrustSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,7 +509,7 @@ class Document:
     @property
     def service(self) -> str | None:
         """The service the document applies to (None for the trust document)."""
-        if isinstance(self.spec, RouteSpec | ResilienceSpec):
+        if isinstance(self.spec, RouteSpec | ResilienceSpec | FaultSpec | RateLimitSpec):
             return self.spec.service
         if isinstance(self.spec, AccessSpec):
             return self.spec.destination
@@ -372,9 +526,43 @@ class Document:
 
 
 __all__ = [
-    "ALL_INSTANCES", "ALL_SUBSET", "FIELDS", "HEADER_FIELDS", "IDEMPOTENT_METHODS", "KINDS",
-    "MAX_DOCUMENT_BYTES", "RETRY_CONDITIONS", "AccessSpec", "CircuitBreaker", "Document",
-    "HeaderMatch", "OutlierEjection", "PolicyError", "ResilienceSpec", "RetryBudget",
-    "RetryPolicy", "RouteRule", "RouteSpec", "Subset", "Timeouts", "TrustSpec",
-    "WeightedSubset", "format_duration",
+    "ALL_INSTANCES",
+    "ALL_SUBSET",
+    "BALANCERS",
+    "DEFAULT_BALANCER",
+    "DEFAULT_BALANCER_SPEC",
+    "DEFAULT_SLOW_START",
+    "FEATURE_RELEASES",
+    "FIELDS",
+    "HEADER_FIELDS",
+    "IDEMPOTENT_METHODS",
+    "KINDS",
+    "MAX_DOCUMENT_BYTES",
+    "MAX_FAULT_LIFETIME",
+    "RETRY_CONDITIONS",
+    "AccessSpec",
+    "BalancerSpec",
+    "CircuitBreaker",
+    "Document",
+    "FaultAbort",
+    "FaultDelay",
+    "FaultRule",
+    "FaultSpec",
+    "HashOn",
+    "HeaderMatch",
+    "OutlierEjection",
+    "PolicyError",
+    "RateLimitSpec",
+    "ResilienceSpec",
+    "RetryBudget",
+    "RetryPolicy",
+    "RouteRule",
+    "RouteSpec",
+    "SlowStart",
+    "SourceLimit",
+    "Subset",
+    "Timeouts",
+    "TrustSpec",
+    "WeightedSubset",
+    "format_duration",
 ]
