@@ -56,6 +56,8 @@ class Endpoint:
     host: str  # the node's inbound listener
     port: int
     rtt: float | None
+    #: The instance's registered weight (0: draining, no new requests).
+    weight: int = 1
 
 
 class ServiceState:
