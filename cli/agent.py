@@ -42,7 +42,7 @@ from ..policy.evaluate import Evaluator
 from ..policy.replication import PolicyReplicator
 from ..policy.runtime import PolicyRuntime
 from ..policy.trust import TrustSet
-from ..proxy.access_log import AccessLog
+from ..proxy.access_log import AccessLog, AccessLogObserver
 from ..proxy.api.access import ApiAccess
 from ..proxy.api.app import make_api
 from ..proxy.api.dns import CatalogSource, DnsResponder
@@ -52,7 +52,9 @@ from ..proxy.api.server import serve_http
 from ..proxy.check_runner import CheckRunner
 from ..proxy.inbound import InboundProxy
 from ..proxy.limits import ListenerShare, SidecarLimits, plan_pools
+from ..proxy.mesh_view import NodeView
 from ..proxy.metrics import ProxyMetrics
+from ..proxy.observe import observers
 from ..proxy.outbound import INBOUND_TAG, OutboundProxy
 from ..proxy.relay import ProxyLimits, serve_proxy
 from ..proxy.tls import MeshTls, TlsConfigError, TlsFiles
@@ -338,6 +340,9 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
     access_log = AccessLog(opts.access_log) if opts.access_log else None
     if access_log is not None:
         nursery.start_soon(access_log.run)  # writes in batches; the rest at shutdown
+    # Everything that watches a request sits behind one observer (proxy/observe.py).
+    observer = observers(metrics, AccessLogObserver(access_log) if access_log else None)
+    mesh = NodeView(node)
     tls = _mesh_tls(opts)
     reloader.access_log, reloader.tls = access_log, tls
     # Inbound (the network) and outbound (this host's applications) get pools of their
@@ -358,8 +363,7 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
                  tls.describe(), tls.not_after.isoformat(),
                  extra={"event": "tls", "services": sorted(tls.identity.services)})
     if opts.inbound is not None:
-        inbound = InboundProxy(node, evaluator, metrics=metrics, access_log=access_log,
-                               tls=tls)
+        inbound = InboundProxy(mesh, evaluator, observer=observer, tls=tls, agent=opts.name)
         port = await _listen(nursery, inbound, opts.inbound, "inbound", metrics,
                              plan.inbound, limits, tls)
         host = opts.inbound[0]
@@ -378,8 +382,8 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
             if identity is not None and identity not in names:
                 raise StartupError(f"--identity {identity}: this agent's certificate names "
                                    f"only {', '.join(sorted(names))}; callees would refuse it")
-        outbound = OutboundProxy(node, evaluator, identity=identity, metrics=metrics,
-                                 access_log=access_log, decay=opts.balancer_decay, tls=tls)
+        outbound = OutboundProxy(mesh, evaluator, identity=identity, observer=observer,
+                                 decay=opts.balancer_decay, tls=tls, agent=opts.name)
         port = await _listen(nursery, outbound, opts.outbound, "outbound", metrics,
                              plan.outbound, limits)
         log.info("outbound listener on %s:%d (calling as %s)", opts.outbound[0], port,

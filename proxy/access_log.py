@@ -5,7 +5,10 @@ highest-volume output of the agent, and a log record per request would cost more
 the proxying. Fields are stable for machines: ``ts`` (ISO 8601, UTC), ``listener``
 (``outbound``/``inbound``), ``method``, ``path``, ``service``, ``instance``,
 ``status``, ``duration_ms`` (to the last byte), ``upstream_ms`` (to response
-headers), ``bytes``, ``attempts``, ``client``, ``source``, ``trace_id``, ``error``.
+headers), ``bytes``, ``attempts``, ``client``, ``source``, ``trace_id``, ``error``
+(the sidecar's own phrase, or "response not completed"), ``code`` (its reason code),
+``route_rule`` and ``fault`` (the fault rule that delayed or aborted it).
+``AccessLogObserver`` is the request pipeline's observer that writes them.
 
 The request path only appends the entry and its time to a list; ``run`` (a task of
 the agent's nursery) formats and writes what accumulated every ``interval`` seconds,
@@ -24,6 +27,9 @@ import time
 from typing import IO, Any
 
 import trio
+
+from .attempts import Endpoint, Event
+from .observe import Exchange
 
 log = logging.getLogger("rumor.proxy")
 
@@ -103,3 +109,45 @@ class AccessLog:
 def _line(now: float, entry: dict[str, Any]) -> str:
     ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
     return json.dumps({"ts": ts, **entry}, separators=(",", ":")) + "\n"
+
+
+class AccessLogObserver:
+    """Writes one access-log entry per request, at its end (observe.py)."""
+
+    __slots__ = ("log",)
+
+    def __init__(self, access_log: AccessLog) -> None:
+        self.log = access_log
+
+    def request_started(self, x: Exchange) -> None:
+        pass
+
+    def try_started(self, x: Exchange, endpoint: Endpoint, now: float) -> None:
+        pass
+
+    def try_ended(self, x: Exchange, endpoint: Endpoint, now: float, outcome: str) -> None:
+        pass
+
+    def decided(self, x: Exchange, event: Event) -> None:
+        pass
+
+    def request_ended(self, x: Exchange, now: float, sent: int, complete: bool) -> None:
+        entry: dict[str, Any] = {
+            "listener": x.listener, "method": x.method.decode("ascii", "replace"),
+            "path": x.target.decode("ascii", "replace")[:512], "service": x.service,
+            "status": x.status, "duration_ms": round((now - x.started) * 1000, 3),
+            "bytes": sent, "client": x.client, "source": x.source, "trace_id": x.trace,
+            "instance": x.instance}
+        if x.listener == "outbound":
+            entry["attempts"] = x.tries
+        if x.headers_at is not None:
+            entry["upstream_ms"] = round((x.headers_at - x.started) * 1000, 3)
+        entry["error"] = x.reason if x.code is not None else (
+            None if complete else "response not completed")
+        if x.code is not None:
+            entry["code"] = x.code
+        if x.route_rule is not None:
+            entry["route_rule"] = x.route_rule
+        if x.fault is not None:
+            entry["fault"] = x.fault
+        self.log.write(entry)

@@ -10,14 +10,23 @@ after which pause (full-jitter back-off), and when to give up with which status.
 
 The shell (``outbound.py``) does the I/O and reports what happened::
 
-    a = Attempts.begin(now, state, balancer, cands, service="web", total=len(endpoints),
-                       method="GET", replayable=True, rng=rng)
+    a = Attempts.begin(started, state, cands, service="web", total=len(endpoints),
+                       method="GET", replayable=True, rng=rng)   # takes a breaker slot
     step = a.next(now)              # Send(endpoint, per_try, connect) or Answer(status, ...)
     refused = a.start(now, new_connection=not pool.has_idle(...))  # Answer, or None: go
     ...                             # send it; then one of
     step = a.failed(now, condition)                  # Wait(until) or Answer
+    step = a.stale(now)                              # Send (a new connection) or Answer
     step = a.responded(now, status, connect_seconds) # Wait(until) or Deliver
     # after a Wait, sleep until ``until`` and call ``next`` again
+    a.end()                         # the response is over: the breaker slot comes back
+
+The breaker is the request's, not a try's: ``begin`` takes a slot (a ``next`` that
+finds none answers 503 ``breaker_open``) and ``end`` gives it back once the response is
+over, however it ended. A pooled connection that the upstream had closed just as it was
+taken (``stale``) is sent again at once on a new connection: not an attempt of the
+retry policy (the instance never saw it), but a retry for the budget, so a server that
+closes every idle connection cannot double the load unseen.
 
 Time comes only from ``now`` and randomness from the injected ``random.Random``, so the
 same decisions run under a virtual clock (``tests/proxy/test_attempts.py``) and could
@@ -35,13 +44,21 @@ from .resilience import CircuitBreaker, OutlierDetector, RetryBudgetTracker, bac
 
 #: Answers of an instance that a retry policy may retry (as conditions "502", ...).
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
+#: A try whose pooled connection turned out closed before any response byte.
+STALE_CONNECTION = "stale-connection"
+
+#: Reason codes (``errors.py``) of the answers this core gives, by retry condition.
+FAILURE_CODES = {CONNECT_FAILURE: "upstream_connect_failed", "502": "upstream_reset",
+                 "504": "upstream_timeout", "503": "upstream_reset"}
 
 
 def failure_status(condition: str) -> int:
     """What the caller is answered when a try that failed with ``condition`` (a retry
     condition, documents.py) was the last: 503 if no connection was made, else the
     gateway status the condition is named after."""
-    return 503 if condition == CONNECT_FAILURE else int(condition)
+    if condition == CONNECT_FAILURE:
+        return 503
+    return 502 if condition == STALE_CONNECTION else int(condition)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +111,8 @@ class Send:
     per_try: float
     connect: float
     attempt: int
+    #: Open a new connection (the pooled one was stale).
+    fresh: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +131,8 @@ class Answer:
     reason: str
     attempts: int
     endpoint: Endpoint | None = None
+    #: The reason code (``errors.py``).
+    code: str = "upstream_reset"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +171,14 @@ class BreakerRejected:
     pending: bool  # True: too many waiting for a connection; False: too many in flight
 
 
-Event = Ejected | Readmitted | Retrying | BudgetExhausted | BreakerRejected
+@dataclass(frozen=True, slots=True)
+class StaleRetry:
+    """A try's pooled connection was closed by the upstream: sent again on a new one."""
+
+    key: str
+
+
+Event = Ejected | Readmitted | Retrying | BudgetExhausted | BreakerRejected | StaleRetry
 
 
 @dataclass
@@ -177,15 +205,29 @@ class Attempts:
     _current: Endpoint | None = None
     _sent_at: float = 0.0
     _pending: bool = False
+    #: Whether this request holds a breaker slot (``end`` gives it back).
+    _slot: bool = False
 
     @classmethod
-    def begin(cls, now: float, state: ServiceState, balancer: Balancer,
+    def begin(cls, started: float, state: ServiceState, balancer: Balancer,
               candidates: list[Endpoint], *, service: str, total: int, method: str,
               replayable: bool, rng: random.Random) -> Attempts:
-        """A new request at ``now`` (counted by the retry budget)."""
-        state.budget.record_request(now)
-        return cls(state, balancer, candidates, service, total, method, replayable, rng,
-                   now, now + state.spec.timeouts.overall)
+        """A new request that arrived at ``started`` (its overall timeout runs from
+        then, an injected delay included): counted by the retry budget, and holding a
+        breaker slot if one is free."""
+        state.budget.record_request(started)
+        a = cls(state, balancer, candidates, service, total, method, replayable, rng,
+                started, started + state.spec.timeouts.overall)
+        a._slot = state.breaker.try_acquire()
+        return a
+
+    def end(self) -> None:
+        """The response is over (however it ended): give the breaker slot back. Safe to
+        call more than once."""
+        if self._slot:
+            self._slot = False
+            self.state.breaker.release()
+        self.connection_done()
 
     def take_events(self) -> list[Event]:
         out, self.events = self.events, []
@@ -196,11 +238,16 @@ class Attempts:
     def next(self, now: float) -> Send | Answer:
         """The next try (after ``begin`` or a ``Wait``): where, and for how long."""
         spec = self.state.spec
+        if self.attempt == 0 and not self._slot:
+            self.events.append(BreakerRejected(pending=False))
+            cb = spec.circuit_breaker
+            return Answer(503, f"circuit breaker open: {cb.max_requests} requests already "
+                          f"in flight to {self.service}", 0, code="breaker_open")
         self.attempt += 1
         per_try = min(spec.timeouts.per_try, self.deadline - now)
         if per_try <= 0:
             return Answer(504, f"overall timeout {spec.timeouts.overall:g} s passed",
-                          self.attempt - 1)
+                          self.attempt - 1, code="overall_timeout")
         ep = self._choose(now)
         self._tried.add(ep.key)
         self._next = ep
@@ -220,7 +267,7 @@ class Attempts:
                 cb = self.state.spec.circuit_breaker
                 return Answer(503, f"circuit breaker open: {cb.max_pending} requests "
                               f"already waiting for a connection to {self.service}",
-                              self.attempt - 1)
+                              self.attempt - 1, code="pending_limit")
             self._pending = True
         self._current, self._sent_at = ep, now
         self.balancer.start(ep.key, now)
@@ -242,7 +289,32 @@ class Attempts:
             if wait is not None:
                 return wait
         return Answer(failure_status(condition), f"{ep.node}/{ep.instance}: "
-                      f"{detail or condition}", self.attempt, ep)
+                      f"{detail or condition}", self.attempt, ep,
+                      code=FAILURE_CODES.get(condition, "upstream_reset"))
+
+    def stale(self, now: float) -> Send | Answer:
+        """The try's pooled connection had been closed by the upstream before any
+        response byte: the instance never saw the request. Send it again at once, on a
+        new connection, to the same instance, if the retry budget allows (a stale
+        connection is not the instance's failure, so nothing is recorded against it)."""
+        ep = self._current
+        assert ep is not None, "no try in flight"
+        self._current = None
+        self.balancer.finish(ep.key, now, now - self._sent_at, True)
+        if not self.state.budget.try_retry(now):
+            self.events.append(BudgetExhausted())
+            return Answer(502, f"{ep.node}/{ep.instance}: the upstream closed the pooled "
+                          "connection before responding (no retry budget left to resend)",
+                          self.attempt, ep, code="upstream_reset")
+        self.events.append(StaleRetry(ep.key))
+        spec = self.state.spec
+        per_try = min(spec.timeouts.per_try, self.deadline - now)
+        if per_try <= 0:
+            return Answer(504, f"overall timeout {spec.timeouts.overall:g} s passed",
+                          self.attempt, ep, code="overall_timeout")
+        self._next = ep
+        return Send(ep, per_try, min(spec.timeouts.connect, per_try), self.attempt,
+                    fresh=True)
 
     def responded(self, now: float, status: int, connect_seconds: float = 0.0,
                   ) -> Wait | Deliver:
@@ -310,6 +382,7 @@ class Attempts:
 
 
 __all__ = [
+    "STALE_CONNECTION",
     "Answer",
     "Attempts",
     "BreakerRejected",
@@ -322,6 +395,7 @@ __all__ = [
     "Retrying",
     "Send",
     "ServiceState",
+    "StaleRetry",
     "Wait",
     "failure_status",
 ]

@@ -14,6 +14,11 @@ one of this agent's own listeners, and would send it round again.
 
 Mesh headers are consumed here: the local service sees neither ``x-rumor-*`` headers
 nor hop-by-hop ones, and gets ``x-forwarded-for`` and the trace context.
+
+The layers, in order: **route** (the service and the local instance, loop check) →
+**access** (who calls, by its certificate under mutual TLS) → **rate limit** (this
+instance's share of the mesh-wide limit) → **exchange** (pooled connection to the
+local process) → **observe** (the one ``Observer``).
 """
 
 from __future__ import annotations
@@ -21,13 +26,10 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
 
 import trio
 
-from ..gossip.node import Node
 from ..policy.evaluate import Evaluator
-from .access_log import AccessLog
 from .headers import (
     MESH_HEADERS,
     TargetError,
@@ -40,7 +42,8 @@ from .headers import (
     parse_target,
     response_headers,
 )
-from .metrics import ProxyMetrics
+from .mesh_view import MeshView
+from .observe import Exchange, NullObserver, Observer, RequestEnd
 from .pool import TryFailed, UpstreamPool
 from .relay import Forward, Reply, Request, request_head_start, simple_reply
 from .sockio import Watchdog
@@ -57,53 +60,51 @@ BUFFERED_BODY = 64 * 1024
 
 
 class InboundProxy:
-    def __init__(self, node: Node, evaluator: Callable[[], Evaluator], *,
-                 metrics: ProxyMetrics | None = None,
-                 access_log: AccessLog | None = None, tls: MeshTls | None = None) -> None:
-        self.node = node
+    def __init__(self, mesh: MeshView, evaluator: Callable[[], Evaluator], *,
+                 observer: Observer | None = None, tls: MeshTls | None = None,
+                 agent: str = "", pool: UpstreamPool | None = None) -> None:
+        self.mesh = mesh
+        self.agent = agent
         self._ids = random.Random()  # trace ids: seeded from the OS, once
         #: This listener's loop mark in ``Via``.
         self.mark = hop_mark(random.Random())
         self._evaluator = evaluator
-        self.metrics = metrics
-        self.access_log = access_log
+        self.observer: Observer = observer or NullObserver()
         #: With mutual TLS, identities come from certificates (ours and the caller's).
         self.tls = tls
         #: Keeps the deadlines of this listener's sockets (run by its ``serve_proxy``).
         self.watchdog = Watchdog()
-        self.pool = UpstreamPool(self.watchdog)
+        self.pool = pool or UpstreamPool(self.watchdog)
         self._denied_logged: set[tuple[str, str]] = set()
 
     async def __call__(self, req: Request) -> Reply | Forward:
-        started = trio.current_time()
         source_raw = req.header(b"x-rumor-source")
-        source = source_raw.decode("ascii", "replace") if source_raw else None
+        x = Exchange("inbound", req.method, req.target, req.client, trio.current_time(),
+                     source=source_raw.decode("ascii", "replace") if source_raw else None)
+        self.observer.request_started(x)
+        # route
         try:
             target = parse_target(req.target, req.header(b"host"))
         except TargetError as e:
-            return self._answer(req, started, "", source, 400, str(e))
-        service = target.service
+            return self._refuse(x, 400, "bad_target", str(e))
+        x.service = service = target.service
         loop = check_hops(req.headers, self.mark)
         if loop is not None:
-            return self._answer(req, started, service, source, 508, loop)
+            return self._refuse(x, 508, "loop_detected", loop)
         local = self._local(service, req.header(b"x-rumor-instance"))
         if local is None:
-            return self._answer(req, started, service, source, 404,
+            return self._refuse(x, 404, "not_served_here",
                                 f"{service} is not served by this agent")
-        holds: frozenset[str] = frozenset()
-        if self.tls is not None:
-            refused, source = self._verified_source(req, service, source)
-            if refused:
-                return self._deny(req, started, service, source, refused)
-            if req.peer is not None:  # a caller naming several services: judged by all
-                holds = req.peer.services
-        decision = self._evaluator().access_as(source, holds, service)
-        if not decision.allowed:
-            return self._deny(req, started, service, decision.source, decision.reason)
         host, port, instance = local
+        x.instance = instance
+        # access
+        refused = self._access(req, x)
+        if refused is not None:
+            return refused
+        # exchange
         hs = end_to_end(req.headers, drop=MESH_HEADERS)
         forwarded_for(hs, req.client.rsplit(":", 1)[0])
-        trace = continue_trace(hs, self._ids).decode()
+        x.trace = continue_trace(hs, self._ids).decode()
         add_hop(hs, self.mark)
         body = await req.take_body(BUFFERED_BODY)
         framing = req.framing(body)
@@ -119,23 +120,29 @@ class InboundProxy:
         except TryFailed as f:
             if req.failure is not None:
                 raise req.failure from None
-            return self._answer(req, started, service, source, f.status,
-                                f"local service {instance}: {f}", instance=instance,
-                                trace=trace)
-        headers_at = trio.current_time()
-        if self.metrics:
-            self.metrics.observe_latency("inbound", service, headers_at - started)
-        status = resp.head.status
+            code = {503: "local_connect_failed", 504: "local_timeout"}.get(f.status,
+                                                                          "local_reset")
+            return self._refuse(x, f.status, code, f"local service {instance}: {f}")
+        x.status = resp.head.status
+        x.headers_at = trio.current_time()
+        return Forward(resp, response_headers(resp.head.headers), self.pool,
+                       on_done=RequestEnd(self.observer, x, None, trio.current_time))
 
-        def done(sent: int, complete: bool) -> None:
-            if self.metrics:
-                self.metrics.request_done("inbound", service, instance, status)
-            if self.access_log:
-                self.access_log.write(self._entry(
-                    req, service, source, status, started, sent, trace, instance=instance,
-                    upstream_ms=round((headers_at - started) * 1000, 3),
-                    error=None if complete else "response not completed"))
-        return Forward(resp, response_headers(resp.head.headers), self.pool, on_done=done)
+    def _access(self, req: Request, x: Exchange) -> Reply | None:
+        """None if the caller may call the service, else the 403."""
+        service = x.service
+        holds: frozenset[str] = frozenset()
+        if self.tls is not None:
+            refused, x.source = self._verified_source(req, service, x.source)
+            if refused:
+                return self._deny(x, refused, None)
+            if req.peer is not None:  # a caller naming several services: judged by all
+                holds = req.peer.services
+        decision = self._evaluator().access_as(x.source, holds, service)
+        if not decision.allowed:
+            x.source = decision.source
+            return self._deny(x, decision.reason, decision.policy)
+        return None
 
     def _verified_source(self, req: Request, service: str,
                          claimed: str | None) -> tuple[str, str | None]:
@@ -156,55 +163,34 @@ class InboundProxy:
         only = next(iter(peer.services)) if len(peer.services) == 1 else None
         return "", only
 
-    def _deny(self, req: Request, started: float, service: str, source: str | None,
-              reason: str) -> Reply:
-        if self.metrics:
-            self.metrics.denied.inc((self.metrics.service(service),
-                                     self.metrics.caller(source)))
-        key = (service, source or "")
+    def _deny(self, x: Exchange, reason: str, policy: str | None) -> Reply:
+        key = (x.service, x.source or "")
         if key not in self._denied_logged and len(self._denied_logged) < 4096:
             self._denied_logged.add(key)
-            log.warning("denied %s -> %s: %s", source or "(unknown caller)", service,
-                        reason, extra={"event": "access_denied", "service": service,
-                                       "source": source})
-        return self._answer(req, started, service, source, 403, reason)
+            log.warning("denied %s -> %s: %s", x.source or "(unknown caller)", x.service,
+                        reason, extra={"event": "access_denied", "service": x.service,
+                                       "source": x.source})
+        return self._refuse(x, 403, "access_denied", reason,
+                            policy=f"access/{policy}" if policy else None)
 
     def _local(self, service: str, instance: bytes | None) -> tuple[str, int, str] | None:
         """Address of the local instance to serve (the named one if given)."""
         wanted = instance.decode("ascii", "replace") if instance else None
         fallback = None
-        for sid, ls in self.node.parts.catalog.local.items():
-            s = ls.service
-            if s.name != service:
-                continue
-            addr = (s.address or "127.0.0.1", s.port, sid)
-            if wanted is None or sid == wanted:
+        for li in self.mesh.local_instances(service):
+            addr = (li.host, li.port, li.id)
+            if wanted is None or li.id == wanted:
                 return addr
             fallback = fallback or addr
         return fallback  # the named instance is gone (deregistered): any of the service
 
-    def _answer(self, req: Request, started: float, service: str, source: str | None,
-                status: int, reason: str, *, instance: str = "",
-                trace: str = "") -> Reply:
-        out = simple_reply(status, reason)
-        if self.metrics:
-            self.metrics.request_done("inbound", service, instance, status)
-
-        def done(sent: int, complete: bool) -> None:
-            if self.access_log:
-                self.access_log.write(self._entry(req, service, source, status, started, sent,
-                                                  trace, instance=instance, error=reason))
-        out.on_done = done
+    def _refuse(self, x: Exchange, status: int, code: str, reason: str, *,
+                policy: str | None = None) -> Reply:
+        x.status, x.code, x.reason, x.policy = status, code, reason, policy
+        out = simple_reply(status, reason, code=code, agent=self.agent, service=x.service,
+                           instance=x.instance, policy=policy)
+        out.on_done = RequestEnd(self.observer, x, None, trio.current_time)
         return out
-
-    def _entry(self, req: Request, service: str, source: str | None, status: int,
-               started: float, sent: int, trace: str, **extra: Any) -> dict[str, Any]:
-        return {"listener": "inbound", "method": req.method.decode("ascii", "replace"),
-                "path": req.target.decode("ascii", "replace")[:512], "service": service,
-                "status": status,
-                "duration_ms": round((trio.current_time() - started) * 1000, 3),
-                "bytes": sent, "client": req.client, "source": source, "trace_id": trace,
-                **extra}
 
     def close(self) -> None:
         self.pool.close()

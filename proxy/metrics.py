@@ -17,6 +17,17 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .attempts import (
+    BreakerRejected,
+    BudgetExhausted,
+    Ejected,
+    Endpoint,
+    Event,
+    Retrying,
+    StaleRetry,
+)
+from .observe import Exchange
+
 #: Latency buckets in seconds: sub-millisecond resolution for the mesh's own overhead,
 #: up to the default overall timeout.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -132,9 +143,16 @@ class ProxyMetrics(Collector):
         self.protocol_errors = CounterFamily(
             "rumor_proxy_client_errors", "requests refused before routing (malformed, "
             "too slow, too large), by listener and status", ("listener", "status"))
+        self.stale_retries = CounterFamily(
+            "rumor_proxy_stale_connection_retries", "tries sent again on a new connection "
+            "because the pooled one had been closed by the upstream, by service",
+            ("service",))
+        self.errors = CounterFamily(
+            "rumor_proxy_errors", "answers the sidecar made itself, by listener, service "
+            "and reason code (docs/proxy.md lists the codes)", ("listener", "service", "code"))
         self._families = (self.requests, self.latency, self.retries, self.budget_exhausted,
                           self.breaker_rejections, self.ejections, self.denied,
-                          self.protocol_errors)
+                          self.protocol_errors, self.stale_retries, self.errors)
         if registry is not None:
             registry.register(self)
 
@@ -156,6 +174,39 @@ class ProxyMetrics(Collector):
 
     def observe_latency(self, listener: str, service: str, seconds: float) -> None:
         self.latency.observe((listener, self.service(service)), seconds)
+
+    # ---- the observer (observe.py) ------------------------------------------------------
+
+    def request_started(self, x: Exchange) -> None:
+        pass
+
+    def try_started(self, x: Exchange, endpoint: Endpoint, now: float) -> None:
+        pass
+
+    def try_ended(self, x: Exchange, endpoint: Endpoint, now: float, outcome: str) -> None:
+        pass
+
+    def decided(self, x: Exchange, event: Event) -> None:
+        label = self.service(x.service)
+        if isinstance(event, Retrying):
+            self.retries.inc((label,))
+        elif isinstance(event, BudgetExhausted):
+            self.budget_exhausted.inc((label,))
+        elif isinstance(event, BreakerRejected):
+            self.breaker_rejections.inc((label,))
+        elif isinstance(event, Ejected):
+            self.ejections.inc((label, event.key))
+        elif isinstance(event, StaleRetry):
+            self.stale_retries.inc((label,))
+
+    def request_ended(self, x: Exchange, now: float, sent: int, complete: bool) -> None:
+        self.request_done(x.listener, x.service, x.instance, x.status)
+        if x.headers_at is not None:
+            self.observe_latency(x.listener, x.service, x.headers_at - x.started)
+        if x.code is not None:
+            self.errors.inc((x.listener, self.service(x.service), x.code))
+            if x.code == "access_denied":
+                self.denied.inc((self.service(x.service), self.caller(x.source)))
 
     # ---- the scrape ---------------------------------------------------------------------
 

@@ -1,46 +1,50 @@
 """The outbound listener: an application's requests leave the host through here.
 
-For each request: find the service it names (``Host: web``, ``web.service.rumor``, or
-an absolute-form proxy request), apply the ``route`` policy (weighted subsets, header
-rules), keep only instances that are visible, not critical, reachable through a
-sidecar and not ejected, pick one by power of two choices over peak-EWMA latency,
-and forward to that instance's *inbound* listener, declaring who is calling
-(``x-rumor-source``). Failures are retried within the ``resilience`` policy: only
-idempotent requests (or connect failures, which the upstream never saw), only with a
-retry budget left, with jittered backoff, preferring an instance not tried yet.
+A request runs through the pipeline's layers in order (docs/architecture.md):
 
-Every request leaving here carries this listener's mark in ``Via``; one that arrives
-already carrying it has come round a loop (a service registered at this port, say) and
-gets 508 at once, as does one that passed ``MAX_HOPS`` sidecars (``headers.py``).
+1. **route** — find the service it names (``Host: web``, ``web.service.rumor``, or an
+   absolute-form proxy request), refuse a loop (508: this listener's mark already in
+   ``Via``, or ``MAX_HOPS`` passed), and let the ``route`` policy pick the subset
+   (its rules match path, method, query and headers; a weighted split draws here) and
+   the header edits;
+2. **fault** — the ``fault`` policy may delay the request or abort it, as a failing
+   dependency would (never retried, never counted against an instance);
+3. **balance and try** — the attempt core (``attempts.py``) takes a breaker slot,
+   picks an instance (``balancers``), sets each try's deadline, and decides retries
+   within the retry budget;
+4. **exchange** — ``pool.py`` sends the try to the instance's *inbound* listener and
+   returns its response head; the relay streams the rest;
+5. **observe** — one ``Observer`` (metrics, access log, ...) is told of the start,
+   every try and the end.
 
-Everything the proxy answers itself is fast and says why in ``x-rumor-error``: an
-unknown service, no healthy instance, an open circuit breaker, a timeout. It never
-hangs a client: every wait has a deadline from the policy.
+The decisions are sans-IO cores; this module only runs them in order and does the I/O.
+What depends on the destination (its endpoints, subsets, resilience state, fault table)
+is a ``Target``, built once per service and rebuilt only when the catalog or the
+policies change, so a request costs lookups, not decisions.
+
+Everything the proxy answers itself is fast and says why: ``x-rumor-error`` (a phrase),
+``x-rumor-error-code`` (a stable code, ``errors.py``) and a short JSON body naming the
+agent, the service, the tries and the policy that decided.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import trio
 
-from ..gossip.address import parse_address
-from ..gossip.node import Node
 from ..policy.documents import ALL_INSTANCES, ResilienceSpec, Subset
 from ..policy.evaluate import Evaluator
-from .access_log import AccessLog
 from .attempts import (
+    STALE_CONNECTION,
     Answer,
     Attempts,
-    BreakerRejected,
-    BudgetExhausted,
     Ejected,
     Endpoint,
     Readmitted,
-    Retrying,
     Send,
     ServiceState,
     Wait,
@@ -58,7 +62,8 @@ from .headers import (
     parse_target,
     response_headers,
 )
-from .metrics import ProxyMetrics
+from .mesh_view import INBOUND_TAG, MeshView
+from .observe import Exchange, NullObserver, Observer, RequestEnd
 from .pool import TryFailed, UpstreamPool, UpstreamResponse
 from .relay import Forward, Reply, Request, request_head_start, simple_reply
 from .sockio import Watchdog
@@ -66,178 +71,230 @@ from .tls import MeshTls
 
 log = logging.getLogger("rumor.proxy")
 
-#: Member tag through which an agent advertises its inbound listener.
-INBOUND_TAG = "rumor.inbound"
 #: Request bodies up to this size are kept so that the request can be retried.
 RETRY_BUFFER = 64 * 1024
-#: Longest a cached endpoint list is trusted without a catalog change.
+#: Longest a target's endpoint list is trusted without a catalog change (a member's
+#: inbound tag can change without one).
 ENDPOINT_CACHE_TTL = 1.0
+#: Targets kept at most: names come from requests, unknown ones are not kept.
+MAX_TARGETS = 4096
+
+
+@dataclass(slots=True)
+class Target:
+    """Everything about one destination service that does not change per request."""
+
+    service: str
+    state: ServiceState
+    #: The policies it was built from (a new ``Evaluator`` rebuilds the policy parts).
+    evaluator: Evaluator
+    #: Header names the route rules consult (None: no route document).
+    route_headers: frozenset[bytes] | None
+    endpoints: list[Endpoint] = field(default_factory=list)
+    mesh_version: int = -1
+    refreshed: float = float("-inf")
+    #: subset name -> (the subset, its endpoints), for the current endpoint list.
+    subsets: dict[str, tuple[Subset, list[Endpoint]]] = field(default_factory=dict)
+
+    def candidates(self, subset: Subset) -> list[Endpoint]:
+        """The endpoints of ``subset``: a lookup per request, a scan per change."""
+        if subset is ALL_INSTANCES:
+            return self.endpoints
+        cached = self.subsets.get(subset.name)
+        if cached is not None and cached[0] is subset:
+            return cached[1]
+        cands = [e for e in self.endpoints if subset.matches(e.version, e.tags)]
+        self.subsets[subset.name] = (subset, cands)
+        return cands
 
 
 class OutboundProxy:
-    def __init__(self, node: Node, evaluator: Callable[[], Evaluator], *,
-                 identity: str | None, metrics: ProxyMetrics | None = None,
-                 access_log: AccessLog | None = None, decay: float = 10.0,
-                 rng: random.Random | None = None, tls: MeshTls | None = None) -> None:
-        self.node = node
+    def __init__(self, mesh: MeshView, evaluator: Callable[[], Evaluator], *,
+                 identity: str | None, observer: Observer | None = None,
+                 decay: float = 10.0, rng: random.Random | None = None,
+                 tls: MeshTls | None = None, agent: str = "",
+                 pool: UpstreamPool | None = None) -> None:
+        self.mesh = mesh
         self._evaluator = evaluator
         self.identity = identity
-        self.metrics = metrics
-        self.access_log = access_log
+        self.agent = agent
+        self.observer: Observer = observer or NullObserver()
         self.rng = rng or random.Random()
         self.balancer = Balancer(self.rng, decay=decay)
         #: This listener's loop mark in ``Via``.
         self.mark = hop_mark(random.Random())
         #: Keeps the deadlines of this listener's sockets (run by its ``serve_proxy``).
         self.watchdog = Watchdog()
-        self.pool = UpstreamPool(self.watchdog, tls=tls)
-        self._services: dict[str, ServiceState] = {}
-        self._endpoints: dict[str, tuple[int, float, list[Endpoint]]] = {}
-        #: (service, subset name) -> (the endpoint list and subset it was built from,
-        #: the subset's endpoints): rebuilt only when the catalog view or the policy
-        #: (a new Evaluator, so new Subset objects) changed.
-        self._subsets: dict[tuple[str, str], tuple[list[Endpoint], Subset, list[Endpoint]]] = {}
+        self.pool = pool or UpstreamPool(self.watchdog, tls=tls)
+        self._targets: dict[str, Target] = {}
 
-    # ---- the request path -------------------------------------------------------------------
+    # ---- the pipeline -------------------------------------------------------------------
 
     async def __call__(self, req: Request) -> Reply | Forward:
-        started = trio.current_time()
+        x = Exchange("outbound", req.method, req.target, req.client, trio.current_time(),
+                     source=self.identity)
+        self.observer.request_started(x)
+        # 1. route
         try:
-            target = parse_target(req.target, req.header(b"host"))
+            parsed = parse_target(req.target, req.header(b"host"))
         except TargetError as e:
-            return self._answer(req, started, "", 400, str(e))
-        service = target.service
+            return self._refuse(x, 400, "bad_target", str(e))
+        x.service = service = parsed.service
         loop = check_hops(req.headers, self.mark)
         if loop is not None:
-            return self._answer(req, started, service, 508, loop)
+            return self._refuse(x, 508, "loop_detected", loop)
         ev = self._evaluator()
-        spec = ev.resilience(service)
-        state = self._state(service, spec)
-        if not state.breaker.try_acquire():
-            if self.metrics:
-                self.metrics.breaker_rejections.inc((self.metrics.service(service),))
-            return self._answer(req, started, service, 503,
-                                f"circuit breaker open: {spec.circuit_breaker.max_requests} "
-                                f"requests already in flight to {service}")
-        handed_off = False
-        try:
-            out = await self._forward(req, started, target.path, service, ev, state)
-            if isinstance(out, Forward):
-                out.release = state.breaker.release  # once the response is over
-                handed_off = True
-            return out
-        finally:
-            if not handed_off:
-                state.breaker.release()
-
-    async def _forward(self, req: Request, started: float, path: bytes, service: str,
-                       ev: Evaluator, state: ServiceState) -> Reply | Forward:
-        endpoints = self._endpoints_of(service)
-        if not endpoints:
-            known = bool(self.node.parts.catalog.instances(service, include_critical=True))
-            return self._answer(req, started, service, 503,
-                                f"no healthy instance of {service}" if known
-                                else f"unknown service {service!r}")
-        subset = ALL_INSTANCES
-        consulted = ev.route_headers(service)
-        if consulted is not None:
-            # Only the headers the route's rules look at are decoded (the first
-            # spelling of a name wins, as in Evaluator.route).
-            view: dict[str, str] = {}
-            if consulted:
-                for k, v in req.headers:
-                    if k in consulted:
-                        view.setdefault(k.decode("latin-1"), v.decode("latin-1"))
-            decision = ev.route(service, view)
-            if decision.split:
-                subset = decision.choose(self.rng.random())
-        cands = self._candidates(service, subset, endpoints)
+        target = self._target(service, ev)
+        if not target.endpoints:
+            if self.mesh.knows(service):
+                return self._refuse(x, 503, "no_healthy_instance",
+                                    f"no healthy instance of {service}")
+            return self._refuse(x, 503, "unknown_service", f"unknown service {service!r}")
+        subset = self._route(req, x, target, ev)
+        cands = target.candidates(subset)
         if not cands:
-            return self._answer(req, started, service, 503,
-                                f"no healthy instance of {service} in subset {subset.name}")
+            return self._refuse(x, 503, "no_instance_in_subset",
+                                f"no healthy instance of {service} in subset {subset.name}",
+                                policy=_policy(ev, "route", service))
+        # 2. fault (the fault layer comes with the fault policy)
+        # 3. balance and try, 4. exchange
+        return await self._try(req, x, target, cands, parsed.path)
 
+    def _route(self, req: Request, x: Exchange, target: Target, ev: Evaluator) -> Subset:
+        """The subset this request goes to (route policy: rules, weighted split)."""
+        consulted = target.route_headers
+        if consulted is None:
+            return ALL_INSTANCES
+        # Only the headers the route's rules look at are decoded (the first spelling
+        # of a name wins, as in Evaluator.route).
+        view: dict[str, str] = {}
+        if consulted:
+            for k, v in req.headers:
+                if k in consulted:
+                    view.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+        decision = ev.route(target.service, view)
+        x.route_rule = decision.rule
+        if decision.split:
+            return decision.choose(self.rng.random())
+        return ALL_INSTANCES
+
+    async def _try(self, req: Request, x: Exchange, target: Target, cands: list[Endpoint],
+                   path: bytes) -> Reply | Forward:
+        service = target.service
         body = await req.take_body(RETRY_BUFFER)
         headers = self._request_headers(req, service, req.framing(body))
-        trace = _trace_of(headers)
+        x.trace = _trace_of(headers)
         start = request_head_start(req.method, path, headers)
-        tries = Attempts.begin(started, state, self.balancer, cands, service=service,
-                               total=len(endpoints), method=req.method.decode("ascii", "replace"),
+        tries = Attempts.begin(x.started, target.state, self.balancer, cands,
+                               service=service, total=len(target.endpoints),
+                               method=req.method.decode("ascii", "replace"),
                                replayable=not callable(body), rng=self.rng)
-        while True:
+        try:
             now = trio.current_time()
-            step = tries.next(now)
-            refused = step if isinstance(step, Answer) else tries.start(
-                now, new_connection=not self.pool.has_idle(step.endpoint.host,
-                                                           step.endpoint.port))
-            if refused is not None:
-                self._events(tries, service)
-                return self._give_up(req, started, service, refused, trace)
-            assert isinstance(step, Send)
-            ep = step.endpoint
-            head = start + b"x-rumor-instance: " + ep.instance.encode() + b"\r\n\r\n"
-            try:
+            step: Send | Answer = tries.next(now)
+            while True:
+                refused = step if isinstance(step, Answer) else tries.start(
+                    now, new_connection=step.fresh or not self.pool.has_idle(
+                        step.endpoint.host, step.endpoint.port))
+                if refused is not None:
+                    self._decisions(x, tries)
+                    tries.end()
+                    return self._give_up(x, refused)
+                assert isinstance(step, Send)
+                ep = step.endpoint
+                x.tries, x.instance = step.attempt, ep.key
+                self.observer.try_started(x, ep, now)
+                head = start + b"x-rumor-instance: " + ep.instance.encode() + b"\r\n\r\n"
                 try:
-                    resp = await self.pool.exchange(
-                        req.method, (ep.host, ep.port), head, body,
-                        connect_deadline=now + step.connect, deadline=now + step.per_try,
-                        service=service, informational=req.informational)
-                except trio.Cancelled:
-                    # The client left (relay.py) or the agent stops: not the instance's
-                    # fault, and its outstanding count must come down.
-                    tries.client_gone(trio.current_time())
-                    raise
-                finally:
-                    tries.connection_done()
-            except TryFailed as f:
-                if req.failure is not None:  # the client broke off its upload
-                    tries.client_gone(trio.current_time())
-                    raise req.failure from None
-                after = tries.failed(trio.current_time(), f.condition, str(f))
-                self._events(tries, service)
-                if isinstance(after, Answer):
-                    return self._give_up(req, started, service, after, trace)
-                await trio.sleep_until(after.until)
-                continue
-            done = trio.current_time()
-            outcome = tries.responded(done, resp.head.status, resp.connect_seconds)
-            self._events(tries, service)
-            if isinstance(outcome, Wait):
-                resp.conn.close()  # its body is not wanted: the connection cannot be reused
-                await trio.sleep_until(outcome.until)
-                continue
-            return self._respond(req, started, done, service, ep, resp, outcome.attempts,
-                                 trace)
+                    try:
+                        resp = await self.pool.exchange(
+                            req.method, (ep.host, ep.port), head, body,
+                            connect_deadline=now + step.connect, deadline=now + step.per_try,
+                            service=service, informational=req.informational,
+                            fresh=step.fresh, resend_stale=False)
+                    except trio.Cancelled:
+                        # The client left (relay.py) or the agent stops: not the instance's
+                        # fault, and its outstanding count must come down.
+                        tries.client_gone(trio.current_time())
+                        self.observer.try_ended(x, ep, trio.current_time(), "client-gone")
+                        raise
+                    finally:
+                        tries.connection_done()
+                except TryFailed as f:
+                    now = trio.current_time()
+                    if req.failure is not None:  # the client broke off its upload
+                        tries.client_gone(now)
+                        self.observer.try_ended(x, ep, now, "client-gone")
+                        raise req.failure from None
+                    self.observer.try_ended(x, ep, now, f.condition)
+                    if f.condition == STALE_CONNECTION:
+                        step = tries.stale(now)
+                        self._decisions(x, tries)
+                        continue
+                    after = tries.failed(now, f.condition, str(f))
+                    self._decisions(x, tries)
+                    if isinstance(after, Answer):
+                        tries.end()
+                        return self._give_up(x, after)
+                    await trio.sleep_until(after.until)
+                    now = trio.current_time()
+                    step = tries.next(now)
+                    continue
+                done = trio.current_time()
+                self.observer.try_ended(x, ep, done, str(resp.head.status))
+                outcome = tries.responded(done, resp.head.status, resp.connect_seconds)
+                self._decisions(x, tries)
+                if isinstance(outcome, Wait):
+                    resp.conn.close()  # its body is not wanted: the connection cannot be reused
+                    await trio.sleep_until(outcome.until)
+                    now = trio.current_time()
+                    step = tries.next(now)
+                    continue
+                return self._respond(x, done, resp, tries)
+        except BaseException:
+            tries.end()
+            raise
 
-    def _give_up(self, req: Request, started: float, service: str, a: Answer,
-                 trace: str) -> Reply:
-        return self._answer(req, started, service, a.status, a.reason, attempts=a.attempts,
-                            instance=a.endpoint.key if a.endpoint else "", trace=trace)
+    # ---- answers ----------------------------------------------------------------------
 
-    def _events(self, tries: Attempts, service: str) -> None:
-        """Log and count what the attempt core reported."""
-        m = self.metrics
-        label = m.service(service) if m else ""
+    def _respond(self, x: Exchange, headers_at: float, resp: UpstreamResponse,
+                 tries: Attempts) -> Forward:
+        x.status = resp.head.status
+        x.headers_at = headers_at
+        return Forward(resp, response_headers(resp.head.headers), self.pool,
+                       on_done=RequestEnd(self.observer, x, tries, trio.current_time))
+
+    def _give_up(self, x: Exchange, a: Answer) -> Reply:
+        if a.endpoint is not None:
+            x.instance = a.endpoint.key
+        x.tries = a.attempts
+        return self._refuse(x, a.status, a.code, a.reason,
+                            policy=_policy(self._evaluator(), "resilience", x.service))
+
+    def _refuse(self, x: Exchange, status: int, code: str, reason: str, *,
+                policy: str | None = None) -> Reply:
+        """An answer the sidecar makes itself: the phrase, the code, and a body that
+        says who decided."""
+        x.status, x.code, x.reason, x.policy = status, code, reason, policy
+        out = simple_reply(status, reason, code=code, agent=self.agent, service=x.service,
+                           tries=x.tries, instance=x.instance, policy=policy)
+        out.on_done = RequestEnd(self.observer, x, None, trio.current_time)
+        return out
+
+    def _decisions(self, x: Exchange, tries: Attempts) -> None:
+        """Log what the attempt core decided, and pass it to the observer."""
         for e in tries.take_events():
             if isinstance(e, Ejected):
                 log.warning("ejected %s of %s for %.0f s after consecutive failures", e.key,
-                            service, e.until - trio.current_time(),
-                            extra={"event": "ejected", "service": service, "instance": e.key})
-                if m:
-                    m.ejections.inc((label, e.key))
+                            x.service, e.until - trio.current_time(),
+                            extra={"event": "ejected", "service": x.service,
+                                   "instance": e.key})
             elif isinstance(e, Readmitted):
                 log.info("readmitted %s after its ejection", e.key,
                          extra={"event": "readmitted", "instance": e.key})
-            elif m is None:
-                continue
-            elif isinstance(e, Retrying):
-                m.retries.inc((label,))
-            elif isinstance(e, BudgetExhausted):
-                m.budget_exhausted.inc((label,))
-            elif isinstance(e, BreakerRejected):
-                m.breaker_rejections.inc((label,))
+            self.observer.decided(x, e)
 
-    # ---- helpers of the request path ---------------------------------------------------------
-
+    # ---- helpers ------------------------------------------------------------------------
 
     def _request_headers(self, req: Request, service: str,
                          framing: tuple[bytes, bytes] | None) -> list[tuple[bytes, bytes]]:
@@ -252,107 +309,56 @@ class OutboundProxy:
             hs.append(framing)
         return hs
 
-    def _respond(self, req: Request, started: float, headers_at: float, service: str,
-                 ep: Endpoint, resp: UpstreamResponse, attempts: int, trace: str) -> Forward:
-        status = resp.head.status
-        if self.metrics:
-            self.metrics.observe_latency("outbound", service, headers_at - started)
+    # ---- targets ------------------------------------------------------------------------
 
-        def done(sent: int, complete: bool) -> None:
-            if self.metrics:
-                self.metrics.request_done("outbound", service, ep.key, status)
-            if self.access_log:
-                self.access_log.write(self._entry(
-                    req, service, status, started, sent, attempts, trace,
-                    instance=ep.key, upstream_ms=round((headers_at - started) * 1000, 3),
-                    error=None if complete else "response not completed"))
-        return Forward(resp, response_headers(resp.head.headers), self.pool, on_done=done)
-
-    def _answer(self, req: Request, started: float, service: str, status: int, reason: str,
-                *, attempts: int = 0, instance: str = "", trace: str = "") -> Reply:
-        out = simple_reply(status, reason)
-        if self.metrics:
-            self.metrics.request_done("outbound", service, instance, status)
-
-        def done(sent: int, complete: bool) -> None:
-            if self.access_log:
-                self.access_log.write(self._entry(req, service, status, started, sent,
-                                                  attempts, trace, instance=instance,
-                                                  error=reason))
-        out.on_done = done
-        return out
-
-    def _entry(self, req: Request, service: str, status: int, started: float, sent: int,
-               attempts: int, trace: str, **extra: Any) -> dict[str, Any]:
-        return {"listener": "outbound", "method": req.method.decode("ascii", "replace"),
-                "path": req.target.decode("ascii", "replace")[:512], "service": service,
-                "status": status,
-                "duration_ms": round((trio.current_time() - started) * 1000, 3),
-                "bytes": sent, "attempts": attempts, "client": req.client,
-                "source": self.identity, "trace_id": trace, **extra}
-
-    # ---- endpoints ------------------------------------------------------------------------------
-
-    def _state(self, service: str, spec: ResilienceSpec) -> ServiceState:
-        st = self._services.get(service)
-        if st is None:
-            st = self._services[service] = ServiceState(spec)
-        elif st.spec is not spec and st.spec != spec:
-            st.update(spec)
-        return st
-
-    def _endpoints_of(self, service: str) -> list[Endpoint]:
-        """Instances of ``service`` that can take traffic, cached until the catalog
-        changes (the request path must not rebuild the catalog view every time)."""
-        index = self.node.parts.catalog.index
+    def _target(self, service: str, ev: Evaluator) -> Target:
+        """The service's target, rebuilt where the policies or the catalog changed."""
+        t = self._targets.get(service)
+        if t is None:
+            if len(self._targets) >= MAX_TARGETS:
+                self._targets.clear()
+            t = Target(service, ServiceState(ev.resilience(service)), ev,
+                       ev.route_headers(service))
+            self._targets[service] = t
+        elif t.evaluator is not ev:
+            self._repolicy(t, ev)
         now = trio.current_time()  # the one clock: a MockClock drives it in tests
-        cached = self._endpoints.get(service)
-        if cached is not None and cached[0] == index and now - cached[1] < ENDPOINT_CACHE_TTL:
-            return cached[2]
-        members = self.node.core.members
-        out: list[Endpoint] = []
-        for inst in self.node.parts.catalog.instances(service):
-            m = members.get(inst.node)
-            inbound = m.meta.get(INBOUND_TAG) if m is not None else None
-            if not inbound:
-                continue  # no sidecar in front of it: nothing enforces its access policy
-            try:
-                host, port = parse_address(inbound)
-            except ValueError:
-                continue
-            out.append(Endpoint(f"{inst.node}/{inst.id}", inst.node, inst.id, inst.version,
-                                inst.tags, host, port, inst.rtt))
-        self._endpoints[service] = (index, now, out)
+        version = self.mesh.version
+        if t.mesh_version != version or now - t.refreshed >= ENDPOINT_CACHE_TTL:
+            self._refresh(t, version, now)
+        return t
+
+    def _repolicy(self, t: Target, ev: Evaluator) -> None:
+        spec: ResilienceSpec = ev.resilience(t.service)
+        if t.state.spec is not spec and t.state.spec != spec:
+            t.state.update(spec)
+        t.evaluator = ev
+        t.route_headers = ev.route_headers(t.service)
+        t.subsets.clear()  # new Subset objects
+
+    def _refresh(self, t: Target, version: int, now: float) -> None:
+        t.endpoints = self.mesh.endpoints(t.service)
+        t.mesh_version, t.refreshed = version, now
+        t.subsets.clear()
         # Per refresh, not per request: cold-start estimates from the gossip RTT (the
         # balancer ignores a seed once it has measured), and no state kept for
         # instances that are gone.
-        self._seed(out)
-        keys = {e.key for eps in self._endpoints.values() for e in eps[2]}
-        self.balancer.forget_except(keys)
-        for st in self._services.values():
-            st.outliers.forget_except(keys)
-        return out
-
-    def _candidates(self, service: str, subset: Subset, endpoints: list[Endpoint],
-                    ) -> list[Endpoint]:
-        """The endpoints of ``subset``: a lookup per request, a scan per change."""
-        key = (service, subset.name)
-        cached = self._subsets.get(key)
-        if cached is not None and cached[0] is endpoints and cached[1] is subset:
-            return cached[2]
-        if len(self._subsets) > 4096:
-            self._subsets.clear()
-        cands = [e for e in endpoints if subset.matches(e.version, e.tags)]
-        self._subsets[key] = (endpoints, subset, cands)
-        return cands
-
-    def _seed(self, endpoints: Iterable[Endpoint]) -> None:
-        for e in endpoints:
+        for e in t.endpoints:
             if e.rtt is not None:
                 self.balancer.seed(e.key, e.rtt)
+        if not t.endpoints and not self.mesh.knows(t.service):
+            self._targets.pop(t.service, None)  # an unknown name: not kept
+        keys = {e.key for tt in self._targets.values() for e in tt.endpoints}
+        self.balancer.forget_except(keys)
+        t.state.outliers.forget_except({e.key for e in t.endpoints})
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _policy(ev: Evaluator, kind: str, service: str) -> str | None:
+    name = ev.policy_name(kind, service)
+    return f"{kind}/{name}" if name is not None else None
 
 
 def _trace_of(headers: list[tuple[bytes, bytes]]) -> str:
@@ -360,3 +366,6 @@ def _trace_of(headers: list[tuple[bytes, bytes]]) -> str:
         if k == b"traceparent":
             return v[3:35].decode()
     return ""
+
+
+__all__ = ["INBOUND_TAG", "OutboundProxy", "RequestEnd", "Target"]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import trio
 
 from ..policy.documents import BAD_GATEWAY, CONNECT_FAILURE, GATEWAY_TIMEOUT
-from .attempts import failure_status
+from .attempts import STALE_CONNECTION, failure_status
 from .codec import ProtocolError, ResponseEvent, ResponseHead, ResponseReader
 from .identity import Identity
 from .sockio import (
@@ -51,7 +51,8 @@ from .tls import HandshakeFailed, MeshTls
 MAX_INFORMATIONAL = 8
 
 #: How a failed try reads in the error the caller sees, by retry condition.
-_WORDS = {CONNECT_FAILURE: "connect-failure", BAD_GATEWAY: "reset", GATEWAY_TIMEOUT: "timeout"}
+_WORDS = {CONNECT_FAILURE: "connect-failure", BAD_GATEWAY: "reset", GATEWAY_TIMEOUT: "timeout",
+          STALE_CONNECTION: "stale connection"}
 
 
 class TryFailed(Exception):
@@ -120,13 +121,18 @@ class UpstreamPool:
     async def exchange(self, method: bytes, origin: tuple[str, int], head: bytes,
                        body: bytes | Upload | None, *, connect_deadline: float,
                        deadline: float, service: str | None = None,
-                       informational: Informational | None = None) -> UpstreamResponse:
+                       informational: Informational | None = None,
+                       fresh: bool = False, resend_stale: bool = True) -> UpstreamResponse:
         """Send one try and return at its final response head. ``head`` is the whole
         serialized request head; ``body`` is sent with it (bytes) or streamed by the
         upload started once the head is out. Over mutual TLS ``service`` must be
-        named by the upstream's certificate. Raises ``TryFailed``."""
+        named by the upstream's certificate. ``fresh``: open a new connection even if
+        one is pooled. Raises ``TryFailed``; a pooled connection found closed before
+        any response byte raises it with ``stale-connection`` when the body can be
+        sent again (the caller decides), or resends on a new connection at once when
+        ``resend_stale`` (a caller with no budget to keep: the inbound hop)."""
         while True:
-            conn = self._take(origin)
+            conn = None if fresh else self._take(origin)
             reused = conn is not None
             connect_seconds = 0.0
             if conn is None:
@@ -140,6 +146,7 @@ class UpstreamPool:
                     raise TryFailed(CONNECT_FAILURE, wrong)
             io = conn.io
             io.set_deadline(deadline)
+            replayable = body is None or isinstance(body, bytes)
             try:
                 if isinstance(body, bytes):
                     await io.send(head + body if body else head)
@@ -148,23 +155,21 @@ class UpstreamPool:
                     if body is not None:
                         body(io)
                 return await self._response(conn, method, informational, connect_seconds)
-            except _Stale:
+            except (_Stale, ConnectionBroken) as e:
                 conn.close()
-                if not reused or not (body is None or isinstance(body, bytes)):
-                    raise TryFailed(BAD_GATEWAY, "the upstream closed the connection "
-                                    "before responding") from None
+                if not (reused and replayable):
+                    detail = str(e) if isinstance(e, ConnectionBroken) else (
+                        "the upstream closed the connection before responding")
+                    raise TryFailed(BAD_GATEWAY, detail) from None
                 self.stats["stale_retries"] += 1
+                if not resend_stale:
+                    raise TryFailed(STALE_CONNECTION, "the upstream closed the pooled "
+                                    "connection before responding") from None
+                fresh = True
             except TimedOut:
                 conn.close()
                 raise TryFailed(GATEWAY_TIMEOUT, "no response before the per-try "
                                 "deadline") from None
-            except ConnectionBroken as e:
-                conn.close()
-                if reused and (body is None or isinstance(body, bytes)):
-                    self.stats["stale_retries"] += 1
-                    reused = False
-                    continue
-                raise TryFailed(BAD_GATEWAY, str(e)) from None
             except ProtocolError as e:
                 conn.close()
                 raise TryFailed(BAD_GATEWAY, e.reason) from None

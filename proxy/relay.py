@@ -39,6 +39,7 @@ wait. Trailers are filtered both ways (``headers.trailer_fields``).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import socket
@@ -126,21 +127,55 @@ class Forward:
     release: Callable[[], None] | None = None
 
 
+#: The header that carries a self-made answer's reason code.
+ERROR_CODE_HEADER = b"x-rumor-error-code"
+_DEFAULT_CODES = {400: "bad_request", 408: "request_timeout", 413: "body_too_large",
+                  431: "headers_too_large", 500: "internal_error", 502: "internal_error"}
+
+
+def default_code(status: int) -> str:
+    """The code of a listener's own refusal (a malformed or slow request)."""
+    return _DEFAULT_CODES.get(status, "bad_request" if status < 500 else "internal_error")
+
+
+def error_body(code: str, *, status: int, phrase: str, agent: str, service: str,
+               tries: int, instance: str, policy: str | None) -> bytes:
+    out: dict[str, object] = {"error": code, "status": status, "message": phrase[:512]}
+    if agent:
+        out["agent"] = agent
+    if service:
+        out["service"] = service[:256]
+    if tries:
+        out["tries"] = tries
+    if instance:
+        out["instance"] = instance[:256]
+    if policy:
+        out["policy"] = policy
+    return json.dumps(out).encode() + b"\n"
+
+
 Handler = Callable[["Request"], Awaitable[Reply | Forward]]
 #: Called on answers the listener makes itself (400, 408, 431, 502 for a crash).
 ErrorHook = Callable[[str, int, str], None]
 
 
 def simple_reply(status: int, reason: str, *,
-                 headers: list[tuple[bytes, bytes]] | None = None) -> Reply:
-    """A short text answer with an ``x-rumor-error`` header saying why (for 4xx/5xx the
-    proxy itself produced, so they are never mistaken for the upstream's). Only these
-    say ``server: rumor``: a proxied response keeps the upstream's own Server header."""
-    text = f"{status} {reason_phrase(status).decode()}: {reason}\n".encode()
-    hs = [(b"server", SERVER_NAME.encode()), (b"content-type", b"text/plain; charset=utf-8"),
-          (b"content-length", b"%d" % len(text)),
-          (b"x-rumor-error", reason.encode("ascii", "replace")[:512]), *(headers or [])]
-    return Reply(status, hs, text)
+                 headers: list[tuple[bytes, bytes]] | None = None, code: str | None = None,
+                 agent: str = "", service: str = "", tries: int = 0, instance: str = "",
+                 policy: str | None = None) -> Reply:
+    """An answer the proxy made itself (so it is never mistaken for the upstream's):
+    ``x-rumor-error`` says why in words, ``x-rumor-error-code`` with a stable code
+    (``errors.py``), and a short JSON body names the agent, the service, what was
+    tried and the policy that decided. Only these say ``server: rumor``: a proxied
+    response keeps the upstream's own Server header."""
+    code = code or default_code(status)
+    body = error_body(code, status=status, phrase=reason, agent=agent, service=service,
+                      tries=tries, instance=instance, policy=policy)
+    hs = [(b"server", SERVER_NAME.encode()), (b"content-type", b"application/json"),
+          (b"content-length", b"%d" % len(body)),
+          (b"x-rumor-error", reason.encode("ascii", "replace")[:512]),
+          (ERROR_CODE_HEADER, code.encode()), *(headers or [])]
+    return Reply(status, hs, body)
 
 
 # The states of a request body, as the connection sees it.

@@ -1,0 +1,154 @@
+"""What watches a request: one interface for metrics, the access log, and what comes next
+(golden metrics, tap, spans).
+
+A listener makes one ``Exchange`` per request and tells its ``Observer`` about it four
+times: when it starts, when each try starts and ends, and when the response is over.
+What the pipeline decided along the way (a retry, an ejection, a budget refusal, a
+fault) reaches the observer as ``decided``. Every observer sees the same record, so the
+access log, ``/metrics`` and a span can never tell different stories about one request,
+and a new watcher is a new ``Observer``, not a new branch in the request path.
+
+The record is filled as the request goes: the layers write what they decided (service,
+route rule, fault, instance, tries, status, reason code), and ``request_ended`` carries
+the bytes sent and whether the response completed. No observer may raise; an observer
+that fails would turn a served request into a broken one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .attempts import Attempts, Endpoint, Event
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request through one listener, as its observers see it."""
+
+    listener: str  # "outbound" or "inbound"
+    method: bytes
+    target: bytes
+    client: str
+    started: float
+    service: str = ""
+    #: The caller's identity (declared, or proven by its certificate under mutual TLS).
+    source: str | None = None
+    trace: str = ""
+    #: The route rule the request took (None: the default split, or no route document).
+    route_rule: str | None = None
+    #: The fault rule that delayed or aborted it, if any.
+    fault: str | None = None
+    fault_delay: float = 0.0
+    tries: int = 0
+    #: The instance of the last try ("node/id"; the local instance id on inbound).
+    instance: str = ""
+    status: int = 0
+    #: The sidecar answered itself: its reason code (``errors.py``) and phrase.
+    code: str | None = None
+    reason: str | None = None
+    #: When the response head was in hand (None: the sidecar answered itself).
+    headers_at: float | None = None
+    #: The policy that decided a refusal ("kind/name"), for the error body and logs.
+    policy: str | None = None
+
+
+class Observer(Protocol):
+    """Watches requests. Calls come in order: started, (try_started, try_ended)*,
+    decided at any point, ended exactly once."""
+
+    def request_started(self, x: Exchange) -> None: ...
+
+    def try_started(self, x: Exchange, endpoint: Endpoint, now: float) -> None: ...
+
+    def try_ended(self, x: Exchange, endpoint: Endpoint, now: float, outcome: str) -> None:
+        """``outcome``: the instance's status as a string ("200"), or the retry condition
+        of a try that got no response (``connect-failure``, ``502``, ``504``), or
+        ``stale-connection`` / ``client-gone``."""
+        ...
+
+    def decided(self, x: Exchange, event: Event) -> None: ...
+
+    def request_ended(self, x: Exchange, now: float, sent: int, complete: bool) -> None: ...
+
+
+class Observers:
+    """Several observers as one, in order."""
+
+    __slots__ = ("members",)
+
+    def __init__(self, members: Sequence[Observer]) -> None:
+        self.members = tuple(members)
+
+    def request_started(self, x: Exchange) -> None:
+        for m in self.members:
+            m.request_started(x)
+
+    def try_started(self, x: Exchange, endpoint: Endpoint, now: float) -> None:
+        for m in self.members:
+            m.try_started(x, endpoint, now)
+
+    def try_ended(self, x: Exchange, endpoint: Endpoint, now: float, outcome: str) -> None:
+        for m in self.members:
+            m.try_ended(x, endpoint, now, outcome)
+
+    def decided(self, x: Exchange, event: Event) -> None:
+        for m in self.members:
+            m.decided(x, event)
+
+    def request_ended(self, x: Exchange, now: float, sent: int, complete: bool) -> None:
+        for m in self.members:
+            m.request_ended(x, now, sent, complete)
+
+
+class NullObserver:
+    """Watches nothing (a listener built without metrics or access log)."""
+
+    def request_started(self, x: Exchange) -> None:
+        pass
+
+    def try_started(self, x: Exchange, endpoint: Endpoint, now: float) -> None:
+        pass
+
+    def try_ended(self, x: Exchange, endpoint: Endpoint, now: float, outcome: str) -> None:
+        pass
+
+    def decided(self, x: Exchange, event: Event) -> None:
+        pass
+
+    def request_ended(self, x: Exchange, now: float, sent: int, complete: bool) -> None:
+        pass
+
+
+class RequestEnd:
+    """Runs once the response is over (the relay calls it with the body bytes sent and
+    whether the response completed): the request's breaker slot comes back, and the
+    observer hears of the end."""
+
+    __slots__ = ("clock", "observer", "tries", "x")
+
+    def __init__(self, observer: Observer, x: Exchange, tries: Attempts | None,
+                 clock: Callable[[], float]) -> None:
+        self.observer = observer
+        self.x = x
+        self.tries = tries
+        self.clock = clock
+
+    def __call__(self, sent: int, complete: bool) -> None:
+        if self.tries is not None:
+            self.tries.end()
+        self.observer.request_ended(self.x, self.clock(), sent, complete)
+
+
+def observers(*members: Observer | None) -> Observer:
+    """The given observers as one (None entries skipped)."""
+    present = [m for m in members if m is not None]
+    if not present:
+        return NullObserver()
+    if len(present) == 1:
+        return present[0]
+    return Observers(present)
+
+
+__all__ = ["Exchange", "NullObserver", "Observer", "Observers", "RequestEnd", "observers"]
