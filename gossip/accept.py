@@ -1,3 +1,4 @@
+# layer: shell — accepts connections (trio, file descriptors)
 """Accepting TCP connections within a file-descriptor budget, for every listener.
 
 An agent's listeners (gossip streams, the local API, the sidecar's) share one

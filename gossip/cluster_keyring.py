@@ -1,3 +1,4 @@
+# layer: shell — runs keyring commands over the cluster (trio)
 """The trio side of the cluster-wide keyring commands (``keyring_commands.py``).
 
 It starts a command, waits for the answers (woken by each, and at the core's resend

@@ -1,3 +1,4 @@
+# layer: shell — resolves seeds (trio)
 """The trio face of the service catalog, for programs and the API.
 
 The sans-IO ``Catalog`` decides everything; this shell gives it a clock (TTL expiry,

@@ -1,3 +1,4 @@
+# layer: shell — atomic file writes (os)
 """Crash-safe file writes, shared by the keyring, the policy store and the CA.
 
 Each of them holds state an agent must find whole after a crash or power loss: the

@@ -1,3 +1,4 @@
+# layer: shell — reads and writes the keyring file (os)
 """The keyring's I/O: the key file an agent loads at start and rewrites after every
 cluster-wide change, and fresh keys drawn from the OS. The sans-IO ``keyring.py``
 holds the rules; this is what the shell (CLI, ``cluster_keyring.py``) calls."""

@@ -1,3 +1,4 @@
+# layer: shell — the trio runtime of a gossip node: sockets, timers
 """The trio runtime of a gossip member: sockets, timers, and nothing else.
 
 ``Node`` binds one UDP socket and one TCP listener on the same port, assembles the

@@ -1,3 +1,4 @@
+# layer: shell — reads and writes the node key file (os)
 """A member's own key and the credential that binds its name to it.
 
 Each agent holds an Ed25519 *node key* in its data directory (``node.key``, 0600). What

@@ -1,3 +1,4 @@
+# layer: shell — rejoins after a restart (trio, time)
 """The trio shell of restart memory: the member snapshot on disk, rejoining through
 it at start, and ``--retry-join``.
 

@@ -1,3 +1,4 @@
+# layer: shell — wall-clock traces for benchmarks (time)
 """Dissemination trace: which application messages went to whom, and when.
 
 A diagnostic, off by default. The membership core calls its ``trace`` hook for every

@@ -1,3 +1,4 @@
+# layer: shell — reads and writes key files (os)
 """Publisher keys: Ed25519 signing keys, their public halves and short key ids.
 
 A key id names a public key in envelopes and logs without carrying the key: the

@@ -1,3 +1,4 @@
+# layer: shell — stores accepted documents on disk (os, time)
 """Accepted documents on disk, in the agent's ``--data-dir``.
 
 Layout under ``DATA_DIR/policies/``: one ``NAME.env`` per held document and

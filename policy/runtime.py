@@ -1,3 +1,4 @@
+# layer: shell — runs the policy service (trio)
 """The trio runtime of policy: ``PolicyRuntime`` runs beside a ``Node`` in the agent.
 
 The sans-IO ``PolicyStore`` and ``PolicyReplicator`` decide everything; the node

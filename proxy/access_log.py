@@ -1,3 +1,4 @@
+# layer: shell — writes the access log (trio, time)
 """The access log: one JSON object per proxied request, one line each.
 
 Written straight to a file (or stdout) rather than through `logging`: it is the

@@ -1,3 +1,4 @@
+# layer: shell — runs health checks (trio)
 """The probing half of health checks: sockets and timers on trio.
 
 One task per HTTP or TCP check: probe at once, then every ``interval``, each probe

@@ -1,3 +1,4 @@
+# layer: shell — HTTP connection helpers (trio)
 """What the data plane and the API server both need of a trio connection: a close that
 lets the peer read our last response, peer and local addresses, reason phrases."""
 

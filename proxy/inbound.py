@@ -1,3 +1,4 @@
+# layer: shell — the inbound listener: runs the pipeline's cores, does the I/O
 """The inbound listener: other sidecars' requests enter the host through here.
 
 It serves the services this agent announces: the service is the ``Host`` the caller's

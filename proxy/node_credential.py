@@ -1,3 +1,4 @@
+# layer: shell — issues node credentials (time)
 """Node credentials signed by the mesh CA (``gossip/node_key.py`` says what they are).
 
 The CA that issues the sidecars' certificates also vouches for the agents' node keys:

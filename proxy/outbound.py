@@ -1,3 +1,4 @@
+# layer: shell — the outbound listener: runs the pipeline's cores, does the I/O
 """The outbound listener: an application's requests leave the host through here.
 
 A request runs through the pipeline's layers in order (docs/architecture.md):

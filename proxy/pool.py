@@ -1,3 +1,4 @@
+# layer: shell — upstream connections (trio)
 """The client side of a proxy hop: pooled upstream connections, one exchange per try.
 
 One ``UpstreamPool`` per listener keeps keep-alive connections to every origin it

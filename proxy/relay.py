@@ -1,3 +1,4 @@
+# layer: shell — client connections and streaming (trio, socket)
 """The server side of the sidecar's listeners: one task per client connection, relaying.
 
 A connection's task reads requests with the strict codec (``codec.RequestReader``),

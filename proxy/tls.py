@@ -1,3 +1,4 @@
+# layer: shell — TLS handshakes and certificate reloads (trio, socket, os)
 """Mutual TLS on the sidecar-to-sidecar hop: contexts, reloads, peer identities.
 
 Every agent given ``--tls-ca/--tls-cert/--tls-key`` speaks TLS 1.3 on both ends of

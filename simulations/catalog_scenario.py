@@ -1,3 +1,4 @@
+# layer: shell — measures its own wall-clock run time (time)
 """The ``catalog`` scenario: how fast a registration and a health flip reach every node.
 
 Trials run one after another, as ``bench/catalog_bench.py`` runs them on real agents:

@@ -1,3 +1,4 @@
+# layer: shell — measures its own wall-clock run time (time)
 """The ``policy`` scenario: how fast a signed document reaches every node.
 
 Each simulated node runs the real policy store and replication delegate

@@ -1,3 +1,4 @@
+# layer: shell — stamps reports with the wall-clock time (time)
 """Human output of a simulation: a progress bar and a summary table."""
 
 from __future__ import annotations

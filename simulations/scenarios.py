@@ -1,3 +1,4 @@
+# layer: shell — measures its own wall-clock run time (time)
 """The chaos scenarios. Each is a function of ``Params`` returning one report dict.
 
 Every figure in a report is a pure function of the parameters (the seed included),

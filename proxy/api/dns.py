@@ -1,3 +1,4 @@
+# layer: shell — answers DNS with wall-clock TTLs (time)
 """DNS interface to the catalog: A and SRV records for ``NAME.service.rumor.``.
 
 Applications that cannot call the API resolve services the way they resolve anything

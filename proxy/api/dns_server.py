@@ -1,3 +1,4 @@
+# layer: shell — serves DNS (trio)
 """The DNS responder on the network: UDP and TCP on one port (RFC 1035 4.2, RFC 7766).
 
 A UDP answer that does not fit is cut with TC set, and the client asks again over TCP

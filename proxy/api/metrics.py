@@ -1,3 +1,4 @@
+# layer: shell — serves /metrics (trio)
 """Prometheus exposition of the agent: `GET /metrics` on the local API.
 
 Gossip and policy keep plain counters in their sans-IO cores (``Membership.stats``,

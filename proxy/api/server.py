@@ -1,3 +1,4 @@
+# layer: shell — serves the local API (trio)
 """A small HTTP/1.1 server on trio and h11 for rumor's local JSON APIs.
 
 Why not a framework: the agent's API is a handful of JSON routes on loopback, and the
