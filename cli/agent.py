@@ -36,7 +36,7 @@ from ..gossip.rejoin import SnapshotKeeper, join_at_start, open_snapshot, retry_
 from ..gossip.service_spec import Registration
 from ..gossip.snapshot import REJOIN_BATCH
 from ..gossip.trace import TraceFile
-from ..gossip.version import release
+from ..gossip.version import RELEASE_TAG, release
 from ..gossip.wire import PROTOCOL_VERSION, Address
 from ..policy.evaluate import Evaluator
 from ..policy.replication import PolicyReplicator
@@ -155,7 +155,8 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
         raise StartupError(str(e)) from None
     rng = random.Random(int.from_bytes(os.urandom(8), "big"))
     cfg = NodeConfig(name=opts.name, bind=opts.bind, advertise=opts.advertise,
-                     gossip=opts.gossip, profile=opts.profile, tags=opts.tags, seal=seal,
+                     gossip=opts.gossip, profile=opts.profile,
+                     tags={**opts.tags, RELEASE_TAG: release()}, seal=seal,
                      fds=fds.gossip, identity=identity,
                      extras=[PolicyReplicator.factory(opts.trust)] if opts.trust else [])
     stop = trio.Event()
@@ -187,6 +188,7 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
                                              policies.status if policies else None))
             from .main import reread
             reloader = Reloader(opts, node, discovery, policies, reread=reread)
+            reloader.own_tags[RELEASE_TAG] = release()
             nursery.start_soon(reloader.run_signals)
             try:
                 api = make_api(node, on_leave=stop.set, on_leaving=notify.stopping,

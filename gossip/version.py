@@ -18,6 +18,10 @@ from functools import cache
 from .wire import PROTOCOL_VERSION
 
 DISTRIBUTION = "rumor"
+#: Member tag in which an agent publishes its release, so that an operator (and
+#: ``rumor policy publish``) can tell which members a new document kind or field
+#: would reach before they understand it. An agent without it predates 0.2.0.
+RELEASE_TAG = "rumor.release"
 
 
 @cache
@@ -36,4 +40,14 @@ def describe() -> str:
     return f"rumor {release()} (gossip protocol {PROTOCOL_VERSION})"
 
 
-__all__ = ["DISTRIBUTION", "PROTOCOL_VERSION", "describe", "release"]
+def release_key(text: str) -> tuple[int, ...] | None:
+    """``0.2.0`` as (0, 2, 0), to compare releases; None for what is not one (a
+    checkout's ``0+unknown``, a hand-set tag)."""
+    parts = text.split("+", 1)[0].split(".")
+    if not parts or len(parts) > 4 or not all(p.isdigit() and len(p) <= 6 for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
+
+
+__all__ = ["DISTRIBUTION", "PROTOCOL_VERSION", "RELEASE_TAG", "describe", "release",
+           "release_key"]
