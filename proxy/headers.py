@@ -170,6 +170,20 @@ class TargetError(ValueError):
     """The request does not name a service we can route to (answered 400)."""
 
 
+def cookie_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The value of cookie ``name`` in the request's ``Cookie`` headers (RFC 6265:
+    ``a=1; b=2``, possibly in several headers), the first one if repeated; None when
+    absent. Surrounding quotes are kept: the value is only hashed."""
+    for k, v in headers:
+        if k != b"cookie":
+            continue
+        for pair in v.split(b";"):
+            key, eq, value = pair.strip().partition(b"=")
+            if eq and key == name:
+                return value
+    return None
+
+
 def parse_target(target: bytes, host: bytes | None) -> Target:
     """The service a request is for: absolute-form (``http://web/x``, proxy style) or
     origin-form with ``Host: web`` / ``web.service.rumor`` (port ignored)."""

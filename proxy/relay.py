@@ -97,6 +97,10 @@ class ClientGone(Exception):
     """The client broke off (closed, reset, too slow) while we read its body."""
 
 
+class ResetConnection(Exception):  # noqa: N818 (an instruction, not an error)
+    """Raised by a handler: end the client's connection with a TCP reset, no answer."""
+
+
 class BadRequestBody(ClientGone):
     """The client's body broke the protocol (e.g. malformed chunking): answer 400."""
 
@@ -790,6 +794,9 @@ async def _requests(conn: _ClientConn, handler: Handler) -> None:
                 except BadRequestBody as e:
                     bad = e
                 except ClientGone:
+                    return
+                except ResetConnection:
+                    conn.io.reset()
                     return
                 except Exception:
                     log.exception("proxy handler failed for %s %s",

@@ -28,6 +28,7 @@ import ipaddress
 import math
 import os
 import socket
+import struct
 import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -185,6 +186,13 @@ class SocketIO:
     def shutdown_write(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
+
+    def reset(self) -> None:
+        """Close with a TCP reset instead of a FIN (an injected fault: the caller sees
+        what a crashed dependency would show)."""
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close()
 
     def close(self) -> None:
         if self.closed:
