@@ -39,7 +39,7 @@ CORES = [
         "documents", "envelope", "evaluate", "examples", "parser", "replication", "store",
         "trust")),
     "proxy/attempts.py", "proxy/balancer.py", "proxy/codec.py", "proxy/resilience.py",
-    "proxy/headers.py", "proxy/limits.py",
+    "proxy/headers.py", "proxy/limits.py", "proxy/faults.py",
 ]
 CORE_FORBIDDEN = {"trio", "socket", "time", "os", "selectors", "asyncio", "threading"}
 
