@@ -40,7 +40,7 @@ CORES = [
         "trust")),
     "proxy/attempts.py", "proxy/balancer.py", "proxy/codec.py", "proxy/resilience.py",
     "proxy/headers.py", "proxy/limits.py", "proxy/faults.py",
-    "proxy/ratelimit.py",
+    "proxy/ratelimit.py", "proxy/errors.py",
 ]
 CORE_FORBIDDEN = {"trio", "socket", "time", "os", "selectors", "asyncio", "threading"}
 
