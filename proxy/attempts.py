@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from ..policy.documents import CONNECT_FAILURE, ResilienceSpec
 from .balancer import Balancer
+from .errors import ErrorCode, try_failure_code
 from .resilience import CircuitBreaker, OutlierDetector, RetryBudgetTracker, backoff
 
 #: Answers of an instance that a retry policy may retry (as conditions "502", ...).
@@ -47,9 +48,6 @@ RETRYABLE_STATUSES = frozenset({502, 503, 504})
 #: A try whose pooled connection turned out closed before any response byte.
 STALE_CONNECTION = "stale-connection"
 
-#: Reason codes (``errors.py``) of the answers this core gives, by retry condition.
-FAILURE_CODES = {CONNECT_FAILURE: "upstream_connect_failed", "502": "upstream_reset",
-                 "504": "upstream_timeout", "503": "upstream_reset"}
 
 
 def failure_status(condition: str) -> int:
@@ -132,7 +130,9 @@ class Answer:
     attempts: int
     endpoint: Endpoint | None = None
     #: The reason code (``errors.py``).
-    code: str = "upstream_reset"
+    code: ErrorCode = ErrorCode.UPSTREAM_RESET
+    #: The instances tried, in order (keys).
+    tried: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +201,7 @@ class Attempts:
     attempt: int = 0
     events: list[Event] = field(default_factory=list)
     _tried: set[str] = field(default_factory=set)
+    _order: list[str] = field(default_factory=list)
     _next: Endpoint | None = None
     _current: Endpoint | None = None
     _sent_at: float = 0.0
@@ -242,14 +243,17 @@ class Attempts:
             self.events.append(BreakerRejected(pending=False))
             cb = spec.circuit_breaker
             return Answer(503, f"circuit breaker open: {cb.max_requests} requests already "
-                          f"in flight to {self.service}", 0, code="breaker_open")
+                          f"in flight to {self.service}", 0, code=ErrorCode.BREAKER_OPEN)
         self.attempt += 1
         per_try = min(spec.timeouts.per_try, self.deadline - now)
         if per_try <= 0:
             return Answer(504, f"overall timeout {spec.timeouts.overall:g} s passed",
-                          self.attempt - 1, code="overall_timeout")
+                          self.attempt - 1,
+                          code=ErrorCode.OVERALL_TIMEOUT, tried=tuple(self._order))
         ep = self._choose(now)
-        self._tried.add(ep.key)
+        if ep.key not in self._tried:
+            self._tried.add(ep.key)
+            self._order.append(ep.key)
         self._next = ep
         return Send(ep, per_try, min(spec.timeouts.connect, per_try), self.attempt)
 
@@ -267,7 +271,8 @@ class Attempts:
                 cb = self.state.spec.circuit_breaker
                 return Answer(503, f"circuit breaker open: {cb.max_pending} requests "
                               f"already waiting for a connection to {self.service}",
-                              self.attempt - 1, code="pending_limit")
+                              self.attempt - 1, code=ErrorCode.PENDING_LIMIT,
+                              tried=tuple(self._order))
             self._pending = True
         self._current, self._sent_at = ep, now
         self.balancer.start(ep.key, now)
@@ -278,7 +283,8 @@ class Attempts:
             self._pending = False
             self.state.breaker.dequeue()
 
-    def failed(self, now: float, condition: str, detail: str = "") -> Wait | Answer:
+    def failed(self, now: float, condition: str, detail: str = "",
+               bad_response: bool = False) -> Wait | Answer:
         """The try got no response: ``condition`` is a retry condition (documents.py:
         connect-failure, 502 for a broken connection, 504 for the per-try timeout)."""
         ep = self._finish(now, ok=False, latency=now - self._sent_at)
@@ -290,7 +296,8 @@ class Attempts:
                 return wait
         return Answer(failure_status(condition), f"{ep.node}/{ep.instance}: "
                       f"{detail or condition}", self.attempt, ep,
-                      code=FAILURE_CODES.get(condition, "upstream_reset"))
+                      code=try_failure_code(condition, inbound=False, bad_response=bad_response),
+                      tried=tuple(self._order))
 
     def stale(self, now: float) -> Send | Answer:
         """The try's pooled connection had been closed by the upstream before any
@@ -305,13 +312,15 @@ class Attempts:
             self.events.append(BudgetExhausted())
             return Answer(502, f"{ep.node}/{ep.instance}: the upstream closed the pooled "
                           "connection before responding (no retry budget left to resend)",
-                          self.attempt, ep, code="upstream_reset")
+                          self.attempt, ep, code=ErrorCode.UPSTREAM_RESET,
+                          tried=tuple(self._order))
         self.events.append(StaleRetry(ep.key))
         spec = self.state.spec
         per_try = min(spec.timeouts.per_try, self.deadline - now)
         if per_try <= 0:
             return Answer(504, f"overall timeout {spec.timeouts.overall:g} s passed",
-                          self.attempt, ep, code="overall_timeout")
+                          self.attempt, ep,
+                          code=ErrorCode.OVERALL_TIMEOUT, tried=tuple(self._order))
         self._next = ep
         return Send(ep, per_try, min(spec.timeouts.connect, per_try), self.attempt,
                     fresh=True)

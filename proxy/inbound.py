@@ -31,6 +31,7 @@ from collections.abc import Callable
 import trio
 
 from ..policy.evaluate import Evaluator
+from .errors import ErrorCode, try_failure_code
 from .headers import (
     MESH_HEADERS,
     TargetError,
@@ -87,14 +88,14 @@ class InboundProxy:
         try:
             target = parse_target(req.target, req.header(b"host"))
         except TargetError as e:
-            return self._refuse(x, 400, "bad_target", str(e))
+            return self._refuse(x, 400, ErrorCode.BAD_TARGET, str(e))
         x.service = service = target.service
         loop = check_hops(req.headers, self.mark)
         if loop is not None:
-            return self._refuse(x, 508, "loop_detected", loop)
+            return self._refuse(x, 508, ErrorCode.LOOP_DETECTED, loop)
         local = self._local(service, req.header(b"x-rumor-instance"))
         if local is None:
-            return self._refuse(x, 404, "not_served_here",
+            return self._refuse(x, 404, ErrorCode.NOT_SERVED_HERE,
                                 f"{service} is not served by this agent")
         host, port, instance = local
         x.instance = instance
@@ -121,8 +122,7 @@ class InboundProxy:
         except TryFailed as f:
             if req.failure is not None:
                 raise req.failure from None
-            code = {503: "local_connect_failed", 504: "local_timeout"}.get(f.status,
-                                                                          "local_reset")
+            code = try_failure_code(f.condition, inbound=True, bad_response=f.bad_response)
             return self._refuse(x, f.status, code, f"local service {instance}: {f}")
         x.status = resp.head.status
         x.headers_at = trio.current_time()
@@ -171,7 +171,7 @@ class InboundProxy:
             log.warning("denied %s -> %s: %s", x.source or "(unknown caller)", x.service,
                         reason, extra={"event": "access_denied", "service": x.service,
                                        "source": x.source})
-        return self._refuse(x, 403, "access_denied", reason,
+        return self._refuse(x, 403, ErrorCode.ACCESS_DENIED, reason,
                             policy=f"access/{policy}" if policy else None)
 
     def _local(self, service: str, instance: bytes | None) -> tuple[str, int, str] | None:
@@ -185,11 +185,11 @@ class InboundProxy:
             fallback = fallback or addr
         return fallback  # the named instance is gone (deregistered): any of the service
 
-    def _refuse(self, x: Exchange, status: int, code: str, reason: str, *,
+    def _refuse(self, x: Exchange, status: int, code: ErrorCode, reason: str, *,
                 policy: str | None = None) -> Reply:
         x.status, x.code, x.reason, x.policy = status, code, reason, policy
         out = simple_reply(status, reason, code=code, agent=self.agent, service=x.service,
-                           instance=x.instance, policy=policy)
+                           instances=(x.instance,) if x.instance else (), policy=policy)
         out.on_done = RequestEnd(self.observer, x, None, trio.current_time)
         return out
 

@@ -51,6 +51,7 @@ from .attempts import (
     Wait,
 )
 from .balancer import Balancer
+from .errors import ErrorCode
 from .headers import (
     MESH_HEADERS,
     TargetError,
@@ -139,22 +140,22 @@ class OutboundProxy:
         try:
             parsed = parse_target(req.target, req.header(b"host"))
         except TargetError as e:
-            return self._refuse(x, 400, "bad_target", str(e))
+            return self._refuse(x, 400, ErrorCode.BAD_TARGET, str(e))
         x.service = service = parsed.service
         loop = check_hops(req.headers, self.mark)
         if loop is not None:
-            return self._refuse(x, 508, "loop_detected", loop)
+            return self._refuse(x, 508, ErrorCode.LOOP_DETECTED, loop)
         ev = self._evaluator()
         target = self._target(service, ev)
         if not target.endpoints:
             if self.mesh.knows(service):
-                return self._refuse(x, 503, "no_healthy_instance",
+                return self._refuse(x, 503, ErrorCode.NO_HEALTHY_INSTANCE,
                                     f"no healthy instance of {service}")
-            return self._refuse(x, 503, "unknown_service", f"unknown service {service!r}")
+            return self._refuse(x, 503, ErrorCode.UNKNOWN_SERVICE, f"unknown service {service!r}")
         subset = self._route(req, x, target, ev)
         cands = target.candidates(subset)
         if not cands:
-            return self._refuse(x, 503, "no_instance_in_subset",
+            return self._refuse(x, 503, ErrorCode.NO_INSTANCE_IN_SUBSET,
                                 f"no healthy instance of {service} in subset {subset.name}",
                                 policy=_policy(ev, "route", service))
         # 2. fault (the fault layer comes with the fault policy)
@@ -232,7 +233,7 @@ class OutboundProxy:
                         step = tries.stale(now)
                         self._decisions(x, tries)
                         continue
-                    after = tries.failed(now, f.condition, str(f))
+                    after = tries.failed(now, f.condition, str(f), f.bad_response)
                     self._decisions(x, tries)
                     if isinstance(after, Answer):
                         tries.end()
@@ -269,16 +270,19 @@ class OutboundProxy:
         if a.endpoint is not None:
             x.instance = a.endpoint.key
         x.tries = a.attempts
-        return self._refuse(x, a.status, a.code, a.reason,
+        return self._refuse(x, a.status, a.code, a.reason, instances=a.tried,
+                            last_failure=a.reason if a.tried else None,
                             policy=_policy(self._evaluator(), "resilience", x.service))
 
-    def _refuse(self, x: Exchange, status: int, code: str, reason: str, *,
-                policy: str | None = None) -> Reply:
+    def _refuse(self, x: Exchange, status: int, code: ErrorCode, reason: str, *,
+                policy: str | None = None, instances: tuple[str, ...] = (),
+                last_failure: str | None = None) -> Reply:
         """An answer the sidecar makes itself: the phrase, the code, and a body that
-        says who decided."""
+        says who decided and what was tried."""
         x.status, x.code, x.reason, x.policy = status, code, reason, policy
         out = simple_reply(status, reason, code=code, agent=self.agent, service=x.service,
-                           tries=x.tries, instance=x.instance, policy=policy)
+                           tries=x.tries, instances=instances, last_failure=last_failure,
+                           policy=policy)
         out.on_done = RequestEnd(self.observer, x, None, trio.current_time)
         return out
 

@@ -59,10 +59,12 @@ _WORDS = {CONNECT_FAILURE: "connect-failure", BAD_GATEWAY: "reset", GATEWAY_TIME
 class TryFailed(Exception):
     """A try that got no response; ``condition`` is a retry condition (documents.py)."""
 
-    def __init__(self, condition: str, detail: str) -> None:
+    def __init__(self, condition: str, detail: str, *, bad_response: bool = False) -> None:
         super().__init__(f"{_WORDS.get(condition, condition)}: {detail}")
         self.condition = condition
         self.detail = detail
+        #: A 502 for a response that broke HTTP/1.1, not for a broken connection.
+        self.bad_response = bad_response
 
     @property
     def status(self) -> int:
@@ -173,7 +175,7 @@ class UpstreamPool:
                                 "deadline") from None
             except ProtocolError as e:
                 conn.close()
-                raise TryFailed(BAD_GATEWAY, e.reason) from None
+                raise TryFailed(BAD_GATEWAY, e.reason, bad_response=True) from None
             except BaseException:
                 conn.close()
                 raise

@@ -40,7 +40,6 @@ wait. Trailers are filtered both ways (``headers.trailer_fields``).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import socket
@@ -54,6 +53,7 @@ import trio
 from ..gossip.accept import FdPool, ListenerLimits, serve_listeners
 from .codec import Data, End, Event, Head, ProtocolError, RequestReader, ResponseHead
 from .connection import SERVER_NAME, reason_phrase
+from .errors import ERROR_CODE_HEADER, ERROR_CONTENT_TYPE, ErrorCode, error_body, listener_code
 from .headers import end_to_end, trailer_fields
 from .identity import Identity
 from .pool import Upload, UpstreamPool, UpstreamResponse
@@ -97,7 +97,7 @@ class ClientGone(Exception):
     """The client broke off (closed, reset, too slow) while we read its body."""
 
 
-class ResetConnection(Exception):  # noqa: N818 (an instruction, not an error)
+class ResetConnection(Exception):
     """Raised by a handler: end the client's connection with a TCP reset, no answer."""
 
 
@@ -132,51 +132,26 @@ class Forward:
     release: Callable[[], None] | None = None
 
 
-#: The header that carries a self-made answer's reason code.
-ERROR_CODE_HEADER = b"x-rumor-error-code"
-_DEFAULT_CODES = {400: "bad_request", 408: "request_timeout", 413: "body_too_large",
-                  431: "headers_too_large", 500: "internal_error", 502: "internal_error"}
-
-
-def default_code(status: int) -> str:
-    """The code of a listener's own refusal (a malformed or slow request)."""
-    return _DEFAULT_CODES.get(status, "bad_request" if status < 500 else "internal_error")
-
-
-def error_body(code: str, *, status: int, phrase: str, agent: str, service: str,
-               tries: int, instance: str, policy: str | None) -> bytes:
-    out: dict[str, object] = {"error": code, "status": status, "message": phrase[:512]}
-    if agent:
-        out["agent"] = agent
-    if service:
-        out["service"] = service[:256]
-    if tries:
-        out["tries"] = tries
-    if instance:
-        out["instance"] = instance[:256]
-    if policy:
-        out["policy"] = policy
-    return json.dumps(out).encode() + b"\n"
-
-
 Handler = Callable[["Request"], Awaitable[Reply | Forward]]
 #: Called on answers the listener makes itself (400, 408, 431, 502 for a crash).
 ErrorHook = Callable[[str, int, str], None]
 
 
 def simple_reply(status: int, reason: str, *,
-                 headers: list[tuple[bytes, bytes]] | None = None, code: str | None = None,
-                 agent: str = "", service: str = "", tries: int = 0, instance: str = "",
-                 policy: str | None = None) -> Reply:
+                 headers: list[tuple[bytes, bytes]] | None = None,
+                 code: ErrorCode | None = None, agent: str = "", service: str = "",
+                 tries: int = 0, instances: tuple[str, ...] = (),
+                 last_failure: str | None = None, policy: str | None = None) -> Reply:
     """An answer the proxy made itself (so it is never mistaken for the upstream's):
     ``x-rumor-error`` says why in words, ``x-rumor-error-code`` with a stable code
     (``errors.py``), and a short JSON body names the agent, the service, what was
     tried and the policy that decided. Only these say ``server: rumor``: a proxied
     response keeps the upstream's own Server header."""
-    code = code or default_code(status)
-    body = error_body(code, status=status, phrase=reason, agent=agent, service=service,
-                      tries=tries, instance=instance, policy=policy)
-    hs = [(b"server", SERVER_NAME.encode()), (b"content-type", b"application/json"),
+    code = code or listener_code(status)
+    body = error_body(code, agent=agent or None, service=service or None, phrase=reason,
+                      tries=tries or None, instances=instances or None,
+                      last_failure=last_failure, policy=policy)
+    hs = [(b"server", SERVER_NAME.encode()), (b"content-type", ERROR_CONTENT_TYPE),
           (b"content-length", b"%d" % len(body)),
           (b"x-rumor-error", reason.encode("ascii", "replace")[:512]),
           (ERROR_CODE_HEADER, code.encode()), *(headers or [])]
@@ -803,8 +778,9 @@ async def _requests(conn: _ClientConn, handler: Handler) -> None:
                                   head.method.decode(errors="replace"),
                                   head.target.decode(errors="replace")[:200])
                     if conn.on_error is not None:
-                        conn.on_error(conn.client, 502, "proxy error")
-                    out = simple_reply(502, "proxy error (see the agent's log)")
+                        conn.on_error(conn.client, 500, "proxy error")
+                    out = simple_reply(500, "proxy error (see the agent's log)",
+                                       code=ErrorCode.INTERNAL_ERROR)
                 if bad is None:
                     keep = await conn.answer(req, out)
             finally:

@@ -28,8 +28,8 @@ import ipaddress
 import math
 import os
 import socket
-import struct
 import ssl
+import struct
 from collections.abc import Callable, Coroutine
 from typing import Any
 

@@ -53,7 +53,7 @@ def _self_made_statuses() -> set[int]:
     for name in ("outbound", "inbound", "relay", "codec", "attempts"):
         text = (ROOT / "proxy" / f"{name}.py").read_text()
         found |= {int(s) for s in re.findall(
-            r"(?:_answer\([^)]*?|simple_reply\(|refuse\(|_fail\(|ProtocolError\(|"
+            r"(?:_answer\([^)]*?|_refuse\(x, |simple_reply\(|refuse\(|_fail\(|ProtocolError\(|"
             r"Answer\()\s*(\d{3})\b", text, re.S)}
     return found
 

@@ -400,7 +400,7 @@ def test_an_upstream_that_never_answers_times_out() -> None:
     run(script, client)
 
 
-def test_handler_crash_is_502_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+def test_handler_crash_is_500_internal_error_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     def boom(_port: int) -> Callable[[Request], Awaitable[Reply | Forward]]:
         async def handle(req: Request) -> Reply | Forward:
             raise RuntimeError("bug")
@@ -408,7 +408,8 @@ def test_handler_crash_is_502_and_logged(caplog: pytest.LogCaptureFixture) -> No
 
     async def client(port: int) -> None:
         out = await talk(port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        assert out.startswith(b"HTTP/1.1 502")
+        assert out.startswith(b"HTTP/1.1 500")
+        assert b"x-rumor-error-code: internal_error" in out
     run(echo, client, handler=boom)
     assert "proxy handler failed" in caplog.text
 
