@@ -38,8 +38,8 @@ CORES = [
     *(f"policy/{m}.py" for m in (
         "documents", "envelope", "evaluate", "examples", "parser", "replication", "store",
         "trust")),
-    "proxy/attempts.py", "proxy/balancer.py", "proxy/codec.py", "proxy/resilience.py",
-    "proxy/headers.py", "proxy/limits.py",
+    "proxy/attempts.py", "proxy/balancer.py", "proxy/balancers.py", "proxy/codec.py",
+    "proxy/resilience.py", "proxy/headers.py", "proxy/limits.py",
 ]
 CORE_FORBIDDEN = {"trio", "socket", "time", "os", "selectors", "asyncio", "threading"}
 
