@@ -11,7 +11,7 @@ Spec string fields (``key=value`` separated by commas; lists separated by ``|``)
     port=8080           required; 1-65535
     id=web-1            default: the name (unique per agent)
     address=10.0.0.5    default: the agent's advertised host
-    version=v2  tags=blue|canary  weight=10 (1-65535, default 1)
+    version=v2  tags=blue|canary  weight=10 (0-65535, default 1; 0 drains)
     check=http://127.0.0.1:8080/healthz | tcp://127.0.0.1:8080 | ttl
     interval=10s timeout=2s ttl=30s rise=1 fall=1 warn=0 initial=critical
 
@@ -131,7 +131,8 @@ def registration_from_mapping(doc: Any, where: str = "service") -> Registration:
             tags.append(t)
     if len(tags) > MAX_TAGS:
         raise SpecError(f"{where}: {len(tags)} tags: at most {MAX_TAGS}")
-    weight = _int(doc.get("weight", 1), "weight", where, 1, 65535)
+    # 0 drains: the instance stays registered (and healthy), gets no new requests.
+    weight = _int(doc.get("weight", 1), "weight", where, 0, 65535)
 
     checks: list[CheckSpec] = []
     if "check" in doc:

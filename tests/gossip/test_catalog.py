@@ -639,3 +639,20 @@ def test_a_catalog_that_missed_a_record_is_repaired_by_digest_not_push_pull_peri
     took = net.run_until(lambda: bool(cats["n3"].instances("web")), limit=10)
     assert took < 3.0, took  # the periodic push-pull is 30 s away
     assert sum(n.stats["state_repairs"] for n in net.nodes.values()) >= 1
+
+
+def test_weight_zero_drains_and_is_accepted_everywhere_a_registration_is() -> None:
+    # The spec string, TOML and the API's JSON all go through registration_from_mapping.
+    assert parse_spec("name=web,port=8080,weight=0").service.weight == 0
+    assert registration_from_mapping({"name": "web", "port": 8080, "weight": 0},
+                                     "api").service.weight == 0
+    assert parse_spec("name=web,port=8080").service.weight == 1
+    for bad in ("-1", "65536"):
+        with pytest.raises(SpecError, match="from 0 to 65535"):
+            parse_spec(f"name=web,port=8080,weight={bad}")
+    # A draining instance replicates with its weight (the wire takes 0 to 65535).
+    net, cats = _cluster(3)
+    cats["n1"].register(net.now, parse_spec("name=web,port=8080,weight=0"))
+    net.flush("n1")
+    net.run_until(lambda: all(_names(c, "web") == ["n1"] for c in cats.values()), 5)
+    assert cats["n2"].instances("web")[0].weight == 0
