@@ -39,7 +39,8 @@ import random
 from dataclasses import dataclass, field
 
 from ..policy.documents import CONNECT_FAILURE, ResilienceSpec
-from .balancer import Balancer
+from .balancer import DEFAULT_DECAY
+from .balancers import LoadBalancer, make_balancer
 from .errors import ErrorCode, try_failure_code
 from .resilience import CircuitBreaker, OutlierDetector, RetryBudgetTracker, backoff
 
@@ -76,16 +77,25 @@ class Endpoint:
 
 
 class ServiceState:
-    """Per destination service: the resilience machinery built from its policy."""
+    """Per destination service: the resilience machinery built from its policy, and
+    the balancer it chose."""
 
-    def __init__(self, spec: ResilienceSpec) -> None:
+    def __init__(self, spec: ResilienceSpec, rng: random.Random | None = None,
+                 decay: float = DEFAULT_DECAY) -> None:
         self.spec = spec
+        self._rng = rng if rng is not None else random.Random(0)
+        self._decay = decay
         self.breaker = CircuitBreaker(spec.circuit_breaker)
         self.budget = RetryBudgetTracker(spec.retries.budget)
         self.outliers = OutlierDetector(spec.outlier_ejection)
+        self.balancer: LoadBalancer = make_balancer(spec.balancer, self._rng, decay)
 
     def update(self, spec: ResilienceSpec) -> None:
-        """A new policy: rebuild only what changed, so in-flight counts survive."""
+        """A new policy: rebuild only what changed, so in-flight counts survive (a new
+        balancer starts afresh: requests in flight finish on keys it does not know,
+        which it ignores)."""
+        if spec.balancer != self.spec.balancer:
+            self.balancer = make_balancer(spec.balancer, self._rng, self._decay)
         if spec.circuit_breaker != self.spec.circuit_breaker:
             old = self.breaker
             self.breaker = CircuitBreaker(spec.circuit_breaker)
@@ -186,7 +196,7 @@ class Attempts:
     """The tries of one request to one service's candidate instances."""
 
     state: ServiceState
-    balancer: Balancer
+    balancer: LoadBalancer
     candidates: list[Endpoint]
     service: str
     #: Instances of the service in all (the ejection cap is a share of them).
@@ -198,6 +208,8 @@ class Attempts:
     rng: random.Random
     started: float
     deadline: float = 0.0
+    #: What ``balancer = "hash"`` hashes (the header or cookie value); None: absent.
+    hash_key: bytes | None = None
     attempt: int = 0
     events: list[Event] = field(default_factory=list)
     _tried: set[str] = field(default_factory=set)
@@ -210,15 +222,16 @@ class Attempts:
     _slot: bool = False
 
     @classmethod
-    def begin(cls, started: float, state: ServiceState, balancer: Balancer,
+    def begin(cls, started: float, state: ServiceState, balancer: LoadBalancer,
               candidates: list[Endpoint], *, service: str, total: int, method: str,
-              replayable: bool, rng: random.Random) -> Attempts:
+              replayable: bool, rng: random.Random,
+              hash_key: bytes | None = None) -> Attempts:
         """A new request that arrived at ``started`` (its overall timeout runs from
         then, an injected delay included): counted by the retry budget, and holding a
         breaker slot if one is free."""
         state.budget.record_request(started)
         a = cls(state, balancer, candidates, service, total, method, replayable, rng,
-                started, started + state.spec.timeouts.overall)
+                started, started + state.spec.timeouts.overall, hash_key)
         a._slot = state.breaker.try_acquire()
         return a
 
@@ -251,6 +264,10 @@ class Attempts:
                           self.attempt - 1,
                           code=ErrorCode.OVERALL_TIMEOUT, tried=tuple(self._order))
         ep = self._choose(now)
+        if ep is None:
+            return Answer(503, f"every instance of {self.service} that the request may go "
+                          "to is draining (weight 0)", self.attempt - 1,
+                          code=ErrorCode.INSTANCES_DRAINING, tried=tuple(self._order))
         if ep.key not in self._tried:
             self._tried.add(ep.key)
             self._order.append(ep.key)
@@ -325,11 +342,20 @@ class Attempts:
         return Send(ep, per_try, min(spec.timeouts.connect, per_try), self.attempt,
                     fresh=True)
 
-    def responded(self, now: float, status: int, connect_seconds: float = 0.0,
-                  ) -> Wait | Deliver:
+    def responded(self, now: float, status: int, connect_seconds: float = 0.0, *,
+                  rate_limited: bool = False) -> Wait | Deliver:
         """The instance answered with ``status``. ``connect_seconds`` of the try went
         to opening its connection: the balancer measures the instance, not the
-        handshake (which would brand a new connection's instance slow)."""
+        handshake (which would brand a new connection's instance slow).
+        ``rate_limited``: the instance's sidecar refused it for the mesh-wide rate
+        limit (429 ``rate_limited``): delivered as it is, never retried, and it judges
+        the instance neither way (a fast refusal must not make it look fast)."""
+        if rate_limited:
+            ep = self._current
+            assert ep is not None, "no try in flight"
+            self._current = None
+            self.balancer.release(ep.key)
+            return Deliver(self.attempt)
         self._finish(now, ok=status < 500, latency=now - self._sent_at - connect_seconds)
         if status in RETRYABLE_STATUSES and self.replayable and self._retryable(str(status)):
             wait = self._retry(now)
@@ -344,23 +370,21 @@ class Attempts:
 
     # ---- decisions ---------------------------------------------------------------------
 
-    def _choose(self, now: float) -> Endpoint:
+    def _choose(self, now: float) -> Endpoint | None:
+        """The instance of the next try (None: every candidate is draining)."""
         outliers = self.state.outliers
         for back, _ in outliers.readmit(now):  # rare: a scan is fine here
             # A fresh start: the failures that got it ejected are already paid for,
             # and its penalised latency would otherwise keep it idle for a minute.
-            self.balancer.forget([back])
+            self.balancer.readmitted(back, now)
             for e in self.candidates:
                 if e.key == back and e.rtt is not None:
                     self.balancer.seed(back, e.rtt)
             self.events.append(Readmitted(back))
-        live = [e for e in self.candidates if not outliers.is_ejected(now, e.key)] \
-            or self.candidates
-        fresh = [e for e in live if e.key not in self._tried] or live
-        choice = {e.key: e for e in fresh}
-        picked = self.balancer.pick(now, list(choice))
-        assert picked is not None
-        return choice[picked]
+        live = self.candidates
+        if outliers.any_ejected(now):
+            live = [e for e in live if not outliers.is_ejected(now, e.key)] or live
+        return self.balancer.pick(now, live, self.hash_key, exclude=self._tried)
 
     def _finish(self, now: float, *, ok: bool, latency: float) -> Endpoint:
         ep = self._current

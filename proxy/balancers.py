@@ -66,8 +66,11 @@ whole window.
 
 Hash. Each endpoint key gets an offset and a skip from ``blake2b`` (stdlib, keyed by a
 fixed personalisation, 16 bytes: offset from the first 8, skip from the last 8), and the
-Maglev table (size ``table_size``, a prime, default 65,537 and never below 100 × the
-number of endpoints) is filled in turns, an endpoint taking a turn per round in
+Maglev table (size ``table_size``, a prime, default 5,003 and never below 100 × the
+number of endpoints: Envoy's 65,537 takes ~0.1 s to fill in Python, which would stall
+the event loop at every change of the instance set. Sizes come in tiers, 5,003, 50,021
+and 500,009, so the size, and with it every key's slot, changes only when a service
+crosses 50 or 500 instances) is filled in turns, an endpoint taking a turn per round in
 proportion to its weight (Envoy's weighted Maglev). blake2b is stable across processes
 and machines, unlike ``hash()``, so every sidecar sends a given key to the same
 instance; it is a C implementation taking well under a microsecond for short input, and
@@ -119,7 +122,7 @@ __all__ = [
 
 #: Maglev table size for up to 655 endpoints (a prime; above that, the next prime
 #: ≥ 100 × endpoints).
-DEFAULT_TABLE_SIZE = 65537
+DEFAULT_TABLE_SIZE = 5003
 #: Tables kept per hash balancer (route subsets and drains make a few candidate sets).
 TABLE_CACHE = 8
 _NO_SLOW_START = SlowStart(0.0)
@@ -165,6 +168,10 @@ class LoadBalancer(Protocol):
 
     def readmitted(self, key: str, now: float) -> None:
         """An ejected endpoint is back at ``now``: its slow start begins again."""
+        ...
+
+    def release(self, key: str) -> None:
+        """End a request without judging the instance (a mesh rate-limit refusal)."""
         ...
 
     def forget(self, keys: Iterable[str]) -> None:
@@ -214,6 +221,11 @@ class _Base:
         #: No key ramps at or after this time: the fast path.
         self._ramp_until = -math.inf
         self._out: dict[str, int] = {}
+        #: The last candidate list seen without ``exclude`` and its pool: the shell
+        #: passes the same list object until the catalog changes, so a pick costs no
+        #: filtering (and the slow-start bookkeeping runs once per list).
+        self._last: Sequence[Any] | None = None
+        self._last_pool: list[Any] = []
 
     # ---- slow start --------------------------------------------------------------------
 
@@ -259,13 +271,18 @@ class _Base:
 
     def _pool(self, now: float, candidates: Sequence[E], exclude: Collection[str]) -> list[E]:
         """The pickable candidates: weight > 0, not excluded unless all are."""
+        if not exclude and candidates is self._last:
+            return self._last_pool
         if self._window > 0:
             self._note(now, candidates)
         if exclude:
             pool = [e for e in candidates if e.weight > 0 and e.key not in exclude]
             if pool:
                 return pool
-        return [e for e in candidates if e.weight > 0]
+        pool = [e for e in candidates if e.weight > 0]
+        if not exclude:
+            self._last, self._last_pool = candidates, pool
+        return pool
 
     def _weights(self, now: float, pool: Sequence[Candidate]) -> list[float]:
         if self._ramping(now):
@@ -289,6 +306,13 @@ class _Base:
         self._out[key] = self._out.get(key, 0) + 1
 
     def finish(self, key: str, now: float, latency: float, ok: bool = True) -> None:
+        n = self._out.get(key, 0)
+        if n > 0:
+            self._out[key] = n - 1
+
+    def release(self, key: str) -> None:
+        """The request ended in a way that says nothing of the instance (its sidecar's
+        mesh-wide rate limit refused it): only the outstanding count comes down."""
         n = self._out.get(key, 0)
         if n > 0:
             self._out[key] = n - 1
@@ -380,6 +404,11 @@ class PeakEwmaBalancer(_Base):
 
     def start(self, key: str, now: float) -> None:
         self._ewma(key).outstanding += 1
+
+    def release(self, key: str) -> None:
+        e = self._ewmas.get(key)
+        if e is not None and e.outstanding > 0:
+            e.outstanding -= 1
 
     def finish(self, key: str, now: float, latency: float, ok: bool = True) -> None:
         e = self._ewma(key)
@@ -572,10 +601,20 @@ def _is_prime(n: int) -> bool:
     return True
 
 
+#: Maglev table sizes (primes), smallest first: a service takes the first that is at
+#: least 100 × its endpoints, so adding or removing one keeps the size (and moves ~1/N
+#: of the keys) except when crossing a tier.
+TABLE_TIERS = (5003, 50021, 500009)
+
+
 def table_size_for(endpoints: int, minimum: int = DEFAULT_TABLE_SIZE) -> int:
-    """The Maglev table size: ``minimum`` (a prime), or the smallest prime ≥ 100 ×
-    ``endpoints`` when that is larger."""
-    n = max(minimum, 100 * endpoints)
+    """The Maglev table size for ``endpoints``: the first tier ≥ ``minimum`` (a prime)
+    and ≥ 100 × ``endpoints``; past the tiers, the smallest prime ≥ 100 × endpoints."""
+    need = 100 * endpoints
+    for size in (minimum, *TABLE_TIERS):
+        if size >= minimum and size >= need:
+            return size
+    n = need
     while not _is_prime(n):
         n += 1
     return n

@@ -50,14 +50,14 @@ from .attempts import (
     ServiceState,
     Wait,
 )
-from .balancer import Balancer
-from .errors import ErrorCode
+from .errors import ERROR_CODE_HEADER, ErrorCode
 from .headers import (
     MESH_HEADERS,
     TargetError,
     add_hop,
     check_hops,
     continue_trace,
+    cookie_value,
     end_to_end,
     forwarded_for,
     hop_mark,
@@ -122,7 +122,7 @@ class OutboundProxy:
         self.agent = agent
         self.observer: Observer = observer or NullObserver()
         self.rng = rng or random.Random()
-        self.balancer = Balancer(self.rng, decay=decay)
+        self.decay = decay
         #: This listener's loop mark in ``Via``.
         self.mark = hop_mark(random.Random())
         #: Keeps the deadlines of this listener's sockets (run by its ``serve_proxy``).
@@ -187,10 +187,11 @@ class OutboundProxy:
         headers = self._request_headers(req, service, req.framing(body))
         x.trace = _trace_of(headers)
         start = request_head_start(req.method, path, headers)
-        tries = Attempts.begin(x.started, target.state, self.balancer, cands,
+        tries = Attempts.begin(x.started, target.state, target.state.balancer, cands,
                                service=service, total=len(target.endpoints),
                                method=req.method.decode("ascii", "replace"),
-                               replayable=not callable(body), rng=self.rng)
+                               replayable=not callable(body), rng=self.rng,
+                               hash_key=_hash_key(req, target.state.spec))
         try:
             now = trio.current_time()
             step: Send | Answer = tries.next(now)
@@ -244,7 +245,10 @@ class OutboundProxy:
                     continue
                 done = trio.current_time()
                 self.observer.try_ended(x, ep, done, str(resp.head.status))
-                outcome = tries.responded(done, resp.head.status, resp.connect_seconds)
+                status = resp.head.status
+                outcome = tries.responded(done, status, resp.connect_seconds,
+                                          rate_limited=status == 429
+                                          and _mesh_code(resp) == ErrorCode.RATE_LIMITED.encode())
                 self._decisions(x, tries)
                 if isinstance(outcome, Wait):
                     resp.conn.close()  # its body is not wanted: the connection cannot be reused
@@ -322,8 +326,8 @@ class OutboundProxy:
         if t is None:
             if len(self._targets) >= MAX_TARGETS:
                 self._targets.clear()
-            t = Target(service, ServiceState(ev.resilience(service)), ev,
-                       ev.route_headers(service))
+            t = Target(service, ServiceState(ev.resilience(service), self.rng, self.decay),
+                       ev, ev.route_headers(service))
             self._targets[service] = t
         elif t.evaluator is not ev:
             self._repolicy(t, ev)
@@ -348,17 +352,38 @@ class OutboundProxy:
         # Per refresh, not per request: cold-start estimates from the gossip RTT (the
         # balancer ignores a seed once it has measured), and no state kept for
         # instances that are gone.
+        balancer = t.state.balancer
         for e in t.endpoints:
             if e.rtt is not None:
-                self.balancer.seed(e.key, e.rtt)
+                balancer.seed(e.key, e.rtt)
         if not t.endpoints and not self.mesh.knows(t.service):
             self._targets.pop(t.service, None)  # an unknown name: not kept
-        keys = {e.key for tt in self._targets.values() for e in tt.endpoints}
-        self.balancer.forget_except(keys)
-        t.state.outliers.forget_except({e.key for e in t.endpoints})
+        keys = {e.key for e in t.endpoints}
+        balancer.forget_except(keys)
+        t.state.outliers.forget_except(keys)
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _hash_key(req: Request, spec: ResilienceSpec) -> bytes | None:
+    """What a ``hash`` balancer hashes: the configured header or cookie (None: absent,
+    and for every other balancer)."""
+    on = spec.balancer.hash_on
+    if on is None:
+        return None
+    if on.header is not None:
+        return req.header(on.header.encode("latin-1"))
+    assert on.cookie is not None
+    return cookie_value(req.headers, on.cookie.encode("latin-1"))
+
+
+def _mesh_code(resp: UpstreamResponse) -> bytes | None:
+    """The reason code of an answer the callee's sidecar made itself."""
+    for k, v in resp.head.headers:
+        if k == ERROR_CODE_HEADER:
+            return v
+    return None
 
 
 def _policy(ev: Evaluator, kind: str, service: str) -> str | None:

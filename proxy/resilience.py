@@ -259,6 +259,10 @@ class OutlierDetector:
         self.ejections += 1
         return True
 
+    def any_ejected(self, now: float) -> bool:
+        """Whether some instance may be out at ``now`` (cheap: the common answer is no)."""
+        return bool(self._ejected)
+
     def is_ejected(self, now: float, key: str) -> bool:
         until = self._ejected.get(key)
         return until is not None and now < until

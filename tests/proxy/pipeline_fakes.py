@@ -123,8 +123,10 @@ class FakePool:
         await trio.sleep(b.delay)
         if b.fail is not None and b.fail != STALE_CONNECTION:
             raise TryFailed(b.fail, "broken")
-        rh = ResponseHead(b.status, b"", b"1.1", [(b"x-port", b"%d" % origin[1])], 0, False,
-                          True)
+        hs = [(b"x-port", b"%d" % origin[1])]
+        if b.status == 429:  # as the callee's sidecar refuses for its rate limit
+            hs.append((b"x-rumor-error-code", b"rate_limited"))
+        rh = ResponseHead(b.status, b"", b"1.1", hs, 0, False, True)
         return UpstreamResponse(cast(Any, _Conn()), rh, [], 0.0)
 
     def give_back(self, conn: Any) -> None:

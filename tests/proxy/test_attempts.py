@@ -30,7 +30,7 @@ from rumor.proxy.attempts import (
     ServiceState,
     Wait,
 )
-from rumor.proxy.balancer import Balancer
+from rumor.proxy.balancers import PeakEwmaBalancer as Balancer
 
 EPS = [Endpoint(f"n{i}/web", f"n{i}", "web", "v1", (), "10.0.0.1", 15002, None)
        for i in range(3)]

@@ -253,8 +253,12 @@ def _owners(lb: LoadBalancer, cands: Sequence[Ep], n: int = 10_000) -> dict[int,
 
 
 def test_maglev_table_fills_by_weight() -> None:
-    assert table_size_for(3) == 65537
-    assert table_size_for(1000) == 100003  # the next prime >= 100 x
+    assert table_size_for(3) == 5003
+    # Tiers: the size (and so every key's slot) stays as one endpoint comes or goes.
+    assert table_size_for(50) == 5003 and table_size_for(51) == 50021
+    assert table_size_for(60) == table_size_for(59) == 50021
+    assert table_size_for(1000) == 500009
+    assert table_size_for(6000) == 600011  # past the tiers: the next prime >= 100 x
     t = maglev_table(["a", "b", "c"], [1, 1, 2], 65537)
     counts = Counter(t)
     assert -1 not in counts

@@ -212,3 +212,36 @@ def test_inbound_serves_refuses_and_codes() -> None:
         assert [x.code for x, _, _ in rec.ended] == [
             None, "access_denied", "not_served_here", "local_connect_failed"]
     run(main)
+
+
+def test_weight_zero_drains_and_all_draining_says_so() -> None:
+    async def main() -> None:
+        mesh, pool, rec = FakeMesh(), FakePool(), Recorder()
+        eps = mesh.add("web", 3, weights=[0, 1, 1])
+        proxy = outbound(mesh, pool, lambda: Evaluator([]), observer=rec)
+        for _ in range(200):
+            assert (await call(proxy, FakeRequest()))[0] == 200
+        assert pool.upstream(eps[0].port).tries == 0
+        assert pool.upstream(eps[1].port).tries > 0 and pool.upstream(eps[2].port).tries > 0
+        drained = FakeMesh()
+        drained.add("web", 2, weights=[0, 0])
+        proxy = outbound(drained, pool, lambda: Evaluator([]), observer=rec)
+        status, hs, body = await call(proxy, FakeRequest())
+        assert (status, hs["x-rumor-error-code"]) == (503, "instances_draining")
+        assert "draining" in body["message"]
+    run(main)
+
+
+def test_a_callees_rate_limit_refusal_is_delivered_not_retried_nor_judged() -> None:
+    async def main() -> None:
+        mesh, pool, rec, proxy = _setup(n=1)
+        ep = mesh.services["web"][0]
+        pool.upstream(ep.port).script = [Behaviour(status=429, delay=0.0001)]
+        for _ in range(50):
+            status, _, _ = await call(proxy, FakeRequest())
+            assert status == 429
+        assert pool.upstream(ep.port).tries == 50  # one try each: never retried
+        snap = proxy._targets["web"].state.balancer.snapshot(trio.current_time())
+        assert snap[ep.key]["outstanding"] == 0
+        assert snap[ep.key]["observed"] is False  # no latency taken from a refusal
+    run(main)
