@@ -234,7 +234,7 @@ def test_weight_zero_drains_and_all_draining_says_so() -> None:
 
 def test_a_callees_rate_limit_refusal_is_delivered_not_retried_nor_judged() -> None:
     async def main() -> None:
-        mesh, pool, rec, proxy = _setup(n=1)
+        mesh, pool, _rec, proxy = _setup(n=1)
         ep = mesh.services["web"][0]
         pool.upstream(ep.port).script = [Behaviour(status=429, delay=0.0001)]
         for _ in range(50):
