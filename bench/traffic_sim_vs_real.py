@@ -96,7 +96,8 @@ def sim_figures(args: argparse.Namespace, variant: str) -> dict[str, dict[str, A
     for seed in range(1, args.sim_seeds + 1):
         rep = run_traffic(TrafficParams(
             seed=seed, rate=args.rate, duration=args.duration, warmup=args.warmup,
-            variant=variant, balancers=tuple(PAIRS.values()), hop_ms=args.hop_ms))
+            variant=variant, balancers=tuple(PAIRS.values()), hop_ms=args.hop_ms,
+            hop_dist=args.hop_dist))
         wall += rep["wall"]["seconds"]
         requests += rep["sim"]["requests"]
         for b, r in rep["result"]["balancers"].items():
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="use this harness record file instead of running the harness")
     p.add_argument("--sim-seeds", type=int, default=3)
     p.add_argument("--hop-ms", type=float, default=0.15)
+    p.add_argument("--hop-dist", choices=("fixed", "exp"), default="fixed")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     for v in args.variants:

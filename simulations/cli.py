@@ -118,6 +118,9 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     t.add_argument("--hop-ms", type=float, default=0.15,
                    help="one sidecar's time per request, a single-threaded FIFO server "
                    "(default 0.15: the pair adds ~0.3 ms at c=1)")
+    t.add_argument("--hop-dist", choices=("fixed", "exp"), default="fixed",
+                   help="a sidecar's time per request: always --hop-ms, or exponential "
+                   "with that mean")
     t.add_argument("--backend-ms", type=float, default=0.05,
                    help="an instance's own time per request before added delays")
     t.add_argument("--attempts", type=_positive_int, default=None,
@@ -135,6 +138,7 @@ def params_from_args(args: argparse.Namespace) -> Params:
         extra: dict[str, Any] = {
             "rate": args.rate, "arrivals": args.arrivals, "warmup": args.warmup,
             "variant": args.variant, "balancers": args.balancers, "hop_ms": args.hop_ms,
+            "hop_dist": args.hop_dist,
             "backend_ms": args.backend_ms, "attempts": args.attempts}
         return Params(seed=args.seed, duration=args.duration, extra=extra)
     trials = args.trials if args.trials is not None else (10 if args.scenario == "detect"

@@ -271,8 +271,10 @@ class TrafficParams:
     arrivals: str = "uniform"
     variant: str = "fixed50"
     balancers: tuple[str, ...] = ALGORITHMS
-    #: One sidecar's time per request (caller and each callee), ms.
+    #: One sidecar's time per request (caller and each callee), ms: ``fixed``, or
+    #: ``exp``onential with that mean (a loop shared with timers, GC and a neighbour).
     hop_ms: float = 0.15
+    hop_dist: str = "fixed"
     #: The backend's own time per request without any added delay, ms.
     backend_ms: float = 0.05
     #: Opening a connection to an instance's sidecar, ms.
@@ -287,6 +289,8 @@ class TrafficParams:
     def validate(self) -> None:
         if not self.rate > 0 or not self.duration > 0 or self.warmup < 0:
             raise ValueError("rate and duration must be > 0, warmup >= 0")
+        if self.hop_dist not in ("fixed", "exp"):
+            raise ValueError(f"hop_dist must be fixed or exp, got {self.hop_dist!r}")
         if self.arrivals not in ("uniform", "poisson"):
             raise ValueError(f"arrivals must be uniform or poisson, got {self.arrivals!r}")
         for b in self.balancers:
@@ -404,6 +408,10 @@ class _Run:
                        s.slow_ms / 1000.0, s.reset, s.reset + s.fail_503) for s in instances]
         self.connect_s = tp.connect_ms / 1000.0
         self.hop_s = tp.hop_ms / 1000.0
+        hop_rng = random.Random(f"sidecars:{seed}")
+        self.hop: Callable[[], float] = (
+            (lambda: self.hop_s) if tp.hop_dist == "fixed"
+            else (lambda: hop_rng.expovariate(1.0 / self.hop_s) if self.hop_s > 0 else 0.0))
         self.has_idle = lambda ep: self.idle[self.index[ep.key]] > 0
 
     def push(self, t: float, kind: int, data: Any) -> None:
@@ -419,13 +427,13 @@ class _Run:
                     else _poisson(random.Random(f"arrivals:{tp.seed}"), tp.rate, total))
         heap = self.heap
         pop = heapq.heappop
-        hop = tp.hop_ms / 1000.0
+        hop = self.hop
         end = tp.warmup + tp.duration
         # The caller sidecar takes the requests first come first served (one thread),
         # so they begin in arrival order: one pending begin at a time in the heap.
         k = 0
         if total:
-            self.caller_free = arrivals[0] + hop
+            self.caller_free = arrivals[0] + hop()
             self.push(self.caller_free, _BEGIN, [arrivals[0], None, None])
         with gc_paused():
             while heap:
@@ -435,7 +443,7 @@ class _Run:
                     k += 1
                     if k < total:
                         sched = arrivals[k]
-                        ready = (sched if sched > t else t) + hop
+                        ready = (sched if sched > t else t) + hop()
                         self.caller_free = ready
                         self.push(ready, _BEGIN, [sched, None, None])
                         if progress is not None and k % 4096 == 0:
@@ -492,7 +500,7 @@ class _Run:
         # The callee sidecar, one thread per instance's agent.
         at = now + connect
         free = self.callee_free[i]
-        at = (at if at > free else free) + self.hop_s
+        at = (at if at > free else free) + self.hop()
         self.callee_free[i] = at
         rng = self.backend_rng[i]
         r = rng.random()

@@ -94,6 +94,9 @@ def test_the_sidecars_queue_too() -> None:
     busy = _rows(_run(variant="healthy", balancers=("random",), hop_ms=1.2))["random"]
     assert quiet["latency_ms"]["p99"] == pytest.approx(0.35, abs=0.1)
     assert busy["latency_ms"]["p99"] > 100.0
+    # an exponential hop of the same mean spreads the latency
+    spread = _rows(_run(variant="healthy", balancers=("random",), hop_dist="exp"))["random"]
+    assert spread["latency_ms"]["p99"] > 2 * spread["latency_ms"]["p50"]
 
 
 def test_variants_parse_as_the_harness_writes_them() -> None:
