@@ -33,6 +33,16 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
 def _sweep(text: str) -> tuple[float, ...]:
     return tuple(_fraction(x) for x in text.split(",") if x)
 
@@ -46,7 +56,9 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "nodes, Lifeguard vs plain SWIM), detect (kill -9 one node after another, as the "
         "shared harness does), partition (split, heal, merge back), "
         "churn (steady failures and restarts), policy (a signed document spreads), "
-        "catalog (registrations and health flips spread, trial after trial).")
+        "catalog (registrations and health flips spread, trial after trial), "
+        "traffic (open-loop requests through the proxy's real request-path cores to "
+        "instances of given behaviour, per balancer; no gossip).")
     s.add_argument("scenario", choices=sorted(SCENARIOS), metavar="SCENARIO",
                    help="one of: " + ", ".join(sorted(SCENARIOS)))
     s.add_argument("--nodes", type=_positive_int, default=100)
@@ -87,6 +99,32 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     s.add_argument("--split-fraction", type=_fraction, default=0.5)
     s.add_argument("--asymmetric", action="store_true",
                    help="partition: only traffic from side A to side B is lost")
+    t = s.add_argument_group("traffic", "options of the traffic scenario (--seed and "
+                             "--duration too; default 30 measured seconds)")
+    t.add_argument("--rate", type=_positive_float, default=1000.0,
+                   help="requests per second, open loop (default 1000)")
+    t.add_argument("--arrivals", choices=("uniform", "poisson"), default="uniform")
+    t.add_argument("--warmup", type=float, default=2.0,
+                   help="seconds sent but not measured first (default 2, as the harness)")
+    t.add_argument("--variant", default="fixed50", metavar="NAME[=D1,D2,...]",
+                   help="instance behaviours: healthy, fixed50, tail10x200 (the shared "
+                   "harness's slow-backend variants), failing503, failingreset, "
+                   "saturated, or NAME=D1,D2,... with Di = delay_ms[:slow_fraction:"
+                   "slow_ms][+503=F][+reset=F][+conc=N]")
+    t.add_argument("--balancers", type=lambda x: tuple(b for b in x.split(",") if b),
+                   default=("peak_ewma", "least_request", "round_robin", "random"),
+                   metavar="B1,B2,...", help="default peak_ewma,least_request,"
+                   "round_robin,random")
+    t.add_argument("--hop-ms", type=float, default=0.15,
+                   help="one sidecar's time per request, a single-threaded FIFO server "
+                   "(default 0.15: the pair adds ~0.3 ms at c=1)")
+    t.add_argument("--hop-dist", choices=("fixed", "exp"), default="fixed",
+                   help="a sidecar's time per request: always --hop-ms, or exponential "
+                   "with that mean")
+    t.add_argument("--backend-ms", type=float, default=0.05,
+                   help="an instance's own time per request before added delays")
+    t.add_argument("--attempts", type=_positive_int, default=None,
+                   help="tries per request in all (default: the policy's, 3; 1: no retries)")
     s.add_argument("--json", action="store_true",
                    help="print the report as one JSON object on stdout")
     s.add_argument("--plots", type=Path, default=None, metavar="DIR",
@@ -96,6 +134,13 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def params_from_args(args: argparse.Namespace) -> Params:
+    if args.scenario == "traffic":
+        extra: dict[str, Any] = {
+            "rate": args.rate, "arrivals": args.arrivals, "warmup": args.warmup,
+            "variant": args.variant, "balancers": args.balancers, "hop_ms": args.hop_ms,
+            "hop_dist": args.hop_dist,
+            "backend_ms": args.backend_ms, "attempts": args.attempts}
+        return Params(seed=args.seed, duration=args.duration, extra=extra)
     trials = args.trials if args.trials is not None else (10 if args.scenario == "detect"
                                                           else 200)
     p = Params(nodes=args.nodes, seed=args.seed, loss=args.loss or 0.0,
@@ -121,6 +166,9 @@ def run_sim_command(args: argparse.Namespace) -> int:
             parse_latency(p.latency)
         from .scenarios import gossip_config
         gossip_config(p)
+        if args.scenario == "traffic":
+            from .traffic import traffic_params
+            traffic_params(p).validate()
     except ValueError as e:
         print(f"rumor: {e}", file=sys.stderr)
         return 2

@@ -61,6 +61,9 @@ def _table(rows: list[list[str]], head: list[str]) -> str:
 
 def summary(report: dict[str, Any]) -> str:
     """A readable digest of a report (every figure is in the JSON too)."""
+    if report["scenario"] == "traffic":
+        from .traffic import summary as traffic_summary
+        return traffic_summary(report)
     res = report["result"]
     p = report["params"]
     out = [f"rumor sim {report['scenario']}: {p['nodes']} nodes, seed {p['seed']}, "

@@ -522,7 +522,15 @@ def catalog(p: Params, progress: Progress | None = None) -> dict[str, Any]:
     return run(p, progress)
 
 
+def traffic(p: Params, progress: Progress | None = None) -> dict[str, Any]:
+    """Open-loop requests through the proxy's real request-path cores to instances of
+    given behaviour, per balancer (see ``traffic.py``; no gossip runs)."""
+    from .traffic import traffic as run
+    return run(p, progress)
+
+
 SCENARIOS: dict[str, Callable[[Params, Progress | None], dict[str, Any]]] = {
     "converge": converge, "crash": crash, "detect": detect, "loss": loss, "slow": slow,
     "partition": partition, "churn": churn, "policy": policy, "catalog": catalog,
+    "traffic": traffic,
 }
