@@ -1,3 +1,4 @@
+# layer: shell — measures its own wall-clock run time (time)
 """The ``traffic`` scenario: the proxy's request-path cores under open-loop load.
 
 One caller sidecar sends a fixed-rate client population's requests to N instances of a
@@ -10,8 +11,9 @@ sockets:
 * ``proxy/attempts.py`` (``Attempts``: the tries of one request, the per-try and overall
   deadlines, retries, the breaker's pending bound, outlier ejection through
   ``ServiceState``, built from a ``ResilienceSpec``, the policy default unless told);
-* ``proxy/balancer.py`` (p2c over peak EWMA) for ``peak_ewma``; the other algorithms
-  through ``make_sim_balancer``, the one place that makes a balancer (see there).
+* ``proxy/balancers.py``: the balancer a resilience policy would choose
+  (``peak_ewma``, ``least_request``, ``round_robin``, ``random``), with the same
+  defaults (slow start included).
 
 What is modelled rather than run (all in this module, all on the virtual clock):
 
@@ -48,11 +50,11 @@ import heapq
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from ..policy.documents import ResilienceSpec
+from ..policy.documents import BalancerSpec, ResilienceSpec
 from ..proxy.attempts import (
     Answer,
     Attempts,
@@ -66,7 +68,8 @@ from ..proxy.attempts import (
     Send,
     ServiceState,
 )
-from ..proxy.balancer import DEFAULT_DECAY, Balancer
+from ..proxy.balancer import DEFAULT_DECAY
+from ..proxy.balancers import LoadBalancer, make_balancer
 from .engine import gc_paused
 
 if TYPE_CHECKING:
@@ -79,102 +82,14 @@ SERVICE = "bench"
 # ---- balancers -------------------------------------------------------------------------
 
 
-class KeyBalancer(Protocol):
-    """What ``Attempts`` asks of a balancer today (endpoints named by key)."""
-
-    def pick(self, now: float, keys: Sequence[str]) -> str | None: ...
-    def start(self, key: str, now: float) -> None: ...
-    def finish(self, key: str, now: float, latency: float, ok: bool = True) -> None: ...
-    def seed(self, key: str, rtt: float) -> None: ...
-    def forget(self, keys: Iterable[str]) -> None: ...
-
-
 def make_sim_balancer(algorithm: str, rng: random.Random,
-                      decay: float = DEFAULT_DECAY) -> KeyBalancer:
-    """The one place the scenario makes a balancer. When ``proxy/balancers.py`` lands
-    this becomes ``make_balancer(BalancerSpec(algorithm), rng, decay)`` (and
-    ``_STAND_INS`` goes)."""
-    if algorithm == "peak_ewma":
-        return Balancer(rng, decay)
-    make = _STAND_INS.get(algorithm)
-    if make is None:
+                      decay: float = DEFAULT_DECAY) -> LoadBalancer:
+    """The proxy's own balancer for ``algorithm`` (``proxy/balancers.py``)."""
+    if algorithm not in ALGORITHMS:
         raise ValueError(f"balancer {algorithm!r} is not in the simulator; "
                          f"choose from {', '.join(ALGORITHMS)}")
-    return make(rng)
+    return make_balancer(BalancerSpec(algorithm), rng, decay)
 
-
-# TEMPORARY stand-ins, until proxy/balancers.py (make_balancer) is merged: the simplest
-# faithful versions of the other algorithms, so that the scenario runs them today.
-# The lead replaces them with the real cores; nothing else in this module depends on
-# them. They keep only what Attempts feeds them (starts and finishes).
-
-
-class _Counts:
-    """Outstanding requests per key (start/finish), nothing measured."""
-
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-        self.outstanding: dict[str, int] = {}
-
-    def start(self, key: str, now: float) -> None:
-        self.outstanding[key] = self.outstanding.get(key, 0) + 1
-
-    def finish(self, key: str, now: float, latency: float, ok: bool = True) -> None:
-        n = self.outstanding.get(key, 0)
-        if n > 0:
-            self.outstanding[key] = n - 1
-
-    def seed(self, key: str, rtt: float) -> None:
-        pass
-
-    def forget(self, keys: Iterable[str]) -> None:
-        for k in keys:
-            self.outstanding.pop(k, None)
-
-
-class _LeastRequest(_Counts):
-    """Stand-in: p2c over outstanding requests (Envoy's least_request, choice 2)."""
-
-    def pick(self, now: float, keys: Sequence[str]) -> str | None:
-        n = len(keys)
-        if n < 2:
-            return keys[0] if n else None
-        i = self.rng.randrange(n)
-        j = self.rng.randrange(n - 1)
-        if j >= i:
-            j += 1
-        a, b = keys[i], keys[j]
-        oa, ob = self.outstanding.get(a, 0), self.outstanding.get(b, 0)
-        if oa != ob:
-            return a if oa < ob else b
-        return a if self.rng.random() < 0.5 else b
-
-
-class _RoundRobin(_Counts):
-    """Stand-in: the candidates in turn (haproxy's and nginx's round robin)."""
-
-    def __init__(self, rng: random.Random) -> None:
-        super().__init__(rng)
-        self.turn = 0
-
-    def pick(self, now: float, keys: Sequence[str]) -> str | None:
-        if not keys:
-            return None
-        self.turn += 1
-        return keys[(self.turn - 1) % len(keys)]
-
-
-class _Random(_Counts):
-    """Stand-in: uniform at random."""
-
-    def pick(self, now: float, keys: Sequence[str]) -> str | None:
-        return keys[self.rng.randrange(len(keys))] if keys else None
-
-
-_STAND_INS: dict[str, Callable[[random.Random], KeyBalancer]] = {
-    "least_request": _LeastRequest, "round_robin": _RoundRobin, "random": _Random,
-}
-# ---- end of the temporary stand-ins ------------------------------------------------------
 
 ALGORITHMS = ("peak_ewma", "least_request", "round_robin", "random")
 
@@ -314,10 +229,9 @@ class TrafficParams:
 # ---- the request path: the only code that talks to Attempts ----------------------------
 
 
-def _begin(now: float, state: ServiceState, balancer: KeyBalancer,
+def _begin(now: float, state: ServiceState, balancer: LoadBalancer,
            candidates: list[Endpoint], rng: random.Random) -> Attempts:
-    # Attempts is typed for the proxy's Balancer; the stand-ins have its shape.
-    return Attempts.begin(now, state, cast(Balancer, balancer), candidates, service=SERVICE,
+    return Attempts.begin(now, state, balancer, candidates, service=SERVICE,
                           total=len(candidates), method="GET", replayable=True, rng=rng)
 
 
@@ -333,13 +247,18 @@ def _step(tries: Attempts, now: float, outcome: tuple[str, str | int, float] | N
         after = (tries.failed(now, str(what)) if kind == "failed"
                  else tries.responded(now, int(what), connect_s))
         if isinstance(after, Answer | Deliver):
+            tries.end()  # the response is over (bodies take no time here)
             return after
         return after.until
     step = tries.next(now)
     if isinstance(step, Answer):
+        tries.end()
         return step
     refused = tries.start(now, new_connection=not has_idle(step.endpoint))
-    return step if refused is None else refused
+    if refused is not None:
+        tries.end()
+        return refused
+    return step
 
 
 # ---- one run -------------------------------------------------------------------------------

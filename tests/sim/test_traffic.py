@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from rumor.policy.documents import ResilienceSpec
+from rumor.proxy.attempts import Endpoint
 from rumor.simulations.cli import main as sim_main
 from rumor.simulations.traffic import (
     InstanceSpec,
@@ -117,7 +118,8 @@ def test_every_balancer_name_is_made_and_unknown_ones_are_refused() -> None:
     import random
     for name in ("peak_ewma", "least_request", "round_robin", "random"):
         b = make_sim_balancer(name, random.Random(1))
-        assert b.pick(0.0, ["a", "b"]) in ("a", "b")
+        eps = [Endpoint(k, k, k, "", (), "127.0.0.1", 0, None) for k in ("a", "b")]
+        assert b.pick(0.0, eps) in eps
     with pytest.raises(ValueError):
         make_sim_balancer("hash", random.Random(1))
 
