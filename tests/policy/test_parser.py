@@ -375,7 +375,7 @@ ERRORS: list[tuple[str, str, str, str]] = [
     ("bad version", ROUTE.replace('version = "v1"', "version = 1"), "subset[0].version",
      "expected a string, found integer 1"),
     ("rule without headers", ROUTE.replace('headers = [{ name = "X-Canary", exact = "1" }]\n',
-                                           ""), "rule[0].headers", "at least one header"),
+                                           ""), "rule[0]", "at least one condition"),
     ("rule with subset and split", ROUTE + 'split = [{ subset = "v1", weight = 1 }]\n',
      "rule[0]", 'exactly one of "subset"'),
     ("rule with neither", ROUTE.replace('exact = "1" }]\nsubset = "canary"\n', 'exact = "1" }]\n'),
