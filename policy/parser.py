@@ -770,7 +770,8 @@ def _positive(t: _Table, key: str, high: float, default: float) -> float:
     value = t.raw(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) \
             or not (0 < value <= high):
-        raise _Invalid(t.at(key), f"expected a number more than 0 and at most {high:g}, "
+        bound = f"{int(high)}" if high == int(high) else f"{high:g}"
+        raise _Invalid(t.at(key), f"expected a number more than 0 and at most {bound}, "
                        f"found {_show(value)}")
     return float(value)
 
