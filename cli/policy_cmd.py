@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from ..policy.documents import MAX_DOCUMENT_BYTES, Document, PolicyError
+from ..policy.documents import (
+    MAX_DOCUMENT_BYTES,
+    MAX_FAULT_LIFETIME,
+    Document,
+    PolicyError,
+    required_release,
+)
 from ..policy.envelope import (
     Envelope,
     EnvelopeError,
@@ -22,7 +28,7 @@ from ..policy.envelope import (
     read_envelope_file,
     sign,
 )
-from ..policy.examples import EXAMPLES
+from ..policy.examples import EXAMPLES, example
 from ..policy.keys import KeyFileError, SecretKey, load_public_key, load_secret_key, write_keypair
 from ..policy.parser import parse_document
 from ..policy.store import PolicyStore
@@ -92,6 +98,12 @@ def add_policy_parsers(sub: Any, api_arg: Any) -> None:
     ev.add_argument("service")
     ev.add_argument("--source", help="calling service")
     ev.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
+    ev.add_argument("--method", default="GET", help="the request's method (default GET)")
+    ev.add_argument("--path", default="/", metavar="PATH[?QUERY]",
+                    help="the request's path, with its query if any (default /)")
+    ev.add_argument("--query", action="append", default=[], metavar="NAME=VALUE",
+                    help="a query parameter (repeatable; beside those of --path, "
+                    "replacing one of the same name)")
     api_arg(ev)
     ev.add_argument("--json", action="store_true")
 
@@ -116,7 +128,8 @@ def run_keygen(args: argparse.Namespace) -> int:
 def run_policy(args: argparse.Namespace, api: str) -> int:
     cmd = args.policy_command
     if cmd == "example":
-        sys.stdout.write(EXAMPLES[args.kind])
+        # The fault example's expiry is filled in: one hour from now.
+        sys.stdout.write(example(args.kind, time.time()))
         return 0
     if cmd == "sign":
         env = _signed(args.file, args.key, args.doc_version)
@@ -176,11 +189,89 @@ def run_policy(args: argparse.Namespace, api: str) -> int:
             if not sep or not name:
                 raise CommandError(f"--header {h!r}: expected NAME=VALUE")
             query[f"header.{name.lower()}"] = value
+        if not args.path.startswith("/"):
+            raise CommandError(f"--path {args.path!r}: expected a path starting with /")
+        query["method"] = args.method
+        query["path"] = args.path
+        for q in args.query:
+            name, sep, value = q.partition("=")
+            if not sep or not name:
+                raise CommandError(f"--query {q!r}: expected NAME=VALUE")
+            query[f"query.{name}"] = value
         doc = get_json(api, f"/v1/evaluate/{quote(args.service, safe='')}?"
                        + urlencode(query))
-        print(json.dumps(doc, indent=2))
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            print(explain_evaluation(doc))
         return 0
     raise CommandError(f"unknown policy command {cmd!r}")
+
+
+def explain_evaluation(doc: dict[str, Any]) -> str:
+    """``GET /v1/evaluate/SERVICE`` in lines for people (``--json`` shows it whole)."""
+    req = doc.get("request") or {}
+    query = "&".join(f"{k}={v}" for k, v in sorted((req.get("query") or {}).items()))
+    lines = [f"{req.get('method', 'GET')} {req.get('path', '/')}"
+             + (f"?{query}" if query else "") + f" to {doc['service']}"
+             + (f" from {req['source']}" if req.get("source") else "")]
+    route = doc["route"]
+    split = ", ".join(f"{w['name']} {w['weight']}" for w in route["split"])
+    where = ("no route policy" if route["policy"] is None else
+             f"route {route['policy']!r}, " + (f"rule {route['rule']!r}" if route["rule"]
+                                               else "default split"))
+    lines.append(f"route:      {where}: {split}")
+    edits = route.get("request_headers") or {}
+    parts = [f"set {k}: {v}" for k, v in edits.get("set", {}).items()]
+    parts += [f"add {k}: {v}" for k, v in edits.get("add", {}).items()]
+    parts += [f"remove {k}" for k in edits.get("remove", [])]
+    if parts:
+        lines.append(f"headers:    {'; '.join(parts)}")
+    fault = doc.get("fault")
+    if fault is None:
+        lines.append("fault:      none")
+    else:
+        rule = fault.get("applies")
+        what = "no rule applies to this request"
+        if rule is not None:
+            bits = []
+            if rule.get("delay"):
+                bits.append(f"delay {rule['delay']['duration']} on "
+                            f"{rule['delay']['percent']:g}%")
+            if rule.get("abort"):
+                ab = rule["abort"]
+                how = "reset" if ab.get("reset") else f"status {ab['status']}"
+                bits.append(f"abort ({how}) on {ab['percent']:g}%")
+            what = f"rule {rule['name']!r}: " + ", ".join(bits)
+        lines.append(f"fault:      {fault['policy']!r}: {what}")
+    limit = doc.get("ratelimit")
+    if limit is None:
+        lines.append("rate limit: none")
+    else:
+        total = limit["requests_per_second"]
+        text = f"{total:g}/s in all" if total is not None else "no total"
+        if limit.get("source_limit") is not None:
+            text += f", {limit['source_limit']:g}/s for this source"
+        lines.append(f"rate limit: {limit['policy']!r}: {text}, burst {limit['burst']}")
+    bal = doc["balancer"]
+    text = bal["algorithm"]
+    if bal.get("hash"):
+        text += " on " + ", ".join(f"{k} {v}" for k, v in bal["hash"].items())
+    ss = bal["slow_start"]
+    text += (f"; slow start {ss['window']} from {ss['min_percent']:g}%"
+             if ss["window"] != "0s" else "; no slow start")
+    res = doc["resilience"]
+    lines.append(f"balancer:   {text}")
+    to = res["timeouts"]
+    lines.append(f"resilience: {res['policy']!r}" if res["policy"] else
+                 "resilience: defaults")
+    lines[-1] += (f": timeouts {to['connect']}/{to['per_try']}/{to['overall']}, "
+                  f"{res['retries']['attempts']} attempts")
+    acc = doc["access"]
+    lines.append(f"access:     {'allowed' if acc['allowed'] else 'DENIED'}: {acc['reason']}")
+    for c in doc.get("conflicts", []):
+        lines.append(f"conflict:   {c}")
+    return "\n".join(lines)
 
 
 def _put(put_bytes: Any, api: str, env: Envelope) -> Any:
@@ -276,6 +367,16 @@ def _signed(path: str, key_files: list[str], version: int | None) -> Envelope:
     issued = time.time()
     if doc.expires is not None and doc.expires <= issued:
         raise CommandError(f"{path}: the document's `expires` is already in the past")
+    if doc.kind == "fault" and doc.expires is not None \
+            and doc.expires - issued > MAX_FAULT_LIFETIME:
+        raise CommandError(f"{path}: a fault document must expire at most "
+                           f"{MAX_FAULT_LIFETIME / 3600:g}h after it is signed (now); its "
+                           f"`expires` is {(doc.expires - issued) / 3600:.1f}h away (agents "
+                           "would reject it)")
+    release = required_release(doc)
+    if release is not None:
+        print(f"note: {path} needs agents of release {release} or later (older ones "
+              "reject it and keep the previous version)", file=sys.stderr)
     try:
         payload = make_payload(doc.kind, doc.name, version or doc.version, issued,
                                doc.expires, _read(path))

@@ -73,6 +73,16 @@ MAX_WEIGHT = 1_000_000
 MAX_SOURCES = 256
 MAX_TRUST_KEYS = 32
 MAX_HEADER_VALUE = 1024
+MAX_HEADER_EDITS = 16  # per list (set, add, remove) of a rule's request_headers
+MAX_METHODS = 16
+MAX_QUERY_MATCHES = 16
+MAX_PATH = 1024
+#: Request headers a rule may not edit: the mesh's own (``x-rumor-*``), the hop-by-hop
+#: ones (RFC 9110 7.6.1) and those that frame or address the request.
+PROTECTED_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authenticate", "proxy-authorization", "host", "content-length"})
+MESH_HEADER_PREFIX = "x-rumor-"
 
 HEADER_FIELDS = ("kind", "name", "version", "expires", "description")
 #: The keys each table may hold, by kind and table path. The validators read their
@@ -81,9 +91,16 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "route": ("service", "subset", "split", "rule"),
     "route.subset": ("name", "version", "tags"),
     "route.split": ("subset", "weight"),
-    "route.rule": ("name", "headers", "subset", "split"),
+    "route.rule": ("name", "path", "method", "query", "headers", "request_headers",
+                   "subset", "split"),
+    "route.rule.path": ("exact", "prefix"),
+    "route.rule.query": ("name", "exact", "present"),
     "route.rule.headers": ("name", "exact", "prefix", "present"),
-    "resilience": ("service", "timeouts", "retries", "circuit_breaker", "outlier_ejection"),
+    "route.rule.request_headers": ("set", "add", "remove"),
+    "resilience": ("service", "balancer", "hash", "slow_start", "timeouts", "retries",
+                   "circuit_breaker", "outlier_ejection"),
+    "resilience.hash": ("header", "cookie"),
+    "resilience.slow_start": ("window", "aggression", "min_percent"),
     "resilience.timeouts": ("connect", "per_try", "overall"),
     "resilience.retries": ("attempts", "on", "non_idempotent", "backoff", "max_backoff",
                            "budget"),
@@ -92,6 +109,13 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "resilience.outlier_ejection": ("enabled", "consecutive_failures", "base_ejection_time",
                                     "max_ejection_time", "max_ejected_percent"),
     "access": ("destination", "default", "allow", "deny"),
+    "fault": ("service", "rule"),
+    "fault.rule": ("name", "sources", "headers", "route_rule", "delay", "abort"),
+    "fault.rule.headers": ("name", "exact", "prefix", "present"),
+    "fault.rule.delay": ("duration", "percent"),
+    "fault.rule.abort": ("status", "reset", "percent"),
+    "ratelimit": ("service", "requests_per_second", "burst", "source"),
+    "ratelimit.source": ("name", "requests_per_second"),
     "trust": ("keys", "threshold"),
 }
 
@@ -176,19 +200,130 @@ class HeaderMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class PathMatch:
+    """A condition on the request's path (the target without its query, compared as
+    sent: no percent-decoding, no dot-segment removal). ``op`` is ``exact`` or
+    ``prefix``; a prefix matches by whole segments: "/api" matches "/api", "/api/" and
+    "/api/x" but not "/apix". A prefix is kept without its trailing "/" ("/" alone
+    matches every path)."""
+
+    op: str
+    value: str
+
+    def matches(self, path: str) -> bool:
+        if self.op == "exact":
+            return path == self.value
+        prefix = self.value.rstrip("/")
+        if not prefix:
+            return path.startswith("/")
+        return path == prefix or path.startswith(prefix + "/")
+
+    def to_json(self) -> dict[str, Any]:
+        return {self.op: self.value}
+
+
+@dataclass(frozen=True, slots=True)
+class QueryMatch:
+    """A condition on one query parameter (``name`` is case-sensitive; the first
+    occurrence of a name is the one compared): ``op`` is ``exact``, ``present`` or
+    ``absent``."""
+
+    name: str
+    op: str
+    value: str = ""
+
+    def matches(self, query: Mapping[str, str]) -> bool:
+        got = query.get(self.name)
+        if self.op == "present":
+            return got is not None
+        if self.op == "absent":
+            return got is None
+        return got == self.value
+
+    def to_json(self) -> dict[str, Any]:
+        if self.op in ("present", "absent"):
+            return {"name": self.name, "present": self.op == "present"}
+        return {"name": self.name, "exact": self.value}
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdits:
+    """What a route rule does to the request's headers before it is forwarded: ``set``
+    replaces every value of a name with one, ``add`` appends a value and keeps the
+    existing ones, ``remove`` drops every value. Names are lower-case and each appears
+    in at most one of the three lists, so the order of the edits does not matter."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.add or self.remove)
+
+    def names(self) -> frozenset[str]:
+        """Every header name the edits touch."""
+        return frozenset([n for n, _ in self.set] + [n for n, _ in self.add]
+                         + list(self.remove))
+
+    def apply(self, headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """``headers`` (raw name/value pairs, any case) with the edits made: the values
+        of removed and set names dropped, then the set and added values appended."""
+        drop = {n.encode("latin-1") for n in self.remove} | {
+            n.encode("latin-1") for n, _ in self.set}
+        out = [(k, v) for k, v in headers if k.lower() not in drop]
+        out += [(n.encode("latin-1"), v.encode("latin-1")) for n, v in self.set]
+        out += [(n.encode("latin-1"), v.encode("latin-1")) for n, v in self.add]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"set": dict(self.set), "add": dict(self.add), "remove": list(self.remove)}
+
+
+NO_EDITS = HeaderEdits()
+
+
+@dataclass(frozen=True, slots=True)
 class RouteRule:
-    """Requests whose headers meet every condition take this rule's split."""
+    """Requests that meet every condition (path, method, query and headers, ANDed: the
+    shape of the Gateway API's HTTPRouteMatch) take this rule's split, with the rule's
+    header edits. An empty condition holds for every request."""
 
     name: str
     headers: tuple[HeaderMatch, ...]
     split: tuple[WeightedSubset, ...]
+    path: PathMatch | None = None
+    methods: tuple[str, ...] = ()  # any of these (upper-case tokens); empty: any method
+    query: tuple[QueryMatch, ...] = ()
+    request_headers: HeaderEdits = NO_EDITS
 
-    def matches(self, headers: Mapping[str, str]) -> bool:
+    def matches(self, headers: Mapping[str, str], *, method: str = "GET", path: str = "/",
+                query: Mapping[str, str] | None = None) -> bool:
+        """``headers`` must have lower-cased keys (see ``lower_headers``); ``path`` is
+        without the query, ``query`` maps a name to its first value (``parse_query``).
+        The method is compared as sent: methods are case-sensitive (RFC 9110 9.1)."""
+        if self.methods and method not in self.methods:
+            return False
+        if self.path is not None and not self.path.matches(path):
+            return False
+        if self.query:
+            q = query if query is not None else {}
+            if not all(m.matches(q) for m in self.query):
+                return False
         return all(m.matches(headers) for m in self.headers)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "headers": [m.to_json() for m in self.headers],
-                "split": [w.to_json() for w in self.split]}
+        out: dict[str, Any] = {"name": self.name,
+                               "headers": [m.to_json() for m in self.headers],
+                               "split": [w.to_json() for w in self.split]}
+        if self.path is not None:
+            out["path"] = self.path.to_json()
+        if self.methods:
+            out["method"] = list(self.methods)
+        if self.query:
+            out["query"] = [m.to_json() for m in self.query]
+        if self.request_headers:
+            out["request_headers"] = self.request_headers.to_json()
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +569,16 @@ class FaultRule:
     delay: FaultDelay | None
     abort: FaultAbort | None
 
+    def matches(self, source: str | None, headers: Mapping[str, str],
+                route_rule: str | None) -> bool:
+        """Whether a request from ``source`` (None: unknown) with these lower-cased
+        headers, which took route rule ``route_rule`` (None: no rule), is subject."""
+        if self.sources and source not in self.sources:
+            return False
+        if self.route_rule is not None and route_rule != self.route_rule:
+            return False
+        return all(m.matches(headers) for m in self.headers)
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "sources": list(self.sources),
                 "headers": [m.to_json() for m in self.headers],
@@ -449,6 +594,11 @@ class FaultSpec:
 
     service: str
     rules: tuple[FaultRule, ...]
+
+    def rule_for(self, source: str | None, headers: Mapping[str, str],
+                 route_rule: str | None = None) -> FaultRule | None:
+        """The first rule (in document order) that applies to the request, if any."""
+        return next((r for r in self.rules if r.matches(source, headers, route_rule)), None)
 
     def to_json(self) -> dict[str, Any]:
         return {"service": self.service, "rules": [r.to_json() for r in self.rules]}
@@ -476,6 +626,18 @@ class RateLimitSpec:
     rate: float | None
     burst: float
     sources: tuple[SourceLimit, ...]
+
+    def source_rate(self, source: str | None) -> float | None:
+        """The mesh-wide limit for callers identifying as ``source``, if one is set."""
+        return next((s.rate for s in self.sources if s.source == source), None)
+
+    @staticmethod
+    def share(rate: float, weight: float, total_weight: float) -> float:
+        """What one instance of weight ``weight`` admits of a mesh-wide ``rate`` when the
+        live instances' weights sum to ``total_weight`` (all of it when that is 0)."""
+        if total_weight <= 0 or weight >= total_weight:
+            return rate
+        return rate * max(weight, 0.0) / total_weight
 
     def to_json(self) -> dict[str, Any]:
         return {"service": self.service, "requests_per_second": self.rate,
@@ -505,6 +667,9 @@ class Document:
     expires: float | None  # unix seconds
     description: str
     spec: Spec
+    #: The keys of ``FEATURE_RELEASES`` the document's text uses (recorded by the
+    #: parser: an explicit default still makes an older agent reject the document).
+    features: frozenset[str] = frozenset()
 
     @property
     def service(self) -> str | None:
@@ -525,6 +690,44 @@ class Document:
                 "spec": self.spec.to_json()}
 
 
+def _release_key(release: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in release.split("."))
+
+
+def document_features(doc: Document) -> frozenset[str]:
+    """The keys of ``FEATURE_RELEASES`` that ``doc`` uses: those its text used (the
+    parser's record) and those its values show (for documents built in code)."""
+    used = set(doc.features)
+    spec = doc.spec
+    if doc.kind in ("fault", "ratelimit"):
+        used.add(f"kind {doc.kind}")
+    if isinstance(spec, ResilienceSpec):
+        if spec.balancer.algorithm != DEFAULT_BALANCER:
+            used.add("resilience.balancer")
+        if spec.balancer.hash_on is not None:
+            used.add("resilience.hash")
+        if spec.balancer.slow_start != DEFAULT_SLOW_START:
+            used.add("resilience.slow_start")
+    if isinstance(spec, RouteSpec):
+        for r in spec.rules:
+            if r.path is not None:
+                used.add("route.rule.path")
+            if r.methods:
+                used.add("route.rule.method")
+            if r.query:
+                used.add("route.rule.query")
+            if r.request_headers:
+                used.add("route.rule.request_headers")
+    return frozenset(used & FEATURE_RELEASES.keys())
+
+
+def required_release(doc: Document) -> str | None:
+    """The lowest release whose agents accept ``doc`` (None: every release does), per
+    ``FEATURE_RELEASES``: older agents' parsers are strict and reject it."""
+    releases = [FEATURE_RELEASES[f] for f in document_features(doc)]
+    return max(releases, key=_release_key) if releases else None
+
+
 __all__ = [
     "ALL_INSTANCES",
     "ALL_SUBSET",
@@ -539,6 +742,8 @@ __all__ = [
     "KINDS",
     "MAX_DOCUMENT_BYTES",
     "MAX_FAULT_LIFETIME",
+    "NO_EDITS",
+    "PROTECTED_HEADERS",
     "RETRY_CONDITIONS",
     "AccessSpec",
     "BalancerSpec",
@@ -549,9 +754,12 @@ __all__ = [
     "FaultRule",
     "FaultSpec",
     "HashOn",
+    "HeaderEdits",
     "HeaderMatch",
     "OutlierEjection",
+    "PathMatch",
     "PolicyError",
+    "QueryMatch",
     "RateLimitSpec",
     "ResilienceSpec",
     "RetryBudget",
@@ -564,5 +772,7 @@ __all__ = [
     "Timeouts",
     "TrustSpec",
     "WeightedSubset",
+    "document_features",
     "format_duration",
+    "required_release",
 ]

@@ -1,7 +1,9 @@
-"""What the held policy documents mean for one request: route, resilience, access.
+"""What the held policy documents mean for one request: route, fault, rate limit,
+resilience (and its balancer), access.
 
-The proxy asks three questions per request (which subset, which timeouts and retries,
-may this caller come in), and the local API asks the same ones to explain a decision
+The proxy asks these questions per request (which subset and header edits, which
+fault to inject, how fast may callers come, which timeouts, retries and balancer, may
+this caller come in), and the local API asks the same ones to explain a decision
 (``GET /v1/evaluate/SERVICE``). Both go through ``Evaluator`` so the explanation is
 what the data plane does. An ``Evaluator`` is immutable: the policy service builds a
 new one whenever the set of held documents changes, and a request keeps the one it
@@ -19,16 +21,24 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_plus
 
 from .documents import (
     ALL_INSTANCES,
+    NO_EDITS,
     AccessSpec,
     Document,
+    FaultSpec,
+    HeaderEdits,
+    RateLimitSpec,
     ResilienceSpec,
     RouteSpec,
     Subset,
     WeightedSubset,
 )
+
+#: Query parameters read of one request target, at most (the rest are ignored).
+MAX_QUERY_PARAMS = 256
 
 
 def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -40,6 +50,43 @@ def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def split_target(target: str) -> tuple[str, str]:
+    """An origin-form request target split into its path and its raw query (without
+    the "?"; a fragment, which a client should not send, is dropped)."""
+    target = target.partition("#")[0]
+    path, _, query = target.partition("?")
+    return path, query
+
+
+def parse_query(raw: str) -> dict[str, str]:
+    """A raw query string as route rules read it: each name to its first value, both
+    percent-decoded ("+" is a space); a parameter without "=" has the value "". Only
+    the first ``MAX_QUERY_PARAMS`` parameters are read."""
+    out: dict[str, str] = {}
+    for part in raw.split("&", MAX_QUERY_PARAMS)[:MAX_QUERY_PARAMS]:
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        out.setdefault(unquote_plus(name), unquote_plus(value))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RouteNeeds:
+    """What a service's route rules read of a request, so the proxy decodes only that:
+    the lower-cased header names, and whether any rule looks at the path, the method
+    or the query."""
+
+    headers: frozenset[bytes] = frozenset()
+    path: bool = False
+    method: bool = False
+    query: bool = False
+
+
+#: A route document without rules (or whose rules read nothing but headers).
+NO_NEEDS = RouteNeeds()
+
+
 @dataclass(frozen=True, slots=True)
 class RouteDecision:
     """Where requests for ``service`` with these headers go."""
@@ -48,6 +95,8 @@ class RouteDecision:
     policy: str | None  # the route document's name; None: no route document
     rule: str | None  # the rule that matched; None: the document's default split
     split: tuple[WeightedSubset, ...]
+    #: The matched rule's edits of the request headers (none without a rule).
+    request_headers: HeaderEdits = NO_EDITS
 
     def choose(self, u: float) -> Subset:
         """The subset for a uniform draw ``u`` in [0, 1): subset i gets the share
@@ -65,8 +114,12 @@ class RouteDecision:
         return next(w.subset for w in reversed(self.split) if w.weight)
 
     def to_json(self) -> dict[str, Any]:
-        return {"service": self.service, "policy": self.policy, "rule": self.rule,
-                "split": [{**w.subset.to_json(), "weight": w.weight} for w in self.split]}
+        out: dict[str, Any] = {"service": self.service, "policy": self.policy, "rule": self.rule,
+                               "split": [{**w.subset.to_json(), "weight": w.weight}
+                                         for w in self.split]}
+        if self.request_headers:
+            out["request_headers"] = self.request_headers.to_json()
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +152,8 @@ def _order(doc: Document) -> tuple[str, int, str]:
 
 
 class Evaluator:
-    """Answers route, resilience and access questions from a set of documents."""
+    """Answers route, fault, rate limit, resilience and access questions from a set of
+    documents."""
 
     def __init__(self, documents: Iterable[Document]) -> None:
         docs = sorted(documents, key=_order)
@@ -116,6 +170,8 @@ class Evaluator:
         self._route: dict[str, tuple[str, RouteSpec]] = {}
         self._resilience: dict[str, tuple[str, ResilienceSpec]] = {}
         self._access: dict[str, tuple[str, AccessSpec]] = {}
+        self._fault: dict[str, tuple[str, FaultSpec]] = {}
+        self._ratelimit: dict[str, tuple[str, RateLimitSpec]] = {}
         for (kind, service), group in sorted(by_kind.items()):
             chosen = group[0]
             if len(group) > 1:
@@ -131,10 +187,20 @@ class Evaluator:
                 self._resilience[service] = (chosen.name, spec)
             elif isinstance(spec, AccessSpec):
                 self._access[service] = (chosen.name, spec)
+            elif isinstance(spec, FaultSpec):
+                self._fault[service] = (chosen.name, spec)
+            elif isinstance(spec, RateLimitSpec):
+                self._ratelimit[service] = (chosen.name, spec)
         #: Per routed service, the (lower-cased) header names its rules look at: the
         #: proxy decodes only those, not every header of every request.
         self._route_headers = {
             service: frozenset(m.name.encode("latin-1") for r in spec.rules for m in r.headers)
+            for service, (_, spec) in self._route.items()}
+        self._route_needs = {
+            service: RouteNeeds(self._route_headers[service],
+                                any(r.path is not None for r in spec.rules),
+                                any(bool(r.methods) for r in spec.rules),
+                                any(bool(r.query) for r in spec.rules))
             for service, (_, spec) in self._route.items()}
         #: The default resilience of services without a document, built once each.
         self._default_resilience: dict[str, ResilienceSpec] = {}
@@ -144,26 +210,44 @@ class Evaluator:
     def names(self, service: str) -> bool:
         """Whether some document applies to ``service``."""
         return service in self._route or service in self._resilience \
-            or service in self._access
+            or service in self._access or service in self._fault \
+            or service in self._ratelimit
 
-    def route(self, service: str, headers: Mapping[str, str]) -> RouteDecision:
-        """The first rule (in document order) whose header conditions all hold, else the
-        default split; every instance when the service has no route document."""
+    def route(self, service: str, headers: Mapping[str, str], *, method: str = "GET",
+              path: str = "/", query: Mapping[str, str] | None = None) -> RouteDecision:
+        """The first rule (in document order) whose conditions all hold (path without
+        the query, method as sent, ``query`` as ``parse_query`` gives it, headers), else
+        the default split; every instance when the service has no route document."""
         found = self._route.get(service)
         if found is None:
-            return RouteDecision(service, None, None, (WeightedSubset(ALL_INSTANCES, 1),))
+            return RouteDecision(service, None, None, _ALL_SPLIT)
         name, spec = found
         if spec.rules:
             lowered = lower_headers(headers)
             for rule in spec.rules:
-                if rule.matches(lowered):
-                    return RouteDecision(service, name, rule.name, rule.split)
+                if rule.matches(lowered, method=method, path=path, query=query):
+                    return RouteDecision(service, name, rule.name, rule.split,
+                                         rule.request_headers)
         return RouteDecision(service, name, None, spec.split)
 
     def route_headers(self, service: str) -> frozenset[bytes] | None:
         """The lower-cased header names ``service``'s route rules consult (empty when
         it has no rules); None when no route document applies to it."""
         return self._route_headers.get(service)
+
+    def route_needs(self, service: str) -> RouteNeeds | None:
+        """What ``service``'s route rules read of a request (``RouteNeeds``); None when
+        no route document applies to it (then ``route`` needs nothing: one lookup)."""
+        return self._route_needs.get(service)
+
+    def fault(self, service: str) -> tuple[str, FaultSpec] | None:
+        """The fault document in force for ``service`` (its name and spec), if any; the
+        caller's sidecar picks the rule with ``FaultSpec.rule_for``."""
+        return self._fault.get(service)
+
+    def ratelimit(self, service: str) -> tuple[str, RateLimitSpec] | None:
+        """The rate limit document in force for ``service`` (its name and spec), if any."""
+        return self._ratelimit.get(service)
 
     def resilience(self, service: str) -> ResilienceSpec:
         """The service's resilience settings (the defaults without a document; the
@@ -181,7 +265,8 @@ class Evaluator:
     def policy_name(self, kind: str, service: str) -> str | None:
         """The name of the document of ``kind`` in force for ``service``, if any."""
         tables: dict[str, Mapping[str, tuple[str, object]]] = {
-            "route": self._route, "resilience": self._resilience, "access": self._access}
+            "route": self._route, "resilience": self._resilience, "access": self._access,
+            "fault": self._fault, "ratelimit": self._ratelimit}
         found = tables.get(kind, {}).get(service)
         return found[0] if found is not None else None
 
@@ -276,21 +361,47 @@ class Evaluator:
 
     def evaluate(self, service: str, *, source: str | None = None,
                  headers: Mapping[str, str] | None = None,
-                 holds: Collection[str] = ()) -> dict[str, Any]:
-        """A JSON-ready account of all three decisions for one request to ``service``
-        (``holds``: the names the caller's certificate holds, see ``access_as``)."""
+                 holds: Collection[str] = (), method: str = "GET", path: str = "/",
+                 query: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """A JSON-ready account of every decision for one request to ``service``
+        (``holds``: the names the caller's certificate holds, see ``access_as``; ``path``
+        without the query, which ``query`` gives parsed)."""
+        lowered = lower_headers(headers or {})
+        route = self.route(service, lowered, method=method, path=path, query=query)
+        fault: dict[str, Any] | None = None
+        found = self.fault(service)
+        if found is not None:
+            rule = found[1].rule_for(source, lowered, route.rule)
+            fault = {"policy": found[0], **found[1].to_json(),
+                     "applies": rule.to_json() if rule is not None else None}
+        limit: dict[str, Any] | None = None
+        found_limit = self.ratelimit(service)
+        if found_limit is not None:
+            spec = found_limit[1]
+            limit = {"policy": found_limit[0], **spec.to_json(),
+                     "source_limit": spec.source_rate(source)}
+        resilience = self.resilience(service)
         return {
             "service": service,
-            "route": self.route(service, headers or {}).to_json(),
+            "request": {"method": method, "path": path, "query": dict(query or {}),
+                        "source": source},
+            "route": route.to_json(),
+            "fault": fault,
+            "ratelimit": limit,
+            "balancer": resilience.balancer.to_json(),
             "resilience": {"policy": self.policy_name("resilience", service),
-                           **self.resilience(service).to_json()},
+                           **resilience.to_json()},
             "access": self.access_as(source, holds, service).to_json(),
             "conflicts": list(self._conflicts_by_service.get(service, [])),
         }
+
+
+_ALL_SPLIT = (WeightedSubset(ALL_INSTANCES, 1),)
 
 
 def _quoted(names: Iterable[str]) -> str:
     return ", ".join(f'"{n}"' for n in sorted(names))
 
 
-__all__ = ["AccessDecision", "Evaluator", "RouteDecision", "lower_headers"]
+__all__ = ["NO_NEEDS", "AccessDecision", "Evaluator", "RouteDecision", "RouteNeeds",
+           "lower_headers", "parse_query", "split_target"]

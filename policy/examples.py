@@ -9,11 +9,12 @@ from it, so the examples cannot drift from ``documents.py``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 ROUTE = """\
 # A route document: how the requests for one service are shared among its instances.
 
-kind = "route"            # route | resilience | access | trust
+kind = "route"            # route | resilience | access | fault | ratelimit | trust
 name = "web-canary"       # the document's identity in the mesh: [a-z0-9][a-z0-9._-]{0,62}
 version = 1               # integer >= 1; publish every change with a higher version
                           # (agents keep the highest version of a name and refuse older ones)
@@ -49,16 +50,40 @@ weight = 90
 subset = "canary"
 weight = 10
 
-# Rules, tried in order: the first rule whose header conditions all hold decides, and a
-# request no rule matches takes the split above. Header names are case-insensitive;
-# values are compared case-sensitively. Each condition has `name` and exactly one of
-# `exact` (the value equals), `prefix` (the value starts with) or `present`.
+# Rules, tried in order: the first rule whose conditions all hold decides, and a request
+# no rule matches takes the split above. A rule has at least one condition of path,
+# method, query and headers; all the ones it has must hold (as in the Gateway API's
+# HTTPRouteMatch). No regular expressions.
+# Headers: names are case-insensitive, values compared case-sensitively; each condition
+# has `name` and exactly one of `exact` (the value equals), `prefix` (the value starts
+# with) or `present`.
 [[rule]]
 name = "testers"          # optional (default "rule[0]", "rule[1]", ...); shown in decisions
 headers = [
   { name = "X-Canary", exact = "1" },
 ]
 subset = "canary"         # every matching request goes to this one subset, ...
+
+[[rule]]
+name = "api-reads"
+path = { prefix = "/api" }   # the path without the query, as sent (starts with "/"). A
+                             # prefix matches whole segments: "/api", "/api/", "/api/x",
+                             # not "/apix". Or exact = "/api/health": that path only.
+method = ["GET", "HEAD"]     # one method ("GET") or a list: any of them (upper-cased;
+                             # compared as sent, methods are case-sensitive)
+query = [                    # query parameters (first value of a name, percent-decoded)
+  { name = "debug", exact = "1" },     # the parameter equals ...
+  { name = "trace", present = true },  # ... or is there (false: is not there)
+]
+subset = "canary"
+
+[rule.request_headers]       # edits of the request headers before it is forwarded (this
+                             # rule's requests only); lower-case names, each in one list
+set = { "x-env" = "canary" }          # replace every value of the header with this one
+add = { "x-route" = "api-reads" }     # add a value, keeping those already there
+remove = ["x-debug-token"]            # drop the header
+# Mesh headers (x-rumor-*), hop-by-hop headers, host and content-length cannot be edited;
+# values are ASCII, at most 1024 characters, without control characters.
 
 [[rule]]
 name = "beta-users"
@@ -79,13 +104,33 @@ RESILIENCE = """\
 # is optional; an omitted one takes the default shown. Durations are strings: "250ms",
 # "5s", "1.5m", "1h".
 
-kind = "resilience"       # route | resilience | access | trust
+kind = "resilience"       # route | resilience | access | fault | ratelimit | trust
 name = "web-resilience"   # the document's identity in the mesh: [a-z0-9][a-z0-9._-]{0,62}
 version = 1               # integer >= 1; publish every change with a higher version
 description = "web answers within 10s; retry gateway errors"   # optional, free text
 # expires = 2030-01-01T00:00:00Z   # optional, an offset date-time; after it: the defaults
 
 service = "web"           # the destination service
+
+balancer = "peak_ewma"    # how each caller's sidecar picks an instance (default peak_ewma):
+                          #   peak_ewma      power of two choices over latency x outstanding
+                          #   least_request  power of two choices over outstanding requests
+                          #   round_robin    each instance in turn, by weight
+                          #   random         a weighted random instance
+                          #   hash           consistent hashing of a header or cookie:
+                          #                  needs [hash] below
+# [hash]                  # only with balancer = "hash", and then required: exactly one of
+# header = "x-user"       #   a request header's value, or
+# cookie = "session"      #   a cookie's value; a request without it is balanced as random
+
+[slow_start]              # a new or readmitted instance gets a growing share of requests
+window = "10s"            # from min_percent to full over this long (default 10s; "0s"
+                          # turns slow start off; at most 10m)
+aggression = 1.0          # the ramp's curve, (age / window) ^ (1 / aggression): 1 is
+                          # linear, more is a faster start (more than 0, at most 10;
+                          # default 1.0)
+min_percent = 10.0        # the share a new instance starts at, percent of its full share
+                          # (more than 0, at most 100; default 10)
 
 [timeouts]
 connect = "1s"            # to open a connection to an instance (default 2s, or per_try
@@ -138,7 +183,7 @@ ACCESS = """\
 # An access document: which services may call one service. The agents in front of the
 # destination's instances enforce it on inbound requests.
 
-kind = "access"           # route | resilience | access | trust
+kind = "access"           # route | resilience | access | fault | ratelimit | trust
 name = "db-access"        # the document's identity in the mesh: [a-z0-9][a-z0-9._-]{0,62}
 version = 1               # integer >= 1; publish every change with a higher version
 description = "only the api and the workers reach the database"   # optional, free text
@@ -161,7 +206,7 @@ TRUST = """\
 # how many of them must sign. There is one per mesh; publishing a new version (signed as
 # the current version requires) rotates the keys.
 
-kind = "trust"            # route | resilience | access | trust
+kind = "trust"            # route | resilience | access | fault | ratelimit | trust
 name = "trust"            # always "trust"
 version = 1               # integer >= 1; each rotation gets a higher version
 description = "ops keys, 2025 rotation"   # optional, free text
@@ -175,6 +220,88 @@ keys = [                  # 1-32 public keys, no duplicates: a line of a .pub fi
 threshold = 1             # signatures from distinct keys above that a document needs
                           # (1 to the number of keys)
 """
+
+#: The expiry the printed fault example carries; ``example("fault", now)`` replaces it
+#: with now + 1 h (a fault document expires at most 24 h after it is signed).
+FAULT_EXPIRES_PLACEHOLDER = "2030-01-01T00:00:00Z"
+FAULT_EXAMPLE_LIFETIME = 3600.0
+
+FAULT = """\
+# A fault document: delays and errors injected into the requests for one service, to test
+# how its callers cope. The callers' sidecars inject them (outbound), before an instance
+# is chosen; an injected fault is never retried and never counts as an instance's failure
+# (circuit breaker, outlier ejection, retry budget). A delay counts toward the request's
+# overall timeout.
+
+kind = "fault"            # route | resilience | access | fault | ratelimit | trust
+name = "web-fault"        # the document's identity in the mesh: [a-z0-9][a-z0-9._-]{0,62}
+version = 1               # integer >= 1; publish every change with a higher version
+description = "game day: web slow and failing for 1 hour"   # optional, free text
+expires = 2030-01-01T00:00:00Z   # REQUIRED for a fault, at most 24h after signing
+                          # (agents refuse a later one). `rumor policy example fault`
+                          # writes now + 1h here; after it, agents drop the document and
+                          # the faults stop.
+
+service = "web"           # the destination service
+
+# Rules, tried in order: the first whose conditions all hold applies to a request. A rule
+# without conditions (as this one) applies to every request for the service.
+[[rule]]
+name = "slow-and-failing" # optional (default "rule[0]", ...); shown in decisions and logs
+# sources = ["checkout"]  # only callers identifying as these services (default: any).
+                          # A caller's identity is only trustworthy under mutual TLS:
+                          # without it, any caller can claim any source.
+# headers = [             # only requests with these headers (as in route rules: exact,
+#   { name = "x-fault", exact = "1" },          # prefix or present)
+#   { name = "x-user", prefix = "test-" },
+#   { name = "x-no-fault", present = false },
+# ]
+# route_rule = "testers"  # only requests that took this rule of the service's route
+delay = { duration = "200ms", percent = 10.0 }
+                          # hold this share of the requests (more than 0, at most 100
+                          # percent) for this long (more than 0, at most 60s) ...
+abort = { status = 503, percent = 5.0 }
+                          # ... and answer this share at once with this status (400-599),
+                          # or reset the connection instead: abort = { reset = true,
+                          # percent = 5.0 }. A rule has a delay, an abort or both.
+"""
+
+RATELIMIT = """\
+# A rate limit document: how many requests per second one service takes, across the whole
+# mesh. Each instance's sidecar (inbound) admits its share: rate x w / W, where w is its
+# registered weight and W the sum of the live instances' weights. A request over the limit
+# is answered 429 with Retry-After; callers do not retry it and it is not counted as the
+# instance's failure.
+
+kind = "ratelimit"        # route | resilience | access | fault | ratelimit | trust
+name = "web-ratelimit"    # the document's identity in the mesh: [a-z0-9][a-z0-9._-]{0,62}
+version = 1               # integer >= 1; publish every change with a higher version
+description = "web takes 1000 req/s; batch at most 50"   # optional, free text
+# expires = 2030-01-01T00:00:00Z   # optional, an offset date-time; after it: no limit
+
+service = "web"           # the destination service
+
+requests_per_second = 1000    # all callers together (more than 0, at most 10000000);
+                              # optional when [[source]] limits are given
+burst = "1s"              # how many seconds' worth of its share an instance admits at once
+                          # (more than 0, at most 1m; default 1s)
+
+[[source]]                # a limit of its own for callers identifying as one service
+name = "batch"            # a service name, once per document (trustworthy under mTLS only)
+requests_per_second = 50  # more than 0, at most 10000000; within the total above
+"""
+
+
+def example(kind: str, now: float | None = None) -> str:
+    """The example of ``kind`` as ``rumor policy example`` prints it: with ``now`` (unix
+    seconds), the fault example expires one hour after it."""
+    text = EXAMPLES[kind]
+    if kind == "fault" and now is not None:
+        when = datetime.fromtimestamp(now + FAULT_EXAMPLE_LIFETIME, UTC).replace(
+            microsecond=0).isoformat().replace("+00:00", "Z")
+        text = text.replace(f"expires = {FAULT_EXPIRES_PLACEHOLDER}", f"expires = {when}", 1)
+    return text
+
 
 def canary_route(service: str, *, name: str | None = None, version: int = 1,
                  canary_weight: int = 10, canary_version: str | None = "v2",
@@ -207,7 +334,9 @@ EXAMPLES: dict[str, str] = {
     "route": ROUTE,
     "resilience": RESILIENCE,
     "access": ACCESS,
+    "fault": FAULT,
+    "ratelimit": RATELIMIT,
     "trust": TRUST,
 }
 
-__all__ = ["EXAMPLES", "canary_route"]
+__all__ = ["EXAMPLES", "FAULT_EXPIRES_PLACEHOLDER", "canary_route", "example"]

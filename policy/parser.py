@@ -26,13 +26,21 @@ from rumor.gossip.durations import DurationError, format_duration, parse_duratio
 from .documents import (
     ALL_INSTANCES,
     ALL_SUBSET,
+    BALANCERS,
+    DEFAULT_BALANCER,
+    DEFAULT_SLOW_START,
+    FEATURE_RELEASES,
     FIELDS,
     HEADER_FIELDS,
     KINDS,
     MAX_DESCRIPTION,
     MAX_DOCUMENT_BYTES,
+    MAX_HEADER_EDITS,
     MAX_HEADER_MATCHES,
     MAX_HEADER_VALUE,
+    MAX_METHODS,
+    MAX_PATH,
+    MAX_QUERY_MATCHES,
     MAX_RULES,
     MAX_SOURCES,
     MAX_SPLIT,
@@ -41,19 +49,33 @@ from .documents import (
     MAX_TRUST_KEYS,
     MAX_VERSION,
     MAX_WEIGHT,
+    MESH_HEADER_PREFIX,
+    PROTECTED_HEADERS,
     RETRY_CONDITIONS,
     TRUST_NAME,
     AccessSpec,
+    BalancerSpec,
     CircuitBreaker,
     Document,
+    FaultAbort,
+    FaultDelay,
+    FaultRule,
+    FaultSpec,
+    HashOn,
+    HeaderEdits,
     HeaderMatch,
     OutlierEjection,
+    PathMatch,
     PolicyError,
+    QueryMatch,
+    RateLimitSpec,
     ResilienceSpec,
     RetryBudget,
     RetryPolicy,
     RouteRule,
     RouteSpec,
+    SlowStart,
+    SourceLimit,
     Spec,
     Subset,
     Timeouts,
@@ -322,13 +344,29 @@ def _document(table: Mapping[str, Any]) -> Document:
         spec = _resilience(t)
     elif kind == "access":
         spec = _access(t)
+    elif kind == "fault":
+        spec = _fault(t, expires)
+    elif kind == "ratelimit":
+        spec = _ratelimit(t)
     else:
         if name != TRUST_NAME:
             # One trust document per mesh: its versions order key rotations.
             raise _Invalid("name", f'a trust document must be named "{TRUST_NAME}", found '
                            f"{_show(name)}")
         spec = _trust(t)
-    return Document(kind, name, version, expires, description, spec)
+    return Document(kind, name, version, expires, description, spec, _features(kind, table))
+
+
+def _features(kind: str, table: Mapping[str, Any]) -> frozenset[str]:
+    """The ``FEATURE_RELEASES`` keys a (valid) document's table uses."""
+    used = {f"kind {kind}"}
+    if kind == "resilience":
+        used |= {f"resilience.{k}" for k in ("balancer", "hash", "slow_start") if k in table}
+    elif kind == "route":
+        for rule in table.get("rule", []):
+            used |= {f"route.rule.{k}" for k in ("path", "method", "query",
+                                                 "request_headers") if k in rule}
+    return frozenset(used & FEATURE_RELEASES.keys())
 
 
 def _expires(t: _Table) -> float | None:
@@ -429,13 +467,18 @@ def _rule(r: _Table, index: int, subsets: Mapping[str, Subset]) -> RouteRule:
     if r.has("name"):
         name = r.string("name", _NAME, "a rule name of lower-case letters, digits, '.', '_' "
                         "or '-' (at most 63)")
+    path = _path_match(r.table("path", FIELDS["route.rule.path"])) if r.has("path") else None
+    methods = _methods(r) if r.has("method") else ()
+    query = tuple(_query_match(q) for q in r.tables("query", FIELDS["route.rule.query"],
+                                                     MAX_QUERY_MATCHES))
     matches = [_header_match(h) for h in r.tables("headers", FIELDS["route.rule.headers"],
                                                    MAX_HEADER_MATCHES)]
-    if not matches:
+    if path is None and not methods and not query and not matches:
         # A rule that matches everything would hide the rules after it and the
         # default split; that is what the top-level split is for.
-        raise _Invalid(r.at("headers"), "expected at least one header condition (requests "
-                       "no rule matches take the top-level split)")
+        raise _Invalid(r.path, 'expected at least one condition ("path", "method", "query" '
+                       'or "headers"; requests no rule matches take the top-level split)')
+    edits = _header_edits(r.table("request_headers", FIELDS["route.rule.request_headers"]))
     if r.has("subset") == r.has("split"):
         raise _Invalid(r.path, 'expected exactly one of "subset" (all matching requests go '
                        'to one subset) or "split" (weighted)')
@@ -447,7 +490,146 @@ def _rule(r: _Table, index: int, subsets: Mapping[str, Subset]) -> RouteRule:
         split: tuple[WeightedSubset, ...] = (WeightedSubset(subsets[target], 1),)
     else:
         split = _split(r, "split", subsets)
-    return RouteRule(name, tuple(matches), split)
+    return RouteRule(name, tuple(matches), split, path, methods, query, edits)
+
+
+_PATH_CHARS = re.compile(r"/[!$&'()*+,;=:@%/A-Za-z0-9._~-]*")
+
+
+def _path_match(p: _Table) -> PathMatch:
+    ops = [k for k in ("exact", "prefix") if p.has(k)]
+    if len(ops) != 1:
+        found = f"found {' and '.join(ops)}" if ops else "found none"
+        raise _Invalid(p.path, f'expected exactly one of "exact" or "prefix", {found}')
+    op = ops[0]
+    value = p.string(op)
+    if len(value) > MAX_PATH:
+        raise _Invalid(p.at(op), f"expected at most {MAX_PATH} characters, found "
+                       f"{len(value)}")
+    if not value.startswith("/"):
+        raise _Invalid(p.at(op), f'expected a path starting with "/", found {_show(value)}')
+    if not _PATH_CHARS.fullmatch(value):
+        raise _Invalid(p.at(op), "expected a path of URI characters (no query, fragment, "
+                       f"space or control character), found {_show(value)}")
+    if "//" in value:
+        raise _Invalid(p.at(op), f'a path cannot contain "//", found {_show(value)}')
+    if op == "prefix" and len(value) > 1:
+        value = value.rstrip("/")  # "/api/" is the prefix "/api": segments match
+    return PathMatch(op, value)
+
+
+def _methods(r: _Table) -> tuple[str, ...]:
+    raw = r.raw("method")
+    field = r.at("method")
+    items = raw if isinstance(raw, list) else [raw]
+    if isinstance(raw, list):
+        if not raw:
+            raise _Invalid(field, "expected at least 1 entry, found 0 (leave method out to "
+                           "match any method)")
+        if len(raw) > MAX_METHODS:
+            raise _Invalid(field, f"expected at most {MAX_METHODS} entries, found {len(raw)}")
+    out: list[str] = []
+    for i, m in enumerate(items):
+        at = f"{field}[{i}]" if isinstance(raw, list) else field
+        if not isinstance(m, str) or not _METHOD.fullmatch(m):
+            raise _Invalid(at, 'expected an HTTP method like "GET" (a token of letters, '
+                           f"digits and !#$%&'*+.^_`|~-), found {_show(m)}")
+        upper = m.upper()
+        if upper in out:
+            raise _Invalid(at, f"method {_quote(upper)} is listed twice")
+        out.append(upper)
+    return tuple(out)
+
+
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
+_QUERY_NAME = re.compile(r"[^\x00-\x20\x7f&=#]{1,128}")
+
+
+def _query_match(q: _Table) -> QueryMatch:
+    name = q.string("name", _QUERY_NAME, "a query parameter name (1-128 characters, no "
+                    "space, control character, '&', '=' or '#')")
+    ops = [k for k in ("exact", "present") if q.has(k)]
+    if len(ops) != 1:
+        found = f"found {' and '.join(ops)}" if ops else "found none"
+        raise _Invalid(q.path, f'expected exactly one of "exact" or "present", {found}')
+    if ops[0] == "present":
+        return QueryMatch(name, "present" if q.boolean("present", True) else "absent")
+    return QueryMatch(name, "exact", _header_value(q, "exact"))
+
+
+def _header_value(t: _Table, key: str) -> str:
+    value = t.string(key)
+    if len(value) > MAX_HEADER_VALUE:
+        raise _Invalid(t.at(key), f"expected at most {MAX_HEADER_VALUE} characters, found "
+                       f"{len(value)}")
+    if any(c in value for c in "\r\n\0"):
+        raise _Invalid(t.at(key), "a header value cannot contain CR, LF or NUL, found "
+                       f"{_show(value)}")
+    return value
+
+
+def _editable_name(name: Any, field: str) -> str:
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        raise _Invalid(field, "expected an HTTP header name (a token of letters, digits and "
+                       f"!#$%&'*+.^_`|~-), found {_show(name)}")
+    if name != name.lower():
+        raise _Invalid(field, f"expected a lower-case header name, found {_show(name)} "
+                       f"(write {_quote(name.lower())})")
+    if name.startswith(MESH_HEADER_PREFIX):
+        raise _Invalid(field, f"{_quote(name)} is a mesh header ({MESH_HEADER_PREFIX}*): "
+                       "the sidecars set them, a rule cannot")
+    if name in PROTECTED_HEADERS:
+        raise _Invalid(field, f"{_quote(name)} frames or addresses the request (hop-by-hop, "
+                       "host or content-length): a rule cannot edit it")
+    return name
+
+
+def _header_edits(e: _Table) -> HeaderEdits:
+    seen: dict[str, str] = {}
+    lists: dict[str, list[tuple[str, str]]] = {"set": [], "add": []}
+    for key in ("set", "add"):
+        raw = e.raw(key, {})
+        at = e.at(key)
+        if not isinstance(raw, Mapping):
+            raise _Invalid(at, 'expected a table of header names and values like '
+                           f'{{ "x-env" = "canary" }}, found {_show(raw)}')
+        if len(raw) > MAX_HEADER_EDITS:
+            raise _Invalid(at, f"expected at most {MAX_HEADER_EDITS} headers, found "
+                           f"{len(raw)}")
+        values = _Table(raw, at, tuple(raw))
+        for name in raw:
+            field = values.at(str(name))
+            _editable_name(name, field)
+            if name in seen:
+                raise _Invalid(field, f"header {_quote(name)} is also in {seen[name]}: "
+                               "give each name one edit")
+            seen[name] = key
+            lists[key].append((name, _edit_value(values, name)))
+    removes: list[str] = []
+    for i, name in enumerate(e.array("remove", MAX_HEADER_EDITS)):
+        field = f"{e.at('remove')}[{i}]"
+        _editable_name(name, field)
+        if name in seen:
+            raise _Invalid(field, f"header {_quote(name)} is also in {seen[name]}: "
+                           "give each name one edit")
+        seen[name] = "remove"
+        removes.append(name)
+    return HeaderEdits(tuple(lists["set"]), tuple(lists["add"]), tuple(removes))
+
+
+def _edit_value(t: _Table, key: str) -> str:
+    value = _header_value(t, key)
+    bad = next((c for c in value if (ord(c) < 0x20 and c != "\t") or ord(c) == 0x7f), None)
+    if bad is not None:
+        raise _Invalid(t.at(key), f"a header value cannot contain control character "
+                       f"0x{ord(bad):02x}")
+    if not value.isascii():
+        raise _Invalid(t.at(key), "expected an ASCII header value (non-ASCII bytes are "
+                       f"read differently by different servers), found {_show(value)}")
+    if value != value.strip(" \t"):
+        raise _Invalid(t.at(key), "a header value cannot start or end with whitespace, "
+                       f"found {_show(value)}")
+    return value
 
 
 def _header_match(h: _Table) -> HeaderMatch:
@@ -543,7 +725,55 @@ def _resilience_body(t: _Table, service: str) -> ResilienceSpec:
     return ResilienceSpec(
         service, Timeouts(connect, per_try, overall),
         RetryPolicy(attempts, tuple(on), non_idempotent, backoff, max_backoff, budget),
-        breaker, OutlierEjection(enabled, failures, base, longest, percent))
+        breaker, OutlierEjection(enabled, failures, base, longest, percent), _balancer(t))
+
+
+_COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")  # RFC 6265: a token
+
+
+def _balancer(t: _Table) -> BalancerSpec:
+    algorithm = t.string("balancer", default=DEFAULT_BALANCER)
+    if algorithm not in BALANCERS:
+        close = difflib.get_close_matches(algorithm, BALANCERS, n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        raise _Invalid(t.at("balancer"), f"expected one of "
+                       f"{', '.join(_quote(b) for b in BALANCERS)}, found {_show(algorithm)}"
+                       f"{hint}")
+    hash_on: HashOn | None = None
+    if algorithm == "hash":
+        if not t.has("hash"):
+            raise _Invalid(t.at("hash"), 'required when balancer = "hash": give [hash] with '
+                           'header = "NAME" or cookie = "NAME"')
+        h = t.table("hash", FIELDS["resilience.hash"])
+        if h.has("header") == h.has("cookie"):
+            found = "found both" if h.has("header") else "found none"
+            raise _Invalid(h.path, f'expected exactly one of "header" or "cookie", {found}')
+        if h.has("header"):
+            hash_on = HashOn(header=h.string("header", _HEADER_NAME, "an HTTP header name (a "
+                                             "token of letters, digits and !#$%&'*+.^_`|~-)"
+                                             ).lower())
+        else:
+            hash_on = HashOn(cookie=h.string("cookie", _COOKIE_NAME, "a cookie name (a token "
+                                             "of letters, digits and !#$%&'*+.^_`|~-)"))
+    elif t.has("hash"):
+        raise _Invalid(t.at("hash"), f'[hash] applies only to balancer = "hash" (this '
+                       f"document chooses {_quote(algorithm)}); remove it or choose hash")
+    ss = t.table("slow_start", FIELDS["resilience.slow_start"])
+    slow = SlowStart(ss.duration("window", 0.0, 600.0, DEFAULT_SLOW_START.window),
+                     _positive(ss, "aggression", 10.0, DEFAULT_SLOW_START.aggression),
+                     _positive(ss, "min_percent", 100.0, DEFAULT_SLOW_START.min_percent))
+    return BalancerSpec(algorithm, hash_on, slow)
+
+
+def _positive(t: _Table, key: str, high: float, default: float) -> float:
+    """A number more than 0 and at most ``high``."""
+    value = t.raw(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not (0 < value <= high):
+        bound = f"{int(high)}" if high == int(high) else f"{high:g}"
+        raise _Invalid(t.at(key), f"expected a number more than 0 and at most {bound}, "
+                       f"found {_show(value)}")
+    return float(value)
 
 
 DEFAULT_RESILIENCE = _resilience_body(_Table({}, "", FIELDS["resilience"]), "")
@@ -571,6 +801,99 @@ def _access(t: _Table) -> AccessSpec:
             raise _Invalid(f"deny[{i}]", f"{_quote(src)} is also in allow; deny would win, "
                            "so list it in one place only")
     return AccessSpec(destination, default, tuple(lists["allow"]), tuple(lists["deny"]))
+
+
+MAX_FAULT_DELAY = 60.0
+MAX_RATE = 1e7
+
+
+def _fault(t: _Table, expires: float | None) -> FaultSpec:
+    service = t.string("service", _SERVICE, _SERVICE_WHAT)
+    if expires is None:
+        # The envelope's issued time is the store's to compare (MAX_FAULT_LIFETIME).
+        raise _Invalid("expires", "required for a fault document: an injected fault must "
+                       "end on its own, at most 24h after it is signed")
+    t.raw("rule")  # required: a fault document without rules does nothing
+    rules: list[FaultRule] = []
+    for i, r in enumerate(t.tables("rule", FIELDS["fault.rule"], MAX_RULES)):
+        rule = _fault_rule(r, i)
+        if any(rule.name == other.name for other in rules):
+            raise _Invalid(r.at("name"), f"rule {_quote(rule.name)} is defined twice")
+        rules.append(rule)
+    if not rules:
+        raise _Invalid(t.at("rule"), "expected at least 1 entry, found 0")
+    return FaultSpec(service, tuple(rules))
+
+
+def _fault_rule(r: _Table, index: int) -> FaultRule:
+    name = f"rule[{index}]"
+    if r.has("name"):
+        name = r.string("name", _NAME, "a rule name of lower-case letters, digits, '.', '_' "
+                        "or '-' (at most 63)")
+    sources = _service_names(r, "sources")
+    matches = tuple(_header_match(h) for h in r.tables(
+        "headers", FIELDS["fault.rule.headers"], MAX_HEADER_MATCHES))
+    route_rule = None
+    if r.has("route_rule"):
+        route_rule = r.string("route_rule", _NAME, "the name of a rule of the service's route "
+                              "document (lower-case letters, digits, '.', '_' or '-')")
+    delay = abort = None
+    if r.has("delay"):
+        d = r.table("delay", FIELDS["fault.rule.delay"])
+        d.raw("duration")
+        delay = FaultDelay(d.duration("duration", _POSITIVE, MAX_FAULT_DELAY, 0.0),
+                           _percent(d))
+    if r.has("abort"):
+        a = r.table("abort", FIELDS["fault.rule.abort"])
+        if a.has("status") == a.has("reset"):
+            found = "found both" if a.has("status") else "found none"
+            raise _Invalid(a.path, 'expected exactly one of "status" (answer with it) or '
+                           f'"reset = true" (reset the connection), {found}')
+        status: int | None = None
+        if a.has("status"):
+            status = a.integer("status", 400, 599)
+        elif not a.boolean("reset", True):
+            raise _Invalid(a.at("reset"), 'expected true (or give "status" instead), found '
+                           "boolean false")
+        abort = FaultAbort(status, _percent(a))
+    if delay is None and abort is None:
+        raise _Invalid(r.path, 'expected "delay", "abort" or both')
+    return FaultRule(name, sources, matches, route_rule, delay, abort)
+
+
+def _percent(t: _Table) -> float:
+    t.raw("percent")
+    return _positive(t, "percent", 100.0, 0.0)
+
+
+def _service_names(t: _Table, key: str) -> tuple[str, ...]:
+    names: list[str] = []
+    for i, src in enumerate(t.array(key, MAX_SOURCES)):
+        field = f"{t.at(key)}[{i}]"
+        if not isinstance(src, str) or not _SERVICE.fullmatch(src):
+            raise _Invalid(field, f"expected a source service name, found {_show(src)}")
+        if src in names:
+            raise _Invalid(field, f"{_quote(src)} is listed twice")
+        names.append(src)
+    return tuple(names)
+
+
+def _ratelimit(t: _Table) -> RateLimitSpec:
+    service = t.string("service", _SERVICE, _SERVICE_WHAT)
+    rate = _positive(t, "requests_per_second", MAX_RATE, 0.0) \
+        if t.has("requests_per_second") else None
+    burst = t.duration("burst", _POSITIVE, 60.0, 1.0)
+    sources: list[SourceLimit] = []
+    for s in t.tables("source", FIELDS["ratelimit.source"], MAX_SOURCES):
+        name = s.string("name", _SERVICE, _SERVICE_WHAT)
+        if any(other.source == name for other in sources):
+            raise _Invalid(s.at("name"), f"source {_quote(name)} is listed twice")
+        s.raw("requests_per_second")
+        sources.append(SourceLimit(name, _positive(s, "requests_per_second", MAX_RATE, 0.0)))
+    if rate is None and not sources:
+        raise _Invalid(t.at("requests_per_second"), "required key is missing (it may be left "
+                       "out only when [[source]] limits are given)")
+    return RateLimitSpec(service, rate, burst, tuple(sources))
 
 
 def _trust(t: _Table) -> TrustSpec:

@@ -9,7 +9,9 @@ rules, in an order that rejects cheaply first:
 3. older than what is held for that name (``stale``: no rollback, no replay);
 4. expired (``expired``);
 5. fewer than ``threshold`` distinct trusted signatures (``untrusted``);
-6. the TOML document itself (``invalid``); its kind and name must match the header;
+6. the TOML document itself (``invalid``); its kind and name must match the header,
+   and a fault document must expire at most ``MAX_FAULT_LIFETIME`` (24 h) after the
+   envelope's ``issued`` time (an injected outage must end on its own);
 7. same name and version as the held one but different bytes (``equivocation``): the
    payload with the lower SHA-256 wins everywhere, so the cluster cannot split, and
    the conflict is recorded whichever side this agent saw first.
@@ -29,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .documents import Document, PolicyError, TrustSpec
+from .documents import MAX_FAULT_LIFETIME, Document, PolicyError, TrustSpec
 from .envelope import MAX_ENVELOPE, Envelope, EnvelopeError, decode_envelope
 from .parser import parse_document
 from .trust import TrustSet
@@ -345,6 +347,15 @@ class PolicyStore:
             return self._reject(env.digest, env.name, env.version, "invalid",
                                 f"header says {env.kind} {env.name!r} but the document "
                                 f"is {doc.kind} {doc.name!r}")
+        if doc.kind == "fault":
+            lifetime = None if env.expires is None else env.expires - env.issued
+            if lifetime is None or lifetime > MAX_FAULT_LIFETIME:
+                what = ("its envelope carries no expiry" if lifetime is None else
+                        f"it expires {lifetime / 3600:.2f}h after it was signed")
+                return self._reject(env.digest, env.name, env.version, "invalid",
+                                    f"a fault document must expire at most "
+                                    f"{MAX_FAULT_LIFETIME / 3600:g}h after it is signed; "
+                                    f"{what}")
         return doc
 
     def _equivocation(self, env: Envelope, held: Held) -> tuple[str, Outcome | None]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from ...policy.envelope import MAX_FILE, EnvelopeError, read_envelope_file
-from ...policy.evaluate import Evaluator
+from ...policy.evaluate import Evaluator, parse_query, split_target
 from ...policy.store import REJECTED, Held, Outcome
 from .router import Router
 from .server import HttpError, Request, Response, json_response
@@ -88,9 +88,14 @@ def add_policy_routes(router: Router, policies: PolicyApi) -> None:
         service = request.params["service"]
         headers = {k[len("header."):].lower(): v for k, v in request.query.items()
                    if k.startswith("header.")}
+        path, raw_query = split_target(request.query.get("path", "/") or "/")
+        query = parse_query(raw_query)
+        query.update({k[len("query."):]: v for k, v in request.query.items()
+                      if k.startswith("query.")})
         return json_response(policies.evaluator.evaluate(
             service, source=request.query.get("source"), headers=headers,
-            holds=[n for n in request.query.get("holds", "").split(",") if n]))
+            holds=[n for n in request.query.get("holds", "").split(",") if n],
+            method=request.query.get("method", "GET") or "GET", path=path, query=query))
 
     router.add("GET", "/v1/policies", list_policies)
     router.add("PUT", "/v1/policies", publish)

@@ -71,10 +71,10 @@ def test_publish_replicate_forge_restart(tmp_path: Path, keys: dict[str, Path]) 
         assert "accepted" in out.stdout
         wait_for(lambda: all(held(a) == {"web-access": 1} for a in agents), 15,
                  "every agent to hold the document")
-        ev = json.loads(rumor("policy", "evaluate", "web", "--source", "api",
+        ev = json.loads(rumor("policy", "evaluate", "web", "--json", "--source", "api",
                               "--api", agents[4].api).stdout)
         assert ev["access"]["allowed"] is True
-        ev = json.loads(rumor("policy", "evaluate", "web", "--source", "batch",
+        ev = json.loads(rumor("policy", "evaluate", "web", "--json", "--source", "batch",
                               "--api", agents[4].api).stdout)
         assert ev["access"]["allowed"] is False
 
@@ -175,7 +175,7 @@ def test_key_rotation_end_to_end(tmp_path: Path, keys: dict[str, Path]) -> None:
 
 
 def test_policy_cli_offline(tmp_path: Path, keys: dict[str, Path]) -> None:
-    for kind in ("route", "resilience", "access", "trust"):
+    for kind in ("route", "resilience", "access", "fault", "ratelimit", "trust"):
         text = rumor("policy", "example", kind).stdout
         path = tmp_path / f"{kind}.toml"
         path.write_text(text)

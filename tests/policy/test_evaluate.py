@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import textwrap
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from rumor.policy.documents import (
     ALL_INSTANCES,
     Document,
     ResilienceSpec,
+    RouteSpec,
     Subset,
     WeightedSubset,
 )
@@ -431,3 +433,180 @@ def test_access_is_decided_once_per_caller_and_destination() -> None:
     for i in range(5000):  # callers named by requests cannot grow the memo without bound
         ev.access(f"scanner-{i}", "db")
     assert len(ev._access_decisions) <= 4097
+
+
+# --- the traffic features of issue 28 ----------------------------------------------
+
+PATH_ROUTE = doc("""\
+    kind = "route"
+    name = "web-paths"
+    version = 1
+    service = "web"
+    [[subset]]
+    name = "canary"
+    version = "v2"
+
+    [[rule]]
+    name = "debug-reads"
+    method = ["GET", "HEAD"]
+    path = { prefix = "/api" }
+    query = [{ name = "debug", exact = "1" }]
+    subset = "canary"
+    [rule.request_headers]
+    set = { "x-env" = "canary" }
+    remove = ["x-debug"]
+
+    [[rule]]
+    name = "admin"
+    path = { exact = "/admin" }
+    headers = [{ name = "x-admin", present = true }]
+    subset = "canary"
+
+    [[rule]]
+    name = "writes"
+    method = "POST"
+    subset = "all"
+""")
+
+
+def fault_doc(name: str, service: str = "web", percent: float = 5.0) -> Document:
+    return doc(f"""\
+        kind = "fault"
+        name = "{name}"
+        version = 1
+        expires = 2030-01-01T00:00:00Z
+        service = "{service}"
+        [[rule]]
+        name = "testers"
+        headers = [{{ name = "x-fault", exact = "1" }}]
+        sources = ["checkout"]
+        delay = {{ duration = "1s", percent = 100.0 }}
+        [[rule]]
+        name = "all"
+        abort = {{ status = 503, percent = {percent} }}
+    """)
+
+
+def limit_doc(name: str, rate: int = 100) -> Document:
+    return doc(f"""\
+        kind = "ratelimit"
+        name = "{name}"
+        version = 1
+        service = "web"
+        requests_per_second = {rate}
+        [[source]]
+        name = "batch"
+        requests_per_second = 5
+    """)
+
+
+@pytest.mark.parametrize(("method", "path", "query", "headers", "rule"), [
+    ("GET", "/api", {"debug": "1"}, {}, "debug-reads"),
+    ("HEAD", "/api/users/7", {"debug": "1", "x": "2"}, {}, "debug-reads"),
+    ("GET", "/apix", {"debug": "1"}, {}, None),  # not the segment /api
+    ("GET", "/api", {"debug": "2"}, {}, None),
+    ("GET", "/api", {}, {}, None),
+    ("PUT", "/api", {"debug": "1"}, {}, None),
+    ("GET", "/admin", {}, {"X-Admin": ""}, "admin"),
+    ("GET", "/admin/", {}, {"x-admin": "1"}, None),  # exact
+    ("GET", "/admin", {}, {}, None),
+    ("POST", "/api", {"debug": "1"}, {}, "writes"),
+    ("POST", "/anything", {}, {}, "writes"),
+    ("post", "/anything", {}, {}, None),  # methods are case-sensitive
+])
+def test_rules_match_path_method_query_and_headers(
+        method: str, path: str, query: dict[str, str], headers: dict[str, str],
+        rule: str | None) -> None:
+    d = Evaluator([PATH_ROUTE]).route("web", headers, method=method, path=path, query=query)
+    assert d.rule == rule
+    assert d.policy == "web-paths"
+
+
+def test_a_matched_rule_carries_its_header_edits() -> None:
+    ev = Evaluator([PATH_ROUTE])
+    d = ev.route("web", {}, method="GET", path="/api", query={"debug": "1"})
+    assert d.request_headers.set == (("x-env", "canary"),)
+    assert d.request_headers.remove == ("x-debug",)
+    assert d.to_json()["request_headers"] == {"set": {"x-env": "canary"}, "add": {},
+                                              "remove": ["x-debug"]}
+    # No rule, another rule, or no document: no edits.
+    assert not ev.route("web", {}, method="GET", path="/").request_headers
+    assert not ev.route("web", {}, method="POST").request_headers
+    assert not Evaluator([]).route("web", {}).request_headers
+    assert "request_headers" not in ev.route("web", {}).to_json()
+    # The defaults are a GET of "/" without query (the old two-argument call).
+    assert ev.route("web", {}).rule is None
+    assert Evaluator([ROUTE]).route("web", {"x-canary": "1"}).rule == "forced"
+
+
+def test_route_needs_say_what_rules_read() -> None:
+    from rumor.policy.evaluate import RouteNeeds
+
+    assert isinstance(ROUTE.spec, RouteSpec)
+    shop = replace(ROUTE, name="z", spec=replace(ROUTE.spec, service="shop"))
+    ev = Evaluator([PATH_ROUTE, shop])
+    assert ev.route_needs("web") == RouteNeeds(frozenset({b"x-admin"}), True, True, True)
+    assert ev.route_headers("web") == frozenset({b"x-admin"})
+    assert ev.route_needs("shop") == RouteNeeds(
+        frozenset({b"x-canary", b"x-debug", b"x-group"}), False, False, False)
+    assert ev.route_needs("nothing") is None and ev.route_headers("nothing") is None
+    no_rules = doc('kind = "route"\nname = "r"\nversion = 1\nservice = "db"\n')
+    assert Evaluator([no_rules]).route_needs("db") == RouteNeeds()
+    only_method = doc('kind = "route"\nname = "m"\nversion = 1\nservice = "db"\n'
+                      '[[rule]]\nmethod = "GET"\nsubset = "all"\n')
+    assert Evaluator([only_method]).route_needs("db") == RouteNeeds(frozenset(), False, True,
+                                                                    False)
+
+
+def test_fault_and_ratelimit_lowest_name_wins() -> None:
+    a, b = fault_doc("a-fault", percent=1.0), fault_doc("b-fault", percent=2.0)
+    ev = Evaluator([b, a, fault_doc("other", service="db")])
+    found = ev.fault("web")
+    assert found is not None and found[0] == "a-fault" and found[1] is a.spec
+    assert any("fault: 2 documents" in c for c in ev.conflicts)
+    assert ev.fault("api") is None
+    assert ev.policy_name("fault", "db") == "other"
+    assert ev.names("db")
+    limits = Evaluator([limit_doc("z-limit", 1), limit_doc("m-limit", 2)])
+    got = limits.ratelimit("web")
+    assert got is not None and got[0] == "m-limit" and got[1].rate == 2.0
+    assert limits.ratelimit("db") is None and limits.policy_name("ratelimit", "web") == "m-limit"
+
+
+def test_evaluate_shows_fault_ratelimit_and_balancer() -> None:
+    bal = doc('kind = "resilience"\nname = "web-res"\nversion = 1\nservice = "web"\n'
+              'balancer = "hash"\nhash = { header = "x-user" }\n')
+    ev = Evaluator([PATH_ROUTE, fault_doc("web-fault"), limit_doc("web-limit"), bal])
+    out = ev.evaluate("web", source="checkout", headers={"X-Fault": "1"}, method="GET",
+                      path="/api/x", query={"debug": "1"})
+    json.dumps(out)
+    assert out["route"]["rule"] == "debug-reads"
+    assert out["request"] == {"method": "GET", "path": "/api/x", "query": {"debug": "1"},
+                              "source": "checkout"}
+    assert out["fault"]["policy"] == "web-fault"
+    assert out["fault"]["applies"]["name"] == "testers"
+    assert out["ratelimit"]["policy"] == "web-limit"
+    assert out["ratelimit"]["requests_per_second"] == 100.0
+    assert out["ratelimit"]["source_limit"] is None
+    assert out["balancer"]["algorithm"] == "hash"
+    assert out["balancer"]["hash"] == {"header": "x-user"}
+    assert out["resilience"]["balancer"]["algorithm"] == "hash"
+    other = ev.evaluate("web", source="batch")
+    assert other["fault"]["applies"]["name"] == "all"
+    assert other["ratelimit"]["source_limit"] == 5.0
+    assert other["route"]["rule"] is None
+    bare = Evaluator([]).evaluate("web")
+    assert bare["fault"] is None and bare["ratelimit"] is None
+    assert bare["balancer"]["algorithm"] == "peak_ewma"
+
+
+def test_split_target_and_parse_query() -> None:
+    from rumor.policy.evaluate import parse_query, split_target
+
+    assert split_target("/a/b?x=1&y#frag") == ("/a/b", "x=1&y")
+    assert split_target("/a") == ("/a", "")
+    assert parse_query("x=1&y&x=2&a%20b=c+d&&=v") == {"x": "1", "y": "", "a b": "c d",
+                                                       "": "v"}
+    assert parse_query("") == {}
+    many = "&".join(f"p{i}=1" for i in range(1000))
+    assert len(parse_query(many)) == 256

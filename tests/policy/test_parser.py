@@ -375,7 +375,7 @@ ERRORS: list[tuple[str, str, str, str]] = [
     ("bad version", ROUTE.replace('version = "v1"', "version = 1"), "subset[0].version",
      "expected a string, found integer 1"),
     ("rule without headers", ROUTE.replace('headers = [{ name = "X-Canary", exact = "1" }]\n',
-                                           ""), "rule[0].headers", "at least one header"),
+                                           ""), "rule[0]", "at least one condition"),
     ("rule with subset and split", ROUTE + 'split = [{ subset = "v1", weight = 1 }]\n',
      "rule[0]", 'exactly one of "subset"'),
     ("rule with neither", ROUTE.replace('exact = "1" }]\nsubset = "canary"\n', 'exact = "1" }]\n'),
@@ -672,3 +672,497 @@ def test_value_types_in_messages() -> None:
     with pytest.raises(PolicyError) as info:
         document_from_table({**table, "default": "x" * 100})
     assert info.value.message.endswith('found string "' + "x" * 55 + '..."')
+
+
+# --- the traffic features of issue 28 ----------------------------------------------
+
+FAULT = """\
+kind = "fault"
+name = "web-fault"
+version = 1
+expires = 2030-01-01T00:00:00Z
+service = "web"
+
+[[rule]]
+name = "slow"
+delay = { duration = "100ms", percent = 50.0 }
+"""
+
+RATELIMIT = """\
+kind = "ratelimit"
+name = "web-limit"
+version = 1
+service = "web"
+requests_per_second = 100
+"""
+
+RULE_HEAD = """\
+kind = "route"
+name = "r"
+version = 1
+service = "web"
+[[rule]]
+subset = "all"
+"""
+
+
+def rule_doc(body: str) -> str:
+    """A route whose one rule (to subset "all") has ``body`` (TOML lines; a
+    [rule.request_headers] table goes last)."""
+    return RULE_HEAD + textwrap.dedent(body)
+
+
+NEW_ERRORS: list[tuple[str, str, str, str]] = [
+    # resilience: balancer, hash, slow start
+    ("balancer typo", RESILIENCE + 'balancer = "peak-ewma"\n', "balancer",
+     'found string "peak-ewma" (did you mean "peak_ewma"?)'),
+    ("balancer unknown", RESILIENCE + 'balancer = "fastest"\n', "balancer",
+     'expected one of "peak_ewma", "least_request", "round_robin", "random", "hash"'),
+    ("balancer type", RESILIENCE + "balancer = 1\n", "balancer",
+     "expected a string, found integer 1"),
+    ("hash missing", RESILIENCE + 'balancer = "hash"\n', "hash",
+     'required when balancer = "hash"'),
+    ("hash without hash balancer", RESILIENCE + '[hash]\nheader = "x-user"\n', "hash",
+     '[hash] applies only to balancer = "hash"'),
+    ("hash with explicit other balancer", RESILIENCE + 'balancer = "random"\n'
+     '[hash]\ncookie = "s"\n', "hash", 'this document chooses "random"'),
+    ("hash both", RESILIENCE + 'balancer = "hash"\n[hash]\nheader = "x"\ncookie = "y"\n',
+     "hash", 'expected exactly one of "header" or "cookie", found both'),
+    ("hash none", RESILIENCE + 'balancer = "hash"\n[hash]\n', "hash", "found none"),
+    ("hash bad header", RESILIENCE + 'balancer = "hash"\n[hash]\nheader = "x user"\n',
+     "hash.header", "an HTTP header name"),
+    ("hash bad cookie", RESILIENCE + 'balancer = "hash"\n[hash]\ncookie = "a;b"\n',
+     "hash.cookie", "a cookie name"),
+    ("hash typo", RESILIENCE + 'balancer = "hash"\n[hash]\nheadr = "x"\n', "hash.headr",
+     'did you mean "header"?'),
+    ("hash not table", RESILIENCE + 'balancer = "hash"\nhash = "x-user"\n', "hash",
+     'expected a table, found string "x-user"'),
+    ("slow start long", RESILIENCE + '[slow_start]\nwindow = "11m"\n', "slow_start.window",
+     "expected a duration from 0s to 10m"),
+    ("slow start unitless", RESILIENCE + '[slow_start]\nwindow = "10"\n', "slow_start.window",
+     "expected a duration like"),
+    ("aggression zero", RESILIENCE + "[slow_start]\naggression = 0\n",
+     "slow_start.aggression", "expected a number more than 0 and at most 10, found integer 0"),
+    ("aggression high", RESILIENCE + "[slow_start]\naggression = 10.5\n",
+     "slow_start.aggression", "found float 10.5"),
+    ("aggression nan", RESILIENCE + "[slow_start]\naggression = nan\n",
+     "slow_start.aggression", "found float nan"),
+    ("min percent zero", RESILIENCE + "[slow_start]\nmin_percent = 0\n",
+     "slow_start.min_percent", "more than 0 and at most 100, found integer 0"),
+    ("min percent high", RESILIENCE + "[slow_start]\nmin_percent = 101\n",
+     "slow_start.min_percent", "found integer 101"),
+    ("slow start typo", RESILIENCE + '[slow_start]\nwindw = "1s"\n', "slow_start.windw",
+     'did you mean "window"?'),
+    # route: path, method, query
+    ("path not table", rule_doc('path = "/a"\n'), "rule[0].path",
+     'expected a table, found string "/a"'),
+    ("path both", rule_doc('path = { exact = "/a", prefix = "/a" }\n'), "rule[0].path",
+     'expected exactly one of "exact" or "prefix", found exact and prefix'),
+    ("path none", rule_doc("path = {}\n"), "rule[0].path", "found none"),
+    ("path regex", rule_doc('path = { regex = "/a.*" }\n'), "rule[0].path.regex",
+     "unknown key"),
+    ("path relative", rule_doc('path = { prefix = "api" }\n'), "rule[0].path.prefix",
+     'expected a path starting with "/", found string "api"'),
+    ("path empty", rule_doc('path = { exact = "" }\n'), "rule[0].path.exact",
+     'starting with "/"'),
+    ("path with query", rule_doc('path = { exact = "/a?b=1" }\n'), "rule[0].path.exact",
+     "no query, fragment, space or control character"),
+    ("path with space", rule_doc('path = { prefix = "/a b" }\n'), "rule[0].path.prefix",
+     "no query"),
+    ("path with newline", rule_doc('path = { prefix = "/a\\n" }\n'), "rule[0].path.prefix",
+     "control character"),
+    ("path double slash", rule_doc('path = { prefix = "/a//b" }\n'), "rule[0].path.prefix",
+     'cannot contain "//"'),
+    ("path type", rule_doc("path = { exact = 1 }\n"), "rule[0].path.exact",
+     "expected a string, found integer 1"),
+    ("path too long", rule_doc(f'path = {{ exact = "/{"a" * 1024}" }}\n'),
+     "rule[0].path.exact", "at most 1024 characters"),
+    ("method bad", rule_doc('method = "GE T"\n'), "rule[0].method",
+     'expected an HTTP method like "GET"'),
+    ("method type", rule_doc("method = 1\n"), "rule[0].method", "found integer 1"),
+    ("method list entry", rule_doc('method = ["GET", 1]\n'), "rule[0].method[1]",
+     "found integer 1"),
+    ("method twice", rule_doc('method = ["GET", "get"]\n'), "rule[0].method[1]",
+     'method "GET" is listed twice'),
+    ("method empty", rule_doc("method = []\n"), "rule[0].method",
+     "expected at least 1 entry, found 0"),
+    ("method many", rule_doc("method = [" + ", ".join(f'"M{i}"' for i in range(17)) + "]\n"),
+     "rule[0].method", "at most 16 entries"),
+    ("query no op", rule_doc('query = [{ name = "a" }]\n'), "rule[0].query[0]",
+     'expected exactly one of "exact" or "present", found none'),
+    ("query two ops", rule_doc('query = [{ name = "a", exact = "1", present = true }]\n'),
+     "rule[0].query[0]", "found exact and present"),
+    ("query prefix", rule_doc('query = [{ name = "a", prefix = "1" }]\n'),
+     "rule[0].query[0].prefix", "unknown key"),
+    ("query bad name", rule_doc('query = [{ name = "a b", present = true }]\n'),
+     "rule[0].query[0].name", "a query parameter name"),
+    ("query name with =", rule_doc('query = [{ name = "a=b", present = true }]\n'),
+     "rule[0].query[0].name", "a query parameter name"),
+    ("query missing name", rule_doc('query = [{ exact = "1" }]\n'), "rule[0].query[0].name",
+     "required key is missing"),
+    ("query value newline", rule_doc('query = [{ name = "a", exact = "1\\r" }]\n'),
+     "rule[0].query[0].exact", "cannot contain CR, LF or NUL"),
+    ("query present type", rule_doc('query = [{ name = "a", present = 1 }]\n'),
+     "rule[0].query[0].present", "expected true or false"),
+    ("query not array", rule_doc('query = { name = "a", present = true }\n'), "rule[0].query",
+     "expected an array, found table"),
+    ("rule without any condition", RULE_HEAD, "rule[0]",
+     'expected at least one condition ("path", "method", "query" or "headers"'),
+    ("rule with only edits", rule_doc('[rule.request_headers]\nset = { "x-a" = "1" }\n'),
+     "rule[0]", "at least one condition"),
+    # route: request header edits
+    ("edits typo", rule_doc('method = "GET"\n[rule.request_headers]\nappend = {}\n'),
+     "rule[0].request_headers.append", "unknown key (expected one of set, add, remove)"),
+    ("edits not table", rule_doc('method = "GET"\nrequest_headers = ["x"]\n'),
+     "rule[0].request_headers", "expected a table, found array of 1"),
+    ("set not table", rule_doc('method = "GET"\n[rule.request_headers]\nset = ["x-a"]\n'),
+     "rule[0].request_headers.set", "expected a table of header names and values"),
+    ("set mesh header", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                                 'set = { "x-rumor-source" = "admin" }\n'),
+     "rule[0].request_headers.set.x-rumor-source", "is a mesh header (x-rumor-*)"),
+    ("add mesh header", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                                 'add = { "x-rumor-trace" = "1" }\n'),
+     "rule[0].request_headers.add.x-rumor-trace", "mesh header"),
+    ("remove mesh header", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                                    'remove = ["x-rumor-source"]\n'),
+     "rule[0].request_headers.remove[0]", "mesh header"),
+    ("set host", rule_doc('method = "GET"\n[rule.request_headers]\nset = { host = "evil" }\n'),
+     "rule[0].request_headers.set.host", "frames or addresses the request"),
+    ("set content-length", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                                    'set = { "content-length" = "0" }\n'),
+     "rule[0].request_headers.set.content-length", "frames or addresses"),
+    ("add transfer-encoding", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                                       'add = { "transfer-encoding" = "chunked" }\n'),
+     "rule[0].request_headers.add.transfer-encoding", "frames or addresses"),
+    ("remove connection", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                                   'remove = ["connection"]\n'),
+     "rule[0].request_headers.remove[0]", "hop-by-hop"),
+    ("set upgrade", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                             'set = { upgrade = "h2c" }\n'),
+     "rule[0].request_headers.set.upgrade", "frames or addresses"),
+    ("set te", rule_doc('method = "GET"\n[rule.request_headers]\nset = { te = "trailers" }\n'),
+     "rule[0].request_headers.set.te", "frames or addresses"),
+    ("upper-case name", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                                 'set = { "X-Env" = "1" }\n'),
+     "rule[0].request_headers.set.X-Env", 'expected a lower-case header name, found string '
+     '"X-Env" (write "x-env")'),
+    ("name not a token", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                                  'set = { "x env" = "1" }\n'),
+     'rule[0].request_headers.set."x env"', "an HTTP header name"),
+    ("name with colon", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                                 'add = { "x-a:" = "1" }\n'),
+     'rule[0].request_headers.add."x-a:"', "an HTTP header name"),
+    ("remove not a token", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                                    'remove = ["x\\r\\ny"]\n'),
+     "rule[0].request_headers.remove[0]", "an HTTP header name"),
+    ("remove type", rule_doc('method = "GET"\n[rule.request_headers]\nremove = [1]\n'),
+     "rule[0].request_headers.remove[0]", "found integer 1"),
+    ("value crlf", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                            'set = { "x-a" = "1\\r\\nx-rumor-source: admin" }\n'),
+     "rule[0].request_headers.set.x-a", "cannot contain CR, LF or NUL"),
+    ("value nul", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                           'add = { "x-a" = "1\\u0000" }\n'),
+     "rule[0].request_headers.add.x-a", "cannot contain CR, LF or NUL"),
+    ("value control", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                               'set = { "x-a" = "1\\u0001" }\n'),
+     "rule[0].request_headers.set.x-a", "control character 0x01"),
+    ("value del", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                           'set = { "x-a" = "1\\u007f" }\n'),
+     "rule[0].request_headers.set.x-a", "control character 0x7f"),
+    ("value non-ascii", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                                 'set = { "x-a" = "é" }\n'),
+     "rule[0].request_headers.set.x-a", "expected an ASCII header value"),
+    ("value padded", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                              'set = { "x-a" = " 1" }\n'),
+     "rule[0].request_headers.set.x-a", "cannot start or end with whitespace"),
+    ("value too long", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                                f'set = {{ "x-a" = "{"v" * 1025}" }}\n'),
+     "rule[0].request_headers.set.x-a", "expected at most 1024 characters, found 1025"),
+    ("value type", rule_doc('method = "GET"\n[rule.request_headers]\nset = { "x-a" = 1 }\n'),
+     "rule[0].request_headers.set.x-a", "expected a string, found integer 1"),
+    ("set and remove", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                                'set = { "x-a" = "1" }\nremove = ["x-a"]\n'),
+     "rule[0].request_headers.remove[0]", 'header "x-a" is also in set'),
+    ("set and add", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                             'set = { "x-a" = "1" }\nadd = { "x-a" = "2" }\n'),
+     "rule[0].request_headers.add.x-a", 'header "x-a" is also in set'),
+    ("remove twice", rule_doc('method = "GET"\n[rule.request_headers]\n'
+                              'remove = ["x-a", "x-a"]\n'),
+     "rule[0].request_headers.remove[1]", 'is also in remove'),
+    ("too many edits", rule_doc('method = "GET"\n[rule.request_headers]\nset = {'
+                                + ", ".join(f'"x-{i}" = "1"' for i in range(17)) + "}\n"),
+     "rule[0].request_headers.set", "expected at most 16 headers, found 17"),
+    # fault
+    ("fault without expires", FAULT.replace("expires = 2030-01-01T00:00:00Z\n", ""),
+     "expires", "required for a fault document"),
+    ("fault without service", FAULT.replace('service = "web"\n', ""), "service",
+     "required key is missing"),
+    ("fault without rules", FAULT[:FAULT.index("[[rule]]")], "rule",
+     "required key is missing"),
+    ("fault empty rules", FAULT[:FAULT.index("[[rule]]")] + "rule = []\n", "rule",
+     "expected at least 1 entry, found 0"),
+    ("fault rule without fault", FAULT.replace('delay = { duration = "100ms", percent = 50.0 }',
+                                               ""), "rule[0]", 'expected "delay", "abort" or both'),
+    ("fault delay long", FAULT.replace('"100ms"', '"61s"'), "rule[0].delay.duration",
+     "expected a duration from more than 0s to 1m"),
+    ("fault delay zero", FAULT.replace('"100ms"', '"0s"'), "rule[0].delay.duration",
+     "from more than 0s"),
+    ("fault delay missing duration", FAULT.replace('duration = "100ms", ', ""),
+     "rule[0].delay.duration", "required key is missing"),
+    ("fault delay missing percent", FAULT.replace(", percent = 50.0", ""),
+     "rule[0].delay.percent", "required key is missing"),
+    ("fault percent zero", FAULT.replace("50.0", "0.0"), "rule[0].delay.percent",
+     "expected a number more than 0 and at most 100, found float 0.0"),
+    ("fault percent high", FAULT.replace("50.0", "100.5"), "rule[0].delay.percent",
+     "found float 100.5"),
+    ("fault percent string", FAULT.replace("50.0", '"50%"'), "rule[0].delay.percent",
+     'found string "50%"'),
+    ("fault delay typo", FAULT.replace("percent = 50.0", "percent = 50.0, jitter = \"1s\""),
+     "rule[0].delay.jitter", "unknown key"),
+    ("abort status low", FAULT + "abort = { status = 399, percent = 1.0 }\n",
+     "rule[0].abort.status", "expected an integer from 400 to 599, found integer 399"),
+    ("abort status high", FAULT + "abort = { status = 600, percent = 1.0 }\n",
+     "rule[0].abort.status", "found integer 600"),
+    ("abort status string", FAULT + 'abort = { status = "503", percent = 1.0 }\n',
+     "rule[0].abort.status", 'found string "503"'),
+    ("abort both", FAULT + "abort = { status = 503, reset = true, percent = 1.0 }\n",
+     "rule[0].abort", 'expected exactly one of "status"'),
+    ("abort none", FAULT + "abort = { percent = 1.0 }\n", "rule[0].abort", "found none"),
+    ("abort reset false", FAULT + "abort = { reset = false, percent = 1.0 }\n",
+     "rule[0].abort.reset", "expected true"),
+    ("abort reset type", FAULT + 'abort = { reset = "yes", percent = 1.0 }\n',
+     "rule[0].abort.reset", "expected true or false"),
+    ("abort missing percent", FAULT + "abort = { status = 503 }\n", "rule[0].abort.percent",
+     "required key is missing"),
+    ("fault sources bad", FAULT + 'sources = ["a b"]\n', "rule[0].sources[0]",
+     'expected a source service name, found string "a b"'),
+    ("fault sources star", FAULT + 'sources = ["*"]\n', "rule[0].sources[0]",
+     "expected a source service name"),
+    ("fault sources twice", FAULT + 'sources = ["api", "api"]\n', "rule[0].sources[1]",
+     '"api" is listed twice'),
+    ("fault sources string", FAULT + 'sources = "api"\n', "rule[0].sources",
+     "expected an array"),
+    ("fault headers no op", FAULT + 'headers = [{ name = "x-a" }]\n', "rule[0].headers[0]",
+     'expected exactly one of "exact", "prefix" or "present", found none'),
+    ("fault headers bad name", FAULT + 'headers = [{ name = "x a", present = true }]\n',
+     "rule[0].headers[0].name", "an HTTP header name"),
+    ("fault route rule", FAULT + 'route_rule = "Canary"\n', "rule[0].route_rule",
+     "the name of a rule of the service's route document"),
+    ("fault rule twice", FAULT + FAULT[FAULT.index("[[rule]]"):], "rule[1].name",
+     'rule "slow" is defined twice'),
+    ("fault unknown rule key", FAULT + 'sleep = "1s"\n', "rule[0].sleep", "unknown key"),
+    ("fault unknown top key", FAULT.replace('service = "web"', 'service = "web"\nrules = []'),
+     "rules", 'did you mean "rule"?'),
+    # ratelimit
+    ("rate zero", RATELIMIT.replace("= 100", "= 0"), "requests_per_second",
+     "expected a number more than 0 and at most 10000000, found integer 0"),
+    ("rate high", RATELIMIT.replace("= 100", "= 1e8"), "requests_per_second",
+     "found float 100000000.0"),
+    ("rate string", RATELIMIT.replace("= 100", '= "100/s"'), "requests_per_second",
+     'found string "100/s"'),
+    ("rate inf", RATELIMIT.replace("= 100", "= inf"), "requests_per_second", "found float inf"),
+    ("rate missing", RATELIMIT.replace("requests_per_second = 100\n", ""),
+     "requests_per_second", "required key is missing (it may be left out only when "
+     "[[source]] limits are given)"),
+    ("burst zero", RATELIMIT + 'burst = "0s"\n', "burst",
+     "expected a duration from more than 0s to 1m"),
+    ("burst long", RATELIMIT + 'burst = "2m"\n', "burst", "to 1m"),
+    ("burst number", RATELIMIT + "burst = 1\n", "burst", "expected a duration string"),
+    ("source bad name", RATELIMIT + '[[source]]\nname = "a b"\nrequests_per_second = 1\n',
+     "source[0].name", "a service name"),
+    ("source twice", RATELIMIT + '[[source]]\nname = "a"\nrequests_per_second = 1\n'
+     '[[source]]\nname = "a"\nrequests_per_second = 2\n', "source[1].name",
+     'source "a" is listed twice'),
+    ("source missing rate", RATELIMIT + '[[source]]\nname = "a"\n',
+     "source[0].requests_per_second", "required key is missing"),
+    ("source rate zero", RATELIMIT + '[[source]]\nname = "a"\nrequests_per_second = 0\n',
+     "source[0].requests_per_second", "more than 0"),
+    ("source typo", RATELIMIT + '[[source]]\nname = "a"\nrate = 1\n', "source[0].rate",
+     "unknown key"),
+    ("ratelimit typo", RATELIMIT + "requests_per_minute = 1\n", "requests_per_minute",
+     'did you mean "requests_per_second"?'),
+]
+
+
+@pytest.mark.parametrize(("text", "field", "fragment"), [e[1:] for e in NEW_ERRORS],
+                         ids=[e[0] for e in NEW_ERRORS])
+def test_precise_errors_of_the_traffic_features(text: str, field: str, fragment: str) -> None:
+    e = error(text)
+    assert e.source == "test.toml"
+    assert e.field == field, str(e)
+    assert fragment in e.message, str(e)
+
+
+def test_balancer_hash_and_slow_start_parse() -> None:
+    from rumor.policy.documents import DEFAULT_BALANCER_SPEC, BalancerSpec, HashOn, SlowStart
+
+    spec = parse(RESILIENCE).spec
+    assert isinstance(spec, ResilienceSpec) and spec.balancer == DEFAULT_BALANCER_SPEC
+    assert spec.balancer.algorithm == "peak_ewma"
+    assert spec.balancer.slow_start == SlowStart(10.0, 1.0, 10.0)
+    spec = parse(RESILIENCE + 'balancer = "hash"\n[hash]\nheader = "X-User"\n'
+                 '[slow_start]\nwindow = "0s"\naggression = 2\nmin_percent = 100\n').spec
+    assert isinstance(spec, ResilienceSpec)
+    assert spec.balancer == BalancerSpec("hash", HashOn(header="x-user"), SlowStart(0.0, 2.0,
+                                                                                    100.0))
+    spec = parse(RESILIENCE + 'balancer = "hash"\nhash = { cookie = "Session" }\n').spec
+    assert isinstance(spec, ResilienceSpec)
+    assert spec.balancer.hash_on == HashOn(cookie="Session")  # cookie names keep their case
+    assert spec.balancer.to_json()["hash"] == {"cookie": "Session"}
+    for name in ("least_request", "round_robin", "random"):
+        spec = parse(RESILIENCE + f'balancer = "{name}"\n').spec
+        assert isinstance(spec, ResilienceSpec) and spec.balancer.algorithm == name
+        assert spec.balancer.hash_on is None
+
+
+def test_route_rule_conditions_and_edits_parse() -> None:
+    from rumor.policy.documents import HeaderEdits, PathMatch, QueryMatch
+
+    spec = parse(rule_doc('''\
+        path = { prefix = "/api/" }
+        method = ["get", "HEAD"]
+        query = [{ name = "debug", exact = "1" }, { name = "x", present = false }]
+        [rule.request_headers]
+        set = { "x-env" = "canary" }
+        add = { "x-tag" = "a b" }
+        remove = ["x-debug-token", "cookie"]
+        ''')).spec
+    assert isinstance(spec, RouteSpec)
+    (rule,) = spec.rules
+    assert rule.path == PathMatch("prefix", "/api")  # the trailing "/" is dropped
+    assert rule.methods == ("GET", "HEAD")
+    assert rule.query == (QueryMatch("debug", "exact", "1"), QueryMatch("x", "absent"))
+    assert rule.headers == ()
+    assert rule.request_headers == HeaderEdits((("x-env", "canary"),), (("x-tag", "a b"),),
+                                               ("x-debug-token", "cookie"))
+    one = parse(rule_doc('method = "PATCH"\npath = { exact = "/a/" }\n')).spec
+    assert isinstance(one, RouteSpec)
+    assert one.rules[0].methods == ("PATCH",)
+    assert one.rules[0].path == PathMatch("exact", "/a/")  # exact keeps it
+    root = parse(rule_doc('path = { prefix = "/" }\n')).spec
+    assert isinstance(root, RouteSpec) and root.rules[0].path == PathMatch("prefix", "/")
+    plain = parse(ROUTE).spec
+    assert isinstance(plain, RouteSpec)
+    assert plain.rules[0].path is None and plain.rules[0].methods == ()
+    assert not plain.rules[0].request_headers
+
+
+def test_fault_parses() -> None:
+    from rumor.policy.documents import FaultAbort, FaultDelay, FaultSpec
+
+    doc = parse(FAULT + 'sources = ["checkout"]\nheaders = [{ name = "X-Fault", exact = "1" }]\n'
+                'route_rule = "canary"\nabort = { reset = true, percent = 5 }\n'
+                '[[rule]]\nabort = { status = 503, percent = 100 }\n')
+    assert doc.kind == "fault" and doc.service == "web"
+    assert doc.expires == datetime(2030, 1, 1, tzinfo=UTC).timestamp()
+    spec = doc.spec
+    assert isinstance(spec, FaultSpec)
+    first, second = spec.rules
+    assert (first.name, first.sources, first.route_rule) == ("slow", ("checkout",), "canary")
+    assert first.headers == (HeaderMatch("x-fault", "exact", "1"),)
+    assert first.delay == FaultDelay(0.1, 50.0)
+    assert first.abort == FaultAbort(None, 5.0)
+    assert second.name == "rule[1]" and second.delay is None
+    assert second.abort == FaultAbort(503, 100.0)
+    assert doc.to_json()["spec"]["rules"][0]["abort"] == {"reset": True, "percent": 5.0}
+
+
+def test_ratelimit_parses() -> None:
+    from rumor.policy.documents import RateLimitSpec, SourceLimit
+
+    spec = parse(RATELIMIT).spec
+    assert spec == RateLimitSpec("web", 100.0, 1.0, ())
+    spec = parse(RATELIMIT.replace("requests_per_second = 100\n", "")
+                 + 'burst = "250ms"\n[[source]]\nname = "batch"\nrequests_per_second = 2.5\n'
+                 '[[source]]\nname = "api"\nrequests_per_second = 1e7\n').spec
+    assert spec == RateLimitSpec("web", None, 0.25, (SourceLimit("batch", 2.5),
+                                                     SourceLimit("api", 1e7)))
+
+
+def test_required_release() -> None:
+    from dataclasses import replace
+
+    from rumor.policy.documents import RouteRule, document_features, required_release
+
+    assert required_release(parse(ROUTE)) is None
+    assert required_release(parse(RESILIENCE)) is None
+    assert required_release(parse(ACCESS)) is None
+    assert required_release(parse(TRUST)) is None
+    assert required_release(parse(FAULT)) == "0.2.0"
+    assert required_release(parse(RATELIMIT)) == "0.2.0"
+    # An explicit default is still a key an older parser refuses.
+    explicit = parse(RESILIENCE + 'balancer = "peak_ewma"\n')
+    assert document_features(explicit) == {"resilience.balancer"}
+    assert required_release(explicit) == "0.2.0"
+    assert document_features(parse(RESILIENCE + '[slow_start]\nwindow = "10s"\n')) == {
+        "resilience.slow_start"}
+    assert document_features(parse(RESILIENCE + 'balancer = "hash"\nhash = { header = "x" }'
+                                   "\n")) == {"resilience.balancer", "resilience.hash"}
+    assert document_features(parse(rule_doc('method = "GET"\n'))) == {"route.rule.method"}
+    assert document_features(parse(rule_doc('path = { exact = "/" }\n'))) == {
+        "route.rule.path"}
+    assert document_features(parse(rule_doc('query = [{ name = "a", present = true }]\n'))) \
+        == {"route.rule.query"}
+    assert document_features(parse(rule_doc(
+        'method = "GET"\n[rule.request_headers]\nremove = ["x-a"]\n'))) == {
+        "route.rule.method", "route.rule.request_headers"}
+    assert document_features(parse(EXAMPLES["route"])) == {
+        "route.rule.path", "route.rule.method", "route.rule.query",
+        "route.rule.request_headers"}
+    # A document built in code (no parser record) is judged by its values.
+    route = parse(ROUTE)
+    assert isinstance(route.spec, RouteSpec)
+    rule = route.spec.rules[0]
+    built = replace(route, spec=replace(route.spec, rules=(replace(rule, methods=("GET",)),)))
+    assert built.features == frozenset() and required_release(built) == "0.2.0"
+    assert isinstance(rule, RouteRule)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["fault", "ratelimit", "route", "resilience"]), st.data())
+def test_mutated_new_kinds_raise_only_policy_error(kind: str, data: st.DataObject) -> None:
+    table = tomllib.loads(EXAMPLES[kind])
+    for _ in range(data.draw(st.integers(1, 4))):
+        table = _mutate(table, data, top=True)
+    try:
+        doc = document_from_table(table)
+    except PolicyError as e:
+        assert e.message and str(e).startswith("<document>: ")
+    else:
+        assert doc.kind == kind
+        doc.to_json()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=12), st.text(max_size=20),
+       st.sampled_from(["set", "add", "remove"]))
+def test_hostile_header_edits_are_refused_or_safe(name: str, value: str, where: str) -> None:
+    from rumor.policy.documents import PROTECTED_HEADERS
+
+    table = tomllib.loads(rule_doc('method = "GET"\n'))
+    edit: dict[str, Any] = {"remove": [name]} if where == "remove" else {where: {name: value}}
+    table["rule"][0]["request_headers"] = edit
+    try:
+        doc = document_from_table(table)
+    except PolicyError as e:
+        assert e.field.startswith("rule[0].request_headers")
+        return
+    assert isinstance(doc.spec, RouteSpec)
+    edits = doc.spec.rules[0].request_headers
+    for n in edits.names():
+        assert re.fullmatch(r"[!#$%&'*+.^_`|~0-9a-z-]+", n)
+        assert n not in PROTECTED_HEADERS and not n.startswith("x-rumor-")
+    for _, v in edits.set + edits.add:
+        assert v.isascii() and not any(ord(c) < 0x20 and c != "\t" for c in v)
+        assert len(v) <= 1024 and "\x7f" not in v
+        v.encode("latin-1")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["fault", "ratelimit"]), st.integers(0, 2**32),
+       st.text(TOML_CHARS, max_size=60))
+def test_new_kinds_cut_and_continued_raise_only_policy_error(kind: str, n: int,
+                                                             tail: str) -> None:
+    base = EXAMPLES[kind]
+    with contextlib.suppress(PolicyError):
+        parse_document(base[: n % (len(base) + 1)] + tail)

@@ -299,3 +299,69 @@ def test_directory_roundtrip_and_set_aside(tmp_path: Path) -> None:
     assert data is not None and s.offer(NOW, data).status == REJECTED
     moved = d.set_aside(p)
     assert moved.parent == d.rejected_dir and not p.exists() and d.load() == []
+
+
+# --- fault documents: a bounded lifetime, checked at acceptance (issue 28) ----------
+
+def fault_body(expires: str = "2030-01-01T00:00:00Z") -> bytes:
+    return (f'kind = "fault"\nname = "web-fault"\nversion = 1\nexpires = {expires}\n'
+            'service = "web"\n[[rule]]\nabort = { status = 503, percent = 50.0 }\n').encode()
+
+
+def fault_envelope(lifetime: float | None, issued: float = NOW - 10) -> bytes:
+    return envelope(fault_body(), [K1], name="web-fault", kind="fault", issued=issued,
+                    expires=None if lifetime is None else issued + lifetime)
+
+
+def test_a_fault_document_living_over_24h_is_rejected_at_acceptance() -> None:
+    from rumor.policy.documents import MAX_FAULT_LIFETIME
+
+    s = PolicyStore(TrustSet.of([K1.public]))
+    out = s.offer(NOW, fault_envelope(MAX_FAULT_LIFETIME + 1))
+    assert out.status == REJECTED and out.reason == "invalid"
+    assert "a fault document must expire at most 24h after it is signed" in out.detail
+    assert "24.00h after it was signed" in out.detail
+    assert s.rejections["invalid"] == 1 and "web-fault" not in s.held
+    out = s.offer(NOW, fault_envelope(None))
+    assert out.reason == "invalid" and "no expiry" in out.detail
+    assert s.rejections["invalid"] == 2
+    assert s.offer(NOW, fault_envelope(MAX_FAULT_LIFETIME)).accepted  # exactly 24h: fine
+    # Other kinds may live as long as they like.
+    assert s.offer(NOW, doc(keys=[K1], expires=NOW + 10 * MAX_FAULT_LIFETIME)).accepted
+
+
+def test_an_overlong_fault_is_never_relayed() -> None:
+    from rumor.gossip.config import LAN
+    from rumor.policy.replication import PolicyReplicator
+
+    from ..fakenet import FakeNet
+
+    net = FakeNet(LAN.with_overrides(push_pull_interval=10.0))
+    reps = []
+    for core in net.cluster(3):
+        r = PolicyReplicator(core, PolicyStore(TrustSet.of([K1.public])), wall_offset=NOW)
+        core.register(r)
+        reps.append(r)
+    bad = fault_envelope(48 * 3600.0, issued=NOW + net.now)
+    assert reps[0].publish(net.now, bad).reason == "invalid"
+    net.flush(reps[0].core.name)
+    net.run(30)
+    assert all(r.store.get("web-fault") is None for r in reps)
+    assert all(not r.store.rejections for r in reps[1:])  # nobody else ever saw it
+
+
+def test_an_expired_fault_stops_applying() -> None:
+    from rumor.policy.evaluate import Evaluator
+
+    s = PolicyStore(TrustSet.of([K1.public]))
+    assert s.offer(NOW, fault_envelope(3600.0)).accepted
+    assert Evaluator(s.documents()).fault("web") is not None
+    assert s.next_expiry() == NOW - 10 + 3600.0
+    assert s.expire(NOW + 3000) == []  # not yet
+    assert Evaluator(s.documents()).fault("web") is not None
+    gone = s.expire(NOW - 10 + 3600.0)
+    assert [h.envelope.name for h in gone] == ["web-fault"]
+    assert Evaluator(s.documents()).fault("web") is None
+    assert s.counts["expired"] == 1
+    # Offered again after its expiry (a peer's late copy): refused as expired.
+    assert s.offer(NOW + 3600, fault_envelope(3600.0)).reason == "expired"
