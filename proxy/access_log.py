@@ -29,8 +29,8 @@ from typing import IO, Any
 
 import trio
 
-from .attempts import Endpoint, Event
-from .observe import Exchange
+from .attempts import Endpoint
+from .observe import Event, Exchange
 
 log = logging.getLogger("rumor.proxy")
 
@@ -151,4 +151,6 @@ class AccessLogObserver:
             entry["route_rule"] = x.route_rule
         if x.fault is not None:
             entry["fault"] = x.fault
+            if x.fault_delay:
+                entry["fault_delay_ms"] = round(x.fault_delay * 1000, 3)
         self.log.write(entry)

@@ -27,9 +27,11 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
+from ..policy.documents import RateLimitSpec
 from ..policy.evaluate import Evaluator
 from .errors import ErrorCode, try_failure_code
 from .headers import (
@@ -45,8 +47,9 @@ from .headers import (
     response_headers,
 )
 from .mesh_view import MeshView
-from .observe import Exchange, NullObserver, Observer, RequestEnd
+from .observe import Exchange, NullObserver, Observer, RateLimited, RequestEnd
 from .pool import TryFailed, UpstreamPool
+from .ratelimit import MeshRateLimit, retry_after_header
 from .relay import Forward, Reply, Request, request_head_start, simple_reply
 from .sockio import Watchdog
 from .tls import MeshTls
@@ -59,6 +62,20 @@ LOCAL_TIMEOUT = 300.0
 LOCAL_CONNECT_TIMEOUT = 2.0
 #: Request bodies up to this size go to the local service in the head's write.
 BUFFERED_BODY = 64 * 1024
+
+
+#: Longest a rate limit's share is kept without re-reading the live instances.
+RESIZE_INTERVAL = 1.0
+#: The key the local instances of a service go by in their own limiter.
+LOCAL_KEY = "(this agent)"
+
+
+@dataclass(slots=True)
+class _HeldLimit:
+    spec: RateLimitSpec
+    version: int
+    at: float
+    limit: MeshRateLimit
 
 
 class InboundProxy:
@@ -78,6 +95,7 @@ class InboundProxy:
         self.watchdog = Watchdog()
         self.pool = pool or UpstreamPool(self.watchdog)
         self._denied_logged: set[tuple[str, str]] = set()
+        self._limits: dict[str, _HeldLimit] = {}
 
     async def __call__(self, req: Request) -> Reply | Forward:
         source_raw = req.header(b"x-rumor-source")
@@ -100,9 +118,16 @@ class InboundProxy:
         host, port, instance = local
         x.instance = instance
         # access
-        refused = self._access(req, x)
+        ev = self._evaluator()
+        refused = self._access(req, x, ev)
         if refused is not None:
             return refused
+        # rate limit
+        found = ev.ratelimit(service)
+        if found is not None:
+            limited = self._rate_limit(x, found[0], found[1])
+            if limited is not None:
+                return limited
         # exchange
         hs = end_to_end(req.headers, drop=MESH_HEADERS)
         forwarded_for(hs, req.client.rsplit(":", 1)[0])
@@ -129,7 +154,55 @@ class InboundProxy:
         return Forward(resp, response_headers(resp.head.headers), self.pool,
                        on_done=RequestEnd(self.observer, x, None, trio.current_time))
 
-    def _access(self, req: Request, x: Exchange) -> Reply | None:
+    def _rate_limit(self, x: Exchange, name: str, spec: RateLimitSpec) -> Reply | None:
+        """This instance's share of the mesh-wide limit: None to go on, else the 429."""
+        now = trio.current_time()
+        limit = self._limit_of(x.service, spec, now)
+        admission = limit.admit(now, x.source)
+        if admission.ok:
+            return None
+        self.observer.decided(x, RateLimited(admission.limit))
+        if admission.limit == "total":
+            what, share = "the mesh-wide limit", limit.share
+        else:
+            source = admission.limit.removeprefix("source:")
+            what, share = f"the limit for callers {source!r}", limit.source_share(source)
+        out = self._refuse(x, 429, ErrorCode.RATE_LIMITED,
+                           f"{what} of {x.service} is used up (this instance's share: "
+                           f"{share or 0:.3g}/s)", policy=f"ratelimit/{name}")
+        out.headers.append((b"retry-after", retry_after_header(admission.retry_after)))
+        return out
+
+    def _limit_of(self, service: str, spec: RateLimitSpec, now: float) -> MeshRateLimit:
+        """The service's limiter, re-sized when the instances gossip knows change (the
+        mesh view's version) and at least every ``RESIZE_INTERVAL``."""
+        held = self._limits.get(service)
+        version = self.mesh.version
+        if held is not None and held.spec is spec and held.version == version \
+                and now - held.at < RESIZE_INTERVAL:
+            return held.limit
+        own, live = self._weights(service)
+        if held is None or held.spec is not spec:
+            limit = MeshRateLimit(spec, instance=LOCAL_KEY, own_weight=own, live_weights=live)
+            if len(self._limits) >= 4096:
+                self._limits.clear()
+        else:
+            limit = held.limit
+            limit.resize(own, live, now=now)
+        self._limits[service] = _HeldLimit(spec, version, now, limit)
+        return limit
+
+    def _weights(self, service: str) -> tuple[float, dict[str, float]]:
+        """(this agent's weight for ``service``: its local instances', the other live
+        instances' weights by key)."""
+        local = list(self.mesh.local_instances(service))
+        mine = {li.key for li in local}
+        own = float(sum(li.weight for li in local))
+        live = {e.key: float(e.weight) for e in self.mesh.endpoints(service)
+                if e.key not in mine}
+        return own, live
+
+    def _access(self, req: Request, x: Exchange, ev: Evaluator) -> Reply | None:
         """None if the caller may call the service, else the 403."""
         service = x.service
         holds: frozenset[str] = frozenset()
@@ -139,7 +212,7 @@ class InboundProxy:
                 return self._deny(x, refused, None)
             if req.peer is not None:  # a caller naming several services: judged by all
                 holds = req.peer.services
-        decision = self._evaluator().access_as(x.source, holds, service)
+        decision = ev.access_as(x.source, holds, service)
         if not decision.allowed:
             x.source = decision.source
             return self._deny(x, decision.reason, decision.policy)

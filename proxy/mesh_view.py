@@ -29,6 +29,8 @@ class LocalInstance:
     host: str
     port: int
     weight: int
+    #: Its endpoint key as callers know it ("node/id").
+    key: str = ""
 
 
 class MeshView(Protocol):
@@ -86,7 +88,8 @@ class NodeView:
         for sid, ls in self.node.parts.catalog.local.items():
             s = ls.service
             if s.name == service:
-                yield LocalInstance(sid, s.address or "127.0.0.1", s.port, s.weight)
+                yield LocalInstance(sid, s.address or "127.0.0.1", s.port, s.weight,
+                                    f"{self.node.name}/{sid}")
 
 
 __all__ = ["INBOUND_TAG", "LocalInstance", "MeshView", "NodeView"]

@@ -22,11 +22,10 @@ from .attempts import (
     BudgetExhausted,
     Ejected,
     Endpoint,
-    Event,
     Retrying,
     StaleRetry,
 )
-from .observe import Exchange
+from .observe import Event, Exchange, FaultInjected, RateLimited
 
 #: Latency buckets in seconds: sub-millisecond resolution for the mesh's own overhead,
 #: up to the default overall timeout.
@@ -150,9 +149,17 @@ class ProxyMetrics(Collector):
         self.errors = CounterFamily(
             "rumor_proxy_errors", "answers the sidecar made itself, by listener, service "
             "and reason code (docs/proxy.md lists the codes)", ("listener", "service", "code"))
+        self.faults = CounterFamily(
+            "rumor_proxy_faults_injected", "requests a fault policy delayed, aborted or "
+            "reset, by service, fault rule and what was done", ("service", "rule", "fault"))
+        self.rate_limited = CounterFamily(
+            "rumor_proxy_rate_limited", "inbound requests refused for the mesh-wide rate "
+            "limit, by service and the limit that refused (total or source:NAME)",
+            ("service", "limit"))
         self._families = (self.requests, self.latency, self.retries, self.budget_exhausted,
                           self.breaker_rejections, self.ejections, self.denied,
-                          self.protocol_errors, self.stale_retries, self.errors)
+                          self.protocol_errors, self.stale_retries, self.errors, self.faults,
+                          self.rate_limited)
         if registry is not None:
             registry.register(self)
 
@@ -198,6 +205,11 @@ class ProxyMetrics(Collector):
             self.ejections.inc((label, event.key))
         elif isinstance(event, StaleRetry):
             self.stale_retries.inc((label,))
+        elif isinstance(event, FaultInjected):
+            # Rule names come from signed policy (bounded), not from requests.
+            self.faults.inc((label, event.rule, event.what))
+        elif isinstance(event, RateLimited):
+            self.rate_limited.inc((label, event.limit))
 
     def request_ended(self, x: Exchange, now: float, sent: int, complete: bool) -> None:
         self.request_done(x.listener, x.service, x.instance, x.status)

@@ -20,7 +20,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .attempts import Attempts, Endpoint, Event
+from .attempts import Attempts, Endpoint
+from .attempts import Event as AttemptEvent
+
+
+@dataclass(frozen=True, slots=True)
+class FaultInjected:
+    """The fault layer delayed, aborted or reset the request (``what``)."""
+
+    rule: str
+    what: str  # "delay", "abort" or "reset"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimited:
+    """The inbound rate limit refused the request; ``limit``: "total" or "source:NAME"."""
+
+    limit: str
+
+
+#: What the pipeline decided along the way: the attempt core's events, faults, limits.
+Event = AttemptEvent | FaultInjected | RateLimited
 
 
 @dataclass(slots=True)
@@ -151,4 +171,5 @@ def observers(*members: Observer | None) -> Observer:
     return Observers(present)
 
 
-__all__ = ["Exchange", "NullObserver", "Observer", "Observers", "RequestEnd", "observers"]
+__all__ = ["Event", "Exchange", "FaultInjected", "NullObserver", "Observer", "Observers",
+           "RateLimited", "RequestEnd", "observers"]

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..policy.documents import ALL_INSTANCES, ResilienceSpec, Subset
-from ..policy.evaluate import Evaluator
+from ..policy.documents import ALL_INSTANCES, NO_EDITS, HeaderEdits, ResilienceSpec, Subset
+from ..policy.evaluate import Evaluator, RouteNeeds, parse_query, split_target
 from .attempts import (
     STALE_CONNECTION,
     Answer,
@@ -51,6 +51,7 @@ from .attempts import (
     Wait,
 )
 from .errors import ERROR_CODE_HEADER, ErrorCode
+from .faults import FaultTable
 from .headers import (
     MESH_HEADERS,
     TargetError,
@@ -65,9 +66,9 @@ from .headers import (
     response_headers,
 )
 from .mesh_view import INBOUND_TAG, MeshView
-from .observe import Exchange, NullObserver, Observer, RequestEnd
+from .observe import Exchange, FaultInjected, NullObserver, Observer, RequestEnd
 from .pool import TryFailed, UpstreamPool, UpstreamResponse
-from .relay import Forward, Reply, Request, request_head_start, simple_reply
+from .relay import Forward, Reply, Request, ResetConnection, request_head_start, simple_reply
 from .sockio import Watchdog
 from .tls import MeshTls
 
@@ -90,8 +91,12 @@ class Target:
     state: ServiceState
     #: The policies it was built from (a new ``Evaluator`` rebuilds the policy parts).
     evaluator: Evaluator
-    #: Header names the route rules consult (None: no route document).
-    route_headers: frozenset[bytes] | None
+    #: What the route rules read of a request (None: no route document).
+    needs: RouteNeeds | None
+    #: The fault policy in force ("fault/NAME", its compiled rules), if any.
+    faults: tuple[str, FaultTable] | None
+    #: Header names the route rules or the fault rules consult (decoded per request).
+    consulted: frozenset[bytes]
     endpoints: list[Endpoint] = field(default_factory=list)
     mesh_version: int = -1
     refreshed: float = float("-inf")
@@ -152,39 +157,75 @@ class OutboundProxy:
                 return self._refuse(x, 503, ErrorCode.NO_HEALTHY_INSTANCE,
                                     f"no healthy instance of {service}")
             return self._refuse(x, 503, ErrorCode.UNKNOWN_SERVICE, f"unknown service {service!r}")
-        subset = self._route(req, x, target, ev)
+        view = _header_view(req, target.consulted) if target.consulted else {}
+        subset, edits = self._route(req, x, target, ev, view, parsed.path)
+        # 2. fault
+        if target.faults is not None:
+            aborted = await self._fault(x, target, view)
+            if aborted is not None:
+                return aborted
         cands = target.candidates(subset)
         if not cands:
             return self._refuse(x, 503, ErrorCode.NO_INSTANCE_IN_SUBSET,
                                 f"no healthy instance of {service} in subset {subset.name}",
                                 policy=_policy(ev, "route", service))
-        # 2. fault (the fault layer comes with the fault policy)
         # 3. balance and try, 4. exchange
-        return await self._try(req, x, target, cands, parsed.path)
+        return await self._try(req, x, target, cands, parsed.path, edits)
 
-    def _route(self, req: Request, x: Exchange, target: Target, ev: Evaluator) -> Subset:
-        """The subset this request goes to (route policy: rules, weighted split)."""
-        consulted = target.route_headers
-        if consulted is None:
-            return ALL_INSTANCES
-        # Only the headers the route's rules look at are decoded (the first spelling
-        # of a name wins, as in Evaluator.route).
-        view: dict[str, str] = {}
-        if consulted:
-            for k, v in req.headers:
-                if k in consulted:
-                    view.setdefault(k.decode("latin-1"), v.decode("latin-1"))
-        decision = ev.route(target.service, view)
+    def _route(self, req: Request, x: Exchange, target: Target, ev: Evaluator,
+               view: dict[str, str], path: bytes) -> tuple[Subset, HeaderEdits]:
+        """The subset this request goes to and the rule's header edits (route policy:
+        rules on path, method, query and headers; a weighted split draws here)."""
+        needs = target.needs
+        if needs is None:
+            return ALL_INSTANCES, NO_EDITS
+        route_path, query = "/", None
+        if needs.path or needs.query:
+            route_path, raw_query = split_target(path.decode("latin-1"))
+            if needs.query:
+                query = parse_query(raw_query)
+        method = req.method.decode("latin-1") if needs.method else "GET"
+        decision = ev.route(target.service, view, method=method, path=route_path,
+                            query=query)
         x.route_rule = decision.rule
-        if decision.split:
-            return decision.choose(self.rng.random())
-        return ALL_INSTANCES
+        subset = decision.choose(self.rng.random()) if decision.split else ALL_INSTANCES
+        return subset, decision.request_headers
+
+    async def _fault(self, x: Exchange, target: Target,
+                     view: dict[str, str]) -> Reply | None:
+        """An injected fault: hold the request for its delay (which counts toward the
+        overall timeout: the attempt core's clock started at the request's arrival),
+        then answer with the abort's status or reset the connection. An abort never
+        reaches the breaker, the balancer, the ejector or the retry budget."""
+        assert target.faults is not None
+        policy, table = target.faults
+        fault = table.decide(source=self.identity, headers=view, route_rule=x.route_rule,
+                             rng=self.rng)
+        if fault is None:
+            return None
+        x.fault = fault.rule
+        if fault.delay > 0:
+            x.fault_delay = fault.delay
+            self.observer.decided(x, FaultInjected(fault.rule, "delay"))
+            await trio.sleep(fault.delay)
+        if fault.reset:
+            self.observer.decided(x, FaultInjected(fault.rule, "reset"))
+            x.status, x.code, x.policy = 0, ErrorCode.FAULT_RESET, policy
+            x.reason = f"connection reset by fault rule {fault.rule!r} of {policy}"
+            self.observer.request_ended(x, trio.current_time(), 0, False)
+            raise ResetConnection
+        if fault.abort_status is not None:
+            self.observer.decided(x, FaultInjected(fault.rule, "abort"))
+            return self._refuse(x, fault.abort_status, ErrorCode.FAULT_ABORT,
+                                f"aborted by fault rule {fault.rule!r} of {policy}",
+                                policy=policy)
+        return None
 
     async def _try(self, req: Request, x: Exchange, target: Target, cands: list[Endpoint],
-                   path: bytes) -> Reply | Forward:
+                   path: bytes, edits: HeaderEdits) -> Reply | Forward:
         service = target.service
         body = await req.take_body(RETRY_BUFFER)
-        headers = self._request_headers(req, service, req.framing(body))
+        headers = self._request_headers(req, service, req.framing(body), edits)
         x.trace = _trace_of(headers)
         start = request_head_start(req.method, path, headers)
         tries = Attempts.begin(x.started, target.state, target.state.balancer, cands,
@@ -305,9 +346,11 @@ class OutboundProxy:
 
     # ---- helpers ------------------------------------------------------------------------
 
-    def _request_headers(self, req: Request, service: str,
-                         framing: tuple[bytes, bytes] | None) -> list[tuple[bytes, bytes]]:
+    def _request_headers(self, req: Request, service: str, framing: tuple[bytes, bytes] | None,
+                         edits: HeaderEdits = NO_EDITS) -> list[tuple[bytes, bytes]]:
         hs = end_to_end(req.headers, drop=MESH_HEADERS | {b"host"})
+        if edits:  # the route rule's (the parser keeps them off mesh and framing headers)
+            hs = edits.apply(hs)
         forwarded_for(hs, req.client.rsplit(":", 1)[0])
         continue_trace(hs, self.rng)
         add_hop(hs, self.mark)
@@ -327,7 +370,7 @@ class OutboundProxy:
             if len(self._targets) >= MAX_TARGETS:
                 self._targets.clear()
             t = Target(service, ServiceState(ev.resilience(service), self.rng, self.decay),
-                       ev, ev.route_headers(service))
+                       ev, *_policy_parts(ev, service))
             self._targets[service] = t
         elif t.evaluator is not ev:
             self._repolicy(t, ev)
@@ -342,7 +385,7 @@ class OutboundProxy:
         if t.state.spec is not spec and t.state.spec != spec:
             t.state.update(spec)
         t.evaluator = ev
-        t.route_headers = ev.route_headers(t.service)
+        t.needs, t.faults, t.consulted = _policy_parts(ev, t.service)
         t.subsets.clear()  # new Subset objects
 
     def _refresh(self, t: Target, version: int, now: float) -> None:
@@ -364,6 +407,28 @@ class OutboundProxy:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _policy_parts(ev: Evaluator, service: str,
+                  ) -> tuple[RouteNeeds | None, tuple[str, FaultTable] | None, frozenset[bytes]]:
+    """What a target keeps of the policies: route needs, compiled faults, and the
+    header names either consults."""
+    needs = ev.route_needs(service)
+    found = ev.fault(service)
+    faults = (f"fault/{found[0]}", FaultTable(found[1])) if found is not None else None
+    consulted = (needs.headers if needs is not None else frozenset()) | (
+        faults[1].header_names if faults is not None else frozenset())
+    return needs, faults, consulted
+
+
+def _header_view(req: Request, names: frozenset[bytes]) -> dict[str, str]:
+    """Only the headers some rule looks at, decoded (the first spelling of a name wins,
+    as in Evaluator.route)."""
+    view: dict[str, str] = {}
+    for k, v in req.headers:
+        if k in names:
+            view.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+    return view
 
 
 def _hash_key(req: Request, spec: ResilienceSpec) -> bytes | None:

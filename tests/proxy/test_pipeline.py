@@ -245,3 +245,218 @@ def test_a_callees_rate_limit_refusal_is_delivered_not_retried_nor_judged() -> N
         assert snap[ep.key]["outstanding"] == 0
         assert snap[ep.key]["observed"] is False  # no latency taken from a refusal
     run(main)
+
+
+# ---- faults -----------------------------------------------------------------------------
+
+FAULT = '''kind = "fault"
+name = "web-fault"
+version = 1
+expires = 2030-01-01T00:00:00Z
+service = "web"
+'''
+
+
+def _faults(rules: str, extra: str = "") -> Evaluator:
+    return Evaluator([_doc(FAULT + textwrap.dedent(rules)), *(
+        [_doc(extra)] if extra else [])])
+
+
+def test_fault_aborts_hit_their_share_and_never_reach_an_instance() -> None:
+    async def main() -> None:
+        ev = _faults('[[rule]]\nname = "half"\nabort = { status = 503, percent = 30.0 }\n')
+        _mesh, pool, rec, proxy = _setup(ev)
+        n, aborted = 2000, 0
+        for _ in range(n):
+            status, hs, body = await call(proxy, FakeRequest())
+            if hs.get("x-rumor-error-code") == "fault_abort":
+                aborted += 1
+                assert status == 503 and body["policy"] == "fault/web-fault"
+        # Binomial(2000, 0.3): sd 20.5; 4 sd either side.
+        assert abs(aborted - 0.3 * n) < 4 * (n * 0.3 * 0.7) ** 0.5
+        assert sum(u.tries for u in pool.upstreams.values()) == n - aborted
+        state = proxy._targets["web"].state
+        assert state.budget.retries == 0 and state.outliers.ejections == 0
+        assert state.breaker.in_flight == 0 and state.breaker.rejected == 0
+        assert not any(isinstance(d, Retrying) for d in rec.decisions)
+    run(main)
+
+
+def test_faults_apply_by_source_and_by_header_only() -> None:
+    async def main() -> None:
+        ev = _faults('''
+            [[rule]]
+            name = "by-header"
+            headers = [{ name = "x-chaos", exact = "1" }]
+            abort = { status = 500, percent = 50.0 }
+            [[rule]]
+            name = "by-source"
+            sources = ["checkout"]
+            abort = { status = 502, percent = 20.0 }
+            ''')
+        mesh, pool, _rec, proxy = _setup(ev)
+        counts = {}
+        for label, req in (("chaos", FakeRequest(headers=[(b"x-chaos", b"1")])),
+                           ("plain", FakeRequest())):
+            got = [(await call(proxy, req))[0] for _ in range(1000)]
+            counts[label] = got
+        assert abs(counts["chaos"].count(500) - 500) < 4 * (1000 * .25) ** 0.5
+        assert counts["plain"].count(500) == 0 and counts["plain"].count(502) == 0
+        other = outbound(mesh, pool, lambda: ev, identity="checkout")
+        got = [(await call(other, FakeRequest()))[0] for _ in range(1000)]
+        assert abs(got.count(502) - 200) < 4 * (1000 * .16) ** 0.5
+    run(main)
+
+
+def test_a_fault_delay_counts_toward_the_overall_timeout() -> None:
+    async def main() -> None:
+        res = ('kind = "resilience"\nname = "web-res"\nversion = 1\nservice = "web"\n'
+               '[timeouts]\nper_try = "1s"\noverall = "1s"\n')
+        ev = _faults('[[rule]]\ndelay = { duration = "800ms", percent = 100.0 }\n', res)
+        mesh, pool, rec, proxy = _setup(ev)
+        for e in mesh.services["web"]:
+            pool.upstream(e.port).script = [Behaviour(delay=0.5)]
+        t0 = trio.current_time()
+        status, hs, _ = await call(proxy, FakeRequest())
+        # 0.8 s held, then 0.2 s left for a 0.5 s answer: the overall timeout answers.
+        assert status == 504 and hs["x-rumor-error-code"] in ("upstream_timeout",
+                                                              "overall_timeout")
+        assert trio.current_time() - t0 == pytest.approx(1.0, abs=1e-6)
+        x = rec.ended[0][0]
+        assert x.fault == "rule[0]" and x.fault_delay == pytest.approx(0.8)
+    run(main)
+
+
+def test_a_fault_reset_resets_and_an_expired_fault_stops() -> None:
+    from rumor.proxy.relay import ResetConnection
+
+    async def main() -> None:
+        current = [_faults('[[rule]]\nabort = { reset = true, percent = 100.0 }\n')]
+        mesh, pool, rec = FakeMesh(), FakePool(), Recorder()
+        mesh.add("web", 2)
+        proxy = outbound(mesh, pool, lambda: current[0], observer=rec)
+        with pytest.raises(ResetConnection):
+            await proxy(FakeRequest())  # type: ignore[arg-type]
+        assert rec.ended[-1][0].code == "fault_reset"
+        current[0] = Evaluator([])  # the policy runtime dropped the expired document
+        assert (await call(proxy, FakeRequest()))[0] == 200
+    run(main)
+
+
+# ---- route matches and header edits -----------------------------------------------------
+
+ROUTE = '''kind = "route"
+name = "web-route"
+version = 1
+service = "web"
+[[subset]]
+name = "v1"
+version = "v1"
+[[subset]]
+name = "v2"
+version = "v2"
+[[split]]
+subset = "v1"
+weight = 1
+[[rule]]
+name = "api-writes"
+path = { prefix = "/api" }
+method = ["POST", "PUT"]
+subset = "v2"
+[rule.request_headers]
+set = { "x-tier" = "write" }
+remove = ["x-drop"]
+[[rule]]
+name = "debug"
+query = [{ name = "debug", exact = "1" }]
+subset = "v2"
+'''
+
+
+def test_route_rules_match_path_method_and_query_and_edit_headers() -> None:
+    async def main() -> None:
+        mesh, pool, rec = FakeMesh(), FakePool(), Recorder()
+        v1 = list(mesh.add("web", 2))
+        ev = Evaluator([_doc(ROUTE)])
+        for i in range(2):
+            k = len(mesh.services["web"])
+            from rumor.proxy.attempts import Endpoint
+            mesh.services["web"].append(Endpoint(f"n{k}/web-{k}", f"n{k}", f"web-{k}", "v2",
+                                                 (), "127.0.0.1", 21000 + i, 0.001))
+        mesh.version += 1
+        v2_ports = {21000, 21001}
+        proxy = outbound(mesh, pool, lambda: ev, observer=rec)
+        cases = [
+            (FakeRequest(b"/api/orders", method=b"POST", headers=[(b"x-drop", b"1")]), True,
+             "api-writes"),
+            (FakeRequest(b"/api/orders", method=b"GET"), False, None),
+            (FakeRequest(b"/apix", method=b"POST"), False, None),
+            (FakeRequest(b"/x?debug=1&y=2"), True, "debug"),
+            (FakeRequest(b"/x?debug=0"), False, None),
+        ]
+        for req, to_v2, rule in cases:
+            before = len(pool.order)
+            assert (await call(proxy, req))[0] == 200
+            port = pool.order[before]
+            assert (port in v2_ports) == to_v2, req.target
+            assert rec.ended[-1][0].route_rule == rule
+        head = pool.upstream(pool.order[0]).heads[0]
+        assert b"x-tier: write\r\n" in head and b"x-drop" not in head
+        assert {e.port for e in v1}.isdisjoint(v2_ports)
+    run(main)
+
+
+# ---- hash ------------------------------------------------------------------------------
+
+def test_hash_keeps_a_key_on_one_instance() -> None:
+    async def main() -> None:
+        ev = _resilience('balancer = "hash"\n[hash]\nheader = "x-user"\n')
+        _mesh, pool, _rec, proxy = _setup(ev, n=5)
+        homes: dict[bytes, set[int]] = {}
+        for i in range(300):
+            user = b"user-%d" % (i % 30)
+            before = len(pool.order)
+            await call(proxy, FakeRequest(headers=[(b"x-user", user)]))
+            homes.setdefault(user, set()).add(pool.order[before])
+        assert all(len(ports) == 1 for ports in homes.values())
+        assert len({p for ports in homes.values() for p in ports}) >= 3  # spread
+    run(main)
+
+
+# ---- rate limit (inbound) ----------------------------------------------------------------
+
+def test_inbound_rate_limit_admits_its_share_with_retry_after() -> None:
+    async def main() -> None:
+        mesh, pool, rec = FakeMesh(), FakePool(), Recorder()
+        mesh.add("web", 3)  # the other instances, as gossip lists them (weights 1)
+        mesh.local["web"] = [LocalInstance("web-local", "127.0.0.1", 30001, 1,
+                                           "me/web-local")]
+        mesh.services["web"].append(mesh.services["web"][0].__class__(
+            "me/web-local", "me", "web-local", "v1", (), "127.0.0.1", 40000, 0.0, 1))
+        ev = Evaluator([_doc('kind = "ratelimit"\nname = "web-rl"\nversion = 1\n'
+                             'service = "web"\nrequests_per_second = 40\nburst = "1s"\n')])
+        proxy = inbound(mesh, pool, lambda: ev, observer=rec)
+        admitted = refused = 0
+        for _ in range(10 * 100):  # 100 req/s offered for 10 s; this share: 40/4 = 10/s
+            status, hs, body = await call(proxy, FakeRequest())
+            if status == 429:
+                refused += 1
+                assert hs["x-rumor-error-code"] == "rate_limited"
+                assert int(hs["retry-after"]) >= 1
+                assert body["policy"] == "ratelimit/web-rl"
+            else:
+                admitted += 1
+            await trio.sleep(0.01)
+        # 10/s for 10 s plus a burst of 10: at most 110 (the bound R_i (t + burst)).
+        assert 95 <= admitted <= 111, admitted
+        # Two instances leave: the share grows to 40/2 = 20/s within a second.
+        mesh.remove("web", "node1/web-1")
+        mesh.remove("web", "node2/web-2")
+        await trio.sleep(1.0)
+        admitted = 0
+        for _ in range(500):
+            status, _, _ = await call(proxy, FakeRequest())
+            admitted += status == 200
+            await trio.sleep(0.01)
+        assert 95 <= admitted <= 122, admitted  # 20/s for 5 s, plus at most one burst
+    run(main)
