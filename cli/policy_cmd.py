@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from ..gossip.version import RELEASE_TAG, release_key
 from ..policy.documents import (
     MAX_DOCUMENT_BYTES,
     MAX_FAULT_LIFETIME,
@@ -147,6 +148,7 @@ def run_policy(args: argparse.Namespace, api: str) -> int:
     from .client import get_json, put_bytes
     if cmd == "publish":
         env = _signed(args.file, args.key, args.doc_version)
+        _warn_old_members(api, env)
         res = _put(put_bytes, api, env)
         print(f"{res['status']}: {env.kind} {env.name!r} version {env.version}"
               + (f" ({res['conflict']})" if res.get("conflict") else ""))
@@ -383,6 +385,34 @@ def _signed(path: str, key_files: list[str], version: int | None) -> Envelope:
         return sign(payload, keys)
     except EnvelopeError as e:
         raise CommandError(f"{path}: {e}") from None
+
+
+def _warn_old_members(api: str, env: Envelope) -> None:
+    """Warn when live members run a release too old for the document: their strict
+    parsers reject it, and they keep (and keep routing by) the previous version."""
+    try:
+        doc = parse_document(env.body, source=env.name)
+    except PolicyError:
+        return  # the agent's answer says what is wrong with it
+    need = required_release(doc)
+    if need is None:
+        return
+    from .client import get_json
+    want = release_key(need)
+    old = []
+    for m in get_json(api, "/v1/members"):
+        if m.get("status") not in ("alive", "suspect"):
+            continue
+        got = (m.get("tags") or {}).get(RELEASE_TAG)
+        have = release_key(got) if isinstance(got, str) else None
+        if have is None or want is None or have < want:
+            old.append(f"{m.get('name')} ({got or 'before 0.2.0'})")
+    if old:
+        shown = ", ".join(old[:10]) + (f" and {len(old) - 10} more" if len(old) > 10 else "")
+        print(f"warning: {len(old)} live member(s) run a release older than {need}, which "
+              f"this {env.kind} document needs: {shown}. They will reject it and keep the "
+              "previous version; upgrade them first (docs/policy.md, \"Upgrading a mixed "
+              "cluster\").", file=sys.stderr)
 
 
 def _verify(args: argparse.Namespace) -> int:
