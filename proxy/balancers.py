@@ -17,9 +17,9 @@ Rules all algorithms share:
 * **Slow start** (``SlowStart``, Envoy's formula). An endpoint's effective weight is
   ``weight × max(min_percent / 100, (age / window) ** (1 / aggression))``, ``age`` being
   the time since the balancer first saw it in a pick, or since ``readmitted``. The
-  endpoints of the very first pick start warm: a balancer that has just been created
-  (agent start, new policy) has no traffic to protect them from, and ramping all of them
-  together would change no share. ``window`` 0 turns slow start off.
+  endpoints of the very first pick keep their full weight: a balancer that has just been
+  created (agent start, new policy) has no traffic to protect them from, and ramping all
+  of them together would change no share. ``window`` 0 turns slow start off.
 
 Algorithms:
 
@@ -45,24 +45,23 @@ priorities; round_robin and random give exact weighted shares at any load.
 Slow start and peak EWMA. The peak EWMA latches a slow answer: an instance whose first
 answer took ten times the others' loses every comparison until its estimate has decayed,
 ``decay × ln(10)`` ≈ 23 s at the default decay. No traffic reaches it meanwhile, so
-nothing corrects the estimate, and a freshly started instance (cold caches, JIT) is shut
-out by its own warm-up. During its slow-start window an instance therefore gets a grace:
+nothing corrects the estimate, and a freshly started instance (cold caches, the first
+connection behind it) is shut out by its own warm-up: in ``rumor demo`` one of three
+instances got 1 of the first 300 requests. During its slow-start window an endpoint is
+therefore in *grace*:
 
-* its latency can only help it: in a comparison its estimate counts as at most the
-  rival's (the rule already used for an unmeasured endpoint), so its share is set by
-  the slow-start ramp and the outstanding counts, not by its first answers;
-* its estimate is the plain mean of the answers it gave since its ramp began, with no
-  peak hold and no time weighting, so one slow first answer is diluted by the later
-  ones (a time-weighted EWMA would still hold e^-1 ≈ 37 % of it after a 10 s window at
-  decay 10 s). When the window ends that mean becomes the peak EWMA's starting value,
-  so a genuinely slow instance is then judged by its typical latency and loses, while
-  one that only warmed up is judged by its typical latency and keeps its share;
+* its estimate is the median of its last ``GRACE_SAMPLES`` answers, not a peak, so one
+  slow answer is outvoted by the next ones, while an instance that is slow every time
+  is judged slow as soon as it has ``GRACE_MIN`` answers;
+* until it has ``GRACE_MIN`` answers it counts as not measured yet (no slower than its
+  rival, the cold-start rule), so it gets those few requests;
+* when the window ends the median becomes the peak EWMA's starting value;
 * a failed request ends the grace at once (and counts as the usual penalty): slow
   start protects against slow warm-up, not against errors.
 
-Judging it "with the slow-start weight" alone would not do: a weight below 1 makes the
-instance look *more* expensive, and a latched slow estimate on top starves it for the
-whole window.
+The endpoints of the balancer's first pick are in grace too (an agent's first requests
+meet every instance cold), but with their full weight: ramping all of them together
+would change no share.
 
 Hash. Each endpoint key gets an offset and a skip from ``blake2b`` (stdlib, keyed by a
 fixed personalisation, 16 bytes: offset from the first 8, skip from the last 8), and the
@@ -95,6 +94,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import statistics
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -123,6 +123,10 @@ __all__ = [
 #: Maglev table size for up to 655 endpoints (a prime; above that, the next prime
 #: ≥ 100 × endpoints).
 DEFAULT_TABLE_SIZE = 5003
+#: In its slow-start grace an endpoint's estimate is the median of its last answers,
+#: this many at most; with fewer than ``GRACE_MIN`` it counts as not measured yet.
+GRACE_SAMPLES = 5
+GRACE_MIN = 3
 #: Tables kept per hash balancer (route subsets and drains make a few candidate sets).
 TABLE_CACHE = 8
 _NO_SLOW_START = SlowStart(0.0)
@@ -362,8 +366,9 @@ class PeakEwmaBalancer(_Base):
         self.decay = decay
         self.failure_penalty = failure_penalty
         self._ewmas: dict[str, PeakEwma] = {}
-        #: Keys in their slow-start grace → answers averaged since the ramp began.
-        self._grace: dict[str, int] = {}
+        #: Keys in their slow-start grace → (when it ends, their answers since it began,
+        #: the last ``GRACE_SAMPLES``).
+        self._grace: dict[str, tuple[float, list[float]]] = {}
 
     def _tables(self) -> list[dict[str, Any]]:
         return [*super()._tables(), self._ewmas, self._grace]
@@ -380,7 +385,14 @@ class PeakEwmaBalancer(_Base):
 
     def _begin_ramp(self, key: str, now: float) -> None:
         super()._begin_ramp(key, now)
-        self._grace[key] = 0
+        self._grace[key] = (now + self._window, [])
+
+    def _note(self, now: float, candidates: Sequence[Candidate]) -> None:
+        first = not self._since
+        super()._note(now, candidates)
+        if first:  # warm weights, but no first answer may latch them out either
+            for e in candidates:
+                self._grace.setdefault(e.key, (now + self._window, []))
 
     def readmitted(self, key: str, now: float) -> None:
         """A fresh start: the failures that got it ejected are already paid for, so its
@@ -392,7 +404,14 @@ class PeakEwmaBalancer(_Base):
         super().readmitted(key, now)
 
     def _in_grace(self, key: str, now: float) -> bool:
-        return key in self._grace and now - self._since[key] < self._window
+        g = self._grace.get(key)
+        return g is not None and now < g[0]
+
+    def _judged(self, key: str, now: float) -> bool:
+        """False while ``key`` is in its grace with fewer than ``GRACE_MIN`` answers: it
+        then counts as not measured (no slower than its rival)."""
+        g = self._grace.get(key)
+        return g is None or now >= g[0] or len(g[1]) >= GRACE_MIN
 
     def seed(self, key: str, rtt: float) -> None:
         """As ``Balancer.seed``: ignored once the endpoint has been observed."""
@@ -412,23 +431,22 @@ class PeakEwmaBalancer(_Base):
 
     def finish(self, key: str, now: float, latency: float, ok: bool = True) -> None:
         e = self._ewma(key)
-        n = self._grace.get(key)
-        if n is not None and (not ok or now - self._since[key] >= self._window):
-            del self._grace[key]
-            n = None
-        if n is None:
+        g = self._grace.get(key)
+        if g is not None and (not ok or now >= g[0]):
+            del self._grace[key]  # over (its median carries on as the estimate), or failed
+            g = None
+        if g is None:
             e.finish(now, latency, ok, self.failure_penalty)
             return
-        # In grace: the plain mean of the answers since the ramp began.
+        # In grace: the median of its last answers, so one slow answer (a cold cache, a
+        # first connection behind the instance) is outvoted, not latched.
         if e.outstanding > 0:
             e.outstanding -= 1
-        rtt = max(latency, 0.0)
-        n += 1
-        self._grace[key] = n
-        if n == 1 or e.stamp is None or e.value is None:
-            e.value = rtt  # the first answer replaces the seed (or a pre-ramp estimate)
-        else:
-            e.value += (rtt - e.value) / n
+        answers = g[1]
+        answers.append(max(latency, 0.0))
+        if len(answers) > GRACE_SAMPLES:
+            del answers[0]
+        e.value = statistics.median(answers)
         if e.stamp is None or now > e.stamp:
             e.stamp = now
 
@@ -446,6 +464,9 @@ class PeakEwmaBalancer(_Base):
         kb = b.key
         xa, ma, measured_a = self._read(now, ka)
         xb, mb, measured_b = self._read(now, kb)
+        if self._grace:
+            measured_a = measured_a and self._judged(ka, now)
+            measured_b = measured_b and self._judged(kb, now)
         # An endpoint not measured yet is assumed no slower than its rival when the
         # rival has been measured (or nothing is known of it); see balancer.py.
         ya = xa
@@ -456,12 +477,6 @@ class PeakEwmaBalancer(_Base):
         wa = float(a.weight)
         wb = float(b.weight)
         if self._ramping(now):
-            # In its grace an endpoint's latency can only help it (module docstring).
-            ya = xa
-            if xb is not None and self._in_grace(ka, now) and (xa is None or xb < xa):
-                xa = xb
-            if ya is not None and self._in_grace(kb, now) and (xb is None or ya < xb):
-                xb = ya
             wa *= self._factor(ka, now)
             wb *= self._factor(kb, now)
         ca = (MIN_ESTIMATE if xa is None or xa < MIN_ESTIMATE else xa) * ma
