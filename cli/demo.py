@@ -247,7 +247,8 @@ def _send_through(port: int, n: int, headers: dict[str, str] | None = None,
             r = conn.getresponse()
             r.read()
             lat.append(time.monotonic() - t0)
-            who = r.getheader("x-backend") or f"HTTP {r.status}"
+            code = r.getheader("x-rumor-error-code")
+            who = r.getheader("x-backend") or f"HTTP {r.status}" + (f" {code}" if code else "")
             counts[who] = counts.get(who, 0) + 1
     finally:
         conn.close()
@@ -299,11 +300,45 @@ def _mesh(cluster: list[DemoAgent], keydir: Path) -> None:
         _say(f"   shop-a now answers 50 ms late; over the next 3 s the stable share goes "
              f"{_shares(stable)}; p50 {lat[len(lat) // 2] * 1000:.2f} ms, p99 "
              f"{lat[int(len(lat) * 0.99)] * 1000:.2f} ms (p2c over peak-EWMA latency)")
+        backends[0].delay = 0.0
+        _fault(caller, key)
         for agent, b in zip(cluster[1:4], backends, strict=True):
             put_json(agent.api, f"/v1/agent/service/deregister/{b.name}", {}, timeout=2.0)
     finally:
         for b in backends:
             b.close()
+
+
+SHOP_FAULT = """kind = "fault"
+name = "shop-game-day"
+version = 1
+expires = {expires}
+service = "shop"
+[[rule]]
+name = "flaky"
+delay = {{ duration = "50ms", percent = 10.0 }}
+abort = {{ status = 503, percent = 10.0 }}
+"""
+
+
+def _fault(caller: DemoAgent, key: Any) -> None:
+    """Step 4, last: a signed fault document (it must expire within 24 h): the caller's
+    sidecar delays and aborts a share of `shop` requests, and says it was the mesh."""
+    from ..policy.envelope import make_payload, sign
+    from .client import put_bytes
+    assert caller.outbound is not None
+    now = time.time()
+    text = SHOP_FAULT.format(expires=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                   time.gmtime(now + 600)))
+    put_bytes(caller.api, "/v1/policies", sign(make_payload(
+        "fault", "shop-game-day", 1, now, now + 600, text.encode()), [key]).encode(),
+        "application/x-rumor-envelope", timeout=2.0)
+    _wait("the fault on the caller", lambda: _held(caller).get("shop-game-day") == 1, 10)
+    counts, lat = _send_through(caller.outbound, 200)
+    slow = sum(1 for t in lat if t >= 0.05)
+    _say(f"   fault `shop-game-day` (10% +50 ms, 10% aborted, expires in 10 min): 200 "
+         f"requests -> {_shares(counts)}; {slow} took 50 ms or more. An injected abort is "
+         "never retried and says so: x-rumor-error-code: fault_abort")
 
 
 def _wait(what: str, cond: Callable[[], bool], timeout: float) -> float:

@@ -55,6 +55,11 @@ therefore in *grace*:
   is judged slow as soon as it has ``GRACE_MIN`` answers;
 * until it has ``GRACE_MIN`` answers it counts as not measured yet (no slower than its
   rival, the cold-start rule), so it gets those few requests;
+* read without new answers, its estimate decays with ``window / GRACE_DECAY_DIVISOR``
+  (0.25 s) as its time constant instead of ``decay``: several cold answers in a row (the
+  first requests behind a new instance are often all slow) cannot shut it out for the
+  window; it is asked again within about a second, and a genuinely slow instance loses
+  again, at the cost of a few requests per second of its window;
 * when the window ends the median becomes the peak EWMA's starting value;
 * a failed request ends the grace at once (and counts as the usual penalty): slow
   start protects against slow warm-up, not against errors.
@@ -127,6 +132,9 @@ DEFAULT_TABLE_SIZE = 5003
 #: this many at most; with fewer than ``GRACE_MIN`` it counts as not measured yet.
 GRACE_SAMPLES = 5
 GRACE_MIN = 3
+#: In grace an unanswered estimate decays with window / this as its time constant (0.25 s
+#: for the default 10 s window instead of the 10 s decay).
+GRACE_DECAY_DIVISOR = 40.0
 #: Tables kept per hash balancer (route subsets and drains make a few candidate sets).
 TABLE_CACHE = 8
 _NO_SLOW_START = SlowStart(0.0)
@@ -366,6 +374,9 @@ class PeakEwmaBalancer(_Base):
         self.decay = decay
         self.failure_penalty = failure_penalty
         self._ewmas: dict[str, PeakEwma] = {}
+        #: In grace an estimate read without new answers decays this much faster, so an
+        #: endpoint that lost every comparison on cold answers is asked again soon.
+        self._grace_decay = min(decay, self._window / GRACE_DECAY_DIVISOR) or decay
         #: Keys in their slow-start grace → (when it ends, their answers since it began,
         #: the last ``GRACE_SAMPLES``).
         self._grace: dict[str, tuple[float, list[float]]] = {}
@@ -500,7 +511,12 @@ class PeakEwmaBalancer(_Base):
         if s is None:
             return v, e.outstanding + 1, False
         if v is not None and now > s:
-            v *= math.exp((s - now) / e.decay)
+            tau = e.decay
+            if self._grace:
+                g = self._grace.get(key)
+                if g is not None and now < g[0]:
+                    tau = self._grace_decay
+            v *= math.exp((s - now) / tau)
         return v, e.outstanding + 1, True
 
     def snapshot(self, now: float) -> Snapshot:
