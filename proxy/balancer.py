@@ -1,4 +1,8 @@
-"""Load balancing: power of two choices over peak-EWMA latency × outstanding requests.
+"""The peak-EWMA latency estimate, and why ``peak_ewma`` balances as it does.
+
+``balancers.PeakEwmaBalancer`` (the default balancer) keeps one ``PeakEwma`` per
+endpoint and compares pairs of them as this docstring explains: power of two choices
+over peak-EWMA latency × outstanding requests.
 
 This is the balancer of Finagle and Linkerd ("p2c + peak EWMA"). Each endpoint keeps
 a latency estimate that jumps to a slower observation at once and creeps back down
@@ -48,9 +52,6 @@ Where this differs from Finagle and tower, and why:
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Iterable, Mapping, Sequence
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 #: Time constant of the decay, seconds (Linkerd's default). An observation's
@@ -62,7 +63,7 @@ FAILURE_PENALTY = 1.0
 #: would stop mattering, and every request would go to one endpoint.
 MIN_ESTIMATE = 1e-6
 
-__all__ = ["DEFAULT_DECAY", "FAILURE_PENALTY", "MIN_ESTIMATE", "Balancer", "PeakEwma"]
+__all__ = ["DEFAULT_DECAY", "FAILURE_PENALTY", "MIN_ESTIMATE", "PeakEwma"]
 
 
 @dataclass(slots=True)
@@ -139,127 +140,3 @@ class PeakEwma:
         if self.outstanding > 0:
             self.outstanding -= 1
         self.observe(now, rtt if ok else max(rtt, penalty))
-
-
-class Balancer:
-    """P2C over peak-EWMA cost, for endpoints named by string keys.
-
-    The caller passes the candidates on each pick, after dropping the ones that must
-    not get traffic (critical, failed, ejected). Candidate sets can differ between
-    requests (route subsets, retries that avoid an instance already tried) while
-    state stays per endpoint. Calls for a key the balancer hasn't seen create its
-    state, and ``forget_except`` drops the state of endpoints that went away.
-    """
-
-    __slots__ = ("_ewmas", "_random", "decay", "failure_penalty")
-
-    def __init__(self, rng: random.Random, decay: float = DEFAULT_DECAY, *,
-                 failure_penalty: float = FAILURE_PENALTY) -> None:
-        if not decay > 0:
-            raise ValueError(f"decay must be > 0 seconds, got {decay!r}")
-        self._random = rng.random
-        self.decay = decay
-        self.failure_penalty = failure_penalty
-        self._ewmas: dict[str, PeakEwma] = {}
-
-    def _ewma(self, key: str) -> PeakEwma:
-        e = self._ewmas.get(key)
-        if e is None:
-            e = self._ewmas[key] = PeakEwma(self.decay)
-        return e
-
-    def seed(self, key: str, rtt: float) -> None:
-        """Set the cold-start estimate, typically the probe RTT to the endpoint's host.
-        It is ignored once the endpoint has been observed, so calling it on every
-        pick is cheap and harmless."""
-        e = self._ewmas.get(key)
-        if e is None:
-            self._ewmas[key] = PeakEwma(self.decay, rtt)
-        elif e.stamp is None:
-            e.value = max(rtt, 0.0)
-
-    def start(self, key: str, now: float) -> None:
-        """A request to ``key`` is being sent. Every start needs a matching finish."""
-        self._ewma(key).outstanding += 1
-
-    def finish(self, key: str, now: float, latency: float, ok: bool = True) -> None:
-        """The request ended: the response headers arrived after ``latency`` seconds
-        (``ok``), or it failed (``ok`` False: 5xx, connect error, timeout)."""
-        self._ewma(key).finish(now, latency, ok, self.failure_penalty)
-
-    def pick(self, now: float, keys: Sequence[str]) -> str | None:
-        """The cheaper of two distinct random candidates. Ties are broken at random.
-        Returns None for no candidates and the only one for one."""
-        n = len(keys)
-        if n < 2:
-            return keys[0] if n else None
-        r = self._random
-        # random() < 1, and for any n < 2**53, random() * n rounds to less than n.
-        i = int(r() * n)
-        j = int(r() * (n - 1))
-        if j >= i:
-            j += 1
-        a = keys[i]
-        b = keys[j]
-        xa, ma, measured_a = self._read(now, a)
-        xb, mb, measured_b = self._read(now, b)
-        # An endpoint not measured yet is assumed no slower than its rival when the
-        # rival has been measured (or nothing is known of it); see the module
-        # docstring. Between two unmeasured endpoints, the seeds decide.
-        ya = xa
-        if not measured_a and xb is not None and (xa is None or (measured_b and xb < xa)):
-            xa = xb
-        if not measured_b and ya is not None and (xb is None or (measured_a and ya < xb)):
-            xb = ya
-        ca = (MIN_ESTIMATE if xa is None or xa < MIN_ESTIMATE else xa) * ma
-        cb = (MIN_ESTIMATE if xb is None or xb < MIN_ESTIMATE else xb) * mb
-        if ca < cb:
-            return a
-        if cb < ca:
-            return b
-        return a if r() < 0.5 else b
-
-    def _read(self, now: float, key: str) -> tuple[float | None, int, bool]:
-        """(estimate or None, outstanding + 1, measured) of ``key``, creating nothing."""
-        e = self._ewmas.get(key)
-        if e is None:
-            return None, 1, False
-        v = e.value
-        s = e.stamp
-        if s is None:
-            return v, e.outstanding + 1, False
-        if v is not None and now > s:
-            v *= math.exp((s - now) / e.decay)
-        return v, e.outstanding + 1, True
-
-    def forget_except(self, keys: Iterable[str]) -> None:
-        """Drop the state of every endpoint not in ``keys``, except those with
-        requests still in flight: their ``finish`` is still to come."""
-        keep = keys if isinstance(keys, AbstractSet | Mapping) else set(keys)
-        gone = [k for k, e in self._ewmas.items() if k not in keep and e.outstanding == 0]
-        for k in gone:
-            del self._ewmas[k]
-
-    def forget(self, keys: Iterable[str]) -> None:
-        """Drop the state of these endpoints, in flight or not."""
-        for k in keys:
-            self._ewmas.pop(k, None)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._ewmas
-
-    def __len__(self) -> int:
-        return len(self._ewmas)
-
-    def snapshot(self, now: float) -> dict[str, dict[str, float | int | bool | None]]:
-        """For metrics and the API, per endpoint: ``estimate_ms`` (None when
-        unknown), ``outstanding``, ``cost`` (estimate_ms × (outstanding + 1), None
-        when unknown) and ``observed`` (False while only the seed is known)."""
-        out: dict[str, dict[str, float | int | bool | None]] = {}
-        for k, e in self._ewmas.items():
-            x = e.estimate(now)
-            ms = None if x is None else x * 1000.0
-            out[k] = {"estimate_ms": ms, "outstanding": e.outstanding,
-                      "cost": None if ms is None else ms * (e.outstanding + 1),
-                      "observed": e.stamp is not None}
-        return out

@@ -25,8 +25,8 @@ Algorithms:
 
 * ``peak_ewma`` (default): ``balancer.py``'s power of two choices over peak-EWMA latency
   × (outstanding + 1), divided by the effective weight. At equal weights with slow start
-  off it is the same arithmetic and draws the same random numbers as
-  ``balancer.Balancer``, so its picks are identical. See *slow start and peak EWMA*.
+  off it is the same arithmetic and draws the same random numbers as the one balancer
+  rumor had before, so its picks are identical. See *slow start and peak EWMA*.
 * ``least_request``: Envoy's P2C over outstanding requests: of two random candidates
   the one with the higher ``weight / (outstanding + 1) ** bias`` wins (bias 1), ties at
   random. At equal weights this is plain least-request P2C.
@@ -520,7 +520,7 @@ class PeakEwmaBalancer(_Base):
         return v, e.outstanding + 1, True
 
     def snapshot(self, now: float) -> Snapshot:
-        """``balancer.Balancer.snapshot``'s fields (``cost`` before weights) plus
+        """The peak-EWMA fields (``cost`` before weights) plus
         ``slow_start`` (the weight multiplier, 1 when warm)."""
         out: Snapshot = {}
         for k in sorted(self._keys()):

@@ -1,5 +1,5 @@
 """The per-service balancers (proxy/balancers.py): shares under weights, drain, exclude,
-consistent hashing, slow start, and peak_ewma's equivalence with balancer.Balancer.
+consistent hashing and slow start (peak_ewma's own rules: tests/proxy/test_balancer.py).
 
 Traffic tests are an open-loop discrete-event simulation as in test_balancer.py: a
 request arrives every 1/rate s, completions due by an arrival are processed before its
@@ -19,7 +19,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rumor.policy.documents import BALANCERS, BalancerSpec, HashOn, SlowStart
-from rumor.proxy.balancer import Balancer
 from rumor.proxy.balancers import (
     HashBalancer,
     LeastRequestBalancer,
@@ -152,36 +151,6 @@ def test_forget_and_forget_except_keep_in_flight(algorithm: str) -> None:
     lb.finish("b", 1.0, 0.01)
     lb.forget_except(())
     assert lb.snapshot(1.0) == {}
-
-
-# --- peak_ewma is balancer.Balancer at weight 1 -----------------------------------------
-
-
-def test_peak_ewma_picks_exactly_as_the_old_balancer() -> None:
-    keys = ["a", "b", "c", "d", "e"]
-    cands = [Ep(k) for k in keys]
-    old = Balancer(random.Random(9), 10.0)
-    new = PeakEwmaBalancer(random.Random(9), 10.0, OFF)
-    for k in keys[:3]:
-        old.seed(k, 0.0005)
-        new.seed(k, 0.0005)
-    rng = random.Random(3)
-    done: list[tuple[float, int, str, float, bool]] = []
-    for n in range(30_000):
-        now = n / 1000
-        while done and done[0][0] <= now:
-            t, _, k, lat, ok = heapq.heappop(done)
-            old.finish(k, t, lat, ok)
-            new.finish(k, t, lat, ok)
-        a = old.pick(now, keys)
-        b = new.pick(now, cands)
-        assert b is not None and a == b.key, n
-        lat = rng.expovariate(1 / (0.05 if a == "e" else 0.004))
-        old.start(a, now)
-        new.start(a, now)
-        heapq.heappush(done, (now + lat, n, a, lat, rng.random() > 0.01))
-    for k, v in old.snapshot(30.0).items():
-        assert new.snapshot(30.0)[k] == {**v, "slow_start": 1.0}
 
 
 # --- shares under weights -----------------------------------------------------------------
