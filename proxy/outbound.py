@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..policy.documents import ALL_INSTANCES, NO_EDITS, HeaderEdits, ResilienceSpec, Subset
-from ..policy.evaluate import Evaluator, RouteNeeds, parse_query, split_target
+from ..policy.evaluate import Evaluator, RouteNeeds
 from .attempts import (
     STALE_CONNECTION,
     Answer,
@@ -69,6 +69,7 @@ from .mesh_view import INBOUND_TAG, MeshView
 from .observe import Exchange, FaultInjected, NullObserver, Observer, RequestEnd
 from .pool import TryFailed, UpstreamPool, UpstreamResponse
 from .relay import Forward, Reply, Request, ResetConnection, request_head_start, simple_reply
+from .route import header_view, route_request
 from .sockio import Watchdog
 from .tls import MeshTls
 
@@ -157,39 +158,22 @@ class OutboundProxy:
                 return self._refuse(x, 503, ErrorCode.NO_HEALTHY_INSTANCE,
                                     f"no healthy instance of {service}")
             return self._refuse(x, 503, ErrorCode.UNKNOWN_SERVICE, f"unknown service {service!r}")
-        view = _header_view(req, target.consulted) if target.consulted else {}
-        subset, edits = self._route(req, x, target, ev, view, parsed.path)
+        view = header_view(req.headers, target.consulted) if target.consulted else {}
+        routed = route_request(ev, service, target.needs, method=req.method,
+                               target=parsed.path, view=view, rng=self.rng)
+        x.route_rule = routed.rule
         # 2. fault
         if target.faults is not None:
             aborted = await self._fault(x, target, view)
             if aborted is not None:
                 return aborted
-        cands = target.candidates(subset)
+        cands = target.candidates(routed.subset)
         if not cands:
             return self._refuse(x, 503, ErrorCode.NO_INSTANCE_IN_SUBSET,
-                                f"no healthy instance of {service} in subset {subset.name}",
-                                policy=_policy(ev, "route", service))
+                                f"no healthy instance of {service} in subset "
+                                f"{routed.subset.name}", policy=_policy(ev, "route", service))
         # 3. balance and try, 4. exchange
-        return await self._try(req, x, target, cands, parsed.path, edits)
-
-    def _route(self, req: Request, x: Exchange, target: Target, ev: Evaluator,
-               view: dict[str, str], path: bytes) -> tuple[Subset, HeaderEdits]:
-        """The subset this request goes to and the rule's header edits (route policy:
-        rules on path, method, query and headers; a weighted split draws here)."""
-        needs = target.needs
-        if needs is None:
-            return ALL_INSTANCES, NO_EDITS
-        route_path, query = "/", None
-        if needs.path or needs.query:
-            route_path, raw_query = split_target(path.decode("latin-1"))
-            if needs.query:
-                query = parse_query(raw_query)
-        method = req.method.decode("latin-1") if needs.method else "GET"
-        decision = ev.route(target.service, view, method=method, path=route_path,
-                            query=query)
-        x.route_rule = decision.rule
-        subset = decision.choose(self.rng.random()) if decision.split else ALL_INSTANCES
-        return subset, decision.request_headers
+        return await self._try(req, x, target, cands, parsed.path, routed.edits)
 
     async def _fault(self, x: Exchange, target: Target,
                      view: dict[str, str]) -> Reply | None:
@@ -419,16 +403,6 @@ def _policy_parts(ev: Evaluator, service: str,
     consulted = (needs.headers if needs is not None else frozenset()) | (
         faults[1].header_names if faults is not None else frozenset())
     return needs, faults, consulted
-
-
-def _header_view(req: Request, names: frozenset[bytes]) -> dict[str, str]:
-    """Only the headers some rule looks at, decoded (the first spelling of a name wins,
-    as in Evaluator.route)."""
-    view: dict[str, str] = {}
-    for k, v in req.headers:
-        if k in names:
-            view.setdefault(k.decode("latin-1"), v.decode("latin-1"))
-    return view
 
 
 def _hash_key(req: Request, spec: ResilienceSpec) -> bytes | None:
