@@ -12,8 +12,21 @@ sockets:
   deadlines, retries, the breaker's pending bound, outlier ejection through
   ``ServiceState``, built from a ``ResilienceSpec``, the policy default unless told);
 * ``proxy/balancers.py``: the balancer a resilience policy would choose
-  (``peak_ewma``, ``least_request``, ``round_robin``, ``random``), with the same
-  defaults (slow start included).
+  (``peak_ewma``, ``least_request``, ``round_robin``, ``random``, ``hash``), made by
+  ``ServiceState`` from the spec's balancer section, with the same defaults (slow start
+  included); instances carry ``--weights`` (0 drains one);
+* ``proxy/faults.py`` (``FaultTable``): a one-rule fault policy (``--fault-delay``,
+  ``--fault-abort``) decided at the caller before balancing, as
+  ``OutboundProxy._fault``: a delay holds the request (its overall timeout runs from
+  its arrival at the caller), an abort answers it at once (a status, or 0 for a reset)
+  and never reaches the breaker, the balancer, the ejector or the retry budget;
+* ``proxy/ratelimit.py`` (``MeshRateLimit``): a mesh-wide limit (``--rate-limit``),
+  each instance's callee sidecar admitting its share R·w/W as ``InboundProxy`` does; a
+  refusal is a 429 that ``Attempts.responded(..., rate_limited=True)`` delivers as it
+  is, unretried, judging the instance neither way.
+
+The request path, as the shells run it: caller hop → fault → balance and try (breaker
+slot, pick, deadlines) → callee hop → rate limit → instance → observe.
 
 What is modelled rather than run (all in this module, all on the virtual clock):
 
@@ -38,10 +51,13 @@ What is modelled rather than run (all in this module, all on the virtual clock):
   breaker's ``max_pending`` bounds). A reset, a timeout, or an answer that is retried
   closes the connection, as the shell does.
 
+* **Keys** (``--hash-keys N``): each request carries one of N keys in ``HASH_HEADER``,
+  drawn Zipf (key k of N with probability ∝ 1/k, exponent 1) or uniform, for ``hash``.
+
 Every figure is a pure function of the parameters and the seed, except what sits under
-``wall``. Each balancer of ``balancers`` runs on the same arrivals and the same
-per-instance streams of slow and failing draws (common random numbers), so their
-figures differ by the balancer alone.
+``wall``. Each balancer of ``balancers`` runs on the same arrivals, the same keys, the
+same fault draws and the same per-instance streams of slow and failing draws (common
+random numbers), so their figures differ by the balancer alone.
 """
 
 from __future__ import annotations
