@@ -114,7 +114,7 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     t.add_argument("--balancers", type=lambda x: tuple(b for b in x.split(",") if b),
                    default=("peak_ewma", "least_request", "round_robin", "random"),
                    metavar="B1,B2,...", help="default peak_ewma,least_request,"
-                   "round_robin,random")
+                   "round_robin,random; hash too with --hash-keys")
     t.add_argument("--hop-ms", type=float, default=0.15,
                    help="one sidecar's time per request, a single-threaded FIFO server "
                    "(default 0.15: the pair adds ~0.3 ms at c=1)")
@@ -125,6 +125,23 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
                    help="an instance's own time per request before added delays")
     t.add_argument("--attempts", type=_positive_int, default=None,
                    help="tries per request in all (default: the policy's, 3; 1: no retries)")
+    t.add_argument("--fault-delay", default=None, metavar="MS:PERCENT",
+                   help="a fault policy: hold PERCENT of the requests MS at the caller "
+                   "before balancing (counts toward the overall timeout)")
+    t.add_argument("--fault-abort", default=None, metavar="STATUS:PERCENT",
+                   help="a fault policy: answer PERCENT of the requests with STATUS "
+                   "(400-599) at the caller, or reset:PERCENT; never retried")
+    t.add_argument("--rate-limit", default=None, metavar="R[:BURST_S]",
+                   help="a mesh-wide rate limit of R req/s (burst 1 s): each instance's "
+                   "callee sidecar admits R*w/W and answers 429 beyond")
+    t.add_argument("--weights", default=None, metavar="W1,W2,...",
+                   help="the instances' registered weights (default all 1; 0 drains one)")
+    t.add_argument("--hash-keys", type=int, default=0, metavar="N",
+                   help="each request carries one of N keys, for the hash balancer "
+                   "(--balancers hash,...)")
+    t.add_argument("--hash-dist", choices=("zipf", "uniform"), default="zipf",
+                   help="how the keys are drawn: zipf (key k with probability ~ 1/k, "
+                   "the default) or uniform")
     s.add_argument("--json", action="store_true",
                    help="print the report as one JSON object on stdout")
     s.add_argument("--plots", type=Path, default=None, metavar="DIR",
@@ -139,7 +156,13 @@ def params_from_args(args: argparse.Namespace) -> Params:
             "rate": args.rate, "arrivals": args.arrivals, "warmup": args.warmup,
             "variant": args.variant, "balancers": args.balancers, "hop_ms": args.hop_ms,
             "hop_dist": args.hop_dist,
-            "backend_ms": args.backend_ms, "attempts": args.attempts}
+            "backend_ms": args.backend_ms, "attempts": args.attempts,
+            "fault_delay": args.fault_delay, "fault_abort": args.fault_abort,
+            "rate_limit": args.rate_limit, "hash_keys": args.hash_keys,
+            "hash_dist": args.hash_dist}
+        if args.weights is not None:
+            from .traffic import parse_weights
+            extra["weights"] = parse_weights(args.weights)
         return Params(seed=args.seed, duration=args.duration, extra=extra)
     trials = args.trials if args.trials is not None else (10 if args.scenario == "detect"
                                                           else 200)

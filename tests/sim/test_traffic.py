@@ -116,12 +116,14 @@ def test_variants_parse_as_the_harness_writes_them() -> None:
 
 def test_every_balancer_name_is_made_and_unknown_ones_are_refused() -> None:
     import random
-    for name in ("peak_ewma", "least_request", "round_robin", "random"):
+    for name in ("peak_ewma", "least_request", "round_robin", "random", "hash"):
         b = make_sim_balancer(name, random.Random(1))
         eps = [Endpoint(k, k, k, "", (), "127.0.0.1", 0, None) for k in ("a", "b")]
-        assert b.pick(0.0, eps) in eps
+        assert b.pick(0.0, eps, b"key") in eps
     with pytest.raises(ValueError):
-        make_sim_balancer("hash", random.Random(1))
+        make_sim_balancer("nope", random.Random(1))
+    with pytest.raises(ValueError, match="hash-keys"):  # hash without keys is random
+        TrafficParams(balancers=("hash",)).validate()
 
 
 def test_the_cli_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,3 +135,112 @@ def test_the_cli_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(out["result"]["balancers"]) == {"peak_ewma", "round_robin"}
     assert out["result"]["balancers"]["round_robin"]["requests"] == 500
     assert sim_main(["traffic", "--balancers", "nope"]) == 2
+
+
+# ---- the fault, rate-limit and hash layers ------------------------------------------------
+
+
+def _binomial_ok(k: int, n: int, p: float, sds: float = 4.0) -> bool:
+    return abs(k / n - p) <= sds * (p * (1 - p) / n) ** 0.5
+
+
+def test_an_abort_fault_answers_its_share_at_once_and_is_never_retried() -> None:
+    rows = _rows(_run(variant="healthy", balancers=("round_robin", "peak_ewma"),
+                      fault_abort="503:20"))
+    rr = rows["round_robin"]
+    n = rr["requests"]
+    assert _binomial_ok(rr["fault_aborted"], n, 0.2)
+    assert rr["success_rate"] == pytest.approx(1 - rr["fault_aborted"] / n)
+    assert _binomial_ok(round(rr["success_rate"] * n), n, 0.8)
+    assert rr["status"]["503"] == rr["fault_aborted"]
+    # never reaches the balancer, the breaker or the retry budget: no try, no retry
+    assert rr["retries"] == 0 and rr["tries"] == n - rr["fault_aborted"]
+    assert sum(rr["tries_to"].values()) == rr["tries"]
+    # the fault's own stream: the same requests are hit under every balancer
+    assert rows["peak_ewma"]["fault_aborted"] == rr["fault_aborted"]
+    reset = _rows(_run(variant="healthy", balancers=("random",),
+                       fault_abort="reset:10"))["random"]
+    assert reset["status"]["0"] == reset["fault_aborted"] > 0 and reset["retries"] == 0
+
+
+def test_a_delay_fault_adds_its_delay_to_the_share_it_hits() -> None:
+    base = _rows(_run(variant="healthy", balancers=("round_robin",)))["round_robin"]
+    hit = _rows(_run(variant="healthy", balancers=("round_robin",),
+                     fault_delay="50:10"))["round_robin"]
+    assert _binomial_ok(hit["fault_delayed"], hit["requests"], 0.1)
+    assert hit["latency_ms"]["p50"] == pytest.approx(base["latency_ms"]["p50"], abs=0.01)
+    assert hit["latency_ms"]["p99"] == pytest.approx(base["latency_ms"]["p99"] + 50.0,
+                                                     abs=0.05)
+    assert hit["success_rate"] == 1.0
+    # The delay counts toward the overall timeout: with 20 ms overall, every delayed
+    # request ends in 504 before any try.
+    spec = ResilienceSpec.default("bench")
+    short = replace(spec, timeouts=replace(spec.timeouts, overall=0.02))
+    out = _rows(_run(variant="healthy", balancers=("round_robin",), fault_delay="50:10",
+                     resilience=short))["round_robin"]
+    assert out["status"]["504"] == out["fault_delayed"] > 0
+    assert out["tries"] == out["requests"] - out["fault_delayed"]
+
+
+def test_the_mesh_wide_rate_limit_admits_about_r_and_never_more_than_r_t_plus_burst() -> None:
+    # 1,000 req/s spread evenly over three instances (333/s each) against R = 600: each
+    # instance's share, 200/s, is offered more than it admits.
+    rows = _rows(_run(variant="healthy", balancers=("round_robin", "peak_ewma"),
+                      rate_limit="600:1", duration=3.0))
+    for name, row in rows.items():
+        rl = row["rate_limit"]
+        assert rl["share"] == {"b1": 200.0, "b2": 200.0, "b3": 200.0}
+        assert 0.9 * 600 * 3.0 <= rl["admitted_total"] <= 600 * (3.0 + 1.0), name
+        assert all(v > 0 for v in rl["refused"].values())
+        # a 429 is delivered as it is: not retried, and no instance is ejected for it
+        assert row["retries"] == 0 and row["ejections"] == 0
+        assert row["status"]["429"] == row["rate_limited"] > 0
+    # Uneven load: peak EWMA keeps b3 (+50 ms) idle, so its share goes unused and the
+    # mesh admits about 2R/3.
+    uneven = _rows(_run(variant="fixed50", balancers=("peak_ewma",), rate_limit="600:1",
+                        duration=3.0))["peak_ewma"]["rate_limit"]
+    assert uneven["of_rate"] < 0.8
+    assert uneven["admitted"]["b3"] < 0.05 * uneven["admitted_total"]
+
+
+def test_weights_set_the_shares_and_weight_zero_drains() -> None:
+    row = _rows(_run(variant="healthy", balancers=("round_robin",), rate_limit="600",
+                     weights=(1, 1, 2)))["round_robin"]
+    assert row["rate_limit"]["share"] == {"b1": 150.0, "b2": 150.0, "b3": 300.0}
+    assert row["share_by"]["b3"] == pytest.approx(0.5, abs=0.01)  # smooth WRR: exact
+    drained = _rows(_run(variant="healthy", balancers=("round_robin",), rate_limit="600",
+                         weights=(1, 1, 0)))["round_robin"]
+    assert drained["tries_to"]["b3"] == 0 and drained["rate_limit"]["share"]["b3"] == 0.0
+    for bad in ((1, 1), (0, 0, 0), (1, -1, 1)):
+        with pytest.raises(ValueError):
+            TrafficParams(weights=bad, variant="healthy").validate()
+
+
+def test_hash_sends_each_key_to_one_instance() -> None:
+    rows = _rows(_run(variant="healthy", balancers=("hash", "round_robin"), hash_keys=50))
+    h, rr = rows["hash"], rows["round_robin"]
+    assert h["hash_keys"]["seen"] == 50 and h["hash_keys"]["on_one_instance"] == 1.0
+    assert rr["hash_keys"]["on_one_instance"] < 0.2  # round robin ignores the key
+    assert sum(h["share_by"].values()) == pytest.approx(1.0)
+    # Zipf over 50 keys: the first key is 1/H(50) ≈ 22% of the requests
+    assert h["hash_keys"]["top_key_share"] == pytest.approx(0.222, abs=0.03)
+    uniform = _rows(_run(variant="healthy", balancers=("hash",), hash_keys=50,
+                         hash_dist="uniform"))["hash"]
+    assert uniform["hash_keys"]["top_key_share"] < 0.04
+    assert uniform["hash_keys"]["on_one_instance"] == 1.0
+
+
+def test_the_cli_takes_the_layer_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    assert sim_main(["traffic", "--duration", "1", "--warmup", "0.5", "--variant", "healthy",
+                     "--balancers", "hash", "--hash-keys", "20", "--fault-abort", "503:10",
+                     "--fault-delay", "5:10", "--rate-limit", "400:0.5", "--weights", "1,2,1",
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["fault"]["rules"][0]["abort"] == {"status": 503, "percent": 10.0}
+    assert out["config"]["rate_limit"]["requests_per_second"] == 400.0
+    row = out["result"]["balancers"]["hash"]
+    assert row["rate_limit"]["share"]["b2"] == 200.0 and row["fault_aborted"] > 0
+    for bad in (["--fault-abort", "200:10"], ["--fault-delay", "5"], ["--rate-limit", "x"],
+                ["--weights", "1,a,1"], ["--fault-abort", "503:101"],
+                ["--balancers", "hash"]):
+        assert sim_main(["traffic", *bad]) == 2, bad
