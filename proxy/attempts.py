@@ -191,7 +191,7 @@ class StaleRetry:
 Event = Ejected | Readmitted | Retrying | BudgetExhausted | BreakerRejected | StaleRetry
 
 
-@dataclass
+@dataclass(slots=True)
 class Attempts:
     """The tries of one request to one service's candidate instances."""
 
