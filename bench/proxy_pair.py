@@ -21,7 +21,12 @@ Options (environment): ``RUMOR_PAIR_CALLEES=one`` puts every backend behind a si
 callee agent instead of one each; ``RUMOR_PAIR_EXTRA`` adds agent flags to all;
 ``RUMOR_PAIR_TLS=1`` makes a cluster CA and certificates in the work folder and runs
 the sidecar hop over mutual TLS (the caller's certificate names ``loadgen``, each
-callee's the benchmarked service).
+callee's the benchmarked service). ``RUMOR_PAIR_POLICY=a.toml,b.toml`` signs those
+policy documents (``{service}`` in them becomes the benchmarked service, ``{expires}``
+an hour from now; ``bench/policies/`` holds the ones of RESULTS.md) with a key made
+in the work folder, which every agent trusts, and publishes them once all agents run;
+``RUMOR_PAIR_BALANCER=round_robin`` (or any balancer) publishes a resilience document
+choosing it.
 """
 
 from __future__ import annotations
@@ -69,7 +74,14 @@ def main() -> int:
             cert, key = issue(ca, node, [svc], 1, work / node)
             tls[node] = ["--tls-ca", str(ca / "ca.crt"), "--tls-cert", str(cert),
                          "--tls-key", str(key)]
+    policies = _policy_texts(service)
+    if policies:
+        from rumor.policy.keys import SecretKey
+        key = SecretKey.generate()
+        (work / "ops.pub").write_text(key.public.line() + "\n")
+        rumor += ["--trust-key", str(work / "ops.pub")]
     procs: list[subprocess.Popen[bytes]] = []
+    apis: list[int] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
         for p in procs:
@@ -85,9 +97,10 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     caller_port = free_port()
+    apis.append(free_port())
     procs.append(subprocess.Popen(
         [*rumor, "--name", "caller", "--bind", f"127.0.0.1:{caller_port}",
-         "--api", f"127.0.0.1:{free_port()}", "--outbound", listen, *tls.get("caller", [])],
+         "--api", f"127.0.0.1:{apis[0]}", "--outbound", listen, *tls.get("caller", [])],
         stdout=open(work / "caller.log", "ab"), stderr=subprocess.STDOUT))  # noqa: SIM115
     time.sleep(0.5)
     for i, group in enumerate(groups):
@@ -96,13 +109,16 @@ def main() -> int:
             host, port = b["addr"].rsplit(":", 1)
             services += ["--service", f"name={service},id={b['name']},port={port},"
                          f"address={host}"]
+        apis.append(free_port())
         procs.append(subprocess.Popen(
             [*rumor, "--name", f"callee{i}", "--bind", f"127.0.0.1:{free_port()}",
-             "--api", f"127.0.0.1:{free_port()}", "--inbound", f"127.0.0.1:{free_port()}",
+             "--api", f"127.0.0.1:{apis[-1]}", "--inbound", f"127.0.0.1:{free_port()}",
              "--join", f"127.0.0.1:{caller_port}", *services,
              *tls.get(f"callee{i}", [])],
             stdout=open(work / f"callee{i}.log", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT))
+    if policies:
+        _publish(policies, key, apis)
     while True:
         for p in procs:
             if p.poll() is not None:
@@ -110,6 +126,71 @@ def main() -> int:
                       file=sys.stderr)
                 stop(signal.SIGTERM, None)
         time.sleep(0.5)
+
+
+RESILIENCE = """kind = "resilience"
+name = "bench-balancer"
+version = 1
+service = "{service}"
+balancer = "{balancer}"
+"""
+
+
+def _policy_texts(service: str) -> list[str]:
+    texts = [Path(p).read_text() for p in os.environ.get("RUMOR_PAIR_POLICY", "").split(",")
+             if p]
+    balancer = os.environ.get("RUMOR_PAIR_BALANCER")
+    if balancer:
+        texts.append(RESILIENCE.replace("{balancer}", balancer))
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    return [t.replace("{service}", service).replace("{expires}", expires) for t in texts]
+
+
+def _publish(texts: list[str], key: object, apis: list[int]) -> None:
+    """Sign and publish ``texts`` through the caller; return once every agent holds
+    them (or after 30 s, saying so)."""
+    import urllib.request
+
+    from rumor.policy.envelope import make_payload, sign
+    from rumor.policy.keys import SecretKey
+    from rumor.policy.parser import parse_document
+    assert isinstance(key, SecretKey)
+    deadline = time.monotonic() + 30
+    names = {}
+    for text in texts:
+        doc = parse_document(text)
+        names[doc.name] = doc.version
+        data = sign(make_payload(doc.kind, doc.name, doc.version, time.time(), doc.expires,
+                                 text.encode()), [key]).encode()
+        while True:
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{apis[0]}/v1/policies", data=data, method="PUT",
+                    headers={"content-type": "application/x-rumor-envelope"})
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    print(f"proxy_pair: published {doc.kind} {doc.name}: "
+                          f"{json.loads(r.read())['status']}", file=sys.stderr)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def held(api: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{api}/v1/policies",
+                                        timeout=2) as r:
+                got = {d["name"]: d["version"] for d in json.loads(r.read())["documents"]}
+        except OSError:
+            return False
+        return all(got.get(n) == v for n, v in names.items())
+
+    while not all(held(a) for a in apis):
+        if time.monotonic() > deadline:
+            print("proxy_pair: not every agent holds the policies after 30 s",
+                  file=sys.stderr)
+            return
+        time.sleep(0.2)
 
 
 if __name__ == "__main__":
