@@ -29,8 +29,7 @@ from typing import IO, Any
 
 import trio
 
-from .attempts import Endpoint
-from .observe import Event, Exchange
+from .observe import Exchange, NullObserver
 
 log = logging.getLogger("rumor.proxy")
 
@@ -112,25 +111,13 @@ def _line(now: float, entry: dict[str, Any]) -> str:
     return json.dumps({"ts": ts, **entry}, separators=(",", ":")) + "\n"
 
 
-class AccessLogObserver:
+class AccessLogObserver(NullObserver):
     """Writes one access-log entry per request, at its end (observe.py)."""
 
     __slots__ = ("log",)
 
     def __init__(self, access_log: AccessLog) -> None:
         self.log = access_log
-
-    def request_started(self, x: Exchange) -> None:
-        pass
-
-    def try_started(self, x: Exchange, endpoint: Endpoint, now: float) -> None:
-        pass
-
-    def try_ended(self, x: Exchange, endpoint: Endpoint, now: float, outcome: str) -> None:
-        pass
-
-    def decided(self, x: Exchange, event: Event) -> None:
-        pass
 
     def request_ended(self, x: Exchange, now: float, sent: int, complete: bool) -> None:
         entry: dict[str, Any] = {

@@ -296,6 +296,18 @@ class _Base:
             self._last, self._last_pool = candidates, pool
         return pool
 
+    def _pair(self, now: float, candidates: Sequence[E],
+              exclude: Collection[str]) -> tuple[E, E] | E | None:
+        """Two distinct random pickable candidates for the power of two choices; the
+        only one, or None, when there are fewer."""
+        pool = self._pool(now, candidates, exclude)
+        n = len(pool)
+        if n < 2:
+            return pool[0] if n else None
+        r = self._random
+        i, j = _p2c(r(), r(), n)
+        return pool[i], pool[j]
+
     def _weights(self, now: float, pool: Sequence[Candidate]) -> list[float]:
         if self._ramping(now):
             f = self._factor
@@ -463,14 +475,11 @@ class PeakEwmaBalancer(_Base):
 
     def pick(self, now: float, candidates: Sequence[E], hash_key: bytes | None = None,
              exclude: Collection[str] = ()) -> E | None:
-        pool = self._pool(now, candidates, exclude)
-        n = len(pool)
-        if n < 2:
-            return pool[0] if n else None
+        pair = self._pair(now, candidates, exclude)
+        if not isinstance(pair, tuple):
+            return pair
+        a, b = pair
         r = self._random
-        i, j = _p2c(r(), r(), n)
-        a = pool[i]
-        b = pool[j]
         ka = a.key
         kb = b.key
         xa, ma, measured_a = self._read(now, ka)
@@ -549,14 +558,11 @@ class LeastRequestBalancer(_Base):
 
     def pick(self, now: float, candidates: Sequence[E], hash_key: bytes | None = None,
              exclude: Collection[str] = ()) -> E | None:
-        pool = self._pool(now, candidates, exclude)
-        n = len(pool)
-        if n < 2:
-            return pool[0] if n else None
+        pair = self._pair(now, candidates, exclude)
+        if not isinstance(pair, tuple):
+            return pair
+        a, b = pair
         r = self._random
-        i, j = _p2c(r(), r(), n)
-        a = pool[i]
-        b = pool[j]
         out = self._out
         da = out.get(a.key, 0) + 1.0
         db = out.get(b.key, 0) + 1.0

@@ -21,11 +21,10 @@ from .attempts import (
     BreakerRejected,
     BudgetExhausted,
     Ejected,
-    Endpoint,
     Retrying,
     StaleRetry,
 )
-from .observe import Event, Exchange, FaultInjected, RateLimited
+from .observe import Event, Exchange, FaultInjected, NullObserver, RateLimited
 
 #: Latency buckets in seconds: sub-millisecond resolution for the mesh's own overhead,
 #: up to the default overall timeout.
@@ -107,7 +106,7 @@ class HistogramFamily:
         return f
 
 
-class ProxyMetrics(Collector):
+class ProxyMetrics(NullObserver, Collector):
     """The data plane's own metrics.
 
     Label values are service names, instance keys and status codes, and only ones the
@@ -183,15 +182,6 @@ class ProxyMetrics(Collector):
         self.latency.observe((listener, self.service(service)), seconds)
 
     # ---- the observer (observe.py) ------------------------------------------------------
-
-    def request_started(self, x: Exchange) -> None:
-        pass
-
-    def try_started(self, x: Exchange, endpoint: Endpoint, now: float) -> None:
-        pass
-
-    def try_ended(self, x: Exchange, endpoint: Endpoint, now: float, outcome: str) -> None:
-        pass
 
     def decided(self, x: Exchange, event: Event) -> None:
         label = self.service(x.service)

@@ -123,7 +123,8 @@ class Observers:
 
 
 class NullObserver:
-    """Watches nothing (a listener built without metrics or access log)."""
+    """Watches nothing (a listener built without metrics or access log). Observers
+    that watch only some calls subclass it and override those."""
 
     def request_started(self, x: Exchange) -> None:
         pass
