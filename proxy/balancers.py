@@ -243,6 +243,9 @@ class _Base:
         #: filtering (and the slow-start bookkeeping runs once per list).
         self._last: Sequence[Any] | None = None
         self._last_pool: list[Any] = []
+        #: The running sums of weights of the last pool a weighted random pick read.
+        self._cum_for: Sequence[Any] | None = None
+        self._cum: list[float] = []
 
     # ---- slow start --------------------------------------------------------------------
 
@@ -322,7 +325,13 @@ class _Base:
     def _weighted_random(self, now: float, pool: Sequence[E]) -> E:
         if len(pool) == 1:
             return pool[0]
-        cum = list(accumulate(self._weights(now, pool)))
+        if self._ramping(now):
+            cum = list(accumulate(self._weights(now, pool)))
+        elif pool is self._cum_for:
+            cum = self._cum
+        else:  # a new pool: its running sums once, then a pick is one bisect
+            cum = self._cum = list(accumulate(self._weights(now, pool)))
+            self._cum_for = pool
         i = bisect_right(cum, self._random() * cum[-1])
         return pool[min(i, len(pool) - 1)]
 
@@ -718,6 +727,10 @@ class HashBalancer(_Base):
         self.table_size = table_size
         self._cache: OrderedDict[frozenset[tuple[str, int]], _Table] = OrderedDict()
         self.builds = 0  # tables built, for tests and metrics
+        #: The last candidate list and its (pool, endpoint by key, table): the shell
+        #: passes the same list object until the catalog changes.
+        self._for: Sequence[Any] | None = None
+        self._pool_keys_table: tuple[list[Any], dict[str, Any], _Table | None] = ([], {}, None)
 
     def _table(self, pool: Sequence[Candidate]) -> _Table:
         ident = frozenset((e.key, e.weight) for e in pool)
@@ -737,21 +750,27 @@ class HashBalancer(_Base):
 
     def pick(self, now: float, candidates: Sequence[E], hash_key: bytes | None = None,
              exclude: Collection[str] = ()) -> E | None:
-        if self._window > 0:
-            self._note(now, candidates)
-        pool = [e for e in candidates if e.weight > 0]
+        pool: list[E]
+        by_key: dict[str, E]
+        if candidates is self._for:
+            pool, by_key, t = self._pool_keys_table
+        else:  # a new candidate list: its pool, index and table once, then lookups
+            if self._window > 0:
+                self._note(now, candidates)
+            pool = [e for e in candidates if e.weight > 0]
+            by_key = {e.key: e for e in pool}
+            t = self._table(pool) if len(pool) > 1 else None
+            self._for, self._pool_keys_table = candidates, (pool, by_key, t)
         if not pool:
             return None
         if hash_key is None:
             if exclude:
                 pool = [e for e in pool if e.key not in exclude] or pool
             return self._weighted_random(now, pool)
-        if len(pool) == 1:
+        if t is None:
             return pool[0]
-        by_key = {e.key: e for e in pool}
         if exclude and all(k in exclude for k in by_key):
             exclude = ()
-        t = self._table(pool)
         table = t.table
         keys = t.keys
         size = len(table)

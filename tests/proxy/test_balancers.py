@@ -263,6 +263,19 @@ def test_hash_removing_one_of_ten_moves_about_a_tenth() -> None:
     assert _owners(build("hash"), cands) == before
 
 
+@pytest.mark.parametrize("algorithm", ["hash", "random"])
+def test_cached_pool_follows_a_new_candidate_list(algorithm: str) -> None:
+    # Both cache their table or running sums per candidate list object: a new list
+    # (the catalog changed) must be read afresh, never answered from the old one.
+    lb = build(algorithm, seed=3)
+    first = eps(a=1, b=1, c=1)
+    for i in range(200):
+        lb.pick(0.0, first, f"k{i}".encode())
+    second = eps(b=1, c=0)
+    picks = {getattr(lb.pick(0.0, second, f"k{i}".encode()), "key", None) for i in range(200)}
+    assert picks == {"b"}
+
+
 def test_hash_retry_goes_to_the_next_distinct_instance() -> None:
     lb = build("hash")
     cands = [Ep(f"n{i}") for i in range(5)]
