@@ -64,14 +64,15 @@ therefore in *grace*:
 * a failed request ends the grace at once (and counts as the usual penalty): slow
   start protects against slow warm-up, not against errors.
 
-The endpoints of the balancer's first pick get no grace (nor a ramp: ramping all of
-them together would change no share). Grace there was tried and measured: it hides a
-degraded instance's tail for the whole window (``slow-backend`` tail10x200 at 1,000
-req/s: p99 67 ms instead of about 2 ms, 0.6% of requests to the degraded instance),
-because the harness, like an agent that just started, meets every instance at once.
-The cost of leaving it out: when a caller starts against instances that are all cold,
-the one with the slowest first answers gets little traffic until its estimate decays
-(``rumor demo``'s first 300 requests: 1 to 14% for the coldest of three).
+The endpoints of the balancer's first pick get no window of grace (nor a ramp: ramping
+all of them together would change no share). A window there was tried and measured: it
+hides a degraded instance's tail for the whole window (``slow-backend`` tail10x200 at
+1,000 req/s: p99 67 ms instead of about 2 ms, 0.6% of requests to the degraded
+instance), because the harness, like an agent that just started, meets every instance
+at once. They are only judged by the median of their first ``GRACE_MIN`` answers instead
+of the first alone (with the usual decay): a cold first answer is outvoted by the next
+two, as at ``rumor demo``'s start, where the coldest of three instances otherwise got
+1 of the first 300 requests, while a degraded instance costs three requests.
 
 Hash. Each endpoint key gets an offset and a skip from ``blake2b`` (stdlib, keyed by a
 fixed personalisation, 16 bytes: offset from the first 8, skip from the last 8), and the
@@ -257,8 +258,12 @@ class _Base:
             if k not in since:
                 if warm:
                     since[k] = now - self._window
+                    self._first_seen(k)
                 else:
                     self._begin_ramp(k, now)
+
+    def _first_seen(self, key: str) -> None:
+        """An endpoint of the first pick: it starts warm, with no ramp."""
 
     def _begin_ramp(self, key: str, now: float) -> None:
         self._since[key] = now
@@ -406,9 +411,12 @@ class PeakEwmaBalancer(_Base):
         #: Keys in their slow-start grace → (when it ends, their answers since it began,
         #: the last ``GRACE_SAMPLES``).
         self._grace: dict[str, tuple[float, list[float]]] = {}
+        #: The first pick's keys (slow start on) → their answers so far, until they have
+        #: ``GRACE_MIN``: judged by the median of those, not by the first alone.
+        self._first: dict[str, list[float]] = {}
 
     def _tables(self) -> list[dict[str, Any]]:
-        return [*super()._tables(), self._ewmas, self._grace]
+        return [*super()._tables(), self._ewmas, self._grace, self._first]
 
     def _outstanding(self, key: str) -> int:
         e = self._ewmas.get(key)
@@ -420,8 +428,12 @@ class PeakEwmaBalancer(_Base):
             e = self._ewmas[key] = PeakEwma(self.decay)
         return e
 
+    def _first_seen(self, key: str) -> None:
+        self._first[key] = []
+
     def _begin_ramp(self, key: str, now: float) -> None:
         super()._begin_ramp(key, now)
+        self._first.pop(key, None)
         self._grace[key] = (now + self._window, [])
 
 
@@ -441,6 +453,9 @@ class PeakEwmaBalancer(_Base):
     def _judged(self, key: str, now: float) -> bool:
         """False while ``key`` is in its grace with fewer than ``GRACE_MIN`` answers: it
         then counts as not measured (no slower than its rival)."""
+        f = self._first.get(key)
+        if f is not None:
+            return len(f) >= GRACE_MIN
         g = self._grace.get(key)
         return g is None or now >= g[0] or len(g[1]) >= GRACE_MIN
 
@@ -462,6 +477,9 @@ class PeakEwmaBalancer(_Base):
 
     def finish(self, key: str, now: float, latency: float, ok: bool = True) -> None:
         e = self._ewma(key)
+        if self._first and key in self._first:
+            self._first_answer(e, key, now, latency, ok)
+            return
         g = self._grace.get(key)
         if g is not None and (not ok or now >= g[0]):
             del self._grace[key]  # over (its median carries on as the estimate), or failed
@@ -481,6 +499,26 @@ class PeakEwmaBalancer(_Base):
         if e.stamp is None or now > e.stamp:
             e.stamp = now
 
+    def _first_answer(self, e: PeakEwma, key: str, now: float, latency: float,
+                      ok: bool) -> None:
+        """One of a first-pick endpoint's first ``GRACE_MIN`` answers: the estimate is
+        their median (decaying as usual), so a cold first answer is outvoted by the next
+        two while an endpoint slow every time is judged slow after three. A failure is
+        judged at once, as outside any grace."""
+        answers = self._first[key]
+        if not ok:
+            del self._first[key]
+            e.finish(now, latency, ok, self.failure_penalty)
+            return
+        if e.outstanding > 0:
+            e.outstanding -= 1
+        answers.append(max(latency, 0.0))
+        e.value = statistics.median(answers)
+        if e.stamp is None or now > e.stamp:
+            e.stamp = now
+        if len(answers) >= GRACE_MIN:
+            del self._first[key]  # judged: the median carries on as its peak EWMA
+
     def pick(self, now: float, candidates: Sequence[E], hash_key: bytes | None = None,
              exclude: Collection[str] = ()) -> E | None:
         pair = self._pair(now, candidates, exclude)
@@ -492,7 +530,7 @@ class PeakEwmaBalancer(_Base):
         kb = b.key
         xa, ma, measured_a = self._read(now, ka)
         xb, mb, measured_b = self._read(now, kb)
-        if self._grace:
+        if self._grace or self._first:
             measured_a = measured_a and self._judged(ka, now)
             measured_b = measured_b and self._judged(kb, now)
         # An endpoint not measured yet is assumed no slower than its rival when the

@@ -394,9 +394,36 @@ def test_peak_ewma_slow_start_still_finds_a_genuinely_slow_instance() -> None:
     assert quarter < 0.01 and half < 0.01 and full < 0.01 and after < 0.01
 
 
-def test_peak_ewma_first_instances_get_no_grace() -> None:
-    # The first pick's endpoints are judged at once (grace there hides a degraded
-    # instance's tail): one that answers 10x slow every time is found after one answer.
+def _sequential(lb: LoadBalancer, cands: list[Ep], n: int,
+                latency: Callable[[str, int], float]) -> Counter[str]:
+    """A client sending one request at a time, 1 ms apart; ``latency(key, i)``."""
+    got: Counter[str] = Counter()
+    for i in range(n):
+        now = i * 0.001
+        e = lb.pick(now, cands)
+        assert e is not None
+        lb.start(e.key, now)
+        lb.finish(e.key, now + 0.0005, latency(e.key, got[e.key]))
+        got[e.key] += 1
+    return got
+
+
+def test_peak_ewma_first_instances_cold_first_answer_is_outvoted() -> None:
+    # rumor demo's start: every instance is new at the first pick and c's first answer
+    # is cold (10x). Judged by the median of its first three answers, c gets its share;
+    # judged by its first answer alone (slow start off) it got 1 of 300.
+    cold = lambda k, nth: 0.005 if k == "c" and nth == 0 else 0.0005  # noqa: E731
+    on = _sequential(PeakEwmaBalancer(random.Random(3), 10.0, RAMP), eps(a=1, b=1, c=1),
+                     300, cold)
+    assert on["c"] > 300 * 0.2, on
+    off = _sequential(PeakEwmaBalancer(random.Random(3), 10.0, OFF), eps(a=1, b=1, c=1),
+                      300, cold)
+    assert off["c"] < 300 * 0.05, off
+
+
+def test_peak_ewma_first_instances_slow_every_time_found_after_three_answers() -> None:
+    # The first pick's endpoints get no window of grace (it hides a degraded instance's
+    # tail): one that answers 10x slow every time is judged after GRACE_MIN answers.
     lb = PeakEwmaBalancer(random.Random(3), 10.0, RAMP)
     abc = eps(a=1, b=1, c=1)
     got: Counter[str] = Counter()
