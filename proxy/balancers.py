@@ -477,47 +477,33 @@ class PeakEwmaBalancer(_Base):
 
     def finish(self, key: str, now: float, latency: float, ok: bool = True) -> None:
         e = self._ewma(key)
-        if self._first and key in self._first:
-            self._first_answer(e, key, now, latency, ok)
-            return
-        g = self._grace.get(key)
-        if g is not None and (not ok or now >= g[0]):
-            del self._grace[key]  # over (its median carries on as the estimate), or failed
-            g = None
-        if g is None:
+        # A first-pick endpoint's first GRACE_MIN answers, or an endpoint in its window
+        # of grace: judged by the median of its answers, so one slow answer (a cold
+        # cache, a first connection behind the instance) is outvoted, not latched, while
+        # one slow every time is judged slow after three. A failure is judged at once.
+        answers: list[float] | None = None
+        first = self._first.get(key) if self._first else None
+        if first is not None:
+            if not ok or len(first) + 1 >= GRACE_MIN:
+                del self._first[key]  # judged: the median carries on as its peak EWMA
+            answers = first
+        else:
+            g = self._grace.get(key)
+            if g is not None and (not ok or now >= g[0]):
+                del self._grace[key]  # over (its median carries on), or failed
+            elif g is not None:
+                answers = g[1]
+        if answers is None or not ok:
             e.finish(now, latency, ok, self.failure_penalty)
             return
-        # In grace: the median of its last answers, so one slow answer (a cold cache, a
-        # first connection behind the instance) is outvoted, not latched.
         if e.outstanding > 0:
             e.outstanding -= 1
-        answers = g[1]
         answers.append(max(latency, 0.0))
         if len(answers) > GRACE_SAMPLES:
             del answers[0]
         e.value = statistics.median(answers)
         if e.stamp is None or now > e.stamp:
             e.stamp = now
-
-    def _first_answer(self, e: PeakEwma, key: str, now: float, latency: float,
-                      ok: bool) -> None:
-        """One of a first-pick endpoint's first ``GRACE_MIN`` answers: the estimate is
-        their median (decaying as usual), so a cold first answer is outvoted by the next
-        two while an endpoint slow every time is judged slow after three. A failure is
-        judged at once, as outside any grace."""
-        answers = self._first[key]
-        if not ok:
-            del self._first[key]
-            e.finish(now, latency, ok, self.failure_penalty)
-            return
-        if e.outstanding > 0:
-            e.outstanding -= 1
-        answers.append(max(latency, 0.0))
-        e.value = statistics.median(answers)
-        if e.stamp is None or now > e.stamp:
-            e.stamp = now
-        if len(answers) >= GRACE_MIN:
-            del self._first[key]  # judged: the median carries on as its peak EWMA
 
     def pick(self, now: float, candidates: Sequence[E], hash_key: bytes | None = None,
              exclude: Collection[str] = ()) -> E | None:

@@ -424,16 +424,8 @@ def test_peak_ewma_first_instances_cold_first_answer_is_outvoted() -> None:
 def test_peak_ewma_first_instances_slow_every_time_found_after_three_answers() -> None:
     # The first pick's endpoints get no window of grace (it hides a degraded instance's
     # tail): one that answers 10x slow every time is judged after GRACE_MIN answers.
-    lb = PeakEwmaBalancer(random.Random(3), 10.0, RAMP)
-    abc = eps(a=1, b=1, c=1)
-    got: Counter[str] = Counter()
-    for i in range(3000):  # a sequential client: one request at a time, 1 ms apart
-        now = i * 0.001
-        e = lb.pick(now, abc)
-        assert e is not None
-        lb.start(e.key, now)
-        lb.finish(e.key, now + 0.0005, 0.005 if e.key == "c" else 0.0005)
-        got[e.key] += 1
+    got = _sequential(PeakEwmaBalancer(random.Random(3), 10.0, RAMP), eps(a=1, b=1, c=1),
+                      3000, lambda k, nth: 0.005 if k == "c" else 0.0005)
     assert got["c"] <= 3, got
 
 
