@@ -175,8 +175,8 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
             keyring = None
             commands = node.parts.keyring  # assembled when gossip is sealed
             if commands is not None:
-                keyring = ClusterKeyring(commands, Path(opts.keyring_file)
-                                         if opts.keyring_file else None, node.wake)
+                keyring = ClusterKeyring(commands, node.queries, Path(opts.keyring_file)
+                                         if opts.keyring_file else None)
                 keys = len(commands.seal.keyring.keys)
                 log.info("gossip encrypted: %d key(s) installed", keys,
                          extra={"event": "keyring", "keys": keys})

@@ -3,8 +3,9 @@ delegate the mesh runs on it, built by one function so that a simulated node is 
 same machine as a real one and only the clock and the network differ.
 
 A node is a ``Membership`` core with, in this order, the service catalog, the
-cluster-wide keyring commands (when gossip is encrypted) and the ``extras`` its
-options ask for — policy replication, which gossip does not know, is handed in by the
+cluster-wide queries (with the built-in ``ping`` and ``stats``, and the keyring commands
+as a query when gossip is encrypted) and the ``extras`` its options ask for — policy
+replication, which gossip does not know, is handed in by the
 agent and the simulator alike as ``PolicyReplicator.factory(trust)``. The trio shells
 (``node.py``, ``discovery.py``, ``cluster_keyring.py``, ``policy/runtime.py``) then
 drive these parts; the simulator drives them directly.
@@ -16,13 +17,15 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .builtin_queries import register_builtins
 from .catalog import Catalog, CatalogLimits
 from .config import GossipConfig
 from .delegate import Delegate
 from .identity import Identity
 from .keyring import KeyringSeal
-from .keyring_commands import KeyringCommands
+from .keyring_commands import KeyringCommands, LegacyKeyringChannel
 from .membership import Membership
+from .query import Queries, QueryLimits
 from .security import Seal
 from .wire import Address, Meta
 
@@ -46,6 +49,10 @@ class NodeSpec:
     catalog_limits: CatalogLimits = field(default_factory=CatalogLimits)
     #: Whose word counts about whom (``identity.py``); None: nothing is signed.
     identity: Identity | None = None
+    #: What one origin may ask of this node by query (``query.QueryLimits``).
+    query_limits: QueryLimits = field(default_factory=QueryLimits)
+    #: The release the ``ping`` query reports.
+    release: str = "0+unknown"
 
 
 #: Builds a delegate on a node's core; it may read the spec (its wall offset).
@@ -58,6 +65,7 @@ class NodeParts:
 
     core: Membership
     catalog: Catalog
+    queries: Queries
     keyring: KeyringCommands | None
     #: The extras' delegates, by channel.
     extras: dict[str, Delegate]
@@ -66,7 +74,7 @@ class NodeParts:
 def assemble(spec: NodeSpec, now: float, rng: random.Random,
              new_id: Callable[[], str]) -> NodeParts:
     """Build a node's core and delegates at ``now``; ``rng`` drives the protocol's
-    choices, ``new_id`` names the node's keyring commands (unique, not secret)."""
+    choices, ``new_id`` names the node's queries (unique, not secret)."""
     core = Membership(spec.name, spec.addr, spec.config, rng, meta=dict(spec.meta),
                       seal=spec.seal, identity=spec.identity, now=now)
     # The epoch tells a restarted node's records from its previous life's.
@@ -76,16 +84,23 @@ def assemble(spec: NodeSpec, now: float, rng: random.Random,
     # Signed record sets ride a channel of their own, which agents of the previous
     # build skip (see catalog.py); it sends nothing while the identity is off.
     core.register(catalog.signed_channel())
+    queries = Queries(core, rand_id=new_id, now=now, wall_offset=spec.wall_offset,
+                      limits=spec.query_limits,
+                      services_of=lambda s: {
+                          i.node for i in catalog.instances(s, include_critical=True)},
+                      local_services=lambda: {r.service.name for r in catalog.local.values()})
+    core.register(queries)
+    register_builtins(queries, core, spec.release)
     keyring = None
     if isinstance(spec.seal, KeyringSeal):
-        keyring = KeyringCommands(core, spec.seal, rand_id=new_id)
-        core.register(keyring)
+        keyring = KeyringCommands(queries, spec.seal)
+        core.register(LegacyKeyringChannel(core, keyring))
     extras: dict[str, Delegate] = {}
     for build in spec.extras:
         d = build(core, spec)
         core.register(d)
         extras[d.channel] = d
-    return NodeParts(core, catalog, keyring, extras)
+    return NodeParts(core, catalog, queries, keyring, extras)
 
 
 __all__ = ["DelegateFactory", "NodeParts", "NodeSpec", "assemble"]

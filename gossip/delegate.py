@@ -11,6 +11,8 @@ ones, see ``assembly.py``, but the unit tests run bare cores).
 
 from __future__ import annotations
 
+import math
+
 from .effects import MemberEvent
 
 
@@ -40,3 +42,21 @@ class Delegate:
         keep it incremental. Salt it with the channel, so two delegates' digests do
         not cancel out when the core folds them together."""
         return 0
+
+    def handle_request(self, now: float, host: str, payload: bytes) -> bytes | None:
+        """A peer at ``host`` asked this channel something by stream
+        (``Membership.request``); the reply's payload, or None to close the stream."""
+        return None
+
+    def notify_reply(self, now: float, exchange: int, payload: bytes | None) -> None:
+        """The reply to our ``Membership.request`` numbered ``exchange`` (None: the
+        exchange failed, or the peer had nothing to say)."""
+
+    def timer_deadline(self) -> float:
+        """When ``on_timer`` must next run (the core's clock; inf: never). The core
+        folds it into its own ``next_deadline``, so the agent and the simulator drive
+        a delegate's timers like the protocol's."""
+        return math.inf
+
+    def on_timer(self, now: float) -> None:
+        """Called from the core's ``tick`` once ``timer_deadline`` has passed."""

@@ -1,24 +1,23 @@
 """Cluster-wide keyring commands: install, use, remove and list a key on every agent.
 
-Serf's keyring commands, over rumor's gossip: the agent that receives the command on
-its local API applies it, broadcasts it on the ``keyring`` channel, and every agent
-that hears it applies it, passes it on, and answers the originator by stream with
-its outcome. The originator counts the answers against the live members, so the
-operator learns which agents did not take the change (and must not ``use`` a key
-that some agent lacks).
+Serf's keyring commands, as one user of the cluster-wide queries (``query.py``): a
+command is a *write* query named ``keyring`` whose payload is the operation and the
+key, so it reaches every live member at least once (broadcast, then resent by stream
+to the silent until the deadline), and each agent answers with its outcome. The
+originator counts the answers against the live members, so the operator learns which
+agents did not take the change (and must not ``use`` a key that some agent lacks).
 
 Commands travel sealed like all gossip, so only a holder of an installed key can
 issue one: the gossip key is the cluster's credential, as in Serf. Answers name keys
 by fingerprint only (:func:`key_id`): a listing never carries key material, on the
-wire or out of the API. Sans-IO: the
-trio shell (the agent's API) starts a command and waits for answers; the answers
-and the broadcast go through the membership core.
+wire or out of the API. ``LegacyKeyringChannel`` still applies commands that agents of
+the previous build send on the old ``keyring`` channel, so a cluster upgrading one
+agent at a time can rotate keys from an old agent; a command from an upgraded agent
+reaches only upgraded ones (the old report as missing, and ``use`` is refused).
 """
-
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,14 +29,12 @@ from .delegate import Delegate
 from .fields import describe
 from .keyring import Keyring, KeyringError, KeyringSeal
 from .membership import Membership
-from .wire import Status
+from .query import Pending as QueryPending
+from .query import Queries, QueryError, Request
 
 CHANNEL = "keyring"
 OPS = ("install", "use", "remove", "list")
 _SEEN = 4096
-#: Members silent this long after the broadcast (or the last resend) get the command
-#: again, by stream.
-RESEND_AFTER = 0.5
 
 
 @dataclass
@@ -50,15 +47,11 @@ class Answer:
 
 @dataclass
 class Pending:
+    """A command's outcome on each member that answered."""
+
     op: str
     started: float
-    payload: bytes
     answers: dict[str, Answer] = field(default_factory=dict)
-    sent_at: float = 0.0
-
-    def missing(self, live: list[str]) -> list[str]:
-        """The live members that have not answered yet."""
-        return [m for m in live if m not in self.answers]
 
     def lacking(self, key: bytes) -> list[str]:
         """For a ``list``: the members that answered without ``key`` installed."""
@@ -85,105 +78,44 @@ def refuse_use(listing: Pending, missing: list[str], key: bytes) -> None:
                              "on every member first, or the cluster would split)")
 
 
-class KeyringCommands(Delegate):
-    channel = CHANNEL
+QUERY = "keyring"
 
-    def __init__(self, core: Membership, seal: KeyringSeal, rand_id: Callable[[], str],
-                 *, on_change: Callable[[Keyring], None] | None = None,
-                 on_answer: Callable[[str], None] | None = None) -> None:
-        self.core = core
+
+class KeyringCommands:
+    """The keyring operations, answered as the ``keyring`` write query (see module)."""
+
+    def __init__(self, queries: Queries, seal: KeyringSeal, *,
+                 on_change: Callable[[Keyring], None] | None = None) -> None:
+        self.queries = queries
         self.seal = seal
-        self._rand_id = rand_id
         #: Called with the keyring after a command changed it (the shell saves the file).
         self.on_change: Callable[[Keyring], None] = on_change or (lambda ring: None)
-        #: Called with a command's id when one of its answers arrives (the shell wakes).
-        self.on_answer: Callable[[str], None] = on_answer or (lambda cid: None)
-        self._seen: OrderedDict[str, None] = OrderedDict()
-        self.pending: dict[str, Pending] = {}
-        self.stats = {"commands_applied": 0, "commands_failed": 0, "bad_messages": 0}
+        self.stats = {"commands_applied": 0, "commands_failed": 0}
+        queries.register(QUERY, self._handle, write=True, guarded=True)
 
-    # ---- the originator ---------------------------------------------------------------
-
-    def start(self, now: float, op: str, key: bytes | None) -> str:
-        """Apply ``op`` here, broadcast it, and start counting answers; returns its id."""
+    def payload(self, op: str, key: bytes | None) -> bytes:
+        """The query payload of ``op`` (raises ``KeyringError`` for a bad command)."""
         if op not in OPS:
             raise KeyringError(f"unknown keyring operation {describe(op)} "
                                f"(one of {', '.join(OPS)})")
         if op != "list" and key is None:
             raise KeyringError(f"{op} needs a key")
-        cid = self._rand_id()
-        self._remember(cid)
-        payload = msgpack.packb(["cmd", cid, self.core.name, op, key or b""])
-        self.pending[cid] = p = Pending(op, now, payload, sent_at=now)
-        p.answers[self.core.name] = self._apply(op, key)
-        self.core.broadcast(now, CHANNEL, payload, key=cid)
-        return cid
+        data: bytes = msgpack.packb([op, key or b""])
+        return data
 
-    def tick(self, now: float, cid: str) -> list[str]:
-        """The live members that have not answered ``cid`` yet; those silent for
-        ``RESEND_AFTER`` get the command again, by stream.
+    def start(self, now: float, op: str, key: bytes | None,
+              timeout: float = 5.0) -> str:
+        """Apply ``op`` here and on every live member; returns the query's id."""
+        return self.queries.start(now, QUERY, self.payload(op, key), timeout=timeout,
+                                  write=True)
 
-        A broadcast reaches everyone only with high probability (each agent passes
-        it to a few random others); a key change that misses an agent cuts it off, so
-        the originator follows up directly. Applying a command twice is harmless
-        (each agent also drops ids it has seen)."""
-        p = self.pending.get(cid)
-        if p is None:
-            return []
-        missing = p.missing(self._live())
-        if missing and now - p.sent_at >= RESEND_AFTER:
-            p.sent_at = now
-            for m in missing:
-                self.core.send_to(now, m, CHANNEL, p.payload)
-        return missing
+    def _handle(self, r: Request) -> bytes:
+        op, key = _decode_command(r.payload)
+        a = self.apply(op, key)
+        data: bytes = msgpack.packb([a.ok, a.error, a.keys])
+        return data
 
-    def resend_at(self, cid: str) -> float:
-        """When ``tick`` would next resend ``cid`` to the silent members."""
-        p = self.pending.get(cid)
-        return math.inf if p is None else p.sent_at + RESEND_AFTER
-
-    def _live(self) -> list[str]:
-        return [m.name for m in self.core.members.values() if m.status == Status.ALIVE]
-
-    def finish(self, cid: str) -> Pending | None:
-        """Stop counting answers to ``cid`` and return them."""
-        return self.pending.pop(cid, None)
-
-    # ---- every agent --------------------------------------------------------------------
-
-    def notify_message(self, now: float, payload: bytes) -> None:
-        try:
-            msg: Any = msgpack.unpackb(payload, raw=False)
-            kind = msg[0]
-            if kind == "cmd":
-                _, cid, origin, op, key = msg
-                if not (isinstance(cid, str) and isinstance(origin, str) and op in OPS
-                        and isinstance(key, bytes)):
-                    raise ValueError("bad command")
-                self._on_command(now, payload, cid, origin, op, key or None)
-            elif kind == "ack":
-                _, cid, node, ok, error, keys = msg
-                p = self.pending.get(cid)
-                if p is not None and isinstance(node, str) and isinstance(keys, list):
-                    p.answers[node] = Answer(bool(ok), str(error)[:512],
-                                             [str(k)[:64] for k in keys[:16]])
-                    self.on_answer(cid)
-            else:
-                raise ValueError(f"unknown message {describe(kind)}")
-        except (ValueError, TypeError, IndexError, msgpack.UnpackException):
-            self.stats["bad_messages"] += 1
-
-    def _on_command(self, now: float, payload: bytes, cid: str, origin: str, op: str,
-                    key: bytes | None) -> None:
-        if cid in self._seen:
-            return
-        self._remember(cid)
-        self.core.broadcast(now, CHANNEL, payload, key=cid)  # pass it on, once
-        a = self._apply(op, key)
-        self.core.send_to(now, origin, CHANNEL, msgpack.packb(
-            ["ack", cid, self.core.name, a.ok, a.error, a.keys]))
-
-    def _apply(self, op: str, key: bytes | None) -> Answer:
+    def apply(self, op: str, key: bytes | None) -> Answer:
         ring = self.seal.keyring
         try:
             if op == "list":
@@ -199,10 +131,68 @@ class KeyringCommands(Delegate):
             self.on_change(ring)
         return Answer(True)
 
-    def _remember(self, cid: str) -> None:
+
+def outcome(op: str, p: QueryPending) -> Pending:
+    """A finished ``keyring`` query's answers as keyring outcomes."""
+    out = Pending(op, p.started)
+    for node, a in p.answers.items():
+        if not a.ok:
+            out.answers[node] = Answer(False, a.error)
+            continue
+        try:
+            ok, error, keys = msgpack.unpackb(a.data, raw=False)
+            if not (isinstance(ok, bool) and isinstance(error, str)
+                    and isinstance(keys, list)):
+                raise ValueError("bad keyring answer")
+            out.answers[node] = Answer(ok, error[:512], [str(k)[:64] for k in keys[:16]])
+        except (ValueError, TypeError, msgpack.UnpackException):
+            out.answers[node] = Answer(False, "malformed keyring answer")
+    return out
+
+
+def _decode_command(payload: bytes) -> tuple[str, bytes | None]:
+    try:
+        op, key = msgpack.unpackb(payload, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        raise QueryError("malformed keyring command") from None
+    if op not in OPS or not isinstance(key, bytes):
+        raise QueryError("malformed keyring command")
+    return op, key or None
+
+
+class LegacyKeyringChannel(Delegate):
+    """Commands on the previous build's ``keyring`` channel: applied, passed on once,
+    answered to the originator by stream, as that build did (see module)."""
+
+    channel = CHANNEL
+
+    def __init__(self, core: Membership, commands: KeyringCommands) -> None:
+        self.core = core
+        self.commands = commands
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.stats = {"bad_messages": 0}
+
+    def notify_message(self, now: float, payload: bytes) -> None:
+        try:
+            msg: Any = msgpack.unpackb(payload, raw=False)
+            if msg[0] == "ack":
+                return  # this build asks by query; an old agent's ack is not for us
+            kind, cid, origin, op, key = msg
+            if not (kind == "cmd" and isinstance(cid, str) and isinstance(origin, str)
+                    and op in OPS and isinstance(key, bytes)):
+                raise ValueError("bad command")
+        except (ValueError, TypeError, IndexError, msgpack.UnpackException):
+            self.stats["bad_messages"] += 1
+            return
+        if cid in self._seen:
+            return
         self._seen[cid] = None
         while len(self._seen) > _SEEN:
             self._seen.popitem(last=False)
+        self.core.broadcast(now, CHANNEL, payload, key=cid)
+        a = self.commands.apply(op, key or None)
+        self.core.send_to(now, origin, CHANNEL, msgpack.packb(
+            ["ack", cid, self.core.name, a.ok, a.error, a.keys]))
 
 
 def key_id(key: bytes) -> str:

@@ -82,6 +82,7 @@ from .wire import (
     Status,
     Suspect,
     UserMessage,
+    UserRequest,
     decode_frame_body,
     decode_packet,
     encode_packet,
@@ -140,6 +141,8 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
         self._member_q = BroadcastQueue()
         self._user_q = BroadcastQueue()
         self._delegates: dict[str, Delegate] = {}
+        #: The delegates with timers of their own (``Delegate.timer_deadline``).
+        self._timed: list[Delegate] = []
         self._seq = rng.randrange(1 << 31)
         self._exchange = 0
         self._exchanges: dict[int, str] = {}  # id -> kind
@@ -195,6 +198,8 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
             d = min(d, s.deadline())
         if self._join is not None:
             d = min(d, self._join.retry_at)
+        for t in self._timed:
+            d = min(d, t.timer_deadline())
         return d
 
     def tick(self, now: float) -> None:
@@ -229,6 +234,9 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
                 self._finish_join()  # the grace for slower seeds is over
             else:
                 self._join_round(now)
+        for t in self._timed:
+            if now >= t.timer_deadline():
+                t.on_timer(now)
 
     def receive(self, now: float, source: Address, data: bytes) -> None:
         """A datagram arrived from ``source``."""
@@ -354,6 +362,16 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
                 self._trace_in("in-stream", source, [msg])
             self._deliver_user(now, msg)
             return None
+        if isinstance(msg, UserRequest):
+            d = self._delegates.get(msg.channel)
+            if d is None:
+                self.stats["user_unknown_channel"] += 1
+                return None
+            answer = d.handle_request(now, source[0], msg.payload)
+            if answer is None:
+                return None
+            return self._frame(now, encode_packet([UserMessage(msg.channel, answer)]),
+                               msg.source)
         # Anything else arriving on a stream is treated as gossip.
         self._dispatch(now, source, msg)
         return None
@@ -397,6 +415,11 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
                 p.tcp_ok = True
         elif kind == "user" and reply is None:
             self.stats["user_stream_failed"] += 1
+        elif kind.startswith("request:"):
+            d = self._delegates.get(kind[8:])
+            if d is not None:
+                d.notify_reply(now, exchange,
+                               msg.payload if isinstance(msg, UserMessage) else None)
 
     # ---- commands -------------------------------------------------------------------
 
@@ -477,6 +500,8 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
         if not delegate.channel or delegate.channel in self._delegates:
             raise ValueError(f"delegate channel {delegate.channel!r} is empty or taken")
         self._delegates[delegate.channel] = delegate
+        if type(delegate).timer_deadline is not Delegate.timer_deadline:
+            self._timed.append(delegate)
 
     @property
     def delegates(self) -> dict[str, Delegate]:
@@ -523,7 +548,30 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
                      expect_reply=False)
         return True
 
-    # ---- queries ----------------------------------------------------------------------
+    def send_datagram(self, now: float, member: str, channel: str, payload: bytes) -> bool:
+        """Send a delegate's message to one live member in a datagram (with whatever
+        broadcasts fit beside it): how a query's answer goes back. False if ``member``
+        is not alive or the message does not fit one datagram."""
+        m = self.members.get(member)
+        if m is None or member == self.name or m.status != Status.ALIVE:
+            return False
+        msg = UserMessage(channel, payload)
+        if len(pack_message(msg)) > self._datagram_budget() - 32:  # room for a digest
+            return False
+        self._send(now, m.addr, m.name, [msg])
+        return True
+
+    def request(self, now: float, member: str, channel: str, payload: bytes,
+                timeout: float | None = None) -> int | None:
+        """Ask one member's delegate something by stream; its reply reaches our
+        delegate's ``notify_reply`` with the exchange number returned here (None:
+        ``member`` is unknown)."""
+        m = self.members.get(member)
+        if m is None or member == self.name:
+            return None
+        return self._stream(now, m, f"request:{channel}",
+                            encode_packet([UserRequest(channel, payload, self.name)]), True,
+                            timeout)
 
 
     def suspicion(self, name: str) -> Suspicion | None:

@@ -38,6 +38,7 @@ import trio
 from .accept import FdPool, ListenerLimits, serve_listeners
 from .address import format_address, parse_address
 from .assembly import DelegateFactory, NodeParts, NodeSpec, assemble
+from .cluster_query import ClusterQueries
 from .config import LAN, GossipConfig
 from .delegate import Delegate
 from .effects import (
@@ -190,6 +191,7 @@ class Node:
         self.name = config.name
         self._core: Membership | None = None
         self._parts: NodeParts | None = None
+        self._queries: ClusterQueries | None = None
         self._executor = EffectExecutor(self, on_error=self._effect_failed)
         self._outbox: list[SendPacket] = []
         self._stack = AsyncExitStack()
@@ -231,9 +233,10 @@ class Node:
             spec = NodeSpec(self.name, advertise, self.config.gossip,
                             meta=dict(self.config.tags), seal=self.config.seal,
                             wall_offset=time.time() - now, extras=self.config.extras,
-                            identity=self.config.identity)
+                            identity=self.config.identity, release=release())
             self._parts = assemble(spec, now, rng, new_id=lambda: os.urandom(8).hex())
             self._core = self._parts.core
+            self._queries = ClusterQueries(self._parts.queries, self.wake)
             for d in self._pending_delegates:
                 self._core.register(d)
             self._nursery = await self._stack.enter_async_context(trio.open_nursery())
@@ -278,6 +281,13 @@ class Node:
         if self._parts is None:
             raise RuntimeError("the node is not running (use `async with Node(...)`)")
         return self._parts
+
+    @property
+    def queries(self) -> ClusterQueries:
+        """Cluster-wide queries from this node (``cluster_query.py``)."""
+        if self._queries is None:
+            raise RuntimeError("the node is not running")
+        return self._queries
 
     @property
     def address(self) -> Address:

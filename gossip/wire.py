@@ -237,6 +237,20 @@ class SignedLeave:
 
 
 @dataclass(frozen=True, slots=True)
+class UserRequest:
+    """A higher layer's request to one member, by stream, whose reply frame is a
+    ``UserMessage`` of the same channel (``Membership.request``). Optional: a member
+    of an older build skips it and closes the stream, which the requester reads as a
+    failed exchange."""
+
+    TYPE: ClassVar[int] = OPTIONAL_TYPES + 3
+    channel: str
+    payload: bytes
+    #: The requester, for whom the reply is sealed.
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
 class Skipped:
     """An optional message of a type this version does not know (never sent)."""
 
@@ -244,7 +258,7 @@ class Skipped:
 
 
 Message = (Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | UserMessage | PushPull
-           | Digest | SignedAlive | SignedLeave | Skipped)
+           | Digest | SignedAlive | SignedLeave | UserRequest | Skipped)
 
 
 # ---- encoding -------------------------------------------------------------------------
@@ -279,6 +293,8 @@ def message_to_list(m: Message) -> list[Any]:
         return [SignedAlive.TYPE, m.body, m.sig, m.credential]
     if isinstance(m, SignedLeave):
         return [SignedLeave.TYPE, m.body, m.sig]
+    if isinstance(m, UserRequest):
+        return [UserRequest.TYPE, m.channel, m.payload, m.source]
     if isinstance(m, PushPull):
         return [PushPull.TYPE, m.join, m.source,
                 [[s.name, _addr(s.addr), s.incarnation, s.status, s.meta] for s in m.states],
@@ -437,6 +453,11 @@ def message_from_list(v: Any) -> Message:
         if inner.source != inner.node:
             raise DecodeError("a signed leave is a dead whose source is its node")
         return SignedLeave(inner, body, _signature(sig))
+    if t == UserRequest.TYPE:
+        _, channel, payload, source = _fields(v, 4)
+        if type(payload) is not bytes:
+            raise DecodeError(f"request payload must be bytes, got {describe(payload)}")
+        return UserRequest(_channel(channel), payload, _name(source))
     if t >= OPTIONAL_TYPES:
         return Skipped(t)
     raise DecodeError(f"unknown message type {t}")

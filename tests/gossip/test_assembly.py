@@ -41,6 +41,7 @@ def test_a_simulated_node_and_a_real_one_run_the_same_delegates() -> None:
     simulated = _shape(sim.nodes[idx].core.delegates)
     assert simulated == trio.run(real) == [("catalog", "Catalog"),
                                            ("catalog-signed", "_SignedChannel"),
+                                           ("query", "Queries"),
                                            ("policy", "PolicyReplicator")]
     sim.restart(idx, [])  # a new life is assembled again, delegates and all
     assert _shape(sim.nodes[idx].core.delegates) == simulated
@@ -54,9 +55,11 @@ def test_an_encrypted_node_also_runs_the_keyring_commands() -> None:
     parts = assemble(spec, 0.0, random.Random(1), new_id=lambda: "id")
     assert _shape(parts.core.delegates) == [("catalog", "Catalog"),
                                             ("catalog-signed", "_SignedChannel"),
-                                            ("keyring", "KeyringCommands"),
+                                            ("query", "Queries"),
+                                            ("keyring", "LegacyKeyringChannel"),
                                             ("policy", "PolicyReplicator")]
     assert isinstance(parts.catalog, Catalog) and isinstance(parts.keyring, KeyringCommands)
+    assert parts.queries.handlers["keyring"].write  # the commands are a write query
     assert parts.extras["policy"].channel == "policy"
 
 

@@ -12,10 +12,12 @@ import trio
 import trio.testing
 
 from rumor.gossip.cluster_keyring import ClusterKeyring
+from rumor.gossip.cluster_query import ClusterQueries
 from rumor.gossip.config import LOCAL
 from rumor.gossip.keyring import KEY_BYTES, Keyring, KeyringSeal
 from rumor.gossip.keyring_commands import KeyringCommands, KeyringRefused, key_id
 from rumor.gossip.keyring_file import load_keyring
+from rumor.gossip.query import Queries
 
 from ..fakenet import FakeNet
 
@@ -34,10 +36,12 @@ def _cluster(tmp_path: Path) -> tuple[FakeNet, ClusterKeyring, list[KeyringSeal]
         seals.append(seal)
         cores.append(core)
     ids = random.Random(7)
-    commands = [KeyringCommands(c, s, rand_id=lambda: f"{ids.getrandbits(64):016x}")
-                for c, s in zip(cores, seals, strict=True)]
-    for c, k in zip(cores, commands, strict=True):
-        c.register(k)
+    commands = []
+    for c, s in zip(cores, seals, strict=True):
+        q = Queries(c, rand_id=lambda: f"{ids.getrandbits(64):016x}",
+                    wall_offset=1_800_000_000.0)
+        c.register(q)
+        commands.append(KeyringCommands(q, s))
     for c in cores[1:]:
         c.join(net.now, [cores[0].addr])
         net.flush(c.name)
@@ -46,7 +50,8 @@ def _cluster(tmp_path: Path) -> tuple[FakeNet, ClusterKeyring, list[KeyringSeal]
     def wake() -> None:  # what Node.wake does, on the test network
         net.flush("n0")
         net.run(0.01)
-    return net, ClusterKeyring(commands[0], tmp_path / "ring", wake), seals
+    return net, ClusterKeyring(commands[0], ClusterQueries(commands[0].queries, wake),
+                               tmp_path / "ring"), seals
 
 
 def test_a_command_returns_as_soon_as_every_member_answered(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import os
 import random
 import stat
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rumor.gossip.config import LOCAL
+from rumor.gossip.delegate import Delegate
 from rumor.gossip.keyring import (
     KEY_BYTES,
     OVERHEAD,
@@ -23,13 +25,16 @@ from rumor.gossip.keyring import (
     encode_key,
 )
 from rumor.gossip.keyring_commands import (
-    RESEND_AFTER,
     KeyringCommands,
     KeyringRefused,
+    LegacyKeyringChannel,
     key_id,
+    outcome,
     refuse_use,
 )
 from rumor.gossip.keyring_file import generate_key, load_keyring, save_keyring
+from rumor.gossip.membership import Membership
+from rumor.gossip.query import Queries, QueryError, Request
 from rumor.gossip.security import Plaintext, SealError
 from rumor.gossip.wire import Status
 
@@ -320,33 +325,37 @@ def test_a_keyed_agent_cannot_join_a_plaintext_cluster_and_is_told_why() -> None
             "gossip key") in net.joins["keyed"].errors[0]
 
 
+def _commands(c: Membership, s: KeyringSeal, ids: random.Random,
+              **kw: Any) -> KeyringCommands:
+    """A core's query delegate with the keyring commands on it (as ``assemble`` does)."""
+    q = Queries(c, rand_id=lambda: f"{ids.getrandbits(64):016x}", now=c.members[c.name].since,
+                wall_offset=1_800_000_000.0)
+    c.register(q)
+    k = KeyringCommands(q, s, **kw)
+    c.register(LegacyKeyringChannel(c, k))
+    return k
+
+
 def test_cluster_wide_rotation_through_keyring_commands_keeps_everyone() -> None:
     net = FakeNet(LOCAL)
     seals = [_sim_seal(K1, net, i) for i in range(5)]
     saved: list[tuple[str, list[bytes]]] = []
     cores = [net.add(f"n{i}", seal=s) for i, s in enumerate(seals)]
-    cmds = []
     ids = random.Random(7)
-    for c, s in zip(cores, seals, strict=True):
-        k = KeyringCommands(c, s, rand_id=lambda: f"{ids.getrandbits(64):016x}",
-                            on_change=lambda ring, n=c.name: saved.append((n, ring.keys)))
-        c.register(k)
-        cmds.append(k)
+    cmds = [_commands(c, s, ids, on_change=lambda ring, n=c.name: saved.append((n, ring.keys)))
+            for c, s in zip(cores, seals, strict=True)]
     for c in cores[1:]:
         c.join(net.now, [cores[0].addr])
         net.flush(c.name)
     net.run(3.0)
 
     def step(op: str, key: bytes | None) -> dict[str, object]:
-        cid = cmds[0].start(net.now, op, key)
+        cid = cmds[0].start(net.now, op, key, timeout=2.0)
         net.flush("n0")
-        for _ in range(20):  # as the API does while it waits
-            net.run(0.1)
-            cmds[0].tick(net.now, cid)
-            net.flush("n0")
-        p = cmds[0].finish(cid)
+        net.run(2.0)  # the core's own timers resend to the silent
+        p = cmds[0].queries.finish(cid)
         assert p is not None
-        return {n: a for n, a in p.answers.items()}
+        return dict(outcome(op, p).answers)
 
     for op, key in (("install", K2), ("use", K2), ("remove", K1)):
         answers = step(op, key)
@@ -371,24 +380,23 @@ def test_use_is_refused_unless_every_live_member_holds_the_key() -> None:
     seals = [_sim_seal(K1, net, i) for i in range(3)]
     cores = [net.add(f"n{i}", seal=s) for i, s in enumerate(seals)]
     answered: list[str] = []
-    cmd = KeyringCommands(cores[0], seals[0], rand_id=lambda: "c1",
-                          on_answer=answered.append)
-    cores[0].register(cmd)
+    ids = random.Random(3)
+    cmd = _commands(cores[0], seals[0], ids)
+    cmd.queries.on_answer = answered.append
     for c, s in zip(cores[1:], seals[1:], strict=True):
-        c.register(KeyringCommands(c, s, rand_id=lambda: "x"))
+        _commands(c, s, ids)
         c.join(net.now, [cores[0].addr])
         net.flush(c.name)
     net.run(3.0)
     seals[1].keyring.install(K2)  # n1 holds K2, n2 does not
     seals[0].keyring.install(K2)
     cid = cmd.start(net.now, "list", None)
-    assert cmd.resend_at(cid) == net.now + RESEND_AFTER
     net.flush("n0")
     net.run(0.2)
-    assert sorted(set(answered)) == ["c1"]  # the shell was woken by each answer
-    assert cmd.tick(net.now, cid) == []
-    listing = cmd.finish(cid)
-    assert listing is not None
+    assert answered == [cid, cid]  # the shell was woken by each answer
+    pending = cmd.queries.finish(cid)
+    assert pending is not None and pending.missing == []
+    listing = outcome("list", pending)
     with pytest.raises(KeyringRefused, match="not installed on n2"):
         refuse_use(listing, [], K2)
     with pytest.raises(KeyringRefused, match="no answer from n9"):
@@ -400,9 +408,44 @@ def test_keyring_command_channel_survives_garbage() -> None:
     net = FakeNet(LOCAL)
     s = _sim_seal(K1, net, 1)
     c = net.add("n0", seal=s)
-    k = KeyringCommands(c, s, rand_id=lambda: "x")
+    k = _commands(c, s, random.Random(1))
+    legacy = c.delegates["keyring"]
+    assert isinstance(legacy, LegacyKeyringChannel)
     for junk in (b"", b"\xc1", msgpack.packb(["cmd"]), msgpack.packb(["cmd", 1, 2, "use", b""]),
-                 msgpack.packb(["ack", "x"]), msgpack.packb(["what"])):
-        k.notify_message(net.now, junk)
-    assert k.stats["bad_messages"] == 6
+                 msgpack.packb(["what"])):
+        legacy.notify_message(net.now, junk)
+    assert legacy.stats["bad_messages"] == 5
+    for junk in (msgpack.packb(["keyring"]), msgpack.packb(["install", 5]), b"\xc1"):
+        with pytest.raises(QueryError, match="malformed keyring command"):
+            k._handle(Request("q", "n9", "keyring", junk, 0.0, 0.0))
     assert s.keyring.keys == [K1]
+
+
+def test_a_command_from_an_agent_of_the_previous_build_is_applied_and_acked() -> None:
+    """The previous build's ``keyring`` channel: applied, passed on, acked by stream."""
+    net = FakeNet(LOCAL)
+    seals = [_sim_seal(K1, net, i) for i in range(3)]
+    cores = [net.add(f"n{i}", seal=s) for i, s in enumerate(seals)]
+    ids = random.Random(5)
+    for c, s in zip(cores[1:], seals[1:], strict=True):
+        _commands(c, s, ids)
+    acks: list[list[Any]] = []
+
+    class OldOrigin(Delegate):  # what n0 ran before: it only hears the acks here
+        channel = "keyring"
+
+        def notify_message(self, now: float, payload: bytes) -> None:
+            msg = msgpack.unpackb(payload)
+            if msg[0] == "ack":  # the relayed command comes back too
+                acks.append(msg)
+    cores[0].register(OldOrigin())
+    for c in cores[1:]:
+        c.join(net.now, [cores[0].addr])
+        net.flush(c.name)
+    net.run(3.0)
+    cores[0].broadcast(net.now, "keyring", msgpack.packb(["cmd", "old1", "n0", "install", K2]),
+                       key="old1")
+    net.flush("n0")
+    net.run(2.0)
+    assert all(K2 in s.keyring.keys for s in seals[1:])
+    assert sorted(a[2] for a in acks) == ["n1", "n2"] and all(a[3] for a in acks)
