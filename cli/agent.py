@@ -194,7 +194,8 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
                 api = make_api(node, on_leave=stop.set, on_leaving=notify.stopping,
                                catalog=discovery,
                                policies=policies, metrics=registry, keyring=keyring,
-                               access=opts.api_access, control=reloader)
+                               access=opts.api_access, control=reloader,
+                               queries=node.queries)
                 await nursery.start(partial(serve_http, api, opts.api[0], opts.api[1],
                                             pool=fds.api))
             except OSError as e:

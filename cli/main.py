@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--status", choices=["alive", "suspect", "failed", "left"],
                    help="only members with this status")
 
+    from .query_cmd import add_query_parser
+    add_query_parser(sub, _api_arg)
+
     sv = sub.add_parser("services", help="list the services in an agent's catalog")
     _api_arg(sv)
     sv.add_argument("--json", action="store_true", help="print the JSON document")
@@ -417,6 +420,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         if args.command == "services":
             return _services(api, args.json)
+        if args.command == "query":
+            from .query_cmd import run_query
+            return run_query(args)
         if args.command == "resolve":
             return _resolve(api, args)
         if args.command == "join":

@@ -305,8 +305,9 @@ class Queries(Delegate):
         if len(message) > budget:
             raise QueryError(f"the query is {len(message)} bytes with its filter and "
                              f"signature; it must fit one datagram ({budget} bytes)")
+        # A suspect may well be alive: it is asked, and missing if it is not.
         expected = {m.name for m in self.core.members.values()
-                    if m.status == Status.ALIVE and m.name != self.core.name}
+                    if m.status in (Status.ALIVE, Status.SUSPECT) and m.name != self.core.name}
         if flt.service:
             expected &= self._services_of(flt.service)
         expected = {n for n in expected if flt.matches(

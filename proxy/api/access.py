@@ -66,7 +66,14 @@ class ApiAccess:
         if request.body and _media_type(request) not in BODY_TYPES:
             return error_response(415, "a request body must be JSON (Content-Type: "
                                   "application/json)")
-        if request.method not in READ_METHODS and self.token is not None:
+        if request.method not in READ_METHODS:
+            return self.token_refusal(request)
+        return None
+
+    def token_refusal(self, request: Request) -> Response | None:
+        """The answer refusing ``request`` for a missing or wrong token, whatever its
+        method (a read that shows every agent's traffic needs it too), or None."""
+        if self.token is not None:
             given = _token_of(request)
             if given is None:
                 return error_response(401, "this agent requires an API token for changes "

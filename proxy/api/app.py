@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 
 from ...gossip.address import parse_address
 from ...gossip.cluster_keyring import ClusterKeyring
+from ...gossip.cluster_query import ClusterQueries
 from ...gossip.node import JoinError
 from .access import ApiAccess, guarded
 from .catalog import CatalogApi, add_catalog_routes
@@ -44,6 +45,7 @@ from .control import AgentControl, add_control_routes
 from .keyring import add_keyring_routes
 from .metrics import add_metrics_route
 from .policies import PolicyApi, add_policy_routes
+from .query import add_query_routes
 from .router import Router
 from .server import Handler, HttpError, Request, Response, json_response, read_json
 
@@ -70,7 +72,8 @@ def make_api(node: NodeApi, *, on_leave: Callable[[], None],
              metrics: CollectorRegistry | None = None,
              keyring: ClusterKeyring | None = None,
              access: ApiAccess | None = None,
-             control: AgentControl | None = None) -> Handler:
+             control: AgentControl | None = None,
+             queries: ClusterQueries | None = None) -> Handler:
     """The node (catalog, policy, metrics, keyring) routes behind the access rules;
     pass it to `serve_http`."""
     router = Router()
@@ -84,7 +87,10 @@ def make_api(node: NodeApi, *, on_leave: Callable[[], None],
     add_keyring_routes(router, keyring)
     if control is not None:
         add_control_routes(router, control)
-    return guarded(router, access or ApiAccess())
+    access = access or ApiAccess()
+    if queries is not None:
+        add_query_routes(router, queries, access)
+    return guarded(router, access)
 
 
 def add_node_routes(router: Router, node: NodeApi, on_leave: Callable[[], None],
