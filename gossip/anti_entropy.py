@@ -134,7 +134,8 @@ class AntiEntropy(CoreBase):
             else:
                 # memberlist's rule: a remote "dead" is only a suspicion here, so one
                 # peer's stale view cannot fail a member outright.
-                self._on_suspect(now, Suspect(s.incarnation, s.name, self.name))
+                self._on_suspect(now, Suspect(s.incarnation, s.name, self.name),
+                                 via="push-pull")
         if fresh:
             self._learnt(fresh)
 

@@ -33,6 +33,7 @@ from .effects import (
     StreamRequest,
 )
 from .fields import MAX_COUNTER
+from .history import HEALTH, INCARNATION, MemberHistory
 from .identity import Identity
 from .members import Member
 from .node_key import Credential
@@ -64,6 +65,8 @@ class CoreBase:
     seal: Seal
     identity: Identity
     awareness: Awareness
+    #: The membership events this node took part in (``history.py``).
+    history: MemberHistory
     stats: Counter[str]
     members: dict[str, Member]
     incarnation: int
@@ -98,6 +101,9 @@ class CoreBase:
     _leave_deadline: float
     #: While a datagram is applied: the highest accusation to refute at its end.
     _refute_in_packet: int | None
+    #: ... and when, by whom (for the history's record of the refutation).
+    _refute_at: float = 0.0
+    _refute_by: str = ""
     _probe_at: float
     _gossip_at: float
     _push_pull_at: float
@@ -184,11 +190,28 @@ class CoreBase:
         self._leave_deadline = -INF  # finished; never fire again
         self._effects.append(LeaveFinished())
 
-    def _set_incarnation(self, incarnation: int) -> None:
+    def _set_incarnation(self, incarnation: int, now: float | None = None,
+                         why: str = "metadata changed") -> None:
         """Our new incarnation, never past the wire's cap (which the jump rule keeps out
-        of reach: see ``_absurd``)."""
+        of reach: see ``_absurd``). ``now``: when (a command without one records at the
+        history's latest time)."""
+        old = self.incarnation
         self.incarnation = min(incarnation, MAX_COUNTER)
         self.members[self.name].incarnation = self.incarnation
+        if self.incarnation != old:
+            h = self.history
+            h.record(INCARNATION, h.clock if now is None else now, self.name, self.name,
+                     self.awareness.score, old=old, new=self.incarnation, why=why)
+
+    def _health(self, now: float, delta: int, why: str) -> None:
+        """Apply ``delta`` to our Lifeguard local-health score; a change is recorded
+        (a successful probe at score 0, the usual case, records nothing)."""
+        aw = self.awareness
+        old = aw.score
+        aw.apply(delta)
+        if aw.score != old:
+            self.history.record(HEALTH, now, self.name, self.name, aw.score,
+                                old=old, new=aw.score, why=why)
 
     if TYPE_CHECKING:  # what the parts use of each other (defined in their files)
 
@@ -212,7 +235,7 @@ class CoreBase:
         def _on_alive(self, now: float, a: Alive) -> None:
             raise NotImplementedError
 
-        def _on_suspect(self, now: float, s: Suspect) -> None:
+        def _on_suspect(self, now: float, s: Suspect, via: str = "gossip") -> None:
             raise NotImplementedError
 
         def _on_dead(self, now: float, d: Dead, local: bool = False) -> None:

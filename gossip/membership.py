@@ -45,6 +45,7 @@ from .effects import (
     JoinFinished,
     StreamReply,
 )
+from .history import MemberHistory
 from .identity import Identity
 from .members import Member
 from .node_key import decode_credential
@@ -108,6 +109,10 @@ class Membership(MemberRules, SignedState, Admission, Probing, Dissemination, An
         self.rng = rng
         self.seal: Seal = seal or Plaintext()
         self.awareness = Awareness(config.awareness_max_multiplier if config.lifeguard else 1)
+        #: The membership events this node took part in (``history.py``): bounded in
+        #: bytes, read by the ``explain`` query and logged by the shell (``on_record``).
+        self.history = MemberHistory(name)
+        self.history.clock = now
         self.stats: Counter[str] = Counter()
         self.members: dict[str, Member] = {}
         self.incarnation = 1

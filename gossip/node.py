@@ -52,6 +52,7 @@ from .effects import (
 )
 from .executor import EffectExecutor
 from .fields import ip_literal
+from .history import Record
 from .identity import Identity
 from .keyring import KeyringSeal
 from .membership import Membership
@@ -236,6 +237,7 @@ class Node:
                             identity=self.config.identity, release=release())
             self._parts = assemble(spec, now, rng, new_id=lambda: os.urandom(8).hex())
             self._core = self._parts.core
+            self._core.history.on_record = _log_record
             self._queries = ClusterQueries(self._parts.queries, self.wake)
             for d in self._pending_delegates:
                 self._core.register(d)
@@ -556,6 +558,14 @@ class Node:
             except Exception:
                 self._internal_error("stream reply", f"exchange {e.exchange}")
             await self._flush()
+
+
+def _log_record(r: Record) -> None:
+    """A history record (``history.py``) as a structured log line: the rare membership
+    events (failed probes, suspicions, confirmations, failures, refutations, health
+    changes) that an operator greps for, at INFO."""
+    if log.isEnabledFor(logging.INFO):
+        log.info("%s", r.describe(), extra=r.to_json())
 
 
 async def _ip_address(addr: Address) -> Address:

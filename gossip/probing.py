@@ -16,6 +16,7 @@ from .core_base import CoreBase
 from .effects import (
     Notice,
 )
+from .history import PROBE_DIRECT_FAILED, PROBE_INDIRECT_FAILED, PROBE_TCP_ONLY
 from .members import Member
 from .wire import (
     Ack,
@@ -50,6 +51,8 @@ class _Probe:
     nacks: int = 0
     tcp_exchange: int | None = None
     tcp_ok: bool = False
+    #: The members asked to probe indirectly (for the history).
+    helpers: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -119,6 +122,7 @@ class Probing(CoreBase):
 
     def _start_probe(self, now: float) -> None:
         cfg = self.config
+        self.history.clock = now
         if self._probe is not None:
             # A probe stretched by local health is still running; SWIM probes one
             # member at a time, so skip this tick like memberlist's ticker does.
@@ -156,6 +160,9 @@ class Probing(CoreBase):
         helpers = [m for m in self.members.values()
                    if m.status == Status.ALIVE and m.name not in (self.name, p.target)]
         chosen = self.rng.sample(helpers, min(cfg.indirect_checks, len(helpers)))
+        p.helpers = tuple(h.name for h in chosen)
+        self.history.record(PROBE_DIRECT_FAILED, now, p.target, self.name,
+                            self.awareness.score, after=now - p.sent, helpers=p.helpers)
         for h in chosen:
             self._send(now, h.addr, h.name, [IndirectPing(p.seq, p.target, target.addr, self.name,
                                              cfg.lifeguard)])
@@ -170,23 +177,31 @@ class Probing(CoreBase):
         if p.tcp_exchange is not None:
             self._exchanges.pop(p.tcp_exchange, None)
         if p.acked:
-            self.awareness.apply(-1)
+            if self.awareness.score:
+                self._health(now, -1, f"probe of {p.target} acked")
             return
         target = self.members.get(p.target)
         if target is None or not target.live:
             return
         if p.tcp_ok:
             self.stats["probes_rescued_by_tcp"] += 1
+            self.history.record(PROBE_TCP_ONLY, now, p.target, self.name,
+                                self.awareness.score, after=now - p.sent)
             self._effects.append(Notice(
                 "udp-blocked",
                 f"member {p.target} answered a TCP ping but no UDP probe: "
                 "is UDP blocked on its port?", p.target))
             return
         self.stats["probes_failed"] += 1
+        self.history.record(PROBE_INDIRECT_FAILED, now, p.target, self.name,
+                            self.awareness.score, after=now - p.sent, helpers=p.helpers,
+                            nacks=p.nacks, expected_nacks=p.expected_nacks,
+                            tcp=int(p.tcp_exchange is not None))
         if self.config.lifeguard:
             delta = p.expected_nacks - p.nacks if p.expected_nacks > 0 else 1
-            self.awareness.apply(max(delta, 0))
-        self._on_suspect(now, Suspect(target.incarnation, target.name, self.name))
+            self._health(now, max(delta, 0), f"probe of {p.target} failed "
+                         f"({p.nacks} of {p.expected_nacks} nacks)")
+        self._on_suspect(now, Suspect(target.incarnation, target.name, self.name), "probe")
 
     def _next_probe_target(self, now: float) -> Member | None:
         for _ in range(2):

@@ -13,6 +13,16 @@ from .effects import (
     Notice,
 )
 from .fields import MAX_INCARNATION_JUMP, valid_text
+from .history import (
+    DEAD_HEARD,
+    DECLARED_DEAD,
+    LEFT_HEARD,
+    REFUTE_SEEN,
+    REFUTED,
+    SUSPECT_CONFIRMED,
+    SUSPECT_HEARD,
+    SUSPECT_RAISED,
+)
 from .members import Member
 from .node_key import Credential
 from .suspicion import Suspicion
@@ -45,7 +55,7 @@ class MemberRules(CoreBase):
                 return
             # Someone spreads an alive about us that is newer or differs from what we
             # are (a previous life of this name): override it.
-            self._refute(a.incarnation)
+            self._refute(a.incarnation, now)
             return
         if not self.identity.accepts_unsigned(a.node):
             # Its signed word is the only one that counts (or all must be signed).
@@ -105,13 +115,18 @@ class MemberRules(CoreBase):
         m.incarnation, m.addr, m.meta = a.incarnation, a.addr, own_meta(a.meta)
         self._relay_alive(a, sa, old_meta != m.meta)
         if was != Status.ALIVE:
+            self.history.record(REFUTE_SEEN, now, a.node, a.node, self.awareness.score,
+                                incarnation=a.incarnation, was=Status.NAMES[was])
             if not m.live:
                 self._add_to_probe_order(a.node)
             self._set_status(now, m, Status.ALIVE, "alive")
         elif old_meta != m.meta:
             self._emit(now, m, "update")
 
-    def _on_suspect(self, now: float, s: Suspect) -> None:
+    def _on_suspect(self, now: float, s: Suspect, via: str = "gossip") -> None:
+        """A suspicion; ``via`` says how it reached us (``probe``: our own failed probe,
+        ``push-pull``, ``dead``: a dead taken as a suspicion, ``gossip``), for the
+        history."""
         m = self.members.get(s.node)
         if m is None or s.incarnation < m.incarnation or self._absurd(m, s.incarnation) \
                 or self._above_signed(m, s.incarnation):
@@ -119,13 +134,17 @@ class MemberRules(CoreBase):
         existing = self._suspicions.get(s.node)
         if existing is not None:
             if s.incarnation == existing.incarnation and existing.confirm(s.source):
+                self.history.record(SUSPECT_CONFIRMED, now, s.node, s.source,
+                                    self.awareness.score, incarnation=s.incarnation,
+                                    confirmations=existing.confirmations,
+                                    timeout=existing.timeout(), via=via)
                 # Re-gossip so others count this independent confirmation too.
                 self._queue_member(s)
             return
         if m.status != Status.ALIVE:
             return
         if s.node == self.name:
-            self._refute(s.incarnation)
+            self._refute(s.incarnation, now, s.source)
             return
         self._queue_member(s)
         m.incarnation = s.incarnation
@@ -135,10 +154,14 @@ class MemberRules(CoreBase):
         k = cfg.suspicion_confirmations if cfg.lifeguard else 0
         if n - 2 < k:
             k = 0
-        self._suspicions[s.node] = Suspicion(
+        sus = self._suspicions[s.node] = Suspicion(
             start=now, incarnation=s.incarnation, accuser=s.source, k=k,
             min_timeout=cfg.suspicion_min(n),
             max_timeout=cfg.suspicion_max(n) if cfg.lifeguard else cfg.suspicion_min(n))
+        self.history.record(SUSPECT_RAISED if s.source == self.name else SUSPECT_HEARD,
+                            now, s.node, s.source, self.awareness.score,
+                            incarnation=s.incarnation, confirmations=0,
+                            timeout=sus.timeout(), via=via)
 
     def _on_dead(self, now: float, d: Dead, local: bool = False) -> None:
         """A dead (``local``: our own suspicion of the member expired)."""
@@ -159,7 +182,7 @@ class MemberRules(CoreBase):
             return
         if d.node == self.name:
             if not self.leaving:
-                self._refute(d.incarnation)
+                self._refute(d.incarnation, now, d.source)
             return
         if m.cred is not None and not local and d.source != d.node:
             s = self._suspicions.get(d.node)
@@ -168,26 +191,41 @@ class MemberRules(CoreBase):
                 # third party's dead before our own suspicion's minimum is one more
                 # accusation, so repeating it cannot keep the member down.
                 self.stats["deads_taken_as_suspicion"] += 1
-                self._on_suspect(now, Suspect(d.incarnation, d.node, d.source))
+                self._on_suspect(now, Suspect(d.incarnation, d.node, d.source), "dead")
                 return
         self._suspicions.pop(d.node, None)
         self._queue_member(d)
         m.incarnation = d.incarnation
         if d.source == d.node:
+            self.history.record(LEFT_HEARD, now, d.node, d.source, self.awareness.score,
+                                incarnation=d.incarnation)
             self._set_status(now, m, Status.LEFT, "left")
         else:
+            if not local:
+                self.history.record(DEAD_HEARD, now, d.node, d.source,
+                                    self.awareness.score, incarnation=d.incarnation)
             self._set_status(now, m, Status.DEAD, "failed")
 
-    def _refute(self, accused: int) -> None:
+    def _refute(self, accused: int, now: float | None = None, by: str = "") -> None:
         """We are accused (suspect/dead) or misrepresented: outbid the accusation.
         Within a datagram the refutation waits for its end (``receive``), so one packet
-        of rising accusations costs one refutation and one signature, not hundreds."""
+        of rising accusations costs one refutation and one signature, not hundreds.
+        ``now`` and ``by`` (the accuser) are for the history; the deferred call at the
+        datagram's end has neither and uses those its accusations left."""
         if self._refute_in_packet is not None:
+            if accused >= self._refute_in_packet:
+                self._refute_at, self._refute_by = self.history.clock, by
+                if now is not None:
+                    self._refute_at = now
             self._refute_in_packet = max(self._refute_in_packet, accused)
             return
-        self._set_incarnation(max(self.incarnation, accused) + 1)
+        if now is None:
+            now, by = self._refute_at, self._refute_by
+        self._set_incarnation(max(self.incarnation, accused) + 1, now, "refuted")
         self.stats["refutations"] += 1
-        self.awareness.apply(1)
+        self.history.record(REFUTED, now, self.name, self.name, self.awareness.score,
+                            accused=accused, accuser=by, incarnation=self.incarnation)
+        self._health(now, 1, "refuted an accusation")
         self._queue_self()
 
     def _expire_suspicions(self, now: float) -> None:
@@ -198,6 +236,9 @@ class MemberRules(CoreBase):
             m = self.members.get(name)
             if m is not None and m.status == Status.SUSPECT and m.incarnation == s.incarnation:
                 self.stats["failures_declared"] += 1
+                self.history.record(DECLARED_DEAD, now, name, self.name,
+                                    self.awareness.score, incarnation=s.incarnation,
+                                    after=now - s.start, confirmations=s.confirmations)
                 self._on_dead(now, Dead(s.incarnation, name, self.name), local=True)
 
     def _above_signed(self, m: Member, incarnation: int) -> bool:

@@ -21,6 +21,7 @@ from dataclasses import replace
 import msgpack
 
 from .core_base import CoreBase
+from .history import LEFT_HEARD
 from .identity import ALIVE_CONTEXT, LEAVE_CONTEXT, Identity
 from .members import Member
 from .node_key import Credential, decode_credential
@@ -205,7 +206,7 @@ class SignedState(CoreBase):
         if c is None or c.public_key != me.cred.public_key or not self.identity.check(
                 now, c.public_key, ALIVE_CONTEXT, sa.body, sa.sig, host, False):
             return
-        self._set_incarnation(a.incarnation + 1)
+        self._set_incarnation(a.incarnation + 1, now, "outbid a previous life's alive")
         self.stats["refutations"] += 1
         self._queue_self()
 
@@ -234,6 +235,8 @@ class SignedState(CoreBase):
             self._queue_member(d)
         self._queue_signed(sl)
         m.incarnation = d.incarnation
+        self.history.record(LEFT_HEARD, now, d.node, d.node, self.awareness.score,
+                            incarnation=d.incarnation)
         self._set_status(now, m, Status.LEFT, "left")
 
     def _on_own_signed_leave(self, now: float, host: str, sl: SignedLeave) -> None:
@@ -245,7 +248,8 @@ class SignedState(CoreBase):
         if not self.identity.check(now, me.cred.public_key, LEAVE_CONTEXT, sl.body, sl.sig,
                                    host, False):
             return
-        self._set_incarnation(sl.dead.incarnation + 1)
+        self._set_incarnation(sl.dead.incarnation + 1, now,
+                              "outbid a previous life's leave")
         self.stats["refutations"] += 1
         self._queue_self()
 

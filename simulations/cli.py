@@ -146,6 +146,10 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
                    help="print the report as one JSON object on stdout")
     s.add_argument("--plots", type=Path, default=None, metavar="DIR",
                    help="write PNG plots there (needs matplotlib)")
+    s.add_argument("--explain", default=None, metavar="MEMBER",
+                   help="after the run, print the story of MEMBER's suspicion from every "
+                   "node's history, as `rumor explain` tells it (MEMBER `victim`: the "
+                   "first node a crash scenario killed)")
     s.add_argument("--progress", action="store_true",
                    help="show a progress bar even when stderr is not a terminal")
 
@@ -199,8 +203,10 @@ def run_sim_command(args: argparse.Namespace) -> int:
     if args.progress or sys.stderr.isatty():
         from .report import ProgressBar
         bar = ProgressBar(args.scenario)
+    from .scenarios import capture_sims
     try:
-        report = SCENARIOS[args.scenario](p, bar)
+        with capture_sims() as sims:
+            report = SCENARIOS[args.scenario](p, bar)
     finally:
         if bar is not None:
             bar.close()
@@ -220,6 +226,33 @@ def run_sim_command(args: argparse.Namespace) -> int:
         print(summary(report), file=sys.stderr)
     else:
         print(summary(report))
+    if getattr(args, "explain", None):
+        return _print_explain(args.explain, report, sims,
+                              sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _print_explain(member: str, report: dict[str, Any], sims: list[Any], out: Any) -> int:
+    from .scenarios import explain
+    if member == "victim":
+        victims = report.get("result", {}).get("victims") or []
+        if not victims:
+            print("rumor: --explain victim: this scenario crashed no node", file=sys.stderr)
+            return 2
+        member = victims[0]
+    if not sims:
+        print(f"rumor: --explain: the {report['scenario']} scenario runs no gossip cluster",
+              file=sys.stderr)
+        return 2
+    sim = sims[-1]
+    if member not in sim.by_name:
+        print(f"rumor: --explain: no node named {member!r} (nodes are n0..n"
+              f"{len(sim.nodes) - 1})", file=sys.stderr)
+        return 2
+    from ..gossip.explain import format_story
+    s, timeline = explain(sim, member)
+    print("", file=out)
+    print(format_story(s, timeline, clock=lambda t: f"virtual {t:.3f}s"), file=out)
     return 0
 
 

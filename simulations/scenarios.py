@@ -7,10 +7,11 @@ except what sits under the ``wall`` key (wall-clock time, events per second).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ import msgpack
 
 from ..gossip.assembly import DelegateFactory
 from ..gossip.config import GossipConfig, profile
+from ..gossip.explain import Entry, Story, merge_timeline, story
 from ..gossip.signed_state import IDENTITY_CHANNEL
 from ..gossip.wire import MemberState, PushPull, Status, pack_message
 from .engine import Simulator, gc_paused
@@ -78,7 +80,33 @@ def make_sim(p: Params, loss: float | None = None,
     net = Network(lat, p.loss if loss is None else loss)
     sim = Simulator(gossip_config(p), net, p.seed, extras=extras,
                     node_identity=p.node_identity)
+    if _captured is not None:
+        _captured.append(sim)
     return sim, Recorder(sim)
+
+
+#: The simulators ``make_sim`` built while ``capture_sims`` is active.
+_captured: list[Simulator] | None = None
+
+
+@contextlib.contextmanager
+def capture_sims() -> Iterator[list[Simulator]]:
+    """Collect the simulators the scenarios build meanwhile (``rumor sim --explain``
+    reads their nodes' histories after the run)."""
+    global _captured
+    was, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = was
+
+
+def explain(sim: Simulator, member: str) -> tuple[Story, list[Entry]]:
+    """The story of ``member`` from every simulated node's history (the current life
+    of each; one clock, so every offset is 0), as ``rumor explain`` tells it."""
+    timeline = merge_timeline((node.name, 0.0, node.core.history.about(member))
+                              for node in sim.nodes)
+    return story(timeline, member), timeline
 
 
 def warm_cluster(sim: Simulator, n: int) -> None:
