@@ -53,7 +53,7 @@ def estimate_offset(sent_wall: float, received_wall_remote: float,
     timestamps (we sent at ``sent_wall``, it received and answered at its
     ``received_wall_remote`` and ``answered_wall_remote``, the answer arrived at our
     ``arrived_wall``). The bound is half the round trip less the remote's holding time.
-    ``query.Pending.offset`` computes the same from a pending query's answer."""
+    ``query.Pending.offset`` applies it to a pending query's answer."""
     offset = ((received_wall_remote - sent_wall) + (answered_wall_remote - arrived_wall)) / 2
     rtt = (arrived_wall - sent_wall) - (answered_wall_remote - received_wall_remote)
     return offset, max(0.0, rtt) / 2

@@ -48,6 +48,7 @@ from typing import Any
 import msgpack
 
 from .delegate import Delegate
+from .explain import estimate_offset
 from .fields import describe
 from .membership import Membership
 from .wire import Status
@@ -205,10 +206,8 @@ class Pending:
         a = self.answers.get(member)
         if a is None or a.via == "local":
             return (0.0, 0.0) if a is not None else None
-        t4 = self.sent_wall + (a.arrived - self.started)
-        offset = ((a.received_wall - self.sent_wall) + (a.answered_wall - t4)) / 2
-        bound = max(0.0, (t4 - self.sent_wall) - (a.answered_wall - a.received_wall)) / 2
-        return offset, bound
+        return estimate_offset(self.sent_wall, a.received_wall, a.answered_wall,
+                               self.sent_wall + (a.arrived - self.started))
 
 
 @dataclass
@@ -643,8 +642,9 @@ class Queries(Delegate):
             member = p.fetch_queue.popleft()
             if member in p.answers:
                 continue
-            request = p.message if p.write and member not in p.answers else \
-                msgpack.packb(["f", self.core.name, p.qid])
+            # A write goes again whole (its answer comes back on the stream); a read's
+            # announced answer is fetched.
+            request = p.message if p.write else msgpack.packb(["f", self.core.name, p.qid])
             ex = self.core.request(now, member, CHANNEL, request,
                                    timeout=max(0.05, p.deadline - now))
             if ex is None:
