@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .query_cmd import add_query_parser
     add_query_parser(sub, _api_arg)
+    from .explain_cmd import add_explain_parser
+    add_explain_parser(sub, _api_arg)
 
     sv = sub.add_parser("services", help="list the services in an agent's catalog")
     _api_arg(sv)
@@ -423,6 +425,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "query":
             from .query_cmd import run_query
             return run_query(args)
+        if args.command == "explain":
+            from .explain_cmd import run_explain
+            return run_explain(args)
         if args.command == "resolve":
             return _resolve(api, args)
         if args.command == "join":

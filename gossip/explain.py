@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .history import (
     DEAD_HEARD,
@@ -260,6 +261,31 @@ def _missed_probes(about: Sequence[Entry], agent: str, inc: int) -> list[Entry]:
     return []
 
 
+def story_json(s: Story) -> dict[str, Any]:
+    """The story as JSON (times on the asker's clock, as in the timeline)."""
+
+    def acc(a: Accuser) -> dict[str, Any]:
+        return {"agent": a.agent, "at": a.at, "health": a.health, "own": a.own,
+                "via": a.via}
+
+    return {"member": s.member, "agents": s.agents, "entries": s.entries,
+            "first_suspecter": s.first_suspecter, "confirmers": s.confirmers,
+            "declared_by": s.declared_by,
+            "episodes": [{
+                "incarnation": ep.incarnation, "first_suspecter": ep.first_suspecter,
+                "suspected_at": ep.suspected_at, "suspecter_health": ep.suspecter_health,
+                "missed_probes": [{"agent": e.agent, "at": e.at, "kind": e.kind}
+                                  for e in ep.missed_probes],
+                "confirmers": [acc(c) for c in ep.confirmers],
+                "heard_by": sorted(ep.heard_by),
+                "refuted_at": ep.refuted_at, "refuted_incarnation": ep.refuted_incarnation,
+                "refuted_own": ep.refuted_own, "refuted_accuser": ep.refuted_accuser,
+                "refute_seen_by": sorted(ep.refute_seen_by),
+                "declared": [acc(d) for d in ep.declared],
+                "failed_known_by": sorted(ep.failed_known_by), "left_at": ep.left_at,
+            } for ep in s.episodes]}
+
+
 # ---- the terminal -----------------------------------------------------------------------------
 
 
@@ -369,4 +395,4 @@ def format_story(s: Story, timeline: Sequence[Entry], *, max_lines: int | None =
 
 
 __all__ = ["Accuser", "Entry", "Episode", "Story", "estimate_offset", "format_story",
-           "merge_timeline", "story"]
+           "merge_timeline", "story", "story_json"]

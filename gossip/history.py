@@ -285,6 +285,11 @@ def wire_evicted(data: object) -> int:
     return _decode(data)[1]
 
 
+def read_wire(data: object) -> tuple[list[Record], int]:
+    """``from_wire`` and ``wire_evicted`` in one decode."""
+    return _decode(data)
+
+
 def _decode(data: object) -> tuple[list[Record], int]:
     if isinstance(data, (bytes, bytearray, memoryview)):
         if len(data) > MAX_WIRE_BYTES:
@@ -362,6 +367,6 @@ __all__ = [
     "KINDS",
     "LEFT_HEARD", "PROBE_DIRECT_FAILED", "PROBE_INDIRECT_FAILED", "PROBE_TCP_ONLY",
     "REFUTED", "REFUTE_SEEN", "SUSPECT_CONFIRMED", "SUSPECT_HEARD", "SUSPECT_RAISED",
-    "HistoryDecodeError", "MemberHistory", "Record", "from_wire", "to_wire",
+    "HistoryDecodeError", "MemberHistory", "Record", "from_wire", "read_wire", "to_wire",
     "wire_evicted",
 ]

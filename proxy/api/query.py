@@ -5,6 +5,13 @@
   "missing": [...], "expected": N}`. An answer that is msgpack is shown as its JSON,
   else as text (or base64 when it is not UTF-8).
 
+- `GET /v1/explain/MEMBER?since=10m&timeout=3s` -> `{"member", "since", "agents":
+  {AGENT: {"offset_ms", "bound_ms", "evicted", "history"}}, "errors": {AGENT: why},
+  "missing", "expected", "story"}`: every agent's history about MEMBER (the `explain`
+  query), each validated, with its clock offset from the round trip; "story" is the
+  merged reading (``gossip/explain.py``, times on this agent's wall clock). Always
+  needs the token where one is set.
+
 A read, so `GET`; but a query this agent knows as guarded (tap, explain), a write
 (the keyring's, which has its own routes) or one it does not know needs the API
 token where one is set, since what it shows is the traffic or history of every
@@ -14,12 +21,17 @@ agent. Writes are refused here: they have their own routes.
 from __future__ import annotations
 
 import base64
+import math
+import time
 from typing import Any
 
 import msgpack
 
+from ...gossip.builtin_queries import explain_payload
 from ...gossip.cluster_query import ClusterQueries
 from ...gossip.durations import parse_duration
+from ...gossip.explain import merge_timeline, story, story_json
+from ...gossip.history import HistoryDecodeError, Record, read_wire, to_wire
 from ...gossip.query import Answer, Pending, QueryError, new_filter
 from .access import ApiAccess
 from .router import Router
@@ -55,7 +67,52 @@ def add_query_routes(router: Router, queries: ClusterQueries, access: ApiAccess)
             raise HttpError(400, str(e)) from None
         return json_response(summary(done))
 
+    async def explain(request: Request) -> Response:
+        refused = access.token_refusal(request)
+        if refused is not None:
+            return refused
+        member = request.params["member"]
+        q = request.query
+        try:
+            since = parse_duration(q.get("since", "10m"))
+            timeout = parse_duration(q.get("timeout", "3s"))
+        except ValueError as e:
+            raise HttpError(400, str(e)) from None
+        since_wall = time.time() - since
+        try:
+            done = await queries.run("explain", explain_payload(member, since_wall),
+                                     timeout=timeout)
+        except QueryError as e:
+            raise HttpError(400, str(e)) from None
+        return json_response(explain_summary(done, member, since_wall))
+
     router.add("GET", "/v1/query/{name}", run)
+    router.add("GET", "/v1/explain/{member}", explain)
+
+
+def explain_summary(p: Pending, member: str, since_wall: float) -> dict[str, Any]:
+    """A finished ``explain`` query as the API's JSON: each answer decoded as untrusted
+    input (a bad one is reported under "errors", never merged)."""
+    agents: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    merged: list[tuple[str, float, list[Record]]] = []
+    for agent, a in sorted(p.answers.items()):
+        if not a.ok:
+            errors[agent] = a.error or "failed"
+            continue
+        try:
+            records, evicted = read_wire(a.data)
+        except HistoryDecodeError as e:
+            errors[agent] = f"bad history: {e}"
+            continue
+        off = p.offset(agent) or (0.0, math.inf)
+        agents[agent] = {"offset_ms": round(off[0] * 1000, 3),
+                         "bound_ms": round(off[1] * 1000, 3) if math.isfinite(off[1]) else None,
+                         "evicted": evicted, "history": to_wire(records)}
+        merged.append((agent, off[0], records))
+    return {"member": member, "since": since_wall, "agents": agents, "errors": errors,
+            "missing": p.missing, "expected": len(p.expected),
+            "story": story_json(story(merge_timeline(merged), member))}
 
 
 def summary(p: Pending) -> dict[str, Any]:
@@ -95,4 +152,4 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-__all__ = ["add_query_routes", "summary"]
+__all__ = ["add_query_routes", "explain_summary", "summary"]

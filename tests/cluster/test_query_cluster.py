@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+from datetime import datetime
 from pathlib import Path
 
 import trio
@@ -14,7 +15,7 @@ import trio
 from rumor.gossip.config import LOCAL
 from rumor.gossip.node import Node, NodeConfig
 
-from ..agents import AgentCluster, rumor
+from ..agents import AgentCluster, rumor, wait_for
 
 
 def _query(api: str, *args: str) -> dict[str, object]:
@@ -47,7 +48,7 @@ def test_queries_over_five_real_agents(tmp_path: Path) -> None:
         agents[4].signal(signal.SIGKILL)
         agents[4].wait_exit()
         doc = _query(agents[0].api, "ping", "--timeout", "1s")
-        assert doc["missing"] == ["a4"]
+        assert doc["missing"] == [] and doc["errors"] == {}  # a failed member is not asked
         assert sorted(doc["answers"]) == names[:4]  # type: ignore[arg-type]
     finally:
         cluster.close()
@@ -71,3 +72,46 @@ def test_an_answer_larger_than_a_datagram_goes_by_stream_between_real_sockets() 
                 "n0": ("local", 80_000), "n1": ("stream", 80_000), "n2": ("stream", 80_000)}
             assert n0.parts.queries.stats["answers_fetched"] == 2
     trio.run(main)
+
+
+def test_explain_after_kill_names_the_suspecter_and_confirmers_the_logs_show(
+        tmp_path: Path) -> None:
+    cluster = AgentCluster(tmp_path)
+    try:
+        agents = cluster.start(5)
+        victim = agents[4]
+        victim.signal(signal.SIGKILL)
+        victim.wait_exit()
+        wait_for(lambda: all(a.status_of("a4") == "failed" for a in agents[:4]), 30,
+                 "a4 failed everywhere")
+        # What each survivor logged: its own suspicion (raised after its probes failed,
+        # or confirmed independently), at its wall-clock time (ms; "at" is each agent's
+        # own monotonic clock, not comparable across agents).
+        own: dict[str, datetime] = {}
+        for a in agents[:4]:
+            for line in a.log.read_text().splitlines():
+                e = json.loads(line) if line.startswith("{") else {}
+                if (e.get("member") == "a4" and e.get("by") == a.name
+                        and e.get("kind") in ("suspect_raised", "suspect_confirmed")):
+                    own.setdefault(a.name, datetime.fromisoformat(e["ts"]))
+        assert own, "no agent logged a suspicion of a4"
+        earliest = min(own.values())
+        logged_first = {n for n, t in own.items() if t == earliest}
+
+        out = rumor("explain", "a4", "--api", agents[1].api, "--json").stdout
+        doc = json.loads(out)
+        assert sorted(doc["agents"]) == ["a0", "a1", "a2", "a3"]
+        assert doc["missing"] == [] and doc["errors"] == {}  # a failed member is not asked
+        story = doc["story"]
+        assert story["first_suspecter"] in logged_first
+        assert set(story["confirmers"]) == set(own) - {story["first_suspecter"]}
+        assert story["declared_by"], "nobody declared a4 failed"
+        first = story["episodes"][0]
+        assert first["missed_probes"], "the first suspicion came without failed probes"
+        assert first["refuted_at"] is None
+
+        text = rumor("explain", "a4", "--api", agents[0].api).stdout
+        assert f"first suspected by {story['first_suspecter']}" in text
+        assert "declared failed by" in text and "4 agent(s) answered of 4 asked" in text
+    finally:
+        cluster.close()

@@ -24,7 +24,7 @@ from rumor.gossip.query import (
     Request,
     new_filter,
 )
-from rumor.gossip.wire import UserMessage, encode_packet
+from rumor.gossip.wire import Status, UserMessage, encode_packet
 
 from ..fakenet import FakeNet
 from .test_signed_state import identity, signed_cluster
@@ -247,3 +247,45 @@ def test_junk_on_the_query_channel_is_counted_and_changes_nothing(junk: bytes) -
     assert q.handle_request(0.0, "10.0.0.9", junk) is None
     assert q.stats["bad_messages"] + q.stats["answers_unexpected"] >= 3
     assert q.pending == {} and not q._held
+
+
+def test_explain_gathers_every_agents_history_of_a_member_and_tells_its_story() -> None:
+    from rumor.gossip.builtin_queries import explain_payload
+    from rumor.proxy.api.query import explain_summary
+
+    net, cores, qs = cluster(5)
+    net.run(2.0)
+    net.crash("n4")
+    net.run_until(lambda: all(c.members["n4"].status == Status.DEAD for c in cores[:4]),
+                  limit=30)
+    assert qs[0].handlers["explain"].guarded and not qs[0].handlers["ping"].guarded
+    p = ask(net, qs[0], "explain", explain_payload("n4", WALL), timeout=1.0)
+    assert sorted(p.answers) == ["n0", "n1", "n2", "n3"] and p.missing == []
+    doc = explain_summary(p, "n4", WALL)
+    assert doc["errors"] == {} and sorted(doc["agents"]) == ["n0", "n1", "n2", "n3"]
+    # The core's own records say who raised the suspicion first, and who confirmed.
+    raised = sorted((r.at, c.name) for c in cores[:4] for r in c.history.about("n4")
+                    if r.kind == "suspect_raised" and r.by == c.name)
+    assert doc["story"]["first_suspecter"] == raised[0][1]
+    own = {c.name for c in cores[:4] for r in c.history.about("n4")
+           if r.kind in ("suspect_raised", "suspect_confirmed") and r.by == c.name}
+    assert set(doc["story"]["confirmers"]) == own - {raised[0][1]}
+    assert doc["story"]["declared_by"]
+    # Only the window asked for: nothing from before `since`.
+    later = ask(net, qs[0], "explain", explain_payload("n4", WALL + net.now + 1), timeout=1.0)
+    assert all(not explain_summary(later, "n4", 0)["agents"][a]["history"]["records"]
+               for a in later.answers)
+
+
+def test_explain_refuses_a_bad_payload_and_the_summary_skips_a_hostile_answer() -> None:
+    from rumor.gossip.builtin_queries import explain_payload
+    from rumor.proxy.api.query import explain_summary
+
+    net, _cores, qs = cluster(3)
+    p = ask(net, qs[0], "explain", b"\x93junk", timeout=1.0)
+    assert {a.ok for a in p.answers.values()} == {False}
+    assert "explain takes [member, since]" in (p.answers["n1"].error or "")
+    p = ask(net, qs[0], "explain", explain_payload("n2", WALL), timeout=1.0)
+    p.answers["n1"].data = msgpack.packb({"v": 1, "records": [["x", "not a time"]]})
+    doc = explain_summary(p, "n2", WALL)
+    assert "n1" not in doc["agents"] and doc["errors"]["n1"].startswith("bad history")
