@@ -49,14 +49,18 @@ from ..proxy.api.dns import CatalogSource, DnsResponder
 from ..proxy.api.dns_server import serve_dns
 from ..proxy.api.metrics import AgentCollector
 from ..proxy.api.server import serve_http
+from ..proxy.api.stat import register_golden_query
+from ..proxy.api.tap import register_tap_query
 from ..proxy.check_runner import CheckRunner
+from ..proxy.golden import GoldenMetrics
 from ..proxy.inbound import InboundProxy
 from ..proxy.limits import ListenerShare, SidecarLimits, plan_pools
 from ..proxy.mesh_view import NodeView
 from ..proxy.metrics import ProxyMetrics
-from ..proxy.observe import observers
+from ..proxy.observe import Observer, observers
 from ..proxy.outbound import INBOUND_TAG, OutboundProxy
 from ..proxy.relay import ProxyLimits, serve_proxy
+from ..proxy.tap import TapHub
 from ..proxy.tls import MeshTls, TlsConfigError, TlsFiles
 from .logs import log_event
 from .node_identity import IdentityError, build_identity
@@ -190,12 +194,16 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
             reloader = Reloader(opts, node, discovery, policies, reread=reread)
             reloader.own_tags[RELEASE_TAG] = release()
             nursery.start_soon(reloader.run_signals)
+            golden = _golden(node, policies)
+            register_golden_query(node.queries, golden)
+            tap = TapHub(time.time, trio.current_time())
+            register_tap_query(node.queries, tap)
             try:
                 api = make_api(node, on_leave=stop.set, on_leaving=notify.stopping,
                                catalog=discovery,
                                policies=policies, metrics=registry, keyring=keyring,
                                access=opts.api_access, control=reloader,
-                               queries=node.queries)
+                               queries=node.queries, golden=golden, name=opts.name)
                 await nursery.start(partial(serve_http, api, opts.api[0], opts.api[1],
                                             pool=fds.api))
             except OSError as e:
@@ -205,7 +213,7 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
                 await _start_dns(nursery, node, discovery, opts.dns, opts, fds.dns)
             if opts.outbound is not None or opts.inbound is not None:
                 await _start_sidecar(nursery, node, opts, policies, registry, fds.proxy,
-                                     reloader)
+                                     reloader, observers(golden, tap))
             if opts.services:
                 # One batch: the records travel together (by stream when large).
                 discovery.register_many(opts.services)
@@ -328,9 +336,17 @@ def _start_policies(node: Node, opts: AgentOptions) -> PolicyRuntime | None:
     return policies
 
 
+def _golden(node: Node, policies: PolicyRuntime | None) -> GoldenMetrics:
+    """The golden metrics (``proxy/golden.py``): names count if the catalog or a policy
+    knows them, as on ``/metrics``."""
+    catalog = node.parts.catalog
+    return GoldenMetrics(time.time, trio.current_time(), known=lambda name: catalog.knows(
+        name) or (policies is not None and policies.evaluator.names(name)))
+
+
 async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
                          policies: PolicyRuntime | None, registry: CollectorRegistry,
-                         fds: FdPool, reloader: Reloader) -> None:
+                         fds: FdPool, reloader: Reloader, watchers: Observer) -> None:
     """Start the data plane's listeners; the inbound one is advertised in our tags so
     other sidecars know where to send this host's services' traffic. What a reload may
     change (the access log, the TLS files, the tags) is handed to ``reloader``."""
@@ -344,7 +360,8 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
     if access_log is not None:
         nursery.start_soon(access_log.run)  # writes in batches; the rest at shutdown
     # Everything that watches a request sits behind one observer (proxy/observe.py).
-    observer = observers(metrics, AccessLogObserver(access_log) if access_log else None)
+    observer = observers(metrics, watchers,
+                         AccessLogObserver(access_log) if access_log else None)
     mesh = NodeView(node)
     tls = _mesh_tls(opts)
     reloader.access_log, reloader.tls = access_log, tls

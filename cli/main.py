@@ -258,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_query_parser(sub, _api_arg)
     from .explain_cmd import add_explain_parser
     add_explain_parser(sub, _api_arg)
+    from .stat_cmd import add_stat_parsers
+    add_stat_parsers(sub, _api_arg)
+    from .tap_cmd import add_tap_parser
+    add_tap_parser(sub, _api_arg)
 
     sv = sub.add_parser("services", help="list the services in an agent's catalog")
     _api_arg(sv)
@@ -428,6 +432,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "explain":
             from .explain_cmd import run_explain
             return run_explain(args)
+        if args.command == "tap":
+            from .tap_cmd import run_tap
+            return run_tap(args)
+        if args.command in ("stat", "edges", "top"):
+            from . import stat_cmd
+            run = {"stat": stat_cmd.run_stat, "edges": stat_cmd.run_edges,
+                   "top": stat_cmd.run_top}[args.command]
+            return run(args)
         if args.command == "resolve":
             return _resolve(api, args)
         if args.command == "join":

@@ -100,7 +100,8 @@ class InboundProxy:
     async def __call__(self, req: Request) -> Reply | Forward:
         source_raw = req.header(b"x-rumor-source")
         x = Exchange("inbound", req.method, req.target, req.client, trio.current_time(),
-                     source=source_raw.decode("ascii", "replace") if source_raw else None)
+                     source=source_raw.decode("ascii", "replace") if source_raw else None,
+                     headers=req.headers)
         self.observer.request_started(x)
         # route
         try:
@@ -210,6 +211,7 @@ class InboundProxy:
             refused, x.source = self._verified_source(req, service, x.source)
             if refused:
                 return self._deny(x, refused, None)
+            x.secured = True
             if req.peer is not None:  # a caller naming several services: judged by all
                 holds = req.peer.services
         decision = ev.access_as(x.source, holds, service)

@@ -55,7 +55,12 @@ class Exchange:
     service: str = ""
     #: The caller's identity (declared, or proven by its certificate under mutual TLS).
     source: str | None = None
+    #: Mutual TLS carried the request: outbound, to the inbound sidecar; inbound, from a
+    #: caller whose certificate proved ``source``.
+    secured: bool = False
     trace: str = ""
+    #: The request's headers as received (lower-cased names), for a tap that names some.
+    headers: list[tuple[bytes, bytes]] | None = None
     #: The route rule the request took (None: the default split, or no route document).
     route_rule: str | None = None
     #: The fault rule that delayed or aborted it, if any.
@@ -163,8 +168,14 @@ class RequestEnd:
 
 
 def observers(*members: Observer | None) -> Observer:
-    """The given observers as one (None entries skipped)."""
-    present = [m for m in members if m is not None]
+    """The given observers as one (None entries skipped, groups flattened: each call is
+    one loop, not a loop per group)."""
+    present: list[Observer] = []
+    for m in members:
+        if isinstance(m, Observers):
+            present += m.members
+        elif m is not None:
+            present.append(m)
     if not present:
         return NullObserver()
     if len(present) == 1:

@@ -134,13 +134,14 @@ class OutboundProxy:
         #: Keeps the deadlines of this listener's sockets (run by its ``serve_proxy``).
         self.watchdog = Watchdog()
         self.pool = pool or UpstreamPool(self.watchdog, tls=tls)
+        self._secured = tls is not None
         self._targets: dict[str, Target] = {}
 
     # ---- the pipeline -------------------------------------------------------------------
 
     async def __call__(self, req: Request) -> Reply | Forward:
         x = Exchange("outbound", req.method, req.target, req.client, trio.current_time(),
-                     source=self.identity)
+                     source=self.identity, secured=self._secured, headers=req.headers)
         self.observer.request_started(x)
         # 1. route
         try:

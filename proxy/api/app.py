@@ -25,7 +25,9 @@ catalog routes of `proxy/api/catalog.py` (`/v1/catalog/...`, `/v1/agent/...`), a
 `policies` the routes of `proxy/api/policies.py` (`/v1/policies...`, `/v1/evaluate/...`),
 and with `metrics` a Prometheus `GET /metrics` (`proxy/api/metrics.py`), and with
 `control` the configuration routes of `proxy/api/control.py` (`/v1/agent/config`,
-`/v1/agent/reload`).
+`/v1/agent/reload`), and with `queries` the cluster-wide queries of
+`proxy/api/query.py` (`/v1/query/NAME`, `/v1/explain/MEMBER`, `/v1/tap`), and with `golden` the
+golden metrics of `proxy/api/stat.py` (`/v1/stat`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ...gossip.address import parse_address
 from ...gossip.cluster_keyring import ClusterKeyring
 from ...gossip.cluster_query import ClusterQueries
 from ...gossip.node import JoinError
+from ..golden import GoldenMetrics
 from .access import ApiAccess, guarded
 from .catalog import CatalogApi, add_catalog_routes
 from .control import AgentControl, add_control_routes
@@ -48,6 +51,8 @@ from .policies import PolicyApi, add_policy_routes
 from .query import add_query_routes
 from .router import Router
 from .server import Handler, HttpError, Request, Response, json_response, read_json
+from .stat import add_stat_routes
+from .tap import add_tap_routes
 
 MEMBER_STATUSES = ("alive", "suspect", "failed", "left")
 
@@ -73,7 +78,8 @@ def make_api(node: NodeApi, *, on_leave: Callable[[], None],
              keyring: ClusterKeyring | None = None,
              access: ApiAccess | None = None,
              control: AgentControl | None = None,
-             queries: ClusterQueries | None = None) -> Handler:
+             queries: ClusterQueries | None = None,
+             golden: GoldenMetrics | None = None, name: str = "") -> Handler:
     """The node (catalog, policy, metrics, keyring) routes behind the access rules;
     pass it to `serve_http`."""
     router = Router()
@@ -90,6 +96,9 @@ def make_api(node: NodeApi, *, on_leave: Callable[[], None],
     access = access or ApiAccess()
     if queries is not None:
         add_query_routes(router, queries, access)
+        add_tap_routes(router, queries, access)
+    if golden is not None:
+        add_stat_routes(router, golden, queries, name)
     return guarded(router, access)
 
 

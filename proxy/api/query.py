@@ -1,3 +1,4 @@
+# layer: shell — names the explain window on the wall clock (time)
 """The cluster-wide query route of the local API (``gossip/query.py``).
 
 - `GET /v1/query/NAME?node=N1,N2&tag=K=V,K2=V2&service=S&timeout=2s&payload=TEXT` -> `{"name",
