@@ -26,7 +26,10 @@ policy documents (``{service}`` in them becomes the benchmarked service, ``{expi
 an hour from now; ``bench/policies/`` holds the ones of RESULTS.md) with a key made
 in the work folder, which every agent trusts, and publishes them once all agents run;
 ``RUMOR_PAIR_BALANCER=round_robin`` (or any balancer) publishes a resilience document
-choosing it.
+choosing it. ``RUMOR_PAIR_TAP=1`` keeps a ``rumor tap`` of the benchmarked service
+running against the caller's API (output discarded) for the whole run: every agent's
+sidecar then holds an open tap session that every request is offered to; its polls
+and the tap command's own CPU count in the pair's session.
 """
 
 from __future__ import annotations
@@ -119,9 +122,18 @@ def main() -> int:
             stderr=subprocess.STDOUT))
     if policies:
         _publish(policies, key, apis)
+    tap: subprocess.Popen[bytes] | None = None
     while True:
+        if os.environ.get("RUMOR_PAIR_TAP") and (tap is None or tap.poll() is not None):
+            if tap is not None:
+                procs.remove(tap)
+            tap = subprocess.Popen(
+                [sys.executable, "-m", "rumor.cli", "tap", service, "--api",
+                 f"127.0.0.1:{apis[0]}", "--duration", "5m", "--max", "100000", "--json"],
+                stdout=subprocess.DEVNULL, stderr=open(work / "tap.log", "ab"))  # noqa: SIM115
+            procs.append(tap)
         for p in procs:
-            if p.poll() is not None:
+            if p.poll() is not None and p is not tap:
                 print(f"proxy_pair: agent {p.args[5]} exited with {p.returncode}",  # type: ignore[index]
                       file=sys.stderr)
                 stop(signal.SIGTERM, None)
