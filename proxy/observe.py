@@ -99,32 +99,46 @@ class Observer(Protocol):
 
 
 class Observers:
-    """Several observers as one, in order."""
+    """Several observers as one, in order. Each call goes only to the members that
+    override it (an observer that watches only ends costs nothing at a try's start), and
+    straight to the one member when only one does: the fan-out is decided once, here,
+    not per request."""
 
-    __slots__ = ("members",)
+    __slots__ = ("decided", "members", "request_ended", "request_started", "try_ended",
+                 "try_started")
+
+    request_started: Callable[[Exchange], None]
+    try_started: Callable[[Exchange, Endpoint, float], None]
+    try_ended: Callable[[Exchange, Endpoint, float, str], None]
+    decided: Callable[[Exchange, Event], None]
+    request_ended: Callable[[Exchange, float, int, bool], None]
 
     def __init__(self, members: Sequence[Observer]) -> None:
         self.members = tuple(members)
+        for name in _CALLS:
+            setattr(self, name, _fan_out(name, self.members))
 
-    def request_started(self, x: Exchange) -> None:
-        for m in self.members:
-            m.request_started(x)
 
-    def try_started(self, x: Exchange, endpoint: Endpoint, now: float) -> None:
-        for m in self.members:
-            m.try_started(x, endpoint, now)
+#: The observer interface's calls.
+_CALLS = ("request_started", "try_started", "try_ended", "decided", "request_ended")
 
-    def try_ended(self, x: Exchange, endpoint: Endpoint, now: float, outcome: str) -> None:
-        for m in self.members:
-            m.try_ended(x, endpoint, now, outcome)
 
-    def decided(self, x: Exchange, event: Event) -> None:
-        for m in self.members:
-            m.decided(x, event)
+def _fan_out(name: str, members: Sequence[Observer]) -> Callable[..., None]:
+    calls = [getattr(m, name) for m in members
+             if getattr(type(m), name, None) is not getattr(NullObserver, name)]
+    if not calls:
+        return _nothing
+    if len(calls) == 1:
+        return calls[0]  # type: ignore[no-any-return]
 
-    def request_ended(self, x: Exchange, now: float, sent: int, complete: bool) -> None:
-        for m in self.members:
-            m.request_ended(x, now, sent, complete)
+    def every(*args: object) -> None:
+        for call in calls:
+            call(*args)
+    return every
+
+
+def _nothing(*args: object) -> None:
+    pass
 
 
 class NullObserver:

@@ -62,3 +62,28 @@ def test_request_end_returns_the_breaker_slot_once() -> None:
     tries.end()  # the shell's own safety net: never below zero, never twice
     assert state.breaker.in_flight == 0
     assert out == ["o:end:10:True"]
+
+
+class EndsOnly(NullObserver):
+    def __init__(self, out: list[str]) -> None:
+        self.out = out
+
+    def request_ended(self, x: Exchange, now: float, sent: int, complete: bool) -> None:
+        self.out.append("ends:end")
+
+
+def test_each_call_goes_only_to_the_members_that_watch_it() -> None:
+    out: list[str] = []
+    ends, log = EndsOnly(out), Log("a", out)
+    both = observers(ends, log)
+    x = Exchange("outbound", b"GET", b"/", "c", 0.0)
+    both.request_started(x)
+    both.try_started(x, EP, 0.0)
+    both.request_ended(x, 0.2, 5, True)
+    assert out == ["a:start", "a:try", "ends:end", "a:end:5:True"]
+    # One watcher of a call: called directly, no loop in between.
+    assert both.try_started == log.try_started
+    # Groups flatten: one fan-out, not a fan-out of fan-outs.
+    nested = observers(observers(ends, log), EndsOnly(out))
+    assert isinstance(nested, Observers) and len(nested.members) == 3
+    assert observers(EndsOnly(out), NullObserver()).try_ended(x, EP, 0.0, "200") is None
