@@ -122,6 +122,8 @@ def main() -> int:
             stderr=subprocess.STDOUT))
     if policies:
         _publish(policies, key, apis)
+    # Where the agents' APIs are, for a script that asks them (caller first).
+    (work / "apis.json").write_text(json.dumps([f"127.0.0.1:{p}" for p in apis]))
     tap: subprocess.Popen[bytes] | None = None
     while True:
         if os.environ.get("RUMOR_PAIR_TAP") and (tap is None or tap.poll() is not None):

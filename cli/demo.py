@@ -302,6 +302,7 @@ def _mesh(cluster: list[DemoAgent], keydir: Path) -> None:
              f"{lat[int(len(lat) * 0.99)] * 1000:.2f} ms (p2c over peak-EWMA latency)")
         backends[0].delay = 0.0
         _fault(caller, key)
+        _golden(cluster[2])
         for agent, b in zip(cluster[1:4], backends, strict=True):
             put_json(agent.api, f"/v1/agent/service/deregister/{b.name}", {}, timeout=2.0)
     finally:
@@ -339,6 +340,39 @@ def _fault(caller: DemoAgent, key: Any) -> None:
     _say(f"   fault `shop-game-day` (10% +50 ms, 10% aborted, expires in 10 min): 200 "
          f"requests -> {_shares(counts)}; {slow} took 50 ms or more. An injected abort is "
          "never retried and says so: x-rumor-error-code: fault_abort")
+
+
+def _golden(asker: DemoAgent) -> None:
+    """Step 4, end: the whole mesh's golden metrics, from an agent that served none of
+    the calls (a cluster-wide query; counts added, latency sketches merged)."""
+    from .stat_cmd import render_stat
+    end = (int(time.time()) // 5 + 1) * 5  # wait for the current 5 s bucket to close
+    time.sleep(max(0.0, end + 0.3 - time.time()))
+    doc = get_json(asker.api, f"/v1/stat?by=instance&listener=outbound&all=1&window=60s"
+                   f"&end={end}", timeout=10)
+    _say(f"   `rumor stat --all --by instance --listener outbound` on {asker.name} (the "
+         "mesh's golden metrics, gathered by a cluster-wide query):")
+    for line in render_stat(doc).splitlines():
+        _say("     " + line)
+
+
+def _explain(asker: DemoAgent, victim: str) -> None:
+    """Step 5, end: the story of the suspicion, merged from every agent's history."""
+    doc = get_json(asker.api, f"/v1/explain/{victim}?since=2m", timeout=10)
+    st = doc["story"]
+    ep = st["episodes"][0] if st["episodes"] else None
+    if ep is None or ep["suspected_at"] is None:
+        return
+    t0 = ep["suspected_at"]
+    probes = " and ".join(p["kind"].removeprefix("probe_").replace("_", " ")
+                          for p in ep["missed_probes"]) or "no"
+    conf = ", ".join(f"{c['agent']} (+{c['at'] - t0:.2f} s)" for c in ep["confirmers"])
+    decl = ep["declared"][0] if ep["declared"] else None
+    _say(f"   `rumor explain {victim}` on {asker.name}: first suspected by "
+         f"{ep['first_suspecter']} after its probe {probes}; "
+         + (f"confirmed by {conf}; " if conf else "no independent confirmation; ")
+         + (f"declared failed by {decl['agent']} +{decl['at'] - t0:.2f} s later"
+            if decl else "not declared failed"))
 
 
 def _wait(what: str, cond: Callable[[], bool], timeout: float) -> float:
@@ -421,6 +455,7 @@ def run_demo(agents: int = 5) -> int:
         if first_suspect is not None:
             _say(f"   first suspicion after {first_suspect:.2f} s")
         _say(f"   every other agent lists {victim.name} failed after {all_failed:.2f} s")
+        _explain(watcher, victim.name)
         _say(_table(watcher))
 
         _say(f"\n6. Restarting {victim.name} with the same name; it joins through "

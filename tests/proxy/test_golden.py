@@ -234,3 +234,15 @@ def test_a_bad_answer_is_refused_with_the_reason(doc: bytes, why: str) -> None:
 def test_junk_answers_raise_only_the_decode_error(junk: bytes) -> None:
     with contextlib.suppress(GoldenDecodeError):  # anything else fails the test
         from_wire(junk)
+
+
+def test_the_golden_query_payload_round_trips_and_junk_is_refused() -> None:
+    from rumor.gossip.query import QueryError
+    from rumor.proxy.api.stat import golden_payload, golden_request
+
+    assert golden_request(golden_payload(60.0, WALL0)) == (60.0, WALL0)
+    assert golden_request(golden_payload(7.0, WALL0)) == (5.0, WALL0)  # whole buckets
+    for junk in (b"", b"\x92\xa1x\x01", msgpack.packb([600.0, WALL0]),
+                 msgpack.packb([60.0, float("inf")]), msgpack.packb([60.0])):
+        with pytest.raises(QueryError, match="golden takes"):
+            golden_request(junk)
