@@ -6,7 +6,11 @@ broadcasts it; every member that hears it relays it once, answers it if the filt
 matches, and sends the answer straight to the origin. The origin collects answers until
 every expected member answered or the deadline passed, and reports who stayed silent.
 The same primitive carries *writes* (the keyring commands): the origin resends a write
-to the members still silent, by stream, so it is delivered at least once.
+to the members still silent, by stream, so it is delivered at least once. A read is
+asked again once, by stream, of the members still silent when every answer should have
+come (the spread window and ``REASK_AFTER`` past it, before half the timeout): gossip
+delivers a broadcast with high probability, not certainty, and a datagram answer can be
+lost; the stream gets the held answer, or the query heard for the first time.
 
 Why each rule:
 
@@ -74,6 +78,9 @@ CLOCK_SKEW = 30.0
 SPREAD_PER_MEMBER = 0.002
 #: Members silent this long after a write went out (or its last resend) get it again.
 RESEND_AFTER = 0.5
+#: A read is asked again, once, of the silent this long after every answer should have
+#: come (the answers' spread window), and at most half the timeout after it went out.
+REASK_AFTER = 0.25
 _SEEN = 4096
 
 
@@ -186,6 +193,9 @@ class Pending:
     answers: dict[str, Answer] = field(default_factory=dict)
     declined: set[str] = field(default_factory=set)
     resend_at: float = math.inf
+    #: A read's one time to ask the silent again by stream, and whom it asked.
+    reask_at: float = math.inf
+    reasked: set[str] = field(default_factory=set)
     #: The deadline passed (the shell was told once).
     expired: bool = False
     fetch_queue: deque[str] = field(default_factory=deque)
@@ -262,7 +272,7 @@ class Queries(Delegate):
             "queries_stale": 0, "queries_unknown_origin": 0, "queries_unknown_name": 0,
             "answers_in": 0, "answers_forged": 0, "answers_unexpected": 0,
             "answers_fetched": 0, "answers_fetch_failed": 0, "answers_held_dropped": 0,
-            "writes_resent": 0, "handler_errors": 0, "bad_messages": 0}
+            "writes_resent": 0, "reads_reasked": 0, "handler_errors": 0, "bad_messages": 0}
         self._fetch_exchange: dict[int, tuple[str, str]] = {}  # exchange -> (qid, member)
 
     # ---- registry -----------------------------------------------------------------------
@@ -324,6 +334,8 @@ class Queries(Delegate):
         self.core.broadcast(now, CHANNEL, message, key=qid)
         if is_write:
             p.resend_at = now + RESEND_AFTER
+        else:
+            p.reask_at = now + min(timeout / 2, self._window(timeout) + REASK_AFTER)
         return qid
 
     def finish(self, qid: str) -> Pending | None:
@@ -341,7 +353,7 @@ class Queries(Delegate):
         for p in self.pending.values():
             if p.expired or p.complete:
                 continue
-            d = min(d, p.deadline, p.resend_at if p.write else math.inf)
+            d = min(d, p.deadline, p.resend_at if p.write else p.reask_at)
         return d
 
     def on_timer(self, now: float) -> None:
@@ -362,6 +374,14 @@ class Queries(Delegate):
                     if m not in p.fetching and m not in p.fetch_queue:
                         p.fetch_queue.append(m)
                         self.stats["writes_resent"] += 1
+                self._pump(now, p)
+            elif not p.write and now >= p.reask_at and not p.complete:
+                p.reask_at = math.inf
+                for m in p.missing:
+                    if m not in p.fetching and m not in p.fetch_queue:
+                        p.reasked.add(m)
+                        p.fetch_queue.append(m)
+                        self.stats["reads_reasked"] += 1
                 self._pump(now, p)
         self._expire(now)
 
@@ -547,8 +567,11 @@ class Queries(Delegate):
     def _spread(self, qid: str, timeout: float) -> float:
         """This member's delay before answering ``qid`` (see module)."""
         h = hashlib.blake2b(f"{qid}\0{self.core.name}".encode(), digest_size=8).digest()
-        window = min(timeout / 2, self.core.num_live() * SPREAD_PER_MEMBER)
-        return int.from_bytes(h, "big") / 2**64 * window
+        return int.from_bytes(h, "big") / 2**64 * self._window(timeout)
+
+    def _window(self, timeout: float) -> float:
+        """How long the members' answers to a query of ``timeout`` are spread over."""
+        return min(timeout / 2, self.core.num_live() * SPREAD_PER_MEMBER)
 
     def _deliver(self, now: float, origin: str, qid: str, held: _Held) -> None:
         """Send an answer by datagram if it fits one, else announce it for a fetch."""
@@ -642,9 +665,10 @@ class Queries(Delegate):
             member = p.fetch_queue.popleft()
             if member in p.answers:
                 continue
-            # A write goes again whole (its answer comes back on the stream); a read's
-            # announced answer is fetched.
-            request = p.message if p.write else msgpack.packb(["f", self.core.name, p.qid])
+            # A write, or a read asked again, goes whole (its answer comes back on the
+            # stream); a read's announced answer is fetched.
+            request = p.message if p.write or member in p.reasked \
+                else msgpack.packb(["f", self.core.name, p.qid])
             ex = self.core.request(now, member, CHANNEL, request,
                                    timeout=max(0.05, p.deadline - now))
             if ex is None:

@@ -143,6 +143,21 @@ def test_a_write_reaches_a_member_that_lost_the_broadcast_by_a_resend() -> None:
     assert qs[0].stats["writes_resent"] >= 1
 
 
+def test_a_read_is_asked_again_once_of_a_member_that_lost_the_broadcast() -> None:
+    net, _cores, qs = cluster(4)
+    net.drop_udp = lambda s, d: d == "n3"  # n3 hears no datagram at all
+    t0 = net.now
+    p = ask(net, qs[0], "ping", timeout=2.0)
+    assert p.missing == [] and p.answers["n3"].via == "stream"
+    assert qs[0].stats["reads_reasked"] == 1  # once, and only the silent one
+    # Asked again when every datagram answer should have come, well before the deadline.
+    assert p.answers["n3"].arrived - t0 < 0.5
+    # A member whose answer is lost on the way back is asked again too: it holds it.
+    net.drop_udp = lambda s, d: s == "n2" and d == "n0"
+    p = ask(net, qs[0], "ping", timeout=2.0)
+    assert p.missing == [] and p.answers["n2"].via == "stream"
+
+
 def test_bad_names_payloads_and_timeouts_are_refused_before_anything_is_sent() -> None:
     net, cores, qs = cluster(2)
     for name in ("", "Ping", "9lives", "a" * 65, "sp ace"):
