@@ -9,7 +9,8 @@ doing), with the loop around it subtracted.
 
 ``try`` is ``try_ended`` (one try), ``end`` is ``request_ended``, ``both`` the two, as
 the outbound sidecar calls them for a request; ``key`` is the DDSketch mapping's
-``key()`` alone.
+``key()`` alone. To count another build, put its tree first:
+``PYTHONPATH=/path/to/tree/.typecheck python3 bench/golden_cost.py``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 
 def inner(mode: str, n: int) -> None:
+    from ddsketch.mapping import LogarithmicMapping
+
     from rumor.proxy.attempts import Endpoint
-    from rumor.proxy.golden import GoldenMetrics, _key
+    from rumor.proxy.golden import ACCURACY, GoldenMetrics
     from rumor.proxy.observe import Exchange
+
+    key = LogarithmicMapping(ACCURACY).key
 
     ep = Endpoint("callee0/b1", "callee0", "b1", "", (), "127.0.0.1", 1, None)
     g = GoldenMetrics(lambda: 1.8e9, 1000.0)
@@ -44,12 +50,13 @@ def inner(mode: str, n: int) -> None:
         if mode in ("end", "both"):
             g.request_ended(x, now, 5, True)
         if mode == "key":
-            _key(0.001)
+            key(0.001)
 
 
 def count(mode: str, n: int) -> int:
     out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                          sys.executable, __file__, "--inner", mode, str(n)],
+                          sys.executable, str(Path(__file__).resolve()), "--inner", mode,
+                          str(n)],
                          capture_output=True, text=True, check=True).stderr
     m = re.search(r"refs:\s+([\d,]+)", out)
     if m is None:

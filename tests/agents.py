@@ -155,3 +155,24 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str) -> float:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
     return time.monotonic() - t0
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def previous_build(tmp: Path, rev: str) -> Any:
+    """A git worktree of build ``rev`` (for mixed-version tests: run an agent of it with
+    ``env={"PYTHONPATH": str(tree / ".typecheck")}``), removed afterwards; None when
+    this checkout has no git or no such commit (the test should skip)."""
+    import shutil
+    tree = tmp / "previous"
+    made = shutil.which("git") is not None and subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev],
+        capture_output=True, text=True).returncode == 0
+    try:
+        yield tree if made else None
+    finally:
+        if made:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
+                            str(tree)], capture_output=True)

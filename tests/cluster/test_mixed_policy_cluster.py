@@ -6,18 +6,15 @@ the new ones apply them, and ``rumor policy publish`` names the member that is t
 from __future__ import annotations
 
 import http.client
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from rumor.cli.ports import free_port
 
-from ..agents import Agent, AgentCluster, rumor, wait_for
+from ..agents import Agent, AgentCluster, previous_build, rumor, wait_for
 from ..backends import Backend
 
-REPO = Path(__file__).resolve().parents[2]
 #: main before the request pipeline and its new policy kinds and fields.
 PREVIOUS_BUILD = "1dc6b83"
 HOST = "127.0.0.1"
@@ -47,15 +44,6 @@ abort = {{ status = 418, percent = 100.0 }}
 '''
 
 
-def _tree(tmp: Path) -> Path | None:
-    if shutil.which("git") is None:
-        return None
-    tree = tmp / "previous"
-    res = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree),
-                          PREVIOUS_BUILD], capture_output=True, text=True)
-    return tree if res.returncode == 0 else None
-
-
 def _get(port: int) -> int:
     c = http.client.HTTPConnection(HOST, port, timeout=5)
     try:
@@ -75,9 +63,13 @@ def _held(a: Agent) -> dict[str, int]:
 
 
 def test_an_old_agent_keeps_routing_while_new_documents_are_published(tmp_path: Path) -> None:
-    old_tree = _tree(tmp_path)
-    if old_tree is None:
-        pytest.skip(f"no git history with {PREVIOUS_BUILD} (the previous build) here")
+    with previous_build(tmp_path, PREVIOUS_BUILD) as old_tree:
+        if old_tree is None:
+            pytest.skip(f"no git history with {PREVIOUS_BUILD} (the previous build) here")
+        _rolling(tmp_path, old_tree)
+
+
+def _rolling(tmp_path: Path, old_tree: Path) -> None:
     rumor("keygen", "--out", str(tmp_path / "ops"))
     trust = ["--trust-key", f"{tmp_path / 'ops'}.pub"]
     backends = [Backend(f"b{i}") for i in range(2)]
@@ -140,5 +132,3 @@ def test_an_old_agent_keeps_routing_while_new_documents_are_published(tmp_path: 
         cluster.close()
         for b in backends:
             b.close()
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
-                        str(old_tree)], capture_output=True)

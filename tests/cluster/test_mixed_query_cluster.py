@@ -7,8 +7,6 @@ never wavers."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +14,10 @@ import pytest
 
 from rumor.gossip.keyring_file import generate_key
 
-from ..agents import Agent, AgentCluster, rumor, wait_for
+from ..agents import Agent, AgentCluster, previous_build, rumor, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 #: main before cluster-wide queries (issue 29).
 PREVIOUS_BUILD = "7a4deec"
-
-
-def _tree(tmp: Path) -> Path | None:
-    if shutil.which("git") is None:
-        return None
-    tree = tmp / "previous"
-    res = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree),
-                          PREVIOUS_BUILD], capture_output=True, text=True)
-    return tree if res.returncode == 0 else None
 
 
 def _json(*args: str) -> dict[str, Any]:
@@ -38,9 +26,13 @@ def _json(*args: str) -> dict[str, Any]:
 
 
 def test_queries_in_a_mixed_cluster_report_the_old_agent_missing(tmp_path: Path) -> None:
-    old_tree = _tree(tmp_path)
-    if old_tree is None:
-        pytest.skip(f"no git history with {PREVIOUS_BUILD} (the previous build) here")
+    with previous_build(tmp_path, PREVIOUS_BUILD) as old_tree:
+        if old_tree is None:
+            pytest.skip(f"no git history with {PREVIOUS_BUILD} (the previous build) here")
+        _mixed(tmp_path, old_tree)
+
+
+def _mixed(tmp_path: Path, old_tree: Path) -> None:
     key, added = generate_key(), generate_key()
     files = {}
     for name in ("old0", "new0", "new1"):
@@ -81,5 +73,3 @@ def test_queries_in_a_mixed_cluster_report_the_old_agent_missing(tmp_path: Path)
             assert all(m["incarnation"] == 1 for m in a.members().values()), a.name
     finally:
         cluster.close()
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
-                        str(old_tree)], capture_output=True)
