@@ -11,9 +11,7 @@ mode converges, keeps its catalog and detects a kill.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +23,10 @@ from rumor.gossip.keyring import KeyringSeal
 from rumor.gossip.keyring_file import generate_key, load_keyring
 from rumor.gossip.wire import Alive, Dead, Message, encode_packet
 
-from ..agents import HOST, Agent, AgentCluster, rumor, wait_for
+from ..agents import HOST, Agent, AgentCluster, previous_build, rumor, wait_for
 
 #: The last commit before signed membership: the build a cluster upgrades from.
 PREVIOUS_BUILD = "01d84fe"
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -115,23 +112,15 @@ def test_nobody_can_climb_move_evict_or_retire_another_member(
                          for a in agents[:2]), 15, "the victim to refute by one")
 
 
-def _previous_build(tmp_path: Path) -> Path | None:
-    """The previous build's tree in a git worktree (None: no git history here)."""
-    if shutil.which("git") is None:
-        return None
-    tree = tmp_path / "previous"
-    res = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach",
-                          str(tree), PREVIOUS_BUILD], capture_output=True, text=True)
-    if res.returncode != 0:
-        return None
-    return tree
-
-
 def test_a_mixed_cluster_of_the_previous_build_and_prefer_mode_works(
         tmp_path: Path) -> None:
-    old_tree = _previous_build(tmp_path)
-    if old_tree is None:
-        pytest.skip(f"no git history with {PREVIOUS_BUILD} (the previous build) here")
+    with previous_build(tmp_path, PREVIOUS_BUILD) as old_tree:
+        if old_tree is None:
+            pytest.skip(f"no git history with {PREVIOUS_BUILD} (the previous build) here")
+        _mixed(tmp_path, old_tree)
+
+
+def _mixed(tmp_path: Path, old_tree: Path) -> None:
     cluster = AgentCluster(tmp_path)
     try:
         ca = _ca_credentials(tmp_path, ["new0", "new1"])
@@ -168,5 +157,3 @@ def test_a_mixed_cluster_of_the_previous_build_and_prefer_mode_works(
                  "every agent, old and new, to fail the killed one")
     finally:
         cluster.close()
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
-                        str(old_tree)], capture_output=True)
