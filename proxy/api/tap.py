@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -31,7 +32,9 @@ def register_tap_query(queries: ClusterQueries, hub: TapHub) -> None:
 
     def answer(r: QueryRequest) -> bytes:
         try:
-            doc = hub.poll(r.now, tap_request(r.payload))
+            want = tap_request(r.payload)
+            # Sessions are the asker's: another member naming the same id gets its own.
+            doc = hub.poll(r.now, replace(want, id=f"{r.origin}/{want.id}"))
         except TapError as e:
             raise QueryError(str(e)) from None
         data: bytes = msgpack.packb(doc)
