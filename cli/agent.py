@@ -17,6 +17,7 @@ import random
 import signal
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -336,12 +337,17 @@ def _start_policies(node: Node, opts: AgentOptions) -> PolicyRuntime | None:
     return policies
 
 
-def _golden(node: Node, policies: PolicyRuntime | None) -> GoldenMetrics:
-    """The golden metrics (``proxy/golden.py``): names count if the catalog or a policy
-    knows them, as on ``/metrics``."""
+def _known(node: Node, policies: PolicyRuntime | None) -> Callable[[str], bool]:
+    """Whether a service name counts in the data plane's metrics: the catalog or a
+    policy names it (a request head is the network's to choose)."""
     catalog = node.parts.catalog
-    return GoldenMetrics(time.time, trio.current_time(), known=lambda name: catalog.knows(
-        name) or (policies is not None and policies.evaluator.names(name)))
+    return lambda name: catalog.knows(name) or (policies is not None
+                                                and policies.evaluator.names(name))
+
+
+def _golden(node: Node, policies: PolicyRuntime | None) -> GoldenMetrics:
+    """The golden metrics (``proxy/golden.py``), bounded by the same names as ``/metrics``."""
+    return GoldenMetrics(time.time, trio.current_time(), known=_known(node, policies))
 
 
 async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
@@ -353,9 +359,7 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
     def evaluator() -> Evaluator:
         return policies.evaluator if policies is not None else NO_POLICY
 
-    catalog = node.parts.catalog
-    metrics = ProxyMetrics(registry,
-                           known=lambda name: catalog.knows(name) or evaluator().names(name))
+    metrics = ProxyMetrics(registry, known=_known(node, policies))
     access_log = AccessLog(opts.access_log) if opts.access_log else None
     if access_log is not None:
         nursery.start_soon(access_log.run)  # writes in batches; the rest at shutdown

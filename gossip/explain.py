@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .history import (
     DEAD_HEARD,
@@ -34,8 +34,14 @@ from .history import (
     SUSPECT_CONFIRMED,
     SUSPECT_HEARD,
     SUSPECT_RAISED,
+    HistoryDecodeError,
     Record,
+    read_wire,
+    to_wire,
 )
+
+if TYPE_CHECKING:
+    from .query import Pending  # query.py imports this module
 
 _PROBES = (PROBE_DIRECT_FAILED, PROBE_INDIRECT_FAILED)
 _SUSPICIONS = (SUSPECT_RAISED, SUSPECT_HEARD, SUSPECT_CONFIRMED)
@@ -286,6 +292,32 @@ def story_json(s: Story) -> dict[str, Any]:
             } for ep in s.episodes]}
 
 
+def explain_summary(p: Pending, member: str, since_wall: float) -> dict[str, Any]:
+    """A finished ``explain`` query as the API's JSON: each answer decoded as untrusted
+    input (a bad one is reported under "errors", never merged)."""
+    agents: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    merged: list[tuple[str, float, list[Record]]] = []
+    for agent, a in sorted(p.answers.items()):
+        if not a.ok:
+            errors[agent] = a.error or "failed"
+            continue
+        try:
+            records, evicted = read_wire(a.data)
+        except HistoryDecodeError as e:
+            errors[agent] = f"bad history: {e}"
+            continue
+        off = p.offset(agent) or (0.0, math.inf)
+        agents[agent] = {"offset_ms": round(off[0] * 1000, 3),
+                         "bound_ms": round(off[1] * 1000, 3) if math.isfinite(off[1]) else None,
+                         "evicted": evicted, "history": to_wire(records)}
+        merged.append((agent, off[0], records))
+    return {"member": member, "since": since_wall, "agents": agents, "errors": errors,
+            "missing": p.missing, "expected": len(p.expected),
+            "story": story_json(story(merge_timeline(merged), member))}
+
+
+
 # ---- the terminal -----------------------------------------------------------------------------
 
 
@@ -394,5 +426,15 @@ def format_story(s: Story, timeline: Sequence[Entry], *, max_lines: int | None =
     return "\n".join(out)
 
 
-__all__ = ["Accuser", "Entry", "Episode", "Story", "estimate_offset", "format_story",
-           "merge_timeline", "story", "story_json"]
+__all__ = [
+    "Accuser",
+    "Entry",
+    "Episode",
+    "Story",
+    "estimate_offset",
+    "explain_summary",
+    "format_story",
+    "merge_timeline",
+    "story",
+    "story_json",
+]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,6 +293,29 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     return out if out is not None else Snapshot(0.0, 0.0, {}, [])
 
 
+def merge_answers(answers: Mapping[str, Any], start: float,
+                  end: float) -> tuple[Snapshot, dict[str, str]]:
+    """The ``golden`` query's answers (member -> ``query.Answer``) for the window
+    [start, end) added up, and why any were left out: a failed answer, one that does not
+    decode, or one for another window."""
+    views: list[Snapshot] = []
+    errors: dict[str, str] = {}
+    for member, a in sorted(answers.items()):
+        if not a.ok:
+            errors[member] = a.error or "failed"
+            continue
+        try:
+            v = from_wire(a.data, member)
+        except GoldenDecodeError as e:
+            errors[member] = f"bad answer: {e}"
+            continue
+        if (v.start, v.end) != (start, end):
+            errors[member] = f"answered for another window [{v.start}, {v.end})"
+            continue
+        views.append(v)
+    return (merge(views) if views else Snapshot(start, end, {}, [])), errors
+
+
 # ---- the wire ---------------------------------------------------------------------------------
 
 
@@ -458,5 +481,5 @@ def quantile(snap: Snapshot, q: float, keys: Sequence[Key] | None = None) -> flo
 
 __all__ = ["ACCURACY", "BUCKET", "BY", "DEFAULT_WINDOW", "FIELDS", "MAX_SERIES",
            "MAX_WINDOW", "OTHER", "UNKNOWN", "GoldenDecodeError", "GoldenMetrics", "Key",
-           "Series", "Snapshot", "aligned_window", "from_wire", "merge", "quantile",
-           "summarise", "to_wire"]
+           "Series", "Snapshot", "aligned_window", "from_wire", "merge", "merge_answers",
+           "quantile", "summarise", "to_wire"]

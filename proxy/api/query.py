@@ -22,7 +22,6 @@ agent. Writes are refused here: they have their own routes.
 from __future__ import annotations
 
 import base64
-import math
 import time
 from typing import Any
 
@@ -31,8 +30,7 @@ import msgpack
 from ...gossip.builtin_queries import explain_payload
 from ...gossip.cluster_query import ClusterQueries
 from ...gossip.durations import parse_duration
-from ...gossip.explain import merge_timeline, story, story_json
-from ...gossip.history import HistoryDecodeError, Record, read_wire, to_wire
+from ...gossip.explain import explain_summary
 from ...gossip.query import Answer, Pending, QueryError, new_filter
 from .access import ApiAccess
 from .router import Router
@@ -91,31 +89,6 @@ def add_query_routes(router: Router, queries: ClusterQueries, access: ApiAccess)
     router.add("GET", "/v1/explain/{member}", explain)
 
 
-def explain_summary(p: Pending, member: str, since_wall: float) -> dict[str, Any]:
-    """A finished ``explain`` query as the API's JSON: each answer decoded as untrusted
-    input (a bad one is reported under "errors", never merged)."""
-    agents: dict[str, Any] = {}
-    errors: dict[str, str] = {}
-    merged: list[tuple[str, float, list[Record]]] = []
-    for agent, a in sorted(p.answers.items()):
-        if not a.ok:
-            errors[agent] = a.error or "failed"
-            continue
-        try:
-            records, evicted = read_wire(a.data)
-        except HistoryDecodeError as e:
-            errors[agent] = f"bad history: {e}"
-            continue
-        off = p.offset(agent) or (0.0, math.inf)
-        agents[agent] = {"offset_ms": round(off[0] * 1000, 3),
-                         "bound_ms": round(off[1] * 1000, 3) if math.isfinite(off[1]) else None,
-                         "evicted": evicted, "history": to_wire(records)}
-        merged.append((agent, off[0], records))
-    return {"member": member, "since": since_wall, "agents": agents, "errors": errors,
-            "missing": p.missing, "expected": len(p.expected),
-            "story": story_json(story(merge_timeline(merged), member))}
-
-
 def summary(p: Pending) -> dict[str, Any]:
     """A finished query as the API's JSON."""
     answers = {}
@@ -153,4 +126,4 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-__all__ = ["add_query_routes", "explain_summary", "summary"]
+__all__ = ["add_query_routes", "summary"]

@@ -32,12 +32,10 @@ from ..golden import (
     BUCKET,
     BY,
     DEFAULT_WINDOW,
-    GoldenDecodeError,
     GoldenMetrics,
     Snapshot,
     aligned_window,
-    from_wire,
-    merge,
+    merge_answers,
     summarise,
     to_wire,
 )
@@ -106,20 +104,7 @@ def add_stat_routes(router: Router, golden: GoldenMetrics,
                 done = await queries.run(QUERY, golden_payload(window, end), timeout=timeout)
             except QueryError as e:
                 raise HttpError(400, str(e)) from None
-            views: list[Snapshot] = []
-            for member, a in sorted(done.answers.items()):
-                if not a.ok:
-                    errors[member] = a.error or "failed"
-                    continue
-                try:
-                    views.append(from_wire(a.data, member))
-                except GoldenDecodeError as e:
-                    errors[member] = f"bad answer: {e}"
-            same = [v for v in views if (v.start, v.end) == (end - window, end)]
-            for v in views:
-                if v not in same:
-                    errors[v.agents[0]] = f"answered for another window [{v.start}, {v.end})"
-            snap = merge(same) if same else Snapshot(end - window, end, {}, [])
+            snap, errors = merge_answers(done.answers, end - window, end)
             missing = done.missing
         else:
             snap = golden.snapshot(trio.current_time(), window, end)

@@ -266,7 +266,7 @@ def test_junk_on_the_query_channel_is_counted_and_changes_nothing(junk: bytes) -
 
 def test_explain_gathers_every_agents_history_of_a_member_and_tells_its_story() -> None:
     from rumor.gossip.builtin_queries import explain_payload
-    from rumor.proxy.api.query import explain_summary
+    from rumor.gossip.explain import explain_summary
 
     net, cores, qs = cluster(5)
     net.run(2.0)
@@ -294,7 +294,7 @@ def test_explain_gathers_every_agents_history_of_a_member_and_tells_its_story() 
 
 def test_explain_refuses_a_bad_payload_and_the_summary_skips_a_hostile_answer() -> None:
     from rumor.gossip.builtin_queries import explain_payload
-    from rumor.proxy.api.query import explain_summary
+    from rumor.gossip.explain import explain_summary
 
     net, _cores, qs = cluster(3)
     p = ask(net, qs[0], "explain", b"\x93junk", timeout=1.0)

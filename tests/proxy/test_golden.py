@@ -246,3 +246,25 @@ def test_the_golden_query_payload_round_trips_and_junk_is_refused() -> None:
                  msgpack.packb([60.0, float("inf")]), msgpack.packb([60.0])):
         with pytest.raises(QueryError, match="golden takes"):
             golden_request(junk)
+
+
+def test_merge_answers_adds_what_fits_the_window_and_says_why_the_rest_was_left_out() -> None:
+    from rumor.gossip.query import Answer
+    from rumor.proxy.golden import merge_answers
+
+    clock = Clock()
+    g = GoldenMetrics(clock.wall, clock.now)
+    request(g, clock)
+    clock.now += BUCKET
+    good = to_wire(g.snapshot(clock.now, BUCKET))
+    other = to_wire(g.snapshot(clock.now, BUCKET, end=WALL0 + 2 * BUCKET))
+
+    def ans(data: bytes, ok: bool = True) -> Answer:
+        return Answer(ok, data, "" if ok else "boom", 0.0, 0.0, 0.0, "datagram")
+
+    snap, errors = merge_answers({"a": ans(good), "b": ans(good), "c": ans(other),
+                                  "d": ans(b"\xc1"), "e": ans(b"", ok=False)},
+                                 WALL0, WALL0 + BUCKET)
+    assert snap.agents == ["a", "b"] and summarise(snap)[0]["requests"] == 2
+    assert errors["c"].startswith("answered for another window")
+    assert errors["d"].startswith("bad answer") and errors["e"] == "boom"
