@@ -83,8 +83,10 @@ class PolicyRuntime:
                origin: str = "api") -> Outcome:
         """A publish refused before it was an envelope (the API's 400): counted under
         ``reason`` (``malformed`` or ``oversized``) and logged like any rejection."""
-        out = self.store.refuse(reason, detail, data)
-        self._on_outcome(trio.current_time(), out)
+        now = trio.current_time()
+        out = self.store.refuse(reason, detail, data, now=now + self._wall_offset,
+                                origin=origin)
+        self._on_outcome(now, out)
         return out
 
     def set_trust(self, trust: TrustSet) -> None:
@@ -108,7 +110,8 @@ class PolicyRuntime:
         return {"trust": self.store.trust.to_json(),
                 "stats": {**self.store.stats(), **self.replicator.stats},
                 "conflicts": list(self.store.conflicts),
-                "evaluator_conflicts": list(self.evaluator.conflicts)}
+                "evaluator_conflicts": list(self.evaluator.conflicts),
+                "rejections": self.store.recent_rejections()}
 
     # ---- internals --------------------------------------------------------------------------
 

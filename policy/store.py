@@ -27,7 +27,7 @@ stolen key must also cancel what it signed.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,6 +40,8 @@ TRUST = "trust"
 MAX_DOCUMENTS = 4096
 MAX_PENDING_TRUST = 16
 MAX_LOGGED = 4096
+#: Recent distinct rejections kept with their reasons (for the web UI and the API).
+MAX_RECENT_REJECTIONS = 32
 INF = float("inf")
 
 # Outcome statuses
@@ -99,6 +101,26 @@ class Outcome:
         return out
 
 
+@dataclass(slots=True)
+class Rejection:
+    """One distinct rejection (the same document refused again is counted here)."""
+
+    at: float
+    reason: str
+    detail: str
+    kind: str
+    name: str
+    version: int
+    last: float = 0.0
+    origin: str = ""
+    count: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {"at": self.at, "last": self.last, "count": self.count,
+                "reason": self.reason, "detail": self.detail, "origin": self.origin,
+                "kind": self.kind, "name": self.name, "version": self.version}
+
+
 Parser = Callable[..., Document]
 
 
@@ -117,29 +139,58 @@ class PolicyStore:
         self.rejections: Counter[str] = Counter()
         self.conflicts: list[dict[str, object]] = []
         self._logged: set[tuple[bytes, str]] = set()
+        # (reason, kind, name, version, detail) -> record: a document that gossip
+        # re-delivers a hundred times is one entry with a count, not the whole list.
+        self._recent: OrderedDict[tuple[str, str, str, int, str], Rejection] = OrderedDict()
 
     # ---- the one entry point -------------------------------------------------------------
 
     def offer(self, now: float, data: bytes, origin: str = "") -> Outcome:
         if len(data) > MAX_ENVELOPE:
-            return self._reject(b"", "", 0, "oversized",
-                                f"{len(data)} bytes; the limit is {MAX_ENVELOPE}")
+            return self._note(now, origin, "", self._reject(
+                b"", "", 0, "oversized", f"{len(data)} bytes; the limit is {MAX_ENVELOPE}"))
         try:
             env = decode_envelope(data)
         except EnvelopeError as e:
-            return self._reject(data[:64], "", 0, "malformed", str(e))
+            return self._note(now, origin, "",
+                              self._reject(data[:64], "", 0, "malformed", str(e)))
         return self.offer_envelope(now, env, origin)
 
-    def refuse(self, reason: str, detail: str, sample: bytes = b"") -> Outcome:
+    def refuse(self, reason: str, detail: str, sample: bytes = b"", *,
+               now: float | None = None, origin: str = "") -> Outcome:
         """Count and return the rejection of bytes that never became an offer (a
         publish whose body is not an envelope at all, refused before ``offer``), so
         every refused document is counted, whichever layer refused it. ``reason`` is
-        one of ``REASONS`` (a bounded set: it labels a metric)."""
+        one of ``REASONS`` (a bounded set: it labels a metric). With ``now`` (wall
+        time) it is also listed among the recent rejections."""
         if reason not in REASONS:
             raise ValueError(f"unknown rejection reason {reason!r}")
-        return self._reject(sample[:64], "", 0, reason, detail)
+        out = self._reject(sample[:64], "", 0, reason, detail)
+        return out if now is None else self._note(now, origin, "", out)
 
     def offer_envelope(self, now: float, env: Envelope, origin: str = "") -> Outcome:
+        out = self._offer_envelope(now, env, origin)
+        return self._note(now, origin, env.kind, out)
+
+    def recent_rejections(self) -> list[dict[str, object]]:
+        """The last ``MAX_RECENT_REJECTIONS`` distinct rejections, newest first: wall
+        time first and last seen, how often, reason, detail, origin, kind, name and
+        version (empty or 0 when the bytes never decoded)."""
+        return [r.to_json() for r in reversed(self._recent.values())]
+
+    def _note(self, now: float, origin: str, kind: str, out: Outcome) -> Outcome:
+        if out.status != REJECTED:
+            return out
+        key = (out.reason, kind, out.name, out.version, out.detail)
+        rec = self._recent.pop(key, None) or Rejection(now, out.reason, out.detail, kind,
+                                                       out.name, out.version)
+        rec.last, rec.origin, rec.count = now, origin, rec.count + 1
+        self._recent[key] = rec
+        while len(self._recent) > MAX_RECENT_REJECTIONS:
+            self._recent.popitem(last=False)
+        return out
+
+    def _offer_envelope(self, now: float, env: Envelope, origin: str) -> Outcome:
         digest = env.digest
         held = self.held.get(env.name)
         if held is not None and held.envelope.digest == digest:

@@ -1,9 +1,10 @@
 """Policy routes of the local API.
 
 - `GET /v1/policies` -> `{"documents": [...], "trust": {...}, "stats": {...},
-  "conflicts": [...]}`: every held document's header (name, kind, version, issued,
-  expires, digest, signers, origin), the trusted key set, accept/reject counters by
-  reason, and recent equivocations.
+  "conflicts": [...], "rejections": [...]}`: every held document's header (name, kind,
+  version, issued, expires, digest, signers, origin), the trusted key set, accept/reject
+  counters by reason, recent equivocations, and the last 32 distinct rejections with
+  their reasons (newest first).
 - `GET /v1/policies/NAME` -> one document's header plus its TOML `document` text;
   `?raw=1` answers the envelope bytes themselves (`application/x-rumor-envelope`),
   which `rumor policy publish` or `verify` accept anywhere else.

@@ -108,6 +108,10 @@ def test_a_publish_that_is_no_envelope_gets_400_and_is_counted_as_rejected(
                 await router(Request("PUT", "/v1/policies", body=body, client="127.0.0.1"))
             assert e.value.status == 400
         assert rt.status()["stats"]["rejected"] == {reason: 2}
+        # Listed once, with its reason, count and who sent it.
+        (listed,) = rt.status()["rejections"]
+        assert (listed["reason"], listed["count"], listed["origin"]) == \
+            (reason, 2, "api:127.0.0.1")
         text = generate_latest(registry).decode()
         assert f'rumor_policy_rejected_total{{reason="{reason}"}} 2.0' in text
         # A good publish afterwards is accepted as ever.

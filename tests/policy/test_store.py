@@ -31,7 +31,13 @@ from rumor.policy.keys import (
     write_keypair,
 )
 from rumor.policy.persist import PolicyDirectory
-from rumor.policy.store import ACCEPTED, DUPLICATE, REJECTED, PolicyStore
+from rumor.policy.store import (
+    ACCEPTED,
+    DUPLICATE,
+    MAX_RECENT_REJECTIONS,
+    REJECTED,
+    PolicyStore,
+)
 from rumor.policy.trust import TrustError, TrustSet
 
 NOW = 1_800_000_000.0
@@ -180,6 +186,30 @@ def test_accept_duplicate_newer_and_rollback() -> None:
     assert s.offer(NOW, v2).status == DUPLICATE  # replay of the held one is harmless
     assert s.get("web-access").envelope.version == 2  # type: ignore[union-attr]
     assert s.rejections == {"stale": 1}
+
+
+def test_recent_rejections_are_bounded_distinct_and_newest_first() -> None:
+    s = store()
+    assert s.offer(NOW, doc(2)).accepted
+    for _ in range(3):  # gossip re-delivers the same stale copy: one entry, counted
+        s.offer(NOW + 1, doc(1), origin="gossip")
+    (stale,) = s.recent_rejections()
+    assert (stale["reason"], stale["name"], stale["kind"], stale["version"]) == \
+        ("stale", "web-access", "access", 1)
+    assert (stale["count"], stale["at"], stale["last"], stale["origin"]) == \
+        (3, NOW + 1, NOW + 1, "gossip")
+    s.offer(NOW + 2, b"junk", origin="api")
+    assert [r["reason"] for r in s.recent_rejections()] == ["malformed", "stale"]
+    for i in range(MAX_RECENT_REJECTIONS):  # distinct documents by a key not trusted
+        name = f"d{i}"
+        s.offer(NOW + 3 + i, envelope(access_doc(name=name), [K3], name=name),
+                origin=f"peer{i}")
+    recent = s.recent_rejections()
+    assert len(recent) == MAX_RECENT_REJECTIONS
+    assert recent[0]["name"] == f"d{MAX_RECENT_REJECTIONS - 1}"  # newest first
+    assert {r["reason"] for r in recent} == {"untrusted"}  # the oldest two fell out
+    assert s.rejections == {"stale": 3, "malformed": 1,  # the counters are unchanged
+                            "untrusted": MAX_RECENT_REJECTIONS}
 
 
 def test_wrong_key_below_threshold_and_expired() -> None:
