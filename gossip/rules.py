@@ -149,6 +149,8 @@ class MemberRules(CoreBase):
         self._queue_member(s)
         m.incarnation = s.incarnation
         self._set_status(now, m, Status.SUSPECT, "suspect")
+        # Counted for /metrics: our own failed probes' accusations apart from the heard.
+        self.stats["suspicions_raised" if s.source == self.name else "suspicions_heard"] += 1
         n = self.num_members()
         cfg = self.config
         k = cfg.suspicion_confirmations if cfg.lifeguard else 0

@@ -35,6 +35,9 @@ GOSSIP_COUNTERS = {
     "probes": "failure-detector probes started",
     "probes_failed": "probes that got no ack, directly or indirectly",
     "probes_rescued_by_tcp": "probes answered only over TCP",
+    "suspicions_raised": "members this agent suspected after its own probe of them failed",
+    "suspicions_heard": "suspicions of other members this agent took from others (gossip, "
+                        "push-pull, a failure heard before its own suspicion's minimum)",
     "refutations": "times this agent refuted a suspicion of itself",
     "failures_declared": "members this agent declared failed",
     "user_messages_in": "application (catalog, policy) messages received",

@@ -70,6 +70,19 @@ def test_core_counts_confirmations_from_distinct_accusers() -> None:
     assert s.confirmations == 1 and s.deadline() < first
 
 
+def test_core_counts_suspicions_it_raised_apart_from_those_it_heard() -> None:
+    c = Membership("me", ("10.0.0.1", 1), CFG, random.Random(1))
+    from rumor.gossip.wire import Alive
+    for i in range(4):
+        c._on_alive(0.0, Alive(1, f"p{i}", ("10.0.0.9", i + 10), {}))
+    c._on_suspect(0.0, Suspect(1, "p0", "me"), "probe")
+    c._on_suspect(0.0, Suspect(1, "p1", "p2"))
+    c._on_suspect(0.1, Suspect(1, "p1", "p3"))  # a confirmation, not a new suspicion
+    c._on_suspect(0.1, Suspect(1, "me", "p2"))  # of us: refuted, not counted
+    assert (c.stats["suspicions_raised"], c.stats["suspicions_heard"]) == (1, 1)
+    assert c.stats["refutations"] == 1
+
+
 def test_metadata_change_raises_incarnation_and_spreads() -> None:
     net = FakeNet(CFG)
     net.cluster(4)
