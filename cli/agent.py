@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -54,6 +54,7 @@ from ..proxy.api.stat import register_golden_query
 from ..proxy.api.tap import register_tap_query
 from ..proxy.check_runner import CheckRunner
 from ..proxy.golden import GoldenMetrics
+from ..proxy.headers import sample_threshold
 from ..proxy.inbound import InboundProxy
 from ..proxy.limits import ListenerShare, SidecarLimits, plan_pools
 from ..proxy.mesh_view import NodeView
@@ -67,6 +68,9 @@ from .logs import log_event
 from .node_identity import IdentityError, build_identity
 from .reload import Reloader
 from .systemd import Notifier
+
+if TYPE_CHECKING:
+    from ..proxy.spans import SpanRecorder
 
 log = logging.getLogger("rumor.agent")
 #: What applies when the agent trusts no publisher: no documents, so defaults.
@@ -104,6 +108,10 @@ class AgentOptions:
     identity: str | None = None
     access_log: str | None = None
     balancer_decay: float = 10.0
+    #: The OTLP/HTTP traces endpoint spans are exported to (None: no spans recorded).
+    otlp: str | None = None
+    #: Share of new traces sampled (the ``traceparent`` flag; spans only when sampled).
+    trace_sample: float = 1.0
     #: The sidecar listeners' connection pools and first-byte timeout (proxy/limits.py).
     proxy_limits: SidecarLimits = field(default_factory=SidecarLimits)
     #: Gossip encryption keys (from --keyring, kept up to date in that file).
@@ -363,11 +371,14 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
     access_log = AccessLog(opts.access_log) if opts.access_log else None
     if access_log is not None:
         nursery.start_soon(access_log.run)  # writes in batches; the rest at shutdown
+    tls = _mesh_tls(opts)
+    identity = _identity(opts, tls) if opts.outbound is not None else None
+    threshold = sample_threshold(opts.trace_sample)
+    spans = await _start_spans(nursery, opts, identity, threshold, registry)
     # Everything that watches a request sits behind one observer (proxy/observe.py).
     observer = observers(metrics, watchers,
-                         AccessLogObserver(access_log) if access_log else None)
+                         AccessLogObserver(access_log) if access_log else None, spans)
     mesh = NodeView(node)
-    tls = _mesh_tls(opts)
     reloader.access_log, reloader.tls = access_log, tls
     # Inbound (the network) and outbound (this host's applications) get pools of their
     # own, each with a per-client cap below it, so neither can starve the other.
@@ -387,7 +398,8 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
                  tls.describe(), tls.not_after.isoformat(),
                  extra={"event": "tls", "services": sorted(tls.identity.services)})
     if opts.inbound is not None:
-        inbound = InboundProxy(mesh, evaluator, observer=observer, tls=tls, agent=opts.name)
+        inbound = InboundProxy(mesh, evaluator, observer=observer, tls=tls, agent=opts.name,
+                               trace_threshold=threshold)
         port = await _listen(nursery, inbound, opts.inbound, "inbound", metrics,
                              plan.inbound, limits, tls)
         host = opts.inbound[0]
@@ -398,22 +410,52 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
         log.info("inbound listener on %s:%d", opts.inbound[0], port,
                  extra={"event": "inbound", "inbound": f"{host}:{port}"})
     if opts.outbound is not None:
-        identity = opts.identity or _default_identity(opts)
-        if tls is not None:
-            names = tls.identity.services
-            if identity is None and len(names) == 1:
-                identity = next(iter(names))
-            if identity is not None and identity not in names:
-                raise StartupError(f"--identity {identity}: this agent's certificate names "
-                                   f"only {', '.join(sorted(names))}; callees would refuse it")
         outbound = OutboundProxy(mesh, evaluator, identity=identity, observer=observer,
-                                 decay=opts.balancer_decay, tls=tls, agent=opts.name)
+                                 decay=opts.balancer_decay, tls=tls, agent=opts.name,
+                                 trace_threshold=threshold)
         port = await _listen(nursery, outbound, opts.outbound, "outbound", metrics,
                              plan.outbound, limits)
         log.info("outbound listener on %s:%d (calling as %s)", opts.outbound[0], port,
                  identity or "an unknown service",
                  extra={"event": "outbound", "outbound": f"{opts.outbound[0]}:{port}",
                         "identity": identity})
+
+
+def _identity(opts: AgentOptions, tls: MeshTls | None) -> str | None:
+    """Whom the outbound listener calls as: ``--identity``, the one local service, or
+    the one service the certificate names."""
+    identity = opts.identity or _default_identity(opts)
+    if tls is not None:
+        names = tls.identity.services
+        if identity is None and len(names) == 1:
+            identity = next(iter(names))
+        if identity is not None and identity not in names:
+            raise StartupError(f"--identity {identity}: this agent's certificate names "
+                               f"only {', '.join(sorted(names))}; callees would refuse it")
+    return identity
+
+
+async def _start_spans(nursery: trio.Nursery, opts: AgentOptions, identity: str | None,
+                       threshold: int, registry: CollectorRegistry) -> SpanRecorder | None:
+    """With ``--otlp``: the span recorder on the request path and its exporter task
+    (``proxy/spans.py``, ``proxy/otlp.py``); its counters go to ``/metrics``."""
+    if opts.otlp is None:
+        return None
+    from ..proxy.otlp import OtlpExporter, settings_from
+    from ..proxy.spans import SpanEncoder, SpanRecorder
+    try:
+        settings = settings_from(os.environ)
+    except ValueError as e:
+        raise StartupError(f"span export: {e}") from None
+    recorder = SpanRecorder(random.Random(), threshold=threshold, capacity=settings.queue,
+                            batch=settings.batch)
+    exporter = OtlpExporter(recorder, SpanEncoder(opts.name, release(), identity), opts.otlp,
+                            interval=settings.interval, timeout=settings.timeout)
+    await nursery.start(exporter.run)
+    registry.register(AgentCollector(spans=lambda: recorder.stats))
+    log.info("exporting spans to %s (%.3g of new traces sampled)", opts.otlp,
+             opts.trace_sample, extra={"event": "otlp", "url": opts.otlp})
+    return recorder
 
 
 def _default_identity(opts: AgentOptions) -> str | None:

@@ -72,6 +72,26 @@ def _seed(text: str) -> str:
     return text
 
 
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a ratio from 0 to 1, got {text!r}")
+    return value
+
+
+def _otlp(url: str | None) -> str | None:
+    if url is None:
+        return None
+    from ..proxy.otlp import traces_url  # the exporter's imports only when it is asked for
+    try:
+        return traces_url(url)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -198,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "request byte this long after it was accepted (default 5)")
     a.add_argument("--access-log", metavar="FILE",
                    help="write one JSON line per proxied request to FILE ('-': stdout)")
+    a.add_argument("--otlp", metavar="URL",
+                   help="export a span per proxied request to this OpenTelemetry collector "
+                   "(OTLP/HTTP protobuf; URL without a path gets /v1/traces; docs/tracing.md)")
+    a.add_argument("--trace-sample", type=_ratio, default=1.0, metavar="RATIO",
+                   help="share of new traces sampled, 0 to 1 (default 1); a request that "
+                   "carries a traceparent keeps its caller's decision")
     a.add_argument("--trust-key", action="append", default=[], metavar="FILE",
                    help="public key of a trusted policy publisher (repeatable; without one "
                    "the agent accepts no policy documents)")
@@ -593,6 +619,7 @@ def _agent_options(args: argparse.Namespace) -> Any:
                         outbound=_const_address(args.outbound),
                         inbound=_inbound(args), identity=args.identity,
                         access_log=args.access_log, balancer_decay=args.balancer_decay,
+                        otlp=_otlp(args.otlp), trace_sample=args.trace_sample,
                         proxy_limits=_proxy_limits(args),
                         keyring=_keyring(args), keyring_file=args.keyring,
                         tls=_tls_files(args), api_access=_api_access(args),

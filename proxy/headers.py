@@ -16,7 +16,9 @@ going round again.
 
 Tracing follows W3C Trace Context: a valid ``traceparent`` keeps its trace id and gets
 a new parent id for this hop (the sidecar is a participant); a missing or malformed
-one is replaced by a new trace, so every request leaving a sidecar is traceable.
+one is replaced by a new trace, so every request leaving a sidecar is traceable. A new
+trace is sampled by the ratio the agent was given (``--trace-sample``, default all);
+a continued one keeps its caller's decision (parent-based sampling).
 """
 
 from __future__ import annotations
@@ -136,25 +138,51 @@ def new_id(ids: random.Random, nbytes: int) -> bytes:
     return b"%0*x" % (2 * nbytes, ids.getrandbits(8 * nbytes) or 1)
 
 
-def continue_trace(headers: list[tuple[bytes, bytes]], ids: random.Random) -> bytes:
-    """Set this hop's ``traceparent`` (in place) and return the trace id. Trace ids
+#: A threshold that samples every new trace (the ratio 1.0).
+SAMPLE_ALL = 1 << 64
+
+
+def sample_threshold(ratio: float) -> int:
+    """The threshold ``continue_trace`` compares a new trace id's low 64 bits with.
+    The decision is a function of the trace id (OpenTelemetry's ``TraceIdRatioBased``),
+    so every sidecar and the simulator would decide a given trace alike."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"a sampling ratio is between 0 and 1, not {ratio}")
+    return SAMPLE_ALL if ratio >= 1.0 else int(ratio * SAMPLE_ALL)
+
+
+#: What ``continue_trace`` returns: the trace id, the caller's span id (b"" when this
+#: hop starts the trace), this hop's span id (all lower-case hex), and whether the trace
+#: is sampled.
+TraceContext = tuple[bytes, bytes, bytes, bool]
+
+
+def continue_trace(headers: list[tuple[bytes, bytes]], ids: random.Random,
+                   threshold: int = SAMPLE_ALL) -> TraceContext:
+    """Set this hop's ``traceparent`` (in place) and return its trace context. Trace ids
     need to be unique, not secret: ``ids`` is a generator the listener seeded once
-    from the OS, which spares two getrandom() calls per request per hop."""
+    from the OS, which spares two getrandom() calls per request per hop.
+
+    Sampling is parent-based: a valid ``traceparent`` keeps its flags, so the caller's
+    decision stands at every hop; a new trace is sampled when its id falls below
+    ``threshold`` (``sample_threshold``), and the flag tells the application so."""
     for i, (k, v) in enumerate(headers):
         if k == b"traceparent":
             m = _TRACEPARENT.match(v.strip().lower())
             if (m is not None and m.group(1) != b"ff" and m.group(2) != _ZERO_TRACE
                     and m.group(3) != _ZERO_SPAN):
-                trace = m.group(2)
-                headers[i] = (k, b"00-" + trace + b"-" + new_id(ids, 8) + b"-" + m.group(4))
-                return trace
+                trace, flags, span = m.group(2), m.group(4), new_id(ids, 8)
+                headers[i] = (k, b"00-" + trace + b"-" + span + b"-" + flags)
+                return trace, m.group(3), span, int(flags, 16) & 1 == 1
             del headers[i]
             # A broken traceparent invalidates tracestate too (W3C 3.3).
             headers[:] = [(k2, v2) for k2, v2 in headers if k2 != b"tracestate"]
             break
-    trace = new_id(ids, 16)
-    headers.append((b"traceparent", b"00-" + trace + b"-" + new_id(ids, 8) + b"-01"))
-    return trace
+    trace, span = new_id(ids, 16), new_id(ids, 8)
+    sampled = threshold >= SAMPLE_ALL or int(trace[16:], 16) < threshold
+    headers.append((b"traceparent", b"00-" + trace + b"-" + span
+                    + (b"-01" if sampled else b"-00")))
+    return trace, b"", span, sampled
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from ..policy.evaluate import Evaluator
 from .errors import ErrorCode, try_failure_code
 from .headers import (
     MESH_HEADERS,
+    SAMPLE_ALL,
     TargetError,
     add_hop,
     check_hops,
@@ -81,10 +82,13 @@ class _HeldLimit:
 class InboundProxy:
     def __init__(self, mesh: MeshView, evaluator: Callable[[], Evaluator], *,
                  observer: Observer | None = None, tls: MeshTls | None = None,
-                 agent: str = "", pool: UpstreamPool | None = None) -> None:
+                 agent: str = "", pool: UpstreamPool | None = None,
+                 trace_threshold: int = SAMPLE_ALL) -> None:
         self.mesh = mesh
         self.agent = agent
         self._ids = random.Random()  # trace ids: seeded from the OS, once
+        #: New traces are sampled below this (``headers.sample_threshold``).
+        self.trace_threshold = trace_threshold
         #: This listener's loop mark in ``Via``.
         self.mark = hop_mark(random.Random())
         self._evaluator = evaluator
@@ -132,7 +136,9 @@ class InboundProxy:
         # exchange
         hs = end_to_end(req.headers, drop=MESH_HEADERS)
         forwarded_for(hs, req.client.rsplit(":", 1)[0])
-        x.trace = continue_trace(hs, self._ids).decode()
+        trace, x.parent_span, x.span, x.sampled = continue_trace(hs, self._ids,
+                                                                 self.trace_threshold)
+        x.trace = trace.decode()
         add_hop(hs, self.mark)
         body = await req.take_body(BUFFERED_BODY)
         framing = req.framing(body)

@@ -59,6 +59,11 @@ class Exchange:
     #: caller whose certificate proved ``source``.
     secured: bool = False
     trace: str = ""
+    #: This hop's span id and the caller's (hex; b"": none), and whether the trace is
+    #: sampled (``headers.continue_trace``): what a span recorder needs.
+    span: bytes = b""
+    parent_span: bytes = b""
+    sampled: bool = False
     #: The request's headers as received (lower-cased names), for a tap that names some.
     headers: list[tuple[bytes, bytes]] | None = None
     #: The route rule the request took (None: the default split, or no route document).

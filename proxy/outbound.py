@@ -54,6 +54,7 @@ from .errors import ERROR_CODE_HEADER, ErrorCode
 from .faults import FaultTable
 from .headers import (
     MESH_HEADERS,
+    SAMPLE_ALL,
     TargetError,
     add_hop,
     check_hops,
@@ -121,9 +122,11 @@ class OutboundProxy:
                  identity: str | None, observer: Observer | None = None,
                  decay: float = 10.0, rng: random.Random | None = None,
                  tls: MeshTls | None = None, agent: str = "",
-                 pool: UpstreamPool | None = None) -> None:
+                 pool: UpstreamPool | None = None, trace_threshold: int = SAMPLE_ALL) -> None:
         self.mesh = mesh
         self._evaluator = evaluator
+        #: New traces are sampled below this (``headers.sample_threshold``).
+        self.trace_threshold = trace_threshold
         self.identity = identity
         self.agent = agent
         self.observer: Observer = observer or NullObserver()
@@ -210,8 +213,7 @@ class OutboundProxy:
                    path: bytes, edits: HeaderEdits) -> Reply | Forward:
         service = target.service
         body = await req.take_body(RETRY_BUFFER)
-        headers = self._request_headers(req, service, req.framing(body), edits)
-        x.trace = _trace_of(headers)
+        headers = self._request_headers(req, x, req.framing(body), edits)
         start = request_head_start(req.method, path, headers)
         tries = Attempts.begin(x.started, target.state, target.state.balancer, cands,
                                service=service, total=len(target.endpoints),
@@ -331,13 +333,16 @@ class OutboundProxy:
 
     # ---- helpers ------------------------------------------------------------------------
 
-    def _request_headers(self, req: Request, service: str, framing: tuple[bytes, bytes] | None,
+    def _request_headers(self, req: Request, x: Exchange, framing: tuple[bytes, bytes] | None,
                          edits: HeaderEdits = NO_EDITS) -> list[tuple[bytes, bytes]]:
+        service = x.service
         hs = end_to_end(req.headers, drop=MESH_HEADERS | {b"host"})
         if edits:  # the route rule's (the parser keeps them off mesh and framing headers)
             hs = edits.apply(hs)
         forwarded_for(hs, req.client.rsplit(":", 1)[0])
-        continue_trace(hs, self.rng)
+        trace, x.parent_span, x.span, x.sampled = continue_trace(hs, self.rng,
+                                                                 self.trace_threshold)
+        x.trace = trace.decode()
         add_hop(hs, self.mark)
         hs.append((b"host", service.encode()))
         if self.identity:
@@ -429,13 +434,6 @@ def _mesh_code(resp: UpstreamResponse) -> bytes | None:
 def _policy(ev: Evaluator, kind: str, service: str) -> str | None:
     name = ev.policy_name(kind, service)
     return f"{kind}/{name}" if name is not None else None
-
-
-def _trace_of(headers: list[tuple[bytes, bytes]]) -> str:
-    for k, v in headers:
-        if k == b"traceparent":
-            return v[3:35].decode()
-    return ""
 
 
 __all__ = ["INBOUND_TAG", "OutboundProxy", "RequestEnd", "Target"]

@@ -10,7 +10,7 @@ reads them when Prometheus scrapes. The data plane registers its own request met
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import trio
@@ -60,10 +60,12 @@ class AgentCollector(Collector):
 
     def __init__(self, gossip: Callable[[], dict[str, Any]] | None = None,
                  policy: Callable[[], dict[str, Any]] | None = None,
-                 tls: Callable[[], dict[str, int]] | None = None) -> None:
+                 tls: Callable[[], dict[str, int]] | None = None,
+                 spans: Callable[[], Mapping[str, int]] | None = None) -> None:
         self._gossip = gossip
         self._policy = policy
         self._tls = tls
+        self._spans = spans
 
     def collect(self) -> Iterator[Any]:
         if self._gossip is not None:
@@ -75,6 +77,26 @@ class AgentCollector(Collector):
                 c = CounterMetricFamily(f"rumor_tls_{key}", TLS_COUNTERS.get(key, key))
                 c.add_metric([], float(n))
                 yield c
+        if self._spans is not None:
+            yield from _span_families(self._spans())
+
+
+def _span_families(stats: Mapping[str, int]) -> Iterator[Any]:
+    rec = CounterMetricFamily("rumor_trace_spans_recorded", "spans queued for export")
+    rec.add_metric([], float(stats.get("recorded", 0)))
+    yield rec
+    out = CounterMetricFamily("rumor_trace_spans_exported",
+                              "spans the OTLP collector accepted")
+    out.add_metric([], float(stats.get("exported", 0)))
+    yield out
+    lost = CounterMetricFamily(
+        "rumor_trace_spans_dropped", "spans not exported, by reason (queue_full: the "
+        "collector was slow or down; export_failed: retries ran out; rejected: the "
+        "collector refused them)", labels=["reason"])
+    for reason, key in (("queue_full", "dropped_queue_full"),
+                        ("export_failed", "dropped_export_failed"), ("rejected", "rejected")):
+        lost.add_metric([reason], float(stats.get(key, 0)))
+    yield lost
 
 
 def _gossip_families(health: dict[str, Any]) -> Iterator[Any]:

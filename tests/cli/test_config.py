@@ -74,6 +74,8 @@ def samples(k: dict[str, str]) -> dict[str, tuple[list[str], Any]]:
         "outbound_per_client": (["--outbound-per-client", "200"], 200),
         "first_byte_timeout": (["--first-byte-timeout", "2.5"], 2.5),
         "access_log": (["--access-log", k["log"]], k["log"]),
+        "otlp": (["--otlp", "http://127.0.0.1:4318"], "http://127.0.0.1:4318"),
+        "trace_sample": (["--trace-sample", "0.25"], 0.25),
         "trust_key": (["--trust-key", k["pub1"], "--trust-key", k["pub2"]],
                       [k["pub1"], k["pub2"]]),
         "trust_threshold": (["--trust-threshold", "2"], 2),
@@ -118,7 +120,7 @@ def test_every_option_through_a_file_or_through_flags_gives_the_same_agent(
                   "rejoin_after_leave", "profile", "tags", "services", "dns",
                   "dns_service_ttl", "dns_node_ttl", "outbound", "inbound", "identity",
                   "balancer_decay", "proxy_limits", "access_log", "data_dir", "tls", "keyring_file",
-                  "api_token_file", "trace_gossip", "gossip"):
+                  "api_token_file", "trace_gossip", "gossip", "otlp", "trace_sample"):
         assert getattr(by_file, field) == getattr(by_flags, field), field
     assert by_file.trust is not None and by_flags.trust is not None
     assert by_file.trust.ids() == by_flags.trust.ids()
@@ -271,3 +273,26 @@ def test_a_flag_given_on_the_command_line_is_named_as_a_flag(tmp_path: Path) -> 
 def test_an_empty_config_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"a directory with no \*\.toml files"):
         config_files([str(tmp_path)])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--otlp", "ftp://collector"], "expected http://HOST:PORT"),
+    (["--otlp", "http://"], "expected http://HOST:PORT"),
+])
+def test_a_bad_otlp_url_is_a_usage_error(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        agent_options(parse_agent_args(["agent", *argv]))
+
+
+@pytest.mark.parametrize("ratio", ["1.5", "-0.1", "half"])
+def test_a_bad_sampling_ratio_is_refused(ratio: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_agent_args(["agent", "--trace-sample", ratio])
+    assert "--trace-sample" in capsys.readouterr().err
+
+
+def test_otlp_urls_name_the_traces_endpoint() -> None:
+    assert agent_options(parse_agent_args(
+        ["agent", "--otlp", "http://127.0.0.1:4318"])).otlp == "http://127.0.0.1:4318/v1/traces"
+    assert agent_options(parse_agent_args(
+        ["agent", "--otlp", "http://c:4318/x/traces"])).otlp == "http://c:4318/x/traces"

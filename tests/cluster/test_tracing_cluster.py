@@ -1,0 +1,215 @@
+"""Integration: spans from two real sidecars reach an OTLP/HTTP receiver as one trace.
+
+a0 calls ``web`` through its outbound listener (as ``api``), a1 serves it. The receiver
+here is a plain HTTP server that decodes each export with the official OTLP messages.
+Every request must give a client span on a0 and a server span on a1 whose parent is
+the client span, and the backend must see the server span as its parent. Then the
+receiver stops: requests must go on as fast, and the drop counter must rise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import socket
+import statistics
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from rumor.cli.ports import free_port
+
+from ..agents import Agent, AgentCluster, wait_for
+from ..backends import Backend
+
+pytestmark = pytest.mark.cluster
+HOST = "127.0.0.1"
+QUEUE = 50
+
+
+class Receiver:
+    """An OTLP/HTTP traces endpoint: decodes every export, keeps (service, span)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, Any]] = []
+        self.exports = 0
+        self.content_types: set[str] = set()
+        self._lock = threading.Lock()
+        outer = self
+
+        self._open: set[socket.socket] = set()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with outer._lock:
+                    outer._open.add(self.request)
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                msg = ExportTraceServiceRequest()
+                msg.ParseFromString(body)
+                with outer._lock:
+                    outer.exports += 1
+                    outer.content_types.add(self.headers["content-type"])
+                    for rs in msg.resource_spans:
+                        attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
+                        for ss in rs.scope_spans:
+                            outer.spans += [(attrs["service.name"], s) for s in ss.spans]
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((HOST, 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Down as a dead collector is: nothing listens, kept-alive connections cut."""
+        self.server.shutdown()
+        self.server.server_close()
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+class Traced:
+    def __init__(self, tmp: Path) -> None:
+        self.receiver = Receiver()
+        self.backend = Backend("b1")
+        self.cluster = AgentCluster(tmp)
+        self.out_port = free_port()
+        otlp = ["--otlp", f"http://{HOST}:{self.receiver.port}"]
+        # A small queue and a fast schedule, so the test sees drops and exports quickly.
+        env = {"OTEL_BSP_MAX_QUEUE_SIZE": str(QUEUE), "OTEL_BSP_SCHEDULE_DELAY": "200",
+               "OTEL_EXPORTER_OTLP_TIMEOUT": "2000"}
+        specs = [["--outbound", f"{HOST}:{self.out_port}", "--identity", "api", *otlp],
+                 ["--inbound", f"{HOST}:{free_port()}", *otlp,
+                  "--service", f"name=web,id=web-1,port={self.backend.port}"]]
+        for i, extra in enumerate(specs):
+            a = Agent(f"a{i}", tmp, extra, env=env)
+            a.start(self.cluster.agents[0] if self.cluster.agents else None)
+            self.cluster.agents.append(a)
+            if i == 0:
+                wait_for(a.members, 20, "the seed's API")
+        wait_for(lambda: self.cluster.converged(2), 30, "2 agents to converge")
+        wait_for(lambda: self.send(1)[0] == 1, 20, "web through the sidecars")
+
+    def send(self, n: int, headers: dict[str, str] | None = None) -> tuple[int, list[float]]:
+        """n GETs through a0's outbound listener: how many got a 200, and each one's time."""
+        ok, took = 0, []
+        c = http.client.HTTPConnection(HOST, self.out_port, timeout=10)
+        try:
+            for i in range(n):
+                t = time.perf_counter()
+                c.request("GET", f"/t/{i}?q=secret", headers={"host": "web", **(headers or {})})
+                r = c.getresponse()
+                r.read()
+                took.append(time.perf_counter() - t)
+                ok += r.status == 200
+        finally:
+            c.close()
+        return ok, took
+
+    def dropped(self, agent: Agent) -> float:
+        with urllib.request.urlopen(f"http://{agent.api}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('rumor_trace_spans_dropped_total{reason="queue_full"}'))
+
+    def close(self) -> None:
+        self.cluster.close()
+        self.backend.close()
+        self.receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    t = Traced(tmp_path_factory.mktemp("tracing"))
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def test_two_sidecars_spans_join_into_one_trace(traced: Traced) -> None:
+    app_parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert traced.send(1, {"traceparent": app_parent})[0] == 1
+    trace = bytes.fromhex("0af7651916cd43dd8448eb211c80319c")
+
+    def both() -> list[tuple[str, Any]]:
+        with traced.receiver._lock:
+            got = [(svc, s) for svc, s in traced.receiver.spans if s.trace_id == trace]
+        return got if len(got) == 2 else []
+    wait_for(both, 10, "the client and the server span")
+    spans = dict(both())
+    client, server = spans["api"], spans["web"]
+    assert client.kind == client.SPAN_KIND_CLIENT and server.kind == server.SPAN_KIND_SERVER
+    assert client.parent_span_id.hex() == "b7ad6b7169203331"  # the application's span
+    assert server.parent_span_id == client.span_id
+    seen = traced.backend.last_headers["traceparent"]
+    assert seen.split("-")[2] == server.span_id.hex()  # the backend's parent: the server span
+    assert client.start_time_unix_nano <= server.start_time_unix_nano
+    assert server.end_time_unix_nano <= client.end_time_unix_nano
+    assert abs(client.start_time_unix_nano / 1e9 - time.time()) < 60
+    attrs = {a.key: a.value for a in client.attributes}
+    assert attrs["http.request.method"].string_value == "GET"
+    assert attrs["http.response.status_code"].int_value == 200
+    assert attrs["peer.service"].string_value == "web"
+    assert attrs["rumor.instance"].string_value == "a1/web-1"
+    assert attrs["rumor.tries"].int_value == 1
+    assert attrs["url.path"].string_value == "/t/0"  # never the query string
+    server_attrs = {a.key: a.value for a in server.attributes}
+    assert server_attrs["peer.service"].string_value == "api"
+    assert traced.receiver.content_types == {"application/x-protobuf"}
+
+
+def test_an_unsampled_trace_exports_nothing_and_stays_unsampled(traced: Traced) -> None:
+    parent = "00-1af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+    assert traced.send(1, {"traceparent": parent})[0] == 1
+    assert traced.backend.last_headers["traceparent"].endswith("-00")
+    marker = traced.send(1, {"traceparent": parent[:-2] + "01"})  # a sampled one after it
+    assert marker[0] == 1
+    trace = bytes.fromhex("1af7651916cd43dd8448eb211c80319c")
+
+    def exported() -> int:
+        with traced.receiver._lock:
+            return sum(1 for _, s in traced.receiver.spans if s.trace_id == trace)
+    wait_for(lambda: exported() == 2, 10, "the sampled request's spans")
+    time.sleep(0.5)  # one more schedule: the unsampled spans must not come late
+    assert exported() == 2
+
+
+def test_a_collector_down_drops_and_counts_but_slows_no_request(traced: Traced) -> None:
+    ok, before = traced.send(200)
+    assert ok == 200
+    traced.receiver.stop()
+    a0 = traced.cluster.agents[0]
+    dropped0 = traced.dropped(a0)
+    ok, during = traced.send(200 + 4 * QUEUE)
+    assert ok == len(during)
+    wait_for(lambda: traced.dropped(a0) > dropped0 + QUEUE, 10, "the drop counter to rise")
+    # No request waits for the exporter: the medians agree within noise, and no request
+    # took anything like the export timeout (2 s here).
+    assert statistics.median(during) < 3 * statistics.median(before) + 0.005
+    assert max(during) < 1.0
