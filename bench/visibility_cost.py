@@ -42,16 +42,16 @@ OLD, NEW, TAP = "rumor-old", "rumor-new", "rumor-tap"
 
 
 def ratios(recs: list[dict], conns: int, target: str,
-           metric: object) -> list[tuple[int, float]]:
-    """(round, target/old) for the rounds where both ran undisturbed."""
+           metric: object, base: str = OLD) -> list[tuple[int, float]]:
+    """(round, target/base) for the rounds where both ran undisturbed."""
     by: dict[int, dict[str, dict]] = {}
     for x in recs:
         if x["conns"] == conns and not x.get("round_disturbed"):
             by.setdefault(x["round"], {})[x["target"]] = x
     out = []
     for r, runs in sorted(by.items()):
-        if OLD in runs and target in runs:
-            a, b = metric(runs[OLD]), metric(runs[target])  # type: ignore[operator]
+        if base in runs and target in runs:
+            a, b = metric(runs[base]), metric(runs[target])  # type: ignore[operator]
             if a and b is not None:
                 out.append((r, b / a))
     return out
@@ -64,7 +64,10 @@ def fmt(pairs: list[tuple[int, float]]) -> str:
     return f"{statistics.median(v):.3f} [{min(v):.3f}–{max(v):.3f}] (n={len(v)})"
 
 
-def tables(jsonl: Path) -> str:
+def tables(jsonl: Path, base: str = OLD,
+           bars: tuple[tuple[str, float], ...] = ((NEW, 0.05), (TAP, 0.10))) -> str:
+    """The harness's rows, then each target's ratios to ``base`` paired per round,
+    held against its bar (at most that fraction fewer req/s or more CPU/req)."""
     recs, summ = load(jsonl)
     out = [f"## {jsonl}", f"rounds discarded as disturbed: "
            f"{summ.get('rounds_discarded_as_disturbed', '?')}"]
@@ -79,10 +82,10 @@ def tables(jsonl: Path) -> str:
     verdict = []
     rat = []
     for conns in sorted({x["conns"] for x in recs}):
-        for target, bar in ((NEW, 0.05), (TAP, 0.10)):
-            rps = ratios(recs, conns, target, lambda x: x["result"]["rps"])
-            cpu = ratios(recs, conns, target, cpu_per_req_overhead)
-            rat.append([f"c={conns}", f"{target} / {OLD}", fmt(rps), fmt(cpu)])
+        for target, bar in bars:
+            rps = ratios(recs, conns, target, lambda x: x["result"]["rps"], base)
+            cpu = ratios(recs, conns, target, cpu_per_req_overhead, base)
+            rat.append([f"c={conns}", f"{target} / {base}", fmt(rps), fmt(cpu)])
             if rps:
                 m = statistics.median(p for _, p in rps)
                 verdict.append(f"c={conns} {target} req/s {m:.3f} "
