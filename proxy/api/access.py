@@ -57,7 +57,7 @@ class ApiAccess:
         origin = request.headers.get("origin")
         if origin is not None and not self._is_own_origin(origin, local):
             return error_response(403, f"cross-origin request from {describe(origin)} "
-                                  "refused: the local API serves no web page")
+                                  "refused: the local API answers only its own page (/ui/)")
         if request.headers.get("sec-fetch-site", "").lower() == "cross-site":
             return error_response(403, "cross-site request refused")
         if request.method == "OPTIONS":

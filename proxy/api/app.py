@@ -27,7 +27,8 @@ and with `metrics` a Prometheus `GET /metrics` (`proxy/api/metrics.py`), and wit
 `control` the configuration routes of `proxy/api/control.py` (`/v1/agent/config`,
 `/v1/agent/reload`), and with `queries` the cluster-wide queries of
 `proxy/api/query.py` (`/v1/query/NAME`, `/v1/explain/MEMBER`, `/v1/tap`), and with `golden` the
-golden metrics of `proxy/api/stat.py` (`/v1/stat`).
+golden metrics of `proxy/api/stat.py` (`/v1/stat`). Always: the read-only web UI of
+`proxy/api/ui.py` (`/ui/`, `/v1/ui/state`), behind the same access rules.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from .router import Router
 from .server import Handler, HttpError, Request, Response, json_response, read_json
 from .stat import add_stat_routes
 from .tap import add_tap_routes
+from .ui import add_ui_routes
 
 MEMBER_STATUSES = ("alive", "suspect", "failed", "left")
 
@@ -99,6 +101,7 @@ def make_api(node: NodeApi, *, on_leave: Callable[[], None],
         add_tap_routes(router, queries, access)
     if golden is not None:
         add_stat_routes(router, golden, queries, name)
+    add_ui_routes(router, node.members, catalog, policies, name)
     return guarded(router, access)
 
 

@@ -16,12 +16,14 @@ needs, the test is skipped with the reason.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
 import subprocess
 import sys
 import tomllib
+import urllib.request
 import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -66,15 +68,27 @@ def _skip_or_fail(what: str, res: subprocess.CompletedProcess[str]) -> None:
 
 
 def _expected_files(project: dict[str, Any]) -> set[str]:
-    """Every module and marker under the mapped source folders, as the wheel names it
-    (a subpackage missing from ``packages`` shows up here as missing files)."""
+    """Every module and marker under the mapped source folders, and the data files a
+    package declares (the web UI's), as the wheel names them (a subpackage missing from
+    ``packages`` shows up here as missing files)."""
+    setup = project["tool"]["setuptools"]
     expected: set[str] = set()
-    for package, folder in project["tool"]["setuptools"]["package-dir"].items():
+    for package, folder in setup["package-dir"].items():
         prefix = package.replace(".", "/")
+        data = setup["package-data"].get(package, [])
         for path in (ROOT / folder).rglob("*"):
-            if path.suffix == ".py" or path.name == "py.typed":
-                expected.add(f"{prefix}/{path.relative_to(ROOT / folder).as_posix()}")
+            rel = path.relative_to(ROOT / folder).as_posix()
+            if path.suffix == ".py" or path.name == "py.typed" or any(
+                    fnmatch.fnmatch(rel, pattern) for pattern in data):
+                expected.add(f"{prefix}/{rel}")
     return expected
+
+
+def test_the_web_ui_files_are_package_data() -> None:
+    """The files /ui/ serves are among what the wheel must hold (checked below)."""
+    expected = _expected_files(_pyproject())
+    for name in ("index.html", "app.js", "style.css"):
+        assert f"rumor/proxy/ui/{name}" in expected
 
 
 def _pins(project: dict[str, Any]) -> list[str]:
@@ -112,6 +126,9 @@ def test_wheel_installs_in_a_fresh_venv_and_joins(tmp_path: Path,
     assert not missing, f"the wheel lacks {sorted(missing)} (a package left out of packages?)"
     assert not extra, f"the wheel holds files that are not in the source: {sorted(extra)}"
     assert "rumor = rumor.cli.main:main" in entry_points
+    with zipfile.ZipFile(wheel) as z:  # the UI's files are the source's, byte for byte
+        for name in ("index.html", "app.js", "style.css"):
+            assert z.read(f"rumor/proxy/ui/{name}") == (ROOT / "proxy/ui" / name).read_bytes()
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
@@ -142,6 +159,9 @@ def test_wheel_installs_in_a_fresh_venv_and_joins(tmp_path: Path,
         assert (me["version"], me["protocol"]) == (release, PROTOCOL_VERSION)
         assert any(e.get("event") == "start" and e.get("version") == release
                    for e in _log_lines(agents[1].log))
+        # The installed agent serves the UI from the wheel's own package data.
+        with urllib.request.urlopen(f"http://{agents[1].api}/ui/app.js", timeout=5) as r:
+            assert r.read() == (ROOT / "proxy/ui/app.js").read_bytes()
     finally:
         cluster.close()
 
