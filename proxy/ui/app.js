@@ -405,7 +405,7 @@
       const d = depth.get(n);
       (columns[d] = columns[d] || []).push(n);
     }
-    const colW = 300;
+    const colW = 360;
     const rowH = 64;
     const nodeW = 150;
     const nodeH = 30;
