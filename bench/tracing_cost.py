@@ -7,8 +7,8 @@ backend, ``--abba``) with the targets ``direct``, ``haproxy``, ``rumor-off`` (no
 ``--otlp``), ``rumor-trace100`` (``--otlp`` at ``--trace-sample 1``) and
 ``rumor-trace1`` (``--trace-sample 0.01``). wrk sends no ``traceparent``, so the
 caller's sidecar starts every trace and the ratio decides. The collector is an OTLP/HTTP
-receiver in this script's own process (outside the pair's process tree, so its CPU is
-not the pair's); it decodes every export with the official messages and counts spans.
+receiver in this script's own process (``rumor.cli.span_sink``, outside the pair's
+process tree, so its CPU is not the pair's); it decodes every export and counts spans.
 Then, paired within each round, trace/off ratios of req/s and of the pair's CPU per
 request. Bars: at most 10% at 100%, 3% at 1%.
 
@@ -22,53 +22,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_ab import find_harness, git_rev, run_harness
 from visibility_cost import tables
 
+from rumor.cli.span_sink import SpanSink
+
 OFF, ALL, ONE = "rumor-off", "rumor-trace100", "rumor-trace1"
 BARS = ((ALL, 0.10), (ONE, 0.03))
-
-
-class Collector:
-    """Counts the spans of every export it decodes; answers an empty success."""
-
-    def __init__(self) -> None:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceRequest,
-            ExportTraceServiceResponse,
-        )
-        self.spans = self.exports = 0
-        ok = ExportTraceServiceResponse().SerializeToString()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                msg = ExportTraceServiceRequest()
-                msg.ParseFromString(self.rfile.read(int(self.headers["content-length"])))
-                outer.exports += 1
-                outer.spans += sum(len(ss.spans) for rs in msg.resource_spans
-                                   for ss in rs.scope_spans)
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(ok)))
-                self.end_headers()
-                self.wfile.write(ok)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     harness = find_harness(args.harness)
     res = Path(args.results_dir).resolve()
     res.mkdir(parents=True, exist_ok=True)
-    collector = Collector()
+    collector = SpanSink(keep=0)
     print(f"# build {git_rev(args.root)}; collector on 127.0.0.1:{collector.port}")
     pair = f"{Path(args.python).absolute()} {Path(args.root).resolve()}/bench/proxy_pair.py"
     otlp = f"--otlp http://127.0.0.1:{collector.port}"
@@ -107,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
          "--duration", str(args.duration), "--results-dir", str(res)],
         res / f"harness-stdout-{int(t0)}.jsonl")
     print(tables(jsonl, OFF, BARS))
-    print(f"\ncollector: {collector.spans} spans in {collector.exports} exports "
+    print(f"\ncollector: {collector.received} spans in {collector.exports} exports "
           f"over {time.time() - t0:.0f} s")
     print(f"# re-print with: {sys.argv[0]} --tables-from {jsonl}")
     return 0

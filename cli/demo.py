@@ -33,14 +33,17 @@ from typing import Any
 from ..policy.examples import canary_route
 from .client import ApiError, get_json, put_json
 from .ports import free_port
+from .span_sink import SpanSink
 
 HOST = "127.0.0.1"
 
 
 class DemoAgent:
     def __init__(self, name: str, logdir: Path, trust_key: Path, *,
-                 outbound: bool = False, security: list[str] | None = None) -> None:
+                 outbound: bool = False, security: list[str] | None = None,
+                 otlp: str | None = None) -> None:
         self.name = name
+        self.otlp = otlp
         self.trust_key = trust_key
         #: --keyring and --tls-* flags: encrypted gossip, mutual TLS between sidecars.
         self.security = security or []
@@ -59,6 +62,8 @@ class DemoAgent:
                 *self.security]
         if self.outbound is not None:
             argv += ["--outbound", f"{HOST}:{self.outbound}", "--identity", "frontend"]
+        if self.otlp is not None:
+            argv += ["--otlp", self.otlp]
         if seed is not None:
             argv += ["--join", f"{HOST}:{seed.port}"]
         with open(self.log_path, "ab") as logf:
@@ -260,7 +265,7 @@ def _shares(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in sorted(counts.items()))
 
 
-def _mesh(cluster: list[DemoAgent], keydir: Path) -> None:
+def _mesh(cluster: list[DemoAgent], keydir: Path, sink: SpanSink) -> None:
     """Step 4: traffic through sidecars, a signed canary split, a slowed instance."""
     from ..policy.envelope import make_payload, sign
     from ..policy.keys import load_secret_key
@@ -303,6 +308,7 @@ def _mesh(cluster: list[DemoAgent], keydir: Path) -> None:
         backends[0].delay = 0.0
         _fault(caller, key)
         _golden(cluster[2])
+        _trace(caller, sink)
         for agent, b in zip(cluster[1:4], backends, strict=True):
             put_json(agent.api, f"/v1/agent/service/deregister/{b.name}", {}, timeout=2.0)
     finally:
@@ -356,6 +362,27 @@ def _golden(asker: DemoAgent) -> None:
         _say("     " + line)
 
 
+def _trace(caller: DemoAgent, sink: SpanSink) -> None:
+    """Step 4, last: one request's trace, as the sidecars exported it over OTLP."""
+    assert caller.outbound is not None
+    trace, app_span = os.urandom(16).hex(), os.urandom(8).hex()
+    _send_through(caller.outbound, 1, {"traceparent": f"00-{trace}-{app_span}-01"})
+    _wait("the request's spans", lambda: len(sink.of_trace(bytes.fromhex(trace))) >= 2, 10)
+    spans = sorted(sink.of_trace(bytes.fromhex(trace)), key=lambda p: p[1].kind, reverse=True)
+    _say(f"   one request's trace {trace[:8]}…, as each sidecar exported it (OTLP/HTTP to "
+         f"the demo's collector, {sink.received} spans received so far):")
+    ids = {app_span: "the application's span"}
+    for service, s in spans:
+        attrs = {a.key: a.value for a in s.attributes}
+        kind = "client" if s.kind == s.SPAN_KIND_CLIENT else "server"
+        ids[s.span_id.hex()] = f"{service}'s {kind} span"
+        inst = attrs["rumor.instance"].string_value if "rumor.instance" in attrs else "?"
+        _say(f"     {service:<9} {kind} span {s.name} {attrs['url.path'].string_value} -> "
+             f"{attrs['http.response.status_code'].int_value} ({inst}), "
+             f"{(s.end_time_unix_nano - s.start_time_unix_nano) / 1e6:.2f} ms, parent: "
+             f"{ids.get(s.parent_span_id.hex(), s.parent_span_id.hex())}")
+
+
 def _explain(asker: DemoAgent, victim: str) -> None:
     """Step 5, end: the story of the suspicion, merged from every agent's history."""
     doc = get_json(asker.api, f"/v1/explain/{victim}?since=2m", timeout=10)
@@ -406,8 +433,9 @@ def run_demo(agents: int = 5) -> int:
     keydir = Path(tempfile.mkdtemp(prefix="rumor-demo-keys-"))
     from ..policy.keys import write_keypair
     _, public, _ = write_keypair(keydir / "ops")
+    sink = SpanSink()  # the demo's OTLP collector: every sidecar exports its spans here
     cluster = [DemoAgent(f"agent-{i}", logdir, public, outbound=i == 0,
-                         security=_security(keydir, f"agent-{i}", i))
+                         security=_security(keydir, f"agent-{i}", i), otlp=sink.url)
                for i in range(agents)]
     names = [a.name for a in cluster]
     t_start = time.monotonic()
@@ -431,7 +459,7 @@ def run_demo(agents: int = 5) -> int:
         _discovery(cluster)
         _policy(cluster, keydir)
         if agents >= 5:
-            _mesh(cluster, keydir)
+            _mesh(cluster, keydir, sink)
 
         victim, watcher = cluster[-1], cluster[0]
         others = [a for a in cluster if a is not victim]
@@ -491,6 +519,7 @@ def run_demo(agents: int = 5) -> int:
         return 1
     finally:
         _stop_all(cluster)
+        sink.stop()
         shutil.rmtree(keydir, ignore_errors=True)
 
 

@@ -1,7 +1,7 @@
 """Integration: spans from two real sidecars reach an OTLP/HTTP receiver as one trace.
 
 a0 calls ``web`` through its outbound listener (as ``api``), a1 serves it. The receiver
-here is a plain HTTP server that decodes each export with the official OTLP messages.
+(``rumor.cli.span_sink``) decodes each export with the official OTLP messages.
 Every request must give a client span on a0 and a server span on a1 whose parent is
 the client span, and the backend must see the server span as its parent. Then the
 receiver stops: requests must go on as fast, and the drop counter must rise.
@@ -9,25 +9,18 @@ receiver stops: requests must go on as fast, and the drop counter must rise.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import socket
 import statistics
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 
 from rumor.cli.ports import free_port
+from rumor.cli.span_sink import SpanSink
 
 from ..agents import Agent, AgentCluster, wait_for
 from ..backends import Backend
@@ -37,69 +30,13 @@ HOST = "127.0.0.1"
 QUEUE = 50
 
 
-class Receiver:
-    """An OTLP/HTTP traces endpoint: decodes every export, keeps (service, span)."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, Any]] = []
-        self.exports = 0
-        self.content_types: set[str] = set()
-        self._lock = threading.Lock()
-        outer = self
-
-        self._open: set[socket.socket] = set()
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self) -> None:
-                super().setup()
-                with outer._lock:
-                    outer._open.add(self.request)
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                msg = ExportTraceServiceRequest()
-                msg.ParseFromString(body)
-                with outer._lock:
-                    outer.exports += 1
-                    outer.content_types.add(self.headers["content-type"])
-                    for rs in msg.resource_spans:
-                        attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
-                        for ss in rs.scope_spans:
-                            outer.spans += [(attrs["service.name"], s) for s in ss.spans]
-                answer = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((HOST, 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        """Down as a dead collector is: nothing listens, kept-alive connections cut."""
-        self.server.shutdown()
-        self.server.server_close()
-        with self._lock:
-            for sock in self._open:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
 class Traced:
     def __init__(self, tmp: Path) -> None:
-        self.receiver = Receiver()
+        self.receiver = SpanSink()
         self.backend = Backend("b1")
         self.cluster = AgentCluster(tmp)
         self.out_port = free_port()
-        otlp = ["--otlp", f"http://{HOST}:{self.receiver.port}"]
+        otlp = ["--otlp", self.receiver.url]
         # A small queue and a fast schedule, so the test sees drops and exports quickly.
         env = {"OTEL_BSP_MAX_QUEUE_SIZE": str(QUEUE), "OTEL_BSP_SCHEDULE_DELAY": "200",
                "OTEL_EXPORTER_OTLP_TIMEOUT": "2000"}
@@ -158,8 +95,7 @@ def test_two_sidecars_spans_join_into_one_trace(traced: Traced) -> None:
     trace = bytes.fromhex("0af7651916cd43dd8448eb211c80319c")
 
     def both() -> list[tuple[str, Any]]:
-        with traced.receiver._lock:
-            got = [(svc, s) for svc, s in traced.receiver.spans if s.trace_id == trace]
+        got = traced.receiver.of_trace(trace)
         return got if len(got) == 2 else []
     wait_for(both, 10, "the client and the server span")
     spans = dict(both())
@@ -193,8 +129,7 @@ def test_an_unsampled_trace_exports_nothing_and_stays_unsampled(traced: Traced) 
     trace = bytes.fromhex("1af7651916cd43dd8448eb211c80319c")
 
     def exported() -> int:
-        with traced.receiver._lock:
-            return sum(1 for _, s in traced.receiver.spans if s.trace_id == trace)
+        return len(traced.receiver.of_trace(trace))
     wait_for(lambda: exported() == 2, 10, "the sampled request's spans")
     time.sleep(0.5)  # one more schedule: the unsampled spans must not come late
     assert exported() == 2
