@@ -63,7 +63,7 @@ needs_prometheus = pytest.mark.skipif(
 
 class Traffic(threading.Thread):
     """Requests through a0's outbound sidecar until stopped (or 120 s): ``web``, ``pay``
-    and a service nobody serves, about 60 requests/s."""
+    and a service nobody serves, about 50 requests/s."""
 
     HOSTS = ("web", "web", "pay", "web", "nowhere")
 
