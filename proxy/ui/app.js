@@ -121,17 +121,40 @@
 
   class NeedsToken extends Error {}
 
+  // Browsers give a page 6 connections to this agent. A long poll left running when the
+  // page goes away keeps one until the agent answers (up to 10 s): end them ourselves.
+  const inflight = new Set();
+  window.addEventListener('pagehide', () => {
+    for (const ctl of inflight) ctl.abort();
+  });
+
+  // A hidden tab polls nothing (so many open tabs do not hold every connection).
+  function visible() {
+    if (!document.hidden) return Promise.resolve();
+    return new Promise((resolve) => {
+      const on = () => {
+        if (document.hidden) return;
+        document.removeEventListener('visibilitychange', on);
+        resolve();
+      };
+      document.addEventListener('visibilitychange', on);
+    });
+  }
+
   // guarded: a read that needs the API token where the agent has one (explain, tap).
-  async function getJSON(path, guarded) {
+  async function getJSON(path, guarded, ctl = new AbortController()) {
     const headers = {Accept: 'application/json'};
     const token = sessionStorage.getItem(TOKEN_KEY);
     if (guarded && token) headers['X-Rumor-Token'] = token;
-    const r = await fetch(path, {headers, cache: 'no-store', credentials: 'same-origin'});
+    inflight.add(ctl);
+    let r;
     let body = null;
     try {
-      body = await r.json();
-    } catch (e) {
-      body = null;
+      r = await fetch(path, {headers, cache: 'no-store', credentials: 'same-origin',
+        signal: ctl.signal});
+      body = await r.json().catch(() => null);
+    } finally {
+      inflight.delete(ctl);
     }
     if (guarded && (r.status === 401 || r.status === 403)) {
       const why = body && body.error ? body.error : `HTTP ${r.status}`;
@@ -170,22 +193,31 @@
   let scores = {};  // member -> Lifeguard health score, from the stats query
   let scored = false;
 
+  let stateCtl = null;
+
   async function stateLoop() {
     let index = '';
     for (;;) {
+      await visible();
+      const ctl = stateCtl = new AbortController();
       try {
         const q = index ? `?index=${encodeURIComponent(index)}&wait=${STATE_WAIT}` : '';
-        const doc = await getJSON(`/v1/ui/state${q}`, false);
+        const doc = await getJSON(`/v1/ui/state${q}`, false, ctl);
         index = doc.index;
         state = doc;
         setConn('live', '');
         render();
       } catch (e) {
+        if (ctl.signal.aborted) continue;  // hidden: resume (at once) when shown
         setConn('down', `no answer from the agent (${e.message}); retrying`);
         await sleep(1000);
       }
     }
   }
+
+  document.addEventListener('visibilitychange', () => {
+    if (document.hidden && stateCtl !== null) stateCtl.abort();
+  });
 
   function setConn(what, why) {
     const c = $('conn');
@@ -197,15 +229,17 @@
 
   function render() {
     if (state === null) return;
+    const t = performance.now();
     $('agent').textContent = `· ${state.agent}`;
     document.title = `rumor · ${state.agent}`;
     renderMembers();
     renderServices();
     renderPolicies();
     renderGraph();
-    if (!document.body.dataset.renderedMs) {
-      document.body.dataset.renderedMs = String(Math.round(performance.now()));
-    }
+    // When the first state was on screen, and what the last update cost (bench/ui_time.py).
+    const body = document.body.dataset;
+    body.renderMs = (performance.now() - t).toFixed(1);
+    if (!body.renderedMs) body.renderedMs = String(Math.round(performance.now()));
   }
 
   function renderMembers() {
@@ -310,6 +344,7 @@
 
   async function healthLoop() {
     for (;;) {
+      await visible();
       try {
         const doc = await getJSON('/v1/query/stats?timeout=2s', false);
         const next = {};
@@ -336,6 +371,7 @@
 
   async function statLoop() {
     for (;;) {
+      await visible();
       try {
         const doc = await getJSON(`/v1/stat?all=1&by=edge&window=${STAT_WINDOW}`, false);
         edges = edgesOf(doc.rows);
@@ -518,7 +554,7 @@
 
   async function pollTap() {
     const t = tap;
-    if (t === null || t.busy) return;
+    if (t === null || t.busy || document.hidden) return;
     t.busy = true;
     try {
       const doc = await getJSON(`/v1/tap?id=${t.id}&service=${encodeURIComponent(t.service)}` +
