@@ -451,6 +451,8 @@ def run_demo(agents: int = 5) -> int:
         _say(f"\n1. Converged: every agent lists {agents} alive members "
              f"({took:.2f} s after the last start).")
         _say(_table(cluster[0]))
+        _say(f"   Watch it live in a browser: http://{cluster[0].api}/ui/ (every agent's API "
+             "serves the read-only web UI)")
         signed = sum(1 for m in cluster[0].members().values() if m.get("key_id"))
         _say(f"   Membership is signed: {signed} of {agents} members speak with a node key "
              "the demo CA vouched for, so no key holder can move or evict another.")
