@@ -229,14 +229,14 @@ _junk = st.recursive(_scalar, lambda inner: st.one_of(
     max_leaves=40)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(_junk)
 def test_from_wire_on_junk_objects_raises_only_its_error(data: object) -> None:
     with contextlib.suppress(HistoryDecodeError):
         from_wire(data)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["k", 1.0, "a", 0, {}, [], "x" * 300, -1]),
                           _junk), max_size=6))
 def test_from_wire_on_near_records_raises_only_its_error(fields: list[tuple[object, object]]
@@ -254,7 +254,7 @@ def test_from_wire_on_near_records_raises_only_its_error(fields: list[tuple[obje
         assert len(out) == 1 and isinstance(out[0], Record)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=200))
 def test_from_wire_on_junk_bytes_raises_only_its_error(data: bytes) -> None:
     with contextlib.suppress(HistoryDecodeError):

@@ -188,7 +188,7 @@ def message(draw: st.DrawFn) -> bytes:
     return head
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.lists(message(), min_size=1, max_size=3), st.data())
 def test_the_codec_agrees_with_h11_or_refuses(msgs: list[bytes], data: st.DataObject) -> None:
     stream = b"".join(msgs)
@@ -329,7 +329,7 @@ def response(draw: st.DrawFn) -> bytes:
     return informational + head + body  # type: ignore[operator]
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.sampled_from([b"GET", b"HEAD", b"POST"]), response(), st.data())
 def test_the_response_codec_agrees_with_h11_or_refuses(method: bytes, data: bytes,
                                                        draw: st.DataObject) -> None:
