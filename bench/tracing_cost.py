@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline_ab import find_harness, git_rev, run_harness
-from visibility_cost import tables
+from pipeline_ab import find_harness, git_rev
+from visibility_cost import overhead_args, run_overhead, tables
 
 from rumor.cli.span_sink import SpanSink
 
@@ -40,12 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--python", default=sys.executable, help="the build's interpreter")
     ap.add_argument("--root", default=str(Path(__file__).resolve().parent.parent))
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--conns", default="1,16")
-    ap.add_argument("--duration", type=int, default=10)
-    ap.add_argument("--results-dir")
-    ap.add_argument("--harness")
-    ap.add_argument("--tables-from", nargs="+", metavar="JSONL")
+    overhead_args(ap)
     args = ap.parse_args(argv)
     if args.tables_from:
         for f in args.tables_from:
@@ -64,12 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             "--proxy-cmd", f"{ALL}=RUMOR_PAIR_EXTRA='{otlp} --trace-sample 1' {pair}",
             "--proxy-cmd", f"{ONE}=RUMOR_PAIR_EXTRA='{otlp} --trace-sample 0.01' {pair}"]
     t0 = time.time()
-    jsonl = run_harness(
-        [sys.executable, str(harness / "bench.py"), "overhead",
-         "--targets", f"direct,haproxy,{OFF},{ALL},{ONE}", "--host-header", "bench", *cmds,
-         "--abba", "--rounds", str(args.rounds), "--conns", args.conns,
-         "--duration", str(args.duration), "--results-dir", str(res)],
-        res / f"harness-stdout-{int(t0)}.jsonl")
+    jsonl = run_overhead(harness, res, [OFF, ALL, ONE], cmds, args)
     print(tables(jsonl, OFF, BARS))
     print(f"\ncollector: {collector.received} spans in {collector.exports} exports "
           f"over {time.time() - t0:.0f} s")

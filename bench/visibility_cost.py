@@ -100,6 +100,28 @@ def tables(jsonl: Path, base: str = OLD,
     return "\n".join(out)
 
 
+def overhead_args(ap: argparse.ArgumentParser) -> None:
+    """The options of one paired ``overhead`` run (this script's and tracing_cost.py's)."""
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--conns", default="1,16")
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--results-dir")
+    ap.add_argument("--harness")
+    ap.add_argument("--tables-from", nargs="+", metavar="JSONL")
+
+
+def run_overhead(harness: Path, res: Path, targets: list[str], cmds: list[str],
+                 args: argparse.Namespace) -> Path:
+    """One ``overhead`` run of the harness, ABBA, with direct and haproxy beside
+    ``targets``; the records' path."""
+    return run_harness(
+        [sys.executable, str(harness / "bench.py"), "overhead",
+         "--targets", ",".join(["direct", "haproxy", *targets]), "--host-header", "bench",
+         *cmds, "--abba", "--rounds", str(args.rounds), "--conns", args.conns,
+         "--duration", str(args.duration), "--results-dir", str(res)],
+        res / f"harness-stdout-{int(time.time())}.jsonl")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,12 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--old-root")
     ap.add_argument("--new-python")
     ap.add_argument("--new-root")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--conns", default="1,16")
-    ap.add_argument("--duration", type=int, default=10)
-    ap.add_argument("--results-dir")
-    ap.add_argument("--harness")
-    ap.add_argument("--tables-from", nargs="+", metavar="JSONL")
+    overhead_args(ap)
     args = ap.parse_args(argv)
     if args.tables_from:
         for f in args.tables_from:
@@ -133,12 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{Path(args.old_root).resolve()}/bench/proxy_pair.py",
             "--proxy-cmd", f"{NEW}={new_cmd}",
             "--proxy-cmd", f"{TAP}=RUMOR_PAIR_TAP=1 {new_cmd}"]
-    jsonl = run_harness(
-        [sys.executable, str(harness / "bench.py"), "overhead",
-         "--targets", f"direct,haproxy,{OLD},{NEW},{TAP}", "--host-header", "bench", *cmds,
-         "--abba", "--rounds", str(args.rounds), "--conns", args.conns,
-         "--duration", str(args.duration), "--results-dir", str(res)],
-        res / f"harness-stdout-{int(time.time())}.jsonl")
+    jsonl = run_overhead(harness, res, [OLD, NEW, TAP], cmds, args)
     print(tables(jsonl))
     print(f"# re-print with: {sys.argv[0]} --tables-from {jsonl}")
     return 0
