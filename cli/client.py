@@ -12,9 +12,11 @@ import json
 import os
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpcore
+if TYPE_CHECKING:
+    import httpcore
+
 
 DEFAULT_TIMEOUT = 10.0
 #: Where the CLI finds the agent's API token (`rumor agent --api-token-file`): the
@@ -109,6 +111,8 @@ def request_json(
     elif raw is not None:
         content = raw[0]
         headers.append((b"content-type", raw[1].encode()))
+    import httpcore  # here: every `rumor` command imports this module, few call an agent
+
     try:
         response = httpcore.request(
             method,

@@ -18,3 +18,8 @@ def test_document_reaches_every_node_under_loss_and_run_is_reproducible() -> Non
     assert a == b
     c = SCENARIOS["policy"](Params(nodes=200, loss=0.05, seed=5), None)
     assert c["result"]["origin"] != res["origin"] or c["result"] != res
+
+
+def test_the_cli_knows_every_scenario_by_name() -> None:
+    from rumor.simulations.cli import SCENARIO_NAMES
+    assert set(SCENARIO_NAMES) == set(SCENARIOS) and len(SCENARIO_NAMES) == len(SCENARIOS)
