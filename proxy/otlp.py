@@ -50,6 +50,8 @@ INTERVAL = 1.0
 EXPORT_TIMEOUT = 10.0
 #: Spans encoded between two yields to the scheduler.
 CHUNK = 32
+#: Longest the last export may hold up the agent's exit (seconds).
+FLUSH_TIMEOUT = 2.0
 #: Least time between two warnings about a failing collector.
 LOG_EVERY = 30.0
 
@@ -130,20 +132,38 @@ class OtlpExporter:
                   ) -> None:
         async with httpcore.AsyncConnectionPool(max_connections=1) as http:
             task_status.started()
-            rec = self.recorder
-            while True:
-                # A full batch goes at once; a partial one waits for the interval. (Sending
-                # whatever came in during the last export made exports of ~20 spans, each
-                # paying a request's fixed cost: +28% CPU per request in the harness.)
-                if len(rec.pending) < rec.batch:
-                    with trio.move_on_after(self.interval):
-                        await self._wake.wait()
-                self._wake = trio.Event()  # a wake-up set during the export is spent
-                rec.on_batch = self._wake.set
-                spans = rec.take(rec.batch)
-                if spans:
-                    body = await self._encode(spans)
-                    await self._export(http, body, len(spans))
+            try:
+                await self._export_forever(http)
+            finally:
+                await self._flush(http)
+
+    async def _flush(self, http: httpcore.AsyncConnectionPool) -> None:
+        """As the agent stops: one last try, within ``FLUSH_TIMEOUT``, for what is
+        queued (as an SDK's shutdown flushes), so a restart does not lose the last
+        second's spans to a collector that is up."""
+        with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_TIMEOUT):
+            while self.recorder.pending:
+                spans = self.recorder.take(self.recorder.batch)
+                outcome = await self._post(http, await self._encode(spans), len(spans))
+                self._count(outcome, len(spans))
+                if outcome.retry:
+                    break
+
+    async def _export_forever(self, http: httpcore.AsyncConnectionPool) -> None:
+        rec = self.recorder
+        while True:
+            # A full batch goes at once; a partial one waits for the interval. (Sending
+            # whatever came in during the last export made exports of ~20 spans, each
+            # paying a request's fixed cost: +28% CPU per request in the harness.)
+            if len(rec.pending) < rec.batch:
+                with trio.move_on_after(self.interval):
+                    await self._wake.wait()
+            self._wake = trio.Event()  # a wake-up set during the export is spent
+            rec.on_batch = self._wake.set
+            spans = rec.take(rec.batch)
+            if spans:
+                body = await self._encode(spans)
+                await self._export(http, body, len(spans))
 
     async def _encode(self, spans: list[Ended]) -> bytes:
         batch = self.encoder.batch()
@@ -160,11 +180,7 @@ class OtlpExporter:
         while True:
             outcome = await self._post(http, body, n)
             if not outcome.retry:
-                stats["exported"] += outcome.accepted
-                stats["rejected"] += outcome.rejected
-                if outcome.rejected or outcome.message:
-                    self._warn("collector %s refused %d of %d spans: %s", self.url,
-                               outcome.rejected, n, outcome.message or "(no message)")
+                self._count(outcome, n)
                 return
             wait = backoff.delay(trio.current_time() - began, outcome.retry_after)
             if wait is None:
@@ -173,6 +189,17 @@ class OtlpExporter:
                            outcome.message, n)
                 return
             await trio.sleep(wait)
+
+    def _count(self, outcome: ExportOutcome, n: int) -> None:
+        stats = self.recorder.stats
+        if outcome.retry:
+            stats["dropped_export_failed"] += n
+            return
+        stats["exported"] += outcome.accepted
+        stats["rejected"] += outcome.rejected
+        if outcome.rejected or outcome.message:
+            self._warn("collector %s refused %d of %d spans: %s", self.url,
+                       outcome.rejected, n, outcome.message or "(no message)")
 
     async def _post(self, http: httpcore.AsyncConnectionPool, body: bytes,
                     n: int) -> ExportOutcome:

@@ -10,6 +10,7 @@ receiver stops: requests must go on as fast, and the drop counter must rise.
 from __future__ import annotations
 
 import http.client
+import signal
 import statistics
 import time
 import urllib.request
@@ -138,6 +139,42 @@ def test_an_unsampled_trace_exports_nothing_and_stays_unsampled(traced: Traced) 
     assert exported() == 2
 
 
+def test_an_agent_that_stops_exports_what_it_still_held(traced: Traced, tmp_path: Path) -> None:
+    # A caller whose exporter would wait a minute: its spans go out only as it stops.
+    port = free_port()
+    a = Agent("late", tmp_path, ["--outbound", f"{HOST}:{port}", "--identity", "batch",
+                                 "--otlp", traced.receiver.url],
+              env={"OTEL_BSP_SCHEDULE_DELAY": "60000"})
+    a.start(traced.cluster.agents[0])
+    try:
+        def web_known() -> bool:
+            try:
+                return len(a.get("/v1/catalog/service/web")) == 1
+            except OSError:
+                return False
+        wait_for(web_known, 20, "web on the late agent")
+        trace = "2af7651916cd43dd8448eb211c80319c"
+        c = http.client.HTTPConnection(HOST, port, timeout=10)
+        for _ in range(3):
+            c.request("GET", "/late", headers={"host": "web", "traceparent":
+                                                f"00-{trace}-b7ad6b7169203331-01"})
+            r = c.getresponse()
+            r.read()
+            assert r.status == 200
+        c.close()
+        time.sleep(0.3)
+        assert not [s for svc, s in traced.receiver.of_trace(bytes.fromhex(trace))
+                    if svc == "batch"]  # still queued
+        a.signal(signal.SIGTERM)
+        assert a.wait_exit(15) == 0
+    finally:
+        if a.proc is not None and a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
+    assert len([s for svc, s in traced.receiver.of_trace(bytes.fromhex(trace))
+                if svc == "batch"]) == 3
+
+
 def test_a_collector_down_drops_and_counts_but_slows_no_request(traced: Traced) -> None:
     ok, before = traced.send(200)
     assert ok == 200
@@ -151,3 +188,4 @@ def test_a_collector_down_drops_and_counts_but_slows_no_request(traced: Traced) 
     # took anything like the export timeout (2 s here).
     assert statistics.median(during) < 3 * statistics.median(before) + 0.005
     assert max(during) < 1.0
+
