@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ..simulations.cli import add_sim_parser
     add_sim_parser(sub)
+    from ..simulations.lab.cli import add_lab_parser
+    add_lab_parser(sub)
     from .policy_cmd import add_policy_parsers
     add_policy_parsers(sub, _api_arg)
     from .keyring_cmd import add_keyring_parser
@@ -410,6 +412,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sim":
         from ..simulations.cli import run_sim_command
         return run_sim_command(args)
+    if args.command == "lab":
+        from ..simulations.lab.cli import run_lab_command
+        return run_lab_command(args)
     from .client import ApiError, get_json, put_json
     if args.command in ("keygen", "policy"):
         from .policy_cmd import CommandError, run_keygen, run_policy

@@ -66,7 +66,8 @@ def summary(report: dict[str, Any]) -> str:
         return traffic_summary(report)
     res = report["result"]
     p = report["params"]
-    out = [f"rumor sim {report['scenario']}: {p['nodes']} nodes, seed {p['seed']}, "
+    where = "lab" if report.get("kind") == "lab" else "sim"
+    out = [f"rumor {where} {report['scenario']}: {p['nodes']} nodes, seed {p['seed']}, "
            f"profile {p['profile']}, lifeguard {'on' if report['config']['lifeguard'] else 'off'}"
            + (f", loss sweep {p['sweep']}" if report["scenario"] == "loss"
               else f", loss {p['loss']}")]
@@ -120,6 +121,12 @@ def summary(report: dict[str, Any]) -> str:
     an = report["analytic"]
     out.append("analytic: " + ", ".join(f"{k}={_fmt(v)}" for k, v in an.items()))
     w = report["wall"]
+    if where == "lab":
+        lab = report["lab"]
+        out.append(f"lab {lab['lab']}: {lab['hosts']} agents in namespaces (IPv"
+                   f"{lab['family']}), {lab['member_events']} member events in "
+                   f"{w['seconds']:.1f} wall s")
+        return "\n\n".join(out)
     out.append(f"simulator: {report['sim']['events']} events over "
                f"{report['sim']['virtual_s']:.1f} virtual s in {w['seconds']:.1f} wall s "
                f"({w['events_per_s']} events/s)")

@@ -1,0 +1,132 @@
+# layer: shell — runs ip, sysctl and nft, and enters network namespaces (os, subprocess)
+"""The lab's network, built for real: namespaces, bridge, veths, nftables.
+
+Each command of ``topology.build_steps`` runs here after the ledger has it; the
+switch's nftables table comes from ``conditions.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator, Sequence
+
+import trio
+
+from .conditions import TABLE, Conditions, Counts, faults_script, parse_counters, table_script
+from .ledger import Ledger
+from .topology import Step, Topology
+
+CLONE_NEWNET = 0x40000000
+TOOLS = ("ip", "nft", "sysctl")
+
+
+class LabError(Exception):
+    """The lab cannot run here, or a command of it failed (the message says which)."""
+
+
+def why_not_here() -> str | None:
+    """None when this machine can run a lab; otherwise the reason, to print."""
+    if os.geteuid() != 0:
+        return ("rumor lab needs root: it creates network namespaces, veth links, a "
+                "bridge and nftables rules (run it with sudo)")
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        return (f"rumor lab needs {', '.join(missing)} (Debian: apt-get install iproute2 "
+                "nftables procps)")
+    probe = f"rlprobe{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"cannot create a network namespace: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def run(step: Step | Sequence[str], stdin: str | None = None) -> str:
+    argv = list(step.argv if isinstance(step, Step) else step)
+    r = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+    if r.returncode != 0:
+        what = step.what if isinstance(step, Step) else " ".join(argv)
+        raise LabError(f"{what}: {' '.join(argv)} failed: {r.stderr.strip()}")
+    return r.stdout
+
+
+class Network:
+    """A built lab network: its topology, its switch's rules, its counters."""
+
+    def __init__(self, topology: Topology, ledger: Ledger) -> None:
+        self.topology = topology
+        self.ledger = ledger
+        self.ports = [h.port for h in topology.hosts]
+        self.conditions = Conditions()
+
+    def build(self) -> None:
+        from .topology import host_steps, switch_steps
+        t = self.topology
+        self._netns(t.switch)
+        for s in switch_steps(t):
+            run(s)
+        for h in t.hosts:
+            self._netns(h.netns)
+            for s in host_steps(t, h):
+                run(s)
+        run(["ip", "netns", "exec", t.switch, "nft", "-f", "-"],
+            stdin=table_script(self.ports))
+
+    def _netns(self, name: str) -> None:
+        self.ledger.netns(name)
+        run(Step(f"namespace {name}", ("ip", "netns", "add", name)))
+
+    def _nft_argv(self) -> list[str]:
+        return ["ip", "netns", "exec", self.topology.switch, "nft", "-f", "-"]
+
+    async def apply(self, c: Conditions) -> None:
+        """Replace the conditions in one nftables transaction."""
+        script = faults_script(c, self.ports)
+        r = await trio.run_process(self._nft_argv(), stdin=script.encode(),
+                                   capture_stdout=True, capture_stderr=True, check=False)
+        if r.returncode != 0:
+            raise LabError(f"nft: {r.stderr.decode().strip()}\n{script}")
+        self.conditions = c
+
+    async def counters(self) -> dict[str, Counts]:
+        r = await trio.run_process(["ip", "netns", "exec", self.topology.switch, "nft",
+                                    "-j", "list", "chain", "bridge", TABLE, "count"],
+                                   capture_stdout=True, capture_stderr=True, check=False)
+        if r.returncode != 0:
+            raise LabError(f"nft counters: {r.stderr.decode().strip()}")
+        return parse_counters(r.stdout.decode())
+
+
+_libc: ctypes.CDLL | None = None
+
+
+@contextlib.contextmanager
+def entered(netns: str) -> Iterator[None]:
+    """Run the block with this thread in ``netns`` (sockets made inside stay there)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise LabError(f"setns {netns}: {os.strerror(err)}")
+        try:
+            yield
+        finally:
+            if _libc.setns(home, CLONE_NEWNET) != 0:  # pragma: no cover
+                raise LabError("cannot return to the lab's own namespace")
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+def socket_in(netns: str, family: int, kind: int) -> socket.socket:
+    with entered(netns):
+        return socket.socket(family, kind)
