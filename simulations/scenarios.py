@@ -413,7 +413,9 @@ def slow(p: Params, progress: Progress | None = None) -> dict[str, Any]:
     def faults(sim: Simulator, rec: Recorder) -> list[Fault]:
         rng = random.Random(f"slow:{p.seed}")
         chosen = sorted(rng.sample(range(p.nodes), k))
-        return [Slow(i, sim.now, sim.now + duration, p.mean_pause, p.mean_run)
+        # ``sigstop`` (the lab's stop, a whole process frozen) or a stalled receive path.
+        stall = not p.extra.get("sigstop", False)
+        return [Slow(i, sim.now, sim.now + duration, p.mean_pause, p.mean_run, stall)
                 for i in chosen]
 
     out: dict[str, Any] = {"slow_nodes": k}
