@@ -97,6 +97,10 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
                    default="require", help="signed membership, as the agent's option: "
                    "every node signs its word with a key derived from the seed "
                    "(default require; off: version 1's unsigned gossip)")
+    s.add_argument("--reliable-streams", action="store_true",
+                   help="stream exchanges (push-pull, TCP pings, large messages) ignore "
+                   "loss, as before the TCP model; by default, under loss, they lose "
+                   "SYNs and segments and wait for TCP's retransmission timeouts")
     s.add_argument("--tune", action="append", default=[], metavar="NAME=VALUE",
                    help="override one gossip setting of the profile (repeatable)")
     s.add_argument("--trials", type=_positive_int, default=None,
@@ -186,7 +190,8 @@ def params_from_args(args: argparse.Namespace) -> Params:
                mean_pause=args.mean_pause, mean_run=args.mean_run,
                split_fraction=args.split_fraction, asymmetric=args.asymmetric,
                extra={"trials": trials, "flips": args.flips or trials},
-               tune=tuple(args.tune), node_identity=args.node_identity)
+               tune=tuple(args.tune), node_identity=args.node_identity,
+               reliable_streams=args.reliable_streams)
     if args.sweep is not None:
         p.sweep = args.sweep
     elif args.loss is not None:

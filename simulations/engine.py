@@ -13,10 +13,29 @@ pushed; entries that no longer match the node's current deadline are skipped whe
 popped. Nothing is ever O(n) per event, which is what makes 10,000 nodes possible.
 
 The engine carries out the cores' effects as the trio runtime does: datagrams
-through the network model, stream exchanges as reliable request/reply with latency
-(or a timeout when partitioned, a refusal when the peer is down), member events to
-the metrics listener. Randomness: one ``random.Random`` for the network and one per
+through the network model, stream exchanges as request/reply with latency (or a
+timeout when partitioned, a refusal when the peer is down), member events to the
+metrics listener. Randomness: one ``random.Random`` for the network and one per
 node life (plus one for its command ids), all derived from the seed.
+
+Streams under loss. While the network loses anything (and ``reliable_streams`` is
+off) every exchange goes through the TCP model of ``network.py``: handshake with SYN
+and SYN-ACK retransmissions, request and reply segments with RTO retransmissions.
+No segment is an event: the request's arrival is computed when the exchange opens
+(handshake plus the request's worst segment repair) and the reply's when the server
+answers (its size is known only then), so an exchange costs the same two heap
+entries as a reliable one, plus its timeout. The core's stream timeout is the
+exchange's deadline as before: an exchange that loss delays past it times out, as
+``trio.fail_after`` ends it in the agent. Partitions: an exchange opened across one
+is black-holed (both modes); under the TCP model a partition that began meanwhile is
+checked again where the model has events, when the request arrives and when the reply
+arrives (a partition that starts and heals between the two is not seen, and one that
+heals mid-exchange does not un-blackhole it, as TCP's retransmissions would). The
+server gives up reading a request that takes longer than its ``stream_timeout`` after
+the handshake (the shell's ``move_on_after``). Counters: ``stream_syn_retransmits``
+(SYN, SYN-ACK and refused-SYN copies), ``stream_retransmits`` (data segments),
+``streams_failed_loss`` (exchanges that failed while the model had pushed them past
+their deadline or the connection never came up); ``stream_bytes_out`` stays payload.
 """
 
 from __future__ import annotations
@@ -48,7 +67,7 @@ from ..gossip.identity import Identity
 from ..gossip.membership import Membership
 from ..gossip.node_key import Ed25519Authority, NodeKey, sign_ed25519_credential
 from ..gossip.wire import Address, Meta
-from .network import Network
+from .network import CONNECT_GIVES_UP, Network, tcp_handshake, tcp_refusal, tcp_transfer
 
 INF = math.inf
 #: The calendar time the virtual clock's 0 stands for (catalog epochs, policy expiry).
@@ -124,11 +143,17 @@ class SimNode:
 
 
 class _Call:
-    """A stream exchange in flight; ``done`` once the reply or the timeout won."""
+    """A stream exchange in flight; ``done`` once the reply or the timeout won.
 
-    __slots__ = ("data", "done", "dst", "exchange", "expect_reply", "life", "src")
+    Under the TCP model (``tcp``) it also carries its deadline, the RTT its RTOs
+    derive from, and ``late``: loss pushed it past the deadline (or its connection
+    never came up), so a failure is the loss's."""
 
-    def __init__(self, src: int, life: int, dst: int, e: StreamRequest) -> None:
+    __slots__ = ("data", "deadline", "done", "dst", "exchange", "expect_reply", "landed",
+                 "late", "life", "rtt", "src", "tcp")
+
+    def __init__(self, src: int, life: int, dst: int, e: StreamRequest,
+                 deadline: float) -> None:
         self.src = src
         self.life = life
         self.dst = dst
@@ -136,6 +161,19 @@ class _Call:
         self.data = e.data
         self.expect_reply = e.expect_reply
         self.done = False
+        self.deadline = deadline
+        self.tcp = False
+        self.late = False
+        self.rtt = 0.0
+        #: 1 once the request, 2 once the reply got past the partition check at its
+        #: arrival (a held event replayed on resume was already in the kernel).
+        self.landed = 0
+
+    def arrives(self, at: float, extra: float) -> float:
+        """Note whether loss (``extra`` of the time ``at``) made it miss its deadline."""
+        if at > self.deadline >= at - extra:
+            self.late = True
+        return at
 
 
 @contextlib.contextmanager
@@ -297,7 +335,8 @@ class Simulator:
         node.streams_out += 1
         node.stream_bytes_out += len(e.data)
         dst = self.by_addr.get(e.addr)
-        call = _Call(node.idx, node.life, -1 if dst is None else dst, e)
+        call = _Call(node.idx, node.life, -1 if dst is None else dst, e,
+                     self.now + e.timeout)
         self._push(self.now + e.timeout, _TIMEOUT, call)
         if dst is None:
             return  # nobody at that address: the SYN goes unanswered
@@ -308,10 +347,55 @@ class Simulator:
         # Handshake plus the frame: three one-way trips before the peer reads it.
         there = net.delay(rng, node.idx, dst)
         back = net.delay(rng, dst, node.idx)
+        if net.tcp_streams():
+            self._stream_tcp(call, e, there, back)
+            return
         if not self.nodes[dst].up:
             self._push(self.now + there + back, _REPLY, call, None)  # refused (RST)
             return
         self._push(self.now + 2 * there + back, _SERVE, call)
+
+    def _stream_tcp(self, call: _Call, e: StreamRequest, there: float,
+                    back: float) -> None:
+        """Open ``call`` under the TCP model (``network.py``): when, if ever, the
+        request reaches the server, or the refusal the client."""
+        net, rng = self.network, self.rng
+        src, dst = call.src, call.dst
+        p_fwd, p_back = net.loss_rate(src, dst), net.loss_rate(dst, src)
+        call.tcp = True
+        call.rtt = there + back
+        if not self.nodes[dst].up:
+            ref = tcp_refusal(rng, p_fwd, p_back)
+            self._count("stream_syn_retransmits", ref.retransmits)
+            if ref.extra is None:
+                self._connect_failed(call)
+            else:
+                self._push(call.arrives(self.now + ref.extra + there + back, ref.extra),
+                           _REPLY, call, None)
+            return
+        hs = tcp_handshake(rng, p_fwd, p_back, budget=e.timeout)
+        self._count("stream_syn_retransmits", hs.retransmits)
+        if hs.extra is None:
+            self._connect_failed(call)
+            return
+        req = tcp_transfer(rng, len(e.header) + len(e.data), p_fwd, call.rtt)
+        self._count("stream_retransmits", req.retransmits)
+        if req.extra is None or req.extra > self.config.stream_timeout:
+            # Aborted, or the server's read gave up first: the request is never served.
+            call.late = True
+            return
+        extra = hs.extra + req.extra
+        self._push(call.arrives(self.now + 2 * there + back + extra, extra), _SERVE, call)
+
+    def _count(self, name: str, k: int) -> None:
+        if k:  # no key for nothing: a loss-free run's counters stay as they were
+            self.counters[name] += k
+
+    def _connect_failed(self, call: _Call) -> None:
+        """Every SYN (or SYN-ACK) copy lost: ``connect`` reports ETIMEDOUT at 127 s,
+        unless the core's deadline came first (it always does in the profiles)."""
+        call.late = True
+        self._push(self.now + CONNECT_GIVES_UP, _REPLY, call, None)
 
     # ---- event handlers ---------------------------------------------------------------------
 
@@ -345,6 +429,10 @@ class Simulator:
         call: _Call = ev[3]
         node = self.nodes[call.dst]
         net = self.network
+        if call.tcp and call.landed < 1:
+            if net.partitions and net.blocked(call.src, call.dst):
+                return  # a partition began while the request was on its way
+            call.landed = 1
         if not node.up:
             self._push(self.now + net.delay(self.rng, call.dst, call.src), _REPLY, call, None)
             return
@@ -361,10 +449,27 @@ class Simulator:
         elif reply is not None:
             node.stream_bytes_out += len(reply)
         # A server with nothing to say closes the stream: the requester reads EOF (None).
-        self._push(self.now + net.delay(self.rng, call.dst, call.src), _REPLY, call, reply)
+        at = self.now + net.delay(self.rng, call.dst, call.src)
+        if call.tcp and call.expect_reply:
+            # The reply frame (or the FIN of a server with nothing to say) under loss;
+            # a one-way request's "reply" is the ACK, never lost in the model.
+            size = 0 if served is None else len(served.header) + len(served.body)
+            rep = tcp_transfer(self.rng, size, net.loss_rate(call.dst, call.src), call.rtt)
+            self._count("stream_retransmits", rep.retransmits)
+            if rep.extra is None:
+                call.late = True
+                return
+            at = call.arrives(at + rep.extra, rep.extra)
+        self._push(at, _REPLY, call, reply)
 
     def _on_reply(self, ev: tuple[Any, ...]) -> None:
-        self._finish_call(ev, ev[3], ev[4])
+        call: _Call = ev[3]
+        net = self.network
+        if call.tcp and call.landed < 2 and not call.done:
+            if net.partitions and net.blocked(call.dst, call.src):
+                return  # a partition began while the reply was on its way
+            call.landed = 2
+        self._finish_call(ev, call, ev[4])
 
     def _on_timeout(self, ev: tuple[Any, ...]) -> None:
         self._finish_call(ev, ev[3], None)
@@ -380,6 +485,8 @@ class Simulator:
             node.held.append(ev)
             return
         call.done = True
+        if reply is None and call.late:
+            self.counters["streams_failed_loss"] += 1
         node.core.stream_reply(self.now, call.exchange, reply)
         self._after(node)
 

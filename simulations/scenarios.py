@@ -65,6 +65,9 @@ class Params:
     #: Signed membership: every node signs its word with a key derived from the seed
     #: (``off``, ``prefer`` or ``require``, as the agent's ``--node-identity``).
     node_identity: str = "require"
+    #: Stream exchanges ignore loss (the simulator's model before TCP under loss,
+    #: ``--reliable-streams``); by default they go through the TCP model.
+    reliable_streams: bool = False
 
 
 # ---- building a cluster ---------------------------------------------------------------------
@@ -77,7 +80,8 @@ def gossip_config(p: Params) -> GossipConfig:
 def make_sim(p: Params, loss: float | None = None,
              extras: Sequence[DelegateFactory] = ()) -> tuple[Simulator, Recorder]:
     lat = parse_latency(p.latency) if p.latency else PROFILE_LATENCY[p.profile]
-    net = Network(lat, p.loss if loss is None else loss)
+    net = Network(lat, p.loss if loss is None else loss,
+                  reliable_streams=p.reliable_streams)
     sim = Simulator(gossip_config(p), net, p.seed, extras=extras,
                     node_identity=p.node_identity)
     if _captured is not None:

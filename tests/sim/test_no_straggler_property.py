@@ -4,7 +4,8 @@ every record within the bound.
 The simulator drops datagrams (the epidemic copies, probes, acks and digests) at the
 drawn rate and draws each datagram's delay from a uniform range wider than the gap
 between packets, so they arrive out of order. Streams (push-pull and the digest
-repair's pull) are reliable, as TCP is. Registrations land on random live nodes at
+repair's pull) go through the simulator's TCP model: lost SYNs and segments cost
+retransmission timeouts. Registrations land on random live nodes at
 random moments, some while earlier ones are still spreading, after up to two nodes
 crashed: every live node must hold every record within ``BOUND_S``.
 """
@@ -84,6 +85,7 @@ def test_every_live_node_holds_every_record_within_the_bound(
 def test_the_property_fails_without_the_repair() -> None:
     """The property has teeth: with the old settings a registration at 19% loss on
     4 nodes, one of them down, misses a node for longer than the bound (the next
-    push-pull repairs it)."""
-    assert slowest_record_s(4, 0.191, 20, 1, 1, 178, tune=OLD) > BOUND_S
-    assert slowest_record_s(4, 0.191, 20, 1, 1, 178) <= BOUND_S
+    push-pull repairs it). Seed 66 under the TCP model of streams (178 when streams
+    ignored loss: the model draws from the same random stream)."""
+    assert slowest_record_s(4, 0.191, 20, 1, 1, 66, tune=OLD) > BOUND_S
+    assert slowest_record_s(4, 0.191, 20, 1, 1, 66) <= BOUND_S
