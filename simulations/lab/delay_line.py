@@ -230,7 +230,7 @@ class DelayLine:
     """The process's state: the queues, one heap of pending releases, the stats."""
 
     def __init__(self, specs: Sequence[QueueSpec], seed: int, *, copy_range: int = 40,
-                 maxlen: int = 10_000, fail_open: bool = True,
+                 maxlen: int = 10_000, fail_open: bool = True, rcvbuf: int = 8 << 20,
                  stats_file: Path | None = None) -> None:
         labels = [s.label for s in specs]
         if len(set(labels)) != len(labels):
@@ -240,6 +240,7 @@ class DelayLine:
         self.copy_range = copy_range
         self.maxlen = maxlen
         self.fail_open = fail_open
+        self.rcvbuf = rcvbuf
         self.stats_file = stats_file
         self.lines: list[_Line] = []
         self.heap: list[tuple[float, int, int, int]] = []  # (release, seq, line, id)
@@ -255,7 +256,8 @@ class DelayLine:
         try:
             for spec in self.specs:
                 nfq = NfQueue(spec.queue_num, netns=spec.netns, copy_range=self.copy_range,
-                              maxlen=self.maxlen, fail_open=self.fail_open)
+                              maxlen=self.maxlen, fail_open=self.fail_open,
+                              rcvbuf=self.rcvbuf)
                 rng = random.Random(f"{self.seed}/{spec.label}")
                 self.lines.append(_Line(spec, nfq, DelaySchedule(spec.latency, rng)))
             self._timer = DeadlineTimer()
@@ -351,6 +353,11 @@ class DelayLine:
             line.held_at_stop = line.holding
             self.released_at_stop += line.holding
             line.kernel = kernel_queue_stats(line.spec.netns, line.spec.queue_num)
+            if line.kernel is not None:
+                # Ids the kernel handed out after the last one we saw: packets that
+                # overflowed the socket at the end, with no later packet to show the gap.
+                line.nfq.counters.missed += ((line.kernel["id_sequence"] - line.nfq.last_id)
+                                             & 0xFFFFFFFF)
             if line.held:
                 # Everything we hold has an id <= the last one seen.
                 line.nfq.accept_up_to(max(line.held))
@@ -433,6 +440,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="bytes of each packet copied to us (headers only; default 40)")
     p.add_argument("--maxlen", type=int, default=10_000,
                    help="packets the kernel may hold per queue (default 10000)")
+    p.add_argument("--rcvbuf", type=int, default=8 << 20,
+                   help="socket receive buffer per queue, bytes (default 8 MiB)")
     p.add_argument("--fail-closed", action="store_true",
                    help="drop packets when the queue is full, instead of passing them")
     return p
@@ -443,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         specs = [parse_queue_arg(q) for q in args.queue]
         line = DelayLine(specs, args.seed, copy_range=args.copy_range, maxlen=args.maxlen,
-                         fail_open=not args.fail_closed, stats_file=args.stats_file)
+                         fail_open=not args.fail_closed, rcvbuf=args.rcvbuf,
+                         stats_file=args.stats_file)
         line.open()
     except (ValueError, NfQueueError) as e:
         print(f"delay_line: {e}", file=sys.stderr)

@@ -328,6 +328,11 @@ class NfQueue:
 
     # -- packets ---------------------------------------------------------------------
 
+    @property
+    def last_id(self) -> int:
+        """The newest packet id seen (unwrapped), 0 before the first."""
+        return self._last_id
+
     def fileno(self) -> int:
         return self.sock.fileno()
 

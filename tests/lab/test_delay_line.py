@@ -116,15 +116,15 @@ def skip_reason() -> str | None:
 
 
 @contextlib.contextmanager
-def delay_line(pair: NetnsPair, spec: str, stats: Path, queue: int = 5
-               ) -> Iterator[subprocess.Popen[bytes]]:
+def delay_line(pair: NetnsPair, spec: str, stats: Path, queue: int = 5,
+               extra: tuple[str, ...] = ()) -> Iterator[subprocess.Popen[bytes]]:
     """The delay line on ``pair.a``'s egress until the body ends (SIGTERM, rules undone)."""
     rules = delay_rules(pair.ifa, queue)
     for do, _undo in rules:
         _run(*pair.exec_argv(pair.a, *do))
     p = subprocess.Popen([sys.executable, "-m", "rumor.simulations.lab.delay_line",
                           "--queue", f"{pair.a}:{queue}:{spec}", "--seed", "1",
-                          "--stats-file", str(stats)],
+                          "--stats-file", str(stats), *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert p.stdout is not None
@@ -170,14 +170,17 @@ def ping(s: socket.socket, dest: str, count: int, timeout: float = 1.0) -> list[
     return rtts
 
 
-_REASON = skip_reason()
+_cached_reason: list[str | None] = []
 
 
 @pytest.fixture
 def pair() -> Iterator[NetnsPair]:
-    if _REASON is not None:
-        print(f"skipping the delay-line test: {_REASON}")
-        pytest.skip(_REASON)
+    if not _cached_reason:
+        _cached_reason.append(skip_reason())
+    reason = _cached_reason[0]
+    if reason is not None:
+        print(f"skipping the delay-line test: {reason}")
+        pytest.skip(reason)
     p = NetnsPair(str(os.getpid() % 100000))
     echo = None
     try:
@@ -241,4 +244,31 @@ def test_stopping_releases_what_it_holds(pair: NetnsPair, tmp_path: Path) -> Non
     assert time.perf_counter() - t0 < 2.0
     stats = json.loads(stats_file.read_text())
     assert stats["released_at_stop"] == 5 and stats["queues"][0]["held_at_stop"] == 5
+    s.close()
+
+
+def test_a_stalled_delay_line_fails_open_and_counts_the_overflow(pair: NetnsPair,
+                                                                 tmp_path: Path) -> None:
+    """Frozen (SIGSTOP) with a tiny socket buffer: the kernel cannot hand the packets
+    over, passes them undelayed (fail-open) and the line counts what it missed; after
+    SIGCONT it carries on, and every datagram got through."""
+    s = client(pair, socket.AF_INET)
+    assert len(ping(s, V4[1], 2)) == 2
+    stats_file = tmp_path / "stats.json"
+    count = 60
+    with delay_line(pair, "fixed:0", stats_file, extra=("--rcvbuf", "4096")) as p:
+        p.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(count):
+                s.sendto(b"burst%d" % i, (V4[1], ECHO_PORT))
+        finally:
+            p.send_signal(signal.SIGCONT)
+        s.settimeout(2.0)
+        got = {s.recv(100) for _ in range(count)}
+        assert got == {b"burst%d" % i for i in range(count)}
+        assert len(ping(s, V4[1], 3)) == 3  # still delaying (and releasing) after it
+    stats = json.loads(stats_file.read_text())
+    (q,) = stats["queues"]
+    assert q["overflows"] >= 1
+    assert q["missed"] + q["packets"] >= count + 3 and q["missed"] >= count // 2
     s.close()
