@@ -32,7 +32,7 @@ ACTIONS = (*LAB_SCENARIO_NAMES, "compare", "clean", "list")
 def _host_delay(text: str) -> tuple[str, str]:
     name, sep, spec = text.partition("=")
     if not sep or not name or not spec:
-        raise argparse.ArgumentTypeError(f"expected HOST=SPEC (e.g. h03=fixed:0.02), got "
+        raise argparse.ArgumentTypeError(f"expected HOST=SPEC (e.g. n3=fixed:0.02), got "
                                          f"{text!r}")
     return name, spec
 
@@ -84,7 +84,7 @@ def add_lab_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
                    help="one-way delay on every host's egress through the delay line "
                    "(fixed:D, uniform:LO:HI, lognormal:MEDIAN:SIGMA, seconds)")
     s.add_argument("--host-delay", type=_host_delay, action="append", default=[],
-                   metavar="HOST=SPEC", help="extra egress delay of one host (h03=...)")
+                   metavar="HOST=SPEC", help="extra egress delay of one host (n3=...)")
     s.add_argument("--no-sidecar", action="store_true",
                    help="agents without their inbound/outbound listeners")
     s.add_argument("--sim-seeds", type=_positive_int, default=None,

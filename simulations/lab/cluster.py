@@ -11,9 +11,11 @@ relative to the lab's start.
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import signal
+import socket as pysocket
 import subprocess
 import sys
 import time
@@ -29,7 +31,7 @@ from ...gossip.effects import MemberEvent
 from ...gossip.wire import Status
 from ..metrics import Recorder
 from .conditions import Counts
-from .kernel import LabError, Network
+from .kernel import LabError, Network, socket_in
 from .ledger import Ledger
 from .topology import Host
 
@@ -39,6 +41,10 @@ INBOUND_PORT = 15002
 OUTBOUND_PORT = 15001
 DNS_PORT = 8600
 STATUS = {name: code for code, name in Status.NAMES.items()}
+#: The cluster name in node credentials (the simulator's ``SimIdentities.CLUSTER``).
+CLUSTER = "sim"
+#: How long a log record may wait for older ones still in another agent's pipe.
+REORDER = 0.3
 
 
 def rumor_command() -> list[str]:
@@ -94,6 +100,13 @@ class LabCluster:
         #: Refutations the agents logged (their own, as the simulator's counter).
         self.refutations = 0
         self.delay: dict[str, str] = {}
+        #: Log records wait here up to ``REORDER`` seconds and reach the recorder in
+        #: timestamp order: pipes are read in whatever order the scheduler picks, but a
+        #: join must be tracked before anyone's word of it is counted.
+        #: The kernel's counters when the joins began (converge's traffic window).
+        self.join_snapshot: tuple[float, dict[str, Counts]] | None = None
+        self._pending: list[tuple[float, int, LabNode, dict[str, Any]]] = []
+        self._seq = 0
 
     def on_member(self, now: float, observer: int, ev: MemberEvent) -> None:
         """Replaced by the Recorder's listener."""
@@ -114,7 +127,8 @@ class LabCluster:
                 "--advertise", f"{self.addr(node)}:{GOSSIP_PORT}",
                 "--api", f"127.0.0.1:{API_PORT}", "--profile", self.profile,
                 "--log-format", "json", "--data-dir", str(data),
-                "--node-identity", "require", "--node-tofu"]
+                "--node-identity", "require", "--node-cluster", CLUSTER,
+                "--trust-key", str(self.workdir / "authority.pub")]
         for t in self.tune:
             argv += ["--tune", t]
         if self.sidecar:
@@ -126,6 +140,28 @@ class LabCluster:
             argv += ["--join", f"{self.addr(s)}:{GOSSIP_PORT}"]
         return argv + self.extra_args
 
+    def issue_credentials(self) -> None:
+        """Node keys and credentials signed by one authority key of the lab's, as the
+        simulator's ``SimIdentities`` (``rumor keygen`` + ``rumor policy credential``
+        by hand): both sides then send the same signed messages."""
+        from ...gossip.node_key import (
+            CREDENTIAL_CONTEXT,
+            credential_payload,
+            encode_credential,
+            load_or_create_key,
+            save_credential,
+        )
+        from ...policy.keys import load_secret_key, write_keypair
+        secret_path, _, _ = write_keypair(self.workdir / "authority")
+        signer = load_secret_key(secret_path)
+        for n in self.nodes:
+            data = self.workdir / n.name
+            data.mkdir(exist_ok=True)
+            key, _ = load_or_create_key(data)
+            payload = credential_payload(CLUSTER, n.name, key.public, int(time.time()))
+            sig = (signer.public.id, signer.sign(CREDENTIAL_CONTEXT + payload))
+            save_credential(data, encode_credential("ed25519", payload, [sig]))
+
     # ---- lifecycle ------------------------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) \
@@ -133,6 +169,7 @@ class LabCluster:
         """Own the agents' log readers; cancelled at the end of the lab."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._flusher)
             task_status.started()
             await trio.sleep_forever()
 
@@ -180,21 +217,41 @@ class LabCluster:
     def _line(self, node: LabNode, life: int, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace")
         node.log.append(text)
-        if len(node.log) > 200:
-            del node.log[:100]
+        if len(node.log) > 400:
+            del node.log[:200]
         if not text.startswith("{"):
             return
         try:
             ev: dict[str, Any] = json.loads(text)
         except ValueError:
             return
+        if not isinstance(ev, dict) or life != node.lives:
+            return
+        if ev.get("event") == "start":
+            node.started.set()
+        if ev.get("event") in ("start", "member") or ev.get("kind") == "refuted":
+            self._seq += 1
+            heapq.heappush(self._pending, (_timestamp(ev.get("ts")) - self.t0, self._seq,
+                                           node, ev))
+
+    def flush(self, upto: float) -> None:
+        """Deliver the records stamped before ``upto`` (lab time), oldest first."""
+        while self._pending and self._pending[0][0] <= upto:
+            t, _, node, ev = heapq.heappop(self._pending)
+            self._deliver(t, node, ev)
+
+    async def _flusher(self) -> None:
+        while True:
+            self.flush(self.now - REORDER)
+            await trio.sleep(0.01)
+
+    def _deliver(self, t: float, node: LabNode, ev: dict[str, Any]) -> None:
         kind = ev.get("event")
         if kind == "start":
-            node.started.set()
             if self.on_started is not None:
                 self.on_started(node)
             return
-        if life != node.lives or not node.up:
+        if not node.up:
             return
         if ev.get("kind") == "refuted":
             self.refutations += 1
@@ -204,13 +261,16 @@ class LabCluster:
         member = ev.get("member")
         if status is None or not isinstance(member, str):
             return
-        t = _timestamp(ev.get("ts")) - self.t0
         host, _, port = str(ev.get("addr", "")).rpartition(":")
         self.events += 1
         self.view[node.idx][member] = status
+        try:
+            addr = (host.strip("[]"), int(port or 0))
+            incarnation = int(ev.get("incarnation", 0))
+        except ValueError:
+            return
         self.on_member(t, node.idx, MemberEvent(str(ev.get("kind", "")), member, status,
-                                                int(ev.get("incarnation", 0)),
-                                                (host.strip("[]"), int(port or 0))))
+                                                incarnation, addr))
 
     async def kill(self, node: LabNode, sig: int = signal.SIGKILL) -> None:
         """``kill -9``: the agent dies without a word; its namespace stays up."""
@@ -242,6 +302,45 @@ class LabCluster:
         for n in self.nodes:
             if n.proc is not None:
                 await n.proc.wait()
+
+    async def api(self, node: LabNode, method: str, path: str,
+                  body: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
+        """One request to the agent's API, from inside its namespace (its API is on the
+        namespace's own loopback, which nothing outside can reach)."""
+        import h11
+        data = b"" if body is None else json.dumps(body).encode()
+        sock = trio.socket.from_stdlib_socket(
+            socket_in(node.host.netns, pysocket.AF_INET, pysocket.SOCK_STREAM))
+        conn = h11.Connection(h11.CLIENT)
+        headers = [("Host", f"127.0.0.1:{API_PORT}"), ("Content-Length", str(len(data))),
+                   ("Content-Type", "application/json"), ("Connection", "close")]
+        with trio.fail_after(timeout):
+            await sock.connect(("127.0.0.1", API_PORT))
+            async with trio.SocketStream(sock) as stream:
+                out = conn.send(h11.Request(method=method, target=path, headers=headers))
+                if data:
+                    out = (out or b"") + (conn.send(h11.Data(data=data)) or b"")
+                await stream.send_all((out or b"") + (conn.send(h11.EndOfMessage()) or b""))
+                status, chunks = 0, []
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await stream.receive_some(65536))
+                    elif isinstance(event, h11.Response):
+                        status = event.status_code
+                    elif isinstance(event, h11.Data):
+                        chunks.append(bytes(event.data))
+                    elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                        break
+        text = b"".join(chunks)
+        if status >= 300:
+            raise LabError(f"{node.name}: {method} {path} answered {status}: "
+                           f"{text[:300]!r}")
+        return json.loads(text) if text else None
+
+    async def join(self, node: LabNode, seeds: Sequence[LabNode]) -> None:
+        await self.api(node, "PUT", "/v1/join",
+                       {"addrs": [f"{self.addr(s)}:{GOSSIP_PORT}" for s in seeds]})
 
     # ---- what the agents believe ----------------------------------------------------------
 

@@ -4,8 +4,8 @@ Nothing here runs a command. ``Topology`` names every namespace and link of one 
 and ``build_steps`` lists the ``ip``/``sysctl`` commands that make them, in order, so
 the shell (``kernel.py``) can write each down in the ledger before running it.
 
-Shape: one namespace per host (``<lab>-h00`` ...), each with a veth ``eth0`` whose
-peer (``h00`` ...) sits in a switch namespace (``<lab>-sw``) on the bridge ``br0``.
+Shape: one namespace per host (``<lab>-n0`` ...), each with a veth ``eth0`` whose
+peer (``n0`` ...) sits in a switch namespace (``<lab>-sw``) on the bridge ``br0``.
 Nothing is created in the namespace the lab runs from: no address of the lab exists
 outside its own namespaces, and deleting the namespaces removes every link, address,
 nftables table and iptables rule the lab made. IPv6 duplicate-address detection is
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 #: IPv4 and IPv6 (a unique-local prefix) of the lab's hosts; host i gets .i+1 / ::i+1.
 IPV4_PREFIX = "10.211"
 IPV6_PREFIX = "fd00:211::"
-#: Lab ids: short, so that ``<id>-h00`` stays well inside the 15 bytes of an
+#: Lab ids: short, so that ``<id>-n199`` stays well inside the 15 bytes of an
 #: interface name and every namespace of one lab shares a prefix no one else uses.
 LAB_ID = re.compile(r"^rl[0-9a-f]{4}$")
 MAX_HOSTS = 250
@@ -34,8 +34,9 @@ class Host:
 
     @property
     def name(self) -> str:
-        """The agent's node name and the suffix of its namespace."""
-        return f"h{self.index:02d}"
+        """The agent's node name and the suffix of its namespace: the simulator's
+        names (``n0``, ``n1``, ...), so that messages carry the same bytes on both."""
+        return f"n{self.index}"
 
     @property
     def netns(self) -> str:
