@@ -361,55 +361,57 @@ class NfQueue:
 
     def _parse(self, data: memoryview, out: list[Packet], ack_seq: int | None) -> int | None:
         """Append the packet messages in ``data`` to ``out``; return the error code of the
-        ack for ``ack_seq`` if it is there (0: success)."""
+        ack for ``ack_seq`` if it is there (0: success). Runs once per packet: the
+        attribute walk is inlined."""
         result: int | None = None
         off = 0
         end = len(data)
         counters = self.counters
-        while off + _NLMSGHDR.size <= end:
-            length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, off)
-            if length < _NLMSGHDR.size or off + length > end:
+        hdr_unpack = _NLMSGHDR.unpack_from
+        attr_unpack = _NLATTR.unpack_from
+        be32_unpack = _BE32.unpack_from
+        while off + 16 <= end:
+            length, kind, _flags, seq, _pid = hdr_unpack(data, off)
+            if length < 16 or off + length > end:
                 break
             if kind == _PACKET_TYPE:
-                packet = self._packet(data, off + _NLMSGHDR.size + 4, off + length)
-                if packet is not None:
-                    out.append(packet)
+                a = off + 20  # past nlmsghdr and nfgenmsg
+                mend = off + length
+                packet_id = -1
+                payload = b""
+                while a + 4 <= mend:
+                    alen, atype = attr_unpack(data, a)
+                    if alen < 4:
+                        break
+                    atype &= NLA_TYPE_MASK
+                    if atype == NFQA_PACKET_HDR:
+                        packet_id = be32_unpack(data, a + 4)[0]
+                    elif atype == NFQA_PAYLOAD:
+                        payload = bytes(data[a + 4:a + alen])
+                    a += (alen + 3) & ~3
+                if packet_id >= 0:
+                    counters.packets += 1
+                    out.append((self._unwrap(packet_id), payload))
             elif kind == NLMSG_ERROR:
-                (code,) = struct.unpack_from("=i", data, off + _NLMSGHDR.size)
+                (code,) = struct.unpack_from("=i", data, off + 16)
                 if ack_seq is not None and seq == ack_seq:
                     result = -code
                 elif code:
                     counters.verdict_errors += 1
-            off += _align4(length)
+            off += (length + 3) & ~3
         return result
 
-    def _packet(self, data: memoryview, off: int, end: int) -> Packet | None:
-        packet_id = -1
-        payload = b""
-        while off + 4 <= end:
-            alen, atype = _NLATTR.unpack_from(data, off)
-            if alen < 4:
-                break
-            atype &= NLA_TYPE_MASK
-            if atype == NFQA_PACKET_HDR:
-                (packet_id,) = _BE32.unpack_from(data, off + 4)
-            elif atype == NFQA_PAYLOAD:
-                payload = bytes(data[off + 4:off + alen])
-            off += _align4(alen)
-        if packet_id < 0:
-            return None
-        c = self.counters
-        c.packets += 1
+    def _unwrap(self, packet_id: int) -> int:
         last = self._last_id
         # Ids are 32-bit and wrap; hand out a growing id so that "every id below this
         # one" keeps its meaning (verdicts send the low 32 bits).
         step = (packet_id - last) & 0xFFFFFFFF
         if 0 < step < 0x80000000:
-            c.missed += step - 1
-            self._last_id = full = last + step
-        else:  # not newer than the last one: not expected, but keep it exact
-            full = last - ((last - packet_id) & 0xFFFFFFFF)
-        return full, payload
+            self.counters.missed += step - 1
+            self._last_id = last + step
+            return last + step
+        # Not newer than the last one: not expected, but keep it exact.
+        return last - ((last - packet_id) & 0xFFFFFFFF)
 
     # -- verdicts --------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ import select, socket, sys
 socks = []
 for fam, addr in ((socket.AF_INET, sys.argv[1]), (socket.AF_INET6, sys.argv[2])):
     s = socket.socket(fam, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE (root)
     s.bind((addr, int(sys.argv[3])))
     socks.append(s)
 print("ready", flush=True)
