@@ -3,7 +3,7 @@ in one, pings from the other, the delay line on the pinging side's egress.
 
 Needs root and network namespaces (skipped otherwise, with the reason). The namespaces
 are ``rltest-dl-<pid>-a``/``-b`` with addresses in 10.211.250.0/24 and
-fd00:211:250::/64 only, and are deleted whatever happens. About 3 s.
+fd00:211:250::/64 only, and are deleted whatever happens. About 5 s.
 """
 
 from __future__ import annotations
