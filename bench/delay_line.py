@@ -2,10 +2,11 @@
 
 Two network namespaces joined by a veth (``tests/lab/test_delay_line.py``'s
 ``NetnsPair``: rltest-dl-bench-a/-b, 10.211.250.0/24), a UDP echo in b, and an
-open-loop UDP sender in a (this process, its socket made in a) at a fixed rate; the
-delay line, when present, holds a's egress. Per case and rate: round-trip p50/p90/p99/
-max, lost packets, and the delay line's own CPU (getrusage of its process, ready to
-exit) per packet and as a share of one core. Cases:
+open-loop UDP sender in a (this process, its socket made in a) at a fixed rate. Per
+case and rate: round-trip p50/p90/p99/max, lost packets, and the delay line's own CPU
+(getrusage of its process, ready to exit) per packet and as a share of one core. The
+line holds a's ingress (the echo's replies; ``delay_rules``' default) or, with
+``--direction egress``, a's egress (the requests). Cases:
 
 * ``none``: no rule, no delay line (the floor);
 * ``fixed:0``: the delay line releasing at once (its own added latency and jitter);
@@ -15,7 +16,8 @@ The cases alternate within each round, in a rotated order, over several rounds (
 VM's CPU steal varies from minute to minute); the table gives the median over rounds
 and [min–max]. Needs root.
 
-    python3 bench/delay_line.py [--rounds 3] [--rates 200,2000,5000] [--seconds 2] [--json]
+    python3 bench/delay_line.py [--rounds 3] [--rates 200,2000,5000] [--seconds 2]
+                                [--direction ingress|egress] [--json]
 """
 
 from __future__ import annotations
@@ -120,13 +122,13 @@ def cpu_ns(pid: int) -> int:
 
 
 def run_case(pair: NetnsPair, case: str, rate: float, seconds: float, seed: int,
-             echo_pid: int) -> dict[str, Any]:
+             echo_pid: int, direction: str = "ingress") -> dict[str, Any]:
     sock = client(pair, socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
     sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 8 << 20)
     assert len(ping(sock, V4[1], 3)) == 3, "the echo does not answer"
     proc = None
-    rules = delay_rules(pair.ifa, QUEUE)
+    rules = delay_rules(pair.ifa, QUEUE, direction=direction)
     with tempfile.TemporaryDirectory() as tmp:
         stats_file = Path(tmp) / "stats.json"
         try:
@@ -239,6 +241,8 @@ def main() -> int:
     ap.add_argument("--rates", default="200,2000,5000")
     ap.add_argument("--seconds", type=float, default=2.0, help="sending time per run")
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--direction", choices=["ingress", "egress"], default="ingress",
+                    help="hold a's incoming replies (default) or its outgoing requests")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = ap.parse_args()
     reason = skip_reason()
@@ -257,7 +261,8 @@ def main() -> int:
             order = cases[rnd % len(cases):] + cases[:rnd % len(cases)]
             for rate in rates:
                 for case in order:
-                    r = run_case(pair, case, rate, args.seconds, seed=rnd, echo_pid=echo.pid)
+                    r = run_case(pair, case, rate, args.seconds, seed=rnd, echo_pid=echo.pid,
+                                 direction=args.direction)
                     r["round"] = rnd
                     runs.append(r)
                     print(f"round {rnd} {rate:,.0f}/s {case}: p50 {r['p50_ms']:.3f} ms "
@@ -269,13 +274,14 @@ def main() -> int:
         pair.close()
     rows = summarize(runs)
     meta = {"rounds": args.rounds, "rates": rates, "seconds": args.seconds,
+            "direction": args.direction,
             "elapsed_s": time.time() - t0, "cpus": os.cpu_count(),
             "loadavg": os.getloadavg()}
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
     else:
         print(table(rows))
-        print(f"\n{args.rounds} rounds, {args.seconds:g} s of sending per run, "
+        print(f"\n{args.direction}, {args.rounds} rounds, {args.seconds:g} s of sending per run, "
               f"load average at the end {meta['loadavg'][0]:.2f} on {meta['cpus']} CPUs")
     return 0
 

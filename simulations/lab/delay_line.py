@@ -1,11 +1,20 @@
 # layer: shell — NFQUEUE sockets, a timerfd, signals, the clock and a CLI process
 """The lab's delay line: netem's delay, in user space, for kernels without sch_netem.
 
-Each lab host's outgoing packets are queued to this process by an iptables NFQUEUE
-rule (``delay_rules``). The kernel keeps each packet and hands us its id and first
-bytes; we compute its release time (``delay_schedule``: the simulator's latency specs,
-FIFO per destination) and send the ACCEPT verdict when that time comes. One process
-serves every namespace of a lab, one netlink socket per namespace, on one trio loop.
+Each lab host's incoming packets (or outgoing: ``delay_rules``) are queued to this
+process by an iptables NFQUEUE rule. The kernel keeps each packet and hands us its id
+and first bytes; we compute its release time (``delay_schedule``: the simulator's
+latency specs, FIFO per source/destination pair) and send the ACCEPT verdict when that
+time comes. One process serves every namespace of a lab, one netlink socket per
+namespace, on one trio loop.
+
+Delay on the receiving side (``direction="ingress"``, the default). A packet held on
+its sender's egress still belongs to the sending socket: TCP Small Queues then lets a
+connection have only a couple of packets below it, so a 20 ms line cut a TCP bulk
+transfer to ~270 KB/s (20 MB in 75 s, against 0.35 s held on the receiver's ingress),
+and UDP senders hit their send buffer (netem avoids this by orphaning the packets it
+holds, which user space cannot do). Crossing the veth orphans the packet, so held on
+the receiver's ingress it is charged to nobody.
 
     python -m rumor.simulations.lab.delay_line \\
         --queue NETNS:QUEUENUM:SPEC [--queue ...] --seed S [--stats-file F]
@@ -33,16 +42,16 @@ timeouts, which epoll rounds up to whole milliseconds.
 
 Stats file (JSON, ``"format": 1``): ``wall_seconds``, ``cpu_seconds`` (user+system of
 this process from ``ready`` to exit, getrusage; split in ``cpu_user_seconds`` and
-``cpu_system_seconds``; ``cpu_seconds_total`` includes startup). The system part
-includes the kernel's work of sending each released packet on (the verdict's
-send() reinjects it and runs its transmit path), work the sender itself would
-otherwise have done in its own send().
-``packets``, ``cpu_us_per_packet``, ``lateness_seconds`` (verdict time minus scheduled
-release: ``count``, ``p50``, ``p99``, ``max``, ``mean``), ``released_at_stop``, and
-``queues``: one object per ``--queue`` with ``netns``, ``queue``, ``spec``,
-``packets``, ``held_max``, ``held_at_stop``, ``overflows``, ``missed``,
-``verdict_messages``, ``batch_verdicts``, ``sends``, ``verdict_errors`` and ``kernel``
-(the kernel's counters for the queue at stop, or null).
+``cpu_system_seconds``; ``cpu_seconds_total`` includes startup), ``packets``,
+``cpu_us_per_packet``, ``lateness_seconds`` (verdict time minus scheduled release:
+``count``, ``p50``, ``p99``, ``max``, ``mean``), ``released_at_stop``, ``seed``,
+``maxlen``, ``fail_open``, and ``queues``: one object per ``--queue`` with ``netns``,
+``queue``, ``spec``, ``packets``, ``held_max``, ``held_at_stop``, ``overflows``,
+``missed``, ``verdict_messages``, ``batch_verdicts``, ``sends``, ``verdict_errors`` and
+``kernel`` (the kernel's counters for the queue at stop, or null). The system CPU
+includes the kernel's work of passing each released packet on (the verdict's send()
+reinjects it and runs the rest of its path), work done in some other context without
+the delay line.
 """
 
 from __future__ import annotations
@@ -77,24 +86,36 @@ from rumor.simulations.network import Latency
 IPTABLES = ("iptables-legacy", "ip6tables-legacy")
 
 
-def delay_rules(iface: str, queue_num: int) -> list[tuple[list[str], list[str]]]:
-    """The iptables commands that send a host's packets leaving ``iface`` through the
-    delay line's queue ``queue_num``, as (do, undo) argv pairs, IPv4 then IPv6; run them
-    inside the host's namespace (``ip netns exec NS ...``).
+def delay_rules(iface: str, queue_num: int, *, direction: str = "ingress"
+                ) -> list[tuple[list[str], list[str]]]:
+    """The iptables commands that send a host's packets through the delay line's queue
+    ``queue_num``: those arriving on ``iface`` (``direction="ingress"``, mangle
+    PREROUTING ``-i``) or leaving by it (``"egress"``, mangle POSTROUTING ``-o``). As
+    (do, undo) argv pairs, IPv4 then IPv6; run them inside the host's namespace
+    (``ip netns exec NS ...``).
+
+    Ingress is the default because packets held on their sender's egress still count
+    against the sending socket (TCP Small Queues throttles a held TCP connection to a
+    few packets per delay; the module docstring has the figures). A delay on every
+    host's ingress gives each path the one-way delay once, as egress would.
 
     The ``-legacy`` binaries, because iptables-nft would translate NFQUEUE into an
-    nftables ``queue`` expression this kernel lacks. mangle/POSTROUTING sees every
-    packet the host sends out of ``iface``, locally generated or forwarded, after
-    routing. ``--queue-bypass``: while no delay line is bound to the queue (before it
-    starts, after it stops or dies) packets pass undelayed instead of being dropped,
-    so a broken delay line never partitions the lab.
+    nftables ``queue`` expression this kernel lacks. ``--queue-bypass``: while no delay
+    line is bound to the queue (before it starts, after it stops or dies) packets pass
+    undelayed instead of being dropped, so a broken delay line never partitions the
+    lab.
     """
     if not iface or len(iface) > 15 or any(c in iface for c in " /:\0"):
         raise ValueError(f"bad interface name {iface!r}")
     if not 0 <= queue_num <= 0xFFFF:
         raise ValueError(f"queue number {queue_num} outside 0..65535")
-    rule = ["POSTROUTING", "-o", iface, "-j", "NFQUEUE", "--queue-num", str(queue_num),
-            "--queue-bypass"]
+    if direction == "ingress":
+        match = ["PREROUTING", "-i", iface]
+    elif direction == "egress":
+        match = ["POSTROUTING", "-o", iface]
+    else:
+        raise ValueError(f"direction must be 'ingress' or 'egress', not {direction!r}")
+    rule = [*match, "-j", "NFQUEUE", "--queue-num", str(queue_num), "--queue-bypass"]
     return [([binary, "-t", "mangle", "-A", *rule], [binary, "-t", "mangle", "-D", *rule])
             for binary in IPTABLES]
 

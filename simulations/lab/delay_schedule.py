@@ -1,13 +1,14 @@
 """When the lab's delay line lets a packet go: the sans-IO core of ``delay_line``.
 
 The kernel here has no netem, so the lab delays packets in user space: NFQUEUE hands
-each outgoing packet's headers to the delay line, which holds the verdict until the
-packet's release time. This module decides that time, from the packet's arrival (the
-shell's clock, passed in), its destination and an injected ``random.Random``, with the
-simulator's own latency specs (``fixed:D``, ``uniform:LO:HI``, ``lognormal:MEDIAN:SIGMA``)
-so a lab run and a ``rumor sim`` run are configured alike.
+each packet's headers to the delay line, which holds the verdict until the packet's
+release time. This module decides that time, from the packet's arrival (the shell's
+clock, passed in), its flow key (source and destination address) and an injected
+``random.Random``, with the simulator's own latency specs (``fixed:D``,
+``uniform:LO:HI``, ``lognormal:MEDIAN:SIGMA``) so a lab run and a ``rumor sim`` run are
+configured alike.
 
-Also here, as pure functions: reading the destination and protocol out of an IPv4 or
+Also here, as pure functions: reading the addresses and protocol out of an IPv4 or
 IPv6 header prefix, and the lateness histogram the shell reports.
 """
 
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from rumor.simulations.network import Latency, Uniform, parse_latency
 
 #: The flow key of a packet whose header cannot be read: all such packets share one
-#: FIFO line, so they are still delayed and never reordered among themselves.
+#: FIFO line, so they are still delayed and never reordered among themselves. (No real
+#: key is empty: a key is 8 or 32 bytes.)
 DEFAULT_KEY = b""
 
 IPPROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
@@ -45,12 +47,13 @@ def parse_delay_spec(text: str) -> Latency:
 
 @dataclass(frozen=True, slots=True)
 class PacketHeader:
-    """What the delay line reads of a packet: IP version, protocol, destination."""
+    """What the delay line reads of a packet: IP version, protocol, addresses."""
 
     version: int
     #: IPv4 protocol or IPv6 next header (extension headers are not followed).
     protocol: int
-    #: 4 or 16 bytes, network order.
+    #: 4 or 16 bytes each, network order.
+    source: bytes
     destination: bytes
 
     @property
@@ -69,57 +72,63 @@ def parse_header(data: bytes | bytearray | memoryview) -> PacketHeader:
             raise ValueError(f"IPv4 header truncated: {len(data)} bytes, 20 needed")
         if (data[0] & 0x0F) < 5:
             raise ValueError(f"IPv4 header length {data[0] & 0x0F} words, at least 5 expected")
-        return PacketHeader(4, data[9], bytes(data[16:20]))
+        return PacketHeader(4, data[9], bytes(data[12:16]), bytes(data[16:20]))
     if version == 6:
         if len(data) < 40:
             raise ValueError(f"IPv6 header truncated: {len(data)} bytes, 40 needed")
-        return PacketHeader(6, data[6], bytes(data[24:40]))
+        return PacketHeader(6, data[6], bytes(data[8:24]), bytes(data[24:40]))
     raise ValueError(f"not an IP packet: version nibble {version}")
 
 
 def flow_key(data: bytes | bytearray | memoryview) -> bytes:
-    """The destination address of the packet, or DEFAULT_KEY if it cannot be read.
+    """Source and destination address of the packet (8 or 32 bytes), or DEFAULT_KEY if
+    the header cannot be read.
 
-    The same answer as ``parse_header(data).destination`` (a property test holds them
+    The pair, so the key means the same on either side of a link: queued on a host's
+    egress, every packet has that host's source, and the key is in effect the
+    destination; queued on its ingress, in effect the source. Either way one key is one
+    (sender, receiver) path, the simulator's link. The same answer as
+    ``source + destination`` of ``parse_header(data)`` (a property test holds them
     together), without building the header: this runs once per delayed packet."""
     n = len(data)
     if n >= 20 and data[0] >> 4 == 4 and data[0] & 0x0F >= 5:
-        return bytes(data[16:20])
+        return bytes(data[12:20])
     if n >= 40 and data[0] >> 4 == 6:
-        return bytes(data[24:40])
+        return bytes(data[8:40])
     return DEFAULT_KEY
 
 
 class DelaySchedule:
     """Release times for one queue's packets.
 
-    A packet arriving at ``arrival`` for destination ``key`` is released at
-    ``max(arrival + sample, last release to key)``: packets to one destination leave in
-    arrival order, so TCP sees no reordering (netem's jitter reorders; a real link does
-    not). What that does to the distribution: the delay a packet sees is
-    ``D_n = max(d_n, D_{n-1} - gap_n)`` (``d_n`` the sample, ``gap_n`` the time since
-    the previous packet to that destination), never below its own sample. A ``fixed``
-    spec is unchanged. A spread spec (``uniform``, ``lognormal``) is shifted upwards
-    once the gaps are shorter than the spread: a long draw holds the packets behind it
-    (head-of-line, as on a real FIFO link), so at high rates ``uniform:LO:HI`` tends to
-    HI and ``lognormal`` to its tail. Sparse traffic (gossip probes) gets the spec as
-    written. ``per_destination`` overrides the spec for given destination keys.
+    A packet arriving at ``arrival`` with flow key ``key`` (``flow_key``: its source
+    and destination) is released at ``max(arrival + sample, last release for key)``:
+    the packets of one path leave in arrival order, so TCP sees no reordering (netem's
+    jitter reorders; a real link does not). What that does to the distribution: the
+    delay a packet sees is ``D_n = max(d_n, D_{n-1} - gap_n)`` (``d_n`` its sample,
+    ``gap_n`` the time since the previous packet on that path), never below its own
+    sample. A ``fixed`` spec is unchanged. A spread spec (``uniform``, ``lognormal``)
+    is shifted upwards once the gaps are shorter than the spread: a long draw holds the
+    packets behind it (head-of-line, as on a real FIFO link), so at high rates
+    ``uniform:LO:HI`` tends to HI (median 23.5 ms for ``uniform:0.015:0.025`` at 5,000
+    packets/s) and ``lognormal`` to its tail. Sparse traffic (gossip probes) gets the
+    spec as written. ``per_key`` overrides the spec for given flow keys (the
+    simulator's per-link latency).
     """
 
-    #: Above this many tracked destinations, forget those that no longer constrain.
+    #: Above this many tracked paths, forget those that no longer constrain.
     PRUNE_AT = 4096
 
     def __init__(self, latency: Latency, rng: random.Random,
-                 per_destination: Mapping[bytes, Latency] | None = None) -> None:
+                 per_key: Mapping[bytes, Latency] | None = None) -> None:
         self.latency = latency
         self.rng = rng
-        self.per_destination = dict(per_destination or {})
+        self.per_key = dict(per_key or {})
         self._last: dict[bytes, float] = {}
 
     def release(self, arrival: float, key: bytes) -> float:
         """The release time of a packet that arrived at ``arrival`` for ``key``."""
-        latency = self.per_destination.get(key, self.latency) if self.per_destination \
-            else self.latency
+        latency = self.per_key.get(key, self.latency) if self.per_key else self.latency
         d = latency.sample(self.rng)
         if not d > 0.0:  # negative or NaN: no delay (never before arrival)
             d = 0.0
@@ -138,7 +147,7 @@ class DelaySchedule:
             del self._last[k]
 
     @property
-    def destinations(self) -> int:
+    def paths(self) -> int:
         return len(self._last)
 
 

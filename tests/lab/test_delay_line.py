@@ -1,5 +1,6 @@
 """The delay line on a real kernel: two network namespaces joined by a veth, a UDP echo
-in one, pings from the other, the delay line on the pinging side's egress.
+in one, pings from the other, the delay line on the pinging side's ingress (the
+default) or egress.
 
 Needs root and network namespaces (skipped otherwise, with the reason). The namespaces
 are ``rltest-dl-<pid>-a``/``-b`` with addresses in 10.211.250.0/24 and
@@ -117,9 +118,11 @@ def skip_reason() -> str | None:
 
 @contextlib.contextmanager
 def delay_line(pair: NetnsPair, spec: str, stats: Path, queue: int = 5,
-               extra: tuple[str, ...] = ()) -> Iterator[subprocess.Popen[bytes]]:
-    """The delay line on ``pair.a``'s egress until the body ends (SIGTERM, rules undone)."""
-    rules = delay_rules(pair.ifa, queue)
+               extra: tuple[str, ...] = (), direction: str = "ingress"
+               ) -> Iterator[subprocess.Popen[bytes]]:
+    """The delay line on ``pair.a``'s ingress (the echo's replies) or egress (the
+    requests) until the body ends (SIGTERM, rules undone)."""
+    rules = delay_rules(pair.ifa, queue, direction=direction)
     for do, _undo in rules:
         _run(*pair.exec_argv(pair.a, *do))
     p = subprocess.Popen([sys.executable, "-m", "rumor.simulations.lab.delay_line",
@@ -224,7 +227,8 @@ def test_fixed_delay_adds_its_delay_to_the_rtt_v4_and_v6(pair: NetnsPair,
 
 
 def test_stopping_releases_what_it_holds(pair: NetnsPair, tmp_path: Path) -> None:
-    """SIGTERM while packets are held for 5 s: they all arrive at once, none lost."""
+    """SIGTERM while the echo's replies are held for 5 s: they all arrive at once, none
+    lost."""
     s = client(pair, socket.AF_INET)
     assert len(ping(s, V4[1], 2)) == 2
     stats_file = tmp_path / "stats.json"
@@ -261,6 +265,12 @@ def test_a_stalled_delay_line_fails_open_and_counts_the_overflow(pair: NetnsPair
         try:
             for i in range(count):
                 s.sendto(b"burst%d" % i, (V4[1], ECHO_PORT))
+            # Every reply has reached the queue (the kernel numbers each, handed over
+            # or not) before the line wakes up.
+            deadline = time.monotonic() + 2.0
+            while (kernel_queue_stats(pair.a, 5) or {}).get("id_sequence", 0) < count:
+                assert time.monotonic() < deadline, "the replies never reached the queue"
+                time.sleep(0.005)
         finally:
             p.send_signal(signal.SIGCONT)
         s.settimeout(2.0)
@@ -272,3 +282,62 @@ def test_a_stalled_delay_line_fails_open_and_counts_the_overflow(pair: NetnsPair
     assert q["overflows"] >= 1
     assert q["missed"] + q["packets"] >= count + 3 and q["missed"] >= count // 2
     s.close()
+
+
+def test_egress_delays_too(pair: NetnsPair, tmp_path: Path) -> None:
+    s = client(pair, socket.AF_INET)
+    ping(s, V4[1], 3)
+    base = ping(s, V4[1], 10)
+    with delay_line(pair, "fixed:0.020", tmp_path / "stats.json", direction="egress"):
+        delayed = ping(s, V4[1], 10)
+    assert len(base) == len(delayed) == 10
+    added = statistics.median(delayed) - statistics.median(base)
+    assert 0.017 <= added <= 0.023, f"RTT grew by {added * 1e3:.2f} ms"
+    s.close()
+
+
+#: A TCP sink, run with ``ip netns exec``: reads a connection to its end, answers with
+#: the byte count.
+SINK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen()
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    n = 0
+    while d := c.recv(1 << 16):
+        n += len(d)
+    c.sendall(str(n).encode())
+    c.close()
+"""
+
+
+def test_tcp_keeps_its_throughput_behind_an_ingress_delay(pair: NetnsPair,
+                                                          tmp_path: Path) -> None:
+    """8 MB over a 20 ms path (the sink's ACKs delayed on ingress): done in well under
+    2 s. Held on the sender's egress instead, TCP Small Queues would keep the
+    connection to a few packets per 20 ms (~270 KB/s: 30 s)."""
+    sink = subprocess.Popen(pair.exec_argv(pair.b, sys.executable, "-c", SINK, V4[1],
+                                           str(ECHO_PORT)), stdout=subprocess.PIPE)
+    try:
+        assert sink.stdout is not None and sink.stdout.readline().strip() == b"ready"
+        size = 8 << 20
+        with delay_line(pair, "fixed:0.020", tmp_path / "stats.json"):
+            with in_netns(pair.a):
+                c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            c.settimeout(10)
+            t0 = time.perf_counter()
+            c.connect((V4[1], ECHO_PORT))
+            connect = time.perf_counter() - t0
+            c.sendall(b"x" * size)
+            c.shutdown(socket.SHUT_WR)
+            assert int(c.recv(100)) == size
+            elapsed = time.perf_counter() - t0
+            c.close()
+        assert connect >= 0.019  # the SYN-ACK waited its 20 ms
+        assert elapsed < 2.0, f"8 MB took {elapsed:.2f} s"
+    finally:
+        sink.kill()
+        sink.wait()

@@ -180,12 +180,17 @@ def test_delay_rules() -> None:
     rules = delay_rules("veth-h01", 7)
     assert [do[0] for do, _ in rules] == ["iptables-legacy", "ip6tables-legacy"]
     do, undo = rules[0]
-    assert do == ["iptables-legacy", "-t", "mangle", "-A", "POSTROUTING", "-o", "veth-h01",
+    assert do == ["iptables-legacy", "-t", "mangle", "-A", "PREROUTING", "-i", "veth-h01",
                   "-j", "NFQUEUE", "--queue-num", "7", "--queue-bypass"]
     assert undo == [*do[:3], "-D", *do[4:]]
+    (do6, _), = delay_rules("veth-h01", 7, direction="egress")[1:]
+    assert do6 == ["ip6tables-legacy", "-t", "mangle", "-A", "POSTROUTING", "-o",
+                   "veth-h01", "-j", "NFQUEUE", "--queue-num", "7", "--queue-bypass"]
     for bad_iface, num in (("", 1), ("a b", 1), ("x" * 16, 1), ("eth0", 70000)):
         with pytest.raises(ValueError):
             delay_rules(bad_iface, num)
+    with pytest.raises(ValueError, match="direction"):
+        delay_rules("eth0", 1, direction="both")
 
 
 def test_queue_args() -> None:

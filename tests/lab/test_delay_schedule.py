@@ -53,16 +53,17 @@ def test_bad_specs_are_refused(text: str) -> None:
 
 # -- release times ---------------------------------------------------------------------
 
+KEYS = [flow_key(ipv4("10.211.250.2")), flow_key(ipv4("10.211.250.3")),
+        flow_key(ipv6("fd00:211:250::2")), DEFAULT_KEY]
 arrivals = st.lists(st.tuples(st.floats(0, 0.05, allow_nan=False),  # gap to previous
-                              st.sampled_from([b"\x0a\xd3\xfa\x02", b"\x0a\xd3\xfa\x03",
-                                               DEFAULT_KEY])),
+                              st.sampled_from(KEYS)),
                     min_size=1, max_size=200)
 specs = st.sampled_from(["fixed:0", "fixed:0.02", "uniform:0:0.05", "uniform:0.015:0.025",
                          "lognormal:0.01:1.0"])
 
 
 @given(arrivals, specs, st.integers(0, 2**32))
-def test_never_before_arrival_and_fifo_per_destination(
+def test_never_before_arrival_and_fifo_per_path(
         packets: list[tuple[float, bytes]], spec: str, seed: int) -> None:
     sched = DelaySchedule(parse_delay_spec(spec), random.Random(seed))
     now = 100.0
@@ -96,10 +97,10 @@ def test_uniform_samples_when_packets_are_sparse() -> None:
         assert q == pytest.approx(0.015 + i * 0.001, abs=0.0004)
 
 
-def test_dense_traffic_shifts_a_spread_delay_up_and_other_destinations_are_free() -> None:
+def test_dense_traffic_shifts_a_spread_delay_up_and_other_paths_are_free() -> None:
     """Gaps far below the spread: each packet waits for the slowest before it, so
     ``uniform:15:25ms`` delays crowd towards 25 ms (median 23.5 ms at 5,000/s); a
-    second destination's packets are not held behind the first's."""
+    second path's packets are not held behind the first's."""
     sched = DelaySchedule(Uniform(0.015, 0.025), random.Random(7))
     dense = [sched.release(i * 0.0002, b"a") - i * 0.0002 for i in range(5000)]
     assert statistics.median(dense) > 0.023  # the spec's median is 0.020
@@ -115,17 +116,17 @@ def test_same_seed_same_schedule() -> None:
     assert run(3) == run(3) and run(3) != run(4)
 
 
-def test_per_destination_override() -> None:
-    sched = DelaySchedule(Fixed(0.01), random.Random(0), {b"far": Fixed(0.1)})
+def test_per_key_override() -> None:
+    sched = DelaySchedule(Fixed(0.01), random.Random(0), per_key={b"far": Fixed(0.1)})
     assert sched.release(1.0, b"far") == pytest.approx(1.1)
     assert sched.release(1.0, b"near") == pytest.approx(1.01)
 
 
-def test_destinations_that_no_longer_constrain_are_forgotten() -> None:
+def test_paths_that_no_longer_constrain_are_forgotten() -> None:
     sched = DelaySchedule(Fixed(0.001), random.Random(0))
     for i in range(3 * DelaySchedule.PRUNE_AT):
         sched.release(float(i), i.to_bytes(4, "big"))
-    assert sched.destinations <= DelaySchedule.PRUNE_AT + 1
+    assert sched.paths <= DelaySchedule.PRUNE_AT + 1
 
 
 # -- headers ---------------------------------------------------------------------------
@@ -133,10 +134,14 @@ def test_destinations_that_no_longer_constrain_are_forgotten() -> None:
 def test_ipv4_and_ipv6_headers() -> None:
     h = parse_header(ipv4("10.211.250.2", proto=17))
     assert (h.version, h.protocol, h.protocol_name) == (4, 17, "udp")
+    assert h.source == ipaddress.IPv4Address("10.211.250.1").packed
     assert h.destination == ipaddress.IPv4Address("10.211.250.2").packed
     h6 = parse_header(ipv6("fd00:211:250::2", next_header=6))
     assert (h6.version, h6.protocol_name) == (6, "tcp")
+    assert h6.source == ipaddress.IPv6Address("fd00:211:250::1").packed
     assert h6.destination == ipaddress.IPv6Address("fd00:211:250::2").packed
+    assert flow_key(ipv4("10.211.250.2")) == h.source + h.destination
+    assert flow_key(ipv6("fd00:211:250::2")) == h6.source + h6.destination
     # A copy range of exactly the fixed header is enough.
     assert parse_header(ipv4("10.0.0.9")[:20]).destination == bytes([10, 0, 0, 9])
     assert parse_header(ipv6("::1")[:40]).destination == ipaddress.IPv6Address("::1").packed
@@ -161,8 +166,8 @@ def test_any_bytes_parse_or_raise_valueerror(data: bytes) -> None:
     except ValueError:
         assert flow_key(data) == DEFAULT_KEY
     else:
-        assert len(h.destination) == (4 if h.version == 4 else 16)
-        assert flow_key(data) == h.destination
+        assert len(h.destination) == len(h.source) == (4 if h.version == 4 else 16)
+        assert flow_key(data) == h.source + h.destination
     assert flow_key(memoryview(data)) == flow_key(data)
 
 
