@@ -100,6 +100,7 @@ class LabCluster:
         #: Refutations the agents logged (their own, as the simulator's counter).
         self.refutations = 0
         self.delay: dict[str, str] = {}
+        self.delay_line_stats: dict[str, object] | None = None
         #: Log records wait here up to ``REORDER`` seconds and reach the recorder in
         #: timestamp order: pipes are read in whatever order the scheduler picks, but a
         #: join must be tracked before anyone's word of it is counted.

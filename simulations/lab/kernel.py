@@ -130,3 +130,59 @@ def entered(netns: str) -> Iterator[None]:
 def socket_in(netns: str, family: int, kind: int) -> socket.socket:
     with entered(netns):
         return socket.socket(family, kind)
+
+
+class DelayLine:
+    """The delay line process (``delay_line.py``) for the hosts that have a delay, and
+    the NFQUEUE rules that feed it (inside their namespaces, so they go with them)."""
+
+    def __init__(self, network: Network, delays: dict[str, str], seed: int) -> None:
+        self.network = network
+        self.delays = delays
+        self.seed = seed
+        self.proc: trio.Process | None = None
+        self.stats_file = network.ledger.path.with_suffix(".delay.json")
+        self.stats: dict[str, object] | None = None
+
+    async def start(self) -> None:
+        import sys
+
+        from .delay_line import delay_rules
+        queues = []
+        for name, spec in sorted(self.delays.items()):
+            host = self.network.topology.host(name)
+            for do, _undo in delay_rules("eth0", 0):
+                run(["ip", "netns", "exec", host.netns, *do])
+            queues += ["--queue", f"{host.netns}:0:{spec}"]
+        argv = [sys.executable, "-m", "rumor.simulations.lab.delay_line", *queues,
+                "--seed", str(self.seed), "--stats-file", str(self.stats_file)]
+        proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL,
+                                                stdout=subprocess.PIPE)
+        self.network.ledger.process(proc.pid, "delay line")
+        self.proc = proc
+        assert proc.stdout is not None
+        got = b""
+        with trio.move_on_after(30):
+            while b"ready" not in got:
+                chunk = await proc.stdout.receive_some(4096)
+                if not chunk:
+                    break
+                got += chunk
+        if b"ready" not in got:
+            raise LabError(f"the delay line did not start (exit {proc.returncode})")
+
+    async def stop(self) -> None:
+        import json
+        import signal
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(10):
+            await self.proc.wait()
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        with contextlib.suppress(OSError, ValueError):
+            self.stats = json.loads(self.stats_file.read_text())
+        self.stats_file.unlink(missing_ok=True)

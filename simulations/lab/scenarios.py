@@ -27,7 +27,7 @@ from ..metrics import summarize
 from ..scenarios import Params, analytic, detection_bound, gossip_config
 from .cluster import REORDER, LabCluster, LabNode
 from .conditions import PROTOCOLS, Conditions, Cut
-from .kernel import LabError, Network
+from .kernel import DelayLine, LabError, Network
 from .ledger import DEFAULT_DIR, Ledger
 from .topology import Topology
 
@@ -63,18 +63,40 @@ async def open_lab(p: Params, ledger_dir: Path = DEFAULT_DIR,
         cluster = LabCluster(net, ledger, workdir, lab_family(p), p.profile,
                              tune=_tune(p), sidecar=bool(p.extra.get("sidecar", True)))
         cluster.issue_credentials()
+        delays = host_delays(p, topo)
+        line = DelayLine(net, delays, p.seed) if delays else None
+        cluster.delay = delays
         async with trio.open_nursery() as nursery:
             await nursery.start(cluster.run)
             try:
+                if line is not None:
+                    await line.start()
+                    if say:
+                        say(f"delay line on {len(delays)} hosts")
                 yield cluster
             finally:
                 with trio.CancelScope(shield=True):
                     await cluster.stop_all()
+                    if line is not None:
+                        await line.stop()
+                        cluster.delay_line_stats = line.stats
                 nursery.cancel_scope.cancel()
     finally:
         done = ledger.clean()
         if say:
             say(f"lab {lab}: cleaned ({len(done)} steps)")
+
+
+def host_delays(p: Params, topo: Topology) -> dict[str, str]:
+    """Each host's egress delay spec: ``--host-delay`` where given, else ``--delay``."""
+    per: dict[str, str] = dict(p.extra.get("host_delay") or {})
+    for name in per:
+        if name not in {h.name for h in topo.hosts}:
+            raise LabError(f"--host-delay {name}: the lab's hosts are n0..n"
+                           f"{len(topo.hosts) - 1}")
+    if p.latency:
+        return {h.name: per.get(h.name, p.latency) for h in topo.hosts}
+    return per
 
 
 def _tune(p: Params) -> list[str]:
@@ -161,6 +183,7 @@ def _report(name: str, p: Params, cluster: LabCluster, result: dict[str, Any],
         "analytic": analytic(cfg, p.nodes),
         "result": result,
         "lab": {"lab": cluster.network.topology.lab, "hosts": p.nodes,
+                "delay_line": cluster.delay_line_stats,
                 "family": cluster.family, "member_events": cluster.events,
                 "kernel": os.uname().release},
         "wall": {"seconds": round(wall, 3)},
@@ -425,5 +448,6 @@ async def run_scenario(name: str, p: Params, ledger_dir: Path = DEFAULT_DIR,
     p.extra["scenario"] = name
     async with open_lab(p, ledger_dir, say) as cluster:
         result = await LAB_SCENARIOS[name](cluster, p)
-        return _report(name, p, cluster, result, time.monotonic() - t0)
+    # After the teardown: the delay line's own figures are in by then.
+    return _report(name, p, cluster, result, time.monotonic() - t0)
 
