@@ -1,3 +1,4 @@
+# layer: shell — the command: runs trio, prints, reads the ledgers
 """``rumor lab``: the simulator's scenarios on real agents in network namespaces.
 
     rumor lab SCENARIO [options]           run it, print the report (--json, --plots)
