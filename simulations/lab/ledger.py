@@ -107,8 +107,9 @@ class Ledger:
         for e in reversed(self.entries):
             kind = e["kind"]
             if kind == "process":
-                pid = int(e["pid"])
-                if pid > 0 and _start_time(pid) == e.get("pid_start") is not None:
+                pid, started = int(e["pid"]), e.get("pid_start")
+                # Only the very process recorded: a reused pid has another start time.
+                if pid > 0 and started is not None and _start_time(pid) == started:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                         done.append(f"killed {e.get('what', 'process')} (pid {pid})")
