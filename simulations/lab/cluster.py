@@ -86,6 +86,8 @@ class LabCluster:
         self.sidecar = sidecar
         self.dns = dns
         self.extra_args = list(extra_args)
+        #: More arguments for one agent (its services, say), by node name.
+        self.node_args: dict[str, list[str]] = {}
         self.nodes = [LabNode(h.index, h.name, h) for h in network.topology.hosts]
         self.by_name = {n.name: n.idx for n in self.nodes}
         self.t0 = time.time()
@@ -139,7 +141,16 @@ class LabCluster:
             argv += ["--dns", f"127.0.0.1:{DNS_PORT}"]
         for s in seeds:
             argv += ["--join", f"{self.addr(s)}:{GOSSIP_PORT}"]
-        return argv + self.extra_args
+        return argv + self.extra_args + self.node_args.get(node.name, [])
+
+    async def spawn(self, node: LabNode, argv: Sequence[str], what: str) -> trio.Process:
+        """Another process in a host's namespace (a backend, a client); it is in the
+        ledger and dies with the namespace at the latest."""
+        proc = await trio.lowlevel.open_process(
+            ["ip", "netns", "exec", node.host.netns, *argv], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.ledger.process(proc.pid, what)
+        return proc
 
     def issue_credentials(self) -> None:
         """Node keys and credentials signed by one authority key of the lab's, as the
@@ -359,9 +370,12 @@ class LabCluster:
                    if not any(line.find('"event": "joined"') >= 0 for line in n.log))
 
     def cross_failed(self, side_a: frozenset[int]) -> float:
-        """Fraction of (observer, subject) pairs across the split listed failed."""
+        """Fraction of (observer, subject) pairs across the split listed failed, by
+        the running agents."""
         pairs = failed = 0
         for n in self.nodes:
+            if not n.up:
+                continue
             mine = n.idx in side_a
             for name, st in self.view[n.idx].items():
                 other = self.by_name.get(name)

@@ -112,14 +112,15 @@ def fault_rules(c: Conditions, ports: Sequence[str]) -> list[str]:
         if not cut.a or not b:
             continue
         proto = _protos(cut.protocols)
-        rules.append(f"iifname {_set(cut.a)} oifname {_set(b)} meta l4proto {proto} drop")
+        rules.append(f"iifname {_set(cut.a)} oifname {_set(b)} meta l4proto {proto} "
+                     "counter drop")
         if cut.symmetric:
             rules.append(f"iifname {_set(b)} oifname {_set(cut.a)} meta l4proto {proto} "
-                         "drop")
+                         "counter drop")
     if c.loss > 0.0:
         n = round(c.loss * RESOLUTION)
         rules.append(f"meta l4proto {_protos(c.loss_protocols)} numgen random mod "
-                     f"{RESOLUTION} < {n} drop")
+                     f"{RESOLUTION} < {n} counter drop")
     return rules
 
 
@@ -128,6 +129,17 @@ def faults_script(c: Conditions, ports: Sequence[str]) -> str:
     lines = [f"flush chain bridge {TABLE} faults"]
     lines += [f"add rule bridge {TABLE} faults {r}" for r in fault_rules(c, ports)]
     return "\n".join(lines) + "\n"
+
+
+def dropped(nft_json: str) -> int:
+    """Packets the ``faults`` chain dropped (``nft -j list chain ... faults``)."""
+    try:
+        objects = json.loads(nft_json)["nftables"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"unreadable nft counters: {e}") from None
+    return sum(int(e["counter"].get("packets", 0)) for obj in objects
+               if isinstance(obj, dict) and isinstance(obj.get("rule"), dict)
+               for e in obj["rule"].get("expr", ()) if isinstance(e, dict) and "counter" in e)
 
 
 def parse_counters(nft_json: str) -> dict[str, Counts]:

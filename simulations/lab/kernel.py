@@ -17,7 +17,15 @@ from collections.abc import Iterator, Sequence
 
 import trio
 
-from .conditions import TABLE, Conditions, Counts, faults_script, parse_counters, table_script
+from .conditions import (
+    TABLE,
+    Conditions,
+    Counts,
+    dropped,
+    faults_script,
+    parse_counters,
+    table_script,
+)
 from .ledger import Ledger
 from .topology import Step, Topology
 
@@ -100,6 +108,15 @@ class Network:
         if r.returncode != 0:
             raise LabError(f"nft counters: {r.stderr.decode().strip()}")
         return parse_counters(r.stdout.decode())
+
+    async def dropped(self) -> int:
+        """Packets the current conditions dropped so far."""
+        r = await trio.run_process(["ip", "netns", "exec", self.topology.switch, "nft",
+                                    "-j", "list", "chain", "bridge", TABLE, "faults"],
+                                   capture_stdout=True, capture_stderr=True, check=False)
+        if r.returncode != 0:
+            raise LabError(f"nft counters: {r.stderr.decode().strip()}")
+        return dropped(r.stdout.decode())
 
 
 _libc: ctypes.CDLL | None = None

@@ -61,7 +61,9 @@ async def open_lab(p: Params, ledger_dir: Path = DEFAULT_DIR,
             say(f"lab {lab}: {p.nodes} namespaces on a bridge in "
                 f"{time.monotonic() - t0:.1f} s (ledger {ledger.path})")
         cluster = LabCluster(net, ledger, workdir, lab_family(p), p.profile,
-                             tune=_tune(p), sidecar=bool(p.extra.get("sidecar", True)))
+                             tune=_tune(p), sidecar=bool(p.extra.get("sidecar", True)),
+                             dns=bool(p.extra.get("dns", False)))
+        cluster.node_args = {k: list(v) for k, v in (p.extra.get("node_args") or {}).items()}
         cluster.issue_credentials()
         delays = host_delays(p, topo)
         line = DelayLine(net, delays, p.seed) if delays else None

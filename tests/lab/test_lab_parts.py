@@ -54,20 +54,20 @@ def test_cuts_and_loss_render_as_the_bridge_rules() -> None:
     ports = ["n0", "n1", "n2", "n3"]
     sym = fault_rules(Conditions(cuts=(Cut(frozenset({"n0", "n1"})),)), ports)
     assert sym == [
-        'iifname { "n0", "n1" } oifname { "n2", "n3" } meta l4proto { udp, tcp } drop',
-        'iifname { "n2", "n3" } oifname { "n0", "n1" } meta l4proto { udp, tcp } drop']
+        'iifname { "n0", "n1" } oifname { "n2", "n3" } meta l4proto { udp, tcp } counter drop',
+        'iifname { "n2", "n3" } oifname { "n0", "n1" } meta l4proto { udp, tcp } counter drop']
     one_way = fault_rules(Conditions(cuts=(Cut(frozenset({"n1"}), frozenset({"n0"}),
                                                symmetric=False, protocols=("udp",)),)),
                           ports)
-    assert one_way == ['iifname { "n1" } oifname { "n0" } meta l4proto udp drop']
+    assert one_way == ['iifname { "n1" } oifname { "n0" } meta l4proto udp counter drop']
     lossy = fault_rules(Conditions(loss=0.1), ports)
-    assert lossy == ["meta l4proto { udp, tcp } numgen random mod 1000000 < 100000 drop"]
+    assert lossy == ["meta l4proto { udp, tcp } numgen random mod 1000000 < 100000 counter drop"]
     assert fault_rules(Conditions(), ports) == []
     script = faults_script(Conditions(loss=0.25, loss_protocols=("tcp",)), ports)
     assert script.splitlines() == [
         "flush chain bridge rumor_lab faults",
         "add rule bridge rumor_lab faults meta l4proto tcp numgen random mod 1000000 < "
-        "250000 drop"]
+        "250000 counter drop"]
     for bad in (dict(loss=1.5), dict(loss=-0.1), dict(loss_protocols=("icmp",))):
         with pytest.raises(ValueError):
             Conditions(**bad)  # type: ignore[arg-type]
