@@ -161,15 +161,25 @@ def run_lab_command(args: argparse.Namespace) -> int:
     from .scenarios import run_scenario
     try:
         report = trio.run(run_scenario, scenario, p, _ledger_dir(), _say(args))
-    except LabError as e:
-        print(f"rumor lab: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("rumor lab: interrupted; the lab was cleaned up", file=sys.stderr)
-        return 130
+    except BaseException as e:  # trio's nurseries wrap what they raise in groups
+        leaves = _leaves(e)
+        if any(isinstance(x, KeyboardInterrupt) for x in leaves):
+            print("rumor lab: interrupted; the lab was cleaned up", file=sys.stderr)
+            return 130
+        if leaves and all(isinstance(x, LabError) for x in leaves):
+            for x in leaves:
+                print(f"rumor lab: {x}", file=sys.stderr)
+            return 1
+        raise
     if args.action == "compare":
         return _compare(args, scenario, p, report)
     return _emit(args, report)
+
+
+def _leaves(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [x for sub in e.exceptions for x in _leaves(sub)]
+    return [e]
 
 
 def _ledger_dir() -> Path:
