@@ -42,25 +42,35 @@ def lab_possible(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _params(n: int, family: int) -> Params:
     services = {f"n{i}": ["--service", "name=web,port=8080"] for i in (3, 4)}
+    # n4 is 20 ms further away than the others: its arriving packets wait in the
+    # delay line (NFQUEUE), so the sidecar's balancer sees it on the network.
     return Params(nodes=n, profile="local", warm=False,
-                  extra={"family": family, "dns": True, "node_args": services})
+                  extra={"family": family, "dns": True, "node_args": services,
+                         "host_delay": {"n4": "fixed:0.020"} if family == 4 else {}})
 
 
 async def _get_through_sidecar(cluster: LabCluster, node: LabNode, host: str) -> str:
-    """GET / through ``node``'s outbound sidecar, from inside its namespace."""
+    return (await _timed_get(cluster, node, host))[0]
+
+
+async def _timed_get(cluster: LabCluster, node: LabNode, host: str) -> tuple[str, float]:
+    """GET / through ``node``'s outbound sidecar, from inside its namespace: the body
+    and the seconds from sending to the last byte."""
     sock = trio.socket.from_stdlib_socket(
         socket_in(node.host.netns, socket.AF_INET, socket.SOCK_STREAM))
     await sock.connect(("127.0.0.1", OUTBOUND_PORT))
     stream = trio.SocketStream(sock)
+    t0 = trio.current_time()
     async with stream:
         await stream.send_all(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
                               .encode())
         data = b""
         while chunk := await stream.receive_some(65536):
             data += chunk
+    took = trio.current_time() - t0
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), data[:300]
-    return body.decode()
+    return body.decode(), took
 
 
 def _dns(cluster: LabCluster, node: LabNode, name: str, qtype: str) -> set[str]:
@@ -98,8 +108,13 @@ async def _ipv4_lab() -> None:
                 await trio.sleep(0.1)
         with trio.fail_after(10):
             await dns_ready()
-        bodies = {await _get_through_sidecar(cluster, n0, "web") for _ in range(12)}
-        assert bodies <= {"n3", "n4"} and bodies
+        got = [await _timed_get(cluster, n0, "web") for _ in range(60)]
+        by = {name: sorted(t for b, t in got if b == name) for name in ("n3", "n4")}
+        assert len(by["n3"]) + len(by["n4"]) == 60
+        # n4 answers 20 ms later, through the network; latency-aware balancing tries
+        # it and then mostly keeps away.
+        assert 1 <= len(by["n4"]) <= 12, by
+        assert by["n4"][0] >= 0.020 and by["n3"][len(by["n3"]) // 2] < 0.015, by
 
         # kill -9: every live agent lists n2 failed.
         rec = cluster.recorder
