@@ -405,7 +405,8 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
         host = opts.inbound[0]
         if host in ("0.0.0.0", "::"):
             host = node.address[0]
-        reloader.own_tags[INBOUND_TAG] = f"{host}:{port}"
+        # "[v6]:port": a bare IPv6 host with ":port" after it cannot be parsed back.
+        reloader.own_tags[INBOUND_TAG] = format_address((host, port))
         node.set_tags({**opts.tags, **reloader.own_tags})
         log.info("inbound listener on %s:%d", opts.inbound[0], port,
                  extra={"event": "inbound", "inbound": f"{host}:{port}"})
