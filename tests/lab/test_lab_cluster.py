@@ -152,13 +152,24 @@ async def _ipv4_lab() -> None:
 
 async def _ipv6_lab() -> None:
     p = _params(3, 6)
-    p.extra["node_args"] = {}
+    p.extra["node_args"] = {"n2": ["--service", "name=web,port=8080"]}
     async with open_lab(p) as cluster:
+        await cluster.spawn(cluster.nodes[2], [sys.executable, "-c", BACKEND, "n2"],
+                            "backend n2")
         start = await cold_start(cluster, p, random.Random(2))
         assert start["converged"], cluster.convergence_gaps()
         members = await cluster.api(cluster.nodes[2], "GET", "/v1/members")
         assert sorted(m["addr"] for m in members) == [
             f"[fd00:211::{i + 1}]:7946" for i in range(3)]
+        # The sidecar pair over IPv6: n0's outbound to n2's inbound at fd00:211::3.
+        async def served() -> str:
+            while True:
+                try:
+                    return await _get_through_sidecar(cluster, cluster.nodes[0], "web")
+                except AssertionError:  # 503 until the catalog has the instance
+                    await trio.sleep(0.1)
+        with trio.fail_after(10):
+            assert await served() == "n2"
         rec = cluster.recorder
         await cluster.kill(cluster.nodes[1])
         rec.crashed(1)
