@@ -293,7 +293,9 @@ def tcp_transfer(rng: random.Random, nbytes: int, p: float, rtt: float) -> TcpPh
             i += 1
         else:
             u = rng.random()
-            i += 1 + int(math.log1p(-u) / log_keep)
+            skip = math.log1p(-u) / log_keep
+            # A vanishing p (a denormal draw) makes the skip overflow: no more losses.
+            i = n if skip >= n else i + 1 + int(skip)
         if i >= n:
             break
         # Segment i was lost once; further copies of it may be lost too.
