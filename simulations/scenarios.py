@@ -216,10 +216,9 @@ def detection_bound(cfg: GossipConfig, n: int) -> float:
 # ---- scenarios ------------------------------------------------------------------------------
 
 
-def _report(name: str, p: Params, sim: Simulator, result: dict[str, Any],
-            wall: dict[str, float]) -> dict[str, Any]:
+def report_head(name: str, p: Params, network: dict[str, object]) -> dict[str, Any]:
+    """What every report starts with, the simulator's and the lab's alike."""
     cfg = gossip_config(p)  # the run's own (slow also runs the other variant)
-    events = wall.pop("events", sim.events)
     return {
         "scenario": name,
         "params": {k: v for k, v in asdict(p).items() if k != "extra"} | p.extra,
@@ -228,8 +227,15 @@ def _report(name: str, p: Params, sim: Simulator, result: dict[str, Any],
                    "gossip_interval": cfg.gossip_interval, "gossip_nodes": cfg.gossip_nodes,
                    "suspicion_mult": cfg.suspicion_mult,
                    "retransmit_limit": cfg.retransmit_limit(p.nodes),
-                   "network": sim.network.describe()},
+                   "network": network},
         "analytic": analytic(cfg, p.nodes),
+    }
+
+
+def _report(name: str, p: Params, sim: Simulator, result: dict[str, Any],
+            wall: dict[str, float]) -> dict[str, Any]:
+    events = wall.pop("events", sim.events)
+    return report_head(name, p, sim.network.describe()) | {
         "result": result,
         "sim": {"events": events, "virtual_s": round(sim.now, 6),
                 "counters": dict(sorted(sim.counters.items()))},

@@ -101,22 +101,21 @@ class Network:
             raise LabError(f"nft: {r.stderr.decode().strip()}\n{script}")
         self.conditions = c
 
-    async def counters(self) -> dict[str, Counts]:
+    async def _chain(self, chain: str) -> str:
+        """``nft -j list chain`` of the switch's table: the rules and their counters."""
         r = await trio.run_process(["ip", "netns", "exec", self.topology.switch, "nft",
-                                    "-j", "list", "chain", "bridge", TABLE, "count"],
+                                    "-j", "list", "chain", "bridge", TABLE, chain],
                                    capture_stdout=True, capture_stderr=True, check=False)
         if r.returncode != 0:
             raise LabError(f"nft counters: {r.stderr.decode().strip()}")
-        return parse_counters(r.stdout.decode())
+        return r.stdout.decode()
+
+    async def counters(self) -> dict[str, Counts]:
+        return parse_counters(await self._chain("count"))
 
     async def dropped(self) -> int:
         """Packets the current conditions dropped so far."""
-        r = await trio.run_process(["ip", "netns", "exec", self.topology.switch, "nft",
-                                    "-j", "list", "chain", "bridge", TABLE, "faults"],
-                                   capture_stdout=True, capture_stderr=True, check=False)
-        if r.returncode != 0:
-            raise LabError(f"nft counters: {r.stderr.decode().strip()}")
-        return dropped(r.stdout.decode())
+        return dropped(await self._chain("faults"))
 
 
 _libc: ctypes.CDLL | None = None

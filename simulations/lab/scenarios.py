@@ -17,14 +17,13 @@ import secrets
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from ..metrics import summarize
-from ..scenarios import Params, analytic, detection_bound, gossip_config
+from ..scenarios import Params, detection_bound, gossip_config, report_head
 from .cluster import REORDER, LabCluster, LabNode
 from .conditions import PROTOCOLS, Conditions, Cut
 from .kernel import DelayLine, LabError, Network
@@ -172,18 +171,8 @@ async def cold_start(cluster: LabCluster, p: Params, rng: random.Random) -> dict
 
 def _report(name: str, p: Params, cluster: LabCluster, result: dict[str, Any],
             wall: float) -> dict[str, Any]:
-    cfg = gossip_config(p)
-    return {
-        "scenario": name, "kind": "lab",
-        "params": {k: v for k, v in asdict(p).items() if k != "extra"} | p.extra,
-        "config": {"profile": p.profile, "lifeguard": cfg.lifeguard,
-                   "probe_interval": cfg.probe_interval, "probe_timeout": cfg.probe_timeout,
-                   "gossip_interval": cfg.gossip_interval, "gossip_nodes": cfg.gossip_nodes,
-                   "suspicion_mult": cfg.suspicion_mult,
-                   "retransmit_limit": cfg.retransmit_limit(p.nodes),
-                   "network": cluster.describe_network()},
-        "analytic": analytic(cfg, p.nodes),
-        "result": result,
+    return report_head(name, p, cluster.describe_network()) | {
+        "kind": "lab", "result": result,
         "lab": {"lab": cluster.network.topology.lab, "hosts": p.nodes,
                 "delay_line": cluster.delay_line_stats,
                 "family": cluster.family, "member_events": cluster.events,
