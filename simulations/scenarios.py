@@ -22,7 +22,7 @@ from ..gossip.config import GossipConfig, profile
 from ..gossip.explain import Entry, Story, merge_timeline, story
 from ..gossip.signed_state import IDENTITY_CHANNEL
 from ..gossip.wire import MemberState, PushPull, Status, pack_message
-from .engine import Simulator, gc_paused
+from .engine import Simulator, gc_paused, node_address
 from .faults import Crash, Fault, Restart, Slow, Split, install
 from .metrics import Recorder, Spread, Traffic, summarize
 from .network import PROFILE_LATENCY, Network, parse_latency
@@ -139,13 +139,24 @@ def warm_cluster(sim: Simulator, n: int) -> None:
             sim._reschedule(node)
 
 
+def node_meta(p: Params, idx: int) -> dict[str, str] | None:
+    """The tags node ``idx`` announces: ``extra["node_meta"]``, ``{host}`` replaced by
+    its address (``rumor lab compare`` gives the simulated nodes the tags real agents
+    announce: release, inbound sidecar), or none."""
+    template = p.extra.get("node_meta")
+    if not template:
+        return None
+    host = node_address(idx)[0]
+    return {str(k): str(v).replace("{host}", host) for k, v in template.items()}
+
+
 def cold_cluster(sim: Simulator, rec: Recorder, p: Params, spread: float,
                  rng: random.Random) -> None:
     """Node 0 starts alone, the next seeds join it, everyone else joins through the
     seeds at a random time in the first ``spread`` seconds."""
     n = p.nodes
-    for _ in range(n):
-        sim.add_node()
+    for i in range(n):
+        sim.add_node(meta=node_meta(p, i))
     seeds = list(range(min(p.seeds, n)))
     rec.join_keep = 5
     rec.track_join(0, n - 1, plot=False)

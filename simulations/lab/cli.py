@@ -210,10 +210,16 @@ def sim_reports(scenario: str, p: Params, seeds: int) -> list[dict[str, Any]]:
     lab's slow scenario, the lab's delay as the network's latency, seeds p.seed ..."""
     from dataclasses import replace
 
+    from ...gossip.version import RELEASE_TAG, release
     from ..scenarios import SCENARIOS
+    from .cluster import INBOUND_PORT
+    # The tags every real agent announces, so both sides gossip the same member states.
+    meta = {RELEASE_TAG: release()}
+    if p.extra.get("sidecar", True):
+        meta["rumor.inbound"] = f"{{host}}:{INBOUND_PORT}"
     out = []
     for i in range(seeds):
-        q = replace(p, seed=p.seed + i, warm=False, extra=dict(p.extra))
+        q = replace(p, seed=p.seed + i, warm=False, extra=dict(p.extra, node_meta=meta))
         out.append(SCENARIOS[scenario](q, None))
     return out
 
