@@ -46,8 +46,6 @@ from ..policy.trust import TrustSet
 from ..proxy.access_log import AccessLog, AccessLogObserver
 from ..proxy.api.access import ApiAccess
 from ..proxy.api.app import make_api
-from ..proxy.api.dns import CatalogSource, DnsResponder
-from ..proxy.api.dns_server import serve_dns
 from ..proxy.api.metrics import AgentCollector
 from ..proxy.api.server import serve_http
 from ..proxy.api.stat import register_golden_query
@@ -494,6 +492,10 @@ async def _listen(nursery: trio.Nursery, handler: InboundProxy | OutboundProxy, 
 
 async def _start_dns(nursery: trio.Nursery, node: Node, discovery: Discovery,
                      addr: Address, opts: AgentOptions, pool: FdPool) -> None:
+    # Here, not at the top: only an agent given --dns imports dnslib.
+    from ..proxy.api.dns import CatalogSource, DnsResponder
+    from ..proxy.api.dns_server import serve_dns
+
     def member_address(name: str) -> str | None:
         # DNS names arrive lower-cased; member names keep their case.
         m = node.core.members.get(name) or next(

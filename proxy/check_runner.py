@@ -14,12 +14,15 @@ not reuse a connection accepted before it went.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import httpcore
 import trio
 
 from ..gossip.checks import CRITICAL, PASSING, WARNING, CheckSpec
 from ..gossip.discovery import Report
+
+if TYPE_CHECKING:  # imported when the first check probes (~20 ms an agent with none
+    import httpcore  # never pays)
 
 log = logging.getLogger("rumor.checks")
 
@@ -38,6 +41,8 @@ async def probe(spec: CheckSpec, pool: httpcore.AsyncConnectionPool) -> tuple[st
 
 
 async def _probe_http(spec: CheckSpec, pool: httpcore.AsyncConnectionPool) -> tuple[str, str]:
+    import httpcore
+
     t = spec.timeout
     try:
         resp = await pool.request(
@@ -75,7 +80,16 @@ class CheckRunner:
         self._nursery = nursery
         self._report = report
         self._scopes: dict[str, tuple[CheckSpec, trio.CancelScope]] = {}
-        self._pool = httpcore.AsyncConnectionPool(max_keepalive_connections=0)
+        self._http: httpcore.AsyncConnectionPool | None = None
+
+    @property
+    def _pool(self) -> httpcore.AsyncConnectionPool:
+        """The HTTP checks' pool, made (and httpcore imported) when first used."""
+        if self._http is None:
+            import httpcore
+
+            self._http = httpcore.AsyncConnectionPool(max_keepalive_connections=0)
+        return self._http
 
     def sync(self, checks: dict[str, CheckSpec]) -> None:
         """Make the running loops match ``checks`` (id -> spec): start new ones, stop
@@ -97,7 +111,8 @@ class CheckRunner:
 
     async def aclose(self) -> None:
         self.stop()
-        await self._pool.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     async def _loop(self, cid: str, spec: CheckSpec, scope: trio.CancelScope) -> None:
         with scope:

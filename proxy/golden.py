@@ -42,10 +42,11 @@ from typing import Any
 import msgpack
 from ddsketch import DDSketch
 from ddsketch.mapping import LogarithmicMapping
-from ddsketch.pb import ddsketch_pb2 as pb
-from ddsketch.pb.proto import DDSketchProto
 
 from .observe import Exchange, NullObserver
+
+# The sketch's protobuf message (and protobuf, ~35 ms) is imported by the two functions
+# that use it, when a peer asks for or answers a stat query: not at the agent's start.
 
 #: The sketches' relative accuracy: a quantile is within 1% of the true value. Part of
 #: the wire format: agents merge only sketches made with the same mapping.
@@ -331,6 +332,8 @@ def to_wire(snap: Snapshot) -> bytes:
 
 
 def _proto_bytes(sketch: DDSketch) -> bytes:
+    from ddsketch.pb.proto import DDSketchProto
+
     proto = DDSketchProto.to_proto(sketch)  # type: ignore[no-untyped-call]
     data: bytes = proto.SerializeToString()
     return data
@@ -400,6 +403,8 @@ def _bins(i: int, data: object) -> dict[int, int]:
     positive latencies between 1 µs and 1 hour, whole counts."""
     if not isinstance(data, bytes):
         raise GoldenDecodeError(f"series {i}: the sketch must be bytes")
+    from ddsketch.pb import ddsketch_pb2 as pb
+
     proto = pb.DDSketch()
     try:
         proto.ParseFromString(data)
