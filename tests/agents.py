@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rumor.cli.ports import free_port
+from .ports import free_port
 
 HOST = "127.0.0.1"
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from rumor.cli.ports import free_port
-
 from ..agents import Agent, AgentCluster, previous_build, rumor, wait_for
 from ..backends import Backend
+from ..ports import free_port
 
 #: main before the request pipeline and its new policy kinds and fields.
 PREVIOUS_BUILD = "1dc6b83"

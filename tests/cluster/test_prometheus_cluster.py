@@ -30,10 +30,9 @@ from typing import Any
 
 import pytest
 
-from rumor.cli.ports import free_port
-
 from ..agents import REPO, Agent, AgentCluster, wait_for
 from ..backends import Backend
+from ..ports import free_port
 
 HOST = "127.0.0.1"
 DASHBOARD = REPO / "docs" / "grafana" / "rumor-mesh.json"

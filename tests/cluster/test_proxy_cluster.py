@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from rumor.cli.ports import free_port
 from rumor.policy.envelope import make_payload, sign
 from rumor.policy.examples import canary_route
 from rumor.policy.keys import SecretKey
 
 from ..agents import Agent, AgentCluster, wait_for
 from ..backends import Backend
+from ..ports import free_port
 
 HOST = "127.0.0.1"
 
@@ -211,6 +211,7 @@ enabled = false
     assert b"rumor_proxy_retry_budget_exhausted_total" in metrics
 
 
+@pytest.mark.alone
 def test_timeouts(mesh: Mesh) -> None:
     mesh.publish("resilience", "web-resilience", """service = "web"
 [timeouts]
@@ -233,6 +234,7 @@ enabled = false
     assert "timeout" in hs["x-rumor-error"] or "no response" in hs["x-rumor-error"]
 
 
+@pytest.mark.alone
 def test_circuit_breaker_fails_fast(mesh: Mesh) -> None:
     import threading
     mesh.publish("resilience", "web-resilience", """service = "web"

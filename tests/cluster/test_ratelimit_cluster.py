@@ -13,12 +13,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-from rumor.cli.ports import free_port
+import pytest
+
 from rumor.policy.envelope import make_payload, sign
 from rumor.policy.keys import SecretKey
 
 from ..agents import Agent, AgentCluster, wait_for
 from ..backends import Backend
+from ..ports import free_port
 
 HOST = "127.0.0.1"
 RATE = 60.0
@@ -63,6 +65,7 @@ def _drive(port: int, rate: float, seconds: float) -> dict[int, int]:
     return out
 
 
+@pytest.mark.alone
 def test_the_mesh_wide_limit_holds_as_an_instance_joins_and_leaves(tmp_path: Path) -> None:
     key = SecretKey.generate()
     pub = tmp_path / "ops.pub"

@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rumor.cli.ports import free_port
 from rumor.policy.envelope import make_payload, sign
 from rumor.policy.examples import canary_route
 from rumor.policy.keys import SecretKey
 
 from ..agents import Agent, AgentCluster, rumor, wait_for
 from ..backends import Backend
+from ..ports import free_port
 from .test_policy_cluster import put_envelope
 
 HOST = "127.0.0.1"

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from rumor.cli.ports import free_port
 from rumor.policy.envelope import make_payload, sign
 from rumor.policy.keys import SecretKey
 from rumor.proxy.ca import init_ca, issue
 
 from ..agents import Agent, AgentCluster, wait_for
 from ..backends import Backend
+from ..ports import free_port
 
 HOST = "127.0.0.1"
 

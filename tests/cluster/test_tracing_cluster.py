@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from rumor.cli.ports import free_port
 from rumor.cli.span_sink import SpanSink
 
 from ..agents import Agent, AgentCluster, wait_for
 from ..backends import Backend
+from ..ports import free_port
 
 pytestmark = pytest.mark.cluster
 HOST = "127.0.0.1"
@@ -175,6 +175,7 @@ def test_an_agent_that_stops_exports_what_it_still_held(traced: Traced, tmp_path
                 if svc == "batch"]) == 3
 
 
+@pytest.mark.alone
 def test_a_collector_down_drops_and_counts_but_slows_no_request(traced: Traced) -> None:
     ok, before = traced.send(200)
     assert ok == 200

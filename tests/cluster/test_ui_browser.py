@@ -29,10 +29,9 @@ from typing import Any
 
 import pytest
 
-from rumor.cli.ports import free_port
-
 from ..agents import Agent, AgentCluster, rumor, wait_for
 from ..backends import Backend
+from ..ports import free_port
 
 HOST = "127.0.0.1"
 HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
@@ -115,6 +114,7 @@ def _artifacts(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.alone
 def test_the_ui_follows_a_live_cluster(tmp_path: Path) -> None:
     _browser_paths()  # skip before starting anything
     from selenium.webdriver.common.by import By

@@ -14,12 +14,13 @@ import pytest
 import trio
 import trio.testing
 
-from rumor.cli.ports import free_port
 from rumor.gossip.backoff import retry_schedule
 from rumor.gossip.config import LOCAL
 from rumor.gossip.node import Node, NodeConfig
 from rumor.gossip.rejoin import SnapshotFile, SnapshotKeeper, rejoin, retry_join
 from rumor.gossip.snapshot import SnapshotError
+
+from ..ports import free_port
 
 
 def _run(fn, *args):  # type: ignore[no-untyped-def]
