@@ -146,6 +146,7 @@ def flood_host_names(port: int, start: int, n: int) -> list[bytes]:
     return statuses
 
 
+@pytest.mark.alone
 def test_idle_proxy_connections_cannot_starve_gossip_or_the_api(
         cluster: AgentCluster) -> None:
     out_port = free_port()

@@ -28,6 +28,7 @@ def test_five_agents_converge_and_detect_kill9(cluster: AgentCluster) -> None:
                    for e in a.events())
 
 
+@pytest.mark.alone
 def test_sigstop_shorter_than_suspicion_ends_in_refutation(cluster: AgentCluster) -> None:
     agents = cluster.start(5)
     victim, others = agents[2], [a for a in agents if a is not agents[2]]

@@ -85,6 +85,7 @@ def closed_by_peer(s: socket.socket) -> bool:
         return True  # reset, or never connected
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("how", ["fd-limit", "flags"])
 def test_a_silent_flood_of_the_inbound_leaves_outbound_calls_working(
         cluster: AgentCluster, backend: Backend, how: str) -> None:
@@ -182,6 +183,7 @@ def test_abandoned_uploads_free_their_upstream_connections(cluster: AgentCluster
         silent.close()
 
 
+@pytest.mark.alone
 def test_a_service_registered_at_the_agents_own_listener_ends_at_once(
         cluster: AgentCluster) -> None:
     out_port, in_port = free_port(), free_port()

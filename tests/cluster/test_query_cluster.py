@@ -10,6 +10,7 @@ import signal
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 import trio
 
 from rumor.gossip.config import LOCAL
@@ -74,6 +75,9 @@ def test_an_answer_larger_than_a_datagram_goes_by_stream_between_real_sockets() 
     trio.run(main)
 
 
+# alone: which survivor suspected first is read from wall clocks that explain aligns by
+# round-trip offset estimates, ms apart; another worker's load skews them (seen once).
+@pytest.mark.alone
 def test_explain_after_kill_names_the_suspecter_and_confirmers_the_logs_show(
         tmp_path: Path) -> None:
     cluster = AgentCluster(tmp_path)

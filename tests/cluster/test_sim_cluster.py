@@ -10,6 +10,8 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
+
 from rumor.gossip.config import LOCAL
 from rumor.gossip.wire import Status
 from rumor.simulations.engine import Simulator
@@ -49,6 +51,7 @@ def simulate() -> tuple[dict[str, dict[str, str]], float]:
     return views, took
 
 
+@pytest.mark.alone
 def test_simulator_and_real_cluster_agree_on_a_crash(cluster: AgentCluster) -> None:
     sim_views, sim_took = simulate()
     bound = detection_bound(LOCAL, len(NAMES))
