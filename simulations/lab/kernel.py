@@ -8,12 +8,14 @@ switch's nftables table comes from ``conditions.py``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Sequence
 
 import trio
 
@@ -29,7 +31,6 @@ from .conditions import (
 from .ledger import Ledger
 from .topology import Step, Topology
 
-CLONE_NEWNET = 0x40000000
 TOOLS = ("ip", "nft", "sysctl")
 
 
@@ -118,34 +119,14 @@ class Network:
         return dropped(await self._chain("faults"))
 
 
-_libc: ctypes.CDLL | None = None
-
-
-@contextlib.contextmanager
-def entered(netns: str) -> Iterator[None]:
-    """Run the block with this thread in ``netns`` (sockets made inside stay there)."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise LabError(f"setns {netns}: {os.strerror(err)}")
-        try:
-            yield
-        finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:  # pragma: no cover
-                raise LabError("cannot return to the lab's own namespace")
-    finally:
-        os.close(target)
-        os.close(home)
-
-
 def socket_in(netns: str, family: int, kind: int) -> socket.socket:
-    with entered(netns):
-        return socket.socket(family, kind)
+    """A socket made inside ``netns`` (it stays there; this thread does not)."""
+    from .nfqueue import NfQueueError, in_netns
+    try:
+        with in_netns(netns):
+            return socket.socket(family, kind)
+    except NfQueueError as e:
+        raise LabError(str(e)) from None
 
 
 class DelayLine:
@@ -161,8 +142,6 @@ class DelayLine:
         self.stats: dict[str, object] | None = None
 
     async def start(self) -> None:
-        import sys
-
         from .delay_line import delay_rules
         queues = []
         for name, spec in sorted(self.delays.items()):
@@ -188,8 +167,6 @@ class DelayLine:
             raise LabError(f"the delay line did not start (exit {proc.returncode})")
 
     async def stop(self) -> None:
-        import json
-        import signal
         if self.proc is None:
             return
         if self.proc.returncode is None:
