@@ -70,6 +70,11 @@ class Params:
     reliable_streams: bool = False
 
 
+#: Pause after a cold start's convergence (the join storm passes) and, in detect,
+#: between victims, as the shared harness's ``--settle`` default.
+SETTLE = 5.0
+
+
 # ---- building a cluster ---------------------------------------------------------------------
 
 
@@ -334,11 +339,6 @@ def crash(p: Params, progress: Progress | None = None) -> dict[str, Any]:
                    {"seconds": time.perf_counter() - t0, "setup_seconds": t_setup,
                     "run_seconds": run, "events": sim.events,
                     "run_events_per_s": (sim.events - events0) / max(run, 1e-9)})
-
-
-#: detect: pause after convergence and between victims, as the shared harness's
-#: ``--settle`` default.
-SETTLE = 5.0
 
 
 def detect(p: Params, progress: Progress | None = None) -> dict[str, Any]:
