@@ -59,7 +59,8 @@ from ..proxy.mesh_view import NodeView
 from ..proxy.metrics import ProxyMetrics
 from ..proxy.observe import Observer, observers
 from ..proxy.outbound import INBOUND_TAG, OutboundProxy
-from ..proxy.relay import ProxyLimits, serve_proxy
+from ..proxy.protocols import CARRIES_TAG
+from ..proxy.relay import AltProtocols, ProxyLimits, serve_proxy
 from ..proxy.tap import TapHub
 from ..proxy.tls import MeshTls, TlsConfigError, TlsFiles
 from .logs import log_event
@@ -398,13 +399,19 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
     if opts.inbound is not None:
         inbound = InboundProxy(mesh, evaluator, observer=observer, tls=tls, agent=opts.name,
                                trace_threshold=threshold)
+        # Besides HTTP/1.1: what other sidecars may open here (proxy/protocols.py).
+        inbound_alt = AltProtocols()
         port = await _listen(nursery, inbound, opts.inbound, "inbound", metrics,
-                             plan.inbound, limits, tls)
+                             plan.inbound, limits, tls, inbound_alt)
         host = opts.inbound[0]
         if host in ("0.0.0.0", "::"):
             host = node.address[0]
         # "[v6]:port": a bare IPv6 host with ":port" after it cannot be parsed back.
         reloader.own_tags[INBOUND_TAG] = format_address((host, port))
+        # Callers send HTTP/2 or mesh TCP only to an inbound that says it takes them.
+        carried = [p for p, h in (("h2", inbound_alt.h2), ("tcp", inbound_alt.tcp)) if h]
+        if carried:
+            reloader.own_tags[CARRIES_TAG] = ",".join(carried)
         node.set_tags({**opts.tags, **reloader.own_tags})
         log.info("inbound listener on %s:%d", opts.inbound[0], port,
                  extra={"event": "inbound", "inbound": f"{host}:{port}"})
@@ -412,8 +419,9 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
         outbound = OutboundProxy(mesh, evaluator, identity=identity, observer=observer,
                                  decay=opts.balancer_decay, tls=tls, agent=opts.name,
                                  trace_threshold=threshold)
+        outbound_alt = AltProtocols()  # h2c from the applications (gRPC clients)
         port = await _listen(nursery, outbound, opts.outbound, "outbound", metrics,
-                             plan.outbound, limits)
+                             plan.outbound, limits, alt=outbound_alt)
         log.info("outbound listener on %s:%d (calling as %s)", opts.outbound[0], port,
                  identity or "an unknown service",
                  extra={"event": "outbound", "outbound": f"{opts.outbound[0]}:{port}",
@@ -474,7 +482,7 @@ def _mesh_tls(opts: AgentOptions) -> MeshTls | None:
 async def _listen(nursery: trio.Nursery, handler: InboundProxy | OutboundProxy, addr: Address,
                   what: str,
                   metrics: ProxyMetrics, share: ListenerShare, limits: ProxyLimits,
-                  tls: MeshTls | None = None) -> int:
+                  tls: MeshTls | None = None, alt: AltProtocols | None = None) -> int:
     def refused(client: str, status: int, reason: str) -> None:
         metrics.protocol_errors.inc((what, status))
 
@@ -483,7 +491,9 @@ async def _listen(nursery: trio.Nursery, handler: InboundProxy | OutboundProxy, 
                                                 watchdog=handler.watchdog,
                                                 on_error=refused, tls=tls, limits=limits,
                                                 pool=FdPool(what, share.fds),
-                                                max_per_client=share.per_client))
+                                                max_per_client=share.per_client,
+                                                alt=alt if alt is not None and (
+                                                    alt.h2 or alt.tcp) else None))
     except OSError as e:
         raise StartupError(f"cannot bind {what} address {format_address(addr)}: "
                            f"{e.strerror or e}") from None

@@ -54,7 +54,7 @@ from .delegate import Delegate
 from .effects import MemberEvent
 from .fields import describe, valid_counter, valid_hostname, valid_name, valid_text
 from .membership import Membership
-from .service_spec import Registration, ServiceDef
+from .service_spec import Registration, ServiceDef, protocol_of
 
 CHANNEL = "catalog"
 #: The channel of signed record sets: agents of the previous build do not know it, and
@@ -193,6 +193,7 @@ class Instance:
         return {"id": self.id, "service": self.service, "node": self.node,
                 "address": self.address, "port": self.port, "tags": list(self.tags),
                 "version": self.version, "weight": self.weight, "status": self.status,
+                "protocol": protocol_of(self.tags),
                 "checks": [{"id": c.id, "kind": c.kind, "status": c.status}
                            for c in self.checks],
                 "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3)}

@@ -12,6 +12,9 @@ Spec string fields (``key=value`` separated by commas; lists separated by ``|``)
     id=web-1            default: the name (unique per agent)
     address=10.0.0.5    default: the agent's advertised host
     version=v2  tags=blue|canary  weight=10 (0-65535, default 1; 0 drains)
+    protocol=tcp        http (default, HTTP/1.1), http2, grpc or tcp: declared, never
+                        guessed; announced as the tag rumor.protocol=tcp (tags starting
+                        with "rumor." are the mesh's own and cannot be registered)
     check=http://127.0.0.1:8080/healthz | tcp://127.0.0.1:8080 | ttl
     interval=10s timeout=2s ttl=30s rise=1 fall=1 warn=0 initial=critical
 
@@ -41,7 +44,20 @@ _ADDRESS = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
 
 MAX_TAGS = 32
 MAX_CHECKS = 8
-SERVICE_KEYS = ("name", "id", "port", "address", "version", "tags", "weight", "checks")
+SERVICE_KEYS = ("name", "id", "port", "address", "version", "tags", "weight", "protocol",
+                "checks")
+
+HTTP = "http"
+HTTP2 = "http2"
+GRPC = "grpc"
+TCP = "tcp"
+#: What a service may declare it speaks; ``http`` (HTTP/1.1) is the default.
+PROTOCOLS = (HTTP, HTTP2, GRPC, TCP)
+#: The service tag carrying a declared protocol other than ``http``: a catalog record
+#: has a fixed number of fields, and an older agent keeps an unknown tag as a tag.
+PROTOCOL_TAG = "rumor.protocol="
+#: Service tags starting with this are the mesh's own; an operator cannot register them.
+RESERVED_TAG_PREFIX = "rumor."
 CHECK_KEYS = ("check", "interval", "timeout", "ttl", "rise", "fall", "warn", "initial")
 
 
@@ -60,6 +76,27 @@ class ServiceDef:
     tags: tuple[str, ...] = ()
     version: str = ""
     weight: int = 1
+
+
+    @property
+    def protocol(self) -> str:
+        return protocol_of(self.tags)
+
+
+def protocol_of(tags: tuple[str, ...] | list[str]) -> str:
+    """The protocol an instance's tags declare (``http`` when none does, or when the tag
+    names one this build does not know)."""
+    for t in tags:
+        if t.startswith(PROTOCOL_TAG):
+            p = t[len(PROTOCOL_TAG):]
+            if p in PROTOCOLS:
+                return p
+    return HTTP
+
+
+def protocol_tags(protocol: str) -> tuple[str, ...]:
+    """The tags announcing ``protocol`` (none for the default)."""
+    return () if protocol == HTTP else (PROTOCOL_TAG + protocol,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +164,20 @@ def registration_from_mapping(doc: Any, where: str = "service") -> Registration:
         if not isinstance(t, str) or not _TAG.match(t):
             raise SpecError(f"{where}: tag {t!r}: expected 1-64 of letters, digits or "
                             "'_.:=/+-'")
+        if t.startswith(RESERVED_TAG_PREFIX):
+            raise SpecError(f"{where}: tag {t!r}: tags starting with "
+                            f"{RESERVED_TAG_PREFIX!r} are the mesh's own (declare a "
+                            "protocol with protocol=)")
         if t not in tags:
             tags.append(t)
     if len(tags) > MAX_TAGS:
         raise SpecError(f"{where}: {len(tags)} tags: at most {MAX_TAGS}")
     # 0 drains: the instance stays registered (and healthy), gets no new requests.
     weight = _int(doc.get("weight", 1), "weight", where, 0, 65535)
+    protocol = _text(doc.get("protocol", HTTP), "protocol", where)
+    if protocol not in PROTOCOLS:
+        raise SpecError(f"{where}: protocol {protocol!r}: expected one of "
+                        f"{', '.join(PROTOCOLS)}")
 
     checks: list[CheckSpec] = []
     if "check" in doc:
@@ -156,7 +201,8 @@ def registration_from_mapping(doc: Any, where: str = "service") -> Registration:
         checks.append(_check(c, f"{where} checks[{i}]"))
     if len(checks) > MAX_CHECKS:
         raise SpecError(f"{where}: {len(checks)} checks: at most {MAX_CHECKS}")
-    svc = ServiceDef(sid, name, port, address, tuple(tags), version, weight)
+    svc = ServiceDef(sid, name, port, address, (*tags, *protocol_tags(protocol)), version,
+                     weight)
     return Registration(svc, tuple(checks))
 
 
@@ -263,10 +309,13 @@ def registration_to_mapping(reg: Registration) -> dict[str, Any]:
         out["address"] = s.address
     if s.version:
         out["version"] = s.version
-    if s.tags:
-        out["tags"] = list(s.tags)
+    tags = [t for t in s.tags if not t.startswith(RESERVED_TAG_PREFIX)]
+    if tags:
+        out["tags"] = tags
     if s.weight != 1:
         out["weight"] = s.weight
+    if s.protocol != HTTP:
+        out["protocol"] = s.protocol
     if reg.checks:
         out["checks"] = [_check_to_mapping(c) for c in reg.checks]
     return out
@@ -284,6 +333,7 @@ def _check_to_mapping(c: CheckSpec) -> dict[str, Any]:
     return out
 
 
-__all__ = ["CRITICAL", "Registration", "ServiceDef", "SpecError", "parse_duration",
-           "parse_spec", "registration_from_mapping", "registration_to_mapping",
-           "registrations_from_toml"]
+__all__ = ["CRITICAL", "GRPC", "HTTP", "HTTP2", "PROTOCOLS", "PROTOCOL_TAG",
+           "RESERVED_TAG_PREFIX", "TCP", "Registration", "ServiceDef", "SpecError",
+           "parse_duration", "parse_spec", "protocol_of", "protocol_tags",
+           "registration_from_mapping", "registration_to_mapping", "registrations_from_toml"]

@@ -74,6 +74,11 @@ class Endpoint:
     rtt: float | None
     #: The instance's registered weight (0: draining, no new requests).
     weight: int = 1
+    #: What the instance speaks (``protocols.py``: http, http2, grpc, tcp).
+    protocol: str = "http"
+    #: What its agent's inbound accepts beyond HTTP/1.1 (``h2``, ``tcp``; empty for an
+    #: agent older than that tag).
+    carries: frozenset[str] = frozenset()
 
 
 class ServiceState:

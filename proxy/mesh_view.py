@@ -15,7 +15,9 @@ from typing import Protocol
 
 from ..gossip.address import parse_address
 from ..gossip.node import Node
+from ..gossip.service_spec import HTTP, protocol_of
 from .attempts import Endpoint
+from .protocols import carries_of
 
 #: Member tag through which an agent advertises its inbound listener.
 INBOUND_TAG = "rumor.inbound"
@@ -31,6 +33,8 @@ class LocalInstance:
     weight: int
     #: Its endpoint key as callers know it ("node/id").
     key: str = ""
+    #: What it speaks (``protocols.py``).
+    protocol: str = HTTP
 
 
 class MeshView(Protocol):
@@ -78,7 +82,9 @@ class NodeView:
             except ValueError:
                 continue
             out.append(Endpoint(f"{inst.node}/{inst.id}", inst.node, inst.id, inst.version,
-                                inst.tags, host, port, inst.rtt, inst.weight))
+                                inst.tags, host, port, inst.rtt, inst.weight,
+                                protocol_of(inst.tags),
+                                carries_of(m.meta) if m is not None else frozenset()))
         return out
 
     def knows(self, service: str) -> bool:
@@ -89,7 +95,7 @@ class NodeView:
             s = ls.service
             if s.name == service:
                 yield LocalInstance(sid, s.address or "127.0.0.1", s.port, s.weight,
-                                    f"{self.node.name}/{sid}")
+                                    f"{self.node.name}/{sid}", s.protocol)
 
 
 __all__ = ["INBOUND_TAG", "LocalInstance", "MeshView", "NodeView"]

@@ -57,8 +57,9 @@ from .errors import ERROR_CODE_HEADER, ERROR_CONTENT_TYPE, ErrorCode, error_body
 from .headers import end_to_end, trailer_fields
 from .identity import Identity
 from .pool import Upload, UpstreamPool, UpstreamResponse
-from .sockio import ConnectionBroken, SocketIO, TimedOut, Watchdog, adopt
-from .tls import HandshakeFailed, MeshTls
+from .protocols import Sniffed, sniff
+from .sockio import ConnectionBroken, SocketIO, TimedOut, TlsSocketIO, Watchdog, adopt
+from .tls import ALPN_H2, HandshakeFailed, MeshTls
 
 log = logging.getLogger("rumor.proxy")
 
@@ -133,6 +134,20 @@ class Forward:
 
 
 Handler = Callable[["Request"], Awaitable[Reply | Forward]]
+#: Serves a connection of another protocol: (its socket, the verified peer under mutual
+#: TLS, the bytes already read from it). It owns the socket until it returns.
+AltHandler = Callable[[SocketIO, Identity | None, bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class AltProtocols:
+    """What a listener serves besides HTTP/1.1: HTTP/2 (the client preface, or ALPN
+    ``h2`` under TLS) and mesh TCP (``protocols.TCP_MAGIC``). A connection's first
+    bytes tell them apart exactly (``protocols.sniff``); a protocol without a handler
+    here is served as HTTP/1.1, which refuses it as bad request bytes."""
+
+    h2: AltHandler | None = None
+    tcp: AltHandler | None = None
 #: Called on answers the listener makes itself (400, 408, 431, 502 for a crash).
 ErrorHook = Callable[[str, int, str], None]
 
@@ -346,8 +361,8 @@ class _SlowRequests:
 class _ClientConn:
     """One client connection: its reader, what it read ahead, its limits."""
 
-    __slots__ = ("client", "eof", "events", "io", "limits", "nursery", "on_error", "peer",
-                 "reader", "requests", "slow", "watching")
+    __slots__ = ("client", "early", "eof", "events", "io", "limits", "nursery", "on_error",
+                 "peer", "reader", "requests", "slow", "watching")
 
     def __init__(self, io: SocketIO, limits: ProxyLimits, client: str, peer: Identity | None,
                  nursery: trio.Nursery, on_error: ErrorHook | None,
@@ -361,19 +376,27 @@ class _ClientConn:
         self.on_error = on_error
         self.reader = RequestReader(limits.max_header_bytes)
         self.events: deque[Event] = deque()
+        self.early = b""
         self.eof = False
         #: Request heads read so far on this connection.
         self.requests = 0
         #: The request being handled, while the client may still leave it.
         self.watching: Request | None = None
 
+    def feed(self, data: bytes) -> None:
+        """Bytes read before this connection's reader existed: parsed first."""
+        self.early = data
+
     async def _read(self, deadline: float) -> bool:
         """Read once and parse; False at the client's EOF. Raises ``ProtocolError`` for
         bad bytes already read before waiting for more."""
         if self.reader.failed is not None:
             raise self.reader.failed
-        self.io.set_deadline(deadline)
-        data = await self.io.recv()
+        if self.early:
+            data, self.early = self.early, b""
+        else:
+            self.io.set_deadline(deadline)
+            data = await self.io.recv()
         if not data:
             self.eof = True
             return False
@@ -688,13 +711,14 @@ class _ClientConn:
 async def serve_proxy(handler: Handler, host: str, port: int, *, watchdog: Watchdog,
                       limits: ProxyLimits | None = None, on_error: ErrorHook | None = None,
                       tls: MeshTls | None = None, pool: FdPool | None = None,
-                      max_per_client: int = 0,
+                      max_per_client: int = 0, alt: AltProtocols | None = None,
                       task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``handler`` on host:port until cancelled; reports the bound port. With
     ``tls`` every connection must first complete a mutual TLS handshake; the peer's
     verified identity then comes with each of its requests (``Request.peer``).
     Connections are accepted within ``pool`` (two descriptors each: the client's and
     an upstream's), at most ``max_per_client`` at once from one host (0: no cap).
+    ``alt`` serves the other protocols a connection may open with (``AltProtocols``).
     ``watchdog`` keeps the deadlines of this listener's sockets (and of the handler's
     upstream pool); it runs here."""
     lim = limits or ProxyLimits()
@@ -719,7 +743,16 @@ async def serve_proxy(handler: Handler, host: str, port: int, *, watchdog: Watch
                 log.debug("TLS handshake refused: %s", e, extra={"event": "tls_refused"})
                 return
         try:
-            await _serve_connection(io, handler, lim, on_error, peer, slow)
+            first = b""
+            if alt is not None:
+                proto, first = await _opening(io, lim.first_byte_timeout)
+                handle = alt.h2 if proto == "h2" else alt.tcp if proto == "tcp" else None
+                if handle is not None:
+                    await handle(io, peer, first)
+                    return
+                if proto is None:
+                    return  # silent past the first-byte limit, or closed: as HTTP/1.1 does
+            await _serve_connection(io, handler, lim, on_error, peer, slow, first)
         finally:
             io.close()
 
@@ -732,13 +765,38 @@ async def serve_proxy(handler: Handler, host: str, port: int, *, watchdog: Watch
         task_status.started(bound)
 
 
+async def _opening(io: SocketIO, timeout: float) -> tuple[Sniffed | None, bytes]:
+    """(the protocol a new connection speaks, the bytes read to tell): ALPN under TLS,
+    else its first bytes, read until ``sniff`` decides; (None, ...) when the client
+    closed or stayed silent past ``timeout``."""
+    if isinstance(io, TlsSocketIO) and io.alpn == ALPN_H2:
+        return "h2", b""
+    io.set_deadline(trio.current_time() + timeout)
+    first = b""
+    try:
+        while True:
+            data = await io.recv()
+            if not data:
+                return None, first
+            first += data
+            proto = sniff(first)
+            if proto is not None:
+                return proto, first
+    except (TimedOut, ConnectionBroken):
+        return None, first
+    finally:
+        io.deadline = math.inf
+
+
 async def _serve_connection(io: SocketIO, handler: Handler, limits: ProxyLimits,
                             on_error: ErrorHook | None, peer: Identity | None,
-                            slow: _SlowRequests | None = None) -> None:
+                            slow: _SlowRequests | None = None, first: bytes = b"") -> None:
     client = io.peer_name()
     try:
         async with trio.open_nursery() as nursery:
             conn = _ClientConn(io, limits, client, peer, nursery, on_error, slow)
+            if first:  # read to tell the protocol (serve_proxy's alt)
+                conn.feed(first)
             try:
                 await _requests(conn, handler)
             finally:

@@ -278,6 +278,11 @@ class TlsSocketIO(SocketIO):
             raise ConnectionBroken(f"TLS: {e.reason or e}") from None
         await SocketIO.send(self, self._out.read())
 
+    @property
+    def alpn(self) -> str | None:
+        """The application protocol the handshake chose (ALPN), None if none."""
+        return self.tls.selected_alpn_protocol()
+
     def idle_and_open(self) -> bool:
         # Sessions tickets are off on the server side (tls.py), so an idle mutual-TLS
         # connection has nothing to say; any bytes are a close_notify or worse.

@@ -39,6 +39,9 @@ log = logging.getLogger("rumor.tls")
 HANDSHAKE_TIMEOUT = 10.0
 #: How often the agent looks for renewed certificate files.
 RELOAD_INTERVAL = 5.0
+#: ALPN protocol ids (RFC 7301): HTTP/2 between sidecars, or HTTP/1.1.
+ALPN_H2 = "h2"
+ALPN_HTTP1 = "http/1.1"
 
 
 class TlsConfigError(ValueError):
@@ -66,6 +69,8 @@ class MeshTls:
         self.files = files
         self.server: ssl.SSLContext
         self.client: ssl.SSLContext
+        #: The client side for HTTP/2 between sidecars: offers only ALPN ``h2``.
+        self.client_h2: ssl.SSLContext
         self.identity: Identity
         self.not_after: datetime.datetime
         self._stamp: tuple[tuple[int, int], ...] = ()
@@ -74,7 +79,7 @@ class MeshTls:
         self._load()
 
     def _load(self) -> None:
-        (self.server, self.client, self.identity, self.not_after,
+        (self.server, self.client, self.client_h2, self.identity, self.not_after,
          self._stamp) = _build(self.files)
 
     def check_files(self, files: TlsFiles) -> None:
@@ -86,7 +91,8 @@ class MeshTls:
         anything is replaced, so a bad set keeps the contexts in use."""
         built = _build(files)
         self.files = files
-        self.server, self.client, self.identity, self.not_after, self._stamp = built
+        (self.server, self.client, self.client_h2, self.identity, self.not_after,
+         self._stamp) = built
         self.stats["reloads"] += 1
         log.info("TLS files replaced: %s, valid until %s", self.describe(),
                  self.not_after.isoformat(), extra={"event": "tls_reloaded"})
@@ -172,9 +178,10 @@ class HandshakeFailed(Exception):
     """The peer did not complete a verified TLS 1.3 handshake."""
 
 
-def _build(f: TlsFiles) -> tuple[ssl.SSLContext, ssl.SSLContext, Identity,
+def _build(f: TlsFiles) -> tuple[ssl.SSLContext, ssl.SSLContext, ssl.SSLContext, Identity,
                                  datetime.datetime, tuple[tuple[int, int], ...]]:
-    """Both contexts, the identity, its expiry and the files' stamp, from ``f``."""
+    """The contexts (server, HTTP/1.1 client, HTTP/2 client), the identity, its expiry
+    and the files' stamp, from ``f``."""
     from cryptography import x509  # only an agent with mutual TLS needs it
     from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -182,6 +189,8 @@ def _build(f: TlsFiles) -> tuple[ssl.SSLContext, ssl.SSLContext, Identity,
         stamp = f.stamp()
         server = _context(ssl.PROTOCOL_TLS_SERVER, f)
         client = _context(ssl.PROTOCOL_TLS_CLIENT, f)
+        client_h2 = _context(ssl.PROTOCOL_TLS_CLIENT, f)
+        client_h2.set_alpn_protocols([ALPN_H2])
         leaf = x509.load_pem_x509_certificate(f.cert.read_bytes())
         identity = identity_of(leaf.public_bytes(Encoding.DER))
     except ssl.SSLError as e:  # an OSError too: caught first, it names no file itself
@@ -193,7 +202,7 @@ def _build(f: TlsFiles) -> tuple[ssl.SSLContext, ssl.SSLContext, Identity,
         raise TlsConfigError(f"{e.filename}: {e.strerror}") from None
     except (ValueError, IdentityError) as e:
         raise TlsConfigError(f"{f.cert}: {e}") from None
-    return server, client, identity, leaf.not_valid_after_utc, stamp
+    return server, client, client_h2, identity, leaf.not_valid_after_utc, stamp
 
 
 def _context(purpose: ssl._SSLMethod, files: TlsFiles) -> ssl.SSLContext:
@@ -208,4 +217,7 @@ def _context(purpose: ssl._SSLMethod, files: TlsFiles) -> ssl.SSLContext:
         # No session tickets: a ticket arriving on an idle pooled connection makes it
         # readable, and the pool takes a readable idle connection for a closed one.
         ctx.num_tickets = 0
+        # HTTP/2 for a caller that offers it; a caller offering nothing (the HTTP/1.1
+        # pool, an agent older than HTTP/2 between sidecars) gets HTTP/1.1 as before.
+        ctx.set_alpn_protocols([ALPN_H2, ALPN_HTTP1])
     return ctx
