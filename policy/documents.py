@@ -37,6 +37,7 @@ FEATURE_RELEASES: dict[str, str] = {
     "resilience.hash": "0.2.0", "resilience.slow_start": "0.2.0",
     "route.rule.path": "0.2.0", "route.rule.method": "0.2.0", "route.rule.query": "0.2.0",
     "route.rule.request_headers": "0.2.0",
+    "resilience.retries.grpc_on": "0.3.0",
 }
 #: Balancing algorithms a resilience document may choose (``balancer = ...``).
 BALANCERS = ("peak_ewma", "least_request", "round_robin", "random", "hash")
@@ -61,6 +62,11 @@ UNAVAILABLE = "503"
 GATEWAY_TIMEOUT = "504"
 #: Conditions a retry may be taken on.
 RETRY_CONDITIONS = (CONNECT_FAILURE, BAD_GATEWAY, UNAVAILABLE, GATEWAY_TIMEOUT)
+#: gRPC statuses a retry policy may name (``grpc_on = [...]``), as the gRPC spec spells
+#: them (lower case, dashes); a trailers-only answer with one of these is retried.
+GRPC_RETRY_STATUSES = ("cancelled", "unknown", "deadline-exceeded", "resource-exhausted",
+                       "aborted", "internal", "unavailable", "data-loss")
+DEFAULT_GRPC_ON = ("unavailable",)
 #: Methods that RFC 9110 defines as idempotent: repeating them is safe.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
@@ -103,7 +109,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "resilience.slow_start": ("window", "aggression", "min_percent"),
     "resilience.timeouts": ("connect", "per_try", "overall"),
     "resilience.retries": ("attempts", "on", "non_idempotent", "backoff", "max_backoff",
-                           "budget"),
+                           "budget", "grpc_on"),
     "resilience.retries.budget": ("ratio", "min_per_second", "window"),
     "resilience.circuit_breaker": ("max_requests", "max_pending"),
     "resilience.outlier_ejection": ("enabled", "consecutive_failures", "base_ejection_time",
@@ -377,6 +383,9 @@ class RetryPolicy:
     backoff: float  # base of the exponential backoff between tries, seconds
     max_backoff: float
     budget: RetryBudget
+    #: gRPC statuses (``GRPC_RETRY_STATUSES``) retried whatever the method: a gRPC call
+    #: is always a POST, and its service says by status what is safe to retry.
+    grpc_on: tuple[str, ...] = DEFAULT_GRPC_ON
 
     def backoff_ceiling(self, retry: int) -> float:
         """The longest wait before the ``retry``-th retry (1 for the first): backoff ×
@@ -389,6 +398,8 @@ class RetryPolicy:
         """Whether a try of ``method`` that failed with ``condition`` may be retried
         (the attempt count and the budget are the caller's to check). A connect
         failure never reached the upstream, so it is safe to retry for any method."""
+        if condition.startswith("grpc:"):  # a gRPC status: the service's word decides
+            return condition[5:] in self.grpc_on
         if condition not in self.on:
             return False
         if condition == "connect-failure" or self.non_idempotent:
@@ -400,7 +411,7 @@ class RetryPolicy:
                 "non_idempotent": self.non_idempotent,
                 "backoff": format_duration(self.backoff),
                 "max_backoff": format_duration(self.max_backoff),
-                "budget": self.budget.to_json()}
+                "budget": self.budget.to_json(), "grpc_on": list(self.grpc_on)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -708,6 +719,8 @@ def document_features(doc: Document) -> frozenset[str]:
             used.add("resilience.hash")
         if spec.balancer.slow_start != DEFAULT_SLOW_START:
             used.add("resilience.slow_start")
+        if spec.retries.grpc_on != DEFAULT_GRPC_ON:
+            used.add("resilience.retries.grpc_on")
     if isinstance(spec, RouteSpec):
         for r in spec.rules:
             if r.path is not None:
@@ -737,6 +750,7 @@ __all__ = [
     "DEFAULT_SLOW_START",
     "FEATURE_RELEASES",
     "FIELDS",
+    "GRPC_RETRY_STATUSES",
     "HEADER_FIELDS",
     "IDEMPOTENT_METHODS",
     "KINDS",

@@ -150,6 +150,8 @@ on = ["connect-failure", "502", "503", "504"]
 non_idempotent = false    # false: only GET, HEAD, OPTIONS, TRACE, PUT and DELETE are
                           # retried on 502/503/504; true: POST and PATCH too. A connect
                           # failure is retried for every method: the request never left.
+grpc_on = ["unavailable"] # gRPC statuses retried when a call's answer is trailers-only
+                          # (default unavailable; names from the gRPC spec, lower case)
 backoff = "25ms"          # the wait before retry n is random, up to backoff × 2^(n-1)
 max_backoff = "250ms"     # ... capped here (defaults 25ms and 250ms; backoff <= 10s,
                           # max_backoff from backoff to 1m)

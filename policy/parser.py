@@ -28,9 +28,11 @@ from .documents import (
     ALL_SUBSET,
     BALANCERS,
     DEFAULT_BALANCER,
+    DEFAULT_GRPC_ON,
     DEFAULT_SLOW_START,
     FEATURE_RELEASES,
     FIELDS,
+    GRPC_RETRY_STATUSES,
     HEADER_FIELDS,
     KINDS,
     MAX_DESCRIPTION,
@@ -362,6 +364,8 @@ def _features(kind: str, table: Mapping[str, Any]) -> frozenset[str]:
     used = {f"kind {kind}"}
     if kind == "resilience":
         used |= {f"resilience.{k}" for k in ("balancer", "hash", "slow_start") if k in table}
+        if "grpc_on" in table.get("retries", {}):
+            used.add("resilience.retries.grpc_on")
     elif kind == "route":
         for rule in table.get("rule", []):
             used |= {f"route.rule.{k}" for k in ("path", "method", "query",
@@ -698,6 +702,17 @@ def _resilience_body(t: _Table, service: str) -> ResilienceSpec:
         if c in on:
             raise _Invalid(field, f"condition {_quote(c)} is listed twice")
         on.append(c)
+    grpc_on: list[str] = []
+    raw_grpc = re_.array("grpc_on", len(GRPC_RETRY_STATUSES), 0) if re_.has("grpc_on") \
+        else list(DEFAULT_GRPC_ON)
+    for i, status in enumerate(raw_grpc):
+        field = f"{re_.at('grpc_on')}[{i}]"
+        if status not in GRPC_RETRY_STATUSES:
+            expected = ", ".join(_quote(x) for x in GRPC_RETRY_STATUSES)
+            raise _Invalid(field, f"expected one of {expected}, found {_show(status)}")
+        if status in grpc_on:
+            raise _Invalid(field, f"gRPC status {_quote(status)} is listed twice")
+        grpc_on.append(status)
     non_idempotent = re_.boolean("non_idempotent", False)
     backoff = re_.duration("backoff", 0.0, 10.0, 0.025)
     max_backoff = re_.duration("max_backoff", 0.0, 60.0, max(0.25, backoff))
@@ -724,7 +739,8 @@ def _resilience_body(t: _Table, service: str) -> ResilienceSpec:
     percent = oe.integer("max_ejected_percent", 0, 100, 50)
     return ResilienceSpec(
         service, Timeouts(connect, per_try, overall),
-        RetryPolicy(attempts, tuple(on), non_idempotent, backoff, max_backoff, budget),
+        RetryPolicy(attempts, tuple(on), non_idempotent, backoff, max_backoff, budget,
+                    tuple(grpc_on)),
         breaker, OutlierEjection(enabled, failures, base, longest, percent), _balancer(t))
 
 

@@ -1166,3 +1166,41 @@ def test_new_kinds_cut_and_continued_raise_only_policy_error(kind: str, n: int,
     base = EXAMPLES[kind]
     with contextlib.suppress(PolicyError):
         parse_document(base[: n % (len(base) + 1)] + tail)
+
+
+# --- gRPC statuses a retry may be taken on (issue 32) ----------------------------------
+
+
+def test_grpc_on_default_and_given() -> None:
+    from rumor.policy.documents import document_features, required_release
+
+    spec = parse(RESILIENCE).spec
+    assert isinstance(spec, ResilienceSpec)
+    assert spec.retries.grpc_on == ("unavailable",)
+    assert "resilience.retries.grpc_on" not in document_features(parse(RESILIENCE))
+    doc = parse(RESILIENCE + '[retries]\ngrpc_on = ["unavailable", "resource-exhausted"]\n')
+    assert isinstance(doc.spec, ResilienceSpec)
+    assert doc.spec.retries.grpc_on == ("unavailable", "resource-exhausted")
+    assert doc.spec.retries.to_json()["grpc_on"] == ["unavailable", "resource-exhausted"]
+    # An older agent's parser rejects the key: the document needs 0.3.0.
+    assert document_features(doc) == {"resilience.retries.grpc_on"}
+    assert required_release(doc) == "0.3.0"
+    # An empty list: no gRPC status is retried.
+    none = parse(RESILIENCE + "[retries]\ngrpc_on = []\n").spec
+    assert isinstance(none, ResilienceSpec)
+    assert none.retries.grpc_on == ()
+
+
+@pytest.mark.parametrize(("text", "field", "fragment"), [
+    (RESILIENCE + '[retries]\ngrpc_on = ["UNAVAILABLE"]\n', "retries.grpc_on[0]",
+     'expected one of "cancelled", "unknown", "deadline-exceeded"'),
+    (RESILIENCE + '[retries]\ngrpc_on = [14]\n', "retries.grpc_on[0]", "found integer 14"),
+    (RESILIENCE + '[retries]\ngrpc_on = ["aborted", "aborted"]\n', "retries.grpc_on[1]",
+     'gRPC status "aborted" is listed twice'),
+    (RESILIENCE + '[retries]\ngrpc_on = "unavailable"\n', "retries.grpc_on",
+     "expected an array"),
+])
+def test_grpc_on_errors(text: str, field: str, fragment: str) -> None:
+    with pytest.raises(PolicyError) as e:
+        parse(text)
+    assert field in str(e.value) and fragment in str(e.value)
