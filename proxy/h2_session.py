@@ -1,0 +1,317 @@
+"""The rules around one ``h2.H2Connection`` that both HTTP/2 shells share.
+
+``h2`` (python-hyper) does the framing, HPACK and the protocol's state machine; it
+does not decide how much a peer may make us hold or do. This core adds that, with
+the time passed in (``now``) so it stays sans-IO and testable without sockets:
+
+- our SETTINGS from ``H2Limits`` (concurrent streams, header list size, windows,
+  frame size, no server push);
+- rapid reset (CVE-2023-44487): streams the peer resets are counted per
+  ``reset_window``; past ``max_resets`` the connection ends with GOAWAY
+  ENHANCE_YOUR_CALM;
+- floods of frames that cost us work but carry nothing (SETTINGS, PING,
+  WINDOW_UPDATE, PRIORITY, unknown frames, empty DATA without END_STREAM): at most
+  ``max_control_frames`` per ``control_window``, then GOAWAY ENHANCE_YOUR_CALM;
+- header blocks (the 2024 CONTINUATION floods): h2 keeps at most 64 frames of one
+  unfinished block (``h2.frame_buffer.CONTINUATION_BACKLOG``); beside that count we
+  cap its bytes at ``max_header_block`` (checked after every frame-sized slice fed),
+  and HPACK decodes at most ``max_header_block`` bytes of fields: past either,
+  GOAWAY ENHANCE_YOUR_CALM (a connection error: HPACK state cannot be kept);
+- a header list above the advertised ``max_header_list_size`` that fits the hard cap
+  was decoded (HPACK state kept), so it is refused on its stream alone: a request is
+  answered 431 (RFC 9113 §10.5.1), a response reset (PROTOCOL_ERROR);
+- flow control that bounds memory: received DATA is credited back (WINDOW_UPDATE)
+  only when the consumer takes it (``consumed``), so what we buffer is at most
+  ``stream_window`` per stream and ``connection_window`` per connection (a peer that
+  sends more breaks flow control: h2 raises, GOAWAY FLOW_CONTROL_ERROR); data for
+  streams nobody reads any more is credited at once and dropped.
+
+``H2Limits.bound_bytes`` states the connection's memory bound as a number
+(defaults: 1 MiB bodies + 64 KiB header block + 32 KiB being fed + 100 × 16 KiB
+accepted header lists = 2,785,280 bytes); the hostile tests assert against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from dataclasses import dataclass
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+
+#: Bytes fed to h2 at a time, so the header-block cap is checked at frame granularity.
+FEED_SLICE = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class H2Limits:
+    """Every limit of an HTTP/2 connection, each a number (see docs/proxy.md)."""
+
+    max_concurrent_streams: int = 100
+    max_header_list_size: int = 16 * 1024     # as HTTP/1.1's max_header_bytes
+    stream_window: int = 256 * 1024           # per-stream receive window (memory bound)
+    connection_window: int = 1024 * 1024
+    max_frame_size: int = 16 * 1024
+    preface_timeout: float = 5.0
+    idle_timeout: float = 60.0
+    #: Rapid reset: streams the peer resets per window.
+    max_resets: int = 200
+    reset_window: float = 10.0
+    #: Bytes of one header block (HEADERS + CONTINUATION) held, and decoded, at most.
+    max_header_block: int = 64 * 1024
+    #: SETTINGS, PING, WINDOW_UPDATE, PRIORITY, unknown and empty DATA frames per window.
+    max_control_frames: int = 1000
+    control_window: float = 10.0
+    #: How long a send waits for the peer's window (or a write for the socket).
+    send_timeout: float = 30.0
+
+    def bound_bytes(self) -> int:
+        """What one connection may make us hold: bodies, a header block, the bytes
+        being fed, accepted header lists."""
+        return (self.connection_window + self.max_header_block + 2 * FEED_SLICE
+                + self.max_concurrent_streams * self.max_header_list_size)
+
+
+class SessionError(Exception):
+    """The connection is over: a GOAWAY is queued (``data_to_send``) unless the peer
+    ended it; ``code`` is the HTTP/2 error code, ``reason`` says why."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class _Counter:
+    """Events within a sliding window of ``window`` seconds (at most ``cap`` + 1 kept)."""
+
+    __slots__ = ("cap", "times", "window")
+
+    def __init__(self, cap: int, window: float) -> None:
+        self.cap = cap
+        self.window = window
+        self.times: deque[float] = deque()
+
+    def over(self, now: float) -> bool:
+        """Count one at ``now``; True once more than ``cap`` fell within the window."""
+        t = self.times
+        t.append(now)
+        while t and (t[0] <= now - self.window or len(t) > self.cap + 1):
+            t.popleft()
+        return len(t) > self.cap
+
+
+def header_list_size(headers: list[tuple[bytes, bytes]]) -> int:
+    """The size RFC 9113 §6.5.2 counts: name + value + 32 per field."""
+    return sum(len(n) + len(v) + 32 for n, v in headers)
+
+
+_HEADS = (h2.events.RequestReceived, h2.events.ResponseReceived, h2.events.TrailersReceived,
+          h2.events.InformationalResponseReceived)
+_CONTROL = (h2.events.RemoteSettingsChanged, h2.events.PingReceived, h2.events.WindowUpdated,
+            h2.events.PriorityUpdated, h2.events.UnknownFrameReceived)
+
+
+class H2Session:
+    """One HTTP/2 connection's protocol state and limits; no I/O."""
+
+    def __init__(self, limits: H2Limits, *, client_side: bool) -> None:
+        self.limits = limits
+        self.client_side = client_side
+        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
+                                           validate_inbound_headers=True)
+        self.conn = h2.connection.H2Connection(config)
+        codes = h2.settings.SettingCodes
+        self.conn.local_settings = h2.settings.Settings(client=client_side, initial_values={
+            codes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+            codes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+            codes.INITIAL_WINDOW_SIZE: limits.stream_window,
+            codes.MAX_FRAME_SIZE: limits.max_frame_size,
+            codes.ENABLE_PUSH: 0,
+        })
+        self.conn.max_inbound_frame_size = limits.max_frame_size
+        self.conn.decoder.max_header_list_size = limits.max_header_block
+        self._resets = _Counter(limits.max_resets, limits.reset_window)
+        self._control = _Counter(limits.max_control_frames, limits.control_window)
+        #: Received bytes not yet taken by the consumer, per stream.
+        self._held: dict[int, int] = {}
+        #: Open streams whose data we drop (refused, abandoned by their consumer).
+        self._dropped: set[int] = set()
+        #: Bytes held for consumers, all streams.
+        self.buffered = 0
+        #: The most ever held (the hostile tests compare it with ``bound_bytes``).
+        self.peak_buffered = 0
+        self.stats = {"resets_received": 0, "refused_headers": 0, "goaway_calm": 0}
+        self.error: SessionError | None = None
+
+    def start(self) -> None:
+        """Queue our preface/SETTINGS and open the connection window to its limit."""
+        self.conn.initiate_connection()
+        extra = self.limits.connection_window - 65535
+        if extra > 0:
+            self.conn.increment_flow_control_window(extra)
+
+    def data_to_send(self) -> bytes:
+        return self.conn.data_to_send()
+
+    # -- receiving --------------------------------------------------------------
+
+    def receive(self, data: bytes, now: float) -> list[h2.events.Event]:
+        """Feed bytes read from the peer; the events the consumer must see. Raises
+        ``SessionError`` (and only that) when the connection must end, GOAWAY queued."""
+        if self.error is not None:
+            raise self.error
+        out: list[h2.events.Event] = []
+        view = memoryview(data)
+        for i in range(0, len(view), FEED_SLICE):
+            try:
+                events = self.conn.receive_data(view[i:i + FEED_SLICE])
+            except h2.exceptions.ProtocolError as e:
+                code = int(getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR))
+                raise self._fail(code, f"HTTP/2 protocol error: {e}", goaway=False) from None
+            # Our hard cap, reasserted: a SETTINGS ACK sets h2's to the advertised one.
+            self.conn.decoder.max_header_list_size = self.limits.max_header_block
+            if self._pending_header_bytes() > self.limits.max_header_block:
+                raise self._calm(f"a header block above {self.limits.max_header_block} "
+                                 "bytes")
+            for ev in events:
+                self._check(ev, now, out)
+        return out
+
+    def _pending_header_bytes(self) -> int:
+        # h2 keeps the frames of an unfinished header block here (frame_buffer.py).
+        frames = getattr(self.conn.incoming_buffer, "_headers_buffer", ())
+        return sum(len(f.data) for f in frames)
+
+    def _check(self, ev: h2.events.Event, now: float, out: list[h2.events.Event]) -> None:
+        lim = self.limits
+        if isinstance(ev, h2.events.StreamReset):
+            sid = int(ev.stream_id or 0)
+            self._release(sid)
+            self._dropped.discard(sid)
+            if ev.remote_reset:
+                self.stats["resets_received"] += 1
+                if self._resets.over(now):
+                    raise self._calm(f"more than {lim.max_resets} streams reset in "
+                                     f"{lim.reset_window:g} s (rapid reset)")
+        elif isinstance(ev, _CONTROL):
+            if self._control.over(now):
+                raise self._calm(f"more than {lim.max_control_frames} control frames in "
+                                 f"{lim.control_window:g} s")
+        elif isinstance(ev, h2.events.DataReceived):
+            sid = int(ev.stream_id or 0)
+            if not ev.data and ev.stream_ended is None and self._control.over(now):
+                raise self._calm(f"more than {lim.max_control_frames} empty DATA frames "
+                                 f"in {lim.control_window:g} s")
+            n = ev.flow_controlled_length or 0
+            if sid in self._dropped or sid not in self._held:
+                self._ack(sid, n)
+                if ev.stream_ended is not None:
+                    self._dropped.discard(sid)
+                return
+            self._held[sid] += n
+            self.buffered += n
+            self.peak_buffered = max(self.peak_buffered, self.buffered)
+        elif isinstance(ev, _HEADS):
+            sid = int(ev.stream_id or 0)
+            if sid in self._dropped:
+                if getattr(ev, "stream_ended", None) is not None:
+                    self._dropped.discard(sid)
+                return
+            headers: list[tuple[bytes, bytes]] = list(ev.headers or [])
+            if header_list_size(headers) > lim.max_header_list_size:
+                self._refuse_headers(sid, isinstance(ev, h2.events.RequestReceived))
+                return
+            if isinstance(ev, (h2.events.RequestReceived, h2.events.ResponseReceived)):
+                self._held.setdefault(sid, 0)
+        elif isinstance(ev, h2.events.StreamEnded):
+            sid = int(ev.stream_id or 0)
+            if sid in self._dropped:
+                self._dropped.discard(sid)
+                return
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self._fail(int(ev.error_code or 0), "the peer sent GOAWAY", goaway=False)
+        out.append(ev)
+
+    def _refuse_headers(self, sid: int, request: bool) -> None:
+        self.stats["refused_headers"] += 1
+        self._held.pop(sid, None)
+        stream = self.conn.streams.get(sid)
+        if stream is not None and not stream.closed:
+            self._dropped.add(sid)
+        with contextlib.suppress(h2.exceptions.H2Error):
+            if request and not self.client_side:
+                self.conn.send_headers(sid, [(b":status", b"431")], end_stream=True)
+            else:
+                self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+
+    def _calm(self, why: str) -> SessionError:
+        self.stats["goaway_calm"] += 1
+        return self._fail(int(ErrorCodes.ENHANCE_YOUR_CALM), why, goaway=True)
+
+    def _fail(self, code: int, why: str, *, goaway: bool) -> SessionError:
+        if self.error is None:
+            self.error = SessionError(code, why)
+            if goaway:
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self.conn.close_connection(code, additional_data=why.encode()[:200])
+        return self.error
+
+    # -- flow control -----------------------------------------------------------
+
+    def _ack(self, sid: int, n: int) -> None:
+        if n <= 0:
+            return
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.conn.acknowledge_received_data(n, sid)
+
+    def consumed(self, sid: int, n: int) -> None:
+        """The consumer took ``n`` flow-controlled bytes of ``sid``: credit them back."""
+        held = self._held.get(sid)
+        if held is None:
+            return
+        n = min(n, held)
+        self._held[sid] = held - n
+        self.buffered -= n
+        self._ack(sid, n)
+
+    def held(self, sid: int) -> int:
+        return self._held.get(sid, 0)
+
+    def _release(self, sid: int) -> None:
+        held = self._held.pop(sid, 0)
+        self.buffered -= held
+        self._ack(sid, held)
+
+    def forget(self, sid: int) -> None:
+        """Nobody reads ``sid`` any more: credit what it held, drop what comes."""
+        self._release(sid)
+        stream = self.conn.streams.get(sid)
+        if stream is not None and not stream.closed:
+            self._dropped.add(sid)  # until the peer ends or resets it
+
+    def track(self, sid: int) -> None:
+        """A stream we opened (client side): its response data is held for a reader."""
+        self._held.setdefault(sid, 0)
+
+    # -- sending ----------------------------------------------------------------
+
+    def window(self, sid: int) -> int:
+        """Bytes we may send on ``sid`` now (the peer's windows, one frame at most);
+        -1 if the stream is closed."""
+        try:
+            w = self.conn.local_flow_control_window(sid)
+        except h2.exceptions.H2Error:
+            return -1
+        return min(w, self.conn.max_outbound_frame_size)
+
+    def open_outbound(self) -> int:
+        return self.conn.open_outbound_streams
+
+    def peer_max_streams(self) -> int:
+        return int(self.conn.remote_settings.max_concurrent_streams)

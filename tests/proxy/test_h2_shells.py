@@ -1,0 +1,199 @@
+"""serve_h2 and H2Upstreams end to end on loopback: a request and response with
+bodies larger than the windows both ways, trailers both ways, many concurrent streams
+on one connection, a handler cancelled by the caller's reset."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from rumor.proxy.h2_client import H2Upstreams
+from rumor.proxy.h2_server import H2Handler, H2Limits, H2Request, serve_h2
+from rumor.proxy.pool import TryFailed
+from rumor.proxy.sockio import SocketIO, Watchdog, adopt
+
+
+def trio_test(fn: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+    """Run the async test under trio (the suite has no trio plugin)."""
+    @functools.wraps(fn)
+    def run() -> None:
+        trio.run(fn)
+    return run
+
+
+SMALL = H2Limits(stream_window=64 * 1024, connection_window=128 * 1024)
+
+
+@asynccontextmanager
+async def h2_server(handler: H2Handler, limits: H2Limits = SMALL
+                    ) -> AsyncIterator[tuple[int, Watchdog, trio.Nursery]]:
+    watchdog = Watchdog()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watchdog.run)
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+
+        async def on(stream: trio.SocketStream) -> None:
+            io = SocketIO(adopt(stream), watchdog)
+            try:
+                await serve_h2(io, handler, first=b"", peer=None, client=io.peer_name(),
+                               limits=limits)
+            finally:
+                io.close()
+
+        nursery.start_soon(trio.serve_listeners, on, listeners)
+        yield port, watchdog, nursery
+        nursery.cancel_scope.cancel()
+
+
+async def echo(req: H2Request) -> None:
+    """Echo the body back with the request's trailers and one of its own."""
+    body = bytearray()
+    while True:
+        chunk = await req.receive()
+        if not chunk:
+            break
+        body += chunk
+    await req.respond(200, [(b"x-method", req.method), (b"x-path", req.path)])
+    await req.send(bytes(body))
+    await req.send_trailers([*(req.trailers or []), (b"x-len", str(len(body)).encode())])
+
+
+async def call(ups: H2Upstreams, port: int, body: bytes,
+               trailers: list[tuple[bytes, bytes]] | None = None,
+               ) -> tuple[int, list[tuple[bytes, bytes]], bytes, list[tuple[bytes, bytes]]]:
+    c = await ups.open(("127.0.0.1", port), method=b"POST", scheme=b"http",
+                       authority=b"svc", path=b"/x", headers=[(b"te", b"trailers")],
+                       end_stream=False, connect_deadline=trio.current_time() + 5)
+
+    async def upload() -> None:
+        await c.send(body)
+        await c.end(trailers)
+
+    got = bytearray()
+    async with trio.open_nursery() as n:
+        n.start_soon(upload)
+        status, headers, ended = await c.response()
+        assert not ended
+        while True:
+            chunk = await c.receive()
+            if not chunk:
+                break
+            got += chunk
+    return status, headers, bytes(got), c.trailers or []
+
+
+@trio_test
+async def test_body_and_trailers_both_ways_larger_than_windows() -> None:
+    async with h2_server(echo) as (port, watchdog, _):
+        ups = H2Upstreams(watchdog, limits=SMALL)
+        body = bytes(range(256)) * 4096  # 1 MiB: 16 stream windows, 8 connection windows
+        with trio.fail_after(20):
+            status, headers, got, trailers = await call(ups, port, body,
+                                                        [(b"grpc-status", b"0")])
+        ups.close()
+    assert status == 200
+    assert (b"x-path", b"/x") in headers
+    assert got == body
+    assert trailers == [(b"grpc-status", b"0"), (b"x-len", str(len(body)).encode())]
+
+
+@trio_test
+async def test_many_concurrent_streams_share_one_connection() -> None:
+    async with h2_server(echo) as (port, watchdog, _):
+        ups = H2Upstreams(watchdog, limits=SMALL)
+        results: list[bytes] = []
+
+        async def one(i: int) -> None:
+            _, _, got, _ = await call(ups, port, b"%d" % i * 1000)
+            results.append(got)
+
+        with trio.fail_after(20):
+            await call(ups, port, b"warm")  # one connection first
+            async with trio.open_nursery() as n:
+                for i in range(80):
+                    n.start_soon(one, i)
+        assert ups.stats["connections_opened"] == 1
+        ups.close()
+    assert sorted(results) == sorted(b"%d" % i * 1000 for i in range(80))
+
+
+@trio_test
+async def test_past_the_peers_stream_limit_a_second_connection_opens() -> None:
+    release = trio.Event()
+
+    async def slow(req: H2Request) -> None:
+        await release.wait()
+        await echo(req)
+
+    lim = H2Limits(max_concurrent_streams=4)
+    async with h2_server(slow, lim) as (port, watchdog, _):
+        ups = H2Upstreams(watchdog)
+        with trio.fail_after(20):
+            await trio.sleep(0)
+            async with trio.open_nursery() as n:
+                n.start_soon(call, ups, port, b"first")
+                await trio.sleep(0.2)  # SETTINGS seen: the peer allows 4
+                for _ in range(7):
+                    n.start_soon(call, ups, port, b"x")
+                await trio.sleep(0.2)
+                release.set()
+        assert ups.stats["connections_opened"] == 2
+        ups.close()
+
+
+@trio_test
+async def test_a_cancelled_caller_resets_its_stream_and_the_handler_is_cancelled() -> None:
+    cancelled = trio.Event()
+    started = trio.Event()
+
+    async def hang(req: H2Request) -> None:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.set()
+            raise
+
+    async with h2_server(hang) as (port, watchdog, _):
+        ups = H2Upstreams(watchdog)
+        with trio.fail_after(10):
+            c = await ups.open(("127.0.0.1", port), method=b"GET", scheme=b"http",
+                               authority=b"svc", path=b"/", headers=[], end_stream=True,
+                               connect_deadline=trio.current_time() + 5)
+            with trio.move_on_after(0.2):
+                await c.response()
+            await started.wait()
+            await cancelled.wait()
+        ups.close()
+
+
+@trio_test
+async def test_a_handler_that_raises_answers_500() -> None:
+    async def boom(req: H2Request) -> None:
+        raise RuntimeError("boom")
+
+    async with h2_server(boom) as (port, watchdog, _):
+        ups = H2Upstreams(watchdog)
+        with trio.fail_after(10):
+            c = await ups.open(("127.0.0.1", port), method=b"GET", scheme=b"http",
+                               authority=b"svc", path=b"/", headers=[], end_stream=True,
+                               connect_deadline=trio.current_time() + 5)
+            status, _, ended = await c.response()
+        ups.close()
+    assert (status, ended) == (500, True)
+
+
+@trio_test
+async def test_connect_failure_is_a_try_failed() -> None:
+    watchdog = Watchdog()
+    ups = H2Upstreams(watchdog)
+    with pytest.raises(TryFailed) as e:
+        await ups.open(("127.0.0.1", 1), method=b"GET", scheme=b"http", authority=b"x",
+                       path=b"/", headers=[], end_stream=True,
+                       connect_deadline=trio.current_time() + 5)
+    assert e.value.condition == "connect-failure"
