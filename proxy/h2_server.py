@@ -42,6 +42,8 @@ __all__ = ["H2Handler", "H2Limits", "H2Request", "StreamGone", "serve_h2"]
 
 log = logging.getLogger("rumor.proxy.h2")
 
+#: Bytes of DATA queued for one stream before waiting for them to be written.
+SEND_BATCH = 64 * 1024
 #: Called on answers the connection makes itself (as relay.ErrorHook).
 ErrorHook = Callable[[str, int, str], None]
 
@@ -98,6 +100,9 @@ class H2Conn:
         self.closed = False
         self.goaway_last: int | None = None   # the peer's GOAWAY last stream id
         self.error: str | None = None
+        #: Called on each RequestReceived before the events after it (its DATA may
+        #: come in the same read): the server starts the stream there.
+        self.on_request: Callable[[h2.events.RequestReceived], None] | None = None
 
     # -- writing -------------------------------------------------------------------
 
@@ -145,7 +150,10 @@ class H2Conn:
         """Into the core; the events, with inbox bookkeeping done. Raises SessionError."""
         events = self.session.receive(data, trio.current_time())
         for ev in events:
-            if isinstance(ev, h2.events.DataReceived):
+            if isinstance(ev, h2.events.RequestReceived):
+                if self.on_request is not None:
+                    self.on_request(ev)
+            elif isinstance(ev, h2.events.DataReceived):
                 box = self.inboxes.get(ev.stream_id)
                 if box is None:
                     self.session.forget(ev.stream_id)
@@ -252,9 +260,15 @@ class H2Conn:
                                f"{self.limits.send_timeout:g} s")
                     raise box.gone  # type: ignore[misc]
                 continue
-            chunk, view = bytes(view[:n]), view[n:]
-            last = end_stream and not view
-            self._do(functools.partial(conn.send_data, sid, chunk, end_stream=last))
+            # Frames up to SEND_BATCH bytes, then one write for them all.
+            queued = 0
+            last = False
+            while n > 0 and view and queued < SEND_BATCH:
+                chunk, view = bytes(view[:n]), view[n:]
+                last = end_stream and not view
+                self._do(functools.partial(conn.send_data, sid, chunk, end_stream=last))
+                queued += len(chunk)
+                n = self.session.window(sid)
             await self.flush()
             if last:
                 return
@@ -360,10 +374,14 @@ _DEFAULT_LIMITS = H2Limits()
 
 async def serve_h2(io: SocketIO, handler: H2Handler, *, first: bytes, peer: Identity | None,
                    client: str, limits: H2Limits = _DEFAULT_LIMITS,
-                   on_error: ErrorHook | None = None) -> None:
+                   on_error: ErrorHook | None = None,
+                   observe: Callable[[H2Session], None] | None = None) -> None:
     """Serve HTTP/2 on ``io`` (the server side) until the client leaves, a limit ends
-    the connection, or this is cancelled. ``first``: bytes already read from it."""
+    the connection, or this is cancelled. ``first``: bytes already read from it.
+    ``observe`` is shown the connection's core (tests read its buffered bytes)."""
     session = H2Session(limits, client_side=False)
+    if observe is not None:
+        observe(session)
     session.start()
     conn = H2Conn(io, session)
     try:
@@ -398,6 +416,8 @@ async def _goodbye(conn: H2Conn) -> None:
 async def _serve(conn: H2Conn, handler: H2Handler, first: bytes, peer: Identity | None,
                  client: str, nursery: trio.Nursery, on_error: ErrorHook | None) -> None:
     lim = conn.limits
+    conn.on_request = functools.partial(_start, conn, handler=handler, client=client,
+                                        peer=peer, nursery=nursery)
     preface_by = trio.current_time() + lim.preface_timeout
     settled = False  # the client's preface and SETTINGS arrived
     data = first
@@ -415,8 +435,6 @@ async def _serve(conn: H2Conn, handler: H2Handler, first: bytes, peer: Identity 
             for ev in events:
                 if isinstance(ev, h2.events.RemoteSettingsChanged):
                     settled = True
-                elif isinstance(ev, h2.events.RequestReceived):
-                    _start(conn, ev, handler, client, peer, nursery)
                 elif isinstance(ev, h2.events.ConnectionTerminated):
                     conn.end("the client sent GOAWAY")
                     return
@@ -438,7 +456,7 @@ async def _serve(conn: H2Conn, handler: H2Handler, first: bytes, peer: Identity 
             return
 
 
-def _start(conn: H2Conn, ev: h2.events.RequestReceived, handler: H2Handler, client: str,
+def _start(conn: H2Conn, ev: h2.events.RequestReceived, *, handler: H2Handler, client: str,
            peer: Identity | None, nursery: trio.Nursery) -> None:
     sid = int(ev.stream_id or 0)
     pseudo: dict[bytes, bytes] = {}

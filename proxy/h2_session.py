@@ -20,6 +20,10 @@ the time passed in (``now``) so it stays sans-IO and testable without sockets:
 - a header list above the advertised ``max_header_list_size`` that fits the hard cap
   was decoded (HPACK state kept), so it is refused on its stream alone: a request is
   answered 431 (RFC 9113 §10.5.1), a response reset (PROTOCOL_ERROR);
+- a frame whose length is above ``max_frame_size`` ends the connection
+  (FRAME_SIZE_ERROR) as soon as its 9-byte header is in, not once h2 held its body;
+- a stream past ``max_concurrent_streams`` is refused alone (RST_STREAM
+  REFUSED_STREAM, counted with the resets), not the whole connection as h2 would;
 - flow control that bounds memory: received DATA is credited back (WINDOW_UPDATE)
   only when the consumer takes it (``consumed``), so what we buffer is at most
   ``stream_window`` per stream and ``connection_window`` per connection (a peer that
@@ -117,6 +121,20 @@ _CONTROL = (h2.events.RemoteSettingsChanged, h2.events.PingReceived, h2.events.W
             h2.events.PriorityUpdated, h2.events.UnknownFrameReceived)
 
 
+class _Connection(h2.connection.H2Connection):
+    """h2's connection, leaving the concurrent-stream limit to ``H2Session``: h2 makes
+    a HEADERS past MAX_CONCURRENT_STREAMS a connection error (TooManyStreamsError, all
+    streams lost) before decoding it, where RFC 9113 §5.1.2 asks for a stream error;
+    the session refuses the stream instead, once its block is decoded (HPACK in sync)."""
+
+    @property
+    def open_inbound_streams(self) -> int:
+        return 0  # h2's own check never trips; see H2Session.active_inbound
+
+    def active_inbound(self) -> int:
+        return int(h2.connection.H2Connection.open_inbound_streams.fget(self))  # type: ignore[attr-defined]
+
+
 class H2Session:
     """One HTTP/2 connection's protocol state and limits; no I/O."""
 
@@ -125,7 +143,7 @@ class H2Session:
         self.client_side = client_side
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                            validate_inbound_headers=True)
-        self.conn = h2.connection.H2Connection(config)
+        self.conn = _Connection(config)
         codes = h2.settings.SettingCodes
         self.conn.local_settings = h2.settings.Settings(client=client_side, initial_values={
             codes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
@@ -146,7 +164,8 @@ class H2Session:
         self.buffered = 0
         #: The most ever held (the hostile tests compare it with ``bound_bytes``).
         self.peak_buffered = 0
-        self.stats = {"resets_received": 0, "refused_headers": 0, "goaway_calm": 0}
+        self.stats = {"resets_received": 0, "refused_headers": 0, "refused_streams": 0,
+                      "goaway_calm": 0}
         self.error: SessionError | None = None
 
     def start(self) -> None:
@@ -179,6 +198,13 @@ class H2Session:
             if self._pending_header_bytes() > self.limits.max_header_block:
                 raise self._calm(f"a header block above {self.limits.max_header_block} "
                                  "bytes")
+            length = self._pending_frame_length()
+            if length > self.limits.max_frame_size:
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self.conn.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
+                raise self._fail(int(ErrorCodes.FRAME_SIZE_ERROR), f"a frame of {length} "
+                                 f"bytes (the limit is {self.limits.max_frame_size})",
+                                 goaway=False)
             for ev in events:
                 self._check(ev, now, out)
         return out
@@ -187,6 +213,13 @@ class H2Session:
         # h2 keeps the frames of an unfinished header block here (frame_buffer.py).
         frames = getattr(self.conn.incoming_buffer, "_headers_buffer", ())
         return sum(len(f.data) for f in frames)
+
+    def _pending_frame_length(self) -> int:
+        # h2 waits for a whole frame before it checks its length (frame_buffer.py), so a
+        # frame claiming 16 MiB would be held whole: read the length it claims (the
+        # first 3 bytes of its 9-byte header) as soon as it is in.
+        pending = getattr(self.conn.incoming_buffer, "_data", b"")
+        return int.from_bytes(pending[:3], "big") if len(pending) >= 9 else 0
 
     def _check(self, ev: h2.events.Event, now: float, out: list[h2.events.Event]) -> None:
         lim = self.limits
@@ -227,6 +260,13 @@ class H2Session:
             if header_list_size(headers) > lim.max_header_list_size:
                 self._refuse_headers(sid, isinstance(ev, h2.events.RequestReceived))
                 return
+            if isinstance(ev, h2.events.RequestReceived) and (
+                    self.conn.active_inbound() > lim.max_concurrent_streams):
+                self._refuse_stream(sid)
+                if self._resets.over(now):
+                    raise self._calm(f"more than {lim.max_resets} streams refused or reset "
+                                     f"in {lim.reset_window:g} s")
+                return
             if isinstance(ev, (h2.events.RequestReceived, h2.events.ResponseReceived)):
                 self._held.setdefault(sid, 0)
         elif isinstance(ev, h2.events.StreamEnded):
@@ -249,6 +289,15 @@ class H2Session:
                 self.conn.send_headers(sid, [(b":status", b"431")], end_stream=True)
             else:
                 self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+
+    def _refuse_stream(self, sid: int) -> None:
+        """Past MAX_CONCURRENT_STREAMS: RST_STREAM REFUSED_STREAM (safe to retry)."""
+        self.stats["refused_streams"] += 1
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.conn.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+        stream = self.conn.streams.get(sid)
+        if stream is not None and not stream.closed:
+            self._dropped.add(sid)
 
     def _calm(self, why: str) -> SessionError:
         self.stats["goaway_calm"] += 1

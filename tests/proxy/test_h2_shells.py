@@ -8,6 +8,9 @@ import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import trio
 
@@ -197,3 +200,45 @@ async def test_connect_failure_is_a_try_failed() -> None:
                        path=b"/", headers=[], end_stream=True,
                        connect_deadline=trio.current_time() + 5)
     assert e.value.condition == "connect-failure"
+
+
+async def raw_exchange(port: int, frames: Callable[[h2.connection.H2Connection], None]
+                       ) -> list[h2.events.Event]:
+    """A bare h2 client: ``frames`` queues what to send, all in one write after the
+    preface; the events until the server ends every stream or the connection."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                             header_encoding=None))
+    c.initiate_connection()
+    frames(c)
+    await stream.send_all(c.data_to_send())
+    seen: list[h2.events.Event] = []
+    open_ = set(c.streams)
+    while open_:
+        data = await stream.receive_some(65536)
+        if not data:
+            break
+        for ev in c.receive_data(data):
+            seen.append(ev)
+            if isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+                open_.discard(ev.stream_id)
+            if isinstance(ev, h2.events.DataReceived):
+                c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        await stream.send_all(c.data_to_send())
+    await stream.aclose()
+    return seen
+
+
+@trio_test
+async def test_a_body_in_the_same_read_as_its_head_reaches_the_handler() -> None:
+    def frames(c: h2.connection.H2Connection) -> None:
+        for sid in (1, 3, 5):
+            c.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"),
+                                 (b":authority", b"svc"), (b":path", b"/%d" % sid)])
+            c.send_data(sid, b"body-%d" % sid, end_stream=True)
+
+    async with h2_server(echo) as (port, _, _):
+        with trio.fail_after(10):
+            seen = await raw_exchange(port, frames)
+    bodies = {ev.stream_id: ev.data for ev in seen if isinstance(ev, h2.events.DataReceived)}
+    assert bodies == {1: b"body-1", 3: b"body-3", 5: b"body-5"}
