@@ -119,6 +119,7 @@ class H2Upstreams:
             raise TryFailed(STALE_CONNECTION, f"HTTP/2 connection unusable: {e}") from None
         box = Inbox()
         conn.inboxes[sid] = box
+        conn.set_read_deadline(math.inf)
         conn.session.track(sid)
         self.stats["streams"] += 1
         call = H2Call(conn, sid, box, connect_seconds, end_stream)
@@ -213,10 +214,8 @@ class H2Upstreams:
 
 async def _read(conn: H2Conn, settled: trio.Event) -> str:
     """Read responses until the connection ends; why it ended."""
-    lim = conn.limits
     while True:
-        now = trio.current_time()
-        conn.set_read_deadline(now + lim.idle_timeout if not conn.inboxes else math.inf)
+        conn.idle_deadline()
         try:
             data = await conn.io.recv()
         except TimedOut:
@@ -351,7 +350,7 @@ class H2Call:
             return
         self._done = True
         self._conn.reset(self.stream_id, self._box, code)
-        self._conn.inboxes.pop(self.stream_id, None)
+        self._conn.done(self.stream_id)
 
     def _finish(self) -> None:
         """The response is over (or failed): the stream's inbox goes."""

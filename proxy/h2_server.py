@@ -97,6 +97,7 @@ class H2Conn:
         self._window_evt = trio.Event()
         self._state_evt = trio.Event()
         self.read_deadline = math.inf
+        self._write_deadline = math.inf
         self.closed = False
         self.goaway_last: int | None = None   # the peer's GOAWAY last stream id
         self.error: str | None = None
@@ -129,9 +130,11 @@ class H2Conn:
                 data = self.session.data_to_send()
                 if data:
                     io = self.io
-                    io.set_deadline(min(self.read_deadline,
-                                        trio.current_time() + self.limits.send_timeout))
+                    # A peer that takes nothing for send_timeout loses the connection.
+                    self._write_deadline = trio.current_time() + self.limits.send_timeout
+                    io.set_deadline(min(self.read_deadline, self._write_deadline))
                     await io.send(data)
+                    self._write_deadline = math.inf
                     io.set_deadline(self.read_deadline)
                 self._written = gen
                 self._written_evt.set()
@@ -144,7 +147,15 @@ class H2Conn:
 
     def set_read_deadline(self, when: float) -> None:
         self.read_deadline = when
-        self.io.set_deadline(when)
+        self.io.set_deadline(min(when, self._write_deadline))
+
+    def idle_deadline(self) -> None:
+        """No stream open: the connection may idle for ``idle_timeout``; with one open,
+        the streams' own deadlines (the consumer's) apply."""
+        if self.inboxes:
+            self.set_read_deadline(math.inf)
+        else:
+            self.set_read_deadline(trio.current_time() + self.limits.idle_timeout)
 
     def feed(self, data: bytes) -> list[h2.events.Event]:
         """Into the core; the events, with inbox bookkeeping done. Raises SessionError."""
@@ -296,6 +307,8 @@ class H2Conn:
         self.inboxes.pop(sid, None)
         self.session.forget(sid)
         self.kick()
+        if not self.inboxes and not self.closed:
+            self.idle_deadline()
 
 
 def _name(code: int) -> str:
@@ -439,13 +452,10 @@ async def _serve(conn: H2Conn, handler: H2Handler, first: bytes, peer: Identity 
                     conn.end("the client sent GOAWAY")
                     return
             conn.kick()
-        now = trio.current_time()
         if not settled:
             conn.set_read_deadline(preface_by)
-        elif not conn.inboxes:
-            conn.set_read_deadline(now + lim.idle_timeout)
         else:
-            conn.set_read_deadline(math.inf)
+            conn.idle_deadline()
         try:
             data = await conn.io.recv()
         except TimedOut:
@@ -471,6 +481,7 @@ def _start(conn: H2Conn, ev: h2.events.RequestReceived, *, handler: H2Handler, c
     ended = ev.stream_ended is not None
     box.ended = ended
     conn.inboxes[sid] = box
+    conn.set_read_deadline(math.inf)
     req = H2Request(conn, sid, pseudo, regular, ended, client, peer, box)
     box.scope = req._scope
     nursery.start_soon(_run_stream, conn, req, handler)

@@ -13,9 +13,10 @@ import h2.connection
 import h2.events
 import pytest
 import trio
+import trio.testing
 
 from rumor.proxy.h2_client import H2Upstreams
-from rumor.proxy.h2_server import H2Handler, H2Limits, H2Request, serve_h2
+from rumor.proxy.h2_server import H2Handler, H2Limits, H2Request, StreamGone, serve_h2
 from rumor.proxy.pool import TryFailed
 from rumor.proxy.sockio import SocketIO, Watchdog, adopt
 
@@ -242,3 +243,82 @@ async def test_a_body_in_the_same_read_as_its_head_reaches_the_handler() -> None
             seen = await raw_exchange(port, frames)
     bodies = {ev.stream_id: ev.data for ev in seen if isinstance(ev, h2.events.DataReceived)}
     assert bodies == {1: b"body-1", 3: b"body-3", 5: b"body-5"}
+
+
+def mock_trio_test(fn: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+    """Under a MockClock that jumps while every task waits (real sockets: 0.1 s)."""
+    @functools.wraps(fn)
+    def run() -> None:
+        trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0.1))
+    return run
+
+
+@mock_trio_test
+async def test_an_idle_connection_ends_with_goaway_and_the_next_call_reconnects() -> None:
+    lim = H2Limits(idle_timeout=5.0)
+    async with h2_server(echo, lim) as (port, watchdog, _):
+        ups = H2Upstreams(watchdog, limits=H2Limits(idle_timeout=1000.0))
+        assert (await call(ups, port, b"one"))[2] == b"one"
+        assert ups.has_idle("127.0.0.1", port)
+        start = trio.current_time()
+        while ups.has_idle("127.0.0.1", port):
+            await trio.sleep(1)
+        assert 4 <= trio.current_time() - start < 7  # the server's idle timeout
+        assert (await call(ups, port, b"two"))[2] == b"two"
+        assert ups.stats["connections_opened"] == 2
+        ups.close()
+
+
+@mock_trio_test
+async def test_a_long_call_is_not_cut_by_the_idle_timeout() -> None:
+    async def slow(req: H2Request) -> None:
+        await trio.sleep(12)
+        await echo(req)
+
+    lim = H2Limits(idle_timeout=5.0)
+    async with h2_server(slow, lim) as (port, watchdog, _):
+        ups = H2Upstreams(watchdog, limits=lim)
+        status, _, got, _ = await call(ups, port, b"late")
+        ups.close()
+    assert (status, got) == (200, b"late")
+
+
+@mock_trio_test
+async def test_a_peer_that_keeps_its_window_shut_gets_the_stream_reset() -> None:
+    """A client that never credits the response body back: the handler's send gives
+    up after send_timeout (the stream is reset), the server holds no more than a
+    window of it and goes on serving."""
+    gone: list[str] = []
+
+    async def big(req: H2Request) -> None:
+        await req.respond(200, [])
+        try:
+            await req.send(b"x" * (1 << 20), end_stream=True)
+        except StreamGone as e:
+            gone.append(e.reason)
+            raise
+
+    lim = H2Limits(send_timeout=5.0)
+    async with h2_server(big, lim) as (port, _, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        c.initiate_connection()
+        c.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
+                           (b":authority", b"svc"), (b":path", b"/")], end_stream=True)
+        await stream.send_all(c.data_to_send())
+        received = 0
+        reset = None
+        start = trio.current_time()
+        while reset is None:
+            data = await stream.receive_some(65536)
+            assert data
+            for ev in c.receive_data(data):  # never acknowledged: the window stays shut
+                if isinstance(ev, h2.events.DataReceived):
+                    received += len(ev.data)
+                elif isinstance(ev, h2.events.StreamReset):
+                    reset = ev
+            await stream.send_all(c.data_to_send())
+        await stream.aclose()
+    assert received == 65535  # the default initial window, no more
+    assert 5 <= trio.current_time() - start < 7
+    assert gone and "window" in gone[0]
