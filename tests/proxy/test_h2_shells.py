@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -15,10 +16,14 @@ import pytest
 import trio
 import trio.testing
 
+from rumor.proxy.ca import init_ca, issue
 from rumor.proxy.h2_client import H2Upstreams
 from rumor.proxy.h2_server import H2Handler, H2Limits, H2Request, StreamGone, serve_h2
+from rumor.proxy.identity import Identity
 from rumor.proxy.pool import TryFailed
+from rumor.proxy.relay import AltProtocols, Reply, Request, serve_proxy, simple_reply
 from rumor.proxy.sockio import SocketIO, Watchdog, adopt
+from rumor.proxy.tls import MeshTls, TlsFiles
 
 
 def trio_test(fn: Callable[[], Awaitable[None]]) -> Callable[[], None]:
@@ -322,3 +327,58 @@ async def test_a_peer_that_keeps_its_window_shut_gets_the_stream_reset() -> None
     assert received == 65535  # the default initial window, no more
     assert 5 <= trio.current_time() - start < 7
     assert gone and "window" in gone[0]
+
+
+def _files(tmp_path: Path, node: str, services: list[str]) -> TlsFiles:
+    ca = tmp_path / "ca"
+    if not (ca / "ca.crt").exists():
+        init_ca(ca, "test")
+    cert, key = issue(ca, node, services, 30, tmp_path / node)
+    return TlsFiles(ca / "ca.crt", cert, key)
+
+
+def test_over_mutual_tls_alpn_h2_the_callee_identity_checked_the_caller_known(
+        tmp_path: Path) -> None:
+    """serve_proxy hands an ALPN-h2 connection to serve_h2 (first=b""), which sees the
+    caller's verified identity; H2Upstreams refuses a callee whose certificate does not
+    name the service before any stream is sent."""
+    server_tls = MeshTls(_files(tmp_path, "a", ["web"]))
+    client_tls = MeshTls(_files(tmp_path, "b", ["api"]))
+    callers: list[str] = []
+
+    async def who(req: H2Request) -> None:
+        callers.append(req.peer.node if req.peer is not None else "?")
+        await echo(req)
+
+    async def h2(io: SocketIO, peer: Identity | None, first: bytes) -> None:
+        await serve_h2(io, who, first=first, peer=peer, client=io.peer_name())
+
+    async def never(req: Request) -> Reply:
+        return simple_reply(500, b"not here")
+
+    async def main() -> None:
+        wd = Watchdog()
+        async with trio.open_nursery() as n:
+            port = await n.start(lambda task_status: serve_proxy(
+                never, "127.0.0.1", 0, watchdog=wd, tls=server_tls,
+                task_status=task_status, alt=AltProtocols(h2=h2)))
+            ups = H2Upstreams(wd, tls=client_tls)
+            c = await ups.open(("127.0.0.1", port), method=b"POST", scheme=b"https",
+                               authority=b"web", path=b"/x", headers=[],
+                               end_stream=False, connect_deadline=trio.current_time() + 5,
+                               service="web")
+            await c.end([(b"grpc-status", b"0")])
+            status, _, _ = await c.response()
+            assert status == 200
+            assert await c.receive() == b""
+            assert c.trailers is not None and (b"grpc-status", b"0") in c.trailers
+            with pytest.raises(TryFailed) as e:
+                await ups.open(("127.0.0.1", port), method=b"GET", scheme=b"https",
+                               authority=b"db", path=b"/", headers=[], end_stream=True,
+                               connect_deadline=trio.current_time() + 5, service="db")
+            assert e.value.condition == "connect-failure" and "'db'" in e.value.detail
+            ups.close()
+            n.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.5))
+    assert callers == ["b"]
