@@ -231,6 +231,9 @@ def settings(args: argparse.Namespace, agent: argparse.ArgumentParser) -> dict[s
 
 def _plain(value: Any) -> Any:
     from ..gossip.address import format_address
+    from ..proxy.tcp_spec import Upstream
+    if isinstance(value, Upstream):
+        return str(value)  # SERVICE=HOST:PORT, as --upstream takes it
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
         return format_address(value)  # an address
     if isinstance(value, list):

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..gossip.node import Node
     from ..policy.runtime import PolicyRuntime
     from ..proxy.access_log import AccessLog
+    from ..proxy.tcp_proxy import TcpUpstreams
     from ..proxy.tls import MeshTls
     from .agent import AgentOptions
 
@@ -34,7 +35,7 @@ log = logging.getLogger("rumor.agent")
 
 #: Settings (file keys) a running agent applies; the rest need a restart.
 LIVE = frozenset({"service", "tag", "trust_key", "trust_threshold", "log_level",
-                  "access_log", "tls_ca", "tls_cert", "tls_key"})
+                  "access_log", "tls_ca", "tls_cert", "tls_key", "upstream"})
 
 
 class ReloadError(ReloadRefused):
@@ -66,6 +67,10 @@ class Reloader:
     policies: PolicyRuntime | None = None
     access_log: AccessLog | None = None
     tls: MeshTls | None = None
+    #: The upstream ports (TCP services); None when the agent runs no sidecar.
+    upstreams: TcpUpstreams | None = None
+    #: Upstream listeners bound by ``_check``, served by ``_apply``.
+    _bound: list[Any] = field(default_factory=list)
     #: Re-reads the configuration (``cli.main.reread``): new options or ReloadError.
     reread: Callable[[list[str]], AgentOptions] | None = None
     #: Tags the agent adds itself (its inbound listener), kept across tag changes.
@@ -140,6 +145,8 @@ class Reloader:
         tls = {k for k in keys if k.startswith("tls_")}
         if tls and (self.tls is None) != (new.tls is None):
             out |= tls
+        if "upstream" in keys and self.upstreams is None:
+            out.add("upstream")  # no sidecar part to carry them: a restart starts it
         return out
 
     def _check(self, p: Plan, new: AgentOptions) -> None:
@@ -166,6 +173,13 @@ class Reloader:
             except OSError as e:
                 raise ReloadError(f"access_log {new.access_log}: "
                                   f"{e.strerror or e}") from None
+        if "upstream" in keys and self.upstreams is not None:
+            # Last: a bound port is the one check that takes something (closed if the
+            # reload is refused after all; nothing after this refuses).
+            try:
+                self._bound = self.upstreams.prepare(new.upstreams)
+            except OSError as e:
+                raise ReloadError(f"upstream: {e.strerror or e}") from None
 
     def _apply(self, group: str, new: AgentOptions) -> None:
         """One changed setting, or one group of them (``_group``); _switches has held
@@ -182,6 +196,9 @@ class Reloader:
             self.access_log.reopen(new.access_log)
         elif group == "tls" and self.tls and new.tls:
             self.tls.use_files(new.tls)
+        elif group == "upstream" and self.upstreams is not None:
+            bound, self._bound = self._bound, []
+            self.upstreams.apply(new.upstreams, bound)
 
     def _apply_services(self, new: AgentOptions) -> None:
         """Services from the files and flags: the removed ones go, new and changed ones

@@ -278,6 +278,19 @@ class TlsSocketIO(SocketIO):
             raise ConnectionBroken(f"TLS: {e.reason or e}") from None
         await SocketIO.send(self, self._out.read())
 
+    async def close_write(self) -> None:
+        """Half-close: send close_notify (then a TCP FIN) and keep reading; OpenSSL
+        reads the peer's records after our close_notify until its own arrives. (Not
+        ``shutdown_write``, which stays the plain socket's synchronous FIN.)"""
+        try:
+            self.tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # sent; the peer's close_notify comes when it is done writing
+        except ssl.SSLError as e:
+            raise ConnectionBroken(f"TLS: {e.reason or e}") from None
+        await self._flush()
+        SocketIO.shutdown_write(self)
+
     @property
     def alpn(self) -> str | None:
         """The application protocol the handshake chose (ALPN), None if none."""

@@ -27,7 +27,7 @@ def test_plan_splits_live_settings_from_restart_ones() -> None:
 
 def test_the_live_settings_are_the_issues_list() -> None:
     issue = {"service", "tag", "trust_key", "trust_threshold", "log_level", "access_log",
-             "tls_ca", "tls_cert", "tls_key"}
+             "tls_ca", "tls_cert", "tls_key", "upstream"}  # upstream: issue 32
     assert issue == LIVE
 
 
