@@ -190,7 +190,9 @@ class H2Upstreams:
             with up.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(conn.writer)
-                    why = await _read(conn, up.settled)
+                    why = "drained after the upstream's GOAWAY"
+                    with conn.drained:
+                        why = await _read(conn, up.settled)
                     nursery.cancel_scope.cancel()
         except (ConnectionBroken, TimedOut, StreamGone) as e:
             why = str(e) or type(e).__name__
@@ -242,8 +244,11 @@ async def _read(conn: H2Conn, settled: trio.Event) -> str:
                 last = int(ev.last_stream_id or 0)
                 for sid, box in conn.inboxes.items():
                     if sid > last and box.gone is None:
-                        box.gone = StreamGone("refused by GOAWAY", int(ErrorCodes.REFUSED_STREAM))
+                        box.gone = StreamGone("refused by GOAWAY",
+                                              int(ErrorCodes.REFUSED_STREAM))
                         box.kick()
+        if conn.session.error is not None:  # the upstream's GOAWAY with an error
+            return f"HTTP/2: {conn.session.error.reason}"
         conn.kick()
 
 
@@ -287,10 +292,18 @@ class H2Call:
             return TryFailed(STALE_CONNECTION, f"the upstream refused the stream: {e.reason}")
         return TryFailed(BAD_GATEWAY, e.reason)
 
+    def _answered(self) -> bool:
+        """The whole response is in: what is left of the request is not wanted."""
+        return self._done and self._box.ended and self._box.head is not None
+
     async def send(self, data: bytes, *, end_stream: bool = False) -> None:
+        if self._answered():
+            return
         try:
             await self._conn.send_data(self.stream_id, self._box, data, end_stream)
         except StreamGone as e:
+            if self._answered() or (e.code == 0 and self._box.head is not None):
+                return  # the upstream answered and stopped the upload (NO_ERROR)
             raise self._failed(e, self._box.head is None) from None
         except BaseException:
             self.reset()
@@ -299,6 +312,8 @@ class H2Call:
             self._sent_end = True
 
     async def end(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        if self._answered():
+            return
         if trailers:
             h2c = self._conn.session.conn
             try:

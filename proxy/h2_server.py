@@ -34,7 +34,7 @@ import h2.exceptions
 import trio
 from h2.errors import ErrorCodes
 
-from .h2_session import H2Limits, H2Session, SessionError
+from .h2_session import H2Limits, H2Session, SessionError, StreamRefused, error_name
 from .identity import Identity
 from .sockio import ConnectionBroken, SocketIO, TimedOut
 
@@ -104,6 +104,8 @@ class H2Conn:
         #: Called on each RequestReceived before the events after it (its DATA may
         #: come in the same read): the server starts the stream there.
         self.on_request: Callable[[h2.events.RequestReceived], None] | None = None
+        #: Around the reader: cancelled when the last stream ends after a GOAWAY.
+        self.drained = trio.CancelScope()
 
     # -- writing -------------------------------------------------------------------
 
@@ -184,11 +186,13 @@ class H2Conn:
                     box.trailers = list(ev.headers or [])
                     box.ended = ev.stream_ended is not None or box.ended
                     box.kick()
-            elif isinstance(ev, h2.events.StreamReset):
+            elif isinstance(ev, (h2.events.StreamReset, StreamRefused)):
                 box = self.inboxes.get(ev.stream_id)
                 if box is not None and box.gone is None:
                     code = int(ev.error_code or 0)
-                    box.gone = StreamGone(f"the peer reset the stream ({_name(code)})", code)
+                    box.gone = StreamGone(
+                        ev.reason if isinstance(ev, StreamRefused) else
+                        f"the peer reset the stream ({error_name(code)})", code)
                     box.kick()
                     if box.scope is not None:
                         box.scope.cancel()
@@ -196,6 +200,8 @@ class H2Conn:
                 self.window_opened()
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.goaway_last = int(ev.last_stream_id or 0)
+                if not self.inboxes:
+                    self.drained.cancel()
         return events
 
     def state_changed(self) -> None:
@@ -308,14 +314,10 @@ class H2Conn:
         self.session.forget(sid)
         self.kick()
         if not self.inboxes and not self.closed:
-            self.idle_deadline()
-
-
-def _name(code: int) -> str:
-    try:
-        return ErrorCodes(code).name
-    except ValueError:
-        return f"code {code}"
+            if self.goaway_last is not None:
+                self.drained.cancel()  # the peer's GOAWAY: done once its streams are
+            else:
+                self.idle_deadline()
 
 
 # -- the server side -----------------------------------------------------------------
@@ -402,7 +404,8 @@ async def serve_h2(io: SocketIO, handler: H2Handler, *, first: bytes, peer: Iden
             nursery.start_soon(conn.writer)
             conn.kick()
             try:
-                await _serve(conn, handler, first, peer, client, nursery, on_error)
+                with conn.drained:  # a graceful GOAWAY from the client: its streams finish
+                    await _serve(conn, handler, first, peer, client, nursery, on_error)
             finally:
                 with trio.CancelScope(shield=True) as shield:
                     shield.deadline = trio.current_time() + 1.0
@@ -448,9 +451,9 @@ async def _serve(conn: H2Conn, handler: H2Handler, first: bytes, peer: Identity 
             for ev in events:
                 if isinstance(ev, h2.events.RemoteSettingsChanged):
                     settled = True
-                elif isinstance(ev, h2.events.ConnectionTerminated):
-                    conn.end("the client sent GOAWAY")
-                    return
+            if conn.session.error is not None:  # the client's GOAWAY with an error
+                conn.end(conn.session.error.reason)
+                return
             conn.kick()
         if not settled:
             conn.set_read_deadline(preface_by)
@@ -507,7 +510,10 @@ async def _run_stream(conn: H2Conn, req: H2Request, handler: H2Handler) -> None:
                 elif not req._ended_by_us:
                     req.reset(int(ErrorCodes.INTERNAL_ERROR))
     finally:
-        if not req._ended_by_us and box.gone is None and not conn.closed:
-            conn.reset(sid, box, int(ErrorCodes.INTERNAL_ERROR))
+        if box.gone is None and not conn.closed:
+            if not req._ended_by_us:
+                conn.reset(sid, box, int(ErrorCodes.INTERNAL_ERROR))
+            elif not box.ended:  # answered before the request ended: stop its upload
+                conn.reset(sid, box, int(ErrorCodes.NO_ERROR))
         conn.done(sid)
 

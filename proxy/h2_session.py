@@ -47,6 +47,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import Frame, GoAwayFrame
 
 #: Bytes fed to h2 at a time, so the header-block cap is checked at frame granularity.
 FEED_SLICE = 16 * 1024
@@ -110,6 +111,14 @@ class _Counter:
         return len(t) > self.cap
 
 
+def error_name(code: int) -> str:
+    """An HTTP/2 error code's name (RFC 9113 §7), for errors that say why."""
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return f"code {code}"
+
+
 def header_list_size(headers: list[tuple[bytes, bytes]]) -> int:
     """The size RFC 9113 §6.5.2 counts: name + value + 32 per field."""
     return sum(len(n) + len(v) + 32 for n, v in headers)
@@ -119,6 +128,16 @@ _HEADS = (h2.events.RequestReceived, h2.events.ResponseReceived, h2.events.Trail
           h2.events.InformationalResponseReceived)
 _CONTROL = (h2.events.RemoteSettingsChanged, h2.events.PingReceived, h2.events.WindowUpdated,
             h2.events.PriorityUpdated, h2.events.UnknownFrameReceived)
+
+
+class StreamRefused(h2.events.Event):
+    """The session ended a stream itself (a header list too large, past the stream
+    limit): its consumer must learn it is gone."""
+
+    def __init__(self, stream_id: int, code: int, reason: str) -> None:
+        self.stream_id = stream_id
+        self.error_code = code
+        self.reason = reason
 
 
 class _Connection(h2.connection.H2Connection):
@@ -133,6 +152,18 @@ class _Connection(h2.connection.H2Connection):
 
     def active_inbound(self) -> int:
         return int(h2.connection.H2Connection.open_inbound_streams.fget(self))  # type: ignore[attr-defined]
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame
+                              ) -> tuple[list[Frame], list[h2.events.Event]]:
+        """A graceful GOAWAY (NO_ERROR) lets the streams up to its last id finish: h2
+        would close the connection at once and drop what it had queued to send."""
+        if frame.error_code != 0:
+            return super()._receive_goaway_frame(frame)
+        ev = h2.events.ConnectionTerminated()
+        ev.error_code = ErrorCodes.NO_ERROR
+        ev.last_stream_id = frame.last_stream_id
+        ev.additional_data = frame.additional_data or None
+        return [], [ev]
 
 
 class H2Session:
@@ -167,6 +198,8 @@ class H2Session:
         self.stats = {"resets_received": 0, "refused_headers": 0, "refused_streams": 0,
                       "goaway_calm": 0}
         self.error: SessionError | None = None
+        #: The last stream id of the peer's graceful GOAWAY: no new streams after it.
+        self.goaway_last: int | None = None
 
     def start(self) -> None:
         """Queue our preface/SETTINGS and open the connection window to its limit."""
@@ -258,7 +291,12 @@ class H2Session:
                 return
             headers: list[tuple[bytes, bytes]] = list(ev.headers or [])
             if header_list_size(headers) > lim.max_header_list_size:
-                self._refuse_headers(sid, isinstance(ev, h2.events.RequestReceived))
+                request = isinstance(ev, h2.events.RequestReceived)
+                self._refuse_headers(sid, request)
+                if not request:
+                    out.append(StreamRefused(sid, int(ErrorCodes.PROTOCOL_ERROR),
+                                             f"a header list above "
+                                             f"{lim.max_header_list_size} bytes"))
                 return
             if isinstance(ev, h2.events.RequestReceived) and (
                     self.conn.active_inbound() > lim.max_concurrent_streams):
@@ -275,12 +313,18 @@ class H2Session:
                 self._dropped.discard(sid)
                 return
         elif isinstance(ev, h2.events.ConnectionTerminated):
-            self._fail(int(ev.error_code or 0), "the peer sent GOAWAY", goaway=False)
+            code = int(ev.error_code or 0)
+            if code:
+                self._fail(code, f"the peer sent GOAWAY ({error_name(code)})", goaway=False)
+            else:  # graceful: streams up to last_stream_id go on
+                last = int(ev.last_stream_id or 0)
+                self.goaway_last = last if self.goaway_last is None else min(last,
+                                                                             self.goaway_last)
         out.append(ev)
 
     def _refuse_headers(self, sid: int, request: bool) -> None:
         self.stats["refused_headers"] += 1
-        self._held.pop(sid, None)
+        self._release(sid)
         stream = self.conn.streams.get(sid)
         if stream is not None and not stream.closed:
             self._dropped.add(sid)

@@ -8,10 +8,12 @@ import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
 import h2.events
+import hyperframe.frame
 import pytest
 import trio
 import trio.testing
@@ -382,3 +384,90 @@ def test_over_mutual_tls_alpn_h2_the_callee_identity_checked_the_caller_known(
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.5))
     assert callers == ["b"]
+
+
+async def raw_server(on_request: Callable[[h2.connection.H2Connection, int], bytes | None],
+                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """A bare h2 server: ``on_request(conn, stream_id)`` queues the answer (and may
+    return raw frames to write before it)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def on(stream: trio.SocketStream) -> None:
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False,
+                                                                 header_encoding=None))
+        c.initiate_connection()
+        await stream.send_all(c.data_to_send())
+        while data := await stream.receive_some(65536):
+            raw = b""
+            for ev in c.receive_data(data):
+                if isinstance(ev, h2.events.RequestReceived):
+                    raw += on_request(c, ev.stream_id) or b""
+            await stream.send_all(raw + c.data_to_send())
+
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(on, listeners)
+
+
+@trio_test
+async def test_a_graceful_goaway_lets_streams_up_to_its_last_id_finish() -> None:
+    """GOAWAY(NO_ERROR, last=1) arriving before the answer to stream 1: stream 1 still
+    completes (h2 alone would drop the connection); stream 3, above it, is stale
+    (safe to send again); the next call opens a new connection."""
+    def answer(c: h2.connection.H2Connection, sid: int) -> bytes | None:
+        if sid == 1:
+            return None  # answered once stream 3 arrives, after the GOAWAY
+        c.send_headers(1, [(b":status", b"200")])
+        c.send_data(1, b"done")
+        c.send_headers(1, [(b"grpc-status", b"0")], end_stream=True)
+        # h2 sends nothing after its own GOAWAY, so it goes first as a raw frame.
+        return hyperframe.frame.GoAwayFrame(0, last_stream_id=1, error_code=0).serialize()
+
+    async with trio.open_nursery() as n:
+        port = await n.start(raw_server, answer)
+        wd = Watchdog()
+        n.start_soon(wd.run)
+        ups = H2Upstreams(wd)
+        with trio.fail_after(10):
+            kw: dict[str, Any] = dict(method=b"GET", scheme=b"http", authority=b"x",
+                                      path=b"/", headers=[], end_stream=True,
+                                      connect_deadline=trio.current_time() + 5)
+            first = await ups.open(("127.0.0.1", port), **kw)
+            second = await ups.open(("127.0.0.1", port), **kw)
+            with pytest.raises(TryFailed) as e:
+                await second.response()
+            assert e.value.condition == "stale-connection"
+            status, _, ended = await first.response()
+            assert (status, ended) == (200, False)
+            assert await first.receive() == b"done"
+            assert await first.receive() == b""
+            assert first.trailers == [(b"grpc-status", b"0")]
+            assert not ups.has_idle("127.0.0.1", port)
+            third = await ups.open(("127.0.0.1", port), **kw)
+            assert third.connect_seconds > 0
+        ups.close()
+        n.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_refused_stream_is_stale_and_a_reset_one_a_502() -> None:
+    def answer(c: h2.connection.H2Connection, sid: int) -> bytes | None:
+        c.reset_stream(sid, 0x7 if sid == 1 else 0x2)  # REFUSED_STREAM, INTERNAL_ERROR
+        return None
+
+    async with trio.open_nursery() as n:
+        port = await n.start(raw_server, answer)
+        wd = Watchdog()
+        n.start_soon(wd.run)
+        ups = H2Upstreams(wd)
+        conditions = []
+        with trio.fail_after(10):
+            for _ in range(2):
+                c = await ups.open(("127.0.0.1", port), method=b"GET", scheme=b"http",
+                                   authority=b"x", path=b"/", headers=[], end_stream=True,
+                                   connect_deadline=trio.current_time() + 5)
+                with pytest.raises(TryFailed) as e:
+                    await c.response()
+                conditions.append(e.value.condition)
+        ups.close()
+        n.cancel_scope.cancel()
+    assert conditions == ["stale-connection", "502"]
