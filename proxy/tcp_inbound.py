@@ -52,7 +52,7 @@ class TcpInbound:
         self.metrics = metrics or TcpMetrics()
         self.idle = idle
         self.preamble_timeout = preamble_timeout
-        self._warned: set[tuple[str, str]] = set()
+        self._warned: set[tuple[str, ...]] = set()
 
     async def __call__(self, io: SocketIO, peer: Identity | None, first: bytes) -> None:
         verified = "verified" if self.tls is not None else "unverified"
@@ -85,6 +85,8 @@ class TcpInbound:
             await self._answer(io, Answer(Refusal.LOCAL_UNREACHABLE,
                                           f"local service {local.id}: {what}"))
             return
+        if self.tls is None:
+            self._unverified(pre)
         try:
             self.metrics.inbound.inc((label, "accepted", verified))
             if await self._answer(io, Answer(Refusal.ACCEPTED)):
@@ -150,6 +152,16 @@ class TcpInbound:
         if not decision.allowed:
             return self._deny(pre, decision.source, decision.reason)
         return None
+
+    def _unverified(self, pre: Preamble) -> None:
+        """Without mutual TLS anyone can claim any source: say so, once per pair."""
+        key = ("\0unverified", pre.service, pre.source)
+        if key not in self._warned and len(self._warned) < 4096:
+            self._warned.add(key)
+            log.info("mesh TCP %s -> %s accepted on an unverified source (no mutual TLS: "
+                     "the caller's sidecar says who calls)", pre.source or "(no source)",
+                     pre.service, extra={"event": "tcp_unverified_source",
+                                         "service": pre.service, "source": pre.source})
 
     def _deny(self, pre: Preamble, source: str | None, reason: str) -> Answer:
         key = (pre.service, source or "")

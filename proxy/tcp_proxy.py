@@ -86,7 +86,9 @@ class _Target:
 class _Listener:
     upstream: Upstream
     sock: socket.socket
+    #: The accept loop's scope, once it runs; ``stopped``: removed by a reload.
     scope: trio.CancelScope | None = None
+    stopped: bool = False
 
 
 class TcpUpstreams:
@@ -147,9 +149,11 @@ class TcpUpstreams:
         keep = set(wanted)
         for up in [u for u in self._listening if u not in keep]:
             lst = self._listening.pop(up)
+            lst.stopped = True
             if lst.scope is not None:
-                lst.scope.cancel()
-            lst.sock.close()
+                lst.scope.cancel()  # its accept loop closes the socket on the way out
+            else:
+                lst.sock.close()
             log.info("upstream %s closed", up, extra={"event": "upstream_closed",
                                                        "upstream": str(up)})
         for lst in bound:
@@ -173,11 +177,14 @@ class TcpUpstreams:
             # the connections run in the manager's nursery and outlive it.
             assert self._nursery is not None
             conns = self._nursery
+            if lst.stopped:
+                return  # removed before its loop started (the socket is closed)
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(lst.sock))
             with trio.CancelScope() as lst.scope:
-                listener = trio.SocketListener(trio.socket.from_stdlib_socket(lst.sock))
-                while True:
-                    stream = await listener.accept()
-                    conns.start_soon(self._carry, up.service, adopt(stream))
+                async with listener:  # closed here, never under a waiting accept
+                    while True:
+                        stream = await listener.accept()
+                        conns.start_soon(self._carry, up.service, adopt(stream))
 
         self._nursery.start_soon(serve)
 
@@ -261,6 +268,7 @@ class TcpUpstreams:
                 tries.state.balancer.start(ep.key, trio.current_time())  # open connections
                 return mesh, early, tries, ep.key
         except BaseException:
+            tries.client_gone(trio.current_time())  # cancelled mid-try: not its fault
             tries.end()
             raise
 
