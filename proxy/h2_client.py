@@ -194,9 +194,9 @@ class H2Upstreams:
                     with conn.drained:
                         why = await _read(conn, up.settled)
                     nursery.cancel_scope.cancel()
-        except (ConnectionBroken, TimedOut, StreamGone) as e:
-            why = str(e) or type(e).__name__
-        except Exception:
+        except* (ConnectionBroken, TimedOut, StreamGone) as eg:
+            why = str(eg.exceptions[0]) or type(eg.exceptions[0]).__name__
+        except* Exception:
             log.exception("HTTP/2 upstream connection to %s:%d failed", *up.origin)
             why = "internal error"
         finally:
@@ -221,7 +221,9 @@ async def _read(conn: H2Conn, settled: trio.Event) -> str:
         try:
             data = await conn.io.recv()
         except TimedOut:
-            return "idle timeout"
+            return conn.error or "idle timeout"
+        except ConnectionBroken as e:
+            return f"the upstream's connection broke: {e}"
         if not data:
             return "the upstream closed the connection"
         try:

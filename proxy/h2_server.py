@@ -34,7 +34,14 @@ import h2.exceptions
 import trio
 from h2.errors import ErrorCodes
 
-from .h2_session import H2Limits, H2Session, SessionError, StreamRefused, error_name
+from .h2_session import (
+    SEND_BATCH,
+    H2Limits,
+    H2Session,
+    SessionError,
+    StreamRefused,
+    error_name,
+)
 from .identity import Identity
 from .sockio import ConnectionBroken, SocketIO, TimedOut
 
@@ -42,8 +49,6 @@ __all__ = ["H2Handler", "H2Limits", "H2Request", "StreamGone", "serve_h2"]
 
 log = logging.getLogger("rumor.proxy.h2")
 
-#: Bytes of DATA queued for one stream before waiting for them to be written.
-SEND_BATCH = 64 * 1024
 #: Called on answers the connection makes itself (as relay.ErrorHook).
 ErrorHook = Callable[[str, int, str], None]
 
@@ -94,6 +99,8 @@ class H2Conn:
         self._queued = 0      # generation of what was queued
         self._written = 0     # generation the writer has put on the wire
         self._written_evt = trio.Event()
+        #: DATA bytes queued in the core and not yet written (``max_unsent`` caps it).
+        self.unsent = 0
         self._window_evt = trio.Event()
         self._state_evt = trio.Event()
         self.read_deadline = math.inf
@@ -124,26 +131,38 @@ class H2Conn:
             await self._written_evt.wait()
 
     async def writer(self) -> None:
+        """Until cancelled. A write that fails (the peer reset, or took nothing for
+        ``send_timeout``) ends the connection here: it never leaves the task (it would
+        reach the listener's nursery); the reader wakes with the socket expired."""
         try:
-            while True:
-                await self._dirty.wait()
-                self._dirty = trio.Event()
-                gen = self._queued
-                data = self.session.data_to_send()
-                if data:
-                    io = self.io
-                    # A peer that takes nothing for send_timeout loses the connection.
-                    self._write_deadline = trio.current_time() + self.limits.send_timeout
-                    io.set_deadline(min(self.read_deadline, self._write_deadline))
-                    await io.send(data)
-                    self._write_deadline = math.inf
-                    io.set_deadline(self.read_deadline)
-                self._written = gen
-                self._written_evt.set()
-                self._written_evt = trio.Event()
+            await self._write_loop()
+        except (ConnectionBroken, TimedOut) as e:
+            self.end(f"write failed: {e or type(e).__name__}")
+            if not self.io.closed:
+                self.io.expire()
         finally:
             self.closed = True
             self._written_evt.set()
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            gen = self._queued
+            taken = self.unsent  # all of it is in what data_to_send returns
+            data = self.session.data_to_send()
+            if data:
+                io = self.io
+                # A peer that takes nothing for send_timeout loses the connection.
+                self._write_deadline = trio.current_time() + self.limits.send_timeout
+                io.set_deadline(min(self.read_deadline, self._write_deadline))
+                await io.send(data)
+                self._write_deadline = math.inf
+                io.set_deadline(self.read_deadline)
+            self.unsent -= taken
+            self._written = gen
+            self._written_evt.set()
+            self._written_evt = trio.Event()
 
     # -- reading -------------------------------------------------------------------
 
@@ -277,14 +296,21 @@ class H2Conn:
                                f"{self.limits.send_timeout:g} s")
                     raise box.gone  # type: ignore[misc]
                 continue
+            room = self.limits.max_unsent - self.unsent
+            if room <= 0:  # the writer is behind (a peer that reads slowly): wait
+                await self._written_evt.wait()
+                continue
             # Frames up to SEND_BATCH bytes, then one write for them all.
             queued = 0
             last = False
-            while n > 0 and view and queued < SEND_BATCH:
+            budget = min(SEND_BATCH, room)
+            while n > 0 and view and queued < budget:
+                n = min(n, budget - queued)
                 chunk, view = bytes(view[:n]), view[n:]
                 last = end_stream and not view
                 self._do(functools.partial(conn.send_data, sid, chunk, end_stream=last))
                 queued += len(chunk)
+                self.unsent += len(chunk)
                 n = self.session.window(sid)
             await self.flush()
             if last:
@@ -411,8 +437,11 @@ async def serve_h2(io: SocketIO, handler: H2Handler, *, first: bytes, peer: Iden
                     shield.deadline = trio.current_time() + 1.0
                     await _goodbye(conn)
                 nursery.cancel_scope.cancel()
-    except (ConnectionBroken, TimedOut, StreamGone):
-        pass
+    except* (ConnectionBroken, TimedOut, StreamGone):
+        pass  # the connection is over; nothing of it may reach the listener
+    except* Exception:
+        log.exception("HTTP/2 connection from %s failed", client,
+                      extra={"event": "h2_connection_error"})
     finally:
         conn.end(conn.error or "the connection closed")
 
@@ -424,7 +453,9 @@ async def _goodbye(conn: H2Conn) -> None:
         with contextlib.suppress(h2.exceptions.H2Error):
             s.conn.close_connection(int(ErrorCodes.NO_ERROR))
     data = s.data_to_send()
-    if data and not conn.io.closed and not conn.io.expired:
+    # An expired socket (idle or preface timeout) can still take a small write: the
+    # syscall comes first (sockio), only a wait would raise.
+    if data and not conn.io.closed:
         with contextlib.suppress(ConnectionBroken, TimedOut):
             await conn.io.send(data)
 
@@ -463,6 +494,9 @@ async def _serve(conn: H2Conn, handler: H2Handler, first: bytes, peer: Identity 
             data = await conn.io.recv()
         except TimedOut:
             conn.end("preface timeout" if not settled else "idle timeout")
+            return
+        except ConnectionBroken as e:
+            conn.end(f"the client's connection broke: {e}")
             return
         if not data:
             conn.end("the client closed the connection")

@@ -51,6 +51,8 @@ from hyperframe.frame import Frame, GoAwayFrame
 
 #: Bytes fed to h2 at a time, so the header-block cap is checked at frame granularity.
 FEED_SLICE = 16 * 1024
+#: Bytes of DATA one stream queues before waiting for them to be written (the shells).
+SEND_BATCH = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +76,17 @@ class H2Limits:
     control_window: float = 10.0
     #: How long a send waits for the peer's window (or a write for the socket).
     send_timeout: float = 30.0
+    #: DATA queued for the peer and not yet written, all streams together; a send
+    #: past it waits for the writer (a peer that does not read holds us to this).
+    max_unsent: int = 256 * 1024
 
     def bound_bytes(self) -> int:
-        """What one connection may make us hold: bodies, a header block, the bytes
-        being fed, accepted header lists."""
+        """What one connection may make us hold: received bodies, a header block, the
+        bytes being fed, accepted header lists, unsent DATA (in h2's buffer or in the
+        writer's hands) and the copies one send batch makes on its way."""
         return (self.connection_window + self.max_header_block + 2 * FEED_SLICE
-                + self.max_concurrent_streams * self.max_header_list_size)
+                + self.max_concurrent_streams * self.max_header_list_size
+                + 2 * self.max_unsent + 2 * SEND_BATCH)
 
 
 class SessionError(Exception):
@@ -148,10 +155,7 @@ class _Connection(h2.connection.H2Connection):
 
     @property
     def open_inbound_streams(self) -> int:
-        return 0  # h2's own check never trips; see H2Session.active_inbound
-
-    def active_inbound(self) -> int:
-        return int(h2.connection.H2Connection.open_inbound_streams.fget(self))  # type: ignore[attr-defined]
+        return 0  # h2's own check never trips; see H2Session._admit
 
     def _receive_goaway_frame(self, frame: GoAwayFrame
                               ) -> tuple[list[Frame], list[h2.events.Event]]:
@@ -191,6 +195,8 @@ class H2Session:
         self._held: dict[int, int] = {}
         #: Open streams whose data we drop (refused, abandoned by their consumer).
         self._dropped: set[int] = set()
+        #: Streams the peer opened that we accepted and that are not closed yet.
+        self._inbound: set[int] = set()
         #: Bytes held for consumers, all streams.
         self.buffered = 0
         #: The most ever held (the hostile tests compare it with ``bound_bytes``).
@@ -298,8 +304,7 @@ class H2Session:
                                              f"a header list above "
                                              f"{lim.max_header_list_size} bytes"))
                 return
-            if isinstance(ev, h2.events.RequestReceived) and (
-                    self.conn.active_inbound() > lim.max_concurrent_streams):
+            if isinstance(ev, h2.events.RequestReceived) and not self._admit(sid):
                 self._refuse_stream(sid)
                 if self._resets.over(now):
                     raise self._calm(f"more than {lim.max_resets} streams refused or reset "
@@ -333,6 +338,19 @@ class H2Session:
                 self.conn.send_headers(sid, [(b":status", b"431")], end_stream=True)
             else:
                 self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+
+    def _admit(self, sid: int) -> bool:
+        """Whether a new stream of the peer's fits MAX_CONCURRENT_STREAMS, counted in
+        the order the streams came (h2's own count is taken after a whole read was
+        parsed, so it would refuse the oldest streams of a burst, not the newest)."""
+        streams = self.conn.streams
+        if len(self._inbound) >= self.limits.max_concurrent_streams:
+            self._inbound = {s for s in self._inbound
+                             if (st := streams.get(s)) is not None and not st.closed}
+        if len(self._inbound) >= self.limits.max_concurrent_streams:
+            return False
+        self._inbound.add(sid)
+        return True
 
     def _refuse_stream(self, sid: int) -> None:
         """Past MAX_CONCURRENT_STREAMS: RST_STREAM REFUSED_STREAM (safe to retry)."""
