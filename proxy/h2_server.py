@@ -4,9 +4,11 @@
 The protocol and its limits live in the sans-IO ``h2_session`` core; this shell
 reads the socket into it, writes what it queues, and gives every stream a small
 inbox. One writer task owns the socket's sending side: a stream queues frames in
-the core and waits until the writer has put them on the wire, so what we hold for
-a peer that does not read is one write per stream, and a write that makes no
-progress for ``send_timeout`` expires the socket (the connection ends).
+the core and waits until the writer has put them on the wire, and all streams
+together queue at most ``max_unsent`` bytes of DATA, so that is what a peer that
+does not read makes us hold; a write that makes no progress for ``send_timeout``
+expires the socket and ends the connection (in this task: an error never reaches the
+listener).
 
 Flow control bounds memory: a stream's received DATA stays in its inbox until the
 consumer takes it (``receive``), and only then is it credited back to the peer, so

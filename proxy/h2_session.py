@@ -32,7 +32,8 @@ the time passed in (``now``) so it stays sans-IO and testable without sockets:
 
 ``H2Limits.bound_bytes`` states the connection's memory bound as a number
 (defaults: 1 MiB bodies + 64 KiB header block + 32 KiB being fed + 100 × 16 KiB
-accepted header lists = 2,785,280 bytes); the hostile tests assert against it.
+accepted header lists + 2 × 256 KiB unsent DATA + 2 × 64 KiB of a send batch's
+copies = 3,440,640 bytes); the hostile tests assert against it.
 """
 
 from __future__ import annotations

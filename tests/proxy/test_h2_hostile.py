@@ -88,6 +88,7 @@ class Sidecar:
     started: int = 0
     live: int = 0
     cancelled: int = 0
+    stop: Callable[[], None] = lambda: None
 
 
 async def _h1(req: Request) -> Reply:
@@ -119,6 +120,7 @@ async def sidecar(handler: H2Handler, limits: H2Limits = DEFAULT,
         side.port = await nursery.start(functools.partial(
             serve_proxy, _h1, "127.0.0.1", 0, watchdog=Watchdog(), limits=proxy_limits,
             alt=AltProtocols(h2=h2)))
+        side.stop = nursery.cancel_scope.cancel
         yield side
         nursery.cancel_scope.cancel()
 
@@ -568,6 +570,19 @@ async def test_an_idle_connection_is_closed_after_idle_timeout() -> None:
             assert raw.statuses == {1: b"200"}
             assert raw.goaway == 0  # a graceful GOAWAY
         assert lim.idle_timeout <= took <= lim.idle_timeout + 1.5
+
+
+@trio_test
+async def test_shutdown_sends_a_graceful_goaway() -> None:
+    async with sidecar(hang_or_ok) as side, Raw.connect(side.port) as raw:
+        await raw.send(raw.headers(1, REQ))
+        with trio.fail_after(5):
+            while side.live < 1:
+                await trio.sleep(0.01)
+        side.stop()  # the listener shuts down (the agent stopping)
+        await raw.until_closed()
+        assert raw.goaway == 0  # NO_ERROR
+        assert side.cancelled == 1
 
 
 @trio_test
