@@ -535,9 +535,9 @@ async def _run_stream(conn: H2Conn, req: H2Request, handler: H2Handler) -> None:
                 return
             try:
                 await handler(req)
-            except StreamGone:
-                pass
-            except Exception:
+            except* StreamGone:
+                pass  # also from inside the handler's own nursery (its upload task)
+            except* Exception:
                 log.exception("HTTP/2 handler failed on stream %d", sid,
                               extra={"event": "h2_handler_error"})
                 if not req.headers_sent and box.gone is None and not conn.closed:

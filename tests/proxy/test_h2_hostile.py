@@ -653,3 +653,108 @@ async def test_many_streams_with_bodies_past_the_windows_and_trailers_both_ways(
         assert all(t == [(b"x-sum", b"%d" % sid), (b"grpc-status", b"0")]
                    for sid, t in trailers.items())
         assert side.sessions[0].peak_buffered <= lim.connection_window
+
+
+# --- a hostile callee: the client side (H2Upstreams) under the same attacks ------------
+
+Attack = Callable[[h2.connection.H2Connection, int], list[bytes]]
+
+
+async def hostile_server(attack: Attack,
+                         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+    """A bare h2 server that answers each request with ``attack``'s raw bytes (written
+    piece by piece, so the attacker's own copies do not count in what we measure)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def on(stream: trio.SocketStream) -> None:
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False,
+                                                                 header_encoding=None))
+        c.initiate_connection()
+        try:
+            await stream.send_all(c.data_to_send())
+            while data := await stream.receive_some(65536):
+                pieces: list[bytes] = []
+                for ev in c.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        pieces += [c.data_to_send(), *attack(c, int(ev.stream_id or 0))]
+                for piece in [*pieces, c.data_to_send()]:
+                    await stream.send_all(piece)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(on, listeners)
+
+
+@functools.cache
+def _frames(kind: str) -> bytes:
+    """The attacks' big pieces, built before memory is measured."""
+    f: Frame
+    if kind == "continuation":
+        f = ContinuationFrame(1)
+        f.data = b"\x00" * 16384
+        return f.serialize() * 200  # 3.2 MiB, never END_HEADERS
+    if kind == "ping":
+        f = PingFrame(0)
+        f.opaque_data = b"pingpong"
+        return f.serialize() * 3000
+    f = DataFrame(1)
+    f.data = b"d" * 16384
+    return f.serialize() * 80  # 1.25 MiB, past every window
+
+
+def _bomb(c: h2.connection.H2Connection, sid: int) -> list[bytes]:
+    f = HeadersFrame(sid)
+    f.data = hpack.Encoder().encode([(b":status", b"200")] + [(b"x-bomb", b"b" * 3900)] * 40)
+    f.flags.add("END_HEADERS")
+    return [f.serialize()]
+
+
+def _continuations(c: h2.connection.H2Connection, sid: int) -> list[bytes]:
+    head = HeadersFrame(sid)
+    head.data = hpack.Encoder().encode([(b":status", b"200")])
+    return [head.serialize(), _frames("continuation")]
+
+
+def _pings(c: h2.connection.H2Connection, sid: int) -> list[bytes]:
+    return [_frames("ping")]
+
+
+def _overrun(c: h2.connection.H2Connection, sid: int) -> list[bytes]:
+    c.send_headers(sid, [(b":status", b"200")])
+    return [c.data_to_send(), _frames("data")]
+
+
+@pytest.mark.parametrize("attack", [_bomb, _continuations, _pings, _overrun])
+@trio_test
+async def test_a_hostile_callee_fails_the_call_as_502_and_no_more(attack: Attack) -> None:
+    from rumor.proxy.h2_client import H2Upstreams
+    from rumor.proxy.pool import TryFailed
+
+    for kind in ("continuation", "ping", "data"):
+        _frames(kind)
+    async with trio.open_nursery() as n:
+        port = await n.start(hostile_server, attack)
+        wd = Watchdog()
+        n.start_soon(wd.run)
+        ups = H2Upstreams(wd)
+        tracemalloc.start()
+        try:
+            with trio.fail_after(10):
+                call = await ups.open(("127.0.0.1", port), method=b"GET", scheme=b"http",
+                                      authority=b"x", path=b"/", headers=[],
+                                      end_stream=True,
+                                      connect_deadline=trio.current_time() + 5)
+                with pytest.raises(TryFailed) as e:
+                    await call.response()
+                    while await call.receive():
+                        pass
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert e.value.condition == "502"
+        assert not ups.has_idle("127.0.0.1", port)  # that connection is not reused
+        assert peak < DEFAULT.bound_bytes()
+        ups.close()
+        n.cancel_scope.cancel()
