@@ -6,9 +6,10 @@ the time passed in (``now``) so it stays sans-IO and testable without sockets:
 
 - our SETTINGS from ``H2Limits`` (concurrent streams, header list size, windows,
   frame size, no server push);
-- rapid reset (CVE-2023-44487): streams the peer resets are counted per
-  ``reset_window``; past ``max_resets`` the connection ends with GOAWAY
-  ENHANCE_YOUR_CALM;
+- rapid reset (CVE-2023-44487): streams the peer resets, or makes h2 reset with a
+  frame that breaks the stream (MadeYouReset, CVE-2025-8671), and streams refused
+  for concurrency are counted per ``reset_window``; past ``max_resets`` the
+  connection ends with GOAWAY ENHANCE_YOUR_CALM;
 - floods of frames that cost us work but carry nothing (SETTINGS, PING,
   WINDOW_UPDATE, PRIORITY, unknown frames, empty DATA without END_STREAM): at most
   ``max_control_frames`` per ``control_window``, then GOAWAY ENHANCE_YOUR_CALM;
@@ -202,8 +203,8 @@ class H2Session:
         self.buffered = 0
         #: The most ever held (the hostile tests compare it with ``bound_bytes``).
         self.peak_buffered = 0
-        self.stats = {"resets_received": 0, "refused_headers": 0, "refused_streams": 0,
-                      "goaway_calm": 0}
+        self.stats = {"resets_received": 0, "resets_provoked": 0, "refused_headers": 0,
+                      "refused_streams": 0, "goaway_calm": 0}
         self.error: SessionError | None = None
         #: The last stream id of the peer's graceful GOAWAY: no new streams after it.
         self.goaway_last: int | None = None
@@ -267,11 +268,14 @@ class H2Session:
             sid = int(ev.stream_id or 0)
             self._release(sid)
             self._dropped.discard(sid)
-            if ev.remote_reset:
-                self.stats["resets_received"] += 1
-                if self._resets.over(now):
-                    raise self._calm(f"more than {lim.max_resets} streams reset in "
-                                     f"{lim.reset_window:g} s (rapid reset)")
+            # Counted both when the peer resets a stream (rapid reset) and when h2
+            # resets one for a frame of the peer's that breaks it (a stream's window
+            # overflowed, DATA after END_STREAM: "MadeYouReset", CVE-2025-8671): either
+            # way the peer had a stream started and gone at no cost to itself.
+            self.stats["resets_received" if ev.remote_reset else "resets_provoked"] += 1
+            if self._resets.over(now):
+                raise self._calm(f"more than {lim.max_resets} streams reset in "
+                                 f"{lim.reset_window:g} s (rapid reset)")
         elif isinstance(ev, _CONTROL):
             if self._control.over(now):
                 raise self._calm(f"more than {lim.max_control_frames} control frames in "

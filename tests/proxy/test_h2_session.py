@@ -7,6 +7,7 @@ queued; and fuzzing: random bytes and random frames never raise anything else.""
 from __future__ import annotations
 
 import tracemalloc
+from collections.abc import Callable
 
 import h2.config
 import h2.connection
@@ -170,6 +171,41 @@ def test_resets_spread_over_time_are_not_an_attack() -> None:
     sid = client.get_next_available_stream_id()
     client.send_headers(sid, REQ, end_stream=True)
     assert any(isinstance(ev, h2.events.RequestReceived) for ev in _up(client, server, 60.0))
+
+
+def _overflow_window(sid: int) -> bytes:
+    f = WindowUpdateFrame(sid)
+    f.window_increment = 2**31 - 1  # past the largest window: h2 resets the stream
+    return f.serialize()
+
+
+def _data_after_end(sid: int) -> bytes:
+    end = DataFrame(sid)
+    end.data = b"x"
+    end.flags.add("END_STREAM")
+    more = DataFrame(sid)
+    more.data = b"y"  # on a half-closed stream: h2 resets it (STREAM_CLOSED)
+    return end.serialize() + more.serialize()
+
+
+@pytest.mark.parametrize("provoke", [_overflow_window, _data_after_end])
+def test_streams_the_peer_makes_us_reset_count_as_resets(
+        provoke: Callable[[int], bytes]) -> None:
+    """MadeYouReset (CVE-2025-8671): no RST_STREAM from the peer, yet each of its
+    streams is started and reset at once; the same limit as rapid reset applies."""
+    lim = H2Limits(max_resets=200)
+    _, server = _pair(lim)
+    enc = hpack.Encoder()
+    started = 0
+    with pytest.raises(SessionError) as e:
+        for i in range(1000):
+            sid = 1 + 2 * i
+            frames = _headers_frame(sid, enc.encode(REQ), end_headers=True) + provoke(sid)
+            started += sum(isinstance(ev, h2.events.RequestReceived)
+                           for ev in server.receive(frames, i / 1000))
+    assert e.value.code == ENHANCE_YOUR_CALM
+    assert started <= lim.max_resets + 1
+    assert server.stats["resets_provoked"] == lim.max_resets + 1
 
 
 @pytest.mark.parametrize("kind", ["ping", "settings", "empty-data", "priority",
