@@ -748,6 +748,9 @@ async def test_a_hostile_callee_fails_the_call_as_502_and_no_more(attack: Attack
                                       connect_deadline=trio.current_time() + 5)
                 with pytest.raises(TryFailed) as e:
                     await call.response()
+                    # Take nothing for a while: the data pushed past our windows must
+                    # end the connection (taking it would credit the windows back).
+                    await trio.sleep(0.5)
                     while await call.receive():
                         pass
             _, peak = tracemalloc.get_traced_memory()
