@@ -52,6 +52,9 @@ from ..proxy.api.stat import register_golden_query
 from ..proxy.api.tap import register_tap_query
 from ..proxy.check_runner import CheckRunner
 from ..proxy.golden import GoldenMetrics
+from ..proxy.h2_client import H2Upstreams
+from ..proxy.h2_inbound import H2Inbound
+from ..proxy.h2_outbound import H2Outbound, h2_listener
 from ..proxy.headers import sample_threshold
 from ..proxy.inbound import InboundProxy
 from ..proxy.limits import ListenerShare, SidecarLimits, plan_pools
@@ -62,6 +65,10 @@ from ..proxy.outbound import INBOUND_TAG, OutboundProxy
 from ..proxy.protocols import CARRIES_TAG
 from ..proxy.relay import AltProtocols, ProxyLimits, serve_proxy
 from ..proxy.tap import TapHub
+from ..proxy.tcp_inbound import TcpInbound
+from ..proxy.tcp_metrics import TcpMetrics
+from ..proxy.tcp_proxy import TcpUpstreams
+from ..proxy.tcp_spec import Upstream
 from ..proxy.tls import MeshTls, TlsConfigError, TlsFiles
 from .logs import log_event
 from .node_identity import IdentityError, build_identity
@@ -105,6 +112,9 @@ class AgentOptions:
     outbound: Address | None = None
     inbound: Address | None = None
     identity: str | None = None
+    #: Local ports carried to TCP services (--upstream; proxy/tcp_proxy.py).
+    upstreams: list[Upstream] = field(default_factory=list)
+    tcp_idle_timeout: float = 3600.0
     access_log: str | None = None
     balancer_decay: float = 10.0
     #: The OTLP/HTTP traces endpoint spans are exported to (None: no spans recorded).
@@ -219,7 +229,7 @@ async def run_agent(opts: AgentOptions, notifier: Notifier | None = None) -> Non
                                    f"{e.strerror or e}") from None
             if opts.dns is not None:
                 await _start_dns(nursery, node, discovery, opts.dns, opts, fds.dns)
-            if opts.outbound is not None or opts.inbound is not None:
+            if opts.outbound is not None or opts.inbound is not None or opts.upstreams:
                 await _start_sidecar(nursery, node, opts, policies, registry, fds.proxy,
                                      reloader, observers(golden, tap))
             if opts.services:
@@ -371,7 +381,8 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
     if access_log is not None:
         nursery.start_soon(access_log.run)  # writes in batches; the rest at shutdown
     tls = _mesh_tls(opts)
-    identity = _identity(opts, tls) if opts.outbound is not None else None
+    identity = _identity(opts, tls) if opts.outbound is not None or opts.upstreams else None
+    tcp_metrics = TcpMetrics(registry, known=_known(node, policies))
     threshold = sample_threshold(opts.trace_sample)
     spans = await _start_spans(nursery, opts, identity, threshold, registry)
     # Everything that watches a request sits behind one observer (proxy/observe.py).
@@ -400,7 +411,9 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
         inbound = InboundProxy(mesh, evaluator, observer=observer, tls=tls, agent=opts.name,
                                trace_threshold=threshold)
         # Besides HTTP/1.1: what other sidecars may open here (proxy/protocols.py).
-        inbound_alt = AltProtocols()
+        inbound_alt = AltProtocols(h2=h2_listener(H2Inbound(inbound, H2Upstreams(
+            inbound.watchdog))), tcp=TcpInbound(mesh, evaluator, watchdog=inbound.watchdog,
+            tls=tls, metrics=tcp_metrics, idle=opts.tcp_idle_timeout))
         port = await _listen(nursery, inbound, opts.inbound, "inbound", metrics,
                              plan.inbound, limits, tls, inbound_alt)
         host = opts.inbound[0]
@@ -419,13 +432,24 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
         outbound = OutboundProxy(mesh, evaluator, identity=identity, observer=observer,
                                  decay=opts.balancer_decay, tls=tls, agent=opts.name,
                                  trace_threshold=threshold)
-        outbound_alt = AltProtocols()  # h2c from the applications (gRPC clients)
+        # h2c from the applications (gRPC clients): each stream balanced on its own
+        outbound_alt = AltProtocols(h2=h2_listener(H2Outbound(outbound, H2Upstreams(
+            outbound.watchdog, tls=tls))))
         port = await _listen(nursery, outbound, opts.outbound, "outbound", metrics,
                              plan.outbound, limits, alt=outbound_alt)
         log.info("outbound listener on %s:%d (calling as %s)", opts.outbound[0], port,
                  identity or "an unknown service",
                  extra={"event": "outbound", "outbound": f"{opts.outbound[0]}:{port}",
                         "identity": identity})
+    # Upstream ports (TCP services): started even with none, so a reload can add one.
+    upstreams = TcpUpstreams(mesh, evaluator, identity=identity, tls=tls, metrics=tcp_metrics,
+                             decay=opts.balancer_decay, idle=opts.tcp_idle_timeout)
+    try:
+        upstreams.apply(opts.upstreams, upstreams.prepare(opts.upstreams))
+    except OSError as e:
+        raise StartupError(str(e.strerror)) from None
+    await nursery.start(upstreams.run)
+    reloader.upstreams = upstreams
 
 
 def _identity(opts: AgentOptions, tls: MeshTls | None) -> str | None:

@@ -72,6 +72,15 @@ def _seed(text: str) -> str:
     return text
 
 
+def _upstream(text: str) -> Any:
+    """``--upstream SERVICE=HOST:PORT`` (proxy/tcp_spec.py)."""
+    from ..proxy.tcp_spec import parse_upstream
+    try:
+        return parse_upstream(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -199,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="HOST:PORT", help="listen for other sidecars' requests to this "
                    "host's services (advertised to the cluster); default: the gossip "
                    "host, port 15002, when given alone")
+    a.add_argument("--upstream", action="append", default=[], type=_upstream,
+                   metavar="SERVICE=HOST:PORT", help="listen on HOST:PORT for this host's "
+                   "TCP connections to SERVICE (a service registered protocol=tcp), each "
+                   "carried to one of its instances; repeatable (docs/proxy.md)")
+    a.add_argument("--tcp-idle-timeout", type=_positive_float, default=3600.0,
+                   metavar="SECONDS", help="close a relayed TCP connection after this long "
+                   "without a byte either way (upstream ports and the inbound; default 3600)")
     a.add_argument("--identity", metavar="SERVICE",
                    help="the service this host calls as (x-rumor-source; default: its "
                    "local service when it runs exactly one)")
@@ -623,6 +639,7 @@ def _agent_options(args: argparse.Namespace) -> Any:
                         data_dir=args.data_dir,
                         outbound=_const_address(args.outbound),
                         inbound=_inbound(args), identity=args.identity,
+                        upstreams=_upstreams(args), tcp_idle_timeout=args.tcp_idle_timeout,
                         access_log=args.access_log, balancer_decay=args.balancer_decay,
                         otlp=_otlp(args.otlp), trace_sample=args.trace_sample,
                         proxy_limits=_proxy_limits(args),
@@ -651,6 +668,17 @@ def reread(argv: list[str]) -> Any:
 def _const_address(value: str | Address | None) -> Address | None:
     """argparse does not run ``type`` on an option's ``const``: parse it here."""
     return parse_address(value) if isinstance(value, str) else value
+
+
+def _upstreams(args: argparse.Namespace) -> list[Any]:
+    """The upstream ports, each address bound once."""
+    seen: dict[tuple[str, int], Any] = {}
+    for up in args.upstream:
+        other = seen.setdefault((up.host, up.port), up)
+        if other is not up and other != up:
+            raise UsageError(f"--upstream {up}: {up.host}:{up.port} is already the port "
+                             f"of upstream {other.service}")
+    return list(dict.fromkeys(args.upstream))
 
 
 def _inbound(args: argparse.Namespace) -> Address | None:
@@ -682,9 +710,9 @@ def _tls_files(args: argparse.Namespace) -> Any:
         return None
     if not all(given):
         raise UsageError("mutual TLS needs all three of --tls-ca, --tls-cert and --tls-key")
-    if args.inbound is None and args.outbound is None:
-        raise UsageError("--tls-* secure the sidecar's listeners: give --inbound and/or "
-                         "--outbound too")
+    if args.inbound is None and args.outbound is None and not args.upstream:
+        raise UsageError("--tls-* secure the sidecar's listeners: give --inbound, "
+                         "--outbound or --upstream too")
     return TlsFiles(Path(args.tls_ca), Path(args.tls_cert), Path(args.tls_key))
 
 

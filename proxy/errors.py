@@ -43,6 +43,7 @@ class ErrorCode(enum.StrEnum):
     NO_HEALTHY_INSTANCE = "no_healthy_instance"
     NO_INSTANCE_IN_SUBSET = "no_instance_in_subset"
     INSTANCES_DRAINING = "instances_draining"
+    PROTOCOL_MISMATCH = "protocol_mismatch"
     FAULT_ABORT = "fault_abort"
     FAULT_RESET = "fault_reset"
     # outbound: balancing and tries
@@ -100,6 +101,9 @@ _INFO: dict[ErrorCode, tuple[int | None, str, str]] = {
     C.NO_INSTANCE_IN_SUBSET: (503, _O, "the route chose a subset (version, tags) with no "
                               "healthy instance"),
     C.INSTANCES_DRAINING: (503, _O, "every candidate instance has weight 0 (draining)"),
+    C.PROTOCOL_MISMATCH: (505, _O, "the service is declared another protocol than the "
+                          "request came in (tcp: an upstream port; grpc/http2: HTTP/2), or "
+                          "no instance's agent carries HTTP/2 yet; also made inbound"),
     C.FAULT_ABORT: (None, _O, "a fault rule aborted the request with its own status "
                     "(never retried, counted by no breaker, ejection or budget)"),
     C.FAULT_RESET: (None, _O, "a fault rule reset the caller's connection (no response)"),

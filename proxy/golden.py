@@ -43,6 +43,7 @@ import msgpack
 from ddsketch import DDSketch
 from ddsketch.mapping import LogarithmicMapping
 
+from .grpc import failed as grpc_failed
 from .observe import Exchange, NullObserver
 
 # The sketch's protobuf message (and protobuf, ~35 ms) is imported by the two functions
@@ -163,7 +164,7 @@ class GoldenMetrics(NullObserver):
         s.tries += 1
         # Statuses 1xx-4xx sort below "5"; 5xx and the conditions ("connect-failure",
         # "client-gone", ...) do not.
-        if outcome < "5":
+        if outcome < "5" and (x.grpc_status is None or not grpc_failed(x.grpc_status)):
             s.try_successes += 1
 
     def request_ended(self, x: Exchange, now: float, sent: int, complete: bool) -> None:
@@ -174,7 +175,8 @@ class GoldenMetrics(NullObserver):
         if s is None:
             s = self._series(raw)
         s.requests += 1
-        ok = complete and 100 <= x.status < 500
+        ok = complete and 100 <= x.status < 500 and (
+            x.grpc_status is None or not grpc_failed(x.grpc_status))
         if ok:
             s.successes += 1
         if x.listener == "inbound" and x.code is None:

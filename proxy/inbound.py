@@ -47,9 +47,11 @@ from .headers import (
     parse_target,
     response_headers,
 )
+from .identity import Identity
 from .mesh_view import MeshView
 from .observe import Exchange, NullObserver, Observer, RateLimited, RequestEnd
 from .pool import TryFailed, UpstreamPool
+from .protocols import HTTP
 from .ratelimit import MeshRateLimit, retry_after_header
 from .relay import Forward, Reply, Request, request_head_start, simple_reply
 from .sockio import Watchdog
@@ -122,9 +124,15 @@ class InboundProxy:
                                 f"{service} is not served by this agent")
         host, port, instance = local
         x.instance = instance
+        declared = next((li.protocol for li in self.mesh.local_instances(service)
+                         if li.id == instance), HTTP)
+        if declared != HTTP:  # grpc/http2 take HTTP/2 streams, tcp the mesh TCP preamble
+            return self._refuse(x, 505, ErrorCode.PROTOCOL_MISMATCH,
+                                f"{service} is declared {declared} on this agent: its "
+                                "callers' sidecars must not send it HTTP/1.1")
         # access
         ev = self._evaluator()
-        refused = self._access(req, x, ev)
+        refused = self._access(req.peer, x, ev)
         if refused is not None:
             return refused
         # rate limit
@@ -209,17 +217,18 @@ class InboundProxy:
                 if e.key not in mine}
         return own, live
 
-    def _access(self, req: Request, x: Exchange, ev: Evaluator) -> Reply | None:
-        """None if the caller may call the service, else the 403."""
+    def _access(self, peer: Identity | None, x: Exchange, ev: Evaluator) -> Reply | None:
+        """None if the caller (``peer``: its certificate under mutual TLS) may call the
+        service, else the 403. (Shared with the HTTP/2 inbound, ``h2_inbound.py``.)"""
         service = x.service
         holds: frozenset[str] = frozenset()
         if self.tls is not None:
-            refused, x.source = self._verified_source(req, service, x.source)
+            refused, x.source = verified_source(self.tls, peer, service, x.source)
             if refused:
                 return self._deny(x, refused, None)
             x.secured = True
-            if req.peer is not None:  # a caller naming several services: judged by all
-                holds = req.peer.services
+            if peer is not None:  # a caller naming several services: judged by all
+                holds = peer.services
         decision = ev.access_as(x.source, holds, service)
         if not decision.allowed:
             x.source = decision.source
@@ -232,18 +241,7 @@ class InboundProxy:
         may call as a service its certificate names, never as another; and this host
         serves only services its own certificate names."""
         assert self.tls is not None
-        if not self.tls.identity.names(service):
-            return (f"this host's certificate does not name service {service!r}", claimed)
-        peer = req.peer
-        if peer is None:
-            return ("no client certificate", claimed)
-        if claimed is not None:
-            if not peer.names(claimed):
-                return (f"the caller's certificate (node {peer.node or '?'}) does not name "
-                        f"service {claimed!r}", claimed)
-            return "", claimed
-        only = next(iter(peer.services)) if len(peer.services) == 1 else None
-        return "", only
+        return verified_source(self.tls, req.peer, service, claimed)
 
     def _deny(self, x: Exchange, reason: str, policy: str | None) -> Reply:
         key = (x.service, x.source or "")
@@ -276,3 +274,21 @@ class InboundProxy:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def verified_source(tls: MeshTls, peer: Identity | None, service: str,
+                    claimed: str | None) -> tuple[str, str | None]:
+    """(reason to refuse or "", the caller's identity) over mutual TLS: the caller may
+    call as a service its certificate names, never as another; and this host serves
+    only services its own certificate names. (Shared with the mesh TCP inbound.)"""
+    if not tls.identity.names(service):
+        return (f"this host's certificate does not name service {service!r}", claimed)
+    if peer is None:
+        return ("no client certificate", claimed)
+    if claimed is not None:
+        if not peer.names(claimed):
+            return (f"the caller's certificate (node {peer.node or '?'}) does not name "
+                    f"service {claimed!r}", claimed)
+        return "", claimed
+    only = next(iter(peer.services)) if len(peer.services) == 1 else None
+    return "", only

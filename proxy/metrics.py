@@ -24,6 +24,7 @@ from .attempts import (
     Retrying,
     StaleRetry,
 )
+from .grpc import name as grpc_name
 from .observe import Event, Exchange, FaultInjected, NullObserver, RateLimited
 
 #: Latency buckets in seconds: sub-millisecond resolution for the mesh's own overhead,
@@ -155,10 +156,13 @@ class ProxyMetrics(NullObserver, Collector):
             "rumor_proxy_rate_limited", "inbound requests refused for the mesh-wide rate "
             "limit, by service and the limit that refused (total or source:NAME)",
             ("service", "limit"))
+        self.grpc = CounterFamily(
+            "rumor_proxy_grpc_requests", "gRPC calls answered, by listener, service and "
+            "grpc-status (its name in the gRPC spec)", ("listener", "service", "grpc_status"))
         self._families = (self.requests, self.latency, self.retries, self.budget_exhausted,
                           self.breaker_rejections, self.ejections, self.denied,
                           self.protocol_errors, self.stale_retries, self.errors, self.faults,
-                          self.rate_limited)
+                          self.rate_limited, self.grpc)
         if registry is not None:
             registry.register(self)
 
@@ -203,6 +207,8 @@ class ProxyMetrics(NullObserver, Collector):
 
     def request_ended(self, x: Exchange, now: float, sent: int, complete: bool) -> None:
         self.request_done(x.listener, x.service, x.instance, x.status)
+        if x.grpc_status is not None:
+            self.grpc.inc((x.listener, self.service(x.service), grpc_name(x.grpc_status)))
         if x.headers_at is not None:
             self.observe_latency(x.listener, x.service, x.headers_at - x.started)
         if x.code is not None:

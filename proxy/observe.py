@@ -82,6 +82,9 @@ class Exchange:
     headers_at: float | None = None
     #: The policy that decided a refusal ("kind/name"), for the error body and logs.
     policy: str | None = None
+    #: A gRPC call's ``grpc-status`` (from the last try's trailers-only answer, then the
+    #: response's trailers, or the sidecar's own answer); None: not gRPC, or none yet.
+    grpc_status: int | None = None
 
 
 class Observer(Protocol):

@@ -69,6 +69,7 @@ from .headers import (
 from .mesh_view import INBOUND_TAG, MeshView
 from .observe import Exchange, FaultInjected, NullObserver, Observer, RequestEnd
 from .pool import TryFailed, UpstreamPool, UpstreamResponse
+from .protocols import H2_PROTOCOLS, HTTP
 from .relay import Forward, Reply, Request, ResetConnection, request_head_start, simple_reply
 from .route import header_view, route_request
 from .sockio import Watchdog
@@ -104,6 +105,23 @@ class Target:
     refreshed: float = float("-inf")
     #: subset name -> (the subset, its endpoints), for the current endpoint list.
     subsets: dict[str, tuple[Subset, list[Endpoint]]] = field(default_factory=dict)
+    #: (id of a candidate list, "h1" or "h2") -> (that list, those of it that take it).
+    wires: dict[tuple[int, str], tuple[list[Endpoint], list[Endpoint]]] = field(
+        default_factory=dict)
+
+    def speaking(self, cands: list[Endpoint], wire: str) -> list[Endpoint]:
+        """The candidates a request arriving as ``wire`` may go to: HTTP/1.1 ("h1") to
+        instances declared http, HTTP/2 ("h2") to those declared grpc or http2 whose
+        agent carries h2. A lookup per request, a scan per candidate list."""
+        cached = self.wires.get((id(cands), wire))
+        if cached is not None and cached[0] is cands:
+            return cached[1]
+        out = [e for e in cands if (e.protocol == HTTP if wire == "h1" else
+                                    e.protocol in H2_PROTOCOLS and "h2" in e.carries)]
+        if len(self.wires) >= 64:
+            self.wires.clear()
+        self.wires[(id(cands), wire)] = (cands, cands if len(out) == len(cands) else out)
+        return self.wires[(id(cands), wire)][1]
 
     def candidates(self, subset: Subset) -> list[Endpoint]:
         """The endpoints of ``subset``: a lookup per request, a scan per change."""
@@ -176,6 +194,10 @@ class OutboundProxy:
             return self._refuse(x, 503, ErrorCode.NO_INSTANCE_IN_SUBSET,
                                 f"no healthy instance of {service} in subset "
                                 f"{routed.subset.name}", policy=_policy(ev, "route", service))
+        cands = target.speaking(cands, "h1")
+        if not cands:
+            return self._refuse(x, 505, ErrorCode.PROTOCOL_MISMATCH,
+                                mismatch(service, target.endpoints, "h1"))
         # 3. balance and try, 4. exchange
         return await self._try(req, x, target, cands, parsed.path, routed.edits)
 
@@ -395,6 +417,12 @@ class OutboundProxy:
         balancer.forget_except(keys)
         t.state.outliers.forget_except(keys)
 
+    def stream_target(self, service: str) -> tuple[Evaluator, Target]:
+        """The policies and the service's cached target, for the HTTP/2 handler
+        (``h2_outbound.py``): one cache for both protocols."""
+        ev = self._evaluator()
+        return ev, self._target(service, ev)
+
     def close(self) -> None:
         self.pool.close()
 
@@ -409,6 +437,22 @@ def _policy_parts(ev: Evaluator, service: str,
     consulted = (needs.headers if needs is not None else frozenset()) | (
         faults[1].header_names if faults is not None else frozenset())
     return needs, faults, consulted
+
+
+def mismatch(service: str, endpoints: list[Endpoint], wire: str) -> str:
+    """Why no instance of ``service`` takes a request arriving as ``wire``."""
+    declared = sorted({e.protocol for e in endpoints})
+    if "tcp" in declared:
+        return (f"service {service} is declared tcp: connect through an upstream port "
+                f"(--upstream {service}=HOST:PORT)")
+    if wire == "h1":
+        return (f"service {service} is declared {'/'.join(declared)}: call it over HTTP/2 "
+                "(h2c with prior knowledge, as gRPC clients do)")
+    if any(e.protocol in H2_PROTOCOLS for e in endpoints):
+        return (f"no instance of {service} is behind an agent that carries HTTP/2 (their "
+                "agents are older than this release): upgrade them")
+    return (f"service {service} is declared {'/'.join(declared)}: call it over HTTP/1.1, "
+            "or register it with protocol=grpc or http2")
 
 
 def _hash_key(req: Request, spec: ResilienceSpec) -> bytes | None:

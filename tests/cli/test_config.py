@@ -67,6 +67,8 @@ def samples(k: dict[str, str]) -> dict[str, tuple[list[str], Any]]:
         "outbound": (["--outbound"], True),
         "inbound": (["--inbound", "127.0.0.1:15099"], "127.0.0.1:15099"),
         "identity": (["--identity", "web"], "web"),
+        "upstream": (["--upstream", "db=127.0.0.1:15432"], ["db=127.0.0.1:15432"]),
+        "tcp_idle_timeout": (["--tcp-idle-timeout", "60"], 60.0),
         "balancer_decay": (["--balancer-decay", "2.5"], 2.5),
         "inbound_connections": (["--inbound-connections", "500"], 500),
         "inbound_per_client": (["--inbound-per-client", "100"], 100),

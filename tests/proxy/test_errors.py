@@ -34,6 +34,7 @@ EXPECTED = {
     "bad_request": 400, "request_timeout": 408, "headers_too_large": 431,
     "body_too_large": 413, "internal_error": 500, "not_implemented": 501,
     "http_version_not_supported": 505,
+    "protocol_mismatch": 505,
 }
 
 
