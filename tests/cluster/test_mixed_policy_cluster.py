@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from rumor.gossip.version import release
+
 from ..agents import Agent, AgentCluster, previous_build, rumor, wait_for
 from ..backends import Backend
 from ..ports import free_port
@@ -90,7 +92,7 @@ def _rolling(tmp_path: Path, old_tree: Path) -> None:
         wait_for(lambda: cluster.converged(2), 30, "the mixed cluster to converge")
         # The old agent is the previous build: it publishes no release tag.
         assert "rumor.release" not in new.members()["old0"]["tags"]
-        assert new.members()["new0"]["tags"]["rumor.release"] == "0.2.0"
+        assert new.members()["new0"]["tags"]["rumor.release"] == release()
         for port in (out_old, out_new):
             wait_for(lambda port=port: _get(port) == 200, 20, "both callers to route")
 
