@@ -51,6 +51,8 @@ class DemoAgent:
         self.api = f"{HOST}:{free_port()}"
         self.inbound = free_port()
         self.outbound = free_port() if outbound else None
+        #: The caller's local port for the TCP service ``kv`` (--upstream).
+        self.upstream = free_port() if outbound else None
         self.log_path = logdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -61,7 +63,8 @@ class DemoAgent:
                 "--trust-key", str(self.trust_key), "--inbound", f"{HOST}:{self.inbound}",
                 *self.security]
         if self.outbound is not None:
-            argv += ["--outbound", f"{HOST}:{self.outbound}", "--identity", "frontend"]
+            argv += ["--outbound", f"{HOST}:{self.outbound}", "--identity", "frontend",
+                     "--upstream", f"kv={HOST}:{self.upstream}"]
         if self.otlp is not None:
             argv += ["--otlp", self.otlp]
         if seed is not None:
@@ -316,6 +319,97 @@ def _mesh(cluster: list[DemoAgent], keydir: Path, sink: SpanSink) -> None:
             b.close()
 
 
+class _GreetingServer:
+    """A TCP service that speaks first (as PostgreSQL, SMTP or Redis's AUTH-less banner
+    do), then answers each line upper-cased, and closes when the client half-closes."""
+
+    def __init__(self, name: str) -> None:
+        import socket
+        import threading
+        self.name = name
+        self.sock = socket.create_server((HOST, 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: Any) -> None:
+        with conn:
+            try:
+                conn.sendall(f"kv ready ({self.name})\n".encode())
+                while data := conn.recv(65536):
+                    conn.sendall(data.upper())
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _tcp_round(port: int) -> tuple[str, str, float]:
+    """One connection through the caller's upstream port: (the greeting, heard before
+    sending anything; the answer after a half-close; seconds to the greeting)."""
+    import socket
+    t0 = time.monotonic()
+    with socket.create_connection((HOST, port), timeout=5) as s:
+        f = s.makefile("rb")
+        greeting = f.readline().decode().strip()
+        took = time.monotonic() - t0
+        s.sendall(b"get colour\n")
+        s.shutdown(socket.SHUT_WR)  # half-close: the answer still comes back
+        answer = f.read().decode().strip()
+    return greeting, answer, took
+
+
+def _tcp_service(cluster: list[DemoAgent]) -> None:
+    """Step 4, TCP: a server-speaks-first service declared protocol=tcp, reached through
+    a local upstream port, over the same mutual TLS, balanced per connection."""
+    caller = cluster[0]
+    assert caller.upstream is not None
+    servers = [_GreetingServer(n) for n in ("kv-1", "kv-2")]
+    try:
+        for agent, srv in zip(cluster[1:3], servers, strict=True):
+            put_json(agent.api, "/v1/agent/service/register",
+                     {"name": "kv", "id": srv.name, "port": srv.port, "protocol": "tcp"},
+                     timeout=2.0)
+        _wait("kv on the caller", lambda: len(_instances(caller, "kv")) == 2, 10)
+        _say(f"   TCP: `kv` (protocol=tcp, it speaks first) on {cluster[1].name} and "
+             f"{cluster[2].name}; {caller.name} reaches it at {HOST}:{caller.upstream} "
+             "(--upstream kv=...), nothing guessed")
+        seen: dict[str, int] = {}
+        greeting = answer = ""
+        waits: list[float] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (len(seen) < 2 or sum(seen.values()) < 20):
+            try:
+                greeting, answer, took = _tcp_round(caller.upstream)
+            except OSError:
+                time.sleep(0.2)  # the instances are not routable yet
+                continue
+            who = greeting.rsplit("(", 1)[-1].rstrip(")")
+            seen[who] = seen.get(who, 0) + 1
+            waits.append(took)
+        if not seen:
+            raise TimeoutError("no TCP connection through the upstream port")
+        waits.sort()
+        _say(f"   {sum(seen.values())} connections, each over mutual TLS between the "
+             f"sidecars: {_shares(seen)}; the greeting {greeting!r} arrived "
+             f"{waits[len(waits) // 2] * 1000:.1f} ms (median) after connect, before the "
+             f"client sent a byte; after a half-close the answer still came: {answer!r}")
+        for agent, srv in zip(cluster[1:3], servers, strict=True):
+            put_json(agent.api, f"/v1/agent/service/deregister/{srv.name}", {}, timeout=2.0)
+    finally:
+        for srv in servers:
+            srv.close()
+
+
 SHOP_FAULT = """kind = "fault"
 name = "shop-game-day"
 version = 1
@@ -462,6 +556,7 @@ def run_demo(agents: int = 5) -> int:
         _policy(cluster, keydir)
         if agents >= 5:
             _mesh(cluster, keydir, sink)
+            _tcp_service(cluster)
 
         victim, watcher = cluster[-1], cluster[0]
         others = [a for a in cluster if a is not victim]
@@ -537,7 +632,7 @@ def _security(keydir: Path, name: str, index: int) -> list[str]:
         init_ca(keydir / "ca", "demo")
     mine = keydir / f"keyring-{name}"
     shutil.copyfile(ring, mine)
-    services = ["frontend"] if index == 0 else ["shop", "web"]
+    services = ["frontend"] if index == 0 else ["shop", "web", "kv"]
     cert, key = issue(keydir / "ca", name, services, 1, keydir / name)
     # Signed membership: a node key in the agent's data dir, vouched for by the same CA,
     # so no key holder can speak for another agent (docs/security.md).
