@@ -12,7 +12,15 @@ the time passed in (``now``) so it stays sans-IO and testable without sockets:
   connection ends with GOAWAY ENHANCE_YOUR_CALM;
 - floods of frames that cost us work but carry nothing (SETTINGS, PING,
   WINDOW_UPDATE, PRIORITY, unknown frames, empty DATA without END_STREAM): at most
-  ``max_control_frames`` per ``control_window``, then GOAWAY ENHANCE_YOUR_CALM;
+  ``max_control_frames`` per ``control_window``, then GOAWAY ENHANCE_YOUR_CALM. Work
+  earns an allowance first: every HEADERS or DATA frame either side sends adds
+  ``CONTROL_CREDIT`` control frames that do not count (a gRPC client answers each
+  response with two WINDOW_UPDATEs and pings to probe bandwidth: ordinary traffic
+  must never look like a flood), so the count catches control frames beyond the work;
+- a peer's reset of a stream that was already complete on the side that did the work
+  (our response all sent, as a server; the peer's response all received, as a
+  client: RST_STREAM NO_ERROR after a full gRPC answer is RFC 9113 §8.1 behaviour) is
+  not counted as a rapid reset: it cancels nothing;
 - header blocks (the 2024 CONTINUATION floods): h2 keeps at most 64 frames of one
   unfinished block (``h2.frame_buffer.CONTINUATION_BACKLOG``); beside that count we
   cap its bytes at ``max_header_block`` (checked after every frame-sized slice fed),
@@ -42,6 +50,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -149,11 +158,46 @@ class StreamRefused(h2.events.Event):
         self.reason = reason
 
 
+#: Control frames a HEADERS or DATA frame (sent or received) allows beyond the count.
+CONTROL_CREDIT = 4
+
+
 class _Connection(h2.connection.H2Connection):
     """h2's connection, leaving the concurrent-stream limit to ``H2Session``: h2 makes
     a HEADERS past MAX_CONCURRENT_STREAMS a connection error (TooManyStreamsError, all
     streams lost) before decoding it, where RFC 9113 §5.1.2 asks for a stream error;
-    the session refuses the stream instead, once its block is decoded (HPACK in sync)."""
+    the session refuses the stream instead, once its block is decoded (HPACK in sync).
+    It also counts the frames we send (they earn control-frame credit) and remembers
+    the streams whose sending we ended while the peer's side was still open."""
+
+    frames_sent = 0
+    #: Streams we ended our side of (END_STREAM sent) that are not closed yet.
+    ended_locally: set[int]
+
+    def send_headers(self, stream_id: int, *args: Any, **kwargs: Any) -> None:
+        self.frames_sent += 1
+        super().send_headers(stream_id, *args, **kwargs)
+        if kwargs.get("end_stream"):
+            self._ended(stream_id)
+
+    def send_data(self, stream_id: int, *args: Any, **kwargs: Any) -> None:
+        self.frames_sent += 1
+        super().send_data(stream_id, *args, **kwargs)
+        if kwargs.get("end_stream") or (len(args) > 1 and args[1]):
+            self._ended(stream_id)
+
+    def end_stream(self, stream_id: int) -> None:
+        self.frames_sent += 1
+        super().end_stream(stream_id)
+        self._ended(stream_id)
+
+    def _ended(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None and not stream.closed:
+            if len(self.ended_locally) > 4 * 1024:  # closed ones linger: prune them
+                self.ended_locally = {sid for sid in self.ended_locally
+                                      if sid in self.streams and not self.streams[sid].closed}
+            self.ended_locally.add(stream_id)
 
     @property
     def open_inbound_streams(self) -> int:
@@ -181,6 +225,12 @@ class H2Session:
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                            validate_inbound_headers=True)
         self.conn = _Connection(config)
+        self.conn.ended_locally = set()
+        #: Streams whose response the peer completed while ours was open (client side).
+        self._peer_ended: set[int] = set()
+        #: Control frames that do not count, earned by HEADERS and DATA frames.
+        self._credit = 0
+        self._frames_seen = 0
         codes = h2.settings.SettingCodes
         self.conn.local_settings = h2.settings.Settings(client=client_side, initial_values={
             codes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
@@ -204,7 +254,7 @@ class H2Session:
         #: The most ever held (the hostile tests compare it with ``bound_bytes``).
         self.peak_buffered = 0
         self.stats = {"resets_received": 0, "resets_provoked": 0, "refused_headers": 0,
-                      "refused_streams": 0, "goaway_calm": 0}
+                      "refused_streams": 0, "goaway_calm": 0, "resets_after_completion": 0}
         self.error: SessionError | None = None
         #: The last stream id of the peer's graceful GOAWAY: no new streams after it.
         self.goaway_last: int | None = None
@@ -272,12 +322,19 @@ class H2Session:
             # resets one for a frame of the peer's that breaks it (a stream's window
             # overflowed, DATA after END_STREAM: "MadeYouReset", CVE-2025-8671): either
             # way the peer had a stream started and gone at no cost to itself.
+            done = (sid in self._peer_ended) if self.client_side else (
+                sid in self.conn.ended_locally)
+            self._peer_ended.discard(sid)
+            self.conn.ended_locally.discard(sid)
+            if done and ev.remote_reset:
+                self.stats["resets_after_completion"] += 1
+                return  # the work was done: nothing was cancelled
             self.stats["resets_received" if ev.remote_reset else "resets_provoked"] += 1
             if self._resets.over(now):
                 raise self._calm(f"more than {lim.max_resets} streams reset in "
                                  f"{lim.reset_window:g} s (rapid reset)")
         elif isinstance(ev, _CONTROL):
-            if self._control.over(now):
+            if not self._spend_credit() and self._control.over(now):
                 raise self._calm(f"more than {lim.max_control_frames} control frames in "
                                  f"{lim.control_window:g} s")
         elif isinstance(ev, h2.events.DataReceived):
@@ -286,6 +343,10 @@ class H2Session:
                 raise self._calm(f"more than {lim.max_control_frames} empty DATA frames "
                                  f"in {lim.control_window:g} s")
             n = ev.flow_controlled_length or 0
+            if ev.data:
+                self._earn()
+            if ev.stream_ended is not None:
+                self._peer_done(sid)
             if sid in self._dropped or sid not in self._held:
                 self._ack(sid, n)
                 if ev.stream_ended is not None:
@@ -296,6 +357,9 @@ class H2Session:
             self.peak_buffered = max(self.peak_buffered, self.buffered)
         elif isinstance(ev, _HEADS):
             sid = int(ev.stream_id or 0)
+            self._earn()
+            if getattr(ev, "stream_ended", None) is not None:
+                self._peer_done(sid)
             if sid in self._dropped:
                 if getattr(ev, "stream_ended", None) is not None:
                     self._dropped.discard(sid)
@@ -319,6 +383,7 @@ class H2Session:
                 self._held.setdefault(sid, 0)
         elif isinstance(ev, h2.events.StreamEnded):
             sid = int(ev.stream_id or 0)
+            self._peer_done(sid)
             if sid in self._dropped:
                 self._dropped.discard(sid)
                 return
@@ -331,6 +396,33 @@ class H2Session:
                 self.goaway_last = last if self.goaway_last is None else min(last,
                                                                              self.goaway_last)
         out.append(ev)
+
+    def _earn(self) -> None:
+        self._credit = min(self._credit + CONTROL_CREDIT, self.limits.max_control_frames)
+
+    def _spend_credit(self) -> bool:
+        """Whether a control frame is covered by the work done so far (it then does not
+        count toward ``max_control_frames``)."""
+        sent = self.conn.frames_sent - self._frames_seen
+        if sent:
+            self._frames_seen = self.conn.frames_sent
+            self._credit = min(self._credit + CONTROL_CREDIT * sent,
+                               self.limits.max_control_frames)
+        if self._credit > 0:
+            self._credit -= 1
+            return True
+        return False
+
+    def _peer_done(self, sid: int) -> None:
+        """The peer ended its side of ``sid``: as a client, its response is complete."""
+        if not self.client_side:
+            return
+        # Kept even if h2 closed the stream already: a reset in the same read was
+        # processed before its events reach us. Closed ones are pruned now and then.
+        if len(self._peer_ended) > 4 * 1024:
+            self._peer_ended = {s for s in self._peer_ended if s in self.conn.streams
+                                and not self.conn.streams[s].closed}
+        self._peer_ended.add(sid)
 
     def _refuse_headers(self, sid: int, request: bool) -> None:
         self.stats["refused_headers"] += 1

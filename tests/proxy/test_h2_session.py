@@ -173,6 +173,85 @@ def test_resets_spread_over_time_are_not_an_attack() -> None:
     assert any(isinstance(ev, h2.events.RequestReceived) for ev in _up(client, server, 60.0))
 
 
+def _answer(server: H2Session, sid: int) -> None:
+    """The server's whole answer: HEADERS, a DATA frame, trailers (as gRPC answers)."""
+    server.conn.send_headers(sid, [(b":status", b"200")])
+    server.conn.send_data(sid, b"\x00\x00\x00\x00\x02hi")
+    server.conn.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+
+
+def test_ordinary_grpc_traffic_earns_its_control_frames() -> None:
+    """A gRPC client answers every response with WINDOW_UPDATEs (its stream and the
+    connection) and pings now and then: 3000 calls in 5 s (18,000 frames of work,
+    6,300 control frames) must not look like a flood of 1,000."""
+    lim = H2Limits(max_control_frames=1000, control_window=10.0)
+    client, server = _pair(lim)
+    for i in range(3000):
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, REQ)
+        client.send_data(sid, b"\x00\x00\x00\x00\x05hello", end_stream=True)
+        _up(client, server, now=i / 600)
+        server.consumed(sid, 10)
+        _answer(server, sid)
+        _down(client, server)
+        client.increment_flow_control_window(7)  # the connection's
+        if i % 10 == 0:
+            client.ping(i.to_bytes(8, "big"))
+        _up(client, server, now=i / 600)
+    assert server.error is None and server.stats["goaway_calm"] == 0
+    # Control frames beyond the work still count: 1,001 pings with nothing else.
+    with pytest.raises(SessionError) as e:
+        for i in range(1001 + 4 * 1000):
+            client.ping(i.to_bytes(8, "big"))
+            _up(client, server, now=6.0)
+    assert e.value.code == ENHANCE_YOUR_CALM
+
+
+def test_a_reset_after_the_whole_response_is_not_a_rapid_reset() -> None:
+    """RST_STREAM NO_ERROR from a peer whose stream we already answered in full
+    cancels nothing (RFC 9113 §8.1); only resets of streams still being worked on
+    count toward ``max_resets``."""
+    lim = H2Limits(max_resets=200, reset_window=10.0)
+    client, server = _pair(lim)
+    for i in range(1000):
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, REQ)  # its side stays open
+        _up(client, server, now=i / 200)
+        _answer(server, sid)
+        _down(client, server)
+        client.reset_stream(sid, 0)
+        _up(client, server, now=i / 200)
+    assert server.error is None
+    assert server.stats["resets_after_completion"] == 1000
+    assert server.stats["resets_received"] == 0
+    _open_and_reset(client, 201)  # unanswered: the attack, counted as before
+    with pytest.raises(SessionError) as e:
+        _up(client, server, now=5.5)
+    assert e.value.code == ENHANCE_YOUR_CALM
+
+
+def test_as_a_client_a_callee_resetting_after_its_whole_answer_is_not_counted() -> None:
+    lim = H2Limits(max_resets=200, reset_window=10.0)
+    session = H2Session(lim, client_side=True)
+    session.start()
+    callee = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False,
+                                                                  header_encoding=None))
+    callee.initiate_connection()
+    callee.receive_data(session.data_to_send())
+    session.receive(callee.data_to_send(), 0.0)
+    callee.receive_data(session.data_to_send())
+    for i in range(500):
+        sid = session.conn.get_next_available_stream_id()
+        session.conn.send_headers(sid, REQ)  # the request body still to come
+        callee.receive_data(session.data_to_send())
+        callee.send_headers(sid, [(b":status", b"200")])
+        callee.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+        callee.reset_stream(sid, 0)  # as gRPC servers do when the client has not ended
+        session.receive(callee.data_to_send(), i / 100)
+    assert session.error is None
+    assert session.stats["resets_after_completion"] == 500
+
+
 def _overflow_window(sid: int) -> bytes:
     f = WindowUpdateFrame(sid)
     f.window_increment = 2**31 - 1  # past the largest window: h2 resets the stream
