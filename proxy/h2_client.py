@@ -123,14 +123,7 @@ class H2Upstreams:
         conn.session.track(sid)
         self.stats["streams"] += 1
         call = H2Call(conn, sid, box, connect_seconds, end_stream)
-        try:
-            await conn.flush()
-        except StreamGone as e:
-            call._finish()
-            raise TryFailed(STALE_CONNECTION, e.reason) from None
-        except BaseException:
-            call.reset()
-            raise
+        conn.kick()  # written with the body that follows (one write per call, not frame)
         return call
 
     def _take(self, origin: tuple[str, int]) -> _Upstream | None:
@@ -322,7 +315,7 @@ class H2Call:
                 self._conn._do(lambda: h2c.send_headers(self.stream_id, trailers,
                                                         end_stream=True))
                 self._sent_end = True
-                await self._conn.flush()
+                self._conn.kick()
             except StreamGone as e:
                 raise self._failed(e, self._box.head is None) from None
         else:

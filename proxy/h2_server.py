@@ -119,7 +119,9 @@ class H2Conn:
     # -- writing -------------------------------------------------------------------
 
     def kick(self) -> int:
-        """Have the writer send what the core queued; the generation to wait for."""
+        """Have the writer send what the core queued; the generation to wait for. The
+        writer runs at the caller's next checkpoint, so the frames a handler queues
+        without waiting (HEADERS, DATA, trailers of a gRPC answer) leave in one write."""
         self._queued += 1
         self._dirty.set()
         return self._queued
@@ -283,7 +285,7 @@ class H2Conn:
             if not view:
                 if end_stream:
                     self._do(lambda: conn.end_stream(sid))
-                    await self.flush()
+                    self.kick()
                 return
             n = self.session.window(sid)
             if n < 0:
@@ -314,9 +316,12 @@ class H2Conn:
                 queued += len(chunk)
                 self.unsent += len(chunk)
                 n = self.session.window(sid)
-            await self.flush()
+            # The writer takes it at the next checkpoint, with whatever else was queued
+            # by then; max_unsent (above) holds a sender back while it is behind.
+            self.kick()
             if last:
                 return
+            await trio.lowlevel.checkpoint()
 
     def _do(self, op: Callable[[], object]) -> None:
         try:
@@ -393,7 +398,7 @@ class H2Request:
             self.headers_sent = True
         if end_stream:
             self._ended_by_us = True
-        await self._conn.flush()
+        self._conn.kick()  # written with what follows it (one write, not one per frame)
 
     async def send(self, data: bytes, *, end_stream: bool = False) -> None:
         if end_stream:
@@ -404,7 +409,7 @@ class H2Request:
         conn = self._conn.session.conn
         self._ended_by_us = True
         self._conn._do(lambda: conn.send_headers(self.stream_id, trailers, end_stream=True))
-        await self._conn.flush()
+        self._conn.kick()
 
     def reset(self, code: int = 0x8) -> None:
         self._ended_by_us = True

@@ -122,10 +122,8 @@ class InboundProxy:
         if local is None:
             return self._refuse(x, 404, ErrorCode.NOT_SERVED_HERE,
                                 f"{service} is not served by this agent")
-        host, port, instance = local
+        host, port, instance, declared = local
         x.instance = instance
-        declared = next((li.protocol for li in self.mesh.local_instances(service)
-                         if li.id == instance), HTTP)
         if declared != HTTP:  # grpc/http2 take HTTP/2 streams, tcp the mesh TCP preamble
             return self._refuse(x, 505, ErrorCode.PROTOCOL_MISMATCH,
                                 f"{service} is declared {declared} on this agent: its "
@@ -253,12 +251,14 @@ class InboundProxy:
         return self._refuse(x, 403, ErrorCode.ACCESS_DENIED, reason,
                             policy=f"access/{policy}" if policy else None)
 
-    def _local(self, service: str, instance: bytes | None) -> tuple[str, int, str] | None:
-        """Address of the local instance to serve (the named one if given)."""
+    def _local(self, service: str, instance: bytes | None,
+               ) -> tuple[str, int, str, str] | None:
+        """(address, port, id, declared protocol) of the local instance to serve (the
+        named one if given)."""
         wanted = instance.decode("ascii", "replace") if instance else None
         fallback = None
         for li in self.mesh.local_instances(service):
-            addr = (li.host, li.port, li.id)
+            addr = (li.host, li.port, li.id, li.protocol)
             if wanted is None or li.id == wanted:
                 return addr
             fallback = fallback or addr
