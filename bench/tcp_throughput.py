@@ -17,13 +17,14 @@ connection, shuts its side, and the service answers with the byte count: MiB/s f
 connect to that answer), ``down`` (the service writes ``--mib`` MiB and closes: MiB/s
 to EOF), and ``cps`` (connections per second for ``--cps-seconds``, one at a time:
 connect, 33 bytes up (a mode byte and 32), 32 back, close). Rounds alternate the
-target order (ABBA) so drift
-and the VM's steal hit every target alike; each figure is reported as median and range
-over rounds. Per measurement the machine's busy and steal shares come from
-``/proc/stat`` and the proxy processes' own CPU from ``/proc/PID/stat``: CPU seconds
-per GiB and CPU microseconds per connection.
+target order (ABBA) so drift and the VM's steal hit every target alike; each figure is
+reported as median and range over rounds. With ``--quiet`` each measurement first
+waits for an idle machine (at most ``--quiet-wait`` s). Per measurement the machine's
+busy and steal shares come from ``/proc/stat`` and the proxy processes' own CPU from
+``/proc/PID/stat``: CPU seconds per GiB and CPU microseconds per connection.
 
-    python3 bench/tcp_throughput.py --rounds 6 --results-dir /tmp/tcp-bench
+    python3 bench/tcp_throughput.py --rounds 5 --haproxy-bufsize 65536 --quiet 0.2 \\
+        --quiet-wait 5 --results-dir /tmp/tcp-bench
 
 Writes ``round-N.json`` per round and ``summary.json`` under ``--results-dir``, and
 prints a Markdown table. The agents run the LAN profile at log level warning.
@@ -192,10 +193,29 @@ def proc_ticks(pids: list[int]) -> int:
 OURS: list[int] = [os.getpid()]
 
 
+#: Wait before a measurement until the machine is at most this busy (``--quiet``), for
+#: at most so many seconds (``--quiet-wait``).
+QUIET = [1.0, 30.0]
+
+
+def wait_quiet() -> float:
+    """Seconds waited until a 0.5 s window finds the machine at most ``QUIET`` busy (a
+    neighbour's test run between measurements), giving up after ``--quiet-wait``."""
+    t0 = time.perf_counter()
+    while QUIET[0] < 1.0 and time.perf_counter() - t0 < QUIET[1]:
+        a = sys_cpu()
+        time.sleep(0.5)
+        b = sys_cpu()
+        if 1 - (b[1] - a[1]) / max(1, b[0] - a[0]) <= QUIET[0]:
+            break
+    return time.perf_counter() - t0
+
+
 def measured(fn: Callable[[], Any], pids: list[int]) -> dict[str, Any]:
     """``fn()``'s value with the CPU around it: the proxies' CPU seconds, the machine's
     busy and steal shares, and ``others``: the busy share not spent by the bench's
     processes (a neighbour's load; it mixes tick-sampled counters, so it is rough)."""
+    waited = wait_quiet()
     s0, p0, o0, w0 = sys_cpu(), proc_ticks(pids), proc_ticks(OURS), time.perf_counter()
     value = fn()
     s1, p1, o1, w1 = sys_cpu(), proc_ticks(pids), proc_ticks(OURS), time.perf_counter()
@@ -204,7 +224,7 @@ def measured(fn: Callable[[], Any], pids: list[int]) -> dict[str, Any]:
     ours = (p1 - p0 + o1 - o0) / CLK_TCK / max(w1 - w0, 1e-9) / (os.cpu_count() or 1)
     return {"value": value, "wall": w1 - w0, "proxy_cpu": (p1 - p0) / CLK_TCK,
             "busy": busy, "steal": (s1[2] - s0[2]) / total,
-            "others": max(0.0, busy - ours)}
+            "others": max(0.0, busy - ours), "waited": waited}
 
 
 # ---- targets -------------------------------------------------------------------------------
@@ -244,7 +264,7 @@ class Run:
 HAPROXY = """global
     nbthread 1
     maxconn 8000
-defaults
+{tune}defaults
     mode tcp
     timeout connect 5s
     timeout client 75s
@@ -257,10 +277,15 @@ backend be
 """
 
 
+#: ``tune.bufsize`` for every haproxy (``--haproxy-bufsize``; 0: its default, 16 KiB).
+BUFSIZE = [0]
+
+
 def haproxy(run: Run, name: str, listen: int, to: int, *, bind_ssl: str = "",
             server_ssl: str = "") -> int:
     cfg = run.work / f"{name}.cfg"
-    cfg.write_text(HAPROXY.format(bind=f"{HOST}:{listen}{bind_ssl}",
+    tune = f"    tune.bufsize {BUFSIZE[0]}\n" if BUFSIZE[0] else ""
+    cfg.write_text(HAPROXY.format(tune=tune, bind=f"{HOST}:{listen}{bind_ssl}",
                                   server=f"{HOST}:{to}{server_ssl}"))
     chk = subprocess.run(["haproxy", "-c", "-q", "-f", str(cfg)], capture_output=True,
                          text=True)
@@ -404,11 +429,21 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--mib", type=int, default=256, help="MiB per throughput connection")
     ap.add_argument("--cps-seconds", type=float, default=3.0)
+    ap.add_argument("--haproxy-bufsize", type=int, default=0,
+                    help="haproxy tune.bufsize (default: haproxy's own, 16384); rumor "
+                    "reads 64 KiB at a time")
+    ap.add_argument("--quiet", type=float, default=1.0,
+                    help="before each measurement wait until the machine is at most "
+                    "this busy over 0.5 s (e.g. 0.1; default 1: no wait)")
+    ap.add_argument("--quiet-wait", type=float, default=30.0,
+                    help="longest wait for --quiet, seconds")
     ap.add_argument("--results-dir", type=Path, default=Path("/tmp/rumor-tcp-bench"))
     args = ap.parse_args()
     if args.serve is not None:
         serve(args.serve)
         return 0
+    BUFSIZE[0] = args.haproxy_bufsize
+    QUIET[:] = [args.quiet, args.quiet_wait]
     res = args.results_dir
     work = res / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -430,6 +465,7 @@ def main() -> int:
         meta = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "loadavg_before": load, "cpus": os.cpu_count(), "args": {
                     k: str(v) for k, v in vars(args).items()},
+                "haproxy_bufsize": args.haproxy_bufsize or 16384,
                 "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True,
                                           text=True).stdout.splitlines()[0]}
         print(f"warm-up (load {' '.join(load)})", file=sys.stderr)
@@ -448,6 +484,7 @@ def main() -> int:
         print(table(summary))
         steal = max(s[k]["steal_max"] for s in summary.values() for k in s)
         others = max(s[k]["others_median"] for s in summary.values() for k in s)
+        waited = sum(r[n][k]["waited"] for r in rounds for n in r for k in r[n])
         with open("/proc/loadavg") as f:
             after = f.read().split()[:3]
         meta["loadavg_after"] = after
@@ -455,7 +492,8 @@ def main() -> int:
                                                      indent=1))
         print(f"\n{args.rounds} rounds (ABBA), {args.mib} MiB per throughput connection, "
               f"{args.cps_seconds:g} s of connections per round; steal at most "
-              f"{steal:.1%}; others' CPU (median, worst target) {others:.1%}; load "
+              f"{steal:.1%}; others' CPU (median, worst target) {others:.1%}; waited "
+              f"{waited:.0f} s for a quiet machine; load "
               f"before {' '.join(load)}, after {' '.join(after)}")
     finally:
         run.close()
