@@ -34,16 +34,14 @@ from .attempts import STALE_CONNECTION
 from .h2_server import H2Conn, Inbox, StreamGone
 from .h2_session import H2Limits, H2Session, SessionError
 from .identity import Identity
-from .pool import TryFailed
+from .pool import TryFailed, connect_upstream
 from .sockio import (
     ConnectionBroken,
     TimedOut,
-    TlsFailed,
     TlsSocketIO,
     Watchdog,
-    open_connection,
 )
-from .tls import ALPN_H2, HandshakeFailed, MeshTls
+from .tls import ALPN_H2, MeshTls
 
 log = logging.getLogger("rumor.proxy.h2")
 
@@ -139,26 +137,11 @@ class H2Upstreams:
     async def _connect(self, origin: tuple[str, int], deadline: float) -> _Upstream:
         host, port = origin
         tls = self.tls
-        try:
-            io, der = await open_connection(host, port, self.watchdog, deadline,
-                                            tls=tls.client_h2 if tls is not None else None)
-        except TimedOut:
-            raise TryFailed(CONNECT_FAILURE, f"connect to {host}:{port} timed out") from None
-        except (ConnectionBroken, OSError) as e:
-            if isinstance(e, TlsFailed) and tls is not None:
-                tls.stats["handshake_failures"] += 1
-            raise TryFailed(CONNECT_FAILURE, str(e) or type(e).__name__) from None
-        peer = None
-        if tls is not None:
-            if not isinstance(io, TlsSocketIO) or io.alpn != ALPN_H2:
-                io.close()
-                raise TryFailed(CONNECT_FAILURE, f"{host}:{port} did not choose HTTP/2 "
-                                "(ALPN h2)")
-            try:
-                peer = tls.verify_peer(der)
-            except HandshakeFailed as e:
-                io.close()
-                raise TryFailed(CONNECT_FAILURE, f"{host}:{port}: {e}") from None
+        io, peer = await connect_upstream(origin, self.watchdog, deadline, tls,
+                                          tls.client_h2 if tls is not None else None)
+        if tls is not None and (not isinstance(io, TlsSocketIO) or io.alpn != ALPN_H2):
+            io.close()
+            raise TryFailed(CONNECT_FAILURE, f"{host}:{port} did not choose HTTP/2 (ALPN h2)")
         self.stats["connections_opened"] += 1
         session = H2Session(self.limits, client_side=True)
         session.start()

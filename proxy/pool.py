@@ -29,6 +29,7 @@ connection, when its body can be sent again.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -235,25 +236,10 @@ class UpstreamPool:
         return None
 
     async def _connect(self, origin: tuple[str, int], deadline: float) -> UpstreamConn:
-        host, port = origin
         tls = self.tls
-        try:
-            io, der = await open_connection(host, port, self.watchdog, deadline,
-                                            tls=tls.client if tls is not None else None)
-        except TimedOut:
-            raise TryFailed(CONNECT_FAILURE, f"connect to {host}:{port} timed out") from None
-        except (ConnectionBroken, OSError) as e:
-            if isinstance(e, TlsFailed) and tls is not None:
-                tls.stats["handshake_failures"] += 1
-            raise TryFailed(CONNECT_FAILURE, str(e) or type(e).__name__) from None
+        io, peer = await connect_upstream(origin, self.watchdog, deadline, tls,
+                                          tls.client if tls is not None else None)
         self.stats["connections_opened"] += 1
-        peer = None
-        if tls is not None:
-            try:
-                peer = tls.verify_peer(der)
-            except HandshakeFailed as e:
-                io.close()
-                raise TryFailed(CONNECT_FAILURE, f"{host}:{port}: {e}") from None
         return UpstreamConn(io, origin, peer)
 
     def _wrong_identity(self, conn: UpstreamConn, service: str) -> str:
@@ -280,6 +266,31 @@ class UpstreamPool:
             for conn in idle:
                 conn.close()
         self._idle.clear()
+
+
+async def connect_upstream(origin: tuple[str, int], watchdog: Watchdog, deadline: float,
+                           tls: MeshTls | None, context: ssl.SSLContext | None,
+                           ) -> tuple[SocketIO, Identity | None]:
+    """Connect (and under mutual TLS shake hands with ``context`` and verify the peer)
+    by ``deadline``; every failure is a ``connect-failure`` try. Shared by the
+    HTTP/1.1 pool and the HTTP/2 upstreams (``h2_client.py``)."""
+    host, port = origin
+    try:
+        io, der = await open_connection(host, port, watchdog, deadline, tls=context)
+    except TimedOut:
+        raise TryFailed(CONNECT_FAILURE, f"connect to {host}:{port} timed out") from None
+    except (ConnectionBroken, OSError) as e:
+        if isinstance(e, TlsFailed) and tls is not None:
+            tls.stats["handshake_failures"] += 1
+        raise TryFailed(CONNECT_FAILURE, str(e) or type(e).__name__) from None
+    peer = None
+    if tls is not None:
+        try:
+            peer = tls.verify_peer(der)
+        except HandshakeFailed as e:
+            io.close()
+            raise TryFailed(CONNECT_FAILURE, f"{host}:{port}: {e}") from None
+    return io, peer
 
 
 class _Stale(Exception):
