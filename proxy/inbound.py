@@ -233,14 +233,6 @@ class InboundProxy:
             return self._deny(x, decision.reason, decision.policy)
         return None
 
-    def _verified_source(self, req: Request, service: str,
-                         claimed: str | None) -> tuple[str, str | None]:
-        """(reason to refuse or "", the caller's identity) over mutual TLS: the caller
-        may call as a service its certificate names, never as another; and this host
-        serves only services its own certificate names."""
-        assert self.tls is not None
-        return verified_source(self.tls, req.peer, service, claimed)
-
     def _deny(self, x: Exchange, reason: str, policy: str | None) -> Reply:
         key = (x.service, x.source or "")
         if key not in self._denied_logged and len(self._denied_logged) < 4096:
