@@ -27,7 +27,8 @@ from .agents import AgentCluster
 TESTS = Path(__file__).parent
 CLUSTER_DIR = TESTS / "cluster"
 #: Real network namespaces, delay lines and timings: never beside another test.
-ALONE_DIRS = (TESTS / "lab",)
+LAB_DIR = TESTS / "lab"
+ALONE_DIRS = (LAB_DIR,)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -138,13 +139,20 @@ def _parallel_order(items: list[pytest.Item]) -> list[pytest.Item]:
     modules: dict[Path, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.path, []).append(item)
-    alone = [m for m, its in modules.items() if any(_alone(i) for i in its)]
-    cluster = [m for m in modules if m not in alone and CLUSTER_DIR in m.parents]
-    short = [m for m in modules if m not in alone and m not in cluster]
+    # The lab's modules first: after another module's agents ran in the same worker,
+    # test_lab_cluster's balancing check (n4 20 ms away gets at most 12 of 60) and the
+    # Ctrl-C teardown test failed in the full suite at issue 32 while passing alone, in
+    # any order from a git worktree, and at every earlier commit; the interaction is
+    # not understood yet (docs: the issue-32 note).
+    lab = [m for m in modules if LAB_DIR in m.parents]
+    alone = [m for m, its in modules.items() if m not in lab and any(_alone(i) for i in its)]
+    cluster = [m for m in modules if m not in alone and m not in lab
+               and CLUSTER_DIR in m.parents]
+    short = [m for m in modules if m not in alone and m not in cluster and m not in lab]
     rest = list(short)
     for k, m in enumerate(alone):  # evenly spaced among the short ones
         rest.insert(round((k + 1) * len(short) / (len(alone) + 1)) + k, m)
-    return [item for m in cluster + rest for item in modules[m]]
+    return [item for m in lab + cluster + rest for item in modules[m]]
 
 
 @pytest.fixture
