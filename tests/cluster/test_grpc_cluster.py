@@ -237,10 +237,15 @@ def test_unavailable_is_retried_on_another_instance(mesh: GrpcMesh) -> None:
     g2 = mesh.greeters["g2"]
     before = g2.flaky_calls
     flaky = mesh.unary("Flaky")
-    answers = Counter(flaky(b"x", timeout=5).decode() for _ in range(30))
+    answers: Counter[str] = Counter()
+    # The balancer may avoid g2 for a while (earlier tests' answers, or its failures
+    # here, weigh on its estimate, which decays in ~10 s): call until it was tried.
+    give_up = time.monotonic() + 20
+    while sum(answers.values()) < 30 or (g2.flaky_calls == before and time.monotonic() < give_up):
+        answers[flaky(b"x", timeout=5).decode()] += 1
     # g2 answers every Flaky call with UNAVAILABLE (trailers-only): the caller's sidecar
     # retried each such call elsewhere, so the client saw OK from g1 or g3 every time.
-    assert set(answers) <= {"g1", "g3"} and sum(answers.values()) == 30, answers
+    assert set(answers) <= {"g1", "g3"}, answers
     assert g2.flaky_calls > before, "g2 was never tried: the test would prove nothing"
     assert "rumor_proxy_grpc_requests" in mesh.metrics()
 
