@@ -13,7 +13,9 @@ Wire it with ``add_lab_parser(subparsers)``; ``args.command == "lab"`` goes to
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,6 +136,8 @@ def run_lab_command(args: argparse.Namespace) -> int:
         return _list()
     if args.action == "clean":
         return _clean(args.targets, args.all)
+    # A lab that will not stop: `kill -USR1 PID` prints every thread's stack to stderr.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     scenario = args.action
     if args.action == "compare":
         if len(args.targets) != 1 or args.targets[0] not in LAB_SCENARIO_NAMES:

@@ -129,7 +129,16 @@ def test_ctrl_c_cleans_up_by_itself(ledgers: Path) -> None:
     _, spaces, pids, dirs = _recorded(ledger)
     proc.send_signal(signal.SIGINT)
     assert proc.stderr is not None
-    code, err = proc.wait(timeout=30), proc.stderr.read().decode()
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        # Say where it hangs: the lab prints its threads' stacks on SIGUSR1 (faulthandler).
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        proc.kill()
+        raise AssertionError("rumor lab still running 30 s after SIGINT; its stderr:\n"
+                             + proc.stderr.read().decode()[-6000:]) from None
+    err = proc.stderr.read().decode()
     assert code == 130, err
     assert "interrupted; the lab was cleaned up" in err
     assert not spaces & _netns()
