@@ -18,14 +18,15 @@ import pytest
 import trio
 import trio.testing
 
-from rumor.proxy.ca import init_ca, issue
 from rumor.proxy.h2_client import H2Upstreams
 from rumor.proxy.h2_server import H2Handler, H2Limits, H2Request, StreamGone, serve_h2
 from rumor.proxy.identity import Identity
 from rumor.proxy.pool import TryFailed
 from rumor.proxy.relay import AltProtocols, Reply, Request, serve_proxy, simple_reply
 from rumor.proxy.sockio import SocketIO, Watchdog, adopt
-from rumor.proxy.tls import MeshTls, TlsFiles
+from rumor.proxy.tls import MeshTls
+
+from .tls_files import tls_files
 
 
 def trio_test(fn: Callable[[], Awaitable[None]]) -> Callable[[], None]:
@@ -331,21 +332,14 @@ async def test_a_peer_that_keeps_its_window_shut_gets_the_stream_reset() -> None
     assert gone and "window" in gone[0]
 
 
-def _files(tmp_path: Path, node: str, services: list[str]) -> TlsFiles:
-    ca = tmp_path / "ca"
-    if not (ca / "ca.crt").exists():
-        init_ca(ca, "test")
-    cert, key = issue(ca, node, services, 30, tmp_path / node)
-    return TlsFiles(ca / "ca.crt", cert, key)
-
 
 def test_over_mutual_tls_alpn_h2_the_callee_identity_checked_the_caller_known(
         tmp_path: Path) -> None:
     """serve_proxy hands an ALPN-h2 connection to serve_h2 (first=b""), which sees the
     caller's verified identity; H2Upstreams refuses a callee whose certificate does not
     name the service before any stream is sent."""
-    server_tls = MeshTls(_files(tmp_path, "a", ["web"]))
-    client_tls = MeshTls(_files(tmp_path, "b", ["api"]))
+    server_tls = MeshTls(tls_files(tmp_path, "a", ["web"]))
+    client_tls = MeshTls(tls_files(tmp_path, "b", ["api"]))
     callers: list[str] = []
 
     async def who(req: H2Request) -> None:

@@ -20,7 +20,6 @@ from rumor.gossip.service_spec import (
     registration_from_mapping,
     registration_to_mapping,
 )
-from rumor.proxy.ca import init_ca, issue
 from rumor.proxy.identity import Identity
 from rumor.proxy.protocols import (
     CARRIES_TAG,
@@ -33,7 +32,9 @@ from rumor.proxy.protocols import (
 )
 from rumor.proxy.relay import AltProtocols, Reply, Request, serve_proxy, simple_reply
 from rumor.proxy.sockio import SocketIO, TlsSocketIO, Watchdog
-from rumor.proxy.tls import MeshTls, TlsFiles
+from rumor.proxy.tls import MeshTls
+
+from .tls_files import tls_files
 
 # ---- declarations --------------------------------------------------------------------
 
@@ -184,18 +185,11 @@ def test_without_a_handler_an_h2_preface_is_refused_as_http1() -> None:
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.5))
 
 
-def _files(tmp_path: Path, node: str, services: list[str]) -> TlsFiles:
-    ca = tmp_path / "ca"
-    if not (ca / "ca.crt").exists():
-        init_ca(ca, "test")
-    cert, key = issue(ca, node, services, 30, tmp_path / node)
-    return TlsFiles(ca / "ca.crt", cert, key)
-
 
 def test_alpn_h2_under_mutual_tls_goes_to_the_h2_handler_and_none_to_http1(
         tmp_path: Path) -> None:
-    server = MeshTls(_files(tmp_path, "a", ["web"]))
-    client = MeshTls(_files(tmp_path, "b", ["api"]))
+    server = MeshTls(tls_files(tmp_path, "a", ["web"]))
+    client = MeshTls(tls_files(tmp_path, "b", ["api"]))
     alt = _Alt()
 
     async def connect(port: int, h2: bool, data: bytes) -> tuple[str | None, bytes]:

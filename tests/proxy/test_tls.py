@@ -11,23 +11,17 @@ import pytest
 import trio
 import trio.testing
 
-from rumor.proxy.ca import init_ca, issue
+from rumor.proxy.ca import issue
 from rumor.proxy.sockio import TlsSocketIO, Watchdog
-from rumor.proxy.tls import HANDSHAKE_TIMEOUT, HandshakeFailed, MeshTls, TlsFiles
+from rumor.proxy.tls import HANDSHAKE_TIMEOUT, HandshakeFailed, MeshTls
 
-
-def _files(tmp_path: Path, node: str, services: list[str]) -> TlsFiles:
-    ca = tmp_path / "ca"
-    if not (ca / "ca.crt").exists():
-        init_ca(ca, "test")
-    cert, key = issue(ca, node, services, 30, tmp_path / node)
-    return TlsFiles(ca / "ca.crt", cert, key)
+from .tls_files import tls_files
 
 
 def test_the_reloader_picks_up_a_renewal_at_its_interval_and_survives_a_bad_one(
         tmp_path: Path) -> None:
     async def main() -> None:
-        files = _files(tmp_path, "a", ["web"])
+        files = tls_files(tmp_path, "a", ["web"])
         tls = MeshTls(files)
         async with trio.open_nursery() as n:
             n.start_soon(tls.run_reloader, 5.0)
@@ -47,8 +41,8 @@ def test_the_reloader_picks_up_a_renewal_at_its_interval_and_survives_a_bad_one(
 
 def test_a_handshake_gives_each_side_the_others_identity(tmp_path: Path) -> None:
     async def main() -> None:
-        server = MeshTls(_files(tmp_path, "a", ["web"]))
-        client = MeshTls(_files(tmp_path, "b", ["api"]))
+        server = MeshTls(tls_files(tmp_path, "a", ["web"]))
+        client = MeshTls(tls_files(tmp_path, "b", ["api"]))
         s, c = socket.socketpair()
         got = {}
         wd = Watchdog()
@@ -73,7 +67,7 @@ def test_a_handshake_gives_each_side_the_others_identity(tmp_path: Path) -> None
 
 def test_a_silent_client_fails_the_handshake_at_the_timeout(tmp_path: Path) -> None:
     async def main() -> None:
-        server = MeshTls(_files(tmp_path, "a", ["web"]))
+        server = MeshTls(tls_files(tmp_path, "a", ["web"]))
         s, _c = socket.socketpair()
         wd = Watchdog()
         async with trio.open_nursery() as n:
