@@ -52,9 +52,6 @@ from ..proxy.api.stat import register_golden_query
 from ..proxy.api.tap import register_tap_query
 from ..proxy.check_runner import CheckRunner
 from ..proxy.golden import GoldenMetrics
-from ..proxy.h2_client import H2Upstreams
-from ..proxy.h2_inbound import H2Inbound
-from ..proxy.h2_outbound import H2Outbound, h2_listener
 from ..proxy.headers import sample_threshold
 from ..proxy.inbound import InboundProxy
 from ..proxy.limits import ListenerShare, SidecarLimits, plan_pools
@@ -65,9 +62,6 @@ from ..proxy.outbound import INBOUND_TAG, OutboundProxy
 from ..proxy.protocols import CARRIES_TAG
 from ..proxy.relay import AltProtocols, ProxyLimits, serve_proxy
 from ..proxy.tap import TapHub
-from ..proxy.tcp_inbound import TcpInbound
-from ..proxy.tcp_metrics import TcpMetrics
-from ..proxy.tcp_proxy import TcpUpstreams
 from ..proxy.tcp_spec import Upstream
 from ..proxy.tls import MeshTls, TlsConfigError, TlsFiles
 from .logs import log_event
@@ -382,6 +376,13 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
         nursery.start_soon(access_log.run)  # writes in batches; the rest at shutdown
     tls = _mesh_tls(opts)
     identity = _identity(opts, tls) if opts.outbound is not None or opts.upstreams else None
+    # Here, not at the top: an agent without a sidecar never imports h2 (~90 ms).
+    from ..proxy.h2_client import H2Upstreams
+    from ..proxy.h2_inbound import H2Inbound
+    from ..proxy.h2_outbound import H2Outbound, h2_listener
+    from ..proxy.tcp_inbound import TcpInbound
+    from ..proxy.tcp_metrics import TcpMetrics
+    from ..proxy.tcp_proxy import TcpUpstreams
     tcp_metrics = TcpMetrics(registry, known=_known(node, policies))
     threshold = sample_threshold(opts.trace_sample)
     spans = await _start_spans(nursery, opts, identity, threshold, registry)
