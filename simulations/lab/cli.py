@@ -13,10 +13,10 @@ Wire it with ``add_lab_parser(subparsers)``; ``args.command == "lab"`` goes to
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,8 @@ def add_lab_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "for loss and partitions, signals for crashes and stops, an NFQUEUE delay line "
         "for latency. Scenarios and report as `rumor sim`. Everything the lab creates "
         "is written to a ledger first (/run/rumor-lab) and removed at the end, also "
-        "after Ctrl-C; after a kill, `rumor lab clean` removes it. Needs root.")
+        "after Ctrl-C, SIGTERM or SIGHUP; after kill -9, `rumor lab clean` removes it. "
+        "Needs root.")
     s.add_argument("action", choices=ACTIONS, metavar="SCENARIO|compare|clean|list",
                    help="a scenario (" + ", ".join(LAB_SCENARIO_NAMES) + "), or compare "
                    "SCENARIO, clean [LAB...], list")
@@ -136,8 +137,9 @@ def run_lab_command(args: argparse.Namespace) -> int:
         return _list()
     if args.action == "clean":
         return _clean(args.targets, args.all)
-    # A lab that will not stop: `kill -USR1 PID` prints every thread's stack to stderr.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # A lab that will not stop says where: `kill -USR1 PID` (threads), `-USR2` (tasks).
+    from .stuck import install
+    install()
     scenario = args.action
     if args.action == "compare":
         if len(args.targets) != 1 or args.targets[0] not in LAB_SCENARIO_NAMES:
@@ -161,15 +163,17 @@ def run_lab_command(args: argparse.Namespace) -> int:
         print(f"rumor lab: {reason}", file=sys.stderr)
         return 1
     import trio
-
-    from .scenarios import run_scenario
     try:
-        report = trio.run(run_scenario, scenario, p, _ledger_dir(), _say(args))
+        report = trio.run(_run_until_stopped, scenario, p, _say(args))
     except BaseException as e:  # trio's nurseries wrap what they raise in groups
         leaves = _leaves(e)
         if any(isinstance(x, KeyboardInterrupt) for x in leaves):
             print("rumor lab: interrupted; the lab was cleaned up", file=sys.stderr)
             return 130
+        stops = [x for x in leaves if isinstance(x, StoppedBySignal)]
+        if stops:
+            print(f"rumor lab: {stops[0]}; the lab was cleaned up", file=sys.stderr)
+            return 128 + stops[0].signum
         if leaves and all(isinstance(x, LabError) for x in leaves):
             for x in leaves:
                 print(f"rumor lab: {x}", file=sys.stderr)
@@ -178,6 +182,37 @@ def run_lab_command(args: argparse.Namespace) -> int:
     if args.action == "compare":
         return _compare(args, scenario, p, report)
     return _emit(args, report)
+
+
+class StoppedBySignal(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+#: Stop and tear down as on Ctrl-C: `kill`, `systemctl stop`, `timeout` and a closed
+#: terminal would otherwise end the lab with its namespaces and agents left behind.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+async def _run_until_stopped(scenario: str, p: Params,
+                             say: Callable[[str], None] | None) -> dict[str, Any]:
+    """The scenario in this (the main) task, so Ctrl-C reaches it as before; a stop
+    signal raises StoppedBySignal beside it, which cancels it through its teardown."""
+    import trio
+
+    from .scenarios import run_scenario
+
+    async def stop_on_signal() -> None:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async for signum in signals:
+                raise StoppedBySignal(signum)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stop_on_signal)
+        report = await run_scenario(scenario, p, _ledger_dir(), say)
+        nursery.cancel_scope.cancel()
+    return report
 
 
 def _leaves(e: BaseException) -> list[BaseException]:

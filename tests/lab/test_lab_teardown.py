@@ -1,4 +1,4 @@
-"""A lab leaves nothing behind: not after Ctrl-C, and not after kill -9 once
+"""A lab leaves nothing behind: not after Ctrl-C or SIGTERM, and not after kill -9 once
 ``rumor lab clean`` has read its ledger; and clean touches nothing it did not make."""
 
 from __future__ import annotations
@@ -41,12 +41,18 @@ def _netns() -> set[str]:
     return {line.split()[0] for line in _sh("ip", "netns", "list").splitlines() if line}
 
 
+def _default_sigint() -> None:
+    # Started from a shell's background job, this process ignores SIGINT, and so would
+    # the lab (Python keeps an inherited SIG_IGN): Ctrl-C as a terminal sends it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_lab(ledgers: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
     env = {**os.environ, "RUMOR_LAB_DIR": str(ledgers)}
     proc = subprocess.Popen([sys.executable, "-m", "rumor.cli", "lab", "loss", "--nodes",
                              "3", "--loss", "0", "--duration", "60", "--profile", "local",
                              "--quiet", *extra], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 40
     while time.monotonic() < deadline:
         files = list(ledgers.glob("rl*.jsonl")) if ledgers.is_dir() else []
@@ -123,24 +129,31 @@ def test_kill_9_then_clean_removes_exactly_what_the_lab_made(ledgers: Path,
     assert again.returncode == 0 and "nothing to clean" in again.stdout
 
 
-def test_ctrl_c_cleans_up_by_itself(ledgers: Path) -> None:
+@pytest.mark.parametrize(("how", "code", "said"), [
+    (signal.SIGINT, 130, "interrupted; the lab was cleaned up"),
+    (signal.SIGTERM, 128 + signal.SIGTERM, "stopped by SIGTERM; the lab was cleaned up")],
+    ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_cleans_up_by_itself(ledgers: Path, how: signal.Signals,
+                                               code: int, said: str) -> None:
     before = _host_state()
     proc, ledger = _start_lab(ledgers)
     _, spaces, pids, dirs = _recorded(ledger)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(how)
     assert proc.stderr is not None
     try:
-        code = proc.wait(timeout=30)
+        got = proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        # Say where it hangs: the lab prints its threads' stacks on SIGUSR1 (faulthandler).
+        # Say where it hangs: the lab prints its threads' stacks on SIGUSR1 and its trio
+        # tasks' awaits on SIGUSR2 (simulations/lab/stuck.py).
         proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(signal.SIGUSR2)
         time.sleep(1.0)
         proc.kill()
-        raise AssertionError("rumor lab still running 30 s after SIGINT; its stderr:\n"
-                             + proc.stderr.read().decode()[-6000:]) from None
+        raise AssertionError(f"rumor lab still running 30 s after {how.name}; its "
+                             "stderr:\n" + proc.stderr.read().decode()[-8000:]) from None
     err = proc.stderr.read().decode()
-    assert code == 130, err
-    assert "interrupted; the lab was cleaned up" in err
+    assert got == code, err
+    assert said in err
     assert not spaces & _netns()
     assert not any(_alive(p) for p in pids)
     assert not ledger.exists() and not any(d.exists() for d in dirs)
