@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,14 @@ FOREIGN = "rltestforeign"
 
 
 @pytest.fixture
-def ledgers(tmp_path: Path) -> Path:
+def ledgers(tmp_path: Path) -> Iterator[Path]:
     reason = why_not_here()
     if reason is not None:
         pytest.skip(f"no lab here: {reason}")
-    return tmp_path / "ledgers"
+    path = tmp_path / "ledgers"
+    yield path
+    if any(path.glob("rl*.jsonl")):  # a test failed before its lab was undone
+        _clean(path)
 
 
 def _sh(*argv: str) -> str:
@@ -67,6 +71,12 @@ def _start_lab(ledgers: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Pat
         time.sleep(0.1)
     proc.kill()
     raise AssertionError("the lab did not start its agents within 40 s")
+
+
+def _clean(ledgers: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RUMOR_LAB_DIR": str(ledgers)}
+    return subprocess.run([sys.executable, "-m", "rumor.cli", "lab", "clean"], env=env,
+                          capture_output=True, text=True, timeout=60)
 
 
 def _alive(pid: int) -> bool:
@@ -112,8 +122,7 @@ def test_kill_9_then_clean_removes_exactly_what_the_lab_made(ledgers: Path,
     listed = subprocess.run([sys.executable, "-m", "rumor.cli", "lab", "list"], env=env,
                             capture_output=True, text=True)
     assert f"{lab}  loss  4 namespaces  left behind" in listed.stdout
-    r = subprocess.run([sys.executable, "-m", "rumor.cli", "lab", "clean"], env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = _clean(ledgers)
     assert r.returncode == 0, r.stderr
     assert f"deleted namespace {lab}-sw" in r.stdout
     assert not spaces & _netns()
@@ -124,8 +133,7 @@ def test_kill_9_then_clean_removes_exactly_what_the_lab_made(ledgers: Path,
     assert "br9" in _sh("ip", "-n", FOREIGN, "-o", "link")
     assert "rumor_lab" in _sh("ip", "netns", "exec", FOREIGN, "nft", "list", "tables")
     assert _host_state() == before
-    again = subprocess.run([sys.executable, "-m", "rumor.cli", "lab", "clean"], env=env,
-                           capture_output=True, text=True, timeout=60)
+    again = _clean(ledgers)
     assert again.returncode == 0 and "nothing to clean" in again.stdout
 
 
@@ -149,6 +157,7 @@ def test_ctrl_c_or_sigterm_cleans_up_by_itself(ledgers: Path, how: signal.Signal
         proc.send_signal(signal.SIGUSR2)
         time.sleep(1.0)
         proc.kill()
+        proc.wait()
         raise AssertionError(f"rumor lab still running 30 s after {how.name}; its "
                              "stderr:\n" + proc.stderr.read().decode()[-8000:]) from None
     err = proc.stderr.read().decode()
