@@ -393,8 +393,12 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
     reloader.access_log, reloader.tls = access_log, tls
     # Inbound (the network) and outbound (this host's applications) get pools of their
     # own, each with a per-client cap below it, so neither can starve the other.
+    # Upstream ports are this host's calls out too: they share the outbound pool. (One
+    # added by a reload to an agent that had neither gets a pool beside the inbound's.)
+    calls_out = opts.outbound is not None or bool(opts.upstreams)
     plan = plan_pools(fds.size, opts.proxy_limits, inbound=opts.inbound is not None,
-                      outbound=opts.outbound is not None)
+                      outbound=calls_out)
+    outbound_fds = FdPool("outbound", plan.outbound.fds)
     for note in plan.notes:
         log.warning("%s", note, extra={"event": "proxy_limits"})
     log.info("sidecar connections: %s", plan.describe(), extra={"event": "proxy_limits"})
@@ -437,14 +441,15 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
         outbound_alt = AltProtocols(h2=h2_listener(H2Outbound(outbound, H2Upstreams(
             outbound.watchdog, tls=tls))))
         port = await _listen(nursery, outbound, opts.outbound, "outbound", metrics,
-                             plan.outbound, limits, alt=outbound_alt)
+                             plan.outbound, limits, alt=outbound_alt, pool=outbound_fds)
         log.info("outbound listener on %s:%d (calling as %s)", opts.outbound[0], port,
                  identity or "an unknown service",
                  extra={"event": "outbound", "outbound": f"{opts.outbound[0]}:{port}",
                         "identity": identity})
     # Upstream ports (TCP services): started even with none, so a reload can add one.
     upstreams = TcpUpstreams(mesh, evaluator, identity=identity, tls=tls, metrics=tcp_metrics,
-                             decay=opts.balancer_decay, idle=opts.tcp_idle_timeout)
+                             decay=opts.balancer_decay, idle=opts.tcp_idle_timeout,
+                             pool=outbound_fds, max_per_client=plan.outbound.per_client)
     try:
         upstreams.apply(opts.upstreams, upstreams.prepare(opts.upstreams))
     except OSError as e:
@@ -507,7 +512,8 @@ def _mesh_tls(opts: AgentOptions) -> MeshTls | None:
 async def _listen(nursery: trio.Nursery, handler: InboundProxy | OutboundProxy, addr: Address,
                   what: str,
                   metrics: ProxyMetrics, share: ListenerShare, limits: ProxyLimits,
-                  tls: MeshTls | None = None, alt: AltProtocols | None = None) -> int:
+                  tls: MeshTls | None = None, alt: AltProtocols | None = None,
+                  pool: FdPool | None = None) -> int:
     def refused(client: str, status: int, reason: str) -> None:
         metrics.protocol_errors.inc((what, status))
 
@@ -515,7 +521,7 @@ async def _listen(nursery: trio.Nursery, handler: InboundProxy | OutboundProxy, 
         port: int = await nursery.start(partial(serve_proxy, handler, addr[0], addr[1],
                                                 watchdog=handler.watchdog,
                                                 on_error=refused, tls=tls, limits=limits,
-                                                pool=FdPool(what, share.fds),
+                                                pool=pool or FdPool(what, share.fds),
                                                 max_per_client=share.per_client,
                                                 alt=alt if alt is not None and (
                                                     alt.h2 or alt.tcp) else None))

@@ -135,13 +135,16 @@ async def serve_listeners(handler: Handler, listeners: list[trio.SocketListener]
     per_client: Counter[str] = Counter()
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(_accept_loop, handler, listener, nursery, pool, lim,
+            nursery.start_soon(accept_loop, handler, listener, nursery, pool, lim,
                                per_client, what)
 
 
-async def _accept_loop(handler: Handler, listener: trio.SocketListener,
-                       nursery: trio.Nursery, pool: FdPool, lim: ListenerLimits,
-                       per_client: Counter[str], what: str) -> None:
+async def accept_loop(handler: Handler, listener: trio.SocketListener,
+                      nursery: trio.Nursery, pool: FdPool, lim: ListenerLimits,
+                      per_client: Counter[str], what: str) -> None:
+    """Accept on ``listener`` until cancelled (closing it then), each connection run in
+    ``nursery``, which may outlive the loop (an upstream port removed by a reload keeps
+    its connections). ``per_client`` is shared by the listeners that cap together."""
     backoff = 0.0
     failed = 0
     logged_at = -math.inf

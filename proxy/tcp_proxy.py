@@ -19,6 +19,10 @@ no detection, no waiting for client bytes.
 
 The listeners are bound synchronously (``prepare``) and served afterwards
 (``apply``), so a reload can refuse a port it cannot bind before it changes anything.
+They accept within the outbound side's descriptor pool (two descriptors a connection:
+the application's and the mesh one) and a per-client cap, as the outbound listener
+does: a full pool stops accepting (connections wait in the backlog) instead of running
+the process out of descriptors, where a failed accept would end the agent.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ import logging
 import math
 import random
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
 
+from ..gossip.accept import FdPool, ListenerLimits, accept_loop
 from ..gossip.address import format_address
 from ..gossip.service_spec import TCP
 from ..policy.documents import CONNECT_FAILURE
@@ -97,7 +103,8 @@ class TcpUpstreams:
     def __init__(self, mesh: MeshView, evaluator: Callable[[], Evaluator], *,
                  identity: str | None, tls: MeshTls | None = None,
                  metrics: TcpMetrics | None = None, rng: random.Random | None = None,
-                 decay: float = 10.0, idle: float = IDLE_TIMEOUT) -> None:
+                 decay: float = 10.0, idle: float = IDLE_TIMEOUT,
+                 pool: FdPool | None = None, max_per_client: int = 0) -> None:
         self.mesh = mesh
         self._evaluator = evaluator
         self.identity = identity
@@ -110,6 +117,11 @@ class TcpUpstreams:
         self._targets: dict[str, _Target] = {}
         self._listening: dict[Upstream, _Listener] = {}
         self._nursery: trio.Nursery | None = None
+        #: Shared with the outbound listener: both are this host's calls out.
+        self.pool = pool or FdPool("upstream", math.inf)
+        self._limits = ListenerLimits(fds_per_connection=2, max_per_client=max_per_client)
+        #: Connections at once per client address, over all the upstream ports.
+        self._per_client: Counter[str] = Counter()
 
     # ---- the listeners ------------------------------------------------------------------
 
@@ -180,11 +192,13 @@ class TcpUpstreams:
             if lst.stopped:
                 return  # removed before its loop started (the socket is closed)
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(lst.sock))
-            with trio.CancelScope() as lst.scope:
-                async with listener:  # closed here, never under a waiting accept
-                    while True:
-                        stream = await listener.accept()
-                        conns.start_soon(self._carry, up.service, adopt(stream))
+
+            async def carry(stream: trio.SocketStream) -> None:
+                await self._carry(up.service, adopt(stream))
+
+            with trio.CancelScope() as lst.scope:  # accept_loop closes the listener
+                await accept_loop(carry, listener, conns, self.pool, self._limits,
+                                  self._per_client, f"upstream {up.service}")
 
         self._nursery.start_soon(serve)
 

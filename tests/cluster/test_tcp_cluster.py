@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import resource
 import signal
 import socket
 import threading
@@ -254,6 +256,60 @@ def test_two_upstreams_on_one_port_are_refused(tmp_path: Path) -> None:
               "--upstream", "b=127.0.0.1:5000", check=False)
     assert r.returncode != 0
     assert "already the port of upstream a" in r.stderr, r.stderr
+
+
+def _limit_fds() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+def test_a_flood_of_an_upstream_port_is_held_to_the_outbound_pool(tmp_path: Path) -> None:
+    # 256 descriptors: the caller's outbound pool is about 90 connections, 68 from one
+    # host. The flood is 600, from two hosts: over both caps and over the fd limit,
+    # where an accept failing with EMFILE used to end the agent.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2048), hard))
+    backend = TcpBackend("db")  # echoes until the client's EOF: holds each connection
+    cluster = AgentCluster(tmp_path)
+    flood: list[socket.socket] = []
+    try:
+        port = free_port()
+        s = Agent("s", tmp_path, ["--inbound", f"{HOST}:{free_port()}", "--service",
+                                  f"name=db,port={backend.port},protocol=tcp"])
+        s.start()
+        cluster.agents.append(s)
+        c = Agent("c", tmp_path, ["--upstream", f"db={HOST}:{port}"])
+        c.start(s, preexec_fn=_limit_fds)
+        cluster.agents.append(c)
+        wait_for(lambda: cluster.converged(2), 30, "2 agents to converge")
+        wait_for(lambda: _exchange(port, b"?").startswith(b"?"), 30, "db through the port")
+        pool = int(re.search(r"outbound (\d+) connections", c.log.read_text())[1])  # type: ignore[index]
+        before = backend.accepted
+        for source in ("127.0.0.2", "127.0.0.3"):
+            for _ in range(300):
+                sock = socket.socket()
+                sock.bind((source, 0))
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    sock.connect((HOST, port))
+                flood.append(sock)
+        wait_for(lambda: backend.accepted - before >= pool - 2, 20, "the pool to fill")
+        time.sleep(1.0)  # room for more than the pool to get through, if it could
+        assert c.proc is not None and c.proc.poll() is None, c.log.read_text()[-3000:]
+        assert backend.accepted - before <= pool, (backend.accepted - before, pool)
+        assert "c" in c.members() and s.members().get("c", {}).get("status") == "alive"
+        for sock in flood:
+            sock.close()
+        flood.clear()
+        # The pool frees as the flood goes: a new connection is carried again.
+        wait_for(lambda: _exchange(port, b"again", timeout=3) == b"again[db saw EOF]", 20,
+                 "db through the port after the flood")
+        assert "Traceback" not in c.log.read_text()
+    finally:
+        for sock in flood:
+            sock.close()
+        cluster.close()
+        backend.close()
 
 
 class TlsMesh:
