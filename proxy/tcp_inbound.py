@@ -24,6 +24,7 @@ from ..gossip.service_spec import TCP
 from ..policy.evaluate import Evaluator
 from .identity import Identity
 from .inbound import LOCAL_CONNECT_TIMEOUT, verified_source
+from .log_throttle import LogThrottle, held_note
 from .mesh_view import LocalInstance, MeshView
 from .protocols import TCP_MAGIC
 from .sockio import ConnectionBroken, SocketIO, TimedOut, Watchdog, open_connection
@@ -53,6 +54,7 @@ class TcpInbound:
         self.idle = idle
         self.preamble_timeout = preamble_timeout
         self._warned: set[tuple[str, ...]] = set()
+        self._quiet = LogThrottle()
 
     async def __call__(self, io: SocketIO, peer: Identity | None, first: bytes) -> None:
         verified = "verified" if self.tls is not None else "unverified"
@@ -60,8 +62,12 @@ class TcpInbound:
             pre, early = await self._preamble(io, first)
         except PreambleError as e:
             self.metrics.inbound.inc((UNKNOWN_SERVICE, e.code.label, verified))
-            log.info("mesh TCP from %s refused: %s", io.peer_name(), e.reason,
-                     extra={"event": "tcp_refused", "code": e.code.label})
+            # Keyed by code, not by peer: anyone can connect, from many addresses.
+            held = self._quiet.allow(e.code, trio.current_time())
+            if held is not None:
+                log.info("mesh TCP from %s refused: %s%s", io.peer_name(), e.reason,
+                         held_note(held), extra={"event": "tcp_refused",
+                                                 "code": e.code.label})
             if e.code is not Refusal.PREAMBLE_TIMEOUT:
                 await self._answer(io, Answer(e.code, e.reason))
             return

@@ -43,6 +43,7 @@ from ..gossip.service_spec import TCP
 from ..policy.documents import CONNECT_FAILURE
 from ..policy.evaluate import Evaluator
 from .attempts import Answer, Attempts, Endpoint, Send, ServiceState
+from .log_throttle import LogThrottle, held_note
 from .mesh_view import MeshView
 from .protocols import CARRIES_TCP, TCP_MAGIC
 from .sockio import (
@@ -122,6 +123,8 @@ class TcpUpstreams:
         self._limits = ListenerLimits(fds_per_connection=2, max_per_client=max_per_client)
         #: Connections at once per client address, over all the upstream ports.
         self._per_client: Counter[str] = Counter()
+        #: A connection that gets nowhere is counted always, logged once per interval.
+        self._quiet = LogThrottle()
 
     # ---- the listeners ------------------------------------------------------------------
 
@@ -233,12 +236,13 @@ class TcpUpstreams:
         balancer) or the outcome label why none."""
         target = self._target(service)
         cands = target.endpoints
-        if not cands:
-            log.info("upstream %s: no instance declared protocol=tcp behind a sidecar "
-                     "that carries tcp", service,
-                     extra={"event": "tcp_no_instance", "service": service})
-            return "no_instance"
         now = trio.current_time()
+        if not cands:
+            if (held := self._quiet.allow(("no_instance", service), now)) is not None:
+                log.info("upstream %s: no instance declared protocol=tcp behind a sidecar "
+                         "that carries tcp%s", service, held_note(held),
+                         extra={"event": "tcp_no_instance", "service": service})
+            return "no_instance"
         tries = Attempts.begin(now, target.state, target.state.balancer, cands,
                                service=service, total=len(cands), method="CONNECT",
                                replayable=False, rng=self.rng)
@@ -248,8 +252,10 @@ class TcpUpstreams:
                 refused = step if isinstance(step, Answer) else tries.start(
                     now, new_connection=True)
                 if refused is not None:
-                    log.info("upstream %s: %s", service, refused.reason,
-                             extra={"event": "tcp_gave_up", "service": service})
+                    if (held := self._quiet.allow(("gave_up", service), now)) is not None:
+                        log.info("upstream %s: %s%s", service, refused.reason,
+                                 held_note(held),
+                                 extra={"event": "tcp_gave_up", "service": service})
                     tries.end()
                     return refused.code.value if refused.code is not None else \
                         "connect_failed"
@@ -260,10 +266,12 @@ class TcpUpstreams:
                 except _NoConnection as f:
                     now = trio.current_time()
                     self.metrics.connect_failures.inc((service, f.reason))
-                    log.info("upstream %s: %s/%s: %s", service, ep.node, ep.instance,
-                             f.detail, extra={"event": "tcp_connect_failed",
-                                              "service": service, "instance": ep.key,
-                                              "reason": f.reason})
+                    held = self._quiet.allow(("connect", ep.key, f.reason), now)
+                    if held is not None:
+                        log.info("upstream %s: %s/%s: %s%s", service, ep.node, ep.instance,
+                                 f.detail, held_note(held),
+                                 extra={"event": "tcp_connect_failed", "service": service,
+                                        "instance": ep.key, "reason": f.reason})
                     if f.refusal is not None and f.refusal not in RETRYABLE:
                         tries.responded(now, 403)  # an answer, not the instance's failure
                         tries.end()
