@@ -416,9 +416,11 @@ async def _start_sidecar(nursery: trio.Nursery, node: Node, opts: AgentOptions,
         inbound = InboundProxy(mesh, evaluator, observer=observer, tls=tls, agent=opts.name,
                                trace_threshold=threshold)
         # Besides HTTP/1.1: what other sidecars may open here (proxy/protocols.py).
+        tcp_inbound = TcpInbound(mesh, evaluator, watchdog=inbound.watchdog, tls=tls,
+                                 metrics=tcp_metrics, idle=opts.tcp_idle_timeout)
+        reloader.tcp_inbound = tcp_inbound
         inbound_alt = AltProtocols(h2=h2_listener(H2Inbound(inbound, H2Upstreams(
-            inbound.watchdog))), tcp=TcpInbound(mesh, evaluator, watchdog=inbound.watchdog,
-            tls=tls, metrics=tcp_metrics, idle=opts.tcp_idle_timeout))
+            inbound.watchdog))), tcp=tcp_inbound)
         port = await _listen(nursery, inbound, opts.inbound, "inbound", metrics,
                              plan.inbound, limits, tls, inbound_alt)
         host = opts.inbound[0]

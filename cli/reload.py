@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..gossip.node import Node
     from ..policy.runtime import PolicyRuntime
     from ..proxy.access_log import AccessLog
+    from ..proxy.tcp_inbound import TcpInbound
     from ..proxy.tcp_proxy import TcpUpstreams
     from ..proxy.tls import MeshTls
     from .agent import AgentOptions
@@ -35,7 +36,8 @@ log = logging.getLogger("rumor.agent")
 
 #: Settings (file keys) a running agent applies; the rest need a restart.
 LIVE = frozenset({"service", "tag", "trust_key", "trust_threshold", "log_level",
-                  "access_log", "tls_ca", "tls_cert", "tls_key", "upstream"})
+                  "access_log", "tls_ca", "tls_cert", "tls_key", "upstream",
+                  "tcp_idle_timeout"})
 
 
 class ReloadError(ReloadRefused):
@@ -69,6 +71,8 @@ class Reloader:
     tls: MeshTls | None = None
     #: The upstream ports (TCP services); None when the agent runs no sidecar.
     upstreams: TcpUpstreams | None = None
+    #: The inbound listener's mesh-TCP part; None without an inbound listener.
+    tcp_inbound: TcpInbound | None = None
     #: Upstream listeners bound by ``_check``, served by ``_apply``.
     _bound: list[Any] = field(default_factory=list)
     #: Re-reads the configuration (``cli.main.reread``): new options or ReloadError.
@@ -199,6 +203,11 @@ class Reloader:
         elif group == "upstream" and self.upstreams is not None:
             bound, self._bound = self._bound, []
             self.upstreams.apply(new.upstreams, bound)
+        elif group == "tcp_idle_timeout":
+            # For connections from now on; a relayed one keeps the limit it began with.
+            for part in (self.upstreams, self.tcp_inbound):
+                if part is not None:
+                    part.idle = new.tcp_idle_timeout
 
     def _apply_services(self, new: AgentOptions) -> None:
         """Services from the files and flags: the removed ones go, new and changed ones

@@ -27,7 +27,8 @@ def test_plan_splits_live_settings_from_restart_ones() -> None:
 
 def test_the_live_settings_are_the_issues_list() -> None:
     issue = {"service", "tag", "trust_key", "trust_threshold", "log_level", "access_log",
-             "tls_ca", "tls_cert", "tls_key", "upstream"}  # upstream: issue 32
+             "tls_ca", "tls_cert", "tls_key", "upstream",  # upstream: issue 32
+             "tcp_idle_timeout"}
     assert issue == LIVE
 
 
@@ -121,6 +122,21 @@ def test_switching_policy_on_needs_a_restart_and_the_rest_still_applies(
     async def main() -> None:
         assert await r.reload() == {"applied": ["tag"], "restart": ["trust_key"]}
         assert node.tags == [{"a": "b", "rumor.inbound": "127.0.0.1:15002"}]
+    trio.run(main)
+
+
+class FakeTcpPart:
+    idle = 3600.0
+
+
+def test_the_tcp_idle_timeout_applies_to_the_upstream_ports_and_the_inbound() -> None:
+    r, _, _ = _reloader(_opts(), [_opts("--tcp-idle-timeout", "90")])
+    r.upstreams, r.tcp_inbound = FakeTcpPart(), FakeTcpPart()  # type: ignore[assignment]
+
+    async def main() -> None:
+        assert await r.reload() == {"applied": ["tcp_idle_timeout"], "restart": []}
+        assert r.upstreams is not None and r.tcp_inbound is not None
+        assert r.upstreams.idle == 90.0 and r.tcp_inbound.idle == 90.0
     trio.run(main)
 
 
