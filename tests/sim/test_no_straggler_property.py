@@ -1,5 +1,6 @@
 """Property: under random loss up to 20% and any delivery order, every live node holds
-every record within the bound.
+every record: no record waits for the periodic push-pull (30 s), and 99% of cases are
+done within the issue's bound.
 
 The simulator drops datagrams (the epidemic copies, probes, acks and digests) at the
 drawn rate and draws each datagram's delay from a uniform range wider than the gap
@@ -7,14 +8,22 @@ between packets, so they arrive out of order. Streams (push-pull and the digest
 repair's pull) go through the simulator's TCP model: lost SYNs and segments cost
 retransmission timeouts. Registrations land on random live nodes at
 random moments, some while earlier ones are still spreading, after up to two nodes
-crashed: every live node must hold every record within ``BOUND_S``.
+crashed.
+
+Why two bounds: a record the epidemic missed is repaired by a digest-triggered
+push-pull over TCP, and a lost SYN costs that stream 1 s (then 2 s, 4 s). So a case
+where the epidemic missed a node *and* the repair lost a SYN takes longer than 2 s.
+Hypothesis found one (4 nodes, 2 of them crashed so that two thirds of the copies go
+to the dead, 16% loss: 2.43 s, its repair stream lost 2 SYNs); in 500 such cases 4
+were over 2 s, the worst 4.9 s. Every case must stay under ``STRAGGLER_S``; the 2 s
+bound is a p99, checked on a fixed sample of 200 cases.
 """
 
 from __future__ import annotations
 
 import random
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from rumor.gossip.checks import PASSING, CheckSpec
@@ -22,8 +31,10 @@ from rumor.gossip.service_spec import Registration, ServiceDef
 from rumor.simulations.scenarios import Params, make_sim, warm_cluster
 
 #: The issue's bound for the slowest trial at 10% loss on 30 real agents is 2 s at p99;
-#: here it holds for every case, at up to twice that loss.
+#: here it is the p99 of a fixed sample, at up to twice that loss.
 BOUND_S = 2.0
+#: Every case: well under the 30 s push-pull period, which is all the old settings had.
+STRAGGLER_S = 10.0
 
 #: memberlist's retransmit count and the 30 s push-pull as the only repair: the
 #: settings before the digest repair (tests/sim/test_catalog_scenario.py uses them too).
@@ -74,18 +85,31 @@ def slowest_record_s(nodes: int, loss: float, jitter_ms: int, crashed: int,
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(nodes=st.integers(4, 10), loss=st.floats(0.0, 0.2), jitter_ms=st.integers(1, 30),
        crashed=st.integers(0, 2), records=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_every_live_node_holds_every_record_within_the_bound(
+@example(nodes=4, loss=0.15625, jitter_ms=4, crashed=2, records=4, seed=21745)  # 2.43 s
+def test_no_record_waits_for_the_periodic_push_pull(
         nodes: int, loss: float, jitter_ms: int, crashed: int, records: int,
         seed: int) -> None:
     took = slowest_record_s(nodes, loss, jitter_ms, crashed, records, seed,
-                            limit=BOUND_S + 1.0)
-    assert took <= BOUND_S
+                            limit=STRAGGLER_S + 1.0)
+    assert took <= STRAGGLER_S
+
+
+def test_99_percent_of_cases_are_done_within_the_bound() -> None:
+    """200 cases drawn once (the property's ranges, a fixed seed): at most 2 over 2 s.
+    At this commit: p50 0.67 s, p99 1.54 s, one case at 2.29 s."""
+    rng = random.Random(20261208)
+    cases = [(rng.randint(4, 10), rng.uniform(0.0, 0.2), rng.randint(1, 30),
+              rng.randint(0, 2), rng.randint(1, 4), rng.randrange(2**16))
+             for _ in range(200)]
+    took = sorted(slowest_record_s(*c, limit=STRAGGLER_S + 1.0) for c in cases)
+    assert took[-3] <= BOUND_S, took[-10:]
+    assert took[-1] <= STRAGGLER_S
 
 
 def test_the_property_fails_without_the_repair() -> None:
     """The property has teeth: with the old settings a registration at 19% loss on
-    4 nodes, one of them down, misses a node for longer than the bound (the next
-    push-pull repairs it). Seed 66 under the TCP model of streams (178 when streams
-    ignored loss: the model draws from the same random stream)."""
-    assert slowest_record_s(4, 0.191, 20, 1, 1, 66, tune=OLD) > BOUND_S
-    assert slowest_record_s(4, 0.191, 20, 1, 1, 66) <= BOUND_S
+    4 nodes, one of them down, misses a node until the next push-pull, 22.5 s (seed
+    75); with the repair it is everywhere in 0.22 s."""
+    assert slowest_record_s(4, 0.191, 20, 1, 1, 75, tune=OLD,
+                            limit=STRAGGLER_S + 1.0) > STRAGGLER_S
+    assert slowest_record_s(4, 0.191, 20, 1, 1, 75) <= BOUND_S
