@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -146,6 +147,20 @@ class AgentCluster:
                     os.kill(a.proc.pid, signal.SIGCONT)
                 a.proc.kill()
                 a.proc.wait(timeout=10)
+
+
+def open_silent(port: int, n: int, source: str) -> list[socket.socket]:
+    """``n`` connections to ``port`` on 127.0.0.1 from ``source`` (another loopback
+    address, as another host), started and never written to; the caller closes them."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((source, 0))
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect((HOST, port))
+        socks.append(s)
+    return socks
 
 
 def wait_for(cond: Callable[[], object], timeout: float, what: str) -> float:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ..agents import HOST, Agent, AgentCluster, free_port, wait_for
+from ..agents import HOST, Agent, AgentCluster, free_port, open_silent, wait_for
 from ..backends import Backend
 
 #: The flood's source: another host as the agent sees it (only 127.0.0.0/8 is used).
@@ -62,18 +62,6 @@ def sidecar(cluster: AgentCluster, backend_port: int, extra: list[str],
                              f"name={service},port={backend_port}", *extra],
                          preexec=(lambda i: _limit_fds) if rlimit else None)
     return a, out_port, in_port
-
-
-def open_silent(port: int, n: int, source: str) -> list[socket.socket]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind((source, 0))
-        s.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            s.connect((HOST, port))
-        socks.append(s)
-    return socks
 
 
 def closed_by_peer(s: socket.socket) -> bool:
@@ -147,11 +135,12 @@ class SilentBackend:
             self.closed += 1
             self._changed.notify_all()
 
-    def wait_accepted(self, n: int, timeout: float) -> None:
+    def wait_closed(self, n: int, timeout: float) -> None:
         with self._changed:
-            if not self._changed.wait_for(lambda: self.accepted >= n, timeout):
-                raise AssertionError(f"{self.accepted} of {n} uploads reached the sink "
-                                     f"in {timeout} s")
+            if not self._changed.wait_for(lambda: self.closed >= n, timeout):
+                raise AssertionError(f"{self.closed} of {n} uploads' connections to the "
+                                     f"sink closed within {timeout} s ({self.accepted} "
+                                     "reached it)")
 
     def close(self) -> None:
         self.sock.close()
@@ -190,15 +179,15 @@ def test_abandoned_uploads_free_their_upstream_connections(cluster: AgentCluster
             with socket.create_connection((HOST, port), timeout=5) as s:
                 s.sendall(b"POST /up HTTP/1.1\r\nhost: sink\r\ncontent-length: %d\r\n\r\n"
                           % len(body) + body)
-            # One upload in the agent at a time: RSS keeps the peak of what was in
-            # flight at once (freed memory stays in the heap), so a loaded machine that
-            # let all 200 pile up grew it by 21 MB without any leak. One at a time, only
-            # what the agent keeps shows (a kept body is 12.5 MiB over the 200).
-            silent.wait_accepted(i + 1, 10)
-        # Each client is gone: every upstream exchange is abandoned at once, its
-        # connection to the service closed (the inbound waits up to 300 s otherwise).
-        wait_for(lambda: silent.closed >= silent.accepted, 3,
-                 f"the sink's connections to close ({silent.closed}/{silent.accepted})")
+            # The client is gone: its upstream exchange is abandoned at once, the
+            # connection to the service closed (the inbound waits up to 300 s
+            # otherwise). The next upload waits for that, so one is in the agent at a
+            # time: RSS keeps the peak of what was in flight at once (freed memory
+            # stays in the heap), and on a loaded machine uploads that piled up grew it
+            # by 11-21 MB without a leak. One at a time, only what the agent keeps shows
+            # (a body kept per upload is 12.5 MiB over the 200).
+            silent.wait_closed(i + 1, 5)
+        assert silent.accepted == n
         wait_for(lambda: _fds(a) <= fds_before + 8, 3, "the agent's descriptors to free")
         grown = a.rss_kb() - rss_before
         assert grown < 8 * 1024, f"RSS grew by {grown} KiB over {n} abandoned uploads"

@@ -27,7 +27,7 @@ from rumor.policy.envelope import make_payload, sign
 from rumor.policy.keys import SecretKey
 from rumor.proxy.ca import init_ca, issue
 
-from ..agents import Agent, AgentCluster, rumor, wait_for
+from ..agents import Agent, AgentCluster, open_silent, rumor, wait_for
 from ..ports import free_port
 
 HOST = "127.0.0.1"
@@ -286,13 +286,7 @@ def test_a_flood_of_an_upstream_port_is_held_to_the_outbound_pool(tmp_path: Path
         pool = int(re.search(r"outbound (\d+) connections", c.log.read_text())[1])  # type: ignore[index]
         before = backend.accepted
         for source in ("127.0.0.2", "127.0.0.3"):
-            for _ in range(300):
-                sock = socket.socket()
-                sock.bind((source, 0))
-                sock.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    sock.connect((HOST, port))
-                flood.append(sock)
+            flood += open_silent(port, 300, source)
         wait_for(lambda: backend.accepted - before >= pool - 2, 20, "the pool to fill")
         time.sleep(1.0)  # room for more than the pool to get through, if it could
         assert c.proc is not None and c.proc.poll() is None, c.log.read_text()[-3000:]
