@@ -3,7 +3,7 @@ must cost a counter, not a line each (the metrics count every one).
 
 Sans-IO: the caller passes ``now``. ``allow`` answers whether to log and how many
 lines of that key it held back since the last one it let through, so the line that
-does go out can say "and 4,211 more like it".
+does go out can say "4211 more like it since the last such line".
 """
 
 from __future__ import annotations
@@ -39,4 +39,4 @@ class LogThrottle:
 
 def held_note(held: int) -> str:
     """What a line that goes out adds about the ones held back before it."""
-    return f" ({held} more like it in the last interval)" if held else ""
+    return f" ({held} more like it since the last such line)" if held else ""

@@ -16,7 +16,7 @@ def test_one_line_per_key_and_interval_and_the_next_says_how_many_were_held() ->
     assert t.allow("a", 10.0) == 5
     assert t.allow("a", 12.0) is None
     assert t.allow("a", 25.0) == 1
-    assert held_note(0) == "" and held_note(5) == " (5 more like it in the last interval)"
+    assert held_note(0) == "" and held_note(5) == " (5 more like it since the last such line)"
 
 
 def test_the_table_stays_bounded_whatever_keys_a_flood_chooses() -> None:
