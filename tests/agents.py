@@ -18,9 +18,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .ports import free_port
+
+if TYPE_CHECKING:
+    from rumor.policy.keys import SecretKey
 
 HOST = "127.0.0.1"
 
@@ -147,6 +150,24 @@ class AgentCluster:
                     os.kill(a.proc.pid, signal.SIGCONT)
                 a.proc.kill()
                 a.proc.wait(timeout=10)
+
+
+def publish_policy(key: SecretKey, agents: Sequence[Agent], kind: str, name: str, version: int,
+                   body: str) -> None:
+    """Sign a policy document with ``key``, PUT it to the first agent's
+    API and wait until every one of ``agents`` holds that version."""
+    from rumor.policy.envelope import make_payload, sign
+    text = f'kind = "{kind}"\nname = "{name}"\nversion = {version}\n{body}'
+    data = sign(make_payload(kind, name, version, time.time(), None, text.encode()),
+                [key]).encode()
+    req = urllib.request.Request(f"http://{agents[0].api}/v1/policies", data=data,
+                                 method="PUT",
+                                 headers={"content-type": "application/x-rumor-envelope"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert json.loads(r.read())["status"] == "accepted"
+    wait_for(lambda: all({d["name"]: d["version"] for d in a.get("/v1/policies")
+                          ["documents"]}.get(name) == version for a in agents),
+             10, f"{name} v{version} everywhere")
 
 
 def open_silent(port: int, n: int, source: str) -> list[socket.socket]:

@@ -10,7 +10,6 @@ whether a connection ever reached one.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import resource
 import signal
@@ -23,11 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from rumor.policy.envelope import make_payload, sign
 from rumor.policy.keys import SecretKey
 from rumor.proxy.ca import init_ca, issue
 
-from ..agents import Agent, AgentCluster, open_silent, rumor, wait_for
+from ..agents import Agent, AgentCluster, open_silent, publish_policy, rumor, wait_for
 from ..ports import free_port
 
 HOST = "127.0.0.1"
@@ -83,21 +81,6 @@ def _exchange(port: int, data: bytes, *, timeout: float = 10) -> bytes:
         return out
 
 
-def _publish(key: SecretKey, agents: list[Agent], version: int, text: str,
-             kind: str, name: str) -> None:
-    body = f'kind = "{kind}"\nname = "{name}"\nversion = {version}\n{text}'
-    data = sign(make_payload(kind, name, version, time.time(), None, body.encode()),
-                [key]).encode()
-    req = urllib.request.Request(f"http://{agents[0].api}/v1/policies", data=data,
-                                 method="PUT",
-                                 headers={"content-type": "application/x-rumor-envelope"})
-    with urllib.request.urlopen(req, timeout=5) as r:
-        assert json.loads(r.read())["status"] == "accepted"
-    wait_for(lambda: all({d["name"]: d["version"] for d in a.get("/v1/policies")
-                          ["documents"]}.get(name) == version for a in agents),
-             10, f"{name} v{version} everywhere")
-
-
 class Mesh:
     def __init__(self, tmp: Path) -> None:
         self.key = SecretKey.generate()
@@ -127,8 +110,8 @@ class Mesh:
             a.start(c0)
             self.cluster.agents.append(a)
         wait_for(lambda: self.cluster.converged(4), 30, "4 agents to converge")
-        _publish(self.key, self.cluster.agents, 1, 'destination = "secret"\n'
-                 'default = "deny"\nallow = ["reports"]\n', "access", "secret-access")
+        publish_policy(self.key, self.cluster.agents, "access", "secret-access", 1,
+                       'destination = "secret"\ndefault = "deny"\nallow = ["reports"]\n')
         wait_for(lambda: len({_exchange(self.ports["db"], b"?") for _ in range(12)}) == 3,
                  30, "db reachable on all three instances")
         wait_for(lambda: _try_greet(self.ports["greet"]), 30, "greet reachable")

@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import socket
 import ssl
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from rumor.policy.envelope import make_payload, sign
 from rumor.policy.keys import SecretKey
 from rumor.proxy.ca import init_ca, issue
 
-from ..agents import Agent, AgentCluster, wait_for
+from ..agents import Agent, AgentCluster, publish_policy, wait_for
 from ..backends import Backend
 from ..ports import free_port
 
@@ -99,18 +96,7 @@ class TlsMesh:
 
     def publish(self, kind: str, name: str, body: str) -> None:
         self.version += 1
-        text = f'kind = "{kind}"\nname = "{name}"\nversion = {self.version}\n{body}'
-        data = sign(make_payload(kind, name, self.version, time.time(), None, text.encode()),
-                    [self.key]).encode()
-        a0 = self.cluster.agents[0]
-        req = urllib.request.Request(f"http://{a0.api}/v1/policies", data=data, method="PUT",
-                                     headers={"content-type": "application/x-rumor-envelope"})
-        with urllib.request.urlopen(req, timeout=5) as r:
-            assert json.loads(r.read())["status"] == "accepted"
-        v = self.version
-        wait_for(lambda: all({d["name"]: d["version"] for d in a.get("/v1/policies")
-                              ["documents"]}.get(name) == v for a in self.cluster.agents),
-                 10, f"{name} v{v} everywhere")
+        publish_policy(self.key, self.cluster.agents, kind, name, self.version, body)
 
     def close(self) -> None:
         self.cluster.close()
