@@ -62,6 +62,15 @@ class CounterFamily:
             overflow = (UNKNOWN,) * len(self.labels)
             values[overflow] = values.get(overflow, 0) + 1
 
+    def add(self, key: Labels, n: int) -> None:
+        """Count ``n`` at once (bytes), within the same series cap as ``inc``."""
+        if n <= 0:
+            return
+        values = self.values
+        if key not in values and len(values) >= MAX_SERIES:
+            key = (UNKNOWN,) * len(self.labels)
+        values[key] = values.get(key, 0) + n
+
     def family(self) -> CounterMetricFamily:
         f = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
         for key, n in sorted(self.values.items()):

@@ -14,21 +14,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
-from .metrics import UNKNOWN, CounterFamily, HistogramFamily, Labels
+from .metrics import UNKNOWN, CounterFamily, HistogramFamily
 
 #: Connection durations, in seconds: a short query to the default idle timeout.
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0)
-
-
-class _Sums(CounterFamily):
-    """A counter family that adds amounts (bytes), not ones."""
-
-    def add(self, key: Labels, n: int) -> None:
-        if n <= 0:
-            return
-        if key not in self.values and len(self.values) >= 10_000:
-            key = (UNKNOWN,) * len(self.labels)
-        self.values[key] = self.values.get(key, 0) + n
 
 
 class TcpMetrics(Collector):
@@ -39,7 +28,7 @@ class TcpMetrics(Collector):
             "rumor_tcp_upstream_connections", "connections accepted on an upstream port, by "
             "service and outcome (relayed, or why not: no_instance, connect_failed, "
             "access_denied, ...)", ("service", "outcome"))
-        self.bytes = _Sums(
+        self.bytes = CounterFamily(
             "rumor_tcp_upstream_bytes", "bytes relayed through upstream ports, by service "
             "and direction (sent: from the application, received: to it)",
             ("service", "direction"))

@@ -101,3 +101,17 @@ def test_counters_count_in_place_and_render_sorted() -> None:
     text = generate_latest(registry).decode()
     assert 'rumor_proxy_retries_total{service="web"} 3.0' in text
     assert 'rumor_proxy_client_errors_total{listener="outbound",status="431"} 1.0' in text
+
+
+def test_a_counter_adds_amounts_within_the_same_series_cap() -> None:
+    from rumor.proxy.metrics import MAX_SERIES, CounterFamily
+    f = CounterFamily("rumor_test_bytes", "bytes", ("service",))
+    f.add(("db",), 100)
+    f.add(("db",), 28)
+    f.add(("db",), 0)  # nothing moved: no change, and no series made for it
+    f.add(("idle",), 0)
+    assert f.values == {("db",): 128}
+    for i in range(MAX_SERIES - 1):  # with db: the cap is full
+        f.add((f"s{i}",), 1)
+    f.add(("one-too-many",), 5)
+    assert ("one-too-many",) not in f.values and f.values[(UNKNOWN,)] == 5
