@@ -42,6 +42,11 @@ _TAG = re.compile(r"^[A-Za-z0-9_.:=/+-]{1,64}$")
 _VERSION = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
 
+
+def is_service_name(name: str) -> bool:
+    """A service name registrations accept: a DNS label (what ``--upstream`` names too)."""
+    return _LABEL.match(name) is not None
+
 MAX_TAGS = 32
 MAX_CHECKS = 8
 SERVICE_KEYS = ("name", "id", "port", "address", "version", "tags", "weight", "protocol",
@@ -136,7 +141,7 @@ def registration_from_mapping(doc: Any, where: str = "service") -> Registration:
     if "name" not in doc:
         raise SpecError(f"{where}: field 'name' is required")
     name = _text(doc["name"], "name", where)
-    if not _LABEL.match(name):
+    if not is_service_name(name):
         raise SpecError(f"{where}: name {name!r}: expected a DNS label (letters, digits, "
                         "'-' or '_', at most 63, starting with a letter or digit)")
     where = f"service {name!r}"
@@ -335,5 +340,5 @@ def _check_to_mapping(c: CheckSpec) -> dict[str, Any]:
 
 __all__ = ["CRITICAL", "GRPC", "HTTP", "HTTP2", "PROTOCOLS", "PROTOCOL_TAG",
            "RESERVED_TAG_PREFIX", "TCP", "Registration", "ServiceDef", "SpecError",
-           "parse_duration", "parse_spec", "protocol_of", "protocol_tags",
+           "is_service_name", "parse_duration", "parse_spec", "protocol_of", "protocol_tags",
            "registration_from_mapping", "registration_to_mapping", "registrations_from_toml"]

@@ -8,13 +8,10 @@ declared per service (``--upstream db=127.0.0.1:15432``, repeatable, or ``upstre
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from ..gossip.address import format_address, parse_address
-
-#: A service name as registrations allow it (gossip/service_spec.py).
-_SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+from ..gossip.service_spec import is_service_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +31,7 @@ def parse_upstream(text: str) -> Upstream:
     service = service.strip()
     if not eq or not service or not where.strip():
         raise ValueError(f"{text!r}: expected SERVICE=HOST:PORT (e.g. db=127.0.0.1:15432)")
-    if not _SERVICE.match(service):
+    if not is_service_name(service):
         raise ValueError(f"{text!r}: {service!r} is not a service name (letters, digits, "
                          "_ and -, at most 63)")
     where = where.strip()
